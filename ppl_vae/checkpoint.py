@@ -1,0 +1,48 @@
+"""Checkpoints: model, optimizer and RNG state in one file, written atomically and loadable
+with ``torch.load(..., weights_only=True)`` (tensors, numbers, strings and containers only)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from .errors import UsageError
+from .files import atomic_write
+
+
+def save_checkpoint(path: str | os.PathLike, module: torch.nn.Module,
+                    optimizer: torch.optim.Optimizer | None, epoch: int,
+                    config: dict[str, Any]) -> None:
+    state = {
+        "model": module.state_dict(),
+        "optimizer": None if optimizer is None else optimizer.state_dict(),
+        "epoch": epoch,
+        "config": config,
+        "rng": {"torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+    }
+    atomic_write(path, lambda f: torch.save(state, f))
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu"
+                    ) -> dict[str, Any]:
+    """The saved dict; :class:`UsageError` if the file is missing or not a checkpoint."""
+    if not os.path.isfile(path):
+        raise UsageError(f"no checkpoint at {path!r}; give the --run directory of a training run")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise UsageError(f"{path!r} is not a readable ppl_vae checkpoint ({type(e).__name__}); "
+                         "retrain or point to another run") from None
+    if not isinstance(state, dict) or "model" not in state:
+        raise UsageError(f"{path!r} is not a ppl_vae checkpoint (no 'model' state)")
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    """Put the torch RNGs back where the checkpoint left them (to continue a run exactly)."""
+    torch.set_rng_state(state["rng"]["torch"].cpu())
+    if state["rng"]["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["rng"]["cuda"]])

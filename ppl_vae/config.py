@@ -1,0 +1,104 @@
+"""Every training option in one place, with its default.
+
+The command line (:mod:`ppl_vae.train`) is built from :class:`TrainConfig`, ``config.json`` of a
+run is ``dataclasses.asdict`` of it, and :func:`ppl_vae.training.train` takes one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+
+from .errors import UsageError
+
+ELBOS = ("mc", "analytic", "iwae")
+LIKELIHOODS = ("bernoulli", "gaussian")
+BINARIZE = ("none", "static", "dynamic")
+ACTIVATIONS = ("relu", "softplus", "tanh", "elu", "gelu")
+
+
+def default_data_dir() -> str:
+    """``$PPL_VAE_DATA`` if set, else ``./data``."""
+    return os.environ.get("PPL_VAE_DATA", "data")
+
+
+@dataclass
+class TrainConfig:
+    """Options of one training run (defaults: Kingma & Welling's MNIST VAE, 784-400-20)."""
+
+    # what
+    model: str = "vae"
+    dataset: str = "digits"
+    data_dir: str = field(default_factory=default_data_dir)
+    download: bool = True
+    binarize: str = "none"
+    # model
+    z_dim: int = 20
+    hidden: tuple[int, ...] = (400,)
+    activation: str = "relu"
+    likelihood: str = "bernoulli"
+    gaussian_scale: float = 1.0
+    learn_scale: bool = False
+    beta: float = 1.0
+    # inference
+    elbo: str = "mc"
+    particles: int = 1
+    jit: bool = False
+    lr: float = 1e-3
+    epochs: int = 10
+    batch_size: int = 128
+    seed: int = 0
+    cuda: bool = False
+    # evaluation
+    eval_particles: int = 10
+    eval_iwae: int = 0
+    # output
+    out: str | None = None
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        self.hidden = tuple(int(h) for h in self.hidden)
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise :class:`UsageError` naming the first bad option."""
+        choices = {
+            "elbo": ELBOS, "likelihood": LIKELIHOODS, "binarize": BINARIZE,
+            "activation": ACTIVATIONS,
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise UsageError(
+                    f"--{name} {getattr(self, name)!r} is not one of {', '.join(allowed)}"
+                )
+        positive = ("z_dim", "particles", "epochs", "batch_size", "eval_particles")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got "
+                                 f"{getattr(self, name)}")
+        if any(h < 1 for h in self.hidden):
+            raise UsageError(f"--hidden widths must be at least 1, got {list(self.hidden)}")
+        if not self.lr > 0:
+            raise UsageError(f"--lr must be positive, got {self.lr}")
+        if not self.beta >= 0:
+            raise UsageError(f"--beta must be non-negative, got {self.beta}")
+        if not self.gaussian_scale > 0:
+            raise UsageError(f"--gaussian-scale must be positive, got {self.gaussian_scale}")
+        if self.eval_iwae < 0:
+            raise UsageError(f"--eval-iwae must be 0 (off) or a number of samples, got "
+                             f"{self.eval_iwae}")
+        if self.jit and self.elbo == "iwae":
+            raise UsageError("--jit has no IWAE (RenyiELBO) variant in Pyro; drop --jit or use "
+                             "--elbo mc|analytic")
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["hidden"] = list(self.hidden)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        """Rebuild from ``config.json``, ignoring keys this version does not know."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})

@@ -1,0 +1,200 @@
+"""Datasets as tensors on the training device, and batches drawn by a shuffled index.
+
+Every split is one ``(N, D)`` float tensor (pixels in [0, 1] for images) and an optional
+``(N,)`` label tensor. Nothing is transformed per item: binarization is one vectorized
+``torch.bernoulli`` over a whole split, and a batch is ``x[perm[i:i + batch_size]]``.
+
+Sources (``--dataset``):
+
+* ``mnist``, ``fashion-mnist`` -- torchvision's classes under ``data_dir`` (downloaded if missing).
+* ``digits`` -- scikit-learn's bundled 8x8 digits (1,797 images, offline), a fixed 80/20 split.
+* ``npz:PATH`` -- the user's array ``x`` (N x H x W or N x D) and optional integer labels ``y``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .errors import UsageError
+
+SPLIT_SEED = 0  # the digits/npz train/test split and static binarization never change with --seed
+TEST_FRACTION = 0.2
+
+
+@dataclass(frozen=True)
+class Split:
+    """One split: inputs ``x`` of shape (N, D) and optional integer labels ``y`` of shape (N,)."""
+
+    x: Tensor
+    y: Tensor | None = None
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+    def to(self, device: torch.device | str) -> Split:
+        return Split(self.x.to(device), None if self.y is None else self.y.to(device))
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Train and test splits plus what models and plots need to know about them.
+
+    With ``dynamic=True`` the training inputs are grey levels that :meth:`train_epoch`
+    turns into fresh Bernoulli pixels every epoch (dynamic binarization).
+    """
+
+    name: str
+    train: Split
+    test: Split
+    image_shape: tuple[int, int] | None
+    dynamic: bool = False
+
+    @property
+    def input_dim(self) -> int:
+        return self.train.x.shape[1]
+
+    @property
+    def num_classes(self) -> int | None:
+        ys = [s.y for s in (self.train, self.test) if s.y is not None]
+        return int(max(int(y.max()) for y in ys)) + 1 if ys else None
+
+    def to(self, device: torch.device | str) -> Dataset:
+        return replace(self, train=self.train.to(device), test=self.test.to(device))
+
+    def train_epoch(self) -> Tensor:
+        """Training inputs for one epoch: resampled pixels under dynamic binarization."""
+        return torch.bernoulli(self.train.x) if self.dynamic else self.train.x
+
+
+def batches(x: Tensor, batch_size: int, shuffle: bool = True) -> Iterator[Tensor]:
+    """Yield row indices of ``x`` in batches, shuffled on ``x``'s device by the global RNG."""
+    n = x.shape[0]
+    order = torch.randperm(n, device=x.device) if shuffle else torch.arange(n, device=x.device)
+    yield from order.split(batch_size)
+
+
+def load_dataset(
+    name: str,
+    data_dir: str = "data",
+    download: bool = True,
+    binarize: str = "none",
+    likelihood: str = "bernoulli",
+) -> Dataset:
+    """Load ``name`` (see module docstring) on the CPU; raise :class:`UsageError` on bad input."""
+    if name in ("mnist", "fashion-mnist"):
+        data = _torchvision(name, data_dir, download)
+    elif name == "digits":
+        data = _digits()
+    elif name.startswith("npz:"):
+        data = _npz(name[4:], likelihood)
+    else:
+        raise UsageError(
+            f"unknown --dataset {name!r}; use mnist, fashion-mnist, digits or npz:PATH"
+        )
+    return _binarize(data, binarize)
+
+
+def _torchvision(name: str, root: str, download: bool) -> Dataset:
+    from torchvision import datasets
+
+    cls = {"mnist": datasets.MNIST, "fashion-mnist": datasets.FashionMNIST}[name]
+    try:
+        splits = [cls(root, train=train, download=download) for train in (True, False)]
+    except Exception as e:  # torchvision raises RuntimeError / URLError / OSError here
+        how = "and could not be downloaded" if download else "and --no-download was given"
+        raise UsageError(
+            f"{name} is not in {os.path.abspath(root)!r} {how} ({type(e).__name__}); put "
+            f"torchvision's {cls.__name__}/raw files there (--data-dir), or run offline with "
+            f"--dataset digits or --dataset npz:PATH"
+        ) from None
+    train, test = (Split(s.data.reshape(len(s.data), -1).float() / 255, s.targets.long())
+                   for s in splits)
+    return Dataset(name, train, test, image_shape=(28, 28))
+
+
+def _digits() -> Dataset:
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    x = torch.as_tensor(bunch.data, dtype=torch.float32) / 16.0
+    y = torch.as_tensor(bunch.target, dtype=torch.long)
+    train, test = _split(x, y)
+    return Dataset("digits", train, test, image_shape=(8, 8))
+
+
+def _npz(path: str, likelihood: str) -> Dataset:
+    where = f"npz:{path}"
+    if not os.path.isfile(path):
+        raise UsageError(f"{where}: no such file; give the path of an .npz with an array 'x'")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files}
+    except Exception as e:
+        raise UsageError(f"{where}: not a readable .npz file ({e}); save one with "
+                         "numpy.savez(path, x=x, y=y)") from None
+    if "x" not in arrays:
+        raise UsageError(f"{where}: has keys {sorted(arrays)} but no 'x'; save the inputs as "
+                         "numpy.savez(path, x=x[, y=labels])")
+    x = arrays["x"]
+    if x.ndim not in (2, 3) or x.shape[0] < 2 or x.size == 0:
+        raise UsageError(f"{where}: 'x' has shape {x.shape}; expected N x D or N x H x W, "
+                         "N >= 2")
+    if not np.issubdtype(x.dtype, np.number) or np.iscomplexobj(x):
+        raise UsageError(f"{where}: 'x' has dtype {x.dtype}; expected real numbers")
+    x = x.astype(np.float32)
+    if not np.isfinite(x).all():
+        raise UsageError(f"{where}: 'x' contains NaN or infinite values; clean or drop those rows")
+    if likelihood == "bernoulli" and (x.min() < 0 or x.max() > 1):
+        raise UsageError(
+            f"{where}: 'x' lies in [{x.min():g}, {x.max():g}] but the Bernoulli likelihood needs "
+            "[0, 1]; rescale it (e.g. x / 255) or use --likelihood gaussian"
+        )
+    y = None
+    if "y" in arrays:
+        y = arrays["y"]
+        if y.shape != (x.shape[0],) or not np.issubdtype(y.dtype, np.integer) or y.min() < 0:
+            raise UsageError(f"{where}: 'y' must be {x.shape[0]} non-negative integers (one label "
+                             f"per row of 'x'), got dtype {y.dtype} shape {y.shape}")
+        y = torch.as_tensor(y, dtype=torch.long)
+    if x.ndim == 3:
+        shape = x.shape[1:]
+    else:
+        side = math.isqrt(x.shape[1])
+        shape = (side, side) if side * side == x.shape[1] else None
+    train, test = _split(torch.as_tensor(x.reshape(len(x), -1)), y)
+    return Dataset(where, train, test, image_shape=shape)
+
+
+def _split(x: Tensor, y: Tensor | None) -> tuple[Split, Split]:
+    """A fixed seeded shuffle, then the first 80% train and the rest test."""
+    g = torch.Generator().manual_seed(SPLIT_SEED)
+    perm = torch.randperm(len(x), generator=g)
+    n_test = max(1, round(TEST_FRACTION * len(x)))
+    tr, te = perm[n_test:], perm[:n_test]
+    return (Split(x[tr], None if y is None else y[tr]),
+            Split(x[te], None if y is None else y[te]))
+
+
+def _binarize(data: Dataset, how: str) -> Dataset:
+    """``static``: one fixed Bernoulli draw of every split. ``dynamic``: a fixed draw of the
+    test split; the training split is redrawn every epoch (:meth:`Dataset.train_epoch`)."""
+    if how == "none":
+        return data
+    if how not in ("static", "dynamic"):
+        raise UsageError(f"--binarize {how!r} is not one of none, static, dynamic")
+    if data.train.x.min() < 0 or data.train.x.max() > 1:
+        raise UsageError("--binarize needs inputs in [0, 1]; rescale the data or use "
+                         "--binarize none")
+    g = torch.Generator().manual_seed(SPLIT_SEED)
+    test = replace(data.test, x=torch.bernoulli(data.test.x, generator=g))
+    if how == "dynamic":
+        return replace(data, test=test, dynamic=True)
+    return replace(data, train=replace(data.train, x=torch.bernoulli(data.train.x, generator=g)),
+                   test=test)

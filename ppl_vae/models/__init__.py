@@ -1,0 +1,6 @@
+"""Models as Pyro programs: a class registry and the models it ships with."""
+
+from .registry import MODELS, get_model, register_model
+from .vae import VAE
+
+__all__ = ["MODELS", "VAE", "get_model", "register_model"]

@@ -1,0 +1,77 @@
+"""Figures as PNG files, drawn on :class:`matplotlib.figure.Figure` (no pyplot state, no GUI)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import torch
+from matplotlib.figure import Figure
+from torch import Tensor
+from torchvision.utils import make_grid
+
+from .files import atomic_write
+
+
+def save(fig: Figure, path: str | os.PathLike) -> None:
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120, bbox_inches="tight"))
+
+
+def elbo_curves(rows: Sequence[dict], path: str | os.PathLike) -> Figure:
+    """Train and test ELBO (nats per image) against epoch."""
+    fig = Figure(figsize=(5, 3.5))
+    ax = fig.subplots()
+    epochs = [r["epoch"] for r in rows]
+    ax.plot(epochs, [r["train_elbo"] for r in rows], "o-", label="train")
+    ax.plot(epochs, [r["test_elbo"] for r in rows], "s-", label="test")
+    ax.set(xlabel="epoch", ylabel="ELBO (nats / image)", title="ELBO, higher is better")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    save(fig, path)
+    return fig
+
+
+def image_grid(rows: Sequence[Tensor], image_shape: tuple[int, int], path: str | os.PathLike,
+               title: str = "", row_labels: Sequence[str] = ()) -> Figure:
+    """Each tensor in ``rows`` (n, H*W) with values in [0, 1] becomes one row of images."""
+    h, w = image_shape
+    n = max(len(r) for r in rows)
+    images = torch.cat([r.detach().float().cpu().clamp(0, 1).reshape(-1, 1, h, w)
+                        for r in rows])
+    grid = make_grid(images, nrow=n, padding=1, pad_value=1.0)
+    fig = Figure(figsize=(min(12, 0.6 * n + 1), 0.6 * len(rows) + 0.6))
+    ax = fig.subplots()
+    ax.imshow(grid[0].numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    ax.set_xticks([])
+    if row_labels:
+        step = grid.shape[1] / len(rows)
+        ax.set_yticks([step * (i + 0.5) for i in range(len(rows))], list(row_labels))
+    else:
+        ax.set_yticks([])
+    ax.set_title(title)
+    save(fig, path)
+    return fig
+
+
+def latent_scatter(z: Tensor, labels: Tensor | None, path: str | os.PathLike) -> Figure:
+    """Posterior means mu(x) in 2-D: the first two principal components when d > 2."""
+    z = z.detach().float().cpu()
+    if z.shape[1] > 2:
+        from sklearn.decomposition import PCA
+
+        z = torch.as_tensor(PCA(n_components=2).fit_transform(z.numpy()))
+        xlabel, ylabel = "PC 1", "PC 2"
+    elif z.shape[1] == 2:
+        xlabel, ylabel = "z1", "z2"
+    else:
+        z = torch.cat([z, torch.zeros_like(z)], 1)
+        xlabel, ylabel = "z1", ""
+    fig = Figure(figsize=(5, 4.5))
+    ax = fig.subplots()
+    c = None if labels is None else labels.cpu().numpy()
+    points = ax.scatter(z[:, 0], z[:, 1], c=c, cmap="tab10", s=4, alpha=0.7)
+    if labels is not None:
+        fig.colorbar(points, ax=ax, label="label")
+    ax.set(xlabel=xlabel, ylabel=ylabel, title="q(z|x) means of test images")
+    save(fig, path)
+    return fig
