@@ -73,7 +73,7 @@ def train(config: TrainConfig, data: Dataset | None = None, progress: bool | Non
     loss = elbo_loss(make_elbo(config.elbo, config.particles, config.jit), module)
     first = data_args(module, data.train.x[: config.batch_size],
                       None if data.train.y is None else data.train.y[: config.batch_size])
-    optimizer = torch.optim.Adam(collect_params(loss, *first), lr=config.lr)
+    optimizer = torch.optim.Adam(collect_params(module, loss, *first), lr=config.lr)
     run = Run(config, module, data, out)
     write_json(out / "config.json", config.to_dict())
 

@@ -14,6 +14,11 @@ with f, g multilayer perceptrons. SVI maximizes
 ``ELBO = E_q[log p(x|z)] - beta * KL(q(z|x) || p(z))``; beta != 1 (a beta-VAE) scales the
 latent site ``z`` with ``poutine.scale`` in both model and guide, so every ELBO estimator in
 Pyro sees the same objective.
+
+The networks' weights are the module's own parameters (``vae.parameters()``), optimized by
+:mod:`ppl_vae.training`; nothing goes through Pyro's param store in the hot loop. For
+``pyro.infer.SVI`` with a ``pyro.optim`` optimizer, register them first with
+:func:`ppl_vae.training.with_params`.
 """
 
 from __future__ import annotations
@@ -72,7 +77,6 @@ class VAE(nn.Module):
     # -- the probabilistic program -------------------------------------------------------------
     def model(self, x: Tensor) -> None:
         """p(z) p(x|z) for a batch ``x`` of shape (N, D)."""
-        pyro.module("vae", self)
         with pyro.plate("data", x.shape[0]):
             with poutine.scale(scale=self.beta):
                 z = pyro.sample("z", self.prior(x.shape[0]).to_event(1))
@@ -80,7 +84,6 @@ class VAE(nn.Module):
 
     def guide(self, x: Tensor) -> None:
         """q(z|x), a diagonal Normal from the encoder."""
-        pyro.module("vae", self)
         with pyro.plate("data", x.shape[0]):
             loc, scale = self.encode(x)
             with poutine.scale(scale=self.beta):
