@@ -28,7 +28,7 @@ from ppl_vae.estimators import make_elbo
 from ppl_vae.evaluation import score
 from ppl_vae.models import VAE
 from ppl_vae.reference import reference_loss
-from ppl_vae.training import elbo_loss, run_epoch
+from ppl_vae.training import backward_step, elbo_step, run_epoch
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -60,9 +60,9 @@ def main() -> int:
     runs = {}
     for m in a.methods:
         vae = copy.deepcopy(init)
-        loss = (reference_loss(vae) if m == "plain"
-                else elbo_loss(make_elbo(m, a.particles), vae))
-        runs[m] = {"vae": vae, "loss": loss, "seconds": [],
+        step = (backward_step(reference_loss(vae)) if m == "plain"
+                else elbo_step(make_elbo(m, a.particles), vae))
+        runs[m] = {"vae": vae, "step": step, "seconds": [],
                    "opt": torch.optim.Adam(vae.parameters(), lr=a.lr)}
 
     print(f"{data.name}: {len(data.train)} train images, batch {a.batch_size}, "
@@ -73,7 +73,7 @@ def main() -> int:
         order = a.methods[epoch % len(a.methods):] + a.methods[:epoch % len(a.methods)]
         for m in order:
             r = runs[m]
-            _, seconds = run_epoch(r["loss"], r["opt"], (data.train_epoch(),), a.batch_size,
+            _, seconds = run_epoch(r["step"], r["opt"], (data.train_epoch(),), a.batch_size,
                                    progress=False)
             r["seconds"].append(seconds)
         print(f"epoch {epoch + 1}/{a.epochs}: " + ", ".join(

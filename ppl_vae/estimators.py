@@ -51,6 +51,8 @@ def make_elbo(name: str, particles: int = 1, jit: bool = False) -> ELBO:
                "analytic": (TraceMeanField_ELBO, JitTraceMeanField_ELBO)}
     if name not in classes:
         raise UsageError(f"unknown --elbo {name!r}; use mc, analytic or iwae")
-    if jit:
+    if jit:  # torch marks torch.jit.trace deprecated; the Jit ELBOs still work on it
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\.trace.*deprecated",
+                                category=FutureWarning)
         return classes[name][1](ignore_jit_warnings=True, **kw)
     return classes[name][0](**kw)

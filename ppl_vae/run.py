@@ -23,7 +23,7 @@ from .estimators import make_elbo
 from .evaluation import Scores, score
 from .files import write_csv, write_json
 from .models import get_model
-from .training import collect_params, elbo_loss, epochs_bar, run_epoch
+from .training import collect_params, elbo_step, epochs_bar, run_epoch
 
 
 @dataclass
@@ -70,17 +70,17 @@ def train(config: TrainConfig, data: Dataset | None = None, progress: bool | Non
     pyro.set_rng_seed(config.seed)
     pyro.clear_param_store()
     module = build_model(config, data).to(device)
-    loss = elbo_loss(make_elbo(config.elbo, config.particles, config.jit), module)
+    step = elbo_step(make_elbo(config.elbo, config.particles, config.jit), module)
     first = data_args(module, data.train.x[: config.batch_size],
                       None if data.train.y is None else data.train.y[: config.batch_size])
-    optimizer = torch.optim.Adam(collect_params(module, loss, *first), lr=config.lr)
+    optimizer = torch.optim.Adam(collect_params(module, step, *first), lr=config.lr)
     run = Run(config, module, data, out)
     write_json(out / "config.json", config.to_dict())
 
     for epoch in epochs_bar(range(1, config.epochs + 1), progress):
         module.train()
         inputs = data_args(module, data.train_epoch(), data.train.y)
-        train_loss, seconds = run_epoch(loss, optimizer, inputs, config.batch_size,
+        train_loss, seconds = run_epoch(step, optimizer, inputs, config.batch_size,
                                         desc=f"epoch {epoch}", progress=progress)
         module.eval()
         test = evaluate(module, data, config.eval_particles)

@@ -24,6 +24,9 @@ from tqdm.auto import tqdm
 from .data import batches
 
 LossFn = Callable[..., Tensor]
+"""``args -> loss``: a differentiable scalar."""
+StepFn = Callable[..., Tensor]
+"""``args -> loss``: a detached scalar, its gradient already added to the parameters."""
 
 
 def with_params(module: nn.Module, name: str = "module") -> tuple[Callable, Callable]:
@@ -42,30 +45,46 @@ def with_params(module: nn.Module, name: str = "module") -> tuple[Callable, Call
     return model, guide
 
 
-def elbo_loss(elbo: pyro.infer.ELBO, module: nn.Module) -> LossFn:
-    """``args -> -ELBO`` summed over the batch, differentiable, for ``module``'s program."""
+def elbo_step(elbo: pyro.infer.ELBO, module: nn.Module) -> StepFn:
+    """``args -> -ELBO`` (summed over the batch, detached) for ``module``'s program, after
+    adding its gradient to the parameters' ``.grad``.
+
+    Estimators with ``differentiable_loss`` (Trace_ELBO, TraceMeanField_ELBO, their Jit
+    variants) give a tensor we differentiate; RenyiELBO has only ``loss_and_grads``, which
+    differentiates its own surrogate and returns a float (one host sync per step).
+    """
+    if not hasattr(elbo, "differentiable_loss"):
+        model, guide = with_params(module)
+        return lambda *args: torch.tensor(elbo.loss_and_grads(model, guide, *args))
     jit = type(elbo).__name__.startswith("Jit")
     model, guide = with_params(module) if jit else (module.model, module.guide)
-
-    def loss(*args: Tensor) -> Tensor:
-        return elbo.differentiable_loss(model, guide, *args)
-
-    return loss
+    return backward_step(lambda *args: elbo.differentiable_loss(model, guide, *args))
 
 
-def collect_params(module: nn.Module, loss: LossFn, *args: Tensor) -> list[Tensor]:
+def backward_step(loss: LossFn) -> StepFn:
+    """Turn a differentiable loss into a :data:`StepFn`."""
+
+    def step(*args: Tensor) -> Tensor:
+        value = loss(*args)
+        value.backward()
+        return value.detach()
+
+    return step
+
+
+def collect_params(module: nn.Module, step: StepFn, *args: Tensor) -> list[Tensor]:
     """The module's parameters and the unconstrained tensor of every ``pyro.param`` site the
-    loss touches (autoguides, hand-written params), found by one param-only trace as
+    step touches (autoguides, hand-written params), found by one param-only trace as
     :class:`pyro.infer.SVI` does."""
     with poutine.trace(param_only=True) as capture:
-        loss(*args)
+        step(*args)
     found = (site["value"].unconstrained() for site in capture.trace.nodes.values())
     params = {id(p): p for p in (*module.parameters(), *found) if p.requires_grad}
     return list(params.values())
 
 
 def run_epoch(
-    loss: LossFn,
+    step: StepFn,
     optimizer: torch.optim.Optimizer,
     inputs: tuple[Tensor, ...],
     batch_size: int,
@@ -85,11 +104,9 @@ def run_epoch(
     start = time.perf_counter()
     with pyro.validation_enabled(False):
         for idx in batches(inputs[0], batch_size):
-            value = loss(*(t[idx] for t in inputs))
             optimizer.zero_grad(set_to_none=True)
-            value.backward()
+            total += step(*(t[idx] for t in inputs))
             optimizer.step()
-            total += value.detach()
             seen += len(idx)
             if not bar.disable:
                 bar.update(len(idx))
