@@ -1,10 +1,12 @@
-"""Training throughput of the Pyro VAE against a plain-PyTorch VAE of the same networks.
+"""Training throughput and test ELBO of the Pyro VAE against a plain-PyTorch VAE of the same
+networks (``ppl_vae.reference``), in the same process.
 
-Every method trains its own copy of the same initial weights on the same in-memory data
-path (``ppl_vae.training.run_epoch``: one tensor on the device, batches by a shuffled index),
-one epoch each in turn, rotating the order every round. Throughput is training images per
-second, the median over the epochs after the first (warm-up). The test ELBO of every method
-is then measured by the same evaluator (``ppl_vae.evaluation.score``, 10 samples per image).
+For every seed, each method trains its own copy of the same initial weights on the same
+in-memory data path (``ppl_vae.training.run_epoch``: one tensor on the device, batches by a
+shuffled index), one epoch each in turn, rotating the order every epoch. Throughput is
+training images per second: the median over all epochs after each seed's first (warm-up).
+Test ELBO (nats per image, 10 samples, ``ppl_vae.evaluation.score``) is given as the mean and
+standard deviation over seeds, since training noise moves it by about a nat.
 
     python benchmarks/bench_train.py                      # MNIST-10k split from ../shared/data
     python benchmarks/bench_train.py --dataset digits     # offline anywhere
@@ -39,63 +41,63 @@ def main() -> int:
     p.add_argument("--data-dir", default=str(SHARED))
     p.add_argument("--methods", nargs="+", default=["plain", "mc", "analytic"],
                    choices=["plain", "mc", "analytic", "iwae"])
-    p.add_argument("--epochs", type=int, default=10, help="epochs per method (first = warm-up)")
+    p.add_argument("--epochs", type=int, default=10, help="epochs per method and seed")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--z-dim", type=int, default=20)
     p.add_argument("--hidden", type=int, nargs="+", default=[400])
     p.add_argument("--particles", type=int, default=1)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cuda", action="store_true")
     p.add_argument("--json", help="also write the results here")
     a = p.parse_args()
     if a.epochs < 2:
         p.error("--epochs must be at least 2 (the first is a warm-up)")
     device = torch.device("cuda" if a.cuda else "cpu")
-
     data = load_dataset(a.dataset, a.data_dir, download=False).to(device)
     cfg = TrainConfig(dataset=a.dataset, z_dim=a.z_dim, hidden=tuple(a.hidden), lr=a.lr)
-    pyro.set_rng_seed(a.seed)
-    init = VAE.from_config(cfg, data).to(device)
-    runs = {}
-    for m in a.methods:
-        vae = copy.deepcopy(init)
-        step = (backward_step(reference_loss(vae)) if m == "plain"
-                else elbo_step(make_elbo(m, a.particles), vae))
-        runs[m] = {"vae": vae, "step": step, "seconds": [],
-                   "opt": torch.optim.Adam(vae.parameters(), lr=a.lr)}
-
     print(f"{data.name}: {len(data.train)} train images, batch {a.batch_size}, "
           f"VAE {data.input_dim}-{'-'.join(map(str, a.hidden))}-{a.z_dim}, {device}, "
           f"torch {torch.__version__}, pyro {pyro.__version__}, "
-          f"{torch.get_num_threads()} threads", flush=True)
-    for epoch in range(a.epochs):
-        order = a.methods[epoch % len(a.methods):] + a.methods[:epoch % len(a.methods)]
-        for m in order:
-            r = runs[m]
-            _, seconds = run_epoch(r["step"], r["opt"], (data.train_epoch(),), a.batch_size,
-                                   progress=False)
-            r["seconds"].append(seconds)
-        print(f"epoch {epoch + 1}/{a.epochs}: " + ", ".join(
-            f"{m} {len(data.train) / runs[m]['seconds'][-1]:,.0f} img/s" for m in a.methods),
-            flush=True)
+          f"{torch.get_num_threads()} threads, seeds {a.seeds}, {a.epochs} epochs", flush=True)
 
+    speed = {m: [] for m in a.methods}
+    elbo = {m: [] for m in a.methods}
+    for seed in a.seeds:
+        pyro.set_rng_seed(seed)
+        init = VAE.from_config(cfg, data).to(device)
+        runs = {}
+        for m in a.methods:
+            vae = copy.deepcopy(init)
+            step = (backward_step(reference_loss(vae)) if m == "plain"
+                    else elbo_step(make_elbo(m, a.particles), vae))
+            runs[m] = (vae, step, torch.optim.Adam(vae.parameters(), lr=a.lr))
+        for epoch in range(a.epochs):
+            k = epoch % len(a.methods)
+            for m in a.methods[k:] + a.methods[:k]:
+                vae, step, opt = runs[m]
+                _, seconds = run_epoch(step, opt, (data.train_epoch(),), a.batch_size,
+                                       progress=False)
+                if epoch:
+                    speed[m].append(len(data.train) / seconds)
+        for m, (vae, _, _) in runs.items():
+            vae.eval()
+            elbo[m].append(score(vae, data.test.x, num_samples=10).summary()["test_elbo"])
+        print(f"seed {seed}: test ELBO " + ", ".join(f"{m} {elbo[m][-1]:.2f}" for m in a.methods),
+              flush=True)
+
+    base = statistics.median(speed["plain"]) if "plain" in speed else None
     results = {}
-    for m, r in runs.items():
-        per_epoch = [len(data.train) / s for s in r["seconds"][1:]]
-        r["vae"].eval()
-        results[m] = {
-            "median_img_per_s": statistics.median(per_epoch),
-            "img_per_s": per_epoch,
-            "test_elbo": score(r["vae"], data.test.x, num_samples=10).summary()["test_elbo"],
-        }
-    base = results["plain"]["median_img_per_s"] if "plain" in results else None
-    print("\n| method | median img/s | ratio to plain | test ELBO after "
-          f"{a.epochs} epochs |\n|---|---|---|---|")
-    for m, r in results.items():
-        ratio = f"{r['median_img_per_s'] / base:.3f}" if base else "-"
-        r["ratio_to_plain"] = r["median_img_per_s"] / base if base else None
-        print(f"| {m} | {r['median_img_per_s']:,.0f} | {ratio} | {r['test_elbo']:.2f} |")
+    print(f"\n| method | median img/s | ratio to plain | test ELBO after {a.epochs} epochs "
+          f"(mean ± sd over {len(a.seeds)} seeds) |\n|---|---|---|---|")
+    for m in a.methods:
+        med = statistics.median(speed[m])
+        sd = statistics.stdev(elbo[m]) if len(elbo[m]) > 1 else 0.0
+        results[m] = {"median_img_per_s": med, "ratio_to_plain": med / base if base else None,
+                      "img_per_s": speed[m], "test_elbo": elbo[m],
+                      "test_elbo_mean": statistics.fmean(elbo[m]), "test_elbo_sd": sd}
+        ratio = f"{med / base:.3f}" if base else "-"
+        print(f"| {m} | {med:,.0f} | {ratio} | {statistics.fmean(elbo[m]):.2f} ± {sd:.2f} |")
     if a.json:
         Path(a.json).write_text(json.dumps({"args": vars(a), "results": results}, indent=2))
     return 0

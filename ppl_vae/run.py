@@ -66,6 +66,7 @@ def train(config: TrainConfig, data: Dataset | None = None, progress: bool | Non
     config = replace(config, data_dir=os.path.abspath(config.data_dir))
     device = device_for(config.cuda)
     out = _run_dir(config)
+    config = replace(config, out=str(out))
     data = (data if data is not None else load_data(config)).to(device)
     pyro.set_rng_seed(config.seed)
     pyro.clear_param_store()
@@ -165,8 +166,11 @@ def _figures(out: Path, module: nn.Module, data: Dataset, history: list[dict]) -
 
 def _run_dir(config: TrainConfig) -> Path:
     if config.out is None:
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        out = Path("runs") / f"{config.model}-{stamp}"
+        stem = Path("runs") / f"{config.model}-{time.strftime('%Y%m%d-%H%M%S')}"
+        out, n = stem, 1
+        while out.exists():
+            n += 1
+            out = stem.with_name(f"{stem.name}-{n}")
     else:
         out = Path(config.out)
     if out.exists() and not out.is_dir():
@@ -174,5 +178,4 @@ def _run_dir(config: TrainConfig) -> Path:
     if out.is_dir() and any(out.iterdir()) and not config.overwrite:
         raise UsageError(f"--out {str(out)!r} already holds files; choose a new directory or "
                          "pass --overwrite")
-    out.mkdir(parents=True, exist_ok=True)
-    return out
+    return out  # created by the first file written into it
