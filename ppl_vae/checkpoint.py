@@ -29,6 +29,7 @@ def save_checkpoint(path: str | os.PathLike, module: torch.nn.Module,
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu"
                     ) -> dict[str, Any]:
     """The saved dict; :class:`UsageError` if the file is missing or not a checkpoint."""
+    path = os.fspath(path)
     if not os.path.isfile(path):
         raise UsageError(f"no checkpoint at {path!r}; give the --run directory of a training run")
     try:

@@ -1,4 +1,9 @@
-"""What the command-line tools share: one-line errors with exit status 2, never a traceback."""
+"""The command-line tools, thin layers over :mod:`ppl_vae.run`.
+
+``python -m ppl_vae.train`` runs :func:`train_main`, ``python -m ppl_vae.evaluate`` runs
+:func:`evaluate_main`. Bad input ends in one line ``prog: error: ...`` and exit status 2,
+never a traceback.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,9 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
+from .config import ACTIVATIONS, BINARIZE, ELBOS, LIKELIHOODS, TrainConfig, default_data_dir
 from .errors import UsageError
+from .run import evaluate_run, train
 
 
 class Parser(argparse.ArgumentParser):
@@ -31,3 +38,99 @@ def main_wrapper(prog: str, run: Callable[[Sequence[str] | None], int]
             return 130
 
     return main
+
+
+def train_parser() -> Parser:
+    d = TrainConfig.__dataclass_fields__  # defaults live in TrainConfig only
+
+    def default(name: str):
+        f = d[name]
+        return f.default_factory() if callable(f.default_factory) else f.default
+
+    p = Parser(prog="python -m ppl_vae.train",
+               description="Train a VAE (or any registered model) by SVI.",
+               formatter_class=lambda prog: argparse.ArgumentDefaultsHelpFormatter(
+                   prog, max_help_position=32))
+    g = p.add_argument_group("data")
+    g.add_argument("--model", default=default("model"), help="registered model name")
+    g.add_argument("--dataset", default=default("dataset"),
+                   help="mnist, fashion-mnist, digits (offline) or npz:PATH")
+    g.add_argument("--data-dir", default=default_data_dir(),
+                   help="dataset root (env PPL_VAE_DATA)")
+    g.add_argument("--no-download", dest="download", action="store_false",
+                   help="never download; fail if the dataset is missing")
+    g.add_argument("--binarize", choices=BINARIZE, default=default("binarize"))
+    g = p.add_argument_group("model")
+    g.add_argument("--z-dim", type=int, default=default("z_dim"))
+    g.add_argument("--hidden", type=int, nargs="+", default=list(default("hidden")),
+                   help="hidden layer widths of the encoder (the decoder mirrors them)")
+    g.add_argument("--activation", choices=ACTIVATIONS, default=default("activation"))
+    g.add_argument("--likelihood", choices=LIKELIHOODS, default=default("likelihood"))
+    g.add_argument("--gaussian-scale", type=float, default=default("gaussian_scale"),
+                   help="sigma of the Gaussian likelihood (initial value with --learn-scale)")
+    g.add_argument("--learn-scale", action="store_true", help="learn the Gaussian sigma")
+    g.add_argument("--beta", type=float, default=default("beta"), help="KL weight (beta-VAE)")
+    g = p.add_argument_group("inference")
+    g.add_argument("--elbo", choices=ELBOS, default=default("elbo"),
+                   help="mc: Trace_ELBO, analytic: TraceMeanField_ELBO, iwae: RenyiELBO(alpha=0)")
+    g.add_argument("--particles", type=int, default=default("particles"),
+                   help="samples per data point (vectorized)")
+    g.add_argument("--jit", action="store_true", help="use Pyro's Jit* ELBO variants")
+    g.add_argument("--lr", type=float, default=default("lr"), help="Adam learning rate")
+    g.add_argument("--epochs", type=int, default=default("epochs"))
+    g.add_argument("--batch-size", type=int, default=default("batch_size"))
+    g.add_argument("--seed", type=int, default=default("seed"))
+    g.add_argument("--cuda", action="store_true", help="train and evaluate on the GPU")
+    g = p.add_argument_group("evaluation and output")
+    g.add_argument("--eval-particles", type=int, default=default("eval_particles"),
+                   help="samples per test image for the test ELBO")
+    g.add_argument("--eval-iwae", type=int, default=default("eval_iwae"), metavar="K",
+                   help="also estimate log p(x) by the IWAE bound with K samples (0: off)")
+    g.add_argument("--out", default=None, help="run directory (default runs/<model>-<time>)")
+    g.add_argument("--overwrite", action="store_true", help="allow --out to hold files")
+    return p
+
+
+def _train(argv: Sequence[str] | None) -> int:
+    args = vars(train_parser().parse_args(argv))
+    run = train(TrainConfig(**args))
+    s = run.summary
+    print(f"test ELBO {s['test_elbo']:.2f} nats/image ({s['eval_particles']} samples per image, "
+          f"{s['n_test']} test images), train ELBO {s['train_elbo']:.2f}, "
+          f"{s['train_seconds']:.1f} s of training on {s['device']}")
+    if "test_log_likelihood_iwae" in s:
+        print(f"log p(x) >= {s['test_log_likelihood_iwae']:.2f} nats/image "
+              f"(IWAE, K={s['iwae_samples']})")
+    print(f"run written to {run.out}")
+    return 0
+
+
+
+def evaluate_parser() -> Parser:
+    p = Parser(prog="python -m ppl_vae.evaluate",
+               description="Re-evaluate a saved run: test ELBO, and log p(x) by the IWAE bound.")
+    p.add_argument("--run", required=True, help="run directory written by ppl_vae.train")
+    p.add_argument("--eval-iwae", type=int, default=0, metavar="K",
+                   help="IWAE log-likelihood bound with K samples per image (0: off)")
+    p.add_argument("--eval-particles", type=int, default=None,
+                   help="samples per image for the test ELBO (default: the run's)")
+    p.add_argument("--data-dir", default=None, help="dataset root, if it moved")
+    p.add_argument("--cuda", action="store_true")
+    return p
+
+
+def _evaluate(argv: Sequence[str] | None) -> int:
+    a = evaluate_parser().parse_args(argv)
+    if a.eval_iwae < 0 or (a.eval_particles is not None and a.eval_particles < 1):
+        raise UsageError("--eval-iwae must be >= 0 and --eval-particles >= 1")
+    r = evaluate_run(a.run, a.eval_iwae, a.cuda, a.data_dir, a.eval_particles)
+    print(f"test ELBO {r['test_elbo']:.2f} nats/image ({r['eval_particles']} samples per image)")
+    if "test_log_likelihood_iwae" in r:
+        print(f"log p(x) >= {r['test_log_likelihood_iwae']:.2f} nats/image "
+              f"(IWAE, K={r['iwae_samples']})")
+    return 0
+
+
+
+train_main = main_wrapper("python -m ppl_vae.train", _train)
+evaluate_main = main_wrapper("python -m ppl_vae.evaluate", _evaluate)

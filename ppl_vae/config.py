@@ -7,6 +7,7 @@ run is ``dataclasses.asdict`` of it, and :func:`ppl_vae.training.train` takes on
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -79,12 +80,18 @@ class TrainConfig:
                                  f"{getattr(self, name)}")
         if any(h < 1 for h in self.hidden):
             raise UsageError(f"--hidden widths must be at least 1, got {list(self.hidden)}")
-        if not self.lr > 0:
-            raise UsageError(f"--lr must be positive, got {self.lr}")
-        if not self.beta >= 0:
-            raise UsageError(f"--beta must be non-negative, got {self.beta}")
-        if not self.gaussian_scale > 0:
-            raise UsageError(f"--gaussian-scale must be positive, got {self.gaussian_scale}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise UsageError(f"--lr must be a positive number, got {self.lr}")
+        if not (math.isfinite(self.beta) and self.beta >= 0):
+            raise UsageError(f"--beta must be a non-negative number, got {self.beta}")
+        if not (math.isfinite(self.gaussian_scale) and self.gaussian_scale > 0):
+            raise UsageError(f"--gaussian-scale must be a positive number, got "
+                             f"{self.gaussian_scale}")
+        if self.learn_scale and self.likelihood != "gaussian":
+            raise UsageError("--learn-scale learns the sigma of --likelihood gaussian; add that "
+                             "or drop --learn-scale")
+        if not 0 <= self.seed < 2**32:
+            raise UsageError(f"--seed must lie in [0, 2**32), got {self.seed}")
         if self.eval_iwae < 0:
             raise UsageError(f"--eval-iwae must be 0 (off) or a number of samples, got "
                              f"{self.eval_iwae}")

@@ -68,9 +68,11 @@ def latent_scatter(z: Tensor, labels: Tensor | None, path: str | os.PathLike) ->
         xlabel, ylabel = "z1", ""
     fig = Figure(figsize=(5, 4.5))
     ax = fig.subplots()
-    c = None if labels is None else labels.cpu().numpy()
-    points = ax.scatter(z[:, 0], z[:, 1], c=c, cmap="tab10", s=4, alpha=0.7)
-    if labels is not None:
+    if labels is None:
+        ax.scatter(z[:, 0], z[:, 1], s=4, alpha=0.7)
+    else:
+        points = ax.scatter(z[:, 0], z[:, 1], c=labels.cpu().numpy(), cmap="tab10", s=4,
+                            alpha=0.7)
         fig.colorbar(points, ax=ax, label="label")
     ax.set(xlabel=xlabel, ylabel=ylabel, title="q(z|x) means of test images")
     save(fig, path)

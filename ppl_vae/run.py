@@ -5,6 +5,7 @@ wraps. Data -> model -> SVI epochs -> evaluation -> ``config.json``, ``metrics.c
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from dataclasses import dataclass, field, replace
@@ -64,6 +65,8 @@ def build_model(config: TrainConfig, data: Dataset) -> nn.Module:
 def train(config: TrainConfig, data: Dataset | None = None, progress: bool | None = None) -> Run:
     """Train ``config.model`` by SVI and write the run directory. Clears Pyro's param store."""
     config = replace(config, data_dir=os.path.abspath(config.data_dir))
+    if config.dataset.startswith("npz:"):  # so that evaluate --run works from anywhere
+        config = replace(config, dataset="npz:" + os.path.abspath(config.dataset[4:]))
     device = device_for(config.cuda)
     out = _run_dir(config)
     config = replace(config, out=str(out))
@@ -83,6 +86,9 @@ def train(config: TrainConfig, data: Dataset | None = None, progress: bool | Non
         inputs = data_args(module, data.train_epoch(), data.train.y)
         train_loss, seconds = run_epoch(step, optimizer, inputs, config.batch_size,
                                         desc=f"epoch {epoch}", progress=progress)
+        if not math.isfinite(train_loss):
+            raise UsageError(f"training diverged in epoch {epoch} (the ELBO is {-train_loss}); "
+                             f"lower --lr (now {config.lr}) or check the data")
         module.eval()
         test = evaluate(module, data, config.eval_particles)
         run.history.append({"epoch": epoch, "train_elbo": -train_loss,
@@ -123,7 +129,11 @@ def evaluate_run(run_dir: str | os.PathLike, eval_iwae: int = 0, cuda: bool = Fa
     if not config_path.is_file():
         raise UsageError(f"no config.json in {str(run_dir)!r}; give --run the directory a "
                          "training run wrote")
-    config = TrainConfig.from_dict(json.loads(config_path.read_text()))
+    try:
+        config = TrainConfig.from_dict(json.loads(config_path.read_text()))
+    except (ValueError, TypeError) as e:  # bad JSON, or options this version rejects
+        raise UsageError(f"{os.fspath(config_path)!r} is not a readable run config ({e})"
+                         ) from None
     config = replace(config, cuda=cuda, data_dir=data_dir or config.data_dir)
     device = device_for(cuda)
     state = load_checkpoint(run_dir / "checkpoint.pt", map_location=device)
@@ -134,7 +144,10 @@ def evaluate_run(run_dir: str | os.PathLike, eval_iwae: int = 0, cuda: bool = Fa
     k = eval_iwae or eval_particles or config.eval_particles
     result = {**evaluate(module, data, k, iwae=eval_iwae > 0).summary(), "eval_particles": k}
     summary_path = run_dir / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    try:
+        summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    except ValueError:
+        summary = {}  # unreadable: replaced by the new numbers
     write_json(summary_path, {**summary, **result})
     return result
 

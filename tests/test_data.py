@@ -1,0 +1,219 @@
+"""Datasets: digits, npz files, binarization, batching, and the offline MNIST-10k split."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from sklearn.datasets import load_digits
+
+from ppl_vae import UsageError, load_dataset
+from ppl_vae.data import batches
+
+
+def rows_sorted(x: torch.Tensor) -> np.ndarray:
+    a = x.numpy()
+    return a[np.lexsort(a.T[::-1])]
+
+
+# -- digits --------------------------------------------------------------------------------------
+
+def test_digits_split(digits):
+    assert digits.name == "digits" and digits.image_shape == (8, 8)
+    assert digits.train.x.shape == (1438, 64) and digits.test.x.shape == (359, 64)
+    assert len(digits.train) == 1438 and len(digits.test) == 359
+    assert digits.input_dim == 64 and digits.num_classes == 10
+    for split in (digits.train, digits.test):
+        assert split.x.dtype == torch.float32 and split.y.dtype == torch.long
+        assert split.x.min() == 0 and split.x.max() == 1
+        assert torch.equal(split.x * 16, (split.x * 16).round())  # grey levels k / 16
+        assert set(split.y.tolist()) == set(range(10))
+    assert not digits.dynamic
+    # the two splits are a partition of scikit-learn's 1797 images, labels kept with rows
+    bunch = load_digits()
+    everything = torch.cat([digits.train.x, digits.test.x])
+    assert np.array_equal(rows_sorted(everything),
+                          rows_sorted(torch.as_tensor(bunch.data, dtype=torch.float32) / 16))
+    labelled = torch.cat([torch.cat([s.x, s.y[:, None].float()], 1)
+                          for s in (digits.train, digits.test)])
+    expected = np.concatenate([bunch.data / 16, bunch.target[:, None]], 1).astype(np.float32)
+    assert np.array_equal(rows_sorted(labelled), rows_sorted(torch.as_tensor(expected)))
+
+
+def test_digits_split_ignores_the_global_seed(digits):
+    torch.manual_seed(12345)
+    again = load_dataset("digits")
+    assert torch.equal(again.train.x, digits.train.x) and torch.equal(again.test.y, digits.test.y)
+
+
+def test_unknown_dataset():
+    with pytest.raises(UsageError, match="unknown --dataset 'cifar'.*digits"):
+        load_dataset("cifar")
+
+
+def test_missing_mnist_names_the_directory(tmp_path):
+    with pytest.raises(UsageError) as e:
+        load_dataset("mnist", str(tmp_path), download=False)
+    message = str(e.value)
+    assert str(tmp_path) in message and "--dataset digits" in message
+    assert "\n" not in message
+
+
+# -- binarization --------------------------------------------------------------------------------
+
+def is_binary(x: torch.Tensor) -> bool:
+    return bool(((x == 0) | (x == 1)).all())
+
+
+def test_dynamic_binarization(digits, sem):
+    dyn = load_dataset("digits", binarize="dynamic")
+    assert dyn.dynamic
+    assert torch.equal(dyn.train.x, digits.train.x)  # grey levels kept, drawn per epoch
+    assert is_binary(dyn.test.x)
+    assert torch.equal(dyn.test.x, load_dataset("digits", binarize="dynamic").test.x)
+    # the fixed test draw is a draw from the grey levels: pixels at 0 or 1 are kept
+    grey = digits.test.x
+    assert torch.equal(dyn.test.x[grey == 0], grey[grey == 0])
+    assert torch.equal(dyn.test.x[grey == 1], grey[grey == 1])
+    first, second = dyn.train_epoch(), dyn.train_epoch()
+    assert is_binary(first) and is_binary(second)
+    assert first.shape == digits.train.x.shape
+    assert not torch.equal(first, second)
+    # E[bernoulli(p)] = p: the mean of a draw matches the mean grey level
+    p = digits.train.x
+    se = math.sqrt((p * (1 - p)).sum().item()) / p.numel()
+    assert abs(first.mean().item() - p.mean().item()) < 4 * se
+
+
+def test_static_binarization(digits):
+    st = load_dataset("digits", binarize="static")
+    assert not st.dynamic
+    assert is_binary(st.train.x) and is_binary(st.test.x)
+    assert torch.equal(st.train_epoch(), st.train.x) and torch.equal(st.train_epoch(), st.train.x)
+    assert torch.equal(st.train.x, load_dataset("digits", binarize="static").train.x)
+    assert torch.equal(st.train.y, digits.train.y)
+
+
+def test_no_binarization_returns_the_grey_levels(digits):
+    assert digits.train_epoch() is digits.train.x
+
+
+def test_binarize_rejects_bad_requests(tmp_path):
+    with pytest.raises(UsageError, match="--binarize 'half'"):
+        load_dataset("digits", binarize="half")
+    path = tmp_path / "wide.npz"
+    np.savez(path, x=np.linspace(-2, 2, 40).reshape(10, 4))
+    with pytest.raises(UsageError, match=r"--binarize needs inputs in \[0, 1\]"):
+        load_dataset(f"npz:{path}", binarize="static", likelihood="gaussian")
+
+
+# -- batches -------------------------------------------------------------------------------------
+
+def test_batches_partition_the_rows():
+    x = torch.zeros(103, 2)
+    parts = list(batches(x, 25))
+    assert [len(p) for p in parts] == [25, 25, 25, 25, 3]
+    assert sorted(torch.cat(parts).tolist()) == list(range(103))
+    assert not torch.equal(torch.cat(parts), torch.arange(103))
+    assert not torch.equal(torch.cat(parts), torch.cat(list(batches(x, 25))))
+    assert torch.equal(torch.cat(list(batches(x, 25, shuffle=False))), torch.arange(103))
+
+
+# -- npz -----------------------------------------------------------------------------------------
+
+def save(tmp_path, name="data.npz", **arrays):
+    path = tmp_path / name
+    np.savez(path, **arrays)
+    return f"npz:{path}"
+
+
+@pytest.mark.parametrize("shape, image_shape", [
+    ((50, 5, 7), (5, 7)), ((50, 16), (4, 4)), ((50, 10), None),
+])
+@pytest.mark.parametrize("labels", [True, False])
+def test_npz_loads(tmp_path, shape, image_shape, labels):
+    n = shape[0]
+    rng = np.random.default_rng(0)
+    x = rng.random(shape).astype(np.float32)
+    x.reshape(n, -1)[:, 0] = np.arange(n) / n  # row i is tagged by its first pixel
+    arrays = dict(x=x)
+    if labels:
+        arrays["y"] = np.arange(n) % 3
+    name = save(tmp_path, **arrays)
+    data = load_dataset(name)
+    assert data.name == name and data.image_shape == image_shape
+    d = int(np.prod(shape[1:]))
+    assert data.input_dim == d
+    assert (len(data.train), len(data.test)) == (40, 10)
+    everything = torch.cat([data.train.x, data.test.x])
+    assert np.array_equal(rows_sorted(everything), rows_sorted(torch.as_tensor(x.reshape(n, d))))
+    if labels:
+        assert data.num_classes == 3
+        for split in (data.train, data.test):
+            row = (split.x[:, 0] * n).round().long()
+            assert torch.equal(split.y, row % 3)
+    else:
+        assert data.train.y is None and data.test.y is None and data.num_classes is None
+
+
+def test_npz_integer_pixels_need_rescaling_for_bernoulli_only(tmp_path):
+    x = np.arange(40, dtype=np.uint8).reshape(10, 4) * 6
+    name = save(tmp_path, x=x)
+    with pytest.raises(UsageError, match=r"lies in \[0, 234\].*x / 255.*--likelihood gaussian"):
+        load_dataset(name)
+    data = load_dataset(name, likelihood="gaussian")
+    assert data.train.x.dtype == torch.float32 and data.train.x.max() > 1
+
+
+@pytest.mark.parametrize("arrays, message", [
+    (dict(images=np.zeros((4, 4))), r"has keys \['images'\] but no 'x'"),
+    (dict(x=np.zeros(10)), r"'x' has shape \(10,\)"),
+    (dict(x=np.zeros((3, 2, 2, 2))), r"'x' has shape \(3, 2, 2, 2\)"),
+    (dict(x=np.zeros((1, 4))), r"N >= 2"),
+    (dict(x=np.zeros((4, 0))), r"'x' has shape \(4, 0\)"),
+    (dict(x=np.array([["a", "b"], ["c", "d"]])), r"expected real numbers"),
+    (dict(x=np.array([[0.5, np.nan], [0.1, 0.2]])), r"NaN or infinite"),
+    (dict(x=np.array([[0.5, np.inf], [0.1, 0.2]])), r"NaN or infinite"),
+    (dict(x=np.full((4, 4), 1.5)), r"Bernoulli likelihood needs \[0, 1\]"),
+    (dict(x=np.zeros((4, 4)), y=np.arange(3)), r"'y' must be 4 non-negative integers"),
+    (dict(x=np.zeros((4, 4)), y=np.arange(4.0)), r"got dtype float64"),
+    (dict(x=np.zeros((4, 4)), y=np.array([0, 1, -1, 2])), r"non-negative"),
+])
+def test_npz_errors(tmp_path, arrays, message):
+    with pytest.raises(UsageError, match=message) as e:
+        load_dataset(save(tmp_path, **arrays))
+    assert "\n" not in str(e.value)
+
+
+def test_npz_missing_or_unreadable(tmp_path):
+    with pytest.raises(UsageError, match="no such file"):
+        load_dataset(f"npz:{tmp_path / 'nope.npz'}")
+    (tmp_path / "bad.npz").write_bytes(b"definitely not a zip archive")
+    with pytest.raises(UsageError, match="not a readable .npz"):
+        load_dataset(f"npz:{tmp_path / 'bad.npz'}")
+    # object arrays would need pickle: refused, never unpickled
+    np.savez(tmp_path / "obj.npz", x=np.array([{"a": 1}, {"b": 2}], dtype=object))
+    with pytest.raises(UsageError, match="not a readable .npz"):
+        load_dataset(f"npz:{tmp_path / 'obj.npz'}")
+
+
+# -- MNIST-10k (real data, offline) --------------------------------------------------------------
+
+TRAIN_COUNTS = [791, 913, 820, 768, 786, 706, 800, 813, 781, 822]
+TEST_COUNTS = [189, 222, 212, 242, 196, 186, 158, 215, 193, 187]
+
+
+def test_mnist_from_shared_data(mnist_root):
+    data = load_dataset("mnist", str(mnist_root), download=False)
+    assert data.name == "mnist" and data.image_shape == (28, 28) and data.input_dim == 784
+    assert data.train.x.shape == (8000, 784) and data.test.x.shape == (2000, 784)
+    for split, counts in ((data.train, TRAIN_COUNTS), (data.test, TEST_COUNTS)):
+        assert split.x.dtype == torch.float32
+        assert split.x.min() == 0 and split.x.max() == 1
+        assert torch.equal(split.x * 255, (split.x * 255).round())
+        assert torch.bincount(split.y, minlength=10).tolist() == counts
+    assert data.num_classes == 10
+    # white strokes on a black background: most pixels are 0, mean intensity about 0.13
+    assert 0.1 < data.train.x.mean() < 0.2

@@ -1,0 +1,207 @@
+"""The ELBO estimators: Pyro classes chosen by make_elbo, and their statistics on the VAE.
+
+Estimates are compared in expectation: R independent estimates of each, means within 4
+combined standard errors (|m_a - m_b| < 4 sqrt(se_a^2 + se_b^2)).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pyro
+import pytest
+import torch
+from pyro import poutine
+from pyro.infer import (
+    JitTrace_ELBO,
+    JitTraceMeanField_ELBO,
+    RenyiELBO,
+    Trace_ELBO,
+    TraceMeanField_ELBO,
+)
+from torch.distributions import kl_divergence
+
+from ppl_vae import VAE, UsageError, make_elbo, score
+
+
+def repeat(fn, r: int) -> torch.Tensor:
+    return torch.tensor([float(fn()) for _ in range(r)], dtype=torch.float64)
+
+
+def assert_same_mean(a: torch.Tensor, b: torch.Tensor, sem, what: str = "") -> None:
+    tol = 4 * math.hypot(sem(a), sem(b))
+    diff = (a.mean() - b.mean()).item()
+    assert abs(diff) < tol, f"{what}: means differ by {diff:.4f}, 4 SE = {tol:.4f}"
+
+
+@pytest.fixture
+def vae():
+    return VAE(64, 4, hidden=(32,))
+
+
+@pytest.fixture
+def batch(digits):
+    return digits.test.x[:32]
+
+
+# -- which estimator -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name, jit, cls", [
+    ("mc", False, Trace_ELBO), ("analytic", False, TraceMeanField_ELBO),
+    ("mc", True, JitTrace_ELBO), ("analytic", True, JitTraceMeanField_ELBO),
+    ("iwae", False, RenyiELBO),
+])
+@pytest.mark.parametrize("particles", [1, 4])
+def test_make_elbo_classes(name, jit, cls, particles):
+    elbo = make_elbo(name, particles, jit)
+    assert type(elbo) is cls
+    assert elbo.num_particles == particles
+    assert elbo.vectorize_particles == (particles > 1)
+    # the data plate, plus the particle plate Pyro adds at dim -2 when vectorizing
+    assert elbo.max_plate_nesting == 1 + (particles > 1)
+    if name == "iwae":
+        assert elbo.alpha == 0.0
+
+
+def test_make_elbo_rejects_bad_requests():
+    with pytest.raises(UsageError, match="unknown --elbo 'exact'"):
+        make_elbo("exact")
+    with pytest.raises(UsageError, match="--jit"):
+        make_elbo("iwae", 2, jit=True)
+
+
+# -- the KL the analytic estimator relies on -----------------------------------------------------
+
+def test_analytic_kl_matches_monte_carlo(sem):
+    """KL(q(z|x) || p(z)) in closed form (what TraceMeanField_ELBO uses) equals the mean of
+    log q(z) - log p(z) over z ~ q, per data point and summed, within 4 standard errors."""
+    vae = VAE(64, 3, hidden=(32,))
+    with torch.no_grad():  # spread the posteriors: locs ~ +-2, scales over a decade
+        vae.encoder[-1].weight.mul_(6.0)
+        vae.encoder[-1].bias.uniform_(-1.0, 1.0)
+    x = torch.rand(16, 64)
+    g = poutine.trace(vae.guide).get_trace(x)
+    m = poutine.trace(poutine.replay(vae.model, trace=g)).get_trace(x)
+    q, p = g.nodes["z"]["fn"], m.nodes["z"]["fn"]
+    analytic = kl_divergence(q, p)
+    assert analytic.shape == (16,)
+
+    loc, scale = vae.encode(x)
+    closed_form = 0.5 * (loc**2 + scale**2 - 1 - 2 * scale.log()).sum(-1)
+    assert torch.allclose(analytic, closed_form, rtol=1e-5, atol=1e-5)
+    assert scale.min() < 0.5 and scale.max() > 2 and loc.abs().max() > 1  # a non-trivial case
+
+    n = 20_000
+    with torch.no_grad():
+        z = q.sample((n,))
+        terms = (q.log_prob(z) - p.log_prob(z)).double()  # (n, 16)
+    mc, se = terms.mean(0), terms.std(0) / math.sqrt(n)
+    assert ((mc - analytic.double()).abs() < 4 * se).all(), (mc - analytic) / se
+    assert abs((mc - analytic).sum()) < 4 * se.pow(2).sum().sqrt()
+
+
+# -- the estimators in expectation ---------------------------------------------------------------
+
+def test_mc_and_analytic_agree_and_analytic_has_less_variance(vae, batch, sem):
+    r = 1000
+    with torch.no_grad():
+        mc = repeat(lambda: make_elbo("mc").loss(vae.model, vae.guide, batch), r)
+        an = repeat(lambda: make_elbo("analytic").loss(vae.model, vae.guide, batch), r)
+    assert_same_mean(mc, an, sem, "mc vs analytic")
+    # the analytic KL removes the KL term's Monte Carlo noise: var(analytic) < var(mc),
+    # beyond the sampling error of the log-variances (sd ~ sqrt(2 / (r - 1)) each)
+    log_ratio = math.log(mc.var() / an.var())
+    assert log_ratio > 4 * math.sqrt(2 * 2 / (r - 1)), log_ratio
+
+
+def test_beta_weights_only_the_kl(vae, batch):
+    """Same seed, same draw of z: loss(beta=1) - loss(beta=0.5) = 0.5 * KL exactly."""
+    beta = VAE(64, 4, hidden=(32,), beta=0.5)
+    beta.load_state_dict(vae.state_dict())
+    loc, scale = vae.encode(batch)
+    kl = (0.5 * (loc**2 + scale**2 - 1 - 2 * scale.log()).sum()).item()
+    elbo = make_elbo("analytic")
+    for seed in range(3):
+        torch.manual_seed(seed)
+        full = elbo.loss(vae.model, vae.guide, batch)
+        torch.manual_seed(seed)
+        half = elbo.loss(beta.model, beta.guide, batch)
+        assert full - half == pytest.approx(0.5 * kl, rel=1e-4, abs=1e-2)
+
+
+def test_beta_mc_matches_analytic(batch, sem):
+    vae = VAE(64, 4, hidden=(32,), beta=0.5)
+    with torch.no_grad():
+        mc = repeat(lambda: make_elbo("mc").loss(vae.model, vae.guide, batch), 600)
+        an = repeat(lambda: make_elbo("analytic").loss(vae.model, vae.guide, batch), 600)
+    assert_same_mean(mc, an, sem, "beta=0.5 mc vs analytic")
+
+
+def test_vectorized_particles_average(vae, batch, sem):
+    """L vectorized particles: the same expectation, variance divided by L."""
+    r, big = 600, 10
+    with torch.no_grad():
+        one = repeat(lambda: make_elbo("mc", 1).loss(vae.model, vae.guide, batch), r)
+        many = repeat(lambda: make_elbo("mc", big).loss(vae.model, vae.guide, batch), r)
+    assert_same_mean(one, many, sem, "1 vs 10 particles")
+    log_ratio = math.log(one.var() / many.var())
+    assert abs(log_ratio - math.log(big)) < 4 * math.sqrt(2 * 2 / (r - 1)), log_ratio
+
+
+def test_iwae_objective_is_per_data_point_iwae_bound(vae, batch, sem):
+    """RenyiELBO(alpha=0) with K particles estimates -sum_i IWAE_K(x_i) (a bound per data
+    point, not one bound on the whole batch), tighter than the ELBO."""
+    r, k = 300, 10
+    with torch.no_grad():
+        iwae_loss = repeat(lambda: make_elbo("iwae", k).loss(vae.model, vae.guide, batch), r)
+        mc_loss = repeat(lambda: make_elbo("mc", k).loss(vae.model, vae.guide, batch), r)
+    scored = torch.tensor([-score(vae, batch, num_samples=k, iwae=True, seed=s).iwae.sum()
+                           for s in range(r)], dtype=torch.float64)
+    assert_same_mean(iwae_loss, scored, sem, "RenyiELBO vs score(iwae=True)")
+    gap = (mc_loss.mean() - iwae_loss.mean()).item()
+    assert gap > 4 * math.hypot(sem(mc_loss), sem(iwae_loss)), gap
+
+
+def test_iwae_with_one_particle_is_the_elbo(vae, batch, sem):
+    with torch.no_grad():
+        iwae = repeat(lambda: make_elbo("iwae", 1).loss(vae.model, vae.guide, batch), 600)
+        mc = repeat(lambda: make_elbo("mc", 1).loss(vae.model, vae.guide, batch), 600)
+    assert_same_mean(iwae, mc, sem, "IWAE_1 vs ELBO")
+
+
+@pytest.mark.parametrize("name", ["mc", "analytic"])
+def test_jit_estimators_match_eager_on_a_new_batch_size(vae, digits, sem, name):
+    """A Jit ELBO compiled on one batch size gives the eager estimator's value in expectation
+    on another (the last, smaller batch of an epoch)."""
+
+    def model(x):
+        pyro.module("vae", vae)
+        vae.model(x)
+
+    def guide(x):
+        pyro.module("vae", vae)
+        vae.guide(x)
+
+    jit, eager = make_elbo(name, jit=True), make_elbo(name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        jit.differentiable_loss(model, guide, digits.train.x[:100])  # compile
+        r, x = 300, digits.train.x[100:138]
+        with torch.no_grad():
+            a = repeat(lambda: jit.differentiable_loss(model, guide, x), r)
+            b = repeat(lambda: eager.differentiable_loss(model, guide, x), r)
+    assert_same_mean(a, b, sem, f"jit {name} vs eager")
+
+
+def test_reference_loss_matches_pyro(batch, sem):
+    """The plain-PyTorch yardstick (estimator B by hand) and TraceMeanField_ELBO agree."""
+    reference = pytest.importorskip("ppl_vae.reference")
+    for vae in (VAE(64, 4, hidden=(32,), beta=0.5),
+                VAE(64, 4, hidden=(32,), likelihood="gaussian", gaussian_scale=0.5)):
+        loss = reference.reference_loss(vae)
+        with torch.no_grad():
+            ref = repeat(lambda loss=loss: loss(batch), 400)
+            pyr = repeat(lambda vae=vae: make_elbo("analytic").loss(vae.model, vae.guide,
+                                                                    batch), 400)
+        assert_same_mean(ref, pyr, sem, f"reference vs Pyro ({vae.likelihood})")
