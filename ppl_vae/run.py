@@ -81,7 +81,8 @@ def train(config: TrainConfig, data: Dataset | None = None, progress: bool | Non
     run = Run(config, module, data, out)
     write_json(out / "config.json", config.to_dict())
 
-    for epoch in epochs_bar(range(1, config.epochs + 1), progress):
+    bar = epochs_bar(range(1, config.epochs + 1), progress)
+    for epoch in bar:
         module.train()
         inputs = data_args(module, data.train_epoch(), data.train.y)
         train_loss, seconds = run_epoch(step, optimizer, inputs, config.batch_size,
@@ -90,9 +91,10 @@ def train(config: TrainConfig, data: Dataset | None = None, progress: bool | Non
             raise UsageError(f"training diverged in epoch {epoch} (the ELBO is {-train_loss}); "
                              f"lower --lr (now {config.lr}) or check the data")
         module.eval()
-        test = evaluate(module, data, config.eval_particles)
-        run.history.append({"epoch": epoch, "train_elbo": -train_loss,
-                            "test_elbo": test.summary()["test_elbo"], "train_seconds": seconds})
+        test_elbo = evaluate(module, data, config.eval_particles).summary()["test_elbo"]
+        run.history.append({"epoch": epoch, "train_elbo": -train_loss, "test_elbo": test_elbo,
+                            "train_seconds": seconds})
+        bar.set_postfix(train_elbo=f"{-train_loss:.2f}", test_elbo=f"{test_elbo:.2f}")
         write_csv(out / "metrics.csv", run.history)
         save_checkpoint(out / "checkpoint.pt", module, optimizer, epoch, config.to_dict())
 
