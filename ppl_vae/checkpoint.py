@@ -1,5 +1,8 @@
 """Checkpoints: model, optimizer and RNG state in one file, written atomically and loadable
-with ``torch.load(..., weights_only=True)`` (tensors, numbers, strings and containers only)."""
+with ``torch.load(..., weights_only=True)`` (tensors, numbers, strings and containers only).
+
+The model state is ``module.state_dict()``: a model keeps its parameters in the module (the
+VAE and CVAE do), not in Pyro's global param store."""
 
 from __future__ import annotations
 
@@ -20,10 +23,15 @@ def save_checkpoint(path: str | os.PathLike, module: torch.nn.Module,
         "optimizer": None if optimizer is None else optimizer.state_dict(),
         "epoch": epoch,
         "config": config,
-        "rng": {"torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+        "rng": {"torch": torch.get_rng_state(), "cuda": _cuda_rng(module)},
     }
     atomic_write(path, lambda f: torch.save(state, f))
+
+
+def _cuda_rng(module: torch.nn.Module) -> list[torch.Tensor]:
+    """The CUDA RNG states, for a module on the GPU (asking otherwise would start CUDA)."""
+    on_gpu = any(t.is_cuda for t in (*module.parameters(), *module.buffers()))
+    return torch.cuda.get_rng_state_all() if on_gpu else []
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu"

@@ -11,7 +11,16 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
-from .config import ACTIVATIONS, BINARIZE, ELBOS, LIKELIHOODS, TrainConfig, default_data_dir
+from .config import (
+    ACTIVATIONS,
+    BINARIZE,
+    CONDITIONS,
+    CVAE_OBJECTIVES,
+    ELBOS,
+    LIKELIHOODS,
+    TrainConfig,
+    default_data_dir,
+)
 from .errors import UsageError
 from .run import evaluate_run, train
 
@@ -70,6 +79,20 @@ def train_parser() -> Parser:
                    help="sigma of the Gaussian likelihood (initial value with --learn-scale)")
     g.add_argument("--learn-scale", action="store_true", help="learn the Gaussian sigma")
     g.add_argument("--beta", type=float, default=default("beta"), help="KL weight (beta-VAE)")
+    g = p.add_argument_group("conditional VAE (--model cvae)")
+    g.add_argument("--condition", choices=CONDITIONS, default=default("condition"),
+                   help="quadrants: complete images from observed quadrants; label: "
+                        "class-conditional generation")
+    g.add_argument("--quadrants", type=int, nargs="+", default=list(default("quadrants")),
+                   help="observed-quadrant counts, one model each")
+    g.add_argument("--no-baseline-input", dest="baseline_input", action="store_false",
+                   help="do not feed the baseline NN's guess to the prior network")
+    g.add_argument("--cvae-objective", choices=CVAE_OBJECTIVES,
+                   default=default("cvae_objective"))
+    g.add_argument("--hybrid-alpha", type=float, default=default("hybrid_alpha"),
+                   help="weight of the CVAE term in the hybrid objective")
+    g.add_argument("--cll-samples", type=int, default=default("cll_samples"),
+                   help="importance samples for -log p(y|c)")
     g = p.add_argument_group("inference")
     g.add_argument("--elbo", choices=ELBOS, default=default("elbo"),
                    help="mc: Trace_ELBO, analytic: TraceMeanField_ELBO, iwae: RenyiELBO(alpha=0)")
@@ -81,6 +104,10 @@ def train_parser() -> Parser:
     g.add_argument("--batch-size", type=int, default=default("batch_size"))
     g.add_argument("--seed", type=int, default=default("seed"))
     g.add_argument("--cuda", action="store_true", help="train and evaluate on the GPU")
+    g.add_argument("--early-stop", type=int, default=default("early_stop"), metavar="PATIENCE",
+                   help="stop after PATIENCE epochs without a better validation ELBO (0: off)")
+    g.add_argument("--val-fraction", type=float, default=default("val_fraction"),
+                   help="share of the training split held out for early stopping")
     g = p.add_argument_group("evaluation and output")
     g.add_argument("--eval-particles", type=int, default=default("eval_particles"),
                    help="samples per test image for the test ELBO")
@@ -92,8 +119,15 @@ def train_parser() -> Parser:
 
 
 def _train(argv: Sequence[str] | None) -> int:
-    args = vars(train_parser().parse_args(argv))
-    run = train(TrainConfig(**args))
+    config = TrainConfig(**vars(train_parser().parse_args(argv)))
+    if config.model == "cvae" and config.condition == "quadrants":
+        from .experiments import train_quadrant_table
+
+        table = train_quadrant_table(config)
+        print("-log p(y|c), nats per test image (lower is better):\n" + table.markdown)
+        print(f"{table.seconds:.0f} s in all; runs written to {table.out}")
+        return 0
+    run = train(config)
     s = run.summary
     print(f"test ELBO {s['test_elbo']:.2f} nats/image ({s['eval_particles']} samples per image, "
           f"{s['n_test']} test images), train ELBO {s['train_elbo']:.2f}, "
@@ -101,9 +135,11 @@ def _train(argv: Sequence[str] | None) -> int:
     if "test_log_likelihood_iwae" in s:
         print(f"log p(x) >= {s['test_log_likelihood_iwae']:.2f} nats/image "
               f"(IWAE, K={s['iwae_samples']})")
+    if "cll" in s:
+        print("-log p(y|c), nats per test image (lower is better):\n"
+              + (run.out / "cll_table.md").read_text().split("\n\n", 1)[1])
     print(f"run written to {run.out}")
     return 0
-
 
 
 def evaluate_parser() -> Parser:
@@ -113,7 +149,8 @@ def evaluate_parser() -> Parser:
     p.add_argument("--eval-iwae", type=int, default=0, metavar="K",
                    help="IWAE log-likelihood bound with K samples per image (0: off)")
     p.add_argument("--eval-particles", type=int, default=None,
-                   help="samples per image for the test ELBO (default: the run's)")
+                   help="samples per image for the test ELBO (default: the run's; with "
+                        "--eval-iwae the ELBO uses the same K samples)")
     p.add_argument("--data-dir", default=None, help="dataset root, if it moved")
     p.add_argument("--cuda", action="store_true")
     return p

@@ -55,6 +55,7 @@ class Dataset:
     test: Split
     image_shape: tuple[int, int] | None
     dynamic: bool = False
+    val: Split | None = None
 
     @property
     def input_dim(self) -> int:
@@ -66,7 +67,17 @@ class Dataset:
         return int(max(int(y.max()) for y in ys)) + 1 if ys else None
 
     def to(self, device: torch.device | str) -> Dataset:
-        return replace(self, train=self.train.to(device), test=self.test.to(device))
+        return replace(self, train=self.train.to(device), test=self.test.to(device),
+                       val=None if self.val is None else self.val.to(device))
+
+    def with_validation(self, fraction: float) -> Dataset:
+        """Carve a validation split (a fixed seeded ``fraction`` of train) out of train. Under
+        dynamic binarization it gets one fixed Bernoulli draw, like the test split."""
+        train, val = _split(self.train.x, self.train.y, fraction)
+        if self.dynamic:
+            g = torch.Generator(device=val.x.device).manual_seed(SPLIT_SEED + 1)
+            val = replace(val, x=torch.bernoulli(val.x, generator=g))
+        return replace(self, train=train, val=val)
 
     def train_epoch(self) -> Tensor:
         """Training inputs for one epoch: resampled pixels under dynamic binarization."""
@@ -172,11 +183,12 @@ def _npz(path: str, likelihood: str) -> Dataset:
     return Dataset(where, train, test, image_shape=shape)
 
 
-def _split(x: Tensor, y: Tensor | None) -> tuple[Split, Split]:
-    """A fixed seeded shuffle, then the first 80% train and the rest test."""
+def _split(x: Tensor, y: Tensor | None, fraction: float = TEST_FRACTION
+           ) -> tuple[Split, Split]:
+    """A fixed seeded shuffle, then ``1 - fraction`` of the rows first and the rest second."""
     g = torch.Generator().manual_seed(SPLIT_SEED)
-    perm = torch.randperm(len(x), generator=g)
-    n_test = max(1, round(TEST_FRACTION * len(x)))
+    perm = torch.randperm(len(x), generator=g).to(x.device)
+    n_test = max(1, round(fraction * len(x)))
     tr, te = perm[n_test:], perm[:n_test]
     return (Split(x[tr], None if y is None else y[tr]),
             Split(x[te], None if y is None else y[te]))

@@ -26,9 +26,10 @@ import pyro
 import torch
 from pyro import poutine
 from pyro.distributions.util import scale_and_mask
+from pyro.poutine.util import prune_subsample_sites
 from torch import Tensor
 
-MAX_ELEMENTS = 2**24  # bound on K x batch x D floats held at once
+MAX_ELEMENTS = 2**24  # bound on K x rows x D floats held at once (hidden layers come on top)
 
 
 def log_weights(model: Callable, guide: Callable, *args, num_samples: int,
@@ -41,6 +42,7 @@ def log_weights(model: Callable, guide: Callable, *args, num_samples: int,
         model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args)
     total = torch.zeros((), device=args[0].device)
     for trace, sign in ((model_trace, 1.0), (guide_trace, -1.0)):
+        trace = prune_subsample_sites(trace)  # the plates' index sites carry no density
         trace.compute_log_prob()
         for site in trace.nodes.values():
             if site["type"] == "sample":
@@ -69,9 +71,10 @@ class Scores:
 
 @torch.no_grad()
 def score(module, *inputs: Tensor, num_samples: int = 10, iwae: bool = False,
-          seed: int = 0) -> Scores:
+          seed: int = 0, guide: Callable | None = None) -> Scores:
     """Per-row ELBO (the mean of K log weights) and, if ``iwae``, the IWAE_K bound, for every
     row of ``inputs`` (the arguments of ``module.model``/``module.guide``, rows first).
+    ``guide`` replaces ``module.guide`` as the proposal.
 
     Runs in memory-bounded chunks of rows and of samples, seeded: re-running gives the same
     numbers, and the caller's RNG state is left as it was.
@@ -80,6 +83,7 @@ def score(module, *inputs: Tensor, num_samples: int = 10, iwae: bool = False,
     d = max(1, sum(t[:1].numel() for t in inputs))
     rows = max(1, min(n, MAX_ELEMENTS // (num_samples * d)))
     k_chunk = max(1, min(num_samples, MAX_ELEMENTS // (rows * d)))
+    guide = guide or module.guide
     elbos, bounds = [], []
     device = inputs[0].device
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
@@ -87,7 +91,7 @@ def score(module, *inputs: Tensor, num_samples: int = 10, iwae: bool = False,
         torch.manual_seed(seed)
         for start in range(0, n, rows):
             args = tuple(t[start:start + rows] for t in inputs)
-            lw = torch.cat([log_weights(module.model, module.guide, *args, num_samples=k)
+            lw = torch.cat([log_weights(module.model, guide, *args, num_samples=k)
                             for k in _chunks(num_samples, k_chunk)])
             elbos.append(lw.mean(0))
             if iwae:
@@ -98,3 +102,22 @@ def score(module, *inputs: Tensor, num_samples: int = 10, iwae: bool = False,
 
 def _chunks(total: int, size: int) -> list[int]:
     return [min(size, total - i) for i in range(0, total, size)]
+
+
+@torch.no_grad()
+def conditional_scores(module, c: Tensor, y: Tensor, samples: int = 100,
+                       elbo_particles: int = 10) -> dict[str, float]:
+    """The CVAE paper's table for one condition, in nats per data point (lower is better):
+
+    * ``cvae_is``: -log p(y|c) by importance sampling with ``samples`` draws from the proposal
+      (q(z|c,y); p(z|c) for a GSNN): -log 1/S sum_s p(y, z_s|c) / q(z_s|c,y);
+    * ``cvae_neg_elbo``: the negative ELBO with ``elbo_particles`` draws (Pyro's CVAE table);
+    * ``nn_baseline``: -log p(y|c) of the deterministic baseline NN (its BCE);
+    * ``gap``: nn_baseline - cvae_is (> 0 when the CVAE wins).
+    """
+    guide = module.proposal
+    is_ = score(module, c, y, num_samples=samples, iwae=True, guide=guide).iwae.mean().item()
+    elbo = score(module, c, y, num_samples=elbo_particles, guide=guide).elbo.mean().item()
+    nn = sum(module.baseline_loss(cb, yb).item()
+             for cb, yb in zip(c.split(4096), y.split(4096), strict=True)) / len(c)
+    return {"nn_baseline": nn, "cvae_is": -is_, "cvae_neg_elbo": -elbo, "gap": nn + is_}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import tempfile
@@ -37,8 +38,6 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 
 def write_csv(path: str | os.PathLike, rows: Sequence[dict]) -> None:
     """Rows of dicts with the same keys, the header from the first row."""
-    import io  # stdlib
-
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
     writer.writeheader()

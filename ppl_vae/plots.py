@@ -22,9 +22,11 @@ def elbo_curves(rows: Sequence[dict], path: str | os.PathLike) -> Figure:
     fig = Figure(figsize=(5, 3.5))
     ax = fig.subplots()
     epochs = [r["epoch"] for r in rows]
-    ax.plot(epochs, [r["train_elbo"] for r in rows], "o-", label="train")
-    ax.plot(epochs, [r["test_elbo"] for r in rows], "s-", label="test")
-    ax.set(xlabel="epoch", ylabel="ELBO (nats / image)", title="ELBO, higher is better")
+    ax.plot(epochs, [r["train_elbo"] for r in rows], "o-", label="training objective")
+    ax.plot(epochs, [r["test_elbo"] for r in rows], "s-", label="test ELBO")
+    if "val_elbo" in rows[0]:
+        ax.plot(epochs, [r["val_elbo"] for r in rows], "^-", label="validation ELBO")
+    ax.set(xlabel="epoch", ylabel="nats / image", title="ELBO, higher is better")
     ax.grid(alpha=0.3)
     ax.legend()
     save(fig, path)

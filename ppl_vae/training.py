@@ -12,8 +12,10 @@ on a 784-400-20 VAE).
 
 from __future__ import annotations
 
+import copy
+import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 import pyro
 import torch
@@ -22,6 +24,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .data import batches
+from .errors import UsageError
 
 LossFn = Callable[..., Tensor]
 """``args -> loss``: a differentiable scalar."""
@@ -29,20 +32,29 @@ StepFn = Callable[..., Tensor]
 """``args -> loss``: a detached scalar, its gradient already added to the parameters."""
 
 
+def registered(module: nn.Module, fn: Callable, name: str = "module") -> Callable:
+    """``fn`` (a model or guide of ``module``), first registering the module's parameters in
+    Pyro's param store (``pyro.module``): what ``pyro.infer.SVI`` with ``pyro.optim``, the Jit
+    ELBOs (which feed param-store tensors to the compiled trace) and RenyiELBO need."""
+
+    def program(*args, **kwargs):
+        pyro.module(name, module)
+        return fn(*args, **kwargs)
+
+    return program
+
+
 def with_params(module: nn.Module, name: str = "module") -> tuple[Callable, Callable]:
-    """``module``'s model and guide, each first registering the module's parameters in Pyro's
-    param store (``pyro.module``): what ``pyro.infer.SVI`` with ``pyro.optim`` and the Jit
-    ELBOs (which pass param-store tensors into the compiled trace) need."""
+    """``module``'s model and guide, :func:`registered`: ready for ``pyro.infer.SVI``."""
+    return registered(module, module.model, name), registered(module, module.guide, name)
 
-    def model(*args, **kwargs):
-        pyro.module(name, module)
-        return module.model(*args, **kwargs)
 
-    def guide(*args, **kwargs):
-        pyro.module(name, module)
-        return module.guide(*args, **kwargs)
-
-    return model, guide
+def programs(module: nn.Module) -> list[tuple[float, Callable, Callable]]:
+    """The (weight, model, guide) terms whose weighted ELBOs make the training objective:
+    ``module.programs()`` where defined (the CVAE's hybrid objective has two), else
+    ``[(1, model, guide)]``."""
+    fn = getattr(module, "programs", None)
+    return fn() if fn is not None else [(1.0, module.model, module.guide)]
 
 
 def elbo_step(elbo: pyro.infer.ELBO, module: nn.Module) -> StepFn:
@@ -53,12 +65,24 @@ def elbo_step(elbo: pyro.infer.ELBO, module: nn.Module) -> StepFn:
     variants) give a tensor we differentiate; RenyiELBO has only ``loss_and_grads``, which
     differentiates its own surrogate and returns a float (one host sync per step).
     """
+    terms = programs(module)
     if not hasattr(elbo, "differentiable_loss"):
-        model, guide = with_params(module)
-        return lambda *args: torch.tensor(elbo.loss_and_grads(model, guide, *args))
-    jit = type(elbo).__name__.startswith("Jit")
-    model, guide = with_params(module) if jit else (module.model, module.guide)
-    return backward_step(lambda *args: elbo.differentiable_loss(model, guide, *args))
+        if len(terms) != 1:
+            raise UsageError(f"{type(elbo).__name__} trains one model/guide pair, and this "
+                             "objective has several; use --elbo mc or analytic")
+        _, model, guide = terms[0]
+        model, guide = registered(module, model), registered(module, guide)
+        return lambda *args: torch.tensor(elbo.loss_and_grads(model, guide, *args),
+                                          device=args[0].device)
+    if type(elbo).__name__.startswith("Jit"):  # one compiled ELBO per model/guide pair
+        terms = [(w, registered(module, m), registered(module, g)) for w, m, g in terms]
+    elbos = [copy.copy(elbo) for _ in terms]
+
+    def loss(*args: Tensor) -> Tensor:
+        return sum(w * e.differentiable_loss(m, g, *args)
+                   for e, (w, m, g) in zip(elbos, terms, strict=True))
+
+    return backward_step(loss)
 
 
 def backward_step(loss: LossFn) -> StepFn:
@@ -120,10 +144,57 @@ def run_epoch(
     return total.item() / n, seconds
 
 
+def fit(
+    step: StepFn,
+    optimizer: torch.optim.Optimizer,
+    module: nn.Module,
+    train_inputs: Callable[[], tuple[Tensor, ...]],
+    batch_size: int,
+    epochs: int,
+    *,
+    validate: Callable[[], float] | None = None,
+    patience: int = 0,
+    on_epoch: Callable[[int, float, float, float | None], None] | None = None,
+    progress: bool | None = None,
+    desc: str = "epochs",
+) -> int:
+    """Up to ``epochs`` epochs of :func:`run_epoch` on ``train_inputs()`` (called each epoch).
+
+    After each epoch ``validate()`` (a loss per row, lower is better) and then
+    ``on_epoch(epoch, train_loss, seconds, val_loss)`` run with the module in eval mode. With
+    ``patience > 0`` training stops after that many epochs without a better validation loss
+    and the module gets back its best weights (early stopping). Returns the best epoch.
+    """
+    if patience and validate is None:
+        raise ValueError("early stopping needs a validate function")
+    best, best_epoch, best_state, bad = math.inf, epochs, None, 0
+    bar = tqdm(range(1, epochs + 1), desc=desc, unit="epoch", disable=_disable(progress))
+    for epoch in bar:
+        module.train()
+        loss, seconds = run_epoch(step, optimizer, train_inputs(), batch_size,
+                                  desc=f"epoch {epoch}", progress=progress)
+        if not math.isfinite(loss):
+            raise UsageError(f"training diverged in epoch {epoch} (the loss is {loss}); lower "
+                             "--lr or check the data")
+        module.eval()
+        val = validate() if validate is not None else None
+        if on_epoch is not None:
+            on_epoch(epoch, loss, seconds, val)
+        bar.set_postfix(loss=f"{loss:.2f}", **({} if val is None else {"val": f"{val:.2f}"}))
+        if patience:
+            if val < best:
+                best, best_epoch, bad = val, epoch, 0
+                best_state = copy.deepcopy(module.state_dict())
+            else:
+                bad += 1
+                if bad >= patience:
+                    break
+    if best_state is not None:
+        module.load_state_dict(best_state)
+    module.eval()
+    return best_epoch
+
+
 def _disable(progress: bool | None) -> bool | None:
     """tqdm's ``disable``: None hides the bar when stderr is not a terminal."""
     return None if progress is None else not progress
-
-
-def epochs_bar(epochs: Iterable[int], progress: bool | None = None) -> tqdm:
-    return tqdm(epochs, desc="epochs", unit="epoch", disable=_disable(progress))

@@ -11,9 +11,9 @@ Guide (the encoder, amortized variational posterior)::
     q(z|x) = Normal(mu(x), diag sigma(x)^2),   (mu, log sigma) = g(x)
 
 with f, g multilayer perceptrons. SVI maximizes
-``ELBO = E_q[log p(x|z)] - beta * KL(q(z|x) || p(z))``; beta != 1 (a beta-VAE) scales the
-latent site ``z`` with ``poutine.scale`` in both model and guide, so every ELBO estimator in
-Pyro sees the same objective.
+``ELBO = E_q[log p(x|z)] - beta * KL(q(z|x) || p(z))`` (or, with ``--elbo iwae``, the
+importance-weighted bound); beta != 1 (a beta-VAE) scales the latent site ``z`` with
+``poutine.scale`` in both model and guide, so every ELBO estimator in Pyro sees it.
 
 The networks' weights are the module's own parameters (``vae.parameters()``), optimized by
 :mod:`ppl_vae.training`; nothing goes through Pyro's param store in the hot loop. For
@@ -33,6 +33,7 @@ import torch
 from pyro import poutine
 from torch import Tensor, nn
 
+from .likelihoods import pixel_likelihood, pixel_mean
 from .nets import mlp
 from .registry import register_model
 
@@ -77,14 +78,14 @@ class VAE(nn.Module):
     # -- the probabilistic program -------------------------------------------------------------
     def model(self, x: Tensor) -> None:
         """p(z) p(x|z) for a batch ``x`` of shape (N, D)."""
-        with pyro.plate("data", x.shape[0]):
+        with pyro.plate("data", x.shape[0], device=x.device):
             with poutine.scale(scale=self.beta):
                 z = pyro.sample("z", self.prior(x.shape[0]).to_event(1))
             pyro.sample("x", self.likelihood_dist(z), obs=x)
 
     def guide(self, x: Tensor) -> None:
         """q(z|x), a diagonal Normal from the encoder."""
-        with pyro.plate("data", x.shape[0]):
+        with pyro.plate("data", x.shape[0], device=x.device):
             loc, scale = self.encode(x)
             with poutine.scale(scale=self.beta):
                 pyro.sample("z", dist.Normal(loc, scale).to_event(1))
@@ -97,12 +98,7 @@ class VAE(nn.Module):
 
     def likelihood_dist(self, z: Tensor) -> dist.TorchDistribution:
         """p(x|z) with event shape (D,); ``z`` may carry extra leading (particle) dims."""
-        out = self.decoder(z)
-        if self.likelihood == "bernoulli":
-            # validate_args=False: grey-level targets in [0, 1] are allowed, as in Pyro's and
-            # PyTorch's VAE examples (log p = -BCE, a cross-entropy, not a density).
-            return dist.Bernoulli(logits=out, validate_args=False).to_event(1)
-        return dist.Normal(out, self.log_scale.exp().expand_as(out)).to_event(1)
+        return pixel_likelihood(self.decoder(z), self.likelihood, self.log_scale)
 
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Location and scale of q(z|x)."""
@@ -111,8 +107,7 @@ class VAE(nn.Module):
 
     def decode(self, z: Tensor) -> Tensor:
         """E[x|z]: pixel probabilities (Bernoulli) or means (Gaussian)."""
-        out = self.decoder(z)
-        return torch.sigmoid(out) if self.likelihood == "bernoulli" else out
+        return pixel_mean(self.decoder(z), self.likelihood)
 
     @torch.no_grad()
     def reconstruct(self, x: Tensor) -> Tensor:
