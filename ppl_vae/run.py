@@ -185,8 +185,11 @@ def evaluate_run(run_dir: str | os.PathLike, eval_iwae: int = 0, cuda: bool = Fa
     run_dir = Path(run_dir)
     config_path = run_dir / "config.json"
     if not config_path.is_file():
-        raise UsageError(f"no config.json in {str(run_dir)!r}; give --run the directory a "
-                         "training run wrote")
+        parts = sorted(p.name for p in run_dir.glob("quadrants-*") if p.is_dir())
+        hint = (f"it holds a quadrant table: give one of its runs, e.g. --run "
+                f"{str(run_dir / parts[0])!r}" if parts else
+                "give --run the directory a training run wrote")
+        raise UsageError(f"no config.json in {str(run_dir)!r}; {hint}")
     try:
         saved = json.loads(config_path.read_text())
         if not isinstance(saved, dict):

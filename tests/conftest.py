@@ -13,6 +13,7 @@ from pathlib import Path
 import pyro
 import pytest
 import torch
+from helpers import assert_one_line_error
 
 from ppl_vae import Dataset, TrainConfig, load_dataset
 from ppl_vae.run import train as train_run
@@ -114,18 +115,8 @@ def run_module() -> Callable[..., subprocess.CompletedProcess]:
     return call
 
 
-def _assert_one_line_error(result: CliResult, prog: str, *fragments: str) -> None:
-    err = result.err.strip()
-    assert result.code == 2, (result.code, result.err)
-    assert "Traceback" not in result.err
-    assert "\n" not in err, err
-    assert err.startswith(prog), err
-    for fragment in fragments:
-        assert fragment in err, (fragment, err)
-
-
 @pytest.fixture(scope="session")
 def one_line_error() -> Callable[..., None]:
     """``one_line_error(result, prog, *fragments)``: exit status 2 and one line on stderr,
     ``prog: error: ...`` naming every fragment, no traceback."""
-    return _assert_one_line_error
+    return assert_one_line_error

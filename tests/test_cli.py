@@ -15,6 +15,7 @@ import numpy as np
 import pyro
 import pytest
 import torch
+from helpers import assert_one_line_error
 
 from ppl_vae import TrainConfig, score
 from ppl_vae.cli import evaluate_main, train_main
@@ -30,16 +31,6 @@ EVAL_PROG = "python -m ppl_vae.evaluate: error: "
 
 def read_json(path):
     return json.loads(path.read_text())
-
-
-def assert_one_line_error(result, prog: str, *fragments: str) -> None:
-    err = result.err.strip()
-    assert result.code == 2, (result.code, result.err)
-    assert "Traceback" not in result.err
-    assert "\n" not in err, err
-    assert err.startswith(prog), err
-    for fragment in fragments:
-        assert fragment in err, (fragment, err)
 
 
 def assert_run_files(out, image_figures: bool = True) -> None:
