@@ -49,15 +49,16 @@ def main_wrapper(prog: str, run: Callable[[Sequence[str] | None], int]
     return main
 
 
-def train_parser() -> Parser:
+def train_parser(compare: bool = False) -> Parser:
     d = TrainConfig.__dataclass_fields__  # defaults live in TrainConfig only
 
     def default(name: str):
         f = d[name]
         return f.default_factory() if callable(f.default_factory) else f.default
 
-    p = Parser(prog="python -m ppl_vae.train",
-               description="Train a VAE (or any registered model) by SVI.",
+    p = Parser(prog="python -m ppl_vae.compare" if compare else "python -m ppl_vae.train",
+               description=COMPARE_DESCRIPTION if compare else
+               "Train a VAE (or any registered model) by SVI.",
                formatter_class=lambda prog: argparse.ArgumentDefaultsHelpFormatter(
                    prog, max_help_position=32))
     g = p.add_argument_group("data")
@@ -96,8 +97,12 @@ def train_parser() -> Parser:
     g = p.add_argument_group("inference")
     g.add_argument("--elbo", choices=ELBOS, default=default("elbo"),
                    help="mc: Trace_ELBO, analytic: TraceMeanField_ELBO, iwae: RenyiELBO(alpha=0)")
-    g.add_argument("--particles", type=int, default=default("particles"),
-                   help="samples per data point (vectorized)")
+    if compare:
+        g.add_argument("--particles", type=int, nargs="+", default=[1, 10],
+                       help="particle counts of the mc and analytic estimators to compare")
+    else:
+        g.add_argument("--particles", type=int, default=default("particles"),
+                       help="samples per data point (vectorized)")
     g.add_argument("--jit", action="store_true", help="use Pyro's Jit* ELBO variants")
     g.add_argument("--lr", type=float, default=default("lr"), help="Adam learning rate")
     g.add_argument("--epochs", type=int, default=default("epochs"))
@@ -115,6 +120,21 @@ def train_parser() -> Parser:
                    help="also estimate log p(x) by the IWAE bound with K samples (0: off)")
     g.add_argument("--out", default=None, help="run directory (default runs/<model>-<time>)")
     g.add_argument("--overwrite", action="store_true", help="allow --out to hold files")
+    if compare:
+        g = p.add_argument_group("comparison")
+        g.add_argument("--run", default=None, help="start from this training run's checkpoint")
+        g.add_argument("--warmup-epochs", type=int, default=0,
+                       help="without --run: train this many epochs (mc) before measuring")
+        g.add_argument("--repeats", type=int, default=200,
+                       help="repeated estimates and gradient draws")
+        g.add_argument("--iwae-samples", type=int, nargs="+", default=[1, 10, 100],
+                       help="K of the IWAE bound estimates")
+        g.add_argument("--eval-batch", type=int, default=128,
+                       help="test images in the fixed evaluation batch")
+        g.add_argument("--no-race", dest="race", action="store_false",
+                       help="skip the training race")
+        g.add_argument("--target", type=float, default=None,
+                       help="test ELBO the race times (default: the worst final one)")
     return p
 
 
@@ -139,6 +159,27 @@ def _train(argv: Sequence[str] | None) -> int:
         print("-log p(y|c), nats per test image (lower is better):\n"
               + (run.out / "cll_table.md").read_text().split("\n\n", 1)[1])
     print(f"run written to {run.out}")
+    return 0
+
+
+COMPARE_DESCRIPTION = ("Compare ELBO estimators on one model: bound estimates, gradient "
+                       "variance and signal-to-noise, and a training race.")
+COMPARE_ONLY = ("run", "warmup_epochs", "repeats", "iwae_samples", "eval_batch", "race", "target")
+
+
+def _compare(argv: Sequence[str] | None) -> int:
+    from .comparison import CompareConfig, compare
+
+    args = vars(train_parser(compare=True).parse_args(argv))
+    extra = {k: args.pop(k) for k in COMPARE_ONLY}
+    particles = args.pop("particles")
+    out = args.pop("out")
+    config = TrainConfig(**args)
+    if config.model == "cvae" and len(config.quadrants) != 1 and config.condition == "quadrants":
+        raise UsageError("compare one CVAE at a time: give --quadrants K (1, 2 or 3)")
+    result = compare(CompareConfig(train=config, particles=tuple(particles), **extra), out)
+    print((result.out / "summary.md").read_text())
+    print(f"comparison written to {result.out}")
     return 0
 
 
@@ -171,3 +212,4 @@ def _evaluate(argv: Sequence[str] | None) -> int:
 
 train_main = main_wrapper("python -m ppl_vae.train", _train)
 evaluate_main = main_wrapper("python -m ppl_vae.evaluate", _evaluate)
+compare_main = main_wrapper("python -m ppl_vae.compare", _compare)

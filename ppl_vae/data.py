@@ -79,16 +79,17 @@ class Dataset:
             val = replace(val, x=torch.bernoulli(val.x, generator=g))
         return replace(self, train=train, val=val)
 
-    def train_epoch(self) -> Tensor:
-        """Training inputs for one epoch: resampled pixels under dynamic binarization."""
-        return torch.bernoulli(self.train.x) if self.dynamic else self.train.x
+    def train_epoch(self, generator: torch.Generator | None = None) -> Tensor:
+        """Training inputs for one epoch: resampled pixels under dynamic binarization (drawn
+        by ``generator``, or the global RNG)."""
+        return torch.bernoulli(self.train.x, generator=generator) if self.dynamic else self.train.x
 
 
-def batches(x: Tensor, batch_size: int, shuffle: bool = True) -> Iterator[Tensor]:
-    """Yield row indices of ``x`` in batches, shuffled on ``x``'s device by the global RNG."""
-    n = x.shape[0]
-    order = torch.randperm(n, device=x.device) if shuffle else torch.arange(n, device=x.device)
-    yield from order.split(batch_size)
+def batches(x: Tensor, batch_size: int, generator: torch.Generator | None = None
+            ) -> Iterator[Tensor]:
+    """Yield row indices of ``x`` in shuffled batches, drawn on ``x``'s device by
+    ``generator`` (the global RNG if None)."""
+    yield from torch.randperm(x.shape[0], device=x.device, generator=generator).split(batch_size)
 
 
 def load_dataset(

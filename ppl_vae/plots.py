@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from matplotlib.figure import Figure
 from torch import Tensor
@@ -77,5 +79,69 @@ def latent_scatter(z: Tensor, labels: Tensor | None, path: str | os.PathLike) ->
                             alpha=0.7)
         fig.colorbar(points, ax=ax, label="label")
     ax.set(xlabel=xlabel, ylabel=ylabel, title="q(z|x) means of test images")
+    save(fig, path)
+    return fig
+
+
+def bound_distributions(bounds: Sequence[dict], path: str | os.PathLike) -> Figure:
+    """Kernel densities (ArviZ ``plot_dist``) of the repeated bound estimates: one panel per
+    sample count, the estimators overlaid."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # ArviZ announces its refactor
+        import arviz as az
+
+    counts = sorted({r["particles"] for r in bounds})
+    fig = Figure(figsize=(4 * len(counts), 3.2))
+    axes = fig.subplots(1, len(counts), squeeze=False)[0]
+    for ax, k in zip(axes, counts, strict=True):
+        for i, r in enumerate(x for x in bounds if x["particles"] == k):
+            with warnings.catch_warnings():  # ArviZ 0.23 on Matplotlib 3.11
+                warnings.simplefilter("ignore", DeprecationWarning)
+                az.plot_dist(np.asarray(r["values"]), ax=ax, color=f"C{i}",
+                             label=f"{r['estimator']} ({r['sd']:.2f})")
+        ax.set(title=f"{k} sample{'s' * (k > 1)} per data point", xlabel="nats per data point")
+        ax.legend(fontsize=8, title="estimator (sd)", title_fontsize=8)
+    fig.suptitle("repeated bound estimates on one batch", y=1.04)
+    save(fig, path)
+    return fig
+
+
+def gradient_variance(gradients: Sequence[dict], path: str | os.PathLike) -> Figure:
+    """Total gradient variance per parameter group, estimators side by side (log scale)."""
+    groups = sorted({r["group"] for r in gradients})
+    configs = sorted({(r["estimator"], r["particles"]) for r in gradients},
+                     key=lambda c: (c[1], c[0]))
+    fig = Figure(figsize=(1.6 * len(groups) * max(1, len(configs) / 3) + 2, 3.5))
+    ax = fig.subplots()
+    width = 0.8 / len(configs)
+    by = {(r["estimator"], r["particles"], r["group"]): r["total_variance"] for r in gradients}
+    for i, (e, k) in enumerate(configs):
+        ax.bar([g + i * width for g in range(len(groups))],
+               [by.get((e, k, grp), np.nan) for grp in groups], width, label=f"{e}, L={k}")
+    ax.set_xticks([g + 0.4 - width / 2 for g in range(len(groups))], groups)
+    ax.set(yscale="log", ylabel="total variance of the gradient",
+           title="gradient variance per parameter group (lower is better)")
+    ax.legend(fontsize=8)
+    save(fig, path)
+    return fig
+
+
+def race_curves(race: Sequence[dict], path: str | os.PathLike) -> Figure:
+    """Test ELBO of each racer against epochs and against training seconds."""
+    fig = Figure(figsize=(9, 3.5))
+    by_epoch, by_time = fig.subplots(1, 2)
+    racers = sorted({(r["estimator"], r["particles"]) for r in race})
+    for e, k in racers:
+        rows = [r for r in race if (r["estimator"], r["particles"]) == (e, k)]
+        label = f"{e}, L={k}"
+        by_epoch.plot([r["epoch"] for r in rows], [r["test_elbo"] for r in rows], "o-",
+                      label=label)
+        by_time.plot([r["seconds"] for r in rows], [r["test_elbo"] for r in rows], "o-",
+                     label=label)
+    by_epoch.set(xlabel="epoch", ylabel="test ELBO (nats)", title="per epoch")
+    by_time.set(xlabel="training seconds", title="per second")
+    for ax in (by_epoch, by_time):
+        ax.grid(alpha=0.3)
+    by_epoch.legend(fontsize=8)
     save(fig, path)
     return fig

@@ -178,10 +178,9 @@ def score_split(module: nn.Module, split: Split, num_samples: int, iwae: bool = 
                  iwae=iwae, guide=getattr(module, "proposal", None))
 
 
-def evaluate_run(run_dir: str | os.PathLike, eval_iwae: int = 0, cuda: bool = False,
-                 data_dir: str | None = None, eval_particles: int | None = None) -> dict:
-    """Re-evaluate a saved run from its ``config.json`` and ``checkpoint.pt``; update its
-    ``summary.json`` (atomically) and return the new numbers."""
+def load_run(run_dir: str | os.PathLike, cuda: bool = False, data_dir: str | None = None
+             ) -> tuple[TrainConfig, nn.Module, Dataset]:
+    """The config, trained module (in eval mode) and data of a saved run directory."""
     run_dir = Path(run_dir)
     config_path = run_dir / "config.json"
     if not config_path.is_file():
@@ -209,6 +208,15 @@ def evaluate_run(run_dir: str | os.PathLike, eval_iwae: int = 0, cuda: bool = Fa
         raise UsageError(f"the checkpoint in {str(run_dir)!r} does not fit the model its "
                          "config.json describes; was one of them replaced?") from None
     module.eval()
+    return config, module, data
+
+
+def evaluate_run(run_dir: str | os.PathLike, eval_iwae: int = 0, cuda: bool = False,
+                 data_dir: str | None = None, eval_particles: int | None = None) -> dict:
+    """Re-evaluate a saved run from its ``config.json`` and ``checkpoint.pt``; update its
+    ``summary.json`` (atomically) and return the new numbers."""
+    run_dir = Path(run_dir)
+    config, module, data = load_run(run_dir, cuda, data_dir)
     k = eval_iwae or eval_particles or config.eval_particles
     result = {**score_split(module, data.test, k, iwae=eval_iwae > 0).summary(),
               "eval_particles": k}

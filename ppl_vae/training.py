@@ -114,8 +114,10 @@ def run_epoch(
     batch_size: int,
     desc: str = "",
     progress: bool | None = None,
+    generator: torch.Generator | None = None,
 ) -> tuple[float, float]:
-    """One pass over shuffled batches of ``inputs`` (rows first, all on one device).
+    """One pass over shuffled batches of ``inputs`` (rows first, all on one device); the
+    shuffle draws from ``generator`` if given (the same batches for several runs).
 
     Returns (mean loss per row, seconds). The loss is summed on the device and read once at
     the end; a visible progress bar reads it at most twice a second for its running ELBO.
@@ -127,7 +129,7 @@ def run_epoch(
     shown, seen = time.perf_counter(), 0
     start = time.perf_counter()
     with pyro.validation_enabled(False):
-        for idx in batches(inputs[0], batch_size):
+        for idx in batches(inputs[0], batch_size, generator):
             optimizer.zero_grad(set_to_none=True)
             total += step(*(t[idx] for t in inputs))
             optimizer.step()

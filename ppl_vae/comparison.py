@@ -1,0 +1,352 @@
+"""ELBO estimators side by side on one model: the bound, its gradient, and training with it.
+
+For a VAE or CVAE and a fixed evaluation batch of B data points:
+
+* **Bound estimates.** R independent estimates of the per-data-point bound, -loss / B, for
+  ``mc`` (Trace_ELBO, Monte Carlo KL) and ``analytic`` (TraceMeanField_ELBO, closed-form KL)
+  at each particle count L, and for the IWAE bound (RenyiELBO, alpha = 0) at each K: mean,
+  standard deviation, standard error sd / sqrt(R), milliseconds per estimate. ``mc`` and
+  ``analytic`` estimate the same number; they *agree* when their means differ by less than
+  4 combined standard errors.
+* **Gradient quality.** R draws of the SVI gradient g per estimator and L, summarized per
+  parameter group (the module's top-level children: encoder/decoder, or the CVAE's
+  prior/recognition/generation networks) by the total variance sum_j Var(g_j), the mean norm
+  E||g||, and the signal-to-noise ratio |E g_j| / sd(g_j) averaged over coordinates j
+  (Rainforth et al. 2018).
+* **Training race.** Every estimator trains a copy of the same weights on the same batches
+  (a seeded generator) for the same epochs; test ELBO after each epoch against epochs and
+  seconds, and the time each takes to reach a target test ELBO.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import pyro
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .config import TrainConfig
+from .data import Dataset
+from .errors import UsageError
+from .estimators import make_elbo
+from .files import write_csv, write_json, write_text
+from .run import (
+    _make_dir,
+    _run_dir,
+    build_model,
+    data_args,
+    device_for,
+    load_data,
+    load_run,
+    score_split,
+)
+from .training import _disable, collect_params, elbo_step, fit, run_epoch
+
+ESTIMATORS = ("mc", "analytic")
+
+
+@dataclass
+class CompareConfig:
+    """What ``python -m ppl_vae.compare`` measures (model and data options: ``train``)."""
+
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run: str | None = None
+    warmup_epochs: int = 0
+    repeats: int = 200
+    particles: tuple[int, ...] = (1, 10)
+    iwae_samples: tuple[int, ...] = (1, 10, 100)
+    eval_batch: int = 128
+    race: bool = True
+    target: float | None = None
+
+    def __post_init__(self) -> None:
+        self.particles = tuple(int(k) for k in self.particles)
+        self.iwae_samples = tuple(int(k) for k in self.iwae_samples)
+        for name in ("repeats", "eval_batch"):
+            if getattr(self, name) < 2:
+                raise UsageError(f"--{name.replace('_', '-')} must be at least 2, got "
+                                 f"{getattr(self, name)}")
+        for name in ("particles", "iwae_samples"):
+            if not getattr(self, name) or min(getattr(self, name)) < 1:
+                raise UsageError(f"--{name.replace('_', '-')} takes counts of at least 1, got "
+                                 f"{list(getattr(self, name))}")
+        if self.warmup_epochs < 0:
+            raise UsageError(f"--warmup-epochs must be >= 0, got {self.warmup_epochs}")
+        if self.target is not None and not math.isfinite(self.target):
+            raise UsageError(f"--target must be a finite ELBO in nats, got {self.target}")
+
+
+@dataclass
+class Comparison:
+    """Every number of a comparison, as written to ``results.json``."""
+
+    out: Path
+    bounds: list[dict]
+    gradients: list[dict]
+    race: list[dict]
+    race_summary: list[dict]
+    agreement: list[dict]
+    meta: dict
+
+    def to_dict(self) -> dict:
+        return {"meta": self.meta, "bounds": self.bounds, "agreement": self.agreement,
+                "gradients": self.gradients, "race": self.race,
+                "race_summary": self.race_summary}
+
+
+def _programs(module: nn.Module) -> tuple[Callable, Callable]:
+    return module.model, getattr(module, "proposal", module.guide)
+
+
+def bound_estimates(module: nn.Module, args: tuple[Tensor, ...], repeats: int,
+                    particles: tuple[int, ...], iwae_samples: tuple[int, ...],
+                    progress: bool | None = None) -> list[dict]:
+    """R estimates of the per-data-point bound for every estimator and sample count."""
+    model, guide = _programs(module)
+    b = args[0].shape[0]
+    configs = [(e, L) for e in ESTIMATORS for L in particles]
+    configs += [("iwae", k) for k in iwae_samples]
+    rows = []
+    for name, k in tqdm(configs, desc="bounds", disable=_disable(progress)):
+        elbo = make_elbo(name, k)
+        values = torch.empty(repeats, dtype=torch.float64)
+        with torch.no_grad(), pyro.validation_enabled(False):
+            elbo.loss(model, guide, *args)  # warm-up, not timed
+            start = time.perf_counter()
+            for r in range(repeats):
+                values[r] = -elbo.loss(model, guide, *args) / b
+            seconds = time.perf_counter() - start
+        sd = values.std().item()
+        rows.append({"estimator": name, "particles": k, "mean": values.mean().item(), "sd": sd,
+                     "se": sd / math.sqrt(repeats), "ms_per_estimate": 1e3 * seconds / repeats,
+                     "values": values.tolist()})
+    return rows
+
+
+def agreement(bounds: list[dict]) -> list[dict]:
+    """For each particle count: do ``mc`` and ``analytic`` agree within 4 standard errors?"""
+    by = {(r["estimator"], r["particles"]): r for r in bounds}
+    out = []
+    for (name, k), mc in by.items():
+        if name != "mc" or ("analytic", k) not in by:
+            continue
+        an = by[("analytic", k)]
+        diff, se = mc["mean"] - an["mean"], math.hypot(mc["se"], an["se"])
+        out.append({"particles": k, "difference": diff, "combined_se": se,
+                    "agree": abs(diff) < 4 * se})
+    return out
+
+
+def gradient_stats(module: nn.Module, args: tuple[Tensor, ...], repeats: int,
+                   particles: tuple[int, ...], progress: bool | None = None) -> list[dict]:
+    """Variance, mean norm and SNR of R SVI gradient draws, per parameter group."""
+    rows = []
+    for name, k in tqdm([(e, L) for e in ESTIMATORS for L in particles], desc="gradients",
+                        disable=_disable(progress)):
+        step = elbo_step(make_elbo(name, k), module)
+        params = dict(module.named_parameters())
+        sums: dict[str, list] = {}
+        seconds = 0.0
+        with pyro.validation_enabled(False):
+            for r in range(repeats + 1):
+                module.zero_grad(set_to_none=True)
+                start = time.perf_counter()
+                step(*args)
+                _sync(args[0].device)
+                if r == 0:
+                    continue  # warm-up, not counted
+                seconds += time.perf_counter() - start
+                for group, grads in _grouped(params).items():
+                    g = torch.cat([p.grad.reshape(-1) for p in grads]).double()
+                    acc = sums.setdefault(group, [0.0, 0.0, 0.0])
+                    acc[0], acc[1] = acc[0] + g, acc[1] + g * g
+                    acc[2] += g.norm().item()
+        for group, (s1, s2, norms) in sums.items():
+            mean = s1 / repeats
+            var = ((s2 - s1 * mean) / (repeats - 1)).clamp_min(0)
+            sd = var.sqrt()
+            live = sd > 0
+            snr = (mean.abs()[live] / sd[live]).mean().item() if live.any() else math.inf
+            rows.append({"estimator": name, "particles": k, "group": group,
+                         "total_variance": var.sum().item(), "mean_norm": norms / repeats,
+                         "snr": snr, "ms_per_step": 1e3 * seconds / repeats})
+    module.zero_grad(set_to_none=True)
+    return rows
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _grouped(params: dict[str, nn.Parameter]) -> dict[str, list[nn.Parameter]]:
+    """Parameters with a gradient, by the module's top-level child they belong to."""
+    groups: dict[str, list[nn.Parameter]] = {}
+    for name, p in params.items():
+        if p.grad is not None:
+            groups.setdefault(name.split(".")[0], []).append(p)
+    return groups
+
+
+def variance_ratios(gradients: list[dict]) -> list[dict]:
+    """Total gradient variance of ``mc`` over ``analytic``, per group and particle count."""
+    by = {(r["estimator"], r["particles"], r["group"]): r for r in gradients}
+    return [{"particles": k, "group": g,
+             "variance_ratio_mc_over_analytic":
+                 r["total_variance"] / by[("analytic", k, g)]["total_variance"]
+                 if by[("analytic", k, g)]["total_variance"] > 0 else math.inf}
+            for (e, k, g), r in by.items() if e == "mc" and ("analytic", k, g) in by]
+
+
+def training_race(module: nn.Module, data: Dataset, config: TrainConfig,
+                  racers: list[tuple[str, int]], target: float | None,
+                  progress: bool | None = None) -> tuple[list[dict], list[dict]]:
+    """Train a copy of ``module`` per (estimator, particles) on the same batches; return the
+    per-epoch rows and a summary with final test ELBO and time to ``target``."""
+    start_state = copy.deepcopy(module.state_dict())
+    device = data.train.x.device
+    rows = []
+    for name, k in racers:
+        racer = copy.deepcopy(module)
+        racer.load_state_dict(start_state)
+        pyro.set_rng_seed(config.seed)
+        batches = torch.Generator(device=device).manual_seed(config.seed)
+        step = elbo_step(make_elbo(name, k), racer)
+        first = data_args(racer, data.train.x[:2], None if data.train.y is None
+                          else data.train.y[:2])
+        opt = torch.optim.Adam(collect_params(racer, step, *first), lr=config.lr)
+        elapsed = 0.0
+        for epoch in tqdm(range(1, config.epochs + 1), desc=f"race {name} x{k}",
+                          disable=_disable(progress)):
+            racer.train()
+            inputs = data_args(racer, data.train_epoch(batches), data.train.y)
+            loss, seconds = run_epoch(step, opt, inputs, config.batch_size, progress=False,
+                                      generator=batches)
+            elapsed += seconds
+            racer.eval()
+            test = score_split(racer, data.test, config.eval_particles).elbo.mean().item()
+            rows.append({"estimator": name, "particles": k, "epoch": epoch,
+                         "train_objective": -loss, "test_elbo": test, "seconds": elapsed})
+    finals = {(r["estimator"], r["particles"]): r for r in rows if r["epoch"] == config.epochs}
+    goal = target if target is not None else min(r["test_elbo"] for r in finals.values())
+    summary = []
+    for (name, k), last in finals.items():
+        reached = [r for r in rows if (r["estimator"], r["particles"]) == (name, k)
+                   and r["test_elbo"] >= goal]
+        summary.append({"estimator": name, "particles": k, "final_test_elbo": last["test_elbo"],
+                        "train_seconds": last["seconds"], "target": goal,
+                        "seconds_to_target": reached[0]["seconds"] if reached else None,
+                        "epochs_to_target": reached[0]["epoch"] if reached else None})
+    return rows, summary
+
+
+def compare(cc: CompareConfig, out: str | None = None, progress: bool | None = None
+            ) -> Comparison:
+    """Run the whole comparison and write ``results.json``, CSV tables, ``summary.md`` and
+    figures into ``out`` (default ``runs/compare-<model>-<time>``)."""
+    config = cc.train
+    if cc.run is not None:
+        config, module, data = load_run(cc.run, config.cuda)
+        config = replace(cc.train, **{k: getattr(config, k) for k in (
+            "model", "dataset", "data_dir", "binarize", "likelihood", "z_dim", "hidden",
+            "activation", "condition", "quadrants", "cvae_objective", "beta")})
+    else:
+        device = device_for(config.cuda)
+        data = load_data(config).to(device)
+        pyro.set_rng_seed(config.seed)
+        module = build_model(config, data).to(device)
+    out_dir = _run_dir(replace(config, out=out or f"runs/compare-{config.model}-"
+                               f"{time.strftime('%Y%m%d-%H%M%S')}"))
+    _make_dir(out_dir)
+    if cc.run is None and cc.warmup_epochs:
+        if hasattr(module, "baseline"):
+            raise UsageError("--warmup-epochs trains no CVAE baseline network; train the CVAE "
+                             "with ppl_vae.train and pass --run DIR")
+        step = elbo_step(make_elbo("mc"), module)
+        first = data_args(module, data.train.x[:2], None if data.train.y is None
+                          else data.train.y[:2])
+        fit(step, torch.optim.Adam(collect_params(module, step, *first), lr=config.lr),
+            module, lambda: data_args(module, data.train_epoch(), data.train.y),
+            config.batch_size, cc.warmup_epochs, progress=progress, desc="warm-up")
+    module.eval()
+    rows = slice(0, cc.eval_batch)
+    args = data_args(module, data.test.x[rows],
+                     None if data.test.y is None else data.test.y[rows])
+    pyro.set_rng_seed(config.seed)
+    bounds = bound_estimates(module, args, cc.repeats, cc.particles, cc.iwae_samples, progress)
+    gradients = gradient_stats(module, args, cc.repeats, cc.particles, progress)
+    race_rows, race_summary = [], []
+    if cc.race:
+        racers = [(e, 1) for e in ESTIMATORS]
+        if max(cc.particles) > 1:
+            racers.append(("iwae", max(cc.particles)))
+        race_rows, race_summary = training_race(module, data, config, racers, cc.target,
+                                                progress)
+    meta = {"config": config.to_dict(), "run": cc.run, "warmup_epochs": cc.warmup_epochs,
+            "repeats": cc.repeats, "eval_batch": args[0].shape[0], "dataset": data.name,
+            "device": str(data.test.x.device), "torch": torch.__version__,
+            "pyro": pyro.__version__}
+    result = Comparison(out_dir, bounds, gradients, race_rows, race_summary, agreement(bounds),
+                        meta)
+    write_outputs(result)
+    return result
+
+
+def summary_markdown(c: Comparison) -> str:
+    """The tables a reader wants first, in Markdown."""
+    lines = ["## Bound estimates (nats per data point, R = "
+             f"{c.meta['repeats']}, batch of {c.meta['eval_batch']})", "",
+             "| estimator | samples | mean | sd | se | ms / estimate |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {r['estimator']} | {r['particles']} | {r['mean']:.3f} | {r['sd']:.3f} | "
+              f"{r['se']:.3f} | {r['ms_per_estimate']:.2f} |" for r in c.bounds]
+    lines += ["", "mc vs analytic: " + "; ".join(
+        f"L={a['particles']}: difference {a['difference']:+.3f} ± {a['combined_se']:.3f} (se), "
+        + ("agree" if a["agree"] else "DISAGREE") for a in c.agreement), "",
+        "## Gradients", "",
+        "| estimator | L | group | total variance | mean norm | SNR | ms / step |",
+        "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['estimator']} | {r['particles']} | {r['group']} | "
+              f"{r['total_variance']:.4g} | {r['mean_norm']:.4g} | {r['snr']:.3f} | "
+              f"{r['ms_per_step']:.2f} |" for r in c.gradients]
+    lines += ["", "| L | group | variance ratio mc / analytic |", "|---|---|---|"]
+    lines += [f"| {r['particles']} | {r['group']} | {r['variance_ratio_mc_over_analytic']:.3f} |"
+              for r in variance_ratios(c.gradients)]
+    if c.race_summary:
+        lines += ["", "## Training race", "",
+                  "| estimator | L | final test ELBO | train seconds | seconds to target | "
+                  "epochs to target |", "|---|---|---|---|---|---|"]
+        for r in c.race_summary:
+            t = "-" if r["seconds_to_target"] is None else f"{r['seconds_to_target']:.2f}"
+            e = "-" if r["epochs_to_target"] is None else str(r["epochs_to_target"])
+            lines.append(f"| {r['estimator']} | {r['particles']} | {r['final_test_elbo']:.2f} | "
+                         f"{r['train_seconds']:.2f} | {t} | {e} |")
+        lines.append(f"\ntarget: test ELBO {c.race_summary[0]['target']:.2f}")
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(c: Comparison) -> None:
+    out = c.out
+    write_json(out / "results.json", {**c.to_dict(),
+                                      "variance_ratios": variance_ratios(c.gradients)})
+    write_csv(out / "bounds.csv", [{k: v for k, v in r.items() if k != "values"}
+                                   for r in c.bounds])
+    write_csv(out / "gradients.csv", c.gradients)
+    write_csv(out / "variance_ratios.csv", variance_ratios(c.gradients))
+    if c.race:
+        write_csv(out / "race.csv", c.race)
+        write_csv(out / "race_summary.csv", c.race_summary)
+    write_text(out / "summary.md", summary_markdown(c))
+    from . import plots
+
+    plots.bound_distributions(c.bounds, out / "bounds.png")
+    plots.gradient_variance(c.gradients, out / "gradients.png")
+    if c.race:
+        plots.race_curves(c.race, out / "race.png")

@@ -1,0 +1,114 @@
+"""python -m ppl_vae.compare: estimator statistics that theory pins down, and its outputs."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from helpers import assert_one_line_error
+
+from ppl_vae import VAE
+from ppl_vae.cli import compare_main
+from ppl_vae.comparison import agreement, bound_estimates, gradient_stats, training_race
+from ppl_vae.config import TrainConfig
+
+PROG = "python -m ppl_vae.compare: error: "
+NET = ["--dataset", "digits", "--hidden", "32", "--z-dim", "2", "--eval-particles", "3"]
+
+
+@pytest.fixture
+def vae_and_batch(digits):
+    torch.manual_seed(0)
+    return VAE(64, 3, hidden=(32,)), (digits.test.x[:64],)
+
+
+def test_mc_and_analytic_agree_in_mean(vae_and_batch):
+    vae, args = vae_and_batch
+    bounds = bound_estimates(vae, args, repeats=300, particles=(1, 5), iwae_samples=(1,))
+    checks = agreement(bounds)
+    assert [a["particles"] for a in checks] == [1, 5]
+    assert all(a["agree"] for a in checks), checks
+    # the check can fail: shift one mean by 10 standard errors
+    shifted = [dict(r, mean=r["mean"] + 10 * r["se"]) if r["estimator"] == "mc" else r
+               for r in bounds]
+    assert not any(a["agree"] for a in agreement(shifted))
+
+
+def test_iwae_bound_rises_with_k(vae_and_batch):
+    vae, args = vae_and_batch
+    bounds = bound_estimates(vae, args, repeats=100, particles=(1,), iwae_samples=(1, 10, 100))
+    iwae = [r for r in bounds if r["estimator"] == "iwae"]
+    for lo, hi in zip(iwae, iwae[1:], strict=False):
+        assert hi["mean"] > lo["mean"] - 4 * math.hypot(lo["se"], hi["se"]), (lo, hi)
+    assert iwae[-1]["mean"] > iwae[0]["mean"] + 4 * math.hypot(iwae[0]["se"], iwae[-1]["se"])
+
+
+def test_analytic_kl_removes_encoder_gradient_noise_when_the_decoder_ignores_z(vae_and_batch):
+    """With a decoder whose output does not depend on z, the encoder's gradient comes from
+    the KL term alone: exact (zero variance) under the analytic estimator, noisy under mc."""
+    vae, args = vae_and_batch
+    with torch.no_grad():
+        vae.decoder[0].weight.zero_()
+    rows = gradient_stats(vae, args, repeats=30, particles=(1,))
+    enc = {r["estimator"]: r for r in rows if r["group"] == "encoder"}
+    assert enc["mc"]["total_variance"] > 0
+    assert enc["analytic"]["total_variance"] <= 1e-10 * enc["mc"]["total_variance"]
+    assert enc["analytic"]["snr"] == math.inf or enc["analytic"]["snr"] > 1e3
+
+
+def test_race_gives_every_racer_the_same_batches(digits, vae_and_batch):
+    """Two racers with the same estimator trace the same curve: same start, same batches."""
+    vae, _ = vae_and_batch
+    config = TrainConfig(dataset="digits", epochs=2, batch_size=64, eval_particles=3)
+    rows, summary = training_race(vae, digits, config, [("mc", 1), ("mc", 1)], None)
+    assert len(rows) == 4 and len(summary) == 1  # the duplicate racer shares a key
+    first, second = rows[:2], rows[2:]
+    assert [r["test_elbo"] for r in first] == [r["test_elbo"] for r in second]
+    assert summary[0]["epochs_to_target"] == 2
+
+
+def test_compare_end_to_end(tmp_path, cli):
+    out = tmp_path / "cmp"
+    result = cli(compare_main, [*NET, "--epochs", "2", "--repeats", "10", "--particles", "1",
+                                "3", "--iwae-samples", "1", "5", "--eval-batch", "32",
+                                "--warmup-epochs", "1", "--out", out])
+    assert result.code == 0, result.err
+    for name in ("results.json", "bounds.csv", "gradients.csv", "variance_ratios.csv",
+                 "race.csv", "race_summary.csv", "summary.md", "bounds.png", "gradients.png",
+                 "race.png"):
+        assert (out / name).is_file(), name
+    results = json.loads((out / "results.json").read_text())
+    keys = {(r["estimator"], r["particles"]) for r in results["bounds"]}
+    assert keys == {("mc", 1), ("mc", 3), ("analytic", 1), ("analytic", 3), ("iwae", 1),
+                    ("iwae", 5)}
+    assert {r["group"] for r in results["gradients"]} == {"encoder", "decoder"}
+    assert {(r["estimator"], r["particles"]) for r in results["race_summary"]} == {
+        ("mc", 1), ("analytic", 1), ("iwae", 3)}
+    assert "## Training race" in result.out
+
+
+def test_compare_a_cvae(tmp_path, cli):
+    out = tmp_path / "cmp"
+    result = cli(compare_main, [*NET, "--model", "cvae", "--quadrants", "1", "--repeats", "5",
+                                "--particles", "1", "--iwae-samples", "2", "--eval-batch", "16",
+                                "--no-race", "--out", out])
+    assert result.code == 0, result.err
+    groups = {r["group"] for r in json.loads((out / "results.json").read_text())["gradients"]}
+    assert groups == {"prior_net", "recognition_net", "generation_net"}  # baseline is fixed
+    assert not (out / "race.png").exists()
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--repeats", "1"], "--repeats"),
+    (["--particles", "0"], "--particles"),
+    (["--iwae-samples", "0"], "--iwae-samples"),
+    (["--target", "nan"], "--target"),
+    (["--model", "cvae"], "--quadrants"),
+    (["--model", "cvae", "--quadrants", "1", "--warmup-epochs", "1"], "--run"),
+    (["--run", "no/such/run"], "config.json"),
+])
+def test_bad_compare_options(tmp_path, cli, argv, fragment):
+    result = cli(compare_main, [*NET, *argv, "--out", tmp_path / "cmp"])
+    assert_one_line_error(result, PROG, fragment)
