@@ -3,17 +3,20 @@
 data -> models -> estimators + training -> evaluation -> run (files, figures) -> CLI.
 """
 
+from .comparison import CompareConfig, Comparison, compare
 from .config import TrainConfig
 from .data import Dataset, Split, load_dataset
 from .errors import UsageError
 from .estimators import make_elbo
-from .evaluation import Scores, log_weights, score
-from .models import MODELS, VAE, get_model, register_model
-from .run import Run, evaluate_run, train
+from .evaluation import Scores, conditional_scores, log_weights, score
+from .experiments import train_quadrant_table
+from .models import CVAE, MODELS, VAE, get_model, register_model
+from .run import Run, evaluate_run, load_run, train
 
 __all__ = [
-    "MODELS", "VAE", "Dataset", "Run", "Scores", "Split", "TrainConfig", "UsageError",
-    "evaluate_run", "get_model", "load_dataset", "log_weights", "make_elbo", "register_model",
-    "score", "train",
+    "CVAE", "MODELS", "VAE", "CompareConfig", "Comparison", "Dataset", "Run", "Scores",
+    "Split", "TrainConfig", "UsageError", "compare", "conditional_scores", "evaluate_run",
+    "get_model", "load_dataset", "load_run", "log_weights", "make_elbo", "register_model",
+    "score", "train", "train_quadrant_table",
 ]
 __version__ = "0.1.0"

@@ -91,13 +91,15 @@ def bound_distributions(bounds: Sequence[dict], path: str | os.PathLike) -> Figu
         import arviz as az
 
     counts = sorted({r["particles"] for r in bounds})
+    names = list(dict.fromkeys(r["estimator"] for r in bounds))
+    colors = {name: f"C{i}" for i, name in enumerate(names)}  # one colour per estimator
     fig = Figure(figsize=(4 * len(counts), 3.2))
     axes = fig.subplots(1, len(counts), squeeze=False)[0]
     for ax, k in zip(axes, counts, strict=True):
-        for i, r in enumerate(x for x in bounds if x["particles"] == k):
+        for r in (x for x in bounds if x["particles"] == k):
             with warnings.catch_warnings():  # ArviZ 0.23 on Matplotlib 3.11
                 warnings.simplefilter("ignore", DeprecationWarning)
-                az.plot_dist(np.asarray(r["values"]), ax=ax, color=f"C{i}",
+                az.plot_dist(np.asarray(r["values"]), ax=ax, color=colors[r["estimator"]],
                              label=f"{r['estimator']} ({r['sd']:.2f})")
         ax.set(title=f"{k} sample{'s' * (k > 1)} per data point", xlabel="nats per data point")
         ax.legend(fontsize=8, title="estimator (sd)", title_fontsize=8)

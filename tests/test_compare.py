@@ -112,3 +112,11 @@ def test_compare_a_cvae(tmp_path, cli):
 def test_bad_compare_options(tmp_path, cli, argv, fragment):
     result = cli(compare_main, [*NET, *argv, "--out", tmp_path / "cmp"])
     assert_one_line_error(result, PROG, fragment)
+
+
+def test_package_compare_stays_the_function():
+    import ppl_vae
+    import ppl_vae.compare  # noqa: F401  (the file python -m ppl_vae.compare runs)
+    import ppl_vae.comparison
+
+    assert ppl_vae.compare is ppl_vae.comparison.compare
