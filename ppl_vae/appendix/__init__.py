@@ -5,7 +5,7 @@ forms; full posteriors by NUTS with ArviZ summaries; how good the amortized q(z|
 """
 
 from .amortization import gaps, optimize_local, posterior_figure, true_posterior
-from .coin import coin, coin_model
+from .beta_bernoulli import coin, coin_model
 from .decoder_map import DecoderMAPVAE, gradient_identity, map_vs_weight_decay
 from .inference import fit_delta, nuts, summary
 from .regression import correlated_data, exact_posterior, linear_regression, regression_model

@@ -15,7 +15,8 @@ from ..data import load_dataset
 from ..errors import UsageError
 from ..files import write_json, write_text
 from ..run import _make_dir, load_run, train
-from . import amortization, coin, decoder_map, regression
+from . import amortization, decoder_map, regression
+from .beta_bernoulli import coin
 
 PARTS = ("coin", "regression", "decoder-map", "posterior")
 
@@ -80,7 +81,7 @@ def _run(argv: Sequence[str] | None) -> int:
 
 def _coin(a, out: Path) -> tuple[dict, str]:
     data = torch.tensor([1.0] * a.heads + [0.0] * (a.tosses - a.heads))
-    r = coin.coin(data, a.alpha, a.beta, nuts_samples=a.nuts_samples, out=out)
+    r = coin(data, a.alpha, a.beta, nuts_samples=a.nuts_samples, out=out)
     p = r["posterior_nuts"]
     text = (f"## Coin: {a.heads} heads in {a.tosses} tosses, Beta({a.alpha:g}, {a.beta:g}) "
             "prior\n\n| | AutoDelta | closed form | abs. error |\n|---|---|---|---|\n"

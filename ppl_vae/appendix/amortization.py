@@ -43,12 +43,15 @@ class LocalGuide(nn.Module):
         self.log_scale = nn.Parameter(scale.log().clone())
         self._vae = (vae,)  # not a submodule: its weights stay fixed
 
-    def model(self, x: Tensor) -> None:
+    def model(self, x: Tensor, rows: Tensor) -> None:
         self._vae[0].model(x)
 
-    def guide(self, x: Tensor) -> None:
+    def guide(self, x: Tensor, rows: Tensor) -> None:
+        """q*(z | x_i) for the images ``x`` at positions ``rows`` of the fitted batch (so
+        that :func:`ppl_vae.evaluation.score` can take them in chunks)."""
         with pyro.plate("data", x.shape[0], device=x.device):
-            pyro.sample("z", dist.Normal(self.loc, self.log_scale.exp()).to_event(1))
+            pyro.sample("z", dist.Normal(self.loc[rows], self.log_scale[rows].exp())
+                        .to_event(1))
 
 
 def optimize_local(vae: nn.Module, x: Tensor, steps: int = 500, lr: float = 0.05,
@@ -57,6 +60,7 @@ def optimize_local(vae: nn.Module, x: Tensor, steps: int = 500, lr: float = 0.05
     parameters, so one SVI over the batch optimizes them all)."""
     local = LocalGuide(vae, x)
     elbo = make_elbo("analytic", particles)
+    rows = torch.arange(len(x), device=x.device)
     opt = torch.optim.Adam(local.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     pyro.set_rng_seed(seed)
@@ -66,7 +70,7 @@ def optimize_local(vae: nn.Module, x: Tensor, steps: int = 500, lr: float = 0.05
         with pyro.validation_enabled(False):
             for _ in range(steps):
                 opt.zero_grad(set_to_none=True)
-                elbo.differentiable_loss(local.model, local.guide, x).backward()
+                elbo.differentiable_loss(local.model, local.guide, x, rows).backward()
                 opt.step()
                 sched.step()
     finally:
@@ -80,8 +84,9 @@ def gaps(vae: nn.Module, x: Tensor, iwae_samples: int = 5000, elbo_samples: int 
     """Per-image log p(x) (IWAE), ELBO(q*), ELBO(q_phi), the two gaps, and PSIS k-hat."""
     vae.eval()
     local = optimize_local(vae, x, steps=steps, seed=seed)
-    log_px = score(local, x, num_samples=iwae_samples, iwae=True, seed=seed)
-    best = score(local, x, num_samples=elbo_samples, seed=seed + 1)
+    rows = torch.arange(len(x), device=x.device)
+    log_px = score(local, x, rows, num_samples=iwae_samples, iwae=True, seed=seed)
+    best = score(local, x, rows, num_samples=elbo_samples, seed=seed + 1)
     amortized = score(vae, x, num_samples=elbo_samples, seed=seed + 2)
     pyro.set_rng_seed(seed)
     with warnings.catch_warnings():
