@@ -73,6 +73,8 @@ def _run(argv: Sequence[str] | None) -> int:
             merged = json.loads(previous.read_text())
         except ValueError:
             merged = {}
+        if not isinstance(merged, dict):  # not ours: replaced, like unreadable JSON
+            merged = {}
     write_json(previous, {**merged, **results})
     write_text(out / f"appendix-{a.part}.md", "\n".join(md))
     print(f"written to {out}")
@@ -161,7 +163,10 @@ def _posterior(a, out: Path) -> tuple[dict, str]:
         config, vae, data = load_run(run_dir)
         x = data.test.x[: a.images]
         g = amortization.gaps(vae, x, iwae_samples=a.iwae_samples, seed=a.seed)
-        name = f"{Path(run_dir).name}"
+        name, n = Path(run_dir).name, 1
+        while name in results:  # two runs in directories of the same name
+            n += 1
+            name = f"{Path(run_dir).name}-{n}"
         results[name] = {"run": str(Path(run_dir).resolve()), "z_dim": config.z_dim,
                          "dataset": data.name, **g}
         lines.append(f"| {name} | {config.z_dim} | {g['images']} | {g['log_px_iwae']:.2f} | "
