@@ -95,29 +95,36 @@ def train_parser(compare: bool = False) -> Parser:
     g.add_argument("--cll-samples", type=int, default=default("cll_samples"),
                    help="importance samples for -log p(y|c)")
     g = p.add_argument_group("inference")
-    g.add_argument("--elbo", choices=ELBOS, default=default("elbo"),
-                   help="mc: Trace_ELBO, analytic: TraceMeanField_ELBO, iwae: RenyiELBO(alpha=0)")
+    if not compare:  # compare measures every estimator
+        g.add_argument("--elbo", choices=ELBOS, default=default("elbo"),
+                       help="mc: Trace_ELBO, analytic: TraceMeanField_ELBO, "
+                            "iwae: RenyiELBO(alpha=0)")
     if compare:
         g.add_argument("--particles", type=int, nargs="+", default=[1, 10],
                        help="particle counts of the mc and analytic estimators to compare")
     else:
         g.add_argument("--particles", type=int, default=default("particles"),
                        help="samples per data point (vectorized)")
-    g.add_argument("--jit", action="store_true", help="use Pyro's Jit* ELBO variants")
+    if not compare:
+        g.add_argument("--jit", action="store_true", help="use Pyro's Jit* ELBO variants")
     g.add_argument("--lr", type=float, default=default("lr"), help="Adam learning rate")
     g.add_argument("--epochs", type=int, default=default("epochs"))
     g.add_argument("--batch-size", type=int, default=default("batch_size"))
     g.add_argument("--seed", type=int, default=default("seed"))
     g.add_argument("--cuda", action="store_true", help="train and evaluate on the GPU")
-    g.add_argument("--early-stop", type=int, default=default("early_stop"), metavar="PATIENCE",
-                   help="stop after PATIENCE epochs without a better validation ELBO (0: off)")
-    g.add_argument("--val-fraction", type=float, default=default("val_fraction"),
-                   help="share of the training split held out for early stopping")
+    if not compare:
+        g.add_argument("--early-stop", type=int, default=default("early_stop"),
+                       metavar="PATIENCE",
+                       help="stop after PATIENCE epochs without a better validation ELBO "
+                            "(0: off)")
+        g.add_argument("--val-fraction", type=float, default=default("val_fraction"),
+                       help="share of the training split held out for early stopping")
     g = p.add_argument_group("evaluation and output")
     g.add_argument("--eval-particles", type=int, default=default("eval_particles"),
                    help="samples per test image for the test ELBO")
-    g.add_argument("--eval-iwae", type=int, default=default("eval_iwae"), metavar="K",
-                   help="also estimate log p(x) by the IWAE bound with K samples (0: off)")
+    if not compare:
+        g.add_argument("--eval-iwae", type=int, default=default("eval_iwae"), metavar="K",
+                       help="also estimate log p(x) by the IWAE bound with K samples (0: off)")
     g.add_argument("--out", default=None, help="run directory (default runs/<model>-<time>)")
     g.add_argument("--overwrite", action="store_true", help="allow --out to hold files")
     if compare:

@@ -12,7 +12,8 @@ For a VAE or CVAE and a fixed evaluation batch of B data points:
   parameter group (the module's top-level children: encoder/decoder, or the CVAE's
   prior/recognition/generation networks) by the total variance sum_j Var(g_j), the mean norm
   E||g||, and the signal-to-noise ratio |E g_j| / sd(g_j) averaged over coordinates j
-  (Rainforth et al. 2018).
+  (Rainforth et al. 2018), from float64 sums of g and g^2 over the draws; a group whose
+  gradient does not vary (an exact gradient) has variance 0 and no SNR.
 * **Training race.** Every estimator trains a copy of the same weights on the same batches
   (a seeded generator) for the same epochs; test ELBO after each epoch against epochs and
   seconds, and the time each takes to reach a target test ELBO.
@@ -47,7 +48,7 @@ from .run import (
     load_run,
     score_split,
 )
-from .training import _disable, collect_params, elbo_step, fit, run_epoch
+from .training import _disable, collect_params, elbo_step, fit, programs, run_epoch
 
 ESTIMATORS = ("mc", "analytic")
 
@@ -173,7 +174,8 @@ def gradient_stats(module: nn.Module, args: tuple[Tensor, ...], repeats: int,
             var = ((s2 - s1 * mean) / (repeats - 1)).clamp_min(0)
             sd = var.sqrt()
             live = sd > 0
-            snr = (mean.abs()[live] / sd[live]).mean().item() if live.any() else math.inf
+            # SNR over the coordinates that vary; None when none does (an exact gradient)
+            snr = (mean.abs()[live] / sd[live]).mean().item() if live.any() else None
             rows.append({"estimator": name, "particles": k, "group": group,
                          "total_variance": var.sum().item(), "mean_norm": norms / repeats,
                          "snr": snr, "ms_per_step": 1e3 * seconds / repeats})
@@ -201,7 +203,7 @@ def variance_ratios(gradients: list[dict]) -> list[dict]:
     return [{"particles": k, "group": g,
              "variance_ratio_mc_over_analytic":
                  r["total_variance"] / by[("analytic", k, g)]["total_variance"]
-                 if by[("analytic", k, g)]["total_variance"] > 0 else math.inf}
+                 if by[("analytic", k, g)]["total_variance"] > 0 else None}  # analytic: exact
             for (e, k, g), r in by.items() if e == "mc" and ("analytic", k, g) in by]
 
 
@@ -253,10 +255,13 @@ def compare(cc: CompareConfig, out: str | None = None, progress: bool | None = N
     figures into ``out`` (default ``runs/compare-<model>-<time>``)."""
     config = cc.train
     if cc.run is not None:
-        config, module, data = load_run(cc.run, config.cuda)
-        config = replace(cc.train, **{k: getattr(config, k) for k in (
-            "model", "dataset", "data_dir", "binarize", "likelihood", "z_dim", "hidden",
-            "activation", "condition", "quadrants", "cvae_objective", "beta")})
+        if cc.warmup_epochs:
+            raise UsageError("--warmup-epochs trains a fresh model; a --run is trained already")
+        saved, module, data = load_run(cc.run, config.cuda,
+                                       config.data_dir if config.data_dir != "data" else None)
+        # the run's model and data; this comparison's training settings for the race
+        config = replace(saved, **{k: getattr(config, k) for k in (
+            "lr", "epochs", "batch_size", "seed", "eval_particles", "cuda", "overwrite")})
     else:
         device = device_for(config.cuda)
         data = load_data(config).to(device)
@@ -285,7 +290,7 @@ def compare(cc: CompareConfig, out: str | None = None, progress: bool | None = N
     race_rows, race_summary = [], []
     if cc.race:
         racers = [(e, 1) for e in ESTIMATORS]
-        if max(cc.particles) > 1:
+        if max(cc.particles) > 1 and len(programs(module)) == 1:  # IWAE trains one program
             racers.append(("iwae", max(cc.particles)))
         race_rows, race_summary = training_race(module, data, config, racers, cc.target,
                                                 progress)
@@ -314,10 +319,13 @@ def summary_markdown(c: Comparison) -> str:
         "| estimator | L | group | total variance | mean norm | SNR | ms / step |",
         "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['estimator']} | {r['particles']} | {r['group']} | "
-              f"{r['total_variance']:.4g} | {r['mean_norm']:.4g} | {r['snr']:.3f} | "
+              f"{r['total_variance']:.4g} | {r['mean_norm']:.4g} | "
+              f"{'exact' if r['snr'] is None else format(r['snr'], '.3f')} | "
               f"{r['ms_per_step']:.2f} |" for r in c.gradients]
     lines += ["", "| L | group | variance ratio mc / analytic |", "|---|---|---|"]
-    lines += [f"| {r['particles']} | {r['group']} | {r['variance_ratio_mc_over_analytic']:.3f} |"
+    lines += [f"| {r['particles']} | {r['group']} | "
+              + ("∞ (analytic exact) |" if r["variance_ratio_mc_over_analytic"] is None
+                 else f"{r['variance_ratio_mc_over_analytic']:.3f} |")
               for r in variance_ratios(c.gradients)]
     if c.race_summary:
         lines += ["", "## Training race", "",

@@ -59,7 +59,17 @@ def load_data(config: TrainConfig) -> Dataset:
 
 
 def build_model(config: TrainConfig, data: Dataset) -> nn.Module:
-    return get_model(config.model).from_config(config, data)
+    """``from_config(config, data)`` of the model class, or ``cls(input_dim, z_dim=...,
+    hidden=...)`` for a class without one."""
+    cls = get_model(config.model)
+    if hasattr(cls, "from_config"):
+        return cls.from_config(config, data)
+    try:
+        return cls(data.input_dim, z_dim=config.z_dim, hidden=config.hidden)
+    except TypeError as e:
+        raise UsageError(f"--model {config.model!r} has no from_config(config, data) and "
+                         f"cannot be built as {cls.__name__}(input_dim, z_dim=..., hidden=...) "
+                         f"({e}); give it a from_config classmethod") from None
 
 
 def train(config: TrainConfig, data: Dataset | None = None, progress: bool | None = None) -> Run:

@@ -552,8 +552,8 @@ def test_cli_posterior_on_a_trained_run(cli, tmp_path, trained_run):
     r = cli(main, ["posterior", "--out", out, "--run", trained_run.out, "--images", 3,
                    "--iwae-samples", 200])
     assert r.code == 0, r.err
-    results = json.loads((out / "results.json").read_text())["posterior"]
-    [entry] = [v for k, v in results.items() if k != "seconds"]
+    results = json.loads((out / "results.json").read_text())["posterior"]["runs"]
+    [entry] = results.values()
     assert entry["images"] == 3 and entry["iwae_samples"] == 200
     assert entry["z_dim"] == trained_run.config.z_dim and entry["dataset"] == "digits"
     assert len(entry["per_image"]["psis_khat"]) == 3
@@ -573,6 +573,6 @@ def test_cli_posterior_keeps_runs_with_the_same_basename(cli, tmp_path, trained_
         assert_one_line_error(r, PROG, "--run")
         return
     assert r.code == 0, r.err
-    results = json.loads((out / "results.json").read_text())["posterior"]
-    runs = {v["run"] for k, v in results.items() if k != "seconds"}
+    results = json.loads((out / "results.json").read_text())["posterior"]["runs"]
+    runs = {v["run"] for v in results.values()}
     assert runs == {str((tmp_path / p / "run").resolve()) for p in ("a", "b")}

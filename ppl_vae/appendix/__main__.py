@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from collections.abc import Sequence
@@ -48,15 +49,23 @@ def _run(argv: Sequence[str] | None) -> int:
     if not 0 <= a.heads <= a.tosses or a.tosses < 1:
         raise UsageError(f"--heads must lie in [0, --tosses] and --tosses >= 1, got "
                          f"{a.heads} of {a.tosses}")
-    if a.alpha < 1 or a.beta < 1:
-        raise UsageError("--alpha and --beta must be >= 1 (the MAP of a Beta prior with a "
-                         "parameter below 1 can sit on the boundary)")
+    if not (math.isfinite(a.alpha) and math.isfinite(a.beta) and a.alpha >= 1 and a.beta >= 1):
+        raise UsageError("--alpha and --beta must be finite and >= 1 (the MAP of a Beta prior "
+                         "with a parameter below 1 can sit on the boundary)")
+    if not 0 <= a.seed < 2**32:
+        raise UsageError(f"--seed must lie in [0, 2**32), got {a.seed}")
     if not -1 < a.rho < 1:
         raise UsageError(f"--rho must lie strictly between -1 and 1, got {a.rho}")
     if a.images < 1 or a.iwae_samples < 1 or a.nuts_samples < 10:
         raise UsageError("--images, --iwae-samples must be >= 1 and --nuts-samples >= 10")
-    out = _make_dir(Path(a.out))
     parts = PARTS if a.part == "all" else (a.part,)
+    if "posterior" in parts:  # check the runs before minutes of other work
+        a.loaded = [(run_dir, *load_run(run_dir)) for run_dir in a.run]
+        for run_dir, _, vae, _ in a.loaded:
+            if not hasattr(vae, "encode") or getattr(vae, "beta", 1.0) != 1.0:
+                raise UsageError(f"--run {run_dir!r} is not a plain VAE (beta = 1, with an "
+                                 "encoder); the posterior part needs one")
+    out = _make_dir(Path(a.out))
     results, md = {}, []
     for part in parts:
         start = time.perf_counter()
@@ -150,17 +159,17 @@ def _decoder_map(a, out: Path) -> tuple[dict, str]:
 
 
 def _posterior(a, out: Path) -> tuple[dict, str]:
-    runs = a.run
-    if not runs:
+    loaded = a.loaded
+    if not loaded:
         cfg = TrainConfig(dataset="digits", z_dim=2, hidden=(128,), epochs=40, lr=3e-3,
                           seed=a.seed, out=str(out / "vae-digits-z2"), overwrite=True)
-        runs = [str(train(cfg, progress=False).out)]
+        run_dir = str(train(cfg, progress=False).out)
+        loaded = [(run_dir, *load_run(run_dir))]
     results, lines = {}, ["## The amortized posterior: gaps (Cremer et al. 2018) and PSIS\n",
                           "| run | z | images | log p(x) (IWAE) | ELBO(q*) | ELBO(q_phi) | "
                           "approximation gap | amortization gap | mean k-hat | k-hat > 0.7 |",
                           "|---|---|---|---|---|---|---|---|---|---|"]
-    for run_dir in runs:
-        config, vae, data = load_run(run_dir)
+    for run_dir, config, vae, data in loaded:
         x = data.test.x[: a.images]
         g = amortization.gaps(vae, x, iwae_samples=a.iwae_samples, seed=a.seed)
         name, n = Path(run_dir).name, 1
@@ -177,7 +186,7 @@ def _posterior(a, out: Path) -> tuple[dict, str]:
             amortization.posterior_figure(vae, x[:4], out / f"posterior-{name}.png",
                                           num_samples=min(a.nuts_samples, 500), seed=a.seed)
     amortization.gaps_figure(results, out / "gaps.png")
-    return results, "\n".join(lines) + "\n"
+    return {"runs": results}, "\n".join(lines) + "\n"
 
 
 RUNNERS = {"coin": _coin, "regression": _regression, "decoder-map": _decoder_map,

@@ -6,8 +6,9 @@ For each image x of a trained VAE::
 
 where q*_x is a Normal guide optimized for that image alone (non-amortized SVI on its z)
 and q_phi the encoder. log p(x) is estimated by the IWAE bound with many samples from q*_x.
-The approximation gap log p(x) - ELBO(q*_x) is the price of a diagonal Normal family; the
-amortization gap ELBO(q*_x) - ELBO(q_phi) the price of one encoder for all images.
+The approximation gap log p(x) - ELBO(q*_x) is the price of a diagonal Normal family (a
+lower bound on it, since the IWAE estimate is itself below log p(x)); the amortization gap
+ELBO(q*_x) - ELBO(q_phi) the price of one encoder for all images.
 
 Also: the PSIS diagnostic k-hat of q_phi(z|x) per image (``pyro.infer.importance``;
 k < 0.5 good, > 0.7 unreliable), and NUTS draws from the true p(z|x) to set beside q.
@@ -26,6 +27,7 @@ from matplotlib.figure import Figure
 from pyro.infer.importance import psis_diagnostic
 from torch import Tensor, nn
 
+from ..errors import UsageError
 from ..estimators import make_elbo
 from ..evaluation import score
 from ..plots import save
@@ -81,7 +83,13 @@ def optimize_local(vae: nn.Module, x: Tensor, steps: int = 500, lr: float = 0.05
 
 def gaps(vae: nn.Module, x: Tensor, iwae_samples: int = 5000, elbo_samples: int = 1000,
          steps: int = 500, psis_particles: int = 1000, seed: int = 0) -> dict:
-    """Per-image log p(x) (IWAE), ELBO(q*), ELBO(q_phi), the two gaps, and PSIS k-hat."""
+    """Per-image log p(x) (IWAE), ELBO(q*), ELBO(q_phi), the two gaps, and PSIS k-hat.
+
+    The IWAE bound is itself below log p(x), so the approximation gap it gives is a lower
+    bound; the ordering log p(x) >= ELBO(q*) >= ELBO(q_phi) holds in expectation.
+    """
+    if getattr(vae, "beta", 1.0) != 1.0:  # PSIS and NUTS score the beta-scaled program
+        raise UsageError("the posterior diagnostics need a VAE trained with beta = 1")
     vae.eval()
     local = optimize_local(vae, x, steps=steps, seed=seed)
     rows = torch.arange(len(x), device=x.device)

@@ -9,7 +9,6 @@ Closed forms::
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 
@@ -80,7 +79,3 @@ def _figure(r: dict, data: Tensor, path: Path) -> Figure:
     ax.legend(fontsize=8)
     save(fig, path)
     return fig
-
-
-def relative_error(estimate: float, exact: float) -> float:
-    return abs(estimate - exact) / max(abs(exact), math.ulp(1.0))

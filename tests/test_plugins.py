@@ -1,0 +1,98 @@
+"""Models defined outside the package: ``--model module:Class`` and ``register_model``."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+
+import pytest
+from helpers import assert_one_line_error
+
+from ppl_vae import TrainConfig, register_model, train
+from ppl_vae.cli import train_main
+from ppl_vae.models import MODELS, VAE
+
+PLUGIN = textwrap.dedent('''
+    import pyro
+    import pyro.distributions as dist
+    from torch import nn
+
+
+    class TinyVAE(nn.Module):
+        """Written outside ppl_vae, with no from_config."""
+
+        def __init__(self, input_dim, z_dim=2, hidden=(32,)):
+            super().__init__()
+            self.z_dim = z_dim
+            self.enc = nn.Linear(input_dim, 2 * z_dim)
+            self.dec = nn.Linear(z_dim, input_dim)
+
+        def model(self, x):
+            with pyro.plate("data", x.shape[0]):
+                z = pyro.sample("z", dist.Normal(x.new_zeros(len(x), self.z_dim), 1.0)
+                                .to_event(1))
+                pyro.sample("x", dist.Bernoulli(logits=self.dec(z), validate_args=False)
+                            .to_event(1), obs=x)
+
+        def guide(self, x):
+            with pyro.plate("data", x.shape[0]):
+                loc, log_scale = self.enc(x).chunk(2, -1)
+                pyro.sample("z", dist.Normal(loc, log_scale.exp()).to_event(1))
+
+
+    class NotAModel(nn.Module):
+        pass
+
+
+    NOT_A_CLASS = 3
+''')
+
+
+@pytest.fixture
+def plugin_dir(tmp_path, monkeypatch):
+    (tmp_path / "my_models.py").write_text(PLUGIN)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return tmp_path
+
+
+def test_model_by_import_path_trains_and_evaluates(plugin_dir, run_module):
+    out = plugin_dir / "run"
+    proc = run_module("ppl_vae.train", "--model", "my_models:TinyVAE", "--dataset", "digits",
+                      "--epochs", "3", "--out", out, cwd=plugin_dir)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    metrics = (out / "metrics.csv").read_text().splitlines()
+    first, last = (float(line.split(",")[2]) for line in (metrics[1], metrics[-1]))
+    assert last > first  # it learned
+    proc = run_module("ppl_vae.evaluate", "--run", out, cwd=plugin_dir)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((out / "summary.json").read_text())["test_elbo"] == summary["test_elbo"]
+
+
+@pytest.mark.parametrize("name, fragment", [
+    ("my_models:NotAModel", "lacks model and guide"),
+    ("my_models:NOT_A_CLASS", "is not a class"),
+    ("my_models:Missing", "has no 'Missing'"),
+    ("no_such_module:Thing", "cannot import 'no_such_module'"),
+])
+def test_bad_import_paths(plugin_dir, cli, name, fragment):
+    result = cli(train_main, ["--model", name, "--dataset", "digits", "--out",
+                              plugin_dir / "bad"])
+    assert_one_line_error(result, "python -m ppl_vae.train: error: ", fragment)
+
+
+def test_register_by_call_and_decorator(digits, tmp_path):
+    class Copy(VAE):
+        pass
+
+    try:
+        assert register_model("copy-vae", Copy) is Copy
+        assert register_model("copy-vae-2")(Copy) is Copy
+        run = train(TrainConfig(model="copy-vae", epochs=1, hidden=(16,), z_dim=2,
+                                out=str(tmp_path / "r")), data=digits, progress=False)
+        assert type(run.module) is Copy
+        with pytest.raises(TypeError, match="lacks model and guide"):
+            register_model("broken", type("Broken", (), {}))
+    finally:
+        for name in ("copy-vae", "copy-vae-2", "broken"):
+            MODELS.pop(name, None)
