@@ -31,7 +31,7 @@ from pathlib import Path
 import pyro
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
+from tqdm import tqdm  # text bars everywhere (tqdm.auto wants ipywidgets in Jupyter)
 
 from .config import TrainConfig
 from .data import Dataset

@@ -21,7 +21,7 @@ import pyro
 import torch
 from pyro import poutine
 from torch import Tensor, nn
-from tqdm.auto import tqdm
+from tqdm import tqdm  # text bars everywhere (tqdm.auto wants ipywidgets in Jupyter)
 
 from .data import batches
 from .errors import UsageError
