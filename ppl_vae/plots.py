@@ -83,12 +83,18 @@ def latent_scatter(z: Tensor, labels: Tensor | None, path: str | os.PathLike) ->
     return fig
 
 
+def arviz():
+    """ArviZ, imported without its FutureWarning about a coming refactor."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        import arviz as az
+    return az
+
+
 def bound_distributions(bounds: Sequence[dict], path: str | os.PathLike) -> Figure:
     """Kernel densities (ArviZ ``plot_dist``) of the repeated bound estimates: one panel per
     sample count, the estimators overlaid."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # ArviZ announces its refactor
-        import arviz as az
+    az = arviz()
 
     counts = sorted({r["particles"] for r in bounds})
     names = list(dict.fromkeys(r["estimator"] for r in bounds))

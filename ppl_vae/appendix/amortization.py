@@ -17,6 +17,8 @@ k < 0.5 good, > 0.7 unreliable), and NUTS draws from the true p(z|x) to set besi
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -30,8 +32,21 @@ from torch import Tensor, nn
 from ..errors import UsageError
 from ..estimators import make_elbo
 from ..evaluation import score
-from ..plots import save
+from ..plots import arviz, save
 from .inference import nuts
+
+
+@contextmanager
+def frozen(module: nn.Module) -> Iterator[None]:
+    """No gradients for ``module``'s parameters inside; each gets its own setting back."""
+    before = [(p, p.requires_grad) for p in module.parameters()]
+    for p, _ in before:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in before:
+            p.requires_grad_(flag)
 
 
 class LocalGuide(nn.Module):
@@ -66,18 +81,12 @@ def optimize_local(vae: nn.Module, x: Tensor, steps: int = 500, lr: float = 0.05
     opt = torch.optim.Adam(local.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     pyro.set_rng_seed(seed)
-    for p in vae.parameters():
-        p.requires_grad_(False)
-    try:
-        with pyro.validation_enabled(False):
-            for _ in range(steps):
-                opt.zero_grad(set_to_none=True)
-                elbo.differentiable_loss(local.model, local.guide, x, rows).backward()
-                opt.step()
-                sched.step()
-    finally:
-        for p in vae.parameters():
-            p.requires_grad_(True)
+    with frozen(vae), pyro.validation_enabled(False):
+        for _ in range(steps):
+            opt.zero_grad(set_to_none=True)
+            elbo.differentiable_loss(local.model, local.guide, x, rows).backward()
+            opt.step()
+            sched.step()
     return local
 
 
@@ -121,22 +130,15 @@ def gaps(vae: nn.Module, x: Tensor, iwae_samples: int = 5000, elbo_samples: int 
 
 def true_posterior(vae: nn.Module, x: Tensor, num_samples: int = 500, seed: int = 0):
     """NUTS draws from p(z | x) for one image ``x`` (shape (1, D)), decoder fixed."""
-    for p in vae.parameters():
-        p.requires_grad_(False)
-    try:
+    with frozen(vae):
         return nuts(vae.model, x, num_samples=num_samples, warmup_steps=300, num_chains=2,
                     seed=seed)
-    finally:
-        for p in vae.parameters():
-            p.requires_grad_(True)
 
 
 def posterior_figure(vae: nn.Module, images: Tensor, path: str | Path,
                      num_samples: int = 500, seed: int = 0) -> Figure:
     """For 2-D latents: NUTS draws of p(z|x) (ArviZ KDE) with q(z|x)'s draws on top."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        import arviz as az
+    az = arviz()
     fig = Figure(figsize=(3.2 * len(images), 3.3))
     axes = fig.subplots(1, len(images), squeeze=False)[0]
     for i, (ax, x) in enumerate(zip(axes, images, strict=True)):

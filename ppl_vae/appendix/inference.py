@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 
 import numpy as np
@@ -19,6 +18,8 @@ import pyro
 import torch
 from pyro.infer import MCMC, NUTS, Trace_ELBO
 from pyro.infer.autoguide import AutoDelta
+
+from ..plots import arviz
 
 
 def fit_delta(model: Callable, *args, max_iter: int = 500) -> dict[str, torch.Tensor]:
@@ -48,9 +49,6 @@ def nuts(model: Callable, *args, num_samples: int = 1000, warmup_steps: int = 50
          num_chains: int = 2, seed: int = 0, progress: bool = False):
     """NUTS draws of every latent site, ``num_chains`` chains run one after another, as an
     ArviZ ``InferenceData`` (so ``az.summary`` gives R-hat and effective sample sizes)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # ArviZ announces its refactor
-        import arviz as az
     chains = []
     for c in range(num_chains):
         pyro.set_rng_seed(seed + c)
@@ -59,13 +57,9 @@ def nuts(model: Callable, *args, num_samples: int = 1000, warmup_steps: int = 50
         mcmc.run(*args)
         chains.append({k: v.detach().cpu().numpy() for k, v in mcmc.get_samples().items()})
     posterior = {k: np.stack([ch[k] for ch in chains]) for k in chains[0]}
-    return az.from_dict(posterior=posterior)
+    return arviz().from_dict(posterior=posterior)
 
 
 def summary(idata, hdi_prob: float = 0.94):
     """ArviZ's summary table: mean, sd, HDI, MCSE, ESS (bulk and tail), R-hat."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        import arviz as az
-
-        return az.summary(idata, hdi_prob=hdi_prob, round_to="none")
+    return arviz().summary(idata, hdi_prob=hdi_prob, round_to="none")
