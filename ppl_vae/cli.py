@@ -101,7 +101,8 @@ def train_parser(compare: bool = False) -> Parser:
                             "iwae: RenyiELBO(alpha=0)")
     if compare:
         g.add_argument("--particles", type=int, nargs="+", default=[1, 10],
-                       help="particle counts of the mc and analytic estimators to compare")
+                       help="particle counts of the mc and analytic estimators to compare "
+                            "(the largest is also the K of the race's IWAE racer)")
     else:
         g.add_argument("--particles", type=int, default=default("particles"),
                        help="samples per data point (vectorized)")

@@ -14,8 +14,9 @@ For a VAE or CVAE and a fixed evaluation batch of B data points:
   E||g||, and the signal-to-noise ratio |E g_j| / sd(g_j) averaged over coordinates j
   (Rainforth et al. 2018), from float64 sums of g and g^2 over the draws; a group whose
   gradient does not vary (an exact gradient) has variance 0 and no SNR.
-* **Training race.** Every estimator trains a copy of the same weights on the same batches
-  (a seeded generator) for the same epochs; test ELBO after each epoch against epochs and
+* **Training race.** ``mc`` and ``analytic`` with one particle, and IWAE with K = the
+  largest particle count, each train a copy of the same weights on the same batches (a
+  seeded generator) for the same epochs; test ELBO after each epoch against epochs and
   seconds, and the time each takes to reach a target test ELBO.
 """
 
