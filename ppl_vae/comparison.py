@@ -42,6 +42,7 @@ from .files import write_csv, write_json, write_text
 from .run import (
     _make_dir,
     _run_dir,
+    adam_for,
     build_model,
     data_args,
     device_for,
@@ -49,7 +50,7 @@ from .run import (
     load_run,
     score_split,
 )
-from .training import _disable, collect_params, elbo_step, fit, programs, run_epoch
+from .training import _disable, elbo_step, fit, programs, run_epoch
 
 ESTIMATORS = ("mc", "analytic")
 
@@ -222,9 +223,7 @@ def training_race(module: nn.Module, data: Dataset, config: TrainConfig,
         pyro.set_rng_seed(config.seed)
         batches = torch.Generator(device=device).manual_seed(config.seed)
         step = elbo_step(make_elbo(name, k), racer)
-        first = data_args(racer, data.train.x[:2], None if data.train.y is None
-                          else data.train.y[:2])
-        opt = torch.optim.Adam(collect_params(racer, step, *first), lr=config.lr)
+        opt = adam_for(racer, step, data, config.lr)
         elapsed = 0.0
         for epoch in tqdm(range(1, config.epochs + 1), desc=f"race {name} x{k}",
                           disable=_disable(progress)):
@@ -276,10 +275,8 @@ def compare(cc: CompareConfig, out: str | None = None, progress: bool | None = N
             raise UsageError("--warmup-epochs trains no CVAE baseline network; train the CVAE "
                              "with ppl_vae.train and pass --run DIR")
         step = elbo_step(make_elbo("mc"), module)
-        first = data_args(module, data.train.x[:2], None if data.train.y is None
-                          else data.train.y[:2])
-        fit(step, torch.optim.Adam(collect_params(module, step, *first), lr=config.lr),
-            module, lambda: data_args(module, data.train_epoch(), data.train.y),
+        fit(step, adam_for(module, step, data, config.lr), module,
+            lambda: data_args(module, data.train_epoch(), data.train.y),
             config.batch_size, cc.warmup_epochs, progress=progress, desc="warm-up")
     module.eval()
     rows = slice(0, cc.eval_batch)

@@ -24,7 +24,7 @@ from .evaluation import Scores, conditional_scores, score
 from .files import write_csv, write_json
 from .models import CVAE, get_model
 from .tables import write_cll_table
-from .training import backward_step, collect_params, elbo_step, fit
+from .training import StepFn, backward_step, collect_params, elbo_step, fit
 
 
 @dataclass
@@ -101,8 +101,7 @@ def train(config: TrainConfig, data: Dataset | None = None, progress: bool | Non
 
     step = elbo_step(make_elbo(config.elbo, config.particles, config.jit), module)
     bs = config.batch_size
-    first = data_args(module, data.train.x[:bs], _rows(data.train.y, bs))
-    optimizer = torch.optim.Adam(collect_params(module, step, *first), lr=config.lr)
+    optimizer = adam_for(module, step, data, config.lr, rows=bs)
 
     def validate() -> float:
         return -score_split(module, data.val, config.eval_particles).elbo.mean().item()
@@ -149,8 +148,13 @@ def train(config: TrainConfig, data: Dataset | None = None, progress: bool | Non
     return run
 
 
-def _rows(t: Tensor | None, n: int) -> Tensor | None:
-    return None if t is None else t[:n]
+def adam_for(module: nn.Module, step: StepFn, data: Dataset, lr: float, rows: int = 2
+             ) -> torch.optim.Adam:
+    """Adam over every parameter ``step`` trains (:func:`collect_params`, found by running it
+    once on the first ``rows`` training rows)."""
+    y = None if data.train.y is None else data.train.y[:rows]
+    first = data_args(module, data.train.x[:rows], y)
+    return torch.optim.Adam(collect_params(module, step, *first), lr=lr)
 
 
 def cll_key(config: TrainConfig) -> str:
