@@ -1,11 +1,11 @@
 """Training throughput and test ELBO of the Pyro VAE against a plain-PyTorch VAE of the same
-networks (``ppl_vae.reference``), in the same process.
+networks (``ppl_vae.models.reference``), in the same process.
 
 For every seed, each method trains its own copy of the same initial weights on the same
-in-memory data path (``ppl_vae.training.run_epoch``: one tensor on the device, batches by a
+in-memory data path (``ppl_vae.inference.svi.run_epoch``: one tensor on the device, batches by a
 shuffled index), one epoch each in turn, rotating the order every epoch. Throughput is
 training images per second: the median over all epochs after each seed's first (warm-up).
-Test ELBO (nats per image, 10 samples, ``ppl_vae.evaluation.score``) is given as the mean and
+Test ELBO (nats per image, 10 samples, ``ppl_vae.score``) is given as the mean and
 standard deviation over seeds, since training noise moves it by about a nat.
 
     python benchmarks/bench_train.py                      # MNIST-10k split from ../shared/data
@@ -24,15 +24,28 @@ from pathlib import Path
 import pyro
 import torch
 
-from ppl_vae.config import TrainConfig
 from ppl_vae.data import load_dataset
-from ppl_vae.estimators import make_elbo
-from ppl_vae.evaluation import score
+from ppl_vae.inference.estimators import make_elbo
+from ppl_vae.inference.importance import score
+from ppl_vae.inference.svi import backward_step, elbo_step, run_epoch
 from ppl_vae.models import VAE
-from ppl_vae.reference import reference_loss
-from ppl_vae.training import backward_step, elbo_step, run_epoch
+from ppl_vae.models.reference import reference_loss
+from ppl_vae.models.vae import ENCODER_SCALES, VAEOptions
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def train_epochs(a, data, runs: dict, speed: dict) -> None:
+    """``a.epochs`` epochs of every method, rotating the order each epoch; the img/s of every
+    epoch after the first into ``speed``."""
+    for epoch in range(a.epochs):
+        k = epoch % len(a.methods)
+        for m in a.methods[k:] + a.methods[:k]:
+            _, step, opt = runs[m]
+            _, seconds = run_epoch(step, opt, (data.train_epoch(),), a.batch_size,
+                                   progress=False)
+            if epoch:
+                speed[m].append(len(data.train) / seconds)
 
 
 def main() -> int:
@@ -47,6 +60,8 @@ def main() -> int:
     p.add_argument("--z-dim", type=int, default=20)
     p.add_argument("--hidden", type=int, nargs="+", default=[400])
     p.add_argument("--particles", type=int, default=1)
+    p.add_argument("--encoder-scale", choices=ENCODER_SCALES,
+                   default=VAEOptions.encoder_scale)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--cuda", action="store_true")
     p.add_argument("--json", help="also write the results here")
@@ -55,9 +70,10 @@ def main() -> int:
         p.error("--epochs must be at least 2 (the first is a warm-up)")
     device = torch.device("cuda" if a.cuda else "cpu")
     data = load_dataset(a.dataset, a.data_dir, download=False).to(device)
-    cfg = TrainConfig(dataset=a.dataset, z_dim=a.z_dim, hidden=tuple(a.hidden), lr=a.lr)
+    options = VAEOptions(z_dim=a.z_dim, hidden=tuple(a.hidden), encoder_scale=a.encoder_scale)
     print(f"{data.name}: {len(data.train)} train images, batch {a.batch_size}, "
-          f"VAE {data.input_dim}-{'-'.join(map(str, a.hidden))}-{a.z_dim}, {device}, "
+          f"VAE {data.input_dim}-{'-'.join(map(str, a.hidden))}-{a.z_dim} "
+          f"({a.encoder_scale} scale head), {device}, "
           f"torch {torch.__version__}, pyro {pyro.__version__}, "
           f"{torch.get_num_threads()} threads, seeds {a.seeds}, {a.epochs} epochs", flush=True)
 
@@ -65,21 +81,15 @@ def main() -> int:
     elbo = {m: [] for m in a.methods}
     for seed in a.seeds:
         pyro.set_rng_seed(seed)
-        init = VAE.from_config(cfg, data).to(device)
+        init = VAE.from_options(options, data).to(device)
         runs = {}
         for m in a.methods:
             vae = copy.deepcopy(init)
             step = (backward_step(reference_loss(vae)) if m == "plain"
-                    else elbo_step(make_elbo(m, a.particles), vae))
+                    else elbo_step(make_elbo(m, a.particles), vae, vae.programs()))
             runs[m] = (vae, step, torch.optim.Adam(vae.parameters(), lr=a.lr))
-        for epoch in range(a.epochs):
-            k = epoch % len(a.methods)
-            for m in a.methods[k:] + a.methods[:k]:
-                vae, step, opt = runs[m]
-                _, seconds = run_epoch(step, opt, (data.train_epoch(),), a.batch_size,
-                                       progress=False)
-                if epoch:
-                    speed[m].append(len(data.train) / seconds)
+        with pyro.validation_enabled(False):  # as ppl_vae.train runs by default
+            train_epochs(a, data, runs, speed)
         for m, (vae, _, _) in runs.items():
             vae.eval()
             elbo[m].append(score(vae, data.test.x, num_samples=10).summary()["test_elbo"])

@@ -1,30 +1,34 @@
 """ppl_vae: variational autoencoders as Pyro probabilistic programs, trained by SVI.
 
-data -> models -> estimators + training -> evaluation -> run (files, figures) -> CLI.
+data -> models (the contract in :mod:`ppl_vae.models.base`) -> inference (estimators, SVI
+loop, importance sampling, trainer) -> evaluation (saved runs, the estimator comparison)
+-> variants (several runs, one table) -> CLI and plots.
 
-The public API: ``load_dataset``; ``VAE``, ``CVAE`` and ``register_model``; ``train`` and
-``evaluate`` (what ``python -m ppl_vae.train`` / ``ppl_vae.evaluate`` run); ``score`` and
-``log_weights`` (per-data-point ELBO and IWAE bounds from Pyro traces); ``compare`` (the
-estimator comparison); ``ppl_vae.appendix``; and the figure helpers in ``ppl_vae.plots``.
+The public API: ``load_dataset``; ``Model`` (the contract), ``VAE``, ``CVAE`` and
+``register_model``; ``TrainConfig``; ``train`` and ``evaluate`` (what ``python -m ppl_vae
+train`` / ``evaluate`` run); ``score`` and ``log_weights`` (per-data-point ELBO and IWAE
+bounds from Pyro traces); ``compare`` (the estimator comparison); ``ppl_vae.appendix``; and
+the figure helpers in ``ppl_vae.plots``.
 """
 
 from . import appendix, plots
-from .comparison import CompareConfig, Comparison, compare
 from .config import TrainConfig
 from .data import Dataset, Split, load_dataset
 from .errors import UsageError
-from .estimators import make_elbo
-from .evaluation import Scores, conditional_scores, log_weights, score
-from .experiments import train_quadrant_table
-from .models import CVAE, MODELS, VAE, get_model, register_model
-from .run import Run, evaluate_run, load_run, train
+from .evaluation.comparison import CompareConfig, Comparison, compare
+from .evaluation.runs import evaluate_run, load_run
+from .inference.estimators import make_elbo
+from .inference.importance import Scores, log_weights, score
+from .inference.trainer import Run, train_run
+from .models import CVAE, MODELS, VAE, Model, RunContext, get_model, register_model
+from .variants import Variants, train
 
 evaluate = evaluate_run
 
 __all__ = [
-    "CVAE", "MODELS", "VAE", "CompareConfig", "Comparison", "Dataset", "Run", "Scores",
-    "Split", "TrainConfig", "UsageError", "appendix", "compare", "conditional_scores",
-    "evaluate", "evaluate_run", "get_model", "load_dataset", "load_run", "log_weights",
-    "make_elbo", "plots", "register_model", "score", "train", "train_quadrant_table",
+    "CVAE", "MODELS", "VAE", "CompareConfig", "Comparison", "Dataset", "Model", "Run",
+    "RunContext", "Scores", "Split", "TrainConfig", "UsageError", "Variants", "appendix",
+    "compare", "evaluate", "evaluate_run", "get_model", "load_dataset", "load_run",
+    "log_weights", "make_elbo", "plots", "register_model", "score", "train", "train_run",
 ]
 __version__ = "0.1.0"

@@ -2,7 +2,7 @@
 with ``torch.load(..., weights_only=True)`` (tensors, numbers, strings and containers only).
 
 The model state is ``module.state_dict()``: a model keeps its parameters in the module (the
-VAE and CVAE do), not in Pyro's global param store."""
+shipped models do), not in Pyro's global param store."""
 
 from __future__ import annotations
 

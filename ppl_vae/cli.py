@@ -1,28 +1,25 @@
-"""The command-line tools, thin layers over :mod:`ppl_vae.run`.
+"""The command line: ``python -m ppl_vae {train,evaluate,compare,appendix}`` (also the
+``ppl-vae`` script, and ``python -m ppl_vae.train`` etc.).
 
-``python -m ppl_vae.train`` runs :func:`train_main`, ``python -m ppl_vae.evaluate`` runs
-:func:`evaluate_main`. Bad input ends in one line ``prog: error: ...`` and exit status 2,
-never a traceback.
+The options of ``train`` and ``compare`` come from :class:`~ppl_vae.config.TrainConfig` and
+from the chosen model's option group (its ``Options`` dataclass, or its constructor's
+keywords), so ``--model NAME --help`` lists that model's. Bad input ends in one line
+``prog: error: ...`` and exit status 2, never a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
-from .config import (
-    ACTIVATIONS,
-    BINARIZE,
-    CONDITIONS,
-    CVAE_OBJECTIVES,
-    ELBOS,
-    LIKELIHOODS,
-    TrainConfig,
-    default_data_dir,
-)
-from .errors import UsageError
-from .run import evaluate_run, train
+from .config import TrainConfig
+from .errors import UsageError, command_line
+from .models import MODELS, get_model, option_specs, parse_model_opts
+
+PROG = "python -m ppl_vae"
 
 
 class Parser(argparse.ArgumentParser):
@@ -32,15 +29,38 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Every option shows its default: ``(default: X)``, or ``(off unless given)`` for an
+    on/off flag such as ``--no-download``."""
+
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, max_help_position=32)
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if not action.option_strings or "(default" in text:
+            return text
+        if isinstance(action, argparse._StoreTrueAction | argparse._StoreFalseAction):
+            return f"{text} (off unless given)"
+        shown = getattr(action, "shown_default", action.default)
+        if shown is argparse.SUPPRESS:
+            return text
+        if isinstance(shown, list | tuple):
+            shown = " ".join(map(str, shown)) or "none"
+        return f"{text} (default: {'none' if shown is None else shown})"
+
+
 def main_wrapper(prog: str, run: Callable[[Sequence[str] | None], int]
                  ) -> Callable[[Sequence[str] | None], int]:
     """Turn :class:`UsageError` into ``prog: error: message`` on stderr and exit status 2."""
 
     def main(argv: Sequence[str] | None = None) -> int:
         try:
-            return run(argv)
+            with command_line():
+                return run(argv)
         except UsageError as e:
-            print(f"{prog}: error: {e}", file=sys.stderr)
+            with command_line():
+                print(f"{prog}: error: {e}", file=sys.stderr)
             return 2
         except KeyboardInterrupt:
             print(f"{prog}: interrupted", file=sys.stderr)
@@ -49,90 +69,96 @@ def main_wrapper(prog: str, run: Callable[[Sequence[str] | None], int]
     return main
 
 
-def train_parser(compare: bool = False) -> Parser:
-    d = TrainConfig.__dataclass_fields__  # defaults live in TrainConfig only
+# -- building parsers from option dataclasses ------------------------------------------------
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
-    def default(name: str):
-        f = d[name]
-        return f.default_factory() if callable(f.default_factory) else f.default
 
-    p = Parser(prog="python -m ppl_vae.compare" if compare else "python -m ppl_vae.train",
+def _add_option(group, name: str, default: Any, help: str, choices=None, *,
+                suppress: bool = False, off_help: str | None = None) -> bool:
+    """Add ``--name`` typed by its default (``--no-name`` for an option that is on by
+    default, with ``off_help``); False when the type has no flag form."""
+    kw: dict[str, Any] = {"help": help or name}
+    if isinstance(default, bool):
+        if default:
+            kw["help"] = off_help or f"set {name} off ({help})"
+            group.add_argument("--no-" + name.replace("_", "-"), dest=name,
+                               action="store_false", **kw)
+        else:
+            group.add_argument(_flag(name), dest=name, action="store_true", **kw)
+        if suppress:
+            group._group_actions[-1].default = argparse.SUPPRESS
+        return True
+    if isinstance(default, tuple | list):
+        types = {type(v) for v in default}
+        if not default or len(types) != 1 or not types <= {int, float, str}:
+            return False
+        kw.update(nargs="+", type=types.pop())
+    elif isinstance(default, int | float | str):
+        kw["type"] = type(default)
+    elif default is None and name == "out":
+        kw["type"] = str
+    else:
+        return False
+    if choices:
+        kw["choices"] = choices
+    action = group.add_argument(_flag(name), dest=name, default=argparse.SUPPRESS
+                                if suppress else default, **kw)
+    action.shown_default = default
+    return True
+
+
+TRAIN_ONLY = ("elbo", "particles", "jit", "early_stop", "val_fraction", "eval_iwae")
+
+
+def train_parser(model: str | type = "vae", compare: bool = False) -> Parser:
+    """The parser of ``train`` (or ``compare``) with ``model``'s option group."""
+    cls = get_model(model)
+    name = "compare" if compare else "train"
+    p = Parser(prog=f"{PROG} {name}", formatter_class=HelpFormatter,
                description=COMPARE_DESCRIPTION if compare else
-               "Train a VAE (or any registered model) by SVI.",
-               formatter_class=lambda prog: argparse.ArgumentDefaultsHelpFormatter(
-                   prog, max_help_position=32))
-    g = p.add_argument_group("data")
-    g.add_argument("--model", default=default("model"), help="registered model name")
-    g.add_argument("--dataset", default=default("dataset"),
-                   help="mnist, fashion-mnist, digits (offline) or npz:PATH")
-    g.add_argument("--data-dir", default=default_data_dir(),
-                   help="dataset root (env PPL_VAE_DATA)")
-    g.add_argument("--no-download", dest="download", action="store_false",
-                   help="never download; fail if the dataset is missing")
-    g.add_argument("--binarize", choices=BINARIZE, default=default("binarize"))
-    g = p.add_argument_group("model")
-    g.add_argument("--z-dim", type=int, default=default("z_dim"))
-    g.add_argument("--hidden", type=int, nargs="+", default=list(default("hidden")),
-                   help="hidden layer widths of the encoder (the decoder mirrors them)")
-    g.add_argument("--activation", choices=ACTIVATIONS, default=default("activation"))
-    g.add_argument("--likelihood", choices=LIKELIHOODS, default=default("likelihood"))
-    g.add_argument("--gaussian-scale", type=float, default=default("gaussian_scale"),
-                   help="sigma of the Gaussian likelihood (initial value with --learn-scale)")
-    g.add_argument("--learn-scale", action="store_true", help="learn the Gaussian sigma")
-    g.add_argument("--beta", type=float, default=default("beta"), help="KL weight (beta-VAE)")
-    g = p.add_argument_group("conditional VAE (--model cvae)")
-    g.add_argument("--condition", choices=CONDITIONS, default=default("condition"),
-                   help="quadrants: complete images from observed quadrants; label: "
-                        "class-conditional generation")
-    g.add_argument("--quadrants", type=int, nargs="+", default=list(default("quadrants")),
-                   help="observed-quadrant counts, one model each")
-    g.add_argument("--no-baseline-input", dest="baseline_input", action="store_false",
-                   help="do not feed the baseline NN's guess to the prior network")
-    g.add_argument("--cvae-objective", choices=CVAE_OBJECTIVES,
-                   default=default("cvae_objective"))
-    g.add_argument("--hybrid-alpha", type=float, default=default("hybrid_alpha"),
-                   help="weight of the CVAE term in the hybrid objective")
-    g.add_argument("--cll-samples", type=int, default=default("cll_samples"),
-                   help="importance samples for -log p(y|c)")
-    g = p.add_argument_group("inference")
-    if not compare:  # compare measures every estimator
-        g.add_argument("--elbo", choices=ELBOS, default=default("elbo"),
-                       help="mc: Trace_ELBO, analytic: TraceMeanField_ELBO, "
-                            "iwae: RenyiELBO(alpha=0)")
+               "Train a VAE (or any Pyro model/guide pair) by SVI.",
+               epilog=f"registered models: {', '.join(sorted(MODELS))}; "
+                      "--model NAME --help lists that model's options")
+    groups: dict[str, Any] = {}
+    for f in dataclasses.fields(TrainConfig):
+        if f.name == "model_options" or (compare and f.name in TRAIN_ONLY):
+            continue
+        group_name = f.metadata.get("group", "data")
+        g = groups.setdefault(group_name, p.add_argument_group(group_name))
+        if f.name == "model":
+            g.add_argument("--model", default="vae", help="registered model name ("
+                           + ", ".join(sorted(MODELS)) + ") or module:Class for your own")
+            continue
+        default = f.default_factory() if callable(f.default_factory) else f.default
+        helptext = f.metadata["help"]
+        if f.name == "batch_size":
+            helptext = "rows per SVI step"
+        _add_option(g, f.name, default, helptext, f.metadata.get("choices"),
+                    off_help=f.metadata.get("off_help"))
+    taken = {a.dest for a in p._actions}
+    g = p.add_argument_group(f"model options ({cls.__name__})")
+    only_opt = []
+    for spec in option_specs(cls):
+        if spec.name in taken or spec.required or not _add_option(
+                g, spec.name, spec.default, spec.help, spec.choices, suppress=True,
+                off_help=spec.off_help):
+            only_opt.append(spec.name)
+    g.add_argument("--model-opt", action="append", default=[], metavar="KEY=VALUE",
+                   help="set any option of the model by name, value a Python literal "
+                        "(repeatable)" + (f"; the only way for: {', '.join(only_opt)}"
+                                          if only_opt else ""))
     if compare:
+        g = groups["inference"]
         g.add_argument("--particles", type=int, nargs="+", default=[1, 10],
                        help="particle counts of the mc and analytic estimators to compare "
                             "(the largest is also the K of the race's IWAE racer)")
-    else:
-        g.add_argument("--particles", type=int, default=default("particles"),
-                       help="samples per data point (vectorized)")
-    if not compare:
-        g.add_argument("--jit", action="store_true", help="use Pyro's Jit* ELBO variants")
-    g.add_argument("--lr", type=float, default=default("lr"), help="Adam learning rate")
-    g.add_argument("--epochs", type=int, default=default("epochs"))
-    g.add_argument("--batch-size", type=int, default=default("batch_size"))
-    g.add_argument("--seed", type=int, default=default("seed"))
-    g.add_argument("--cuda", action="store_true", help="train and evaluate on the GPU")
-    if not compare:
-        g.add_argument("--early-stop", type=int, default=default("early_stop"),
-                       metavar="PATIENCE",
-                       help="stop after PATIENCE epochs without a better validation ELBO "
-                            "(0: off)")
-        g.add_argument("--val-fraction", type=float, default=default("val_fraction"),
-                       help="share of the training split held out for early stopping")
-    g = p.add_argument_group("evaluation and output")
-    g.add_argument("--eval-particles", type=int, default=default("eval_particles"),
-                   help="samples per test image for the test ELBO")
-    if not compare:
-        g.add_argument("--eval-iwae", type=int, default=default("eval_iwae"), metavar="K",
-                       help="also estimate log p(x) by the IWAE bound with K samples (0: off)")
-    g.add_argument("--out", default=None, help="run directory (default runs/<model>-<time>)")
-    g.add_argument("--overwrite", action="store_true", help="allow --out to hold files")
-    if compare:
         g = p.add_argument_group("comparison")
-        g.add_argument("--run", default=None, help="start from this training run's checkpoint")
+        g.add_argument("--run", default=None,
+                       help="start from this training run's checkpoint (default: a fresh model)")
         g.add_argument("--warmup-epochs", type=int, default=0,
-                       help="without --run: train this many epochs (mc) before measuring")
+                       help="without --run: pre-train the model (its pretrain hook) and train "
+                            "this many epochs (mc) before measuring")
         g.add_argument("--repeats", type=int, default=200,
                        help="repeated estimates and gradient draws")
         g.add_argument("--iwae-samples", type=int, nargs="+", default=[1, 10, 100],
@@ -146,66 +172,88 @@ def train_parser(compare: bool = False) -> Parser:
     return p
 
 
-def _train(argv: Sequence[str] | None) -> int:
-    config = TrainConfig(**vars(train_parser().parse_args(argv)))
-    if config.model == "cvae" and config.condition == "quadrants":
-        from .experiments import train_quadrant_table
+def _model_in(argv: Sequence[str] | None) -> str:
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--model", default="vae")
+    known, _ = pre.parse_known_args(argv)
+    return known.model
 
-        table = train_quadrant_table(config)
-        print("-log p(y|c), nats per test image (lower is better):\n" + table.markdown)
-        print(f"{table.seconds:.0f} s in all; runs written to {table.out}")
+
+def _parse(argv: Sequence[str] | None, compare: bool = False) -> dict[str, Any]:
+    """Parsed options: TrainConfig's fields, ``model_options``, and compare's own."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = vars(train_parser(_model_in(argv), compare).parse_args(argv))
+    cls = get_model(args["model"])
+    options = {s.name: args.pop(s.name) for s in option_specs(cls) if s.name in args}
+    options.update(parse_model_opts(args.pop("model_opt")))
+    args["model_options"] = options
+    return args
+
+
+def _train(argv: Sequence[str] | None) -> int:
+    from .variants import Variants, train
+
+    result = train(TrainConfig(**_parse(argv)))
+    if isinstance(result, Variants):
+        for name, run in result.runs.items():
+            for note in run.notes:  # first lines: the table follows
+                print(f"{name}: {note.splitlines()[0]}")
+        print(result.table)
+        print(f"{result.seconds:.0f} s in all; runs written to {result.out}")
         return 0
-    run = train(config)
-    s = run.summary
+    s = result.summary
     print(f"test ELBO {s['test_elbo']:.2f} nats/image ({s['eval_particles']} samples per image, "
           f"{s['n_test']} test images), train ELBO {s['train_elbo']:.2f}, "
           f"{s['train_seconds']:.1f} s of training on {s['device']}")
     if "test_log_likelihood_iwae" in s:
         print(f"log p(x) >= {s['test_log_likelihood_iwae']:.2f} nats/image "
               f"(IWAE, K={s['iwae_samples']})")
-    if "cll" in s:
-        print("-log p(y|c), nats per test image (lower is better):\n"
-              + (run.out / "cll_table.md").read_text().split("\n\n", 1)[1])
-    print(f"run written to {run.out}")
+    for note in result.notes:
+        print(note)
+    print(f"run written to {result.out}")
     return 0
 
 
 COMPARE_DESCRIPTION = ("Compare ELBO estimators on one model: bound estimates, gradient "
-                       "variance and signal-to-noise, and a training race.")
+                       "variance and signal-to-noise, and a training race. Runs in one "
+                       "process.")
 COMPARE_ONLY = ("run", "warmup_epochs", "repeats", "iwae_samples", "eval_batch", "race", "target")
 
 
 def _compare(argv: Sequence[str] | None) -> int:
-    from .comparison import CompareConfig, compare
+    from .evaluation.comparison import CompareConfig, compare
 
-    args = vars(train_parser(compare=True).parse_args(argv))
+    args = _parse(argv, compare=True)
     extra = {k: args.pop(k) for k in COMPARE_ONLY}
     particles = args.pop("particles")
     out = args.pop("out")
     config = TrainConfig(**args)
-    if config.model == "cvae" and len(config.quadrants) != 1 and config.condition == "quadrants":
-        raise UsageError("compare one CVAE at a time: give --quadrants K (1, 2 or 3)")
     result = compare(CompareConfig(train=config, particles=tuple(particles), **extra), out)
     print((result.out / "summary.md").read_text())
+    print(f"samples per data point: {result.meta['samples']}")
     print(f"comparison written to {result.out}")
     return 0
 
 
 def evaluate_parser() -> Parser:
-    p = Parser(prog="python -m ppl_vae.evaluate",
-               description="Re-evaluate a saved run: test ELBO, and log p(x) by the IWAE bound.")
-    p.add_argument("--run", required=True, help="run directory written by ppl_vae.train")
+    p = Parser(prog=f"{PROG} evaluate", formatter_class=HelpFormatter,
+               description="Re-evaluate a saved run: test ELBO, log p(x) by the IWAE bound, "
+                           "and the model's own metrics. Runs in one process.")
+    p.add_argument("--run", required=True, help="run directory written by train")
     p.add_argument("--eval-iwae", type=int, default=0, metavar="K",
                    help="IWAE log-likelihood bound with K samples per image (0: off)")
     p.add_argument("--eval-particles", type=int, default=None,
                    help="samples per image for the test ELBO (default: the run's; with "
                         "--eval-iwae the ELBO uses the same K samples)")
-    p.add_argument("--data-dir", default=None, help="dataset root, if it moved")
-    p.add_argument("--cuda", action="store_true")
+    p.add_argument("--data-dir", default=None, help="dataset root, if it moved (default: the "
+                                                     "run's)")
+    p.add_argument("--cuda", action="store_true", help="evaluate on the GPU")
     return p
 
 
 def _evaluate(argv: Sequence[str] | None) -> int:
+    from .evaluation.runs import evaluate_run
+
     a = evaluate_parser().parse_args(argv)
     if a.eval_iwae < 0 or (a.eval_particles is not None and a.eval_particles < 1):
         raise UsageError("--eval-iwae must be >= 0 and --eval-particles >= 1")
@@ -214,10 +262,40 @@ def _evaluate(argv: Sequence[str] | None) -> int:
     if "test_log_likelihood_iwae" in r:
         print(f"log p(x) >= {r['test_log_likelihood_iwae']:.2f} nats/image "
               f"(IWAE, K={r['iwae_samples']})")
+    for note in r["notes"]:
+        print(note)
     return 0
 
 
+train_main = main_wrapper(f"{PROG} train", _train)
+evaluate_main = main_wrapper(f"{PROG} evaluate", _evaluate)
+compare_main = main_wrapper(f"{PROG} compare", _compare)
 
-train_main = main_wrapper("python -m ppl_vae.train", _train)
-evaluate_main = main_wrapper("python -m ppl_vae.evaluate", _evaluate)
-compare_main = main_wrapper("python -m ppl_vae.compare", _compare)
+
+def appendix_main(argv: Sequence[str] | None = None) -> int:
+    from .appendix.__main__ import main as appendix
+
+    return appendix(argv)
+
+
+COMMANDS = {"train": train_main, "evaluate": evaluate_main, "compare": compare_main,
+            "appendix": appendix_main}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``ppl-vae COMMAND [options]``: the entry point of ``python -m ppl_vae``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in COMMANDS:
+        if argv and argv[0] in ("-h", "--help"):
+            print(f"usage: {PROG} {{{','.join(COMMANDS)}}} [options]\n\n"
+                  "train     train a model by SVI\n"
+                  "evaluate  re-evaluate a saved run\n"
+                  "compare   compare ELBO estimators on one model\n"
+                  "appendix  MLE/MAP with AutoDelta, NUTS and the amortization gaps\n\n"
+                  f"{PROG} COMMAND --help lists a command's options")
+            return 0
+        got = f"unknown command {argv[0]!r}" if argv else "no command given"
+        print(f"{PROG}: error: {got}; use one of {', '.join(COMMANDS)} (see --help)",
+              file=sys.stderr)
+        return 2
+    return COMMANDS[argv[0]](argv[1:])

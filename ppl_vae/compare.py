@@ -1,14 +1,14 @@
-"""``python -m ppl_vae.compare``: ELBO estimators side by side on one VAE or CVAE.
+"""``python -m ppl_vae.compare``: the same as ``python -m ppl_vae compare``.
 
-The command line is :func:`ppl_vae.cli.compare_main`, the library :mod:`ppl_vae.comparison`.
-This file only runs it: as an attribute of the package, ``ppl_vae.compare`` is the function
-:func:`ppl_vae.comparison.compare`, and importing this file keeps it so (as ``train.py``).
+This file only runs the command line (:func:`ppl_vae.cli.compare_main`). As an attribute of
+the package, ``ppl_vae.compare`` is the function
+:func:`ppl_vae.evaluation.comparison.compare`; importing this file keeps it so.
 """
 
 import sys
 
 from .cli import compare_main
-from .comparison import compare
+from .evaluation.comparison import compare
 
 if __name__ == "__main__":
     sys.exit(compare_main())

@@ -1,7 +1,10 @@
-"""Every training option in one place, with its default.
+"""The options of a training run, in one place with their defaults.
 
-The command line (:mod:`ppl_vae.train`) is built from :class:`TrainConfig`, ``config.json`` of a
-run is ``dataclasses.asdict`` of it, and :func:`ppl_vae.training.train` takes one.
+:class:`TrainConfig` holds what every model shares (data, inference, evaluation, output) and
+the chosen model's own options in ``model_options``: an instance of the family's ``Options``
+dataclass (``VAE.Options``), or for a plug-in class without one, a dict of
+its constructor keywords (:mod:`ppl_vae.models.options`). ``config.json`` of a run is
+:meth:`TrainConfig.to_dict`; the command line is built from the same fields.
 """
 
 from __future__ import annotations
@@ -10,15 +13,13 @@ import dataclasses
 import math
 import os
 from dataclasses import dataclass, field
+from typing import Any
 
 from .errors import UsageError
+from .models import get_model, make_options, model_name, options_dict, options_of
 
-ELBOS = ("mc", "analytic", "iwae")
-LIKELIHOODS = ("bernoulli", "gaussian")
+ELBOS = ("mc", "analytic", "iwae", "enum")
 BINARIZE = ("none", "static", "dynamic")
-ACTIVATIONS = ("relu", "softplus", "tanh", "elu", "gelu")
-CONDITIONS = ("quadrants", "label")
-CVAE_OBJECTIVES = ("cvae", "gsnn", "hybrid")
 
 
 def default_data_dir() -> str:
@@ -26,93 +27,87 @@ def default_data_dir() -> str:
     return os.environ.get("PPL_VAE_DATA", "data")
 
 
+def _opt(default: Any, help: str, **meta: Any) -> Any:
+    if callable(default):
+        return field(default_factory=default, metadata={"help": help, **meta})
+    return field(default=default, metadata={"help": help, **meta})
+
+
 @dataclass
 class TrainConfig:
-    """Options of one training run (defaults: Kingma & Welling's MNIST VAE, 784-400-20)."""
+    """Options of one training run (defaults: Kingma & Welling's MNIST VAE, 784-400-20).
+
+    ``model`` is a registered name (``"vae"``), ``"module:Class"``, or a class;
+    ``model_options`` a dict or the family's ``Options``: ``TrainConfig(model="vae",
+    model_options={"z_dim": 2})``.
+    """
 
     # what
-    model: str = "vae"
-    dataset: str = "digits"
-    data_dir: str = field(default_factory=default_data_dir)
-    download: bool = True
-    binarize: str = "none"
-    # model
-    z_dim: int = 20
-    hidden: tuple[int, ...] = (400,)
-    activation: str = "relu"
-    likelihood: str = "bernoulli"
-    gaussian_scale: float = 1.0
-    learn_scale: bool = False
-    beta: float = 1.0
-    # conditional VAE (--model cvae)
-    condition: str = "quadrants"
-    quadrants: tuple[int, ...] = (1, 2, 3)
-    baseline_input: bool = True
-    cvae_objective: str = "cvae"
-    hybrid_alpha: float = 0.5
+    model: Any = _opt("vae", "registered model name (vae, cvae, ...) or module:Class")
+    model_options: Any = _opt(dict, "the model's own options")
+    dataset: str = _opt("digits", "mnist, fashion-mnist, digits (offline) or npz:PATH",
+                        group="data")
+    data_dir: str = _opt(default_data_dir, "dataset root (env PPL_VAE_DATA)", group="data")
+    download: bool = _opt(True, "download a missing dataset", group="data",
+                          off_help="never download; fail if the dataset is missing")
+    binarize: str = _opt("none", "Bernoulli-sample the pixels once (static) or every epoch "
+                         "(dynamic)", group="data", choices=BINARIZE)
     # inference
-    elbo: str = "mc"
-    particles: int = 1
-    jit: bool = False
-    lr: float = 1e-3
-    epochs: int = 10
-    batch_size: int = 128
-    seed: int = 0
-    cuda: bool = False
-    early_stop: int = 0
-    val_fraction: float = 0.1
+    elbo: str = _opt("mc", "mc: Trace_ELBO, analytic: TraceMeanField_ELBO, iwae: "
+                     "RenyiELBO(alpha=0), enum: TraceEnum_ELBO (sums out the latents the "
+                     "guide marks with config_enumerate)", group="inference", choices=ELBOS)
+    particles: int = _opt(1, "samples per data point (vectorized where the model allows)",
+                          group="inference")
+    jit: bool = _opt(False, "use Pyro's Jit* ELBO variants", group="inference")
+    lr: float = _opt(1e-3, "Adam learning rate", group="inference")
+    epochs: int = _opt(10, "training epochs", group="inference")
+    batch_size: int = _opt(128, "images per SVI step", group="inference")
+    seed: int = _opt(0, "seed of the weights, the latent noise and the batches",
+                     group="inference")
+    cuda: bool = _opt(False, "train and evaluate on the GPU", group="inference")
+    early_stop: int = _opt(0, "stop after this many epochs without a better validation ELBO "
+                           "(0: off)", group="inference")
+    val_fraction: float = _opt(0.1, "share of the training split held out for early stopping",
+                               group="inference")
+    validate: bool = _opt(False, "Pyro validation (distribution arguments and supports) for "
+                          "the whole run; slower", group="inference")
     # evaluation
-    eval_particles: int = 10
-    eval_iwae: int = 0
-    cll_samples: int = 100
+    eval_particles: int = _opt(10, "samples per test image for the test ELBO",
+                               group="evaluation and output")
+    eval_iwae: int = _opt(0, "also estimate log p(x) by the IWAE bound with K samples (0: off)",
+                          group="evaluation and output")
     # output
-    out: str | None = None
-    overwrite: bool = False
+    out: str | None = _opt(None, "run directory (default: runs/<model>-<time>)",
+                           group="evaluation and output")
+    overwrite: bool = _opt(False, "allow the run directory to hold files already",
+                           group="evaluation and output")
 
     def __post_init__(self) -> None:
-        self.hidden = tuple(int(h) for h in self.hidden)
-        self.quadrants = tuple(int(k) for k in self.quadrants)
-        self.validate()
+        self.validate_options()
+        self.model_options = make_options(self.model_class, self.model_options)
 
-    def validate(self) -> None:
+    @property
+    def model_class(self) -> type:
+        return get_model(self.model)
+
+    @property
+    def model_name(self) -> str:
+        return model_name(self.model_class)
+
+    def validate_options(self) -> None:
         """Raise :class:`UsageError` naming the first bad option."""
-        choices = {
-            "elbo": ELBOS, "likelihood": LIKELIHOODS, "binarize": BINARIZE,
-            "activation": ACTIVATIONS, "condition": CONDITIONS,
-            "cvae_objective": CVAE_OBJECTIVES,
-        }
-        for name, allowed in choices.items():
+        for name in ("elbo", "binarize"):
+            allowed = self.__dataclass_fields__[name].metadata["choices"]
             if getattr(self, name) not in allowed:
-                raise UsageError(
-                    f"--{name} {getattr(self, name)!r} is not one of {', '.join(allowed)}"
-                )
-        positive = ("z_dim", "particles", "epochs", "batch_size", "eval_particles",
-                    "cll_samples")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got "
-                                 f"{getattr(self, name)}")
-        if any(h < 1 for h in self.hidden):
-            raise UsageError(f"--hidden widths must be at least 1, got {list(self.hidden)}")
+                raise UsageError(f"--{name} {getattr(self, name)!r} is not one of "
+                                 f"{', '.join(allowed)}")
+        for name in ("particles", "epochs", "batch_size", "eval_particles"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise UsageError(f"--{name.replace('_', '-')} must be a whole number of at "
+                                 f"least 1, got {value!r}")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise UsageError(f"--lr must be a positive number, got {self.lr}")
-        if not (math.isfinite(self.beta) and self.beta > 0):
-            raise UsageError(f"--beta must be a positive number, got {self.beta}")
-        if not (math.isfinite(self.gaussian_scale) and self.gaussian_scale > 0):
-            raise UsageError(f"--gaussian-scale must be a positive number, got "
-                             f"{self.gaussian_scale}")
-        if self.learn_scale and self.likelihood != "gaussian":
-            raise UsageError("--learn-scale learns the sigma of --likelihood gaussian; add that "
-                             "or drop --learn-scale")
-        if not self.quadrants or any(k not in (1, 2, 3) for k in self.quadrants):
-            raise UsageError(f"--quadrants takes observed-quadrant counts 1, 2 or 3 (one model "
-                             f"each), got {list(self.quadrants)}")
-        if len(set(self.quadrants)) != len(self.quadrants):
-            raise UsageError(f"--quadrants lists a count twice: {list(self.quadrants)}")
-        if not 0 <= self.hybrid_alpha <= 1:
-            raise UsageError(f"--hybrid-alpha must lie in [0, 1], got {self.hybrid_alpha}")
-        if self.cvae_objective == "hybrid" and self.elbo == "iwae":
-            raise UsageError("--cvae-objective hybrid adds two ELBOs; use --elbo mc or analytic")
         if self.early_stop < 0:
             raise UsageError(f"--early-stop takes a patience in epochs (0: off), got "
                              f"{self.early_stop}")
@@ -124,21 +119,26 @@ class TrainConfig:
         if self.eval_iwae < 0:
             raise UsageError(f"--eval-iwae must be 0 (off) or a number of samples, got "
                              f"{self.eval_iwae}")
-        if self.jit and self.elbo == "iwae":
-            raise UsageError("--jit has no IWAE (RenyiELBO) variant in Pyro; drop --jit or use "
-                             "--elbo mc|analytic")
+        if self.jit and self.elbo in ("iwae", "enum"):
+            raise UsageError(f"--jit with --elbo {self.elbo} is not supported here; drop --jit "
+                             "or use --elbo mc|analytic")
         if self.elbo == "iwae" and self.particles < 2:
             raise UsageError("--elbo iwae with one particle is the plain ELBO; give --particles "
                              "K with K >= 2 (e.g. 5)")
 
     def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["hidden"] = list(self.hidden)
-        d["quadrants"] = list(self.quadrants)
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["model"] = self.model_name
+        d["model_options"] = options_dict(self.model_options)
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
-        """Rebuild from ``config.json``, ignoring keys this version does not know."""
+        """Rebuild from ``config.json``, ignoring keys this version does not know. A flat
+        dict (as older versions wrote) has its model's options picked out by name."""
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        kwargs = {k: v for k, v in d.items() if k in names}
+        if "model_options" not in d:
+            known = options_of(get_model(kwargs.get("model", "vae")))
+            kwargs["model_options"] = {k: v for k, v in d.items() if k in known}
+        return cls(**kwargs)

@@ -97,9 +97,11 @@ def load_dataset(
     data_dir: str = "data",
     download: bool = True,
     binarize: str = "none",
-    likelihood: str = "bernoulli",
+    likelihood: str | None = None,
 ) -> Dataset:
-    """Load ``name`` (see module docstring) on the CPU; raise :class:`UsageError` on bad input."""
+    """Load ``name`` (see module docstring) on the CPU; raise :class:`UsageError` on bad input.
+    ``likelihood="bernoulli"`` also checks that an npz lies in [0, 1] (the models check the
+    data they are built for in any case)."""
     if name in ("mnist", "fashion-mnist"):
         data = _torchvision(name, data_dir, download)
     elif name == "digits":
@@ -141,7 +143,7 @@ def _digits() -> Dataset:
     return Dataset("digits", train, test, image_shape=(8, 8))
 
 
-def _npz(path: str, likelihood: str) -> Dataset:
+def _npz(path: str, likelihood: str | None) -> Dataset:
     where = f"npz:{path}"
     if not os.path.isfile(path):
         raise UsageError(f"{where}: no such file; give the path of an .npz with an array 'x'")

@@ -1,9 +1,46 @@
 """The one exception a user can cause by what they ask for.
 
 Library code raises :class:`UsageError` with one line that names the problem and the fix;
-the command-line tools print that line and exit with status 2, never a traceback.
+the command-line tools print that line and exit with status 2, never a traceback. Messages
+name options as flags (``--overwrite``); raised to a Python caller they name the Python
+setting instead (``overwrite=True``), outside :func:`command_line`.
 """
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import re
+from collections.abc import Iterator
+
+_CLI = contextvars.ContextVar("ppl_vae_cli", default=False)
+FLAGS = ("overwrite", "cuda", "jit", "learn-scale", "validate")  # on/off options
+_FLAG = re.compile(r"(?<![\w-])--([a-z][a-z0-9-]*)")
+
+
+@contextlib.contextmanager
+def command_line() -> Iterator[None]:
+    """Within this block, :class:`UsageError` messages name command-line flags."""
+    token = _CLI.set(True)
+    try:
+        yield
+    finally:
+        _CLI.reset(token)
+
+
+def _python_name(match: re.Match) -> str:
+    flag = match.group(1)
+    if flag == "model-opt":
+        return "model_options"
+    if flag.startswith("no-"):
+        return f"{flag[3:].replace('-', '_')}=False"
+    name = flag.replace("-", "_")
+    return f"{name}=True" if flag in FLAGS else name
 
 
 class UsageError(ValueError):
     """Bad input from the user (an option, a file, a missing dataset): a one-line message."""
+
+    def __str__(self) -> str:
+        text = super().__str__()
+        return text if _CLI.get() else _FLAG.sub(_python_name, text)

@@ -1,14 +1,14 @@
-"""``python -m ppl_vae.evaluate --run DIR [--eval-iwae K]``: re-evaluate a saved run.
+"""``python -m ppl_vae.evaluate``: the same as ``python -m ppl_vae evaluate``.
 
-The command line is :func:`ppl_vae.cli.evaluate_main`. This file only runs it: as an
-attribute of the package, ``ppl_vae.evaluate`` is the function
-:func:`ppl_vae.run.evaluate_run`, and importing this file keeps it so (as ``train.py``).
+This file only runs the command line (:func:`ppl_vae.cli.evaluate_main`). As an attribute
+of the package, ``ppl_vae.evaluate`` is the function
+:func:`ppl_vae.evaluation.runs.evaluate_run`; importing this file keeps it so.
 """
 
 import sys
 
 from .cli import evaluate_main
-from .run import evaluate_run
+from .evaluation.runs import evaluate_run
 
 if __name__ == "__main__":
     sys.exit(evaluate_main())

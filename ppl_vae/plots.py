@@ -2,17 +2,49 @@
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
+import zlib
 from collections.abc import Sequence
 
 import numpy as np
 import torch
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.transforms import blended_transform_factory
 from torch import Tensor
 from torchvision.utils import make_grid
 
 from .files import atomic_write
+
+# One colour per estimator in every comparison figure (bounds, gradients, race); particle
+# counts L are told apart by hatch / alpha (bars) or line style and marker (curves).
+ESTIMATOR_COLORS = {"mc": "C0", "analytic": "C1", "iwae": "C2", "enum": "C3"}
+_SPARE_COLORS = ("C4", "C5", "C6", "C8", "C9")  # C7 (grey) stays for zero markers
+_HATCHES = ("", "//", "..", "xx", "\\\\", "oo", "--", "++")
+_LINESTYLES = ("-", "--", ":", "-.")
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+
+# Legends go to the right of the axes, never over data.
+OUTSIDE = {"loc": "upper left", "bbox_to_anchor": (1.01, 1.0), "borderaxespad": 0.0}
+
+
+def estimator_color(name: str) -> str:
+    """The colour of estimator ``name``: fixed for the known ones, and for any other name one
+    of the spare colours picked by a stable hash, so that it too is the same in every figure."""
+    if name in ESTIMATOR_COLORS:
+        return ESTIMATOR_COLORS[name]
+    return _SPARE_COLORS[zlib.crc32(name.encode()) % len(_SPARE_COLORS)]
+
+
+def _style_index(counts: Sequence[int], k: int) -> int:
+    return sorted(set(counts)).index(k)
+
+
+def legend_outside(ax: Axes, **kwargs):
+    """A legend to the right of ``ax`` (``save`` crops the PNG around it)."""
+    return ax.legend(**{**OUTSIDE, "fontsize": 8, **kwargs})
 
 
 def save(fig: Figure, path: str | os.PathLike) -> None:
@@ -21,7 +53,7 @@ def save(fig: Figure, path: str | os.PathLike) -> None:
 
 def elbo_curves(rows: Sequence[dict], path: str | os.PathLike) -> Figure:
     """Train and test ELBO (nats per image) against epoch."""
-    fig = Figure(figsize=(5, 3.5))
+    fig = Figure(figsize=(6, 3.5), layout="constrained")
     ax = fig.subplots()
     epochs = [r["epoch"] for r in rows]
     ax.plot(epochs, [r["train_elbo"] for r in rows], "o-", label="training objective")
@@ -30,20 +62,23 @@ def elbo_curves(rows: Sequence[dict], path: str | os.PathLike) -> Figure:
         ax.plot(epochs, [r["val_elbo"] for r in rows], "^-", label="validation ELBO")
     ax.set(xlabel="epoch", ylabel="nats / image", title="ELBO, higher is better")
     ax.grid(alpha=0.3)
-    ax.legend()
+    legend_outside(ax)
     save(fig, path)
     return fig
 
 
 def image_grid(rows: Sequence[Tensor], image_shape: tuple[int, int], path: str | os.PathLike,
                title: str = "", row_labels: Sequence[str] = ()) -> Figure:
-    """Each tensor in ``rows`` (n, H*W) with values in [0, 1] becomes one row of images."""
+    """Each tensor in ``rows`` (n, H*W) with values in [0, 1] becomes one row of images.
+
+    The grid has no numeric axes: the rows carry ``row_labels`` when given, and the x label
+    says what a column is (a sample when the title speaks of samples, else an image)."""
     h, w = image_shape
     n = max(len(r) for r in rows)
     images = torch.cat([r.detach().float().cpu().clamp(0, 1).reshape(-1, 1, h, w)
                         for r in rows])
     grid = make_grid(images, nrow=n, padding=1, pad_value=1.0)
-    fig = Figure(figsize=(min(12, 0.6 * n + 1), 0.6 * len(rows) + 0.6))
+    fig = Figure(figsize=(min(12, 0.6 * n + 1), 0.6 * len(rows) + 0.9))
     ax = fig.subplots()
     ax.imshow(grid[0].numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
     ax.set_xticks([])
@@ -52,6 +87,8 @@ def image_grid(rows: Sequence[Tensor], image_shape: tuple[int, int], path: str |
         ax.set_yticks([step * (i + 0.5) for i in range(len(rows))], list(row_labels))
     else:
         ax.set_yticks([])
+    column = "sample" if "sample" in title.lower() else "image"
+    ax.set_xlabel(f"{column} (one per column)", fontsize=9)
     ax.set_title(title)
     save(fig, path)
     return fig
@@ -69,7 +106,7 @@ def latent_scatter(z: Tensor, labels: Tensor | None, path: str | os.PathLike) ->
         xlabel, ylabel = "z1", "z2"
     else:
         z = torch.cat([z, torch.zeros_like(z)], 1)
-        xlabel, ylabel = "z1", ""
+        xlabel, ylabel = "z1", "none (1-D latent, drawn at 0)"
     fig = Figure(figsize=(5, 4.5))
     ax = fig.subplots()
     if labels is None:
@@ -93,63 +130,95 @@ def arviz():
 
 def bound_distributions(bounds: Sequence[dict], path: str | os.PathLike) -> Figure:
     """Kernel densities (ArviZ ``plot_dist``) of the repeated bound estimates: one panel per
-    sample count, the estimators overlaid."""
+    sample count, the estimators overlaid, each in its colour from ``ESTIMATOR_COLORS``."""
     az = arviz()
 
     counts = sorted({r["particles"] for r in bounds})
-    names = list(dict.fromkeys(r["estimator"] for r in bounds))
-    colors = {name: f"C{i}" for i, name in enumerate(names)}  # one colour per estimator
-    fig = Figure(figsize=(4 * len(counts), 3.2))
+    fig = Figure(figsize=(5.2 * len(counts), 3.2), layout="constrained")
     axes = fig.subplots(1, len(counts), squeeze=False)[0]
     for ax, k in zip(axes, counts, strict=True):
         for r in (x for x in bounds if x["particles"] == k):
             with warnings.catch_warnings():  # ArviZ 0.23 on Matplotlib 3.11
                 warnings.simplefilter("ignore", DeprecationWarning)
-                az.plot_dist(np.asarray(r["values"]), ax=ax, color=colors[r["estimator"]],
+                az.plot_dist(np.asarray(r["values"]), ax=ax, color=estimator_color(r["estimator"]),
                              label=f"{r['estimator']} ({r['sd']:.2f})")
-        ax.set(title=f"{k} sample{'s' * (k > 1)} per data point", xlabel="nats per data point")
-        ax.legend(fontsize=8, title="estimator (sd)", title_fontsize=8)
-    fig.suptitle("repeated bound estimates on one batch", y=1.04)
+        ax.set(title=f"{k} sample{'s' * (k > 1)} per data point", xlabel="nats per data point",
+               ylabel="density")
+        legend_outside(ax, title="estimator (sd)", title_fontsize=8)
+    fig.suptitle("repeated bound estimates on one batch")
     save(fig, path)
     return fig
 
 
+ZERO_VARIANCE = "0 (exact)"
+
+
 def gradient_variance(gradients: Sequence[dict], path: str | os.PathLike) -> Figure:
-    """Total gradient variance per parameter group, estimators side by side (log scale)."""
+    """Total gradient variance per parameter group, estimators side by side (log scale).
+
+    Colour: the estimator; hatch: the particle count L. A variance of exactly 0 (an exact
+    gradient, as the analytic estimator's for some groups) has no bar on a log axis: it is
+    drawn as a marker on the bottom edge, annotated ``0 (exact)``. NaN (missing) stays empty."""
     groups = sorted({r["group"] for r in gradients})
     configs = sorted({(r["estimator"], r["particles"]) for r in gradients},
                      key=lambda c: (c[1], c[0]))
-    fig = Figure(figsize=(1.6 * len(groups) * max(1, len(configs) / 3) + 2, 3.5))
+    counts = [k for _, k in configs]
+    fig = Figure(figsize=(1.6 * len(groups) * max(1, len(configs) / 3) + 3, 3.5),
+                 layout="constrained")
     ax = fig.subplots()
+    ax.set_yscale("log")
     width = 0.8 / len(configs)
     by = {(r["estimator"], r["particles"], r["group"]): r["total_variance"] for r in gradients}
+    positive, zeros = [], []
     for i, (e, k) in enumerate(configs):
-        ax.bar([g + i * width for g in range(len(groups))],
-               [by.get((e, k, grp), np.nan) for grp in groups], width, label=f"{e}, L={k}")
+        x = np.arange(len(groups)) + i * width
+        v = np.array([by.get((e, k, grp), np.nan) for grp in groups], dtype=float)
+        v = np.where(v < 0, np.nan, v)  # a variance is never negative: such a value is junk
+        ax.bar(x, np.where(v > 0, v, np.nan), width, color=estimator_color(e),
+               hatch=_HATCHES[_style_index(counts, k) % len(_HATCHES)], edgecolor="black",
+               linewidth=0.5, label=f"{e}, L={k}")
+        positive += [float(y) for y in v if y > 0 and math.isfinite(y)]
+        zeros += [(float(xi), estimator_color(e)) for xi, y in zip(x, v, strict=True) if y == 0]
+    if positive:
+        lo = 10 ** math.floor(math.log10(min(positive)) - 0.5)
+        hi = 10 ** math.ceil(math.log10(max(positive)) + 0.2)
+    else:
+        lo, hi = 1e-3, 1.0
+    ax.set_ylim(lo, hi)
+    bottom = blended_transform_factory(ax.transData, ax.transAxes)  # x in data, y in axes
+    for x, color in zeros:
+        ax.plot([x], [0.0], marker="o", markersize=7, color=color, markeredgecolor="black",
+                linestyle="none", transform=bottom, clip_on=False, zorder=5,
+                gid="zero-variance")
+        ax.text(x, 0.05, ZERO_VARIANCE, transform=bottom, rotation=90, ha="center",
+                va="bottom", fontsize=8, gid="zero-variance")
     ax.set_xticks([g + 0.4 - width / 2 for g in range(len(groups))], groups)
-    ax.set(yscale="log", ylabel="total variance of the gradient",
+    ax.set(xlabel="parameter group", ylabel="total variance of the gradient",
            title="gradient variance per parameter group (lower is better)")
-    ax.legend(fontsize=8)
+    legend_outside(ax, title="estimator, particles", title_fontsize=8)
     save(fig, path)
     return fig
 
 
 def race_curves(race: Sequence[dict], path: str | os.PathLike) -> Figure:
-    """Test ELBO of each racer against epochs and against training seconds."""
-    fig = Figure(figsize=(9, 3.5))
+    """Test ELBO of each racer against epochs and against training seconds.
+
+    Colour: the estimator; line style and marker: the particle count L."""
+    fig = Figure(figsize=(10, 3.5), layout="constrained")
     by_epoch, by_time = fig.subplots(1, 2)
     racers = sorted({(r["estimator"], r["particles"]) for r in race})
+    counts = [k for _, k in racers]
     for e, k in racers:
         rows = [r for r in race if (r["estimator"], r["particles"]) == (e, k)]
-        label = f"{e}, L={k}"
-        by_epoch.plot([r["epoch"] for r in rows], [r["test_elbo"] for r in rows], "o-",
-                      label=label)
-        by_time.plot([r["seconds"] for r in rows], [r["test_elbo"] for r in rows], "o-",
-                     label=label)
+        j = _style_index(counts, k)
+        style = dict(color=estimator_color(e), linestyle=_LINESTYLES[j % len(_LINESTYLES)],
+                     marker=_MARKERS[j % len(_MARKERS)], markersize=4, label=f"{e}, L={k}")
+        by_epoch.plot([r["epoch"] for r in rows], [r["test_elbo"] for r in rows], **style)
+        by_time.plot([r["seconds"] for r in rows], [r["test_elbo"] for r in rows], **style)
     by_epoch.set(xlabel="epoch", ylabel="test ELBO (nats)", title="per epoch")
-    by_time.set(xlabel="training seconds", title="per second")
+    by_time.set(xlabel="training seconds", ylabel="test ELBO (nats)", title="per second")
     for ax in (by_epoch, by_time):
         ax.grid(alpha=0.3)
-    by_epoch.legend(fontsize=8)
+    legend_outside(by_time, title="estimator, particles", title_fontsize=8)
     save(fig, path)
     return fig

@@ -16,13 +16,15 @@ import torch
 from helpers import assert_one_line_error
 
 from ppl_vae import Dataset, TrainConfig, load_dataset
-from ppl_vae.run import train as train_run
+from ppl_vae.inference.trainer import train_run
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 # A small VAE: three epochs on digits take well under a second on two CPU cores.
-SMALL = dict(hidden=(64,), z_dim=4, batch_size=64, lr=3e-3)
+# Model options (TrainConfig.model_options) and training options (TrainConfig's own fields).
+SMALL_MODEL = dict(hidden=(64,), z_dim=4)
+SMALL_TRAIN = dict(batch_size=64, lr=3e-3)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -60,9 +62,11 @@ def mnist_root() -> Path:
 
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory):
-    """A small VAE trained 3 epochs on digits by :func:`ppl_vae.train` (shared, read-only)."""
+    """A small VAE trained 3 epochs on digits by :func:`ppl_vae.train_run` (shared,
+    read-only)."""
     out = tmp_path_factory.mktemp("trained") / "run"
-    config = TrainConfig(dataset="digits", epochs=3, seed=0, out=str(out), **SMALL)
+    config = TrainConfig(model="vae", model_options=SMALL_MODEL, dataset="digits", epochs=3,
+                         seed=0, out=str(out), **SMALL_TRAIN)
     return train_run(config, progress=False)
 
 

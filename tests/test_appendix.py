@@ -40,9 +40,9 @@ from ppl_vae.appendix import (
 )
 from ppl_vae.appendix import __main__ as appendix_cli
 from ppl_vae.appendix.__main__ import main
-from ppl_vae.estimators import make_elbo
-from ppl_vae.evaluation import log_weights
-from ppl_vae.run import train as train_run
+from ppl_vae.inference.estimators import make_elbo
+from ppl_vae.inference.importance import log_weights
+from ppl_vae.inference.trainer import train_run
 
 PROG = "python -m ppl_vae.appendix: error: "
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -406,7 +406,7 @@ def test_local_guide_scores_in_row_chunks(trained_run, monkeypatch):
         pyro.set_rng_seed(3)
         lw = log_weights(local.model, local.guide, x, rows, num_samples=K).double()
     whole = score(local, x, rows, num_samples=K, seed=4).elbo.double()
-    monkeypatch.setattr("ppl_vae.evaluation.MAX_ELEMENTS", 2 * K * (x.shape[1] + 1))
+    monkeypatch.setattr("ppl_vae.inference.importance.MAX_ELEMENTS", 2 * K * (x.shape[1] + 1))
     chunked = score(local, x, rows, num_samples=K, seed=5).elbo.double()
     assert chunked.shape == whole.shape == (len(x),)
     se = lw.std(0) / math.sqrt(K)  # of one image's K-sample ELBO estimate
@@ -418,8 +418,8 @@ def test_local_guide_scores_in_row_chunks(trained_run, monkeypatch):
 @pytest.fixture(scope="module")
 def vae_2d(tmp_path_factory):
     out = tmp_path_factory.mktemp("z2") / "run"
-    config = TrainConfig(dataset="digits", epochs=3, seed=0, out=str(out), hidden=(32,),
-                         z_dim=2, batch_size=64, lr=3e-3)
+    config = TrainConfig(dataset="digits", model_options=dict(hidden=(32,), z_dim=2), epochs=3,
+                         seed=0, out=str(out), batch_size=64, lr=3e-3)
     return train_run(config, progress=False)
 
 
@@ -555,7 +555,8 @@ def test_cli_posterior_on_a_trained_run(cli, tmp_path, trained_run):
     results = json.loads((out / "results.json").read_text())["posterior"]["runs"]
     [entry] = results.values()
     assert entry["images"] == 3 and entry["iwae_samples"] == 200
-    assert entry["z_dim"] == trained_run.config.z_dim and entry["dataset"] == "digits"
+    assert entry["z_dim"] == trained_run.config.model_options.z_dim
+    assert entry["dataset"] == "digits"
     assert len(entry["per_image"]["psis_khat"]) == 3
     assert all(math.isfinite(entry[k]) for k in ("log_px_iwae", "elbo_optimal_normal",
                                                  "elbo_amortized"))

@@ -1,7 +1,7 @@
 """The command-line tools end to end: files written, options honoured, one-line errors.
 
 Most calls go through ``main(argv)`` in-process (a subprocess costs seconds of imports); a few
-run ``python -m ppl_vae.train`` / ``ppl_vae.evaluate`` for real.
+run ``python -m ppl_vae train`` / ``python -m ppl_vae.train`` / ``ppl_vae.evaluate`` for real.
 """
 
 from __future__ import annotations
@@ -19,14 +19,14 @@ from helpers import assert_one_line_error
 
 from ppl_vae import TrainConfig, score
 from ppl_vae.cli import evaluate_main, train_main
-from ppl_vae.run import build_model, load_data
+from ppl_vae.inference.trainer import build_model, load_data
 
 NET = ["--hidden", "32", "--z-dim", "2", "--batch-size", "128", "--eval-particles", "3"]
 PNG = b"\x89PNG\r\n\x1a\n"
 FIGURES = ["elbo_curves.png", "reconstructions.png", "samples.png", "latent.png"]
 FILES = ["config.json", "metrics.csv", "summary.json", "checkpoint.pt", *FIGURES]
-TRAIN_PROG = "python -m ppl_vae.train: error: "
-EVAL_PROG = "python -m ppl_vae.evaluate: error: "
+TRAIN_PROG = "python -m ppl_vae train: error: "
+EVAL_PROG = "python -m ppl_vae evaluate: error: "
 
 
 def read_json(path):
@@ -57,10 +57,10 @@ def initial_test_elbo(out) -> float:
 
 @pytest.fixture(scope="module")
 def cli_run(tmp_path_factory, run_module):
-    """``python -m ppl_vae.train`` for real: IWAE objective, 3 particles, dynamic binarization,
+    """``python -m ppl_vae train`` for real: IWAE objective, 3 particles, dynamic binarization,
     and a final IWAE log-likelihood estimate."""
     cwd = tmp_path_factory.mktemp("cli")
-    proc = run_module("ppl_vae.train", "--dataset", "digits", "--epochs", "2", *NET,
+    proc = run_module("ppl_vae", "train", "--dataset", "digits", "--epochs", "2", *NET,
                       "--elbo", "iwae", "--particles", "3", "--binarize", "dynamic",
                       "--eval-iwae", "20", "--lr", "3e-3", "--out", "run", cwd=cwd)
     return proc, cwd / "run"
@@ -71,6 +71,11 @@ def test_train_cli_writes_every_promised_file(cli_run):
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
     assert "run written to run" in proc.stdout and "log p(x) >=" in proc.stdout
+    # the notes come after the numbers
+    lines = proc.stdout.splitlines()
+    note = "evaluation: 20 samples per data point in one vectorized pass"
+    assert note in lines
+    assert lines.index(note) > max(i for i, line in enumerate(lines) if "log p(x) >=" in line)
     assert_run_files(out)
 
     with open(out / "metrics.csv", newline="") as f:
@@ -89,12 +94,20 @@ def test_train_cli_writes_every_promised_file(cli_run):
     assert summary["epochs"] == 2 and summary["dataset"] == "digits"
     assert summary["train_elbo"] == pytest.approx(float(rows[-1]["train_elbo"]))
     assert summary["n_train"] == 1438 and summary["n_test"] == 359
+    assert summary["eval_method"] == "20 samples per data point in one vectorized pass"
 
     config = read_json(out / "config.json")
+    assert config["model"] == "vae"
     assert config["elbo"] == "iwae" and config["particles"] == 3
     assert config["binarize"] == "dynamic" and config["eval_iwae"] == 20
-    assert config["hidden"] == [32] and config["z_dim"] == 2 and config["epochs"] == 2
+    options = config["model_options"]
+    assert options["hidden"] == [32] and options["z_dim"] == 2 and config["epochs"] == 2
+    assert options["encoder_scale"] == "logvar"  # the default, written out
+    assert "hidden" not in config and "z_dim" not in config  # model options live apart
     assert TrainConfig.from_dict(config).to_dict() == config
+    # an older, flat config.json (model options beside the rest) reads back the same
+    flat = {**{k: v for k, v in config.items() if k != "model_options"}, **options}
+    assert TrainConfig.from_dict(flat).to_dict() == config
 
 
 def test_evaluate_cli_reproduces_the_summary(trained_run, tmp_path, run_module):
@@ -106,9 +119,11 @@ def test_evaluate_cli_reproduces_the_summary(trained_run, tmp_path, run_module):
     proc = run_module("ppl_vae.evaluate", "--run", run_dir, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert f"test ELBO {original['test_elbo']:.2f}" in proc.stdout
+    assert "evaluation: 10 samples per data point in one vectorized pass" in proc.stdout
     summary = read_json(run_dir / "summary.json")
     assert summary["test_elbo"] == original["test_elbo"]
     assert summary == {**original, "eval_particles": trained_run.config.eval_particles}
+    assert summary["eval_method"] == "10 samples per data point in one vectorized pass"
 
 
 def test_evaluate_reproduces_the_iwae_estimate(cli_run, tmp_path, cli):
@@ -140,7 +155,9 @@ def test_evaluate_reproduces_the_iwae_estimate(cli_run, tmp_path, cli):
      "0.5", "--beta", "0.5"],
     ["--elbo", "mc", "--particles", "3", "--binarize", "static"],
     ["--jit", "--elbo", "mc"],
-], ids=["analytic-gaussian-learned-beta", "mc-3-static", "jit-mc"])
+    ["--encoder-scale", "logscale", "--model-opt", "activation='tanh'", "--model-opt",
+     "beta=0.5"],
+], ids=["analytic-gaussian-learned-beta", "mc-3-static", "jit-mc", "model-opt"])
 def test_train_cli_options(tmp_path, cli, options):
     out = tmp_path / "run"
     result = cli(train_main, ["--dataset", "digits", "--epochs", "1", *NET, "--lr", "1e-2",
@@ -154,14 +171,18 @@ def test_train_cli_options(tmp_path, cli, options):
     # the run learned something: its test ELBO beats the model it started from
     assert summary["test_elbo"] > initial_test_elbo(out) + 1
     state = torch.load(out / "checkpoint.pt", weights_only=True)["model"]
+    model_options = config["model_options"]
     if "--learn-scale" in options:
-        assert (config["likelihood"], config["learn_scale"], config["beta"]) == (
-            "gaussian", True, 0.5)
+        assert (model_options["likelihood"], model_options["learn_scale"],
+                model_options["beta"]) == ("gaussian", True, 0.5)
         assert state["log_scale"].item() != pytest.approx(math.log(0.5))  # sigma was learned
     if "--binarize" in options:
         assert (config["particles"], config["binarize"]) == (3, "static")
     if "--jit" in options:
         assert config["jit"] is True and config["elbo"] == "mc"
+    if "--model-opt" in options:
+        assert (model_options["encoder_scale"], model_options["activation"],
+                model_options["beta"]) == ("logscale", "tanh", 0.5)
 
 
 def test_train_cli_on_non_image_npz_without_labels(tmp_path, cli):
@@ -173,6 +194,8 @@ def test_train_cli_on_non_image_npz_without_labels(tmp_path, cli):
     assert result.code == 0, result.err
     assert_run_files(out, image_figures=False)
     assert not (out / "samples.png").exists()  # no image shape: no image grids
+    assert ("figure reconstructions.png and samples.png skipped: the data are not images"
+            in result.out.splitlines())
     assert read_json(out / "summary.json")["n_test"] == 12
 
 
@@ -192,6 +215,10 @@ def test_train_cli_on_offline_mnist(mnist_root, tmp_path, cli):
 def test_help(cli):
     result = cli(train_main, ["--help"])
     assert result.code == 0 and "--elbo" in result.out and "--eval-iwae" in result.out
+    # the model's own options: the VAE's, and --model-opt for any option
+    assert "model options (VAE)" in result.out and "--encoder-scale" in result.out
+    assert "--z-dim" in result.out and "--model-opt" in result.out
+    assert "--quadrants" not in result.out
     result = cli(evaluate_main, ["--help"])
     assert result.code == 0 and "--run" in result.out
 
@@ -246,25 +273,30 @@ def test_missing_mnist(tmp_path, cli):
 
 
 BAD_OPTIONS = {
-    "epochs": (["--epochs", "0"], ["--epochs must be at least 1"]),
-    "batch-size": (["--batch-size", "0"], ["--batch-size must be at least 1"]),
+    "epochs": (["--epochs", "0"], ["--epochs must be a whole number of at least 1"]),
+    "batch-size": (["--batch-size", "0"], ["--batch-size must be a whole number of at least 1"]),
     "lr": (["--lr", "-1"], ["--lr must be a positive number"]),
     "lr-nan": (["--lr", "nan"], ["--lr must be a positive number"]),
-    "z-dim": (["--z-dim", "0"], ["--z-dim must be at least 1"]),
-    "particles": (["--particles", "0"], ["--particles must be at least 1"]),
-    "eval-particles": (["--eval-particles", "0"], ["--eval-particles must be at least 1"]),
+    "z-dim": (["--z-dim", "0"], ["--z-dim must be a whole number of at least 1"]),
+    "particles": (["--particles", "0"], ["--particles must be a whole number of at least 1"]),
+    "eval-particles": (["--eval-particles", "0"],
+                       ["--eval-particles must be a whole number of at least 1"]),
     "eval-iwae": (["--eval-iwae", "-5"], ["--eval-iwae"]),
     "hidden": (["--hidden", "64", "0"], ["--hidden"]),
     "beta": (["--beta", "-0.1"], ["--beta must be a positive number"]),
     "beta-zero": (["--beta", "0"], ["--beta must be a positive number"]),
     "iwae-one-particle": (["--elbo", "iwae"], ["--elbo iwae", "--particles"]),
     "gaussian-scale": (["--gaussian-scale", "0"], ["--gaussian-scale must be a positive number"]),
-    "jit-iwae": (["--jit", "--elbo", "iwae"], ["--jit", "IWAE"]),
+    "jit-iwae": (["--jit", "--elbo", "iwae"], ["--jit with --elbo iwae is not supported"]),
     "learn-scale-bernoulli": (["--learn-scale"], ["--learn-scale", "--likelihood gaussian"]),
     "model": (["--model", "transformer"], ["unknown --model 'transformer'", "vae"]),
     "elbo-choice": (["--elbo", "exact"], ["--elbo", "exact", "(see --help)"]),
     "int-type": (["--epochs", "two"], ["--epochs", "'two'"]),
     "unknown-flag": (["--epoch", "3", "--frobnicate"], ["--frobnicate"]),
+    "encoder-scale": (["--encoder-scale", "exp"], ["--encoder-scale", "'exp'", "(see --help)"]),
+    "model-opt-unknown": (["--model-opt", "depth=3"], ["VAE has no option 'depth'", "z_dim"]),
+    "model-opt-syntax": (["--model-opt", "z_dim"], ["--model-opt takes KEY=VALUE"]),
+    "model-opt-value": (["--model-opt", "z_dim=0"], ["--z-dim must be a whole number"]),
 }
 
 
@@ -299,7 +331,8 @@ def test_bad_input_in_a_real_subprocess(tmp_path, run_module):
     proc = run_module("ppl_vae.train", "--epochs", "0", cwd=tmp_path)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
-    assert proc.stderr.strip() == (TRAIN_PROG + "--epochs must be at least 1, got 0")
+    assert proc.stderr.strip() == (TRAIN_PROG + "--epochs must be a whole number of at least 1, "
+                                               "got 0")
     assert not (tmp_path / "runs").exists()
     proc = run_module("ppl_vae.evaluate", "--run", tmp_path / "nowhere", cwd=tmp_path)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr

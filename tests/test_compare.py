@@ -1,4 +1,4 @@
-"""python -m ppl_vae.compare: estimator statistics that theory pins down, and its outputs."""
+"""python -m ppl_vae compare: estimator statistics that theory pins down, and its outputs."""
 
 from __future__ import annotations
 
@@ -11,10 +11,15 @@ from helpers import assert_one_line_error
 
 from ppl_vae import VAE
 from ppl_vae.cli import compare_main
-from ppl_vae.comparison import agreement, bound_estimates, gradient_stats, training_race
 from ppl_vae.config import TrainConfig
+from ppl_vae.evaluation.comparison import (
+    agreement,
+    bound_estimates,
+    gradient_stats,
+    training_race,
+)
 
-PROG = "python -m ppl_vae.compare: error: "
+PROG = "python -m ppl_vae compare: error: "
 NET = ["--dataset", "digits", "--hidden", "32", "--z-dim", "2", "--eval-particles", "3"]
 
 
@@ -56,6 +61,24 @@ def test_analytic_kl_removes_encoder_gradient_noise_when_the_decoder_ignores_z(v
     assert enc["mc"]["total_variance"] > 0
     assert enc["analytic"]["total_variance"] <= 1e-10 * enc["mc"]["total_variance"]
     assert enc["analytic"]["snr"] is None or enc["analytic"]["snr"] > 1e3  # None: exact
+
+
+def test_gradient_groups_come_from_the_parameter_groups_hook(digits):
+    """The default groups: each top-level child module, plus "(module)" for the module's own
+    parameters (a learned sigma); a model's own ``parameter_groups`` replaces them."""
+    args = (digits.test.x[:16],)
+    learned = VAE(64, 2, hidden=(16,), likelihood="gaussian", learn_scale=True)
+    rows = gradient_stats(learned, args, repeats=3, particles=(1,))
+    assert {r["group"] for r in rows} == {"encoder", "decoder", "(module)"}
+    own = [r for r in rows if r["group"] == "(module)"]
+    assert all(r["mean_norm"] > 0 for r in own)  # sigma's gradient, one coordinate
+
+    class OneGroup(VAE):
+        def parameter_groups(self):
+            return {"everything": list(self.parameters())}
+
+    rows = gradient_stats(OneGroup(64, 2, hidden=(16,)), args, repeats=3, particles=(1,))
+    assert {r["group"] for r in rows} == {"everything"}
 
 
 def test_race_gives_every_racer_the_same_batches(digits, vae_and_batch):
@@ -105,8 +128,7 @@ def test_compare_a_cvae(tmp_path, cli):
     (["--particles", "0"], "--particles"),
     (["--iwae-samples", "0"], "--iwae-samples"),
     (["--target", "nan"], "--target"),
-    (["--model", "cvae"], "--quadrants"),
-    (["--model", "cvae", "--quadrants", "1", "--warmup-epochs", "1"], "--run"),
+    (["--model", "cvae"], "these options make 3 runs (quadrants-1, quadrants-2, quadrants-3)"),
     (["--run", "no/such/run"], "config.json"),
 ])
 def test_bad_compare_options(tmp_path, cli, argv, fragment):
@@ -114,9 +136,29 @@ def test_bad_compare_options(tmp_path, cli, argv, fragment):
     assert_one_line_error(result, PROG, fragment)
 
 
+def test_warmup_epochs_need_a_fresh_model(trained_run, tmp_path, cli):
+    result = cli(compare_main, [*NET, "--run", trained_run.out, "--warmup-epochs", "1",
+                                "--out", tmp_path / "cmp"])
+    assert_one_line_error(result, PROG, "--warmup-epochs trains a fresh model", "--run")
+    assert not (tmp_path / "cmp").exists()
+
+
+def test_warmup_pretrains_a_cvae(tmp_path, cli):
+    """A CVAE warm-up runs its ``pretrain`` hook (the baseline NN) before the SVI epochs."""
+    out = tmp_path / "cmp"
+    result = cli(compare_main, [*NET, "--model", "cvae", "--quadrants", "1", "--repeats", "3",
+                                "--particles", "1", "--iwae-samples", "2", "--eval-batch", "16",
+                                "--epochs", "1", "--warmup-epochs", "1", "--no-race",
+                                "--out", out])
+    assert result.code == 0, result.err
+    baseline = (out / "baseline_metrics.csv").read_text().splitlines()
+    assert len(baseline) == 2 and baseline[0].startswith("epoch,train_nll,test_nll")
+    assert json.loads((out / "results.json").read_text())["meta"]["warmup_epochs"] == 1
+
+
 def test_package_compare_stays_the_function():
     import ppl_vae
     import ppl_vae.compare  # noqa: F401  (the file python -m ppl_vae.compare runs)
-    import ppl_vae.comparison
+    import ppl_vae.evaluation.comparison
 
-    assert ppl_vae.compare is ppl_vae.comparison.compare
+    assert ppl_vae.compare is ppl_vae.evaluation.comparison.compare

@@ -28,18 +28,29 @@ from pyro.poutine.util import site_is_subsample
 from torch import nn
 from torch.distributions import MultivariateNormal, Normal, kl_divergence
 
-from ppl_vae import TrainConfig, UsageError, load_dataset, log_weights, make_elbo, score
+import ppl_vae
+from ppl_vae import (
+    Run,
+    TrainConfig,
+    UsageError,
+    Variants,
+    load_dataset,
+    log_weights,
+    make_elbo,
+    score,
+)
 from ppl_vae.cli import train_main
-from ppl_vae.evaluation import conditional_scores
-from ppl_vae.models.cvae import CVAE, observed_quadrants
-from ppl_vae.run import build_model, load_data
-from ppl_vae.training import backward_step, collect_params, elbo_step, fit, programs
+from ppl_vae.inference.program import inspect_program
+from ppl_vae.inference.svi import backward_step, collect_params, elbo_step, fit
+from ppl_vae.inference.trainer import build_model, load_data
+from ppl_vae.models import hook
+from ppl_vae.models.cvae import CVAE, CVAEOptions, conditional_scores, observed_quadrants
 
 F64 = torch.float64
 IMAGE = (8, 8)
 PIXELS = 64
 CLASSES = 10
-TRAIN_PROG = "python -m ppl_vae.train: error: "
+TRAIN_PROG = "python -m ppl_vae train: error: "
 PNG = b"\x89PNG\r\n\x1a\n"
 CLL_FIELDS = ("nn_baseline", "cvae_is", "cvae_neg_elbo", "gap")
 CLL_NAMES = ["NN baseline", "CVAE (IS)", "CVAE (−ELBO)", "gap (NN − IS)"]
@@ -72,7 +83,15 @@ def target_log_lik(cvae: CVAE, c, y, z):
 def split_elbo(module: CVAE, split, k: int):
     """Per-image test ELBO as a run reports it: K draws from the module's proposal."""
     return score(module, *module.data_args(split.x, split.y), num_samples=k,
-                 guide=module.proposal).elbo
+                 guide=module.proposal()).elbo
+
+
+def svi_step(cvae: CVAE, c, y, elbo=None):
+    """The run's SVI step for ``cvae`` (every term of its objective) and the program info
+    it was built with (from two rows, as the trainer probes)."""
+    info = inspect_program(cvae.model, cvae.guide, c[:2], y[:2])
+    terms = hook(cvae, "programs")()
+    return elbo_step(elbo or make_elbo("mc"), cvae, terms, info), info
 
 
 def read_json(path):
@@ -288,6 +307,7 @@ def test_exact_posterior_gives_exact_conditional_log_likelihood(lg):
     exact = lg.log_p(c, y)
     assert (lw - exact).abs().max() < 1e-8
     s = score(cvae, c, y, num_samples=5, iwae=True)
+    assert s.elbo.dtype == s.iwae.dtype == F64  # a float64 model is scored in float64
     assert (s.elbo - exact).abs().max() < 1e-8 and (s.iwae - exact).abs().max() < 1e-8
 
 
@@ -300,7 +320,7 @@ def test_importance_sampling_approaches_exact_conditional_log_likelihood(lg, sem
             p.add_(0.02 * torch.randn(p.shape, generator=g, dtype=F64))
     cvae, c, y, k = lg.cvae, lg.c, lg.y, 2000
     exact = lg.log_p(c, y)
-    table = conditional_scores(cvae, c, y, samples=k, elbo_particles=10)
+    table = conditional_scores(cvae, c, y, score, samples=k, elbo_particles=10)
     s = score(cvae, c, y, num_samples=k, iwae=True)  # seed 0: conditional_scores' draws
     assert table["cvae_is"] == pytest.approx(-s.iwae.mean().item(), abs=1e-12)
     iwae_gap = exact - s.iwae
@@ -396,9 +416,10 @@ def test_programs_of_each_objective():
     assert (w1, w2) == (pytest.approx(0.3), pytest.approx(0.7))
     assert (m1, g1, m2, g2) == (hybrid.model, hybrid.guide, hybrid.model, hybrid.prior_guide)
     for module in (cvae, gsnn, hybrid):
-        assert programs(module) == module.programs()
-    assert cvae.proposal == cvae.guide and hybrid.proposal == hybrid.guide
-    assert gsnn.proposal == gsnn.prior_guide
+        assert hook(module, "programs")() == module.programs()
+        assert hook(module, "proposal")() == module.proposal()
+    assert cvae.proposal() == cvae.guide and hybrid.proposal() == hybrid.guide
+    assert gsnn.proposal() == gsnn.prior_guide
 
 
 def test_conditional_scores_use_the_proposal(digits):
@@ -406,7 +427,7 @@ def test_conditional_scores_use_the_proposal(digits):
     for objective, proposal in (("gsnn", "prior_guide"), ("cvae", "guide")):
         cvae = small_cvae(objective=objective)
         c, y = cvae_inputs(cvae, digits, 50)
-        table = conditional_scores(cvae, c, y, samples=7, elbo_particles=3)
+        table = conditional_scores(cvae, c, y, score, samples=7, elbo_particles=3)
         for guide, equal in ((getattr(cvae, proposal), True),
                              (cvae.guide if objective == "gsnn" else cvae.prior_guide, False)):
             iwae = score(cvae, c, y, num_samples=7, iwae=True, guide=guide).iwae.mean().item()
@@ -419,7 +440,7 @@ def _step(state, c, y, seed, objective, alpha=0.5, skip_q_draw=False):
     """(loss, gradients) of one mc ``elbo_step`` from ``state`` with ``seed``."""
     cvae = small_cvae(objective=objective, hybrid_alpha=alpha)
     cvae.load_state_dict(state)
-    step = elbo_step(make_elbo("mc"), cvae)
+    step, _ = svi_step(cvae, c, y)
     pyro.set_rng_seed(seed)
     if skip_q_draw:  # the draw z ~ q(z|c,y) that the hybrid's first term takes
         with torch.no_grad():
@@ -455,10 +476,11 @@ def test_hybrid_objective_interpolates(digits):
 
 def test_iwae_trains_one_program_only(digits):
     c, y = cvae_inputs(small_cvae(), digits, 16)
-    with pytest.raises(UsageError, match="several"):
-        elbo_step(make_elbo("iwae", 2), small_cvae(objective="hybrid"))
+    with pytest.raises(UsageError, match="trains one model/guide pair.*several"):
+        svi_step(small_cvae(objective="hybrid"), c, y, make_elbo("iwae", 2))
     for objective in ("cvae", "gsnn"):
-        loss = elbo_step(make_elbo("iwae", 2), small_cvae(objective=objective))(c, y)
+        step, _ = svi_step(small_cvae(objective=objective), c, y, make_elbo("iwae", 2))
+        loss = step(c, y)
         assert torch.isfinite(loss) and loss > 0
 
 
@@ -467,7 +489,7 @@ def test_one_step_trains_the_right_networks(digits, objective):
     """The baseline network is held fixed (no gradient); the GSNN never uses q."""
     cvae = small_cvae(objective=objective)
     c, y = cvae_inputs(cvae, digits, 32)
-    step = elbo_step(make_elbo("mc"), cvae)
+    step, info = svi_step(cvae, c, y)
     step(c, y)
     assert all(p.grad is None for p in cvae.baseline.parameters())
     trained = [cvae.prior_net, cvae.generation_net]
@@ -479,7 +501,7 @@ def test_one_step_trains_the_right_networks(digits, objective):
         for p in net.parameters():
             assert p.grad is not None and p.grad.abs().sum() > 0
     # and the optimizer the run builds holds them all; an Adam step leaves the baseline alone
-    params = collect_params(cvae, step, c, y)
+    params = collect_params(cvae, info)
     assert {id(p) for p in params} == {id(p) for p in cvae.parameters()}
     before = copy.deepcopy(cvae.state_dict())
     opt = torch.optim.Adam(params, lr=1e-2)
@@ -556,6 +578,15 @@ def test_quadrant_table_end_to_end(tmp_path, monkeypatch, cli, run_module):
     assert result.code == 0, result.err
     assert "Traceback" not in result.err
     assert "| CVAE (IS) |" in result.out and "runs written to out" in result.out
+    # each run's notes (first lines), then the table, then where the runs went
+    lines = result.out.splitlines()
+    for k in ("1", "3"):
+        assert (f"quadrants-{k}: evaluation: 3 samples per data point in one vectorized pass"
+                in lines)
+        assert f"quadrants-{k}: -log p(y|c), nats per test image (lower is better):" in lines
+    notes = [i for i, line in enumerate(lines) if line.startswith("quadrants-")]
+    table_start = lines.index("| estimate | 1 quadrant | 3 quadrants |")
+    assert max(notes) < table_start < lines.index(next(x for x in lines if "runs written" in x))
     out = tmp_path / "out"
 
     table = read_json(out / "summary.json")
@@ -566,9 +597,12 @@ def test_quadrant_table_end_to_end(tmp_path, monkeypatch, cli, run_module):
         assert row["gap"] == pytest.approx(row["nn_baseline"] - row["cvae_is"], abs=1e-9)
     # three observed quadrants leave a quarter of the pixels to predict, one leaves three
     assert table["cll"]["3"]["cvae_is"] < 0.5 * table["cll"]["1"]["cvae_is"]
-    assert table["runs"] == {"1": "quadrants-1", "3": "quadrants-3"}  # beside the table
-    assert table["config"]["quadrants"] == [1, 3]
-    assert set(table["best_epochs"]) == {"1", "3"}
+    # the runs, beside the table, by variant name
+    assert table["runs"] == {"quadrants-1": "quadrants-1", "quadrants-3": "quadrants-3"}
+    assert table["config"]["model"] == "cvae"
+    assert table["config"]["model_options"]["quadrants"] == [1, 3]
+    assert set(table["best_epochs"]) == set(table["train_seconds"]) == set(table["runs"])
+    assert not (out / "table.md").exists()  # the CVAE's table is cll_table.*
 
     fields, rows = read_csv(out / "cll_table.csv")
     assert fields == ["estimate", "1 quadrant", "3 quadrants"]
@@ -586,7 +620,8 @@ def test_quadrant_table_end_to_end(tmp_path, monkeypatch, cli, run_module):
         assert "samples_by_label.png" not in names and not [n for n in names if ".tmp" in n]
         assert_pngs(run, "elbo_curves.png", "completions.png")
         config = read_json(run / "config.json")
-        assert (config["model"], config["condition"], config["quadrants"]) == (
+        options = config["model_options"]
+        assert (config["model"], options["condition"], options["quadrants"]) == (
             "cvae", "quadrants", [int(k)])
         assert config["early_stop"] == 1 and config["out"] == f"out/quadrants-{k}"
         fields, rows = read_csv(run / "metrics.csv")
@@ -598,7 +633,8 @@ def test_quadrant_table_end_to_end(tmp_path, monkeypatch, cli, run_module):
         assert all(float(r["test_nll"]) > 0 for r in rows)
         summary = read_json(run / "summary.json")
         assert summary["cll"] == {k: table["cll"][k]}
-        assert summary["best_epoch"] == table["best_epochs"][k]
+        assert summary["best_epoch"] == table["best_epochs"][f"quadrants-{k}"]
+        assert summary["train_seconds"] == table["train_seconds"][f"quadrants-{k}"]
         assert summary["n_val"] > 0 and summary["n_train"] + summary["n_val"] == 1438
         assert summary["eval_particles"] == 3 and summary["test_elbo"] < 0
         state = torch.load(run / "checkpoint.pt", weights_only=True)
@@ -614,6 +650,8 @@ def test_quadrant_table_end_to_end(tmp_path, monkeypatch, cli, run_module):
     proc = run_module("ppl_vae.evaluate", "--run", "out/quadrants-1", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert f"test ELBO {original['test_elbo']:.2f}" in proc.stdout
+    assert "evaluation: 3 samples per data point in one vectorized pass" in proc.stdout
+    assert "| CVAE (IS) |" in proc.stdout  # the model's metrics note: its table
     summary = read_json(run / "summary.json")
     assert summary["test_elbo"] == original["test_elbo"]
     assert summary["cll"] == original["cll"]
@@ -644,6 +682,33 @@ def test_label_cvae_end_to_end(tmp_path, cli):
     assert state["recognition_net.0.weight"].shape == (32, CLASSES + PIXELS)
 
 
+def test_train_makes_one_run_per_quadrant_count(digits, tmp_path):
+    """From Python: ``ppl_vae.train`` gives a Variants for the quadrants condition, even for
+    one count, and a Run for labels; one CVAE observes one count."""
+    small = dict(hidden=(16,), z_dim=2, cll_samples=5)
+    common = dict(model="cvae", epochs=1, batch_size=128, eval_particles=2)
+    config = TrainConfig(model_options=dict(quadrants=(2,), **small),
+                         out=str(tmp_path / "quad"), **common)
+    result = ppl_vae.train(config, data=digits, progress=False)
+    assert isinstance(result, Variants) and result.out == tmp_path / "quad"
+    assert list(result.runs) == ["quadrants-2"]
+    run = result.runs["quadrants-2"]
+    assert isinstance(run, Run) and run.out == tmp_path / "quad" / "quadrants-2"
+    assert run.config.model_options.quadrants == (2,)
+    assert run.notes[0] == "evaluation: 2 samples per data point in one vectorized pass"
+    assert "| estimate | 2 quadrants |" in result.table and result.seconds > 0
+    assert result.summary == {"quadrants-2": run.summary}
+    assert (result.out / "cll_table.md").is_file() and (result.out / "summary.json").is_file()
+
+    label = TrainConfig(model_options=dict(condition="label", **small),
+                        out=str(tmp_path / "label"), **common)
+    run = ppl_vae.train(label, data=digits, progress=False)
+    assert isinstance(run, Run) and set(run.summary["cll"]) == {"label"}
+
+    with pytest.raises(UsageError, match="one CVAE observes one number of quadrants"):
+        build_model(TrainConfig(model="cvae", model_options=dict(quadrants=(1, 3))), digits)
+
+
 CVAE_OPTIONS = {
     "gsnn-analytic": ["--cvae-objective", "gsnn", "--elbo", "analytic"],
     "hybrid": ["--cvae-objective", "hybrid", "--hybrid-alpha", "0.3"],
@@ -664,13 +729,15 @@ def test_cvae_options_train(tmp_path, cli, sem, name):
     run = out / "quadrants-2"
     assert {*RUN_FILES, "completions.png"} <= {p.name for p in run.iterdir()}
     config = TrainConfig.from_dict(read_json(run / "config.json"))
+    options = config.model_options
+    assert isinstance(options, CVAEOptions) and options.quadrants == (2,)
     expected = {"gsnn-analytic": ("gsnn", "analytic", 1, True),
                 "hybrid": ("hybrid", "mc", 1, True), "iwae-3": ("cvae", "iwae", 3, True),
                 "no-baseline-input": ("cvae", "mc", 1, False)}[name]
-    assert (config.cvae_objective, config.elbo, config.particles,
-            config.baseline_input) == expected
+    assert (options.cvae_objective, config.elbo, config.particles,
+            options.baseline_input) == expected
     if name == "hybrid":
-        assert config.hybrid_alpha == 0.3
+        assert options.hybrid_alpha == 0.3
 
     data = load_data(config)
     pyro.set_rng_seed(config.seed)  # what train builds first
@@ -678,7 +745,7 @@ def test_cvae_options_train(tmp_path, cli, sem, name):
     trained = build_model(config, data)
     trained.load_state_dict(torch.load(run / "checkpoint.pt", weights_only=True)["model"])
     trained.eval()
-    assert trained.objective == config.cvae_objective
+    assert trained.objective == options.cvae_objective
     if name == "no-baseline-input":
         assert trained.prior_net[0].weight.shape[1] == PIXELS  # c only
     else:
@@ -717,14 +784,19 @@ BAD_CVAE = {
     "quadrants-not-square": (
         ["--condition", "quadrants", "--dataset", lambda t: _npz(t, x=_RNG.random((40, 10)))],
         ["--condition quadrants", "square"]),
+    # found when the SVI step is built: IWAE trains one model/guide pair, the hybrid two
     "hybrid-iwae": (["--cvae-objective", "hybrid", "--elbo", "iwae", "--particles", "2"],
-                    ["--cvae-objective hybrid", "--elbo"]),
+                    ["trains one model/guide pair", "--elbo mc or analytic"]),
     "hybrid-alpha": (["--hybrid-alpha", "2"], ["--hybrid-alpha", "[0, 1]"]),
     "hybrid-alpha-nan": (["--hybrid-alpha", "nan"], ["--hybrid-alpha"]),
     "val-fraction": (["--val-fraction", "1"], ["--val-fraction"]),
     "early-stop": (["--early-stop", "-1"], ["--early-stop"]),
     "objective": (["--cvae-objective", "bogus"], ["--cvae-objective", "bogus"]),
-    "learn-scale": (["--likelihood", "gaussian", "--learn-scale"], ["--learn-scale", "CVAE"]),
+    # the CVAE has no learned sigma: no such flag, and no such option
+    "learn-scale": (["--likelihood", "gaussian", "--learn-scale"],
+                    ["unrecognized arguments: --learn-scale"]),
+    "learn-scale-opt": (["--likelihood", "gaussian", "--model-opt", "learn_scale=True"],
+                        ["CVAE has no option 'learn_scale'"]),
 }
 
 
@@ -738,7 +810,8 @@ def test_bad_cvae_input(tmp_path, cli, one_line_error, name):
     assert not out.exists() or not [p for p in out.rglob("*") if p.is_file()]
 
 
-MODEL_ERRORS = ["label-without-labels", "quadrants-not-square", "learn-scale"]
+MODEL_ERRORS = ["label-without-labels", "quadrants-not-square", "learn-scale",
+                "learn-scale-opt"]
 
 
 @pytest.mark.parametrize("name", MODEL_ERRORS)
@@ -765,15 +838,16 @@ def test_corrected_command_reuses_the_out_of_a_failed_one(tmp_path, cli):
 def test_cvae_on_offline_mnist(mnist_root):
     """One quadrant observed on 28x28 MNIST: 588 of 784 pixels to predict; one SVI step."""
     config = TrainConfig(model="cvae", dataset="mnist", data_dir=str(mnist_root),
-                         download=False, quadrants=(1,), hidden=(32,), z_dim=2)
+                         download=False, model_options=dict(quadrants=(1,), hidden=(32,),
+                                                            z_dim=2))
     data = load_dataset("mnist", str(mnist_root), download=False)
     cvae = build_model(config, data)
     assert isinstance(cvae, CVAE) and cvae.target.shape == (784,)
     assert int(cvae.target.sum()) == 588
     assert not cvae.target.reshape(28, 28)[14:, :14].any()  # bottom-left observed
     c, y = cvae.data_args(data.train.x[:64], data.train.y[:64])
-    step = elbo_step(make_elbo("mc"), cvae)
-    params = collect_params(cvae, step, c, y)
+    step, info = svi_step(cvae, c, y)
+    params = collect_params(cvae, info)
     opt = torch.optim.Adam(params, lr=1e-3)
     before = copy.deepcopy(cvae.generation_net.state_dict())
     opt.zero_grad(set_to_none=True)

@@ -15,7 +15,8 @@ import torch
 from torch.distributions import MultivariateNormal, Normal, kl_divergence
 
 from ppl_vae import VAE, Scores, log_weights, score
-from ppl_vae import evaluation as evaluation_module
+from ppl_vae.inference import importance as importance_module
+from ppl_vae.models.vae import encoder_scale_inverse
 
 D, Z, SIGMA = 6, 3, 0.5
 F64 = torch.float64
@@ -49,7 +50,9 @@ class PPCA:
         enc.bias.zero_()
         enc.weight[:Z] = a
         enc.bias[:Z] = -a @ self.b
-        enc.bias[Z:] = 0.5 * torch.log(torch.diagonal(self.post_cov))
+        # the second half is the scale head's h, with sigma = s(h) for the default head s
+        enc.bias[Z:] = encoder_scale_inverse(torch.diagonal(self.post_cov).sqrt(),
+                                             self.vae.scale_head)
 
     def generate(self, n: int, g: torch.Generator) -> torch.Tensor:
         """x from the model itself: z ~ N(0, I), x = W z + b + sigma eps."""
@@ -83,13 +86,14 @@ def test_exact_posterior_gives_exact_log_weights(ppca):
     exact = ppca.log_px(ppca.x)
     assert (lw - exact).abs().max() < 1e-9
     s = score(ppca.vae, ppca.x, num_samples=7, iwae=True)
+    assert s.elbo.dtype == s.iwae.dtype == F64  # a float64 model is scored in float64
     assert torch.allclose(s.elbo, exact, atol=1e-9) and torch.allclose(s.iwae, exact, atol=1e-9)
 
 
 def test_exact_log_weights_survive_chunking(ppca, monkeypatch):
     """Memory-bounded chunks of rows and of samples reassemble in the right order."""
     # one row at a time, its 13 samples in chunks of 5, 5, 3
-    monkeypatch.setattr(evaluation_module, "MAX_ELEMENTS", 5 * D)
+    monkeypatch.setattr(importance_module, "MAX_ELEMENTS", 5 * D)
     x = ppca.x[:37]
     s = score(ppca.vae, x, num_samples=13, iwae=True)
     assert s.elbo.shape == s.iwae.shape == (37,)
@@ -152,7 +156,9 @@ def test_score_is_seeded_and_leaves_rng_alone(digits):
     assert torch.equal(a.elbo, b.elbo)
     assert not torch.equal(a.elbo, c.elbo)
     assert a.iwae is None and a.iwae_samples == 0
-    assert a.summary() == {"test_elbo": pytest.approx(a.elbo.mean().item())}
+    assert a.method == "5 samples per data point in one vectorized pass"
+    assert a.summary() == {"test_elbo": pytest.approx(a.elbo.mean().item()),
+                           "eval_method": a.method}
     assert not a.elbo.requires_grad
 
 
@@ -160,6 +166,8 @@ def test_scores_summary():
     s = Scores(torch.tensor([-1.0, -3.0]), torch.tensor([-0.5, -2.5]), 10)
     assert s.summary() == {"test_elbo": -2.0, "test_log_likelihood_iwae": -1.5,
                            "iwae_samples": 10}
+    s = Scores(torch.tensor([-1.0, -3.0]), method="how")
+    assert s.summary() == {"test_elbo": -2.0, "eval_method": "how"}
 
 
 def test_iwae_bounds_on_a_trained_vae(trained_run, sem):

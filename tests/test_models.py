@@ -12,7 +12,9 @@ from pyro import poutine
 from torch import nn
 
 from ppl_vae import MODELS, VAE, TrainConfig, UsageError, get_model, register_model
-from ppl_vae.run import build_model
+from ppl_vae.inference.trainer import build_model
+from ppl_vae.models import model_name
+from ppl_vae.models.vae import VAEOptions, encoder_scale_inverse
 
 D, Z, B = 64, 3, 5
 
@@ -126,7 +128,7 @@ def test_network_shapes_and_outputs():
     linears = [m for m in vae.decoder if isinstance(m, nn.Linear)]
     assert [(m.in_features, m.out_features) for m in linears] == [(Z, 16), (16, 32), (32, D)]
     assert sum(isinstance(m, nn.Tanh) for m in vae.encoder) == 2
-    assert not isinstance(vae.encoder[-1], nn.Tanh)  # raw (loc, log-scale) out
+    assert not isinstance(vae.encoder[-1], nn.Tanh)  # raw (loc, scale head) out
     x = torch.rand(B, D)
     loc, scale = vae.encode(x)
     assert loc.shape == scale.shape == (B, Z) and (scale > 0).all()
@@ -162,23 +164,60 @@ def test_bad_likelihood_is_rejected():
         VAE(D, Z, likelihood="poisson")
 
 
-def test_from_config_uses_every_model_option(digits):
-    config = TrainConfig(z_dim=5, hidden=(24,), activation="elu", likelihood="gaussian",
-                         gaussian_scale=0.7, learn_scale=True, beta=0.25)
+@pytest.mark.parametrize("kind, sigma", [
+    ("logvar", lambda h: (0.5 * h).exp()),  # h is log sigma^2
+    ("logscale", lambda h: h.exp()),  # the old behaviour: h is log sigma
+    ("softplus", F.softplus),
+])
+def test_encoder_scale_head(x, kind, sigma):
+    vae = VAE(D, Z, hidden=(16,), encoder_scale=kind)
+    loc, h = vae.encoder(x).chunk(2, dim=-1)
+    got_loc, got_scale = vae.encode(x)
+    assert torch.equal(got_loc, loc)
+    assert torch.allclose(got_scale, sigma(h))
+    t = trace(vae.guide, x)
+    assert torch.allclose(t.nodes["z"]["fn"].base_dist.scale, sigma(h))
+    assert torch.allclose(encoder_scale_inverse(sigma(h), kind), h, atol=1e-5)
+
+
+def test_encoder_scale_default_is_softplus():
+    assert VAEOptions().encoder_scale == "softplus"  # the measured best (README)
+    assert VAE(D, Z).scale_head == "softplus"
+    with pytest.raises(UsageError, match="encoder_scale 'exp' is not one of logvar, logscale"):
+        VAEOptions(encoder_scale="exp")
+
+
+def test_from_options_uses_every_model_option(digits):
+    config = TrainConfig(model_options=dict(
+        z_dim=5, hidden=(24,), activation="elu", likelihood="gaussian", gaussian_scale=0.7,
+        learn_scale=True, beta=0.25, encoder_scale="logscale"))
+    assert isinstance(config.model_options, VAEOptions)
     vae = build_model(config, digits)
     assert isinstance(vae, VAE)
     assert (vae.input_dim, vae.z_dim, vae.likelihood, vae.beta) == (64, 5, "gaussian", 0.25)
     assert vae.encoder[0].out_features == 24 and isinstance(vae.encoder[1], nn.ELU)
     assert vae.log_scale.item() == pytest.approx(math.log(0.7))
     assert isinstance(vae.log_scale, nn.Parameter)
+    assert vae.scale_head == "logscale"
+    same = VAE.from_options(config.model_options, digits)
+    assert (same.z_dim, same.likelihood, same.beta, same.scale_head) == (
+        5, "gaussian", 0.25, "logscale")
+
+
+def test_model_options_are_validated():
+    with pytest.raises(UsageError, match="VAE has no option 'batch_size'"):
+        TrainConfig(model_options=dict(batch_size=3))
+    with pytest.raises(UsageError, match="z_dim must be a whole number of at least 1"):
+        TrainConfig(model_options=dict(z_dim=0))
 
 
 def test_registry():
     assert get_model("vae") is VAE and MODELS["vae"] is VAE
-    with pytest.raises(UsageError, match="unknown --model 'nope'.*vae"):
+    assert get_model(VAE) is VAE and model_name(VAE) == "vae"
+    with pytest.raises(UsageError, match="unknown model 'nope'.*vae"):
         get_model("nope")
     with pytest.raises(TypeError, match="guide"):
-        register_model("broken")(type("Broken", (), {"model": None, "from_config": None}))
+        register_model("broken")(type("Broken", (), {"model": None, "from_options": None}))
     assert "broken" not in MODELS
 
     @register_model("test-vae")
@@ -186,6 +225,16 @@ def test_registry():
         pass
 
     try:
-        assert get_model("test-vae") is MyVAE
+        assert get_model("test-vae") is MyVAE and model_name(MyVAE) == "test-vae"
     finally:
         MODELS.pop("test-vae")
+
+    class OtherVAE(VAE):  # registered under its class name in lower case
+        pass
+
+    assert model_name(OtherVAE) == f"{__name__}:test_registry.<locals>.OtherVAE"
+    assert register_model(OtherVAE) is OtherVAE
+    try:
+        assert get_model("othervae") is OtherVAE and model_name(OtherVAE) == "othervae"
+    finally:
+        MODELS.pop("othervae")

@@ -6,11 +6,12 @@ import json
 import textwrap
 
 import pytest
+import torch
 from helpers import assert_one_line_error
 
-from ppl_vae import TrainConfig, register_model, train
+from ppl_vae import Run, TrainConfig, register_model, train
 from ppl_vae.cli import train_main
-from ppl_vae.models import MODELS, VAE
+from ppl_vae.models import MODELS, VAE, model_name
 
 PLUGIN = textwrap.dedent('''
     import pyro
@@ -19,7 +20,7 @@ PLUGIN = textwrap.dedent('''
 
 
     class TinyVAE(nn.Module):
-        """Written outside ppl_vae, with no from_config."""
+        """Written outside ppl_vae, with no from_options."""
 
         def __init__(self, input_dim, z_dim=2, hidden=(32,)):
             super().__init__()
@@ -58,8 +59,13 @@ def plugin_dir(tmp_path, monkeypatch):
 def test_model_by_import_path_trains_and_evaluates(plugin_dir, run_module):
     out = plugin_dir / "run"
     proc = run_module("ppl_vae.train", "--model", "my_models:TinyVAE", "--dataset", "digits",
-                      "--epochs", "3", "--out", out, cwd=plugin_dir)
+                      "--epochs", "3", "--z-dim", "3", "--out", out, cwd=plugin_dir)
     assert proc.returncode == 0, proc.stderr
+    # the constructor's keywords are the options; only those given are recorded
+    config = json.loads((out / "config.json").read_text())
+    assert config["model"] == "my_models:TinyVAE" and config["model_options"] == {"z_dim": 3}
+    state = torch.load(out / "checkpoint.pt", weights_only=True)["model"]
+    assert state["enc.weight"].shape == (6, 64) and state["dec.weight"].shape == (64, 3)
     summary = json.loads((out / "summary.json").read_text())
     metrics = (out / "metrics.csv").read_text().splitlines()
     first, last = (float(line.split(",")[2]) for line in (metrics[1], metrics[-1]))
@@ -78,7 +84,7 @@ def test_model_by_import_path_trains_and_evaluates(plugin_dir, run_module):
 def test_bad_import_paths(plugin_dir, cli, name, fragment):
     result = cli(train_main, ["--model", name, "--dataset", "digits", "--out",
                               plugin_dir / "bad"])
-    assert_one_line_error(result, "python -m ppl_vae.train: error: ", fragment)
+    assert_one_line_error(result, "python -m ppl_vae train: error: ", fragment)
 
 
 def test_register_by_call_and_decorator(digits, tmp_path):
@@ -88,11 +94,30 @@ def test_register_by_call_and_decorator(digits, tmp_path):
     try:
         assert register_model("copy-vae", Copy) is Copy
         assert register_model("copy-vae-2")(Copy) is Copy
-        run = train(TrainConfig(model="copy-vae", epochs=1, hidden=(16,), z_dim=2,
-                                out=str(tmp_path / "r")), data=digits, progress=False)
-        assert type(run.module) is Copy
+        run = train(TrainConfig(model="copy-vae", model_options=dict(hidden=(16,), z_dim=2),
+                                epochs=1, out=str(tmp_path / "r")), data=digits,
+                    progress=False)
+        assert isinstance(run, Run) and type(run.module) is Copy
+        assert run.module.z_dim == 2 and run.module.encoder[0].out_features == 16
         with pytest.raises(TypeError, match="lacks model and guide"):
             register_model("broken", type("Broken", (), {}))
+        # by the class alone: its name in lower case
+        assert register_model(Copy) is Copy and MODELS["copy"] is Copy
     finally:
-        for name in ("copy-vae", "copy-vae-2", "broken"):
+        for name in ("copy-vae", "copy-vae-2", "copy", "broken"):
             MODELS.pop(name, None)
+
+
+def test_a_class_itself_is_a_model(digits, tmp_path):
+    class Unregistered(VAE):
+        pass
+
+    config = TrainConfig(model=Unregistered, model_options=dict(hidden=(16,), z_dim=2),
+                         epochs=1, out=str(tmp_path / "r"))
+    assert config.model_class is Unregistered
+    assert config.model_name == model_name(Unregistered) == (
+        f"{__name__}:test_a_class_itself_is_a_model.<locals>.Unregistered")
+    run = train(config, data=digits, progress=False)
+    assert type(run.module) is Unregistered
+    saved = json.loads((run.out / "config.json").read_text())
+    assert saved["model"] == config.model_name

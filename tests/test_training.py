@@ -1,21 +1,32 @@
-"""SVI training through ppl_vae.train: it learns, it is reproducible, its checkpoint restores."""
+"""SVI training through ppl_vae.train_run: it learns, it is reproducible, its checkpoint
+restores."""
 
 from __future__ import annotations
 
 import json
 import math
+import shutil
 import warnings
 
 import numpy as np
 import pyro
 import pytest
 import torch
+from pyro.poutine.util import is_validation_enabled
 
-from ppl_vae import TrainConfig, UsageError, plots, score
+from ppl_vae import VAE, Run, TrainConfig, UsageError, plots, score, train_run
 from ppl_vae.checkpoint import load_checkpoint, restore_rng
-from ppl_vae.run import build_model, train
+from ppl_vae.evaluation.runs import evaluate_run, load_run
+from ppl_vae.inference.trainer import build_model
 
-TINY = dict(hidden=(16,), z_dim=2, batch_size=128, lr=3e-3, eval_particles=2)
+TINY_MODEL = dict(hidden=(16,), z_dim=2)
+TINY_TRAIN = dict(batch_size=128, lr=3e-3, eval_particles=2)
+
+
+def tiny(model_options: dict | None = None, **train_options) -> TrainConfig:
+    """A tiny VAE's config: TINY_MODEL updated by ``model_options``, TINY_TRAIN by the rest."""
+    return TrainConfig(model_options={**TINY_MODEL, **(model_options or {})},
+                       **{**TINY_TRAIN, **train_options})
 
 
 def initial_model(config: TrainConfig, data):
@@ -48,8 +59,8 @@ def test_training_raises_the_test_elbo(trained_run, sem):
 
 def test_training_is_reproducible(digits, tmp_path):
     def fit(seed, name):
-        config = TrainConfig(epochs=1, seed=seed, out=str(tmp_path / name), **TINY)
-        return train(config, data=digits, progress=False)
+        config = tiny(epochs=1, seed=seed, out=str(tmp_path / name))
+        return train_run(config, data=digits, progress=False)
 
     a, b, c = fit(0, "a"), fit(0, "b"), fit(1, "c")
     for key, value in a.module.state_dict().items():
@@ -59,17 +70,18 @@ def test_training_is_reproducible(digits, tmp_path):
     assert not torch.equal(a.module.decoder[0].weight, c.module.decoder[0].weight)
 
 
-@pytest.mark.parametrize("options", [
-    dict(elbo="mc"),
-    dict(elbo="analytic", particles=2),
-    dict(elbo="iwae", particles=3),
-    dict(elbo="mc", likelihood="gaussian", learn_scale=True, gaussian_scale=0.5, beta=0.5),
+@pytest.mark.parametrize("model_options, options", [
+    ({}, dict(elbo="mc")),
+    ({}, dict(elbo="analytic", particles=2)),
+    ({}, dict(elbo="iwae", particles=3)),
+    (dict(likelihood="gaussian", learn_scale=True, gaussian_scale=0.5, beta=0.5),
+     dict(elbo="mc")),
 ], ids=["mc", "analytic-2", "iwae-3", "gaussian-learned-scale"])
-def test_every_parameter_is_trained(digits, tmp_path, options):
+def test_every_parameter_is_trained(digits, tmp_path, model_options, options):
     """Every network weight (and a learned sigma) moves, and the test ELBO goes up."""
-    config = TrainConfig(epochs=2, out=str(tmp_path / "run"), **{**TINY, **options})
+    config = tiny(model_options, epochs=2, out=str(tmp_path / "run"), **options)
     init = initial_model(config, digits)
-    run = train(config, data=digits, progress=False)
+    run = train_run(config, data=digits, progress=False)
     trained = dict(run.module.named_parameters())
     assert set(trained) == {n for n, _ in init.named_parameters()}
     for name, p in init.named_parameters():
@@ -77,7 +89,7 @@ def test_every_parameter_is_trained(digits, tmp_path, options):
     x = digits.test.x
     gain = score(run.module, x).elbo.mean() - score(init, x).elbo.mean()
     assert gain > 1, gain
-    if not options.get("learn_scale"):
+    if not model_options.get("learn_scale"):
         assert torch.equal(run.module.log_scale, init.log_scale)
 
 
@@ -93,7 +105,7 @@ def test_checkpoint_round_trip(trained_run):
     with torch.no_grad():
         for a, b in zip(fresh.encode(x), run.module.encode(x), strict=True):
             assert torch.equal(a, b)
-        z = torch.randn(20, config.z_dim)
+        z = torch.randn(20, config.model_options.z_dim)
         assert torch.equal(fresh.decode(z), run.module.decode(z))
         assert torch.equal(fresh.reconstruct(x), run.module.reconstruct(x))
     a = score(fresh, x, num_samples=5, iwae=True, seed=7)
@@ -121,6 +133,27 @@ def test_checkpoint_contents_load_weights_only(trained_run):
     assert torch.equal(torch.get_rng_state(), rng)
 
 
+def test_load_and_evaluate_a_run_from_python(trained_run, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained_run.out, run_dir)
+    config, module, data = load_run(run_dir)
+    assert config == trained_run.config and not module.training
+    for key, value in module.state_dict().items():
+        assert torch.equal(value, trained_run.module.state_dict()[key]), key
+    assert torch.equal(data.test.x, trained_run.data.test.x)
+
+    r = evaluate_run(run_dir, eval_iwae=20)
+    how = "20 samples per data point in one vectorized pass"
+    assert r["notes"] == [f"evaluation: {how}"]
+    assert r["eval_method"] == how and r["iwae_samples"] == r["eval_particles"] == 20
+    assert r["test_log_likelihood_iwae"] >= r["test_elbo"]  # same draws: Jensen
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert "notes" not in summary
+    assert {k: summary[k] for k in r if k != "notes"} == {k: v for k, v in r.items()
+                                                          if k != "notes"}
+    assert summary["n_train"] == 1438  # the training numbers are kept
+
+
 def test_load_checkpoint_rejects_what_is_not_a_checkpoint(tmp_path):
     with pytest.raises(UsageError, match="no checkpoint"):
         load_checkpoint(tmp_path / "missing.pt")
@@ -140,22 +173,22 @@ def test_out_directory_rules(digits, tmp_path):
     out = tmp_path / "busy"
     out.mkdir()
     (out / "notes.txt").write_text("keep me")
-    config = TrainConfig(epochs=1, out=str(out), **TINY)
-    with pytest.raises(UsageError, match="already holds files"):
-        train(config, data=digits, progress=False)
+    config = tiny(epochs=1, out=str(out))
+    # raised to a Python caller, the fix names the Python setting
+    with pytest.raises(UsageError, match="already holds files.*pass overwrite=True"):
+        train_run(config, data=digits, progress=False)
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
-    run = train(TrainConfig(epochs=1, out=str(out), overwrite=True, **TINY), data=digits,
-                progress=False)
+    run = train_run(tiny(epochs=1, out=str(out), overwrite=True), data=digits, progress=False)
     assert (run.out / "summary.json").is_file() and (out / "notes.txt").read_text() == "keep me"
     (tmp_path / "file").write_text("x")
     with pytest.raises(UsageError, match="is a file"):
-        train(TrainConfig(epochs=1, out=str(tmp_path / "file"), **TINY), data=digits)
+        train_run(tiny(epochs=1, out=str(tmp_path / "file")), data=digits)
 
 
 def test_default_run_directories_are_unique(digits, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    a = train(TrainConfig(epochs=1, **TINY), data=digits, progress=False)
-    b = train(TrainConfig(epochs=1, **TINY), data=digits, progress=False)
+    a = train_run(tiny(epochs=1), data=digits, progress=False)
+    b = train_run(tiny(epochs=1), data=digits, progress=False)
     assert a.out != b.out
     for run in (a, b):
         assert (tmp_path / run.out).parent == tmp_path / "runs"
@@ -164,10 +197,43 @@ def test_default_run_directories_are_unique(digits, tmp_path, monkeypatch):
 
 def test_package_train_stays_the_function():
     import ppl_vae
-    import ppl_vae.run
+    import ppl_vae.inference.trainer
     import ppl_vae.train  # noqa: F401  (the file python -m ppl_vae.train runs)
+    import ppl_vae.variants
 
-    assert ppl_vae.train is ppl_vae.run.train
+    assert ppl_vae.train is ppl_vae.variants.train
+    assert ppl_vae.train_run is ppl_vae.inference.trainer.train_run
+
+
+def test_package_train_makes_one_run_for_a_vae(digits, tmp_path):
+    import ppl_vae
+
+    run = ppl_vae.train(tiny(epochs=1, out=str(tmp_path / "run")), data=digits, progress=False)
+    assert isinstance(run, Run) and run.out == tmp_path / "run"
+    assert (run.out / "summary.json").is_file()
+    assert run.notes[0] == "evaluation: 2 samples per data point in one vectorized pass"
+    summary = json.loads((run.out / "summary.json").read_text())
+    assert summary["eval_method"] == "2 samples per data point in one vectorized pass"
+
+
+@pytest.mark.parametrize("validate", [False, True])
+def test_the_run_uses_its_pyro_validation_setting(digits, tmp_path, validate):
+    """The whole run (probe, SVI epochs, evaluation) runs under ``config.validate``, and the
+    caller's global setting is back afterwards."""
+    seen = []
+
+    class Recording(VAE):
+        def model(self, x):
+            seen.append(is_validation_enabled())
+            return super().model(x)
+
+    outer = not validate
+    with pyro.validation_enabled(outer):
+        config = TrainConfig(model=Recording, model_options=TINY_MODEL, epochs=1,
+                             out=str(tmp_path / "run"), validate=validate, **TINY_TRAIN)
+        train_run(config, data=digits, progress=False)
+        assert is_validation_enabled() == outer
+    assert seen and set(seen) == {validate}
 
 
 @pytest.mark.parametrize("z_dim", [1, 2, 5])

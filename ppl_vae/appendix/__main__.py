@@ -14,8 +14,10 @@ from ..cli import Parser, main_wrapper
 from ..config import TrainConfig
 from ..data import load_dataset
 from ..errors import UsageError
+from ..evaluation.runs import load_run
 from ..files import write_json, write_text
-from ..run import _make_dir, load_run, train
+from ..rundir import make_run_dir
+from ..variants import train
 from . import amortization, decoder_map, regression
 from .beta_bernoulli import coin
 
@@ -65,7 +67,7 @@ def _run(argv: Sequence[str] | None) -> int:
             if not hasattr(vae, "encode") or getattr(vae, "beta", 1.0) != 1.0:
                 raise UsageError(f"--run {run_dir!r} is not a plain VAE (beta = 1, with an "
                                  "encoder); the posterior part needs one")
-    out = _make_dir(Path(a.out))
+    out = make_run_dir(Path(a.out))
     results, md = {}, []
     for part in parts:
         start = time.perf_counter()
@@ -161,8 +163,9 @@ def _decoder_map(a, out: Path) -> tuple[dict, str]:
 def _posterior(a, out: Path) -> tuple[dict, str]:
     loaded = a.loaded
     if not loaded:
-        cfg = TrainConfig(dataset="digits", z_dim=2, hidden=(128,), epochs=40, lr=3e-3,
-                          seed=a.seed, out=str(out / "vae-digits-z2"), overwrite=True)
+        cfg = TrainConfig(dataset="digits", model_options={"z_dim": 2, "hidden": (128,)},
+                          epochs=40, lr=3e-3, seed=a.seed, out=str(out / "vae-digits-z2"),
+                          overwrite=True)
         run_dir = str(train(cfg, progress=False).out)
         loaded = [(run_dir, *load_run(run_dir))]
     results, lines = {}, ["## The amortized posterior: gaps (Cremer et al. 2018) and PSIS\n",
@@ -176,13 +179,14 @@ def _posterior(a, out: Path) -> tuple[dict, str]:
         while name in results:  # two runs in directories of the same name
             n += 1
             name = f"{Path(run_dir).name}-{n}"
-        results[name] = {"run": str(Path(run_dir).resolve()), "z_dim": config.z_dim,
+        z_dim = config.model_options.z_dim
+        results[name] = {"run": str(Path(run_dir).resolve()), "z_dim": z_dim,
                          "dataset": data.name, **g}
-        lines.append(f"| {name} | {config.z_dim} | {g['images']} | {g['log_px_iwae']:.2f} | "
+        lines.append(f"| {name} | {z_dim} | {g['images']} | {g['log_px_iwae']:.2f} | "
                      f"{g['elbo_optimal_normal']:.2f} | {g['elbo_amortized']:.2f} | "
                      f"{g['approximation_gap']:.2f} | {g['amortization_gap']:.2f} | "
                      f"{g['psis_khat_mean']:.2f} | {g['psis_khat_above_0.7']} |")
-        if config.z_dim == 2 and data.image_shape is not None:
+        if z_dim == 2 and data.image_shape is not None:
             amortization.posterior_figure(vae, x[:4], out / f"posterior-{name}.png",
                                           num_samples=min(a.nuts_samples, 500), seed=a.seed)
     amortization.gaps_figure(results, out / "gaps.png")

@@ -25,14 +25,16 @@ import numpy as np
 import pyro
 import pyro.distributions as dist
 import torch
+from matplotlib import colormaps
 from matplotlib.figure import Figure
+from matplotlib.patches import Patch
 from pyro.infer.importance import psis_diagnostic
 from torch import Tensor, nn
 
 from ..errors import UsageError
-from ..estimators import make_elbo
-from ..evaluation import score
-from ..plots import arviz, save
+from ..inference.estimators import make_elbo
+from ..inference.importance import score
+from ..plots import arviz, legend_outside, save
 from .inference import nuts
 
 
@@ -65,7 +67,7 @@ class LocalGuide(nn.Module):
 
     def guide(self, x: Tensor, rows: Tensor) -> None:
         """q*(z | x_i) for the images ``x`` at positions ``rows`` of the fitted batch (so
-        that :func:`ppl_vae.evaluation.score` can take them in chunks)."""
+        that :func:`ppl_vae.score` can take them in chunks)."""
         with pyro.plate("data", x.shape[0], device=x.device):
             pyro.sample("z", dist.Normal(self.loc[rows], self.log_scale[rows].exp())
                         .to_event(1))
@@ -139,7 +141,7 @@ def posterior_figure(vae: nn.Module, images: Tensor, path: str | Path,
                      num_samples: int = 500, seed: int = 0) -> Figure:
     """For 2-D latents: NUTS draws of p(z|x) (ArviZ KDE) with q(z|x)'s draws on top."""
     az = arviz()
-    fig = Figure(figsize=(3.2 * len(images), 3.3))
+    fig = Figure(figsize=(3.2 * len(images) + 1.2, 3.3), layout="constrained")
     axes = fig.subplots(1, len(images), squeeze=False)[0]
     for i, (ax, x) in enumerate(zip(axes, images, strict=True)):
         idata = true_posterior(vae, x[None], num_samples=num_samples, seed=seed + i)
@@ -151,9 +153,11 @@ def posterior_figure(vae: nn.Module, images: Tensor, path: str | Path,
             loc, scale = vae.encode(x[None])
             q = dist.Normal(loc[0], scale[0]).sample((num_samples,)).cpu()
         ax.scatter(q[:, 0], q[:, 1], s=3, c="C3", alpha=0.4, label="q(z|x)")
-        ax.set(title=f"image {i}", xlabel="z1", ylabel="z2" if i == 0 else "")
-    axes[0].legend(fontsize=8, loc="upper right")
-    fig.suptitle("true posterior p(z|x) (NUTS, shaded) and the encoder's q(z|x) (red)", y=1.04)
+        ax.set(title=f"image {i}", xlabel="z1", ylabel="z2")
+    shaded = Patch(color=colormaps["Blues"](0.6), label="p(z|x), NUTS (KDE)")
+    handles, _ = axes[-1].get_legend_handles_labels()
+    legend_outside(axes[-1], handles=[shaded, *handles], markerscale=3)
+    fig.suptitle("true posterior p(z|x) (NUTS, shaded) and the encoder's q(z|x) (red)")
     save(fig, path)
     return fig
 
@@ -161,13 +165,14 @@ def posterior_figure(vae: nn.Module, images: Tensor, path: str | Path,
 def gaps_figure(results: dict[str, dict], path: str | Path) -> Figure:
     """Approximation and amortization gaps (nats per image), one pair of bars per model."""
     names = list(results)
-    fig = Figure(figsize=(1.8 * len(names) + 2, 3.4))
+    fig = Figure(figsize=(1.8 * len(names) + 4.5, 3.4), layout="constrained")
     ax = fig.subplots()
     approx = [results[n]["approximation_gap"] for n in names]
     amort = [results[n]["amortization_gap"] for n in names]
     ax.bar(names, approx, label="approximation gap: log p(x) - ELBO(q*)")
     ax.bar(names, amort, bottom=approx, label="amortization gap: ELBO(q*) - ELBO(q_phi)")
-    ax.set(ylabel="nats per image", title="log p(x) - ELBO(q_phi), split in two")
-    ax.legend(fontsize=8)
+    ax.set(xlabel="trained model (run)", ylabel="nats per image",
+           title="log p(x) - ELBO(q_phi), split in two")
+    legend_outside(ax)
     save(fig, path)
     return fig

@@ -29,11 +29,12 @@ from pyro.nn.module import to_pyro_module_
 from torch import Tensor, nn
 
 from ..data import Dataset
-from ..estimators import make_elbo
-from ..evaluation import score
+from ..inference.estimators import make_elbo
+from ..inference.importance import score
+from ..inference.program import inspect_program
+from ..inference.svi import backward_step, collect_params, elbo_step, run_epoch
 from ..models.nets import mlp
 from ..models.vae import VAE
-from ..training import backward_step, collect_params, elbo_step, run_epoch
 
 
 class DecoderMAPVAE(PyroModule):
@@ -80,7 +81,8 @@ class DecoderMAPVAE(PyroModule):
 
     def plain_vae(self) -> VAE:
         """The ordinary VAE with this encoder and decoder weights theta_hat."""
-        vae = VAE(self.encoder[0].in_features, self.z_dim, ())
+        # the same scale head as this guide: sigma = exp(h)
+        vae = VAE(self.encoder[0].in_features, self.z_dim, (), encoder_scale="logscale")
         vae.encoder = copy.deepcopy(self.encoder)
         vae.decoder = mlp([1, 1])  # replaced below
         plain = copy.deepcopy(self.decoder)
@@ -142,8 +144,9 @@ def map_vs_weight_decay(data: Dataset, epochs: int = 10, batch_size: int = 128,
         pyro.set_rng_seed(seed)
         batches = torch.Generator().manual_seed(seed)
         if name == "svi_map":
-            step = elbo_step(make_elbo("mc"), m)
-            opt = torch.optim.Adam(collect_params(m, step, first), lr=lr)
+            info = inspect_program(m.model, m.guide, first)
+            step = elbo_step(make_elbo("mc"), m, [(1.0, m.model, m.guide)], info)
+            opt = torch.optim.Adam(collect_params(m, info), lr=lr)
         else:
             step = backward_step(lambda xb: make_elbo("mc").differentiable_loss(
                 vae.model, vae.guide, xb))
@@ -151,9 +154,10 @@ def map_vs_weight_decay(data: Dataset, epochs: int = 10, batch_size: int = 128,
                 {"params": vae.encoder.parameters()},
                 {"params": vae.decoder.parameters(),
                  "weight_decay": batch_size / (n * prior_scale**2)}], lr=lr)
-        for _ in range(epochs):
-            run_epoch(step, opt, (data.train.x,), batch_size, progress=False,
-                      generator=batches)
+        with pyro.validation_enabled(False):
+            for _ in range(epochs):
+                run_epoch(step, opt, (data.train.x,), batch_size, progress=False,
+                          generator=batches)
         trained = m.plain_vae() if name == "svi_map" else vae
         trained.eval()
         results[name] = {

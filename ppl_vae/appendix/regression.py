@@ -26,7 +26,7 @@ from pyro.infer import SVI, Trace_ELBO
 from pyro.infer.autoguide import AutoNormal
 from torch import Tensor
 
-from ..plots import save
+from ..plots import legend_outside, save
 from .inference import fit_delta, nuts, summary
 
 
@@ -113,17 +113,18 @@ def linear_regression(X: Tensor, y: Tensor, sigma: float = 1.0, tau: float = 1.0
 
 
 def _figure(r: dict, path: Path) -> Figure:
-    """Posterior sds per coefficient: exact, NUTS, mean-field VI."""
+    """Posterior sds per coefficient: exact, NUTS, mean-field VI (legend beside the axes)."""
     p = r["posterior"]
     d = len(p["exact_sd"])
-    fig = Figure(figsize=(5, 3.4))
+    fig = Figure(figsize=(6.4, 3.4), layout="constrained")
     ax = fig.subplots()
     width = 0.25
     for i, (key, label) in enumerate([("exact_sd", "exact"), ("nuts_sd", "NUTS"),
                                       ("mean_field_vi_sd", "mean-field VI")]):
         ax.bar([j + i * width for j in range(d)], p[key], width, label=label)
     ax.set_xticks([j + width for j in range(d)], [f"w{j}" for j in range(d)])
-    ax.set(ylabel="posterior sd", title="correlated features: mean-field VI is overconfident")
-    ax.legend(fontsize=8)
+    ax.set(xlabel="regression coefficient", ylabel="posterior sd",
+           title="correlated features: mean-field VI is overconfident")
+    legend_outside(ax, title="posterior", title_fontsize=8)
     save(fig, path)
     return fig

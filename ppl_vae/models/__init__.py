@@ -1,7 +1,18 @@
-"""Models as Pyro programs: a class registry and the models it ships with."""
+"""Models as Pyro programs: the contract (:mod:`.base`), their options, a class registry,
+and the families that ship with ppl_vae, one file each."""
 
+from .base import Model, Program, RunContext, hook
 from .cvae import CVAE
-from .registry import MODELS, get_model, register_model
+from .options import make_options, option_specs, options_dict, parse_model_opts
+from .registry import MODELS, get_model, model_name, register_model
 from .vae import VAE
 
-__all__ = ["CVAE", "MODELS", "VAE", "get_model", "register_model"]
+
+def options_of(cls: type) -> set[str]:
+    """The option names of ``cls``."""
+    return {s.name for s in option_specs(cls)}
+
+
+__all__ = ["CVAE", "MODELS", "VAE", "Model", "Program", "RunContext", "get_model", "hook",
+           "make_options", "model_name", "option_specs", "options_dict", "options_of",
+           "parse_model_opts", "register_model"]

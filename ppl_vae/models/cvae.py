@@ -24,11 +24,19 @@ Objectives (``--cvae-objective``), all SVI on the same model:
 * ``gsnn``: the Gaussian stochastic neural network, E_{p(z|c)}[log p(y|c,z)]: the same ELBO
   with the prior network as the guide (the KL term is then zero).
 * ``hybrid``: alpha * cvae + (1 - alpha) * gsnn.
+
+Hooks (:mod:`ppl_vae.models.base`): ``pretrain`` fits the baseline NN first
+(``baseline_metrics.csv``); ``metrics`` adds the conditional log-likelihood table
+(``cll_table.csv``/``.md``); ``variants`` makes one run per ``--quadrants`` count and
+``combine`` their table; ``figures`` draws completions or samples per label.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pyro
@@ -36,18 +44,22 @@ import pyro.distributions as dist
 import torch
 import torch.nn.functional as F
 from pyro import poutine
-from torch import Tensor, nn
+from torch import Tensor
 
+from .. import plots
 from ..errors import UsageError
-from .likelihoods import pixel_likelihood, pixel_mean
-from .nets import mlp
+from ..files import write_csv, write_text
+from .base import Model, Program, RunContext
+from .likelihoods import check_range, pixel_likelihood, pixel_mean
+from .nets import NetworkOptions, mlp
+from .options import extra_options
 from .registry import register_model
 
 if TYPE_CHECKING:
-    from ..config import TrainConfig
     from ..data import Dataset
 
-Program = tuple[float, Callable, Callable]
+CONDITIONS = ("quadrants", "label")
+OBJECTIVES = ("cvae", "gsnn", "hybrid")
 
 
 def observed_quadrants(image_shape: tuple[int, int], k: int) -> Tensor:
@@ -64,9 +76,46 @@ def observed_quadrants(image_shape: tuple[int, int], k: int) -> Tensor:
     return seen.reshape(-1)
 
 
+@dataclass
+class CVAEOptions(NetworkOptions):
+    """The CVAE's options (``--model cvae``; the network sizes of Sohn et al. are
+    ``--hidden 500 500 --z-dim 200``). Its Gaussian sigma is fixed."""
+
+    condition: str = field(default="quadrants", metadata={
+        "help": "quadrants: complete images from observed quadrants; label: class-conditional "
+                "generation", "choices": CONDITIONS})
+    quadrants: tuple[int, ...] = field(default=(1, 2, 3), metadata={
+        "help": "observed-quadrant counts, one model each (a table)"})
+    baseline_input: bool = field(default=True, metadata={
+        "help": "feed the baseline NN's guess to the prior network",
+        "off_help": "do not feed the baseline NN's guess to the prior network"})
+    cvae_objective: str = field(default="cvae", metadata={
+        "help": "cvae: the ELBO; gsnn: E_p(z|c) log p(y|c,z); hybrid: a weighted sum",
+        "choices": OBJECTIVES})
+    hybrid_alpha: float = field(default=0.5, metadata={
+        "help": "weight of the CVAE term in the hybrid objective"})
+    cll_samples: int = field(default=100, metadata={
+        "help": "importance samples per test image for -log p(y|c)"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.quadrants = tuple(int(k) for k in self.quadrants)
+        if self.cll_samples < 1:
+            raise UsageError(f"--cll-samples must be at least 1, got {self.cll_samples}")
+        if not self.quadrants or any(k not in (1, 2, 3) for k in self.quadrants):
+            raise UsageError(f"--quadrants takes observed-quadrant counts 1, 2 or 3 (one model "
+                             f"each), got {list(self.quadrants)}")
+        if len(set(self.quadrants)) != len(self.quadrants):
+            raise UsageError(f"--quadrants lists a count twice: {list(self.quadrants)}")
+        if not 0 <= self.hybrid_alpha <= 1:
+            raise UsageError(f"--hybrid-alpha must lie in [0, 1], got {self.hybrid_alpha}")
+
+
 @register_model("cvae")
-class CVAE(nn.Module):
+class CVAE(Model):
     """CVAE with MLP prior, recognition, generation and baseline networks."""
+
+    Options = CVAEOptions
 
     def __init__(
         self,
@@ -98,8 +147,8 @@ class CVAE(nn.Module):
         self.generation_net = mlp([cond_dim + z_dim, *reversed(hidden), out_dim], activation)
 
     @classmethod
-    def from_config(cls, config: TrainConfig, data: Dataset) -> CVAE:
-        if config.condition == "label":
+    def from_options(cls, options: CVAEOptions, data: Dataset) -> CVAE:
+        if options.condition == "label":
             if data.num_classes is None:
                 raise UsageError(f"--condition label needs class labels, and {data.name} has "
                                  "none; use --condition quadrants or data with labels 'y'")
@@ -108,17 +157,18 @@ class CVAE(nn.Module):
             if data.image_shape is None:
                 raise UsageError(f"--condition quadrants needs images, and {data.name} rows are "
                                  "not square; use --condition label")
-            if len(config.quadrants) != 1:
+            if len(options.quadrants) != 1:
                 raise UsageError("one CVAE observes one number of quadrants; train several "
-                                 "with ppl_vae.experiments.train_quadrant_table")
+                                 "with ppl_vae.train, which makes one run per count")
             cond_dim = data.input_dim
-            target = ~observed_quadrants(data.image_shape, config.quadrants[0])
-        if config.likelihood == "gaussian" and config.learn_scale:
-            raise UsageError("--learn-scale is for the VAE; the CVAE keeps --gaussian-scale fixed")
-        return cls(cond_dim, data.input_dim, target, config.z_dim, config.hidden,
-                   config.activation, config.likelihood, config.gaussian_scale,
-                   config.baseline_input, config.cvae_objective, config.hybrid_alpha,
-                   config.beta, config.condition)
+            target = ~observed_quadrants(data.image_shape, options.quadrants[0])
+        check_range(data, options.likelihood)
+        return cls(cond_dim, data.input_dim, target, z_dim=options.z_dim,
+                   hidden=options.hidden, activation=options.activation,
+                   likelihood=options.likelihood, gaussian_scale=options.gaussian_scale,
+                   baseline_input=options.baseline_input, objective=options.cvae_objective,
+                   hybrid_alpha=options.hybrid_alpha, beta=options.beta,
+                   condition=options.condition, **extra_options(options, CVAEOptions))
 
     def data_args(self, x: Tensor, labels: Tensor | None) -> tuple[Tensor, Tensor]:
         """(c, y) for images ``x`` (and class ``labels``)."""
@@ -180,7 +230,6 @@ class CVAE(nn.Module):
             return [(a, self.model, self.guide), (1.0 - a, self.model, self.prior_guide)]
         return [(1.0, self.model, self.guide)]
 
-    @property
     def proposal(self) -> Callable:
         """The guide that importance sampling uses: q(z|c,y), or p(z|c) for a GSNN (whose
         recognition network is never trained)."""
@@ -203,3 +252,137 @@ class CVAE(nn.Module):
         over the batch."""
         return -pixel_likelihood(self.baseline(c), self.likelihood, self.log_scale,
                                  self.target).log_prob(y).sum()
+
+    # -- hooks of the model contract -----------------------------------------------------------
+    def pretrain(self, ctx: RunContext) -> None:
+        """Fit the deterministic baseline NN by its BCE on the target pixels (early stopping
+        when asked) before the CVAE; it is then held fixed."""
+        history = ctx.fit(self.baseline_loss, self.baseline, name="nll", desc="baseline NN")
+        write_csv(ctx.out / "baseline_metrics.csv", history)
+
+    def metrics(self, ctx: RunContext) -> dict:
+        """The conditional log-likelihood table of the test split (``cll_table.csv``/``.md``)."""
+        test = ctx.data.test
+        c, y = self.data_args(test.x, test.y)
+        cll = {cll_key(ctx.options): conditional_scores(self, c, y, ctx.score,
+                                                        ctx.options.cll_samples)}
+        ctx.log("-log p(y|c), nats per test image (lower is better):\n"
+                + write_cll_table(ctx.out, cll))
+        return {"cll": cll}
+
+    @torch.no_grad()
+    def figures(self, ctx: RunContext) -> None:
+        """Quadrants: inputs, truth, the NN's and three CVAE completions of test digits (Sohn
+        et al.'s figure). Label: one row of prior samples per class, and a note when the
+        samples of a class do not vary (an unused latent)."""
+        data, out = ctx.data, ctx.out
+        shape = data.image_shape
+        if shape is None:
+            ctx.log("figure completions.png skipped: the data are not images")
+            return
+        if self.condition == "label":
+            c = torch.eye(self.cond_dim, device=data.test.x.device)
+            samples = self.predict(c, num_samples=10)  # (10, classes, D)
+            plots.image_grid(list(samples.transpose(0, 1)), shape, out / "samples_by_label.png",
+                             "samples E[y|c,z], z ~ p(z|c), one row per label",
+                             [str(k) for k in range(self.cond_dim)])
+            spread = samples.std(0).mean().item()  # pixel sd across z, within a class
+            if spread < UNUSED_LATENT_SD:
+                ctx.log(f"samples_by_label.png: the samples of a class barely differ (mean pixel "
+                        f"sd {spread:.4f} across z): the latent is unused, p(y|c,z) ignores z")
+            else:
+                ctx.log(f"samples_by_label.png: within-class variety, mean pixel sd "
+                        f"{spread:.3f} across z ~ p(z|c)")
+            return
+        x = data.test.x[:10]
+        c, _ = self.data_args(x, None)
+        seen = ~self.target
+
+        def complete(missing: torch.Tensor) -> torch.Tensor:
+            return torch.where(seen, x, missing)
+
+        shown_input = torch.where(seen, x, torch.full_like(x, 0.5))  # missing quadrants grey
+        rows = [shown_input, x, complete(self.baseline_predict(c))]
+        rows += [complete(p) for p in self.predict(c, num_samples=3)]
+        plots.image_grid(rows, shape, out / "completions.png",
+                         "quadrant completion: observed + predicted missing pixels",
+                         ["input", "truth", "NN", "CVAE", "CVAE", "CVAE"])
+
+    @classmethod
+    def variants(cls, options: CVAEOptions) -> list[tuple[str, CVAEOptions]]:
+        """One run ``quadrants-K`` per observed-quadrant count; none for labels."""
+        if options.condition != "quadrants":
+            return []
+        return [(f"quadrants-{k}", replace(options, quadrants=(k,))) for k in options.quadrants]
+
+    @classmethod
+    def combine(cls, summaries: dict[str, dict], out: Path) -> str:
+        """The quadrant table of -log p(y|c) (``cll_table.csv``/``.md`` beside the runs)."""
+        cll = {k: v for s in summaries.values() for k, v in s["cll"].items()}
+        return write_cll_table(out, cll)
+
+
+UNUSED_LATENT_SD = 0.01
+"""Mean pixel sd across z below which the label CVAE's samples are called identical."""
+
+
+def cll_key(options: CVAEOptions) -> str:
+    """The column of the CLL table a CVAE run fills: its quadrant count, or ``label``."""
+    return "label" if options.condition == "label" else str(options.quadrants[0])
+
+
+@torch.no_grad()
+def conditional_scores(module: CVAE, c: Tensor, y: Tensor, score: Callable,
+                       samples: int = 100, elbo_particles: int = 10) -> dict[str, float]:
+    """The CVAE paper's table for one condition, in nats per data point (lower is better):
+
+    * ``cvae_is``: -log p(y|c) by importance sampling with ``samples`` draws from the proposal
+      (q(z|c,y); p(z|c) for a GSNN): -log 1/S sum_s p(y, z_s|c) / q(z_s|c,y);
+    * ``cvae_neg_elbo``: the negative ELBO with ``elbo_particles`` draws (Pyro's CVAE table);
+    * ``nn_baseline``: -log p(y|c) of the deterministic baseline NN (its BCE);
+    * ``gap``: nn_baseline - cvae_is (> 0 when the CVAE wins).
+
+    ``score`` is :func:`ppl_vae.evaluation.score`.
+    """
+    guide = module.proposal()
+    is_ = score(module, c, y, num_samples=samples, iwae=True, guide=guide).iwae.mean().item()
+    elbo = score(module, c, y, num_samples=elbo_particles, guide=guide).elbo.mean().item()
+    nn_ = sum(module.baseline_loss(cb, yb).item()
+              for cb, yb in zip(c.split(4096), y.split(4096), strict=True)) / len(c)
+    return {"nn_baseline": nn_, "cvae_is": -is_, "cvae_neg_elbo": -elbo, "gap": nn_ + is_}
+
+
+# -- the table -------------------------------------------------------------------------------
+TABLE_ROWS = (("nn_baseline", "NN baseline"), ("cvae_is", "CVAE (IS)"),
+              ("cvae_neg_elbo", "CVAE (−ELBO)"), ("gap", "gap (NN − IS)"))
+
+
+def _title(key: str) -> str:
+    return "label" if key == "label" else f"{key} quadrant" + ("s" if key != "1" else "")
+
+
+def cll_rows(cll: dict[str, dict[str, float]]) -> list[dict[str, str | float]]:
+    """One row per estimate, one column per condition (quadrant count or ``label``)."""
+    keys = sorted(cll)
+    return [{"estimate": name, **{_title(k): round(cll[k][key], 2) for k in keys}}
+            for key, name in TABLE_ROWS]
+
+
+def cll_markdown(cll: dict[str, dict[str, float]]) -> str:
+    """-log p(y|c) in nats per image (lower is better) as a Markdown table."""
+    rows = cll_rows(cll)
+    head = list(rows[0])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(f"{r[h]:.2f}" if isinstance(r[h], float) else str(r[h])
+                                for h in head) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def write_cll_table(out: str | os.PathLike, cll: dict[str, dict[str, float]]) -> str:
+    """Write ``cll_table.csv`` and ``cll_table.md`` into ``out``; return the Markdown."""
+    md = cll_markdown(cll)
+    write_csv(Path(out) / "cll_table.csv", cll_rows(cll))
+    write_text(Path(out) / "cll_table.md",
+               "Negative conditional log-likelihood -log p(y|c), nats per image "
+               "(lower is better)\n\n" + md)
+    return md

@@ -6,6 +6,10 @@ import pyro.distributions as dist
 import torch
 from torch import Tensor
 
+from ..errors import UsageError
+
+LIKELIHOODS = ("bernoulli", "gaussian")
+
 
 def pixel_likelihood(out: Tensor, kind: str, log_scale: Tensor,
                      mask: Tensor | None = None) -> dist.TorchDistribution:
@@ -25,3 +29,14 @@ def pixel_likelihood(out: Tensor, kind: str, log_scale: Tensor,
 def pixel_mean(out: Tensor, kind: str) -> Tensor:
     """E[x | decoder output]: pixel probabilities (Bernoulli) or means (Gaussian)."""
     return torch.sigmoid(out) if kind == "bernoulli" else out
+
+
+def check_range(data, likelihood: str) -> None:
+    """:class:`UsageError` unless a Bernoulli likelihood gets data in [0, 1]."""
+    if likelihood != "bernoulli":
+        return
+    lo, hi = data.train.x.min().item(), data.train.x.max().item()
+    if lo < 0 or hi > 1:
+        raise UsageError(f"{data.name}: the data lie in [{lo:g}, {hi:g}] but the Bernoulli "
+                         "likelihood needs [0, 1]; rescale them (e.g. x / 255) or use "
+                         "--likelihood gaussian")

@@ -1,11 +1,18 @@
-"""Plain PyTorch building blocks the Pyro models are made of."""
+"""Plain PyTorch building blocks the Pyro models are made of, and the options every MLP
+family shares."""
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from itertools import pairwise
 
 from torch import nn
+
+from ..errors import UsageError
+from .likelihoods import LIKELIHOODS
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU, "softplus": nn.Softplus, "tanh": nn.Tanh, "elu": nn.ELU, "gelu": nn.GELU,
@@ -21,3 +28,40 @@ def mlp(widths: Sequence[int], activation: str = "relu") -> nn.Sequential:
             layers.append(ACTIVATIONS[activation]())
         layers.append(nn.Linear(a, b))
     return nn.Sequential(*layers)
+
+
+def positive(name: str, value: float) -> None:
+    """:class:`UsageError` unless ``value`` is a finite number > 0."""
+    if not (math.isfinite(value) and value > 0):
+        raise UsageError(f"--{name.replace('_', '-')} must be a positive number, got {value}")
+
+
+@dataclass
+class NetworkOptions:
+    """Options of a family of MLPs with a latent z and a pixel likelihood; a family's own
+    options extend it. Fields with ``choices`` metadata are checked against them."""
+
+    z_dim: int = field(default=20, metadata={"help": "latent dimension d"})
+    hidden: tuple[int, ...] = field(default=(400,), metadata={
+        "help": "hidden layer widths of the encoding networks (decoding ones mirror them)"})
+    activation: str = field(default="relu", metadata={
+        "help": "nonlinearity between layers", "choices": tuple(ACTIVATIONS)})
+    likelihood: str = field(default="bernoulli", metadata={
+        "help": "the likelihood of each pixel", "choices": LIKELIHOODS})
+    gaussian_scale: float = field(default=1.0, metadata={
+        "help": "sigma of the Gaussian likelihood"})
+    beta: float = field(default=1.0, metadata={"help": "KL weight (beta-VAE)"})
+
+    def __post_init__(self) -> None:
+        self.hidden = tuple(int(h) for h in self.hidden)
+        for f in dataclasses.fields(self):
+            allowed = f.metadata.get("choices")
+            if allowed is not None and getattr(self, f.name) not in allowed:
+                raise UsageError(f"--{f.name.replace('_', '-')} {getattr(self, f.name)!r} is "
+                                 f"not one of {', '.join(allowed)}")
+        if self.z_dim < 1 or self.z_dim != int(self.z_dim):
+            raise UsageError(f"--z-dim must be a whole number of at least 1, got {self.z_dim}")
+        if not self.hidden or any(h < 1 for h in self.hidden):
+            raise UsageError(f"--hidden widths must be at least 1, got {list(self.hidden)}")
+        positive("beta", self.beta)
+        positive("gaussian_scale", self.gaussian_scale)

@@ -1,10 +1,9 @@
-"""``--model NAME`` -> a model class. Register your own with :func:`register_model`, or
-name it by import path: ``--model my_module:MyModel``.
+"""``--model NAME`` -> a model class. Register your own with :func:`register_model`, name it
+by import path (``--model my_module:MyModel``), or pass the class itself from Python
+(``TrainConfig(model=MyModel)``).
 
-A model class is an ``nn.Module`` with Pyro ``model(...)`` and ``guide(...)`` methods. It is
-built by a classmethod ``from_config(config, data)`` from a
-:class:`~ppl_vae.config.TrainConfig` and a :class:`~ppl_vae.data.Dataset` when it has one,
-else as ``cls(data.input_dim, z_dim=config.z_dim, hidden=config.hidden)``.
+A model class is an ``nn.Module`` with Pyro ``model(...)`` and ``guide(...)`` methods; the
+hooks it may add are listed in :mod:`ppl_vae.models.base`.
 """
 
 from __future__ import annotations
@@ -19,18 +18,23 @@ T = TypeVar("T", bound=type)
 MODELS: dict[str, type] = {}
 
 
-def _check(cls: type, name: str) -> type:
+def _check(cls: object, name: str) -> type:
+    if not isinstance(cls, type):
+        raise UsageError(f"--model {name!r} is not a class; a model class needs Pyro model() "
+                         "and guide() methods")
     missing = [m for m in ("model", "guide") if not callable(getattr(cls, m, None))]
-    if not isinstance(cls, type) or missing:
-        what = f"lacks {' and '.join(missing)}" if isinstance(cls, type) else "is not a class"
-        raise UsageError(f"--model {name!r} {what}; a model class needs Pyro model() and "
-                         "guide() methods")
+    if missing:
+        raise UsageError(f"--model {name!r} lacks {' and '.join(missing)}; a model class needs "
+                         "Pyro model() and guide() methods")
     return cls
 
 
-def register_model(name: str, cls: T | None = None) -> Callable[[T], T] | T:
-    """Make ``--model name`` build ``cls``: as a decorator, ``@register_model("my-vae")``,
-    or a call, ``register_model("my-vae", MyVAE)``."""
+def register_model(name: str | type, cls: T | None = None) -> Callable[[T], T] | T:
+    """Make ``--model name`` build ``cls``: as a decorator, ``@register_model("my-vae")``;
+    a call, ``register_model("my-vae", MyVAE)``; or ``register_model(MyVAE)``, which
+    registers it under its class name in lower case."""
+    if isinstance(name, type):
+        name, cls = name.__name__.lower(), name
 
     def add(cls: T) -> T:
         try:
@@ -42,23 +46,39 @@ def register_model(name: str, cls: T | None = None) -> Callable[[T], T] | T:
     return add if cls is None else add(cls)
 
 
-def get_model(name: str) -> type:
-    """The class registered as ``name``, or imported from ``module:Class``;
-    :class:`UsageError` with the choices or the import failure otherwise."""
-    if ":" in name:
-        module_name, _, attr = name.partition(":")
+def get_model(model: str | type) -> type:
+    """The class itself, the class registered as ``model``, or imported from
+    ``module:Class``; :class:`UsageError` with the choices or the import failure otherwise."""
+    if isinstance(model, type):
+        return _check(model, model.__name__)
+    if not isinstance(model, str):
+        raise UsageError(f"--model must be a registered name, module:Class or a class, got "
+                         f"{type(model).__name__}")
+    if ":" in model:
+        module_name, _, attr = model.partition(":")
         try:
             module = importlib.import_module(module_name)
         except Exception as e:  # ImportError, or an error while importing the user's module
-            raise UsageError(f"--model {name!r}: cannot import {module_name!r} "
+            raise UsageError(f"--model {model!r}: cannot import {module_name!r} "
                              f"({type(e).__name__}: {e}); is it on the Python path?") from None
-        if not hasattr(module, attr):
-            raise UsageError(f"--model {name!r}: module {module_name!r} has no {attr!r}")
-        return _check(getattr(module, attr), name)
+        target = module
+        for part in attr.split("."):
+            if not hasattr(target, part):
+                raise UsageError(f"--model {model!r}: module {module_name!r} has no {attr!r}")
+            target = getattr(target, part)
+        return _check(target, model)
     try:
-        return MODELS[name]
+        return MODELS[model]
     except KeyError:
         raise UsageError(
-            f"unknown --model {name!r}; registered models: {', '.join(sorted(MODELS))}, "
+            f"unknown --model {model!r}; registered models: {', '.join(sorted(MODELS))}, "
             "or give module:Class"
         ) from None
+
+
+def model_name(cls: type) -> str:
+    """How ``config.json`` names ``cls``: its registered name, else ``module:Class``."""
+    for name, registered in MODELS.items():
+        if registered is cls:
+            return name
+    return f"{cls.__module__}:{cls.__qualname__}"

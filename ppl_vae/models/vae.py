@@ -8,43 +8,91 @@ Generative model, for each of the N data points (``pyro.plate("data")``)::
 
 Guide (the encoder, amortized variational posterior)::
 
-    q(z|x) = Normal(mu(x), diag sigma(x)^2),   (mu, log sigma) = g(x)
+    q(z|x) = Normal(mu(x), diag sigma(x)^2),   (mu, h) = g(x),   sigma = s(h)
 
-with f, g multilayer perceptrons. SVI maximizes
+with f, g multilayer perceptrons and the scale head s chosen by ``--encoder-scale``:
+``softplus`` sigma = log(1 + e^h) (the default: the best test ELBO of the three over five
+seeds, README), ``logvar`` sigma = exp(h / 2) (h is log sigma^2, as in Kingma & Welling and
+PyTorch's example), ``logscale`` sigma = exp(h).
+
+SVI maximizes
 ``ELBO = E_q[log p(x|z)] - beta * KL(q(z|x) || p(z))`` (or, with ``--elbo iwae``, the
 importance-weighted bound); beta != 1 (a beta-VAE) scales the latent site ``z`` with
 ``poutine.scale`` in both model and guide, so every ELBO estimator in Pyro sees it.
 
 The networks' weights are the module's own parameters (``vae.parameters()``), optimized by
-:mod:`ppl_vae.training`; nothing goes through Pyro's param store in the hot loop. For
+:mod:`ppl_vae.inference.svi`; nothing goes through Pyro's param store in the hot loop. For
 ``pyro.infer.SVI`` with a ``pyro.optim`` optimizer, register them first with
-:func:`ppl_vae.training.with_params`.
+:func:`ppl_vae.inference.svi.with_params`.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import pyro
 import pyro.distributions as dist
 import torch
+import torch.nn.functional as F
 from pyro import poutine
 from torch import Tensor, nn
 
-from .likelihoods import pixel_likelihood, pixel_mean
-from .nets import mlp
+from ..errors import UsageError
+from .base import Model
+from .likelihoods import LIKELIHOODS, check_range, pixel_likelihood, pixel_mean
+from .nets import NetworkOptions, mlp
+from .options import extra_options
 from .registry import register_model
 
 if TYPE_CHECKING:
-    from ..config import TrainConfig
     from ..data import Dataset
+
+ENCODER_SCALES = ("logvar", "logscale", "softplus")
+
+
+def encoder_scale(h: Tensor, kind: str) -> Tensor:
+    """sigma from the encoder's second head ``h``: exp(h/2), exp(h) or softplus(h)."""
+    if kind == "logvar":
+        return (0.5 * h).exp()
+    if kind == "logscale":
+        return h.exp()
+    return F.softplus(h)
+
+
+def encoder_scale_inverse(sigma: Tensor, kind: str) -> Tensor:
+    """The head output h that :func:`encoder_scale` maps to ``sigma``."""
+    if kind == "logvar":
+        return 2 * sigma.log()
+    if kind == "logscale":
+        return sigma.log()
+    return torch.expm1(sigma).log()
+
+
+@dataclass
+class VAEOptions(NetworkOptions):
+    """The VAE's options (``--model vae``)."""
+
+    learn_scale: bool = field(default=False, metadata={
+        "help": "learn the sigma of --likelihood gaussian (--gaussian-scale: its initial value)"})
+    encoder_scale: str = field(default="softplus", metadata={
+        "help": "encoder's scale head: softplus sigma=softplus(h), logvar sigma=exp(h/2), "
+                "logscale sigma=exp(h)", "choices": ENCODER_SCALES})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.learn_scale and self.likelihood != "gaussian":
+            raise UsageError("--learn-scale learns the sigma of --likelihood gaussian; add that "
+                             "or drop --learn-scale")
 
 
 @register_model("vae")
-class VAE(nn.Module):
+class VAE(Model):
     """VAE with MLP encoder ``D -> hidden -> 2d`` and decoder ``d -> reversed(hidden) -> D``."""
+
+    Options = VAEOptions
 
     def __init__(
         self,
@@ -56,12 +104,14 @@ class VAE(nn.Module):
         gaussian_scale: float = 1.0,
         learn_scale: bool = False,
         beta: float = 1.0,
+        encoder_scale: str = "softplus",
     ) -> None:
         super().__init__()
-        if likelihood not in ("bernoulli", "gaussian"):
+        if likelihood not in LIKELIHOODS:
             raise ValueError(f"likelihood must be 'bernoulli' or 'gaussian', got {likelihood!r}")
         self.input_dim, self.z_dim, self.likelihood, self.beta = (
             input_dim, z_dim, likelihood, beta)
+        self.scale_head = encoder_scale
         self.encoder = mlp([input_dim, *hidden, 2 * z_dim], activation)
         self.decoder = mlp([z_dim, *reversed(hidden), input_dim], activation)
         log_scale = torch.tensor(math.log(gaussian_scale))
@@ -71,9 +121,13 @@ class VAE(nn.Module):
             self.register_buffer("log_scale", log_scale)
 
     @classmethod
-    def from_config(cls, config: TrainConfig, data: Dataset) -> VAE:
-        return cls(data.input_dim, config.z_dim, config.hidden, config.activation,
-                   config.likelihood, config.gaussian_scale, config.learn_scale, config.beta)
+    def from_options(cls, options: VAEOptions, data: Dataset) -> VAE:
+        check_range(data, options.likelihood)
+        return cls(data.input_dim, z_dim=options.z_dim, hidden=options.hidden,
+                   activation=options.activation, likelihood=options.likelihood,
+                   gaussian_scale=options.gaussian_scale, learn_scale=options.learn_scale,
+                   beta=options.beta, encoder_scale=options.encoder_scale,
+                   **extra_options(options, VAEOptions))
 
     # -- the probabilistic program -------------------------------------------------------------
     def model(self, x: Tensor) -> None:
@@ -102,8 +156,8 @@ class VAE(nn.Module):
 
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Location and scale of q(z|x)."""
-        loc, log_scale = self.encoder(x).chunk(2, dim=-1)
-        return loc, log_scale.exp()
+        loc, h = self.encoder(x).chunk(2, dim=-1)
+        return loc, encoder_scale(h, self.scale_head)
 
     def decode(self, z: Tensor) -> Tensor:
         """E[x|z]: pixel probabilities (Bernoulli) or means (Gaussian)."""

@@ -1,9 +1,9 @@
 """Stochastic variational inference: the training loop.
 
 Each step draws a batch by a shuffled index into tensors already on the training device,
-takes ``loss = -ELBO`` from a Pyro estimator (:mod:`ppl_vae.estimators`) as a differentiable
-tensor, and steps a ``torch.optim.Adam`` over the module's parameters plus every
-``pyro.param`` the model and guide touch (:func:`collect_params`). That is SVI with Pyro's
+takes ``loss = -ELBO`` from a Pyro estimator (:mod:`ppl_vae.inference.estimators`) as a
+differentiable tensor, and steps a ``torch.optim.Adam`` over the module's parameters plus
+every ``pyro.param`` the model and guide touch (:func:`collect_params`). That is SVI with Pyro's
 estimators; owning the loop keeps the loss on the device (no ``.item()`` per step), keeps
 the optimizer state a plain ``state_dict`` for checkpoints, and skips re-registering the
 networks in Pyro's param store every step (``pyro.module``, a quarter of Pyro's overhead
@@ -19,12 +19,13 @@ from collections.abc import Callable
 
 import pyro
 import torch
-from pyro import poutine
 from torch import Tensor, nn
 from tqdm import tqdm  # text bars everywhere (tqdm.auto wants ipywidgets in Jupyter)
 
-from .data import batches
-from .errors import UsageError
+from ..data import batches
+from ..errors import UsageError
+from ..models import Program
+from .program import ProgramInfo
 
 LossFn = Callable[..., Tensor]
 """``args -> loss``: a differentiable scalar."""
@@ -32,13 +33,18 @@ StepFn = Callable[..., Tensor]
 """``args -> loss``: a detached scalar, its gradient already added to the parameters."""
 
 
-def registered(module: nn.Module, fn: Callable, name: str = "module") -> Callable:
+def registered(module: nn.Module, fn: Callable, name: str = "module",
+               skip: frozenset[int] = frozenset()) -> Callable:
     """``fn`` (a model or guide of ``module``), first registering the module's parameters in
-    Pyro's param store (``pyro.module``): what ``pyro.infer.SVI`` with ``pyro.optim``, the Jit
-    ELBOs (which feed param-store tensors to the compiled trace) and RenyiELBO need."""
+    Pyro's param store as ``name$$$<parameter name>`` (what ``pyro.module`` does): what
+    ``pyro.infer.SVI`` with ``pyro.optim``, the Jit ELBOs (which feed param-store tensors to
+    the compiled trace) and RenyiELBO need. Tensors whose ``id`` is in ``skip`` (those the
+    program registers itself) are left alone, so nothing is registered twice."""
+    named = [(f"{name}$$${n}", p) for n, p in module.named_parameters() if id(p) not in skip]
 
     def program(*args, **kwargs):
-        pyro.module(name, module)
+        for full_name, p in named:
+            pyro.param(full_name, p)
         return fn(*args, **kwargs)
 
     return program
@@ -49,33 +55,28 @@ def with_params(module: nn.Module, name: str = "module") -> tuple[Callable, Call
     return registered(module, module.model, name), registered(module, module.guide, name)
 
 
-def programs(module: nn.Module) -> list[tuple[float, Callable, Callable]]:
-    """The (weight, model, guide) terms whose weighted ELBOs make the training objective:
-    ``module.programs()`` where defined (the CVAE's hybrid objective has two), else
-    ``[(1, model, guide)]``."""
-    fn = getattr(module, "programs", None)
-    return fn() if fn is not None else [(1.0, module.model, module.guide)]
-
-
-def elbo_step(elbo: pyro.infer.ELBO, module: nn.Module) -> StepFn:
-    """``args -> -ELBO`` (summed over the batch, detached) for ``module``'s program, after
-    adding its gradient to the parameters' ``.grad``.
+def elbo_step(elbo: pyro.infer.ELBO, module: nn.Module, terms: list[Program],
+              info: ProgramInfo | None = None) -> StepFn:
+    """``args -> -ELBO`` (summed over the batch, detached) for the weighted ``terms``
+    (weight, model, guide) of ``module``'s objective, after adding its gradient to the
+    parameters' ``.grad``. ``info`` says which tensors the program registers itself.
 
     Estimators with ``differentiable_loss`` (Trace_ELBO, TraceMeanField_ELBO, their Jit
     variants) give a tensor we differentiate; RenyiELBO has only ``loss_and_grads``, which
     differentiates its own surrogate and returns a float (one host sync per step).
     """
-    terms = programs(module)
+    skip = frozenset() if info is None else info.registered
     if not hasattr(elbo, "differentiable_loss"):
         if len(terms) != 1:
             raise UsageError(f"{type(elbo).__name__} trains one model/guide pair, and this "
                              "objective has several; use --elbo mc or analytic")
         _, model, guide = terms[0]
-        model, guide = registered(module, model), registered(module, guide)
+        model, guide = registered(module, model, skip=skip), registered(module, guide, skip=skip)
         return lambda *args: torch.tensor(elbo.loss_and_grads(model, guide, *args),
                                           device=args[0].device)
     if type(elbo).__name__.startswith("Jit"):  # one compiled ELBO per model/guide pair
-        terms = [(w, registered(module, m), registered(module, g)) for w, m, g in terms]
+        terms = [(w, registered(module, m, skip=skip), registered(module, g, skip=skip))
+                 for w, m, g in terms]
     elbos = [copy.copy(elbo) for _ in terms]
 
     def loss(*args: Tensor) -> Tensor:
@@ -96,14 +97,10 @@ def backward_step(loss: LossFn) -> StepFn:
     return step
 
 
-def collect_params(module: nn.Module, step: StepFn, *args: Tensor) -> list[Tensor]:
+def collect_params(module: nn.Module, info: ProgramInfo) -> list[Tensor]:
     """The module's parameters and the unconstrained tensor of every ``pyro.param`` site the
-    step touches (autoguides, hand-written params), found by one param-only trace as
-    :class:`pyro.infer.SVI` does."""
-    with poutine.trace(param_only=True) as capture:
-        step(*args)
-    found = (site["value"].unconstrained() for site in capture.trace.nodes.values())
-    params = {id(p): p for p in (*module.parameters(), *found) if p.requires_grad}
+    program touches (autoguides, hand-written params), as :class:`pyro.infer.SVI` finds them."""
+    params = {id(p): p for p in (*module.parameters(), *info.params) if p.requires_grad}
     return list(params.values())
 
 
@@ -125,20 +122,19 @@ def run_epoch(
     n = inputs[0].shape[0]
     device = inputs[0].device
     total = torch.zeros((), device=device)
-    bar = tqdm(total=n, desc=desc, unit="img", leave=False, disable=_disable(progress))
+    bar = tqdm(total=n, desc=desc, unit="img", leave=False, disable=hide_bar(progress))
     shown, seen = time.perf_counter(), 0
     start = time.perf_counter()
-    with pyro.validation_enabled(False):
-        for idx in batches(inputs[0], batch_size, generator):
-            optimizer.zero_grad(set_to_none=True)
-            total += step(*(t[idx] for t in inputs))
-            optimizer.step()
-            seen += len(idx)
-            if not bar.disable:
-                bar.update(len(idx))
-                if time.perf_counter() - shown > 0.5:
-                    bar.set_postfix(elbo=f"{-total.item() / seen:.2f}")
-                    shown = time.perf_counter()
+    for idx in batches(inputs[0], batch_size, generator):
+        optimizer.zero_grad(set_to_none=True)
+        total += step(*(t[idx] for t in inputs))
+        optimizer.step()
+        seen += len(idx)
+        if not bar.disable:
+            bar.update(len(idx))
+            if time.perf_counter() - shown > 0.5:
+                bar.set_postfix(elbo=f"{-total.item() / seen:.2f}")
+                shown = time.perf_counter()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
@@ -170,7 +166,7 @@ def fit(
     if patience and validate is None:
         raise ValueError("early stopping needs a validate function")
     best, best_epoch, best_state, bad = math.inf, epochs, None, 0
-    bar = tqdm(range(1, epochs + 1), desc=desc, unit="epoch", disable=_disable(progress))
+    bar = tqdm(range(1, epochs + 1), desc=desc, unit="epoch", disable=hide_bar(progress))
     for epoch in bar:
         module.train()
         loss, seconds = run_epoch(step, optimizer, train_inputs(), batch_size,
@@ -197,6 +193,6 @@ def fit(
     return best_epoch
 
 
-def _disable(progress: bool | None) -> bool | None:
+def hide_bar(progress: bool | None) -> bool | None:
     """tqdm's ``disable``: None hides the bar when stderr is not a terminal."""
     return None if progress is None else not progress

@@ -16,7 +16,14 @@ For a data point x, guide q(z|x) and L reparameterized draws z_l ~ q(z|x):
 
       log 1/L sum_l p(x, z_l) / q(z_l|x)
 
-The particles are vectorized (one batched pass, a plate at dim -2) when L > 1.
+* ``enum`` -- :class:`~pyro.infer.TraceEnum_ELBO`: discrete latents that the guide (or the
+  model) marks for enumeration (``config_enumerate``, ``infer={"enumerate": "parallel"}``)
+  are summed out exactly; the rest as ``mc``::
+
+      sum_y q(y|x) E_q(z|x,y)[log p(x, y, z) - log q(y|x) - log q(z|x,y)]
+
+The particles are vectorized (one batched pass, a plate left of the model's plates) when
+L > 1 and the model broadcasts over that dimension, else drawn one after another.
 
 ``Trace_ELBO`` and ``TraceMeanField_ELBO`` here are Pyro's classes with a
 ``differentiable_loss`` that never reads the loss on the host, so a CUDA training step
@@ -30,13 +37,13 @@ import warnings
 
 import pyro.infer
 from pyro.distributions.util import scale_and_mask
-from pyro.infer import ELBO, JitTrace_ELBO, RenyiELBO
+from pyro.infer import ELBO, JitTrace_ELBO, RenyiELBO, TraceEnum_ELBO
 from torch import Tensor
 from torch.distributions import kl_divergence
 
-from .errors import UsageError
+from ..errors import UsageError
 
-MAX_PLATE_NESTING = 1  # the data plate; vectorized particles go one dim further left
+MAX_PLATE_NESTING = 1  # the data plate (the default; a probe of the program finds the real one)
 
 
 def _reparameterized(guide_trace) -> bool:
@@ -113,10 +120,17 @@ class JitTraceMeanField_ELBO(pyro.infer.JitTraceMeanField_ELBO):
         return compiled(*args, _pyro_model_id=id(model), _pyro_guide_id=id(guide), **kwargs)
 
 
-def make_elbo(name: str, particles: int = 1, jit: bool = False) -> ELBO:
-    """The Pyro ELBO for ``--elbo name`` with ``particles`` samples per data point."""
-    kw = dict(num_particles=particles, vectorize_particles=particles > 1,
-              max_plate_nesting=MAX_PLATE_NESTING)
+def make_elbo(name: str, particles: int = 1, jit: bool = False,
+              max_plate_nesting: int = MAX_PLATE_NESTING, vectorize: bool = True) -> ELBO:
+    """The Pyro ELBO for ``--elbo name`` with ``particles`` samples per data point, for a
+    program with ``max_plate_nesting`` plates; ``vectorize=False`` draws the particles one
+    after another (for models that cannot broadcast over a particle dimension)."""
+    kw = dict(num_particles=particles, vectorize_particles=vectorize and particles > 1,
+              max_plate_nesting=max_plate_nesting)
+    if name == "enum":
+        if jit:
+            raise UsageError("--jit with --elbo enum is not supported here; drop --jit")
+        return TraceEnum_ELBO(**kw)
     if name == "iwae":
         if jit:
             raise UsageError("--jit has no IWAE (RenyiELBO) variant in Pyro; drop --jit")
@@ -126,7 +140,7 @@ def make_elbo(name: str, particles: int = 1, jit: bool = False) -> ELBO:
     classes = {"mc": (Trace_ELBO, JitTrace_ELBO),
                "analytic": (TraceMeanField_ELBO, JitTraceMeanField_ELBO)}
     if name not in classes:
-        raise UsageError(f"unknown --elbo {name!r}; use mc, analytic or iwae")
+        raise UsageError(f"unknown --elbo {name!r}; use mc, analytic, iwae or enum")
     if jit:  # torch marks torch.jit.trace deprecated; the Jit ELBOs still work on it
         warnings.filterwarnings("ignore", message=r".*torch\.jit\.trace.*deprecated",
                                 category=FutureWarning)  # idempotent: no duplicate filters

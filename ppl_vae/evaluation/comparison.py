@@ -1,6 +1,6 @@
 """ELBO estimators side by side on one model: the bound, its gradient, and training with it.
 
-For a VAE or CVAE and a fixed evaluation batch of B data points:
+For one model and a fixed evaluation batch of B data points:
 
 * **Bound estimates.** R independent estimates of the per-data-point bound, -loss / B, for
   ``mc`` (Trace_ELBO, Monte Carlo KL) and ``analytic`` (TraceMeanField_ELBO, closed-form KL)
@@ -9,10 +9,11 @@ For a VAE or CVAE and a fixed evaluation batch of B data points:
   ``analytic`` estimate the same number; they *agree* when their means differ by less than
   4 combined standard errors.
 * **Gradient quality.** R draws of the SVI gradient g per estimator and L, summarized per
-  parameter group (the module's top-level children: encoder/decoder, or the CVAE's
-  prior/recognition/generation networks) by the total variance sum_j Var(g_j), the mean norm
+  parameter group (by default the module's top-level children, e.g. encoder and decoder)
+  by the total variance sum_j Var(g_j), the mean norm
   E||g||, and the signal-to-noise ratio |E g_j| / sd(g_j) averaged over coordinates j
-  (Rainforth et al. 2018), from float64 sums of g and g^2 over the draws; a group whose
+  (Rainforth et al. 2018), from float64 sums of g and g^2 over the draws (groups: the
+  model's ``parameter_groups`` hook); a group whose
   gradient does not vary (an exact gradient) has variance 0 and no SNR.
 * **Training race.** ``mc`` and ``analytic`` with one particle, and IWAE with K = the
   largest particle count, each train a copy of the same weights on the same batches (a
@@ -25,7 +26,6 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -34,23 +34,26 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm  # text bars everywhere (tqdm.auto wants ipywidgets in Jupyter)
 
-from .config import TrainConfig
-from .data import Dataset
-from .errors import UsageError
-from .estimators import make_elbo
-from .files import write_csv, write_json, write_text
-from .run import (
-    _make_dir,
-    _run_dir,
-    adam_for,
+from ..config import TrainConfig
+from ..data import Dataset
+from ..errors import UsageError
+from ..files import write_csv, write_json, write_text
+from ..inference.estimators import make_elbo
+from ..inference.program import ProgramInfo
+from ..inference.svi import collect_params, elbo_step, fit, hide_bar, run_epoch
+from ..inference.trainer import (
     build_model,
+    context,
     data_args,
     device_for,
     load_data,
-    load_run,
+    probe,
     score_split,
 )
-from .training import _disable, elbo_step, fit, programs, run_epoch
+from ..models import hook
+from ..rundir import make_run_dir, resolve_run_dir
+from ..variants import variants_of
+from .runs import load_run
 
 ESTIMATORS = ("mc", "analytic")
 
@@ -104,23 +107,28 @@ class Comparison:
                 "race_summary": self.race_summary}
 
 
-def _programs(module: nn.Module) -> tuple[Callable, Callable]:
-    return module.model, getattr(module, "proposal", module.guide)
+def _elbo(name: str, k: int, info: ProgramInfo | None):
+    if info is None:
+        return make_elbo(name, k)
+    return make_elbo(name, k, max_plate_nesting=info.max_plate_nesting,
+                     vectorize=info.vectorized)
 
 
 def bound_estimates(module: nn.Module, args: tuple[Tensor, ...], repeats: int,
                     particles: tuple[int, ...], iwae_samples: tuple[int, ...],
-                    progress: bool | None = None) -> list[dict]:
-    """R estimates of the per-data-point bound for every estimator and sample count."""
-    model, guide = _programs(module)
+                    progress: bool | None = None, info: ProgramInfo | None = None
+                    ) -> list[dict]:
+    """R estimates of the per-data-point bound for every estimator and sample count, with
+    the model's proposal as the guide."""
+    model, guide = module.model, hook(module, "proposal")()
     b = args[0].shape[0]
     configs = [(e, L) for e in ESTIMATORS for L in particles]
     configs += [("iwae", k) for k in iwae_samples]
     rows = []
-    for name, k in tqdm(configs, desc="bounds", disable=_disable(progress)):
-        elbo = make_elbo(name, k)
+    for name, k in tqdm(configs, desc="bounds", disable=hide_bar(progress)):
+        elbo = _elbo(name, k, info)
         values = torch.empty(repeats, dtype=torch.float64)
-        with torch.no_grad(), pyro.validation_enabled(False):
+        with torch.no_grad():
             elbo.loss(model, guide, *args)  # warm-up, not timed
             start = time.perf_counter()
             for r in range(repeats):
@@ -148,29 +156,30 @@ def agreement(bounds: list[dict]) -> list[dict]:
 
 
 def gradient_stats(module: nn.Module, args: tuple[Tensor, ...], repeats: int,
-                   particles: tuple[int, ...], progress: bool | None = None) -> list[dict]:
+                   particles: tuple[int, ...], progress: bool | None = None,
+                   info: ProgramInfo | None = None) -> list[dict]:
     """Variance, mean norm and SNR of R SVI gradient draws, per parameter group."""
     rows = []
+    groups = hook(module, "parameter_groups")()
+    terms = hook(module, "programs")()
     for name, k in tqdm([(e, L) for e in ESTIMATORS for L in particles], desc="gradients",
-                        disable=_disable(progress)):
-        step = elbo_step(make_elbo(name, k), module)
-        params = dict(module.named_parameters())
+                        disable=hide_bar(progress)):
+        step = elbo_step(_elbo(name, k, info), module, terms, info)
         sums: dict[str, list] = {}
         seconds = 0.0
-        with pyro.validation_enabled(False):
-            for r in range(repeats + 1):
-                module.zero_grad(set_to_none=True)
-                start = time.perf_counter()
-                step(*args)
-                _sync(args[0].device)
-                if r == 0:
-                    continue  # warm-up, not counted
-                seconds += time.perf_counter() - start
-                for group, grads in _grouped(params).items():
-                    g = torch.cat([p.grad.reshape(-1) for p in grads]).double()
-                    acc = sums.setdefault(group, [0.0, 0.0, 0.0])
-                    acc[0], acc[1] = acc[0] + g, acc[1] + g * g
-                    acc[2] += g.norm().item()
+        for r in range(repeats + 1):
+            module.zero_grad(set_to_none=True)
+            start = time.perf_counter()
+            step(*args)
+            _sync(args[0].device)
+            if r == 0:
+                continue  # warm-up, not counted
+            seconds += time.perf_counter() - start
+            for group, grads in _with_grad(groups).items():
+                g = torch.cat([p.grad.reshape(-1) for p in grads]).double()
+                acc = sums.setdefault(group, [0.0, 0.0, 0.0])
+                acc[0], acc[1] = acc[0] + g, acc[1] + g * g
+                acc[2] += g.norm().item()
         for group, (s1, s2, norms) in sums.items():
             mean = s1 / repeats
             var = ((s2 - s1 * mean) / (repeats - 1)).clamp_min(0)
@@ -190,13 +199,10 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _grouped(params: dict[str, nn.Parameter]) -> dict[str, list[nn.Parameter]]:
-    """Parameters with a gradient, by the module's top-level child they belong to."""
-    groups: dict[str, list[nn.Parameter]] = {}
-    for name, p in params.items():
-        if p.grad is not None:
-            groups.setdefault(name.split(".")[0], []).append(p)
-    return groups
+def _with_grad(groups: dict[str, list[nn.Parameter]]) -> dict[str, list[nn.Parameter]]:
+    """The parameters of each group that received a gradient (groups without one left out)."""
+    live = {name: [p for p in ps if p.grad is not None] for name, ps in groups.items()}
+    return {name: ps for name, ps in live.items() if ps}
 
 
 def variance_ratios(gradients: list[dict]) -> list[dict]:
@@ -222,13 +228,14 @@ def training_race(module: nn.Module, data: Dataset, config: TrainConfig,
         racer.load_state_dict(start_state)
         pyro.set_rng_seed(config.seed)
         batches = torch.Generator(device=device).manual_seed(config.seed)
-        step = elbo_step(make_elbo(name, k), racer)
-        opt = adam_for(racer, step, data, config.lr)
+        info = probe(racer, data)
+        step = elbo_step(_elbo(name, k, info), racer, hook(racer, "programs")(), info)
+        opt = torch.optim.Adam(collect_params(racer, info), lr=config.lr)
         elapsed = 0.0
         for epoch in tqdm(range(1, config.epochs + 1), desc=f"race {name} x{k}",
-                          disable=_disable(progress)):
+                          disable=hide_bar(progress)):
             racer.train()
-            inputs = data_args(racer, data.train_epoch(batches), data.train.y)
+            inputs = hook(racer, "data_args")(data.train_epoch(batches), data.train.y)
             loss, seconds = run_epoch(step, opt, inputs, config.batch_size, progress=False,
                                       generator=batches)
             elapsed += seconds
@@ -252,7 +259,8 @@ def training_race(module: nn.Module, data: Dataset, config: TrainConfig,
 def compare(cc: CompareConfig, out: str | None = None, progress: bool | None = None
             ) -> Comparison:
     """Run the whole comparison and write ``results.json``, CSV tables, ``summary.md`` and
-    figures into ``out`` (default ``runs/compare-<model>-<time>``)."""
+    figures into ``out`` (default ``runs/compare-<model>-<time>``). One process: the model
+    and the data sit on one device."""
     config = cc.train
     if cc.run is not None:
         if cc.warmup_epochs:
@@ -263,39 +271,47 @@ def compare(cc: CompareConfig, out: str | None = None, progress: bool | None = N
         config = replace(saved, **{k: getattr(config, k) for k in (
             "lr", "epochs", "batch_size", "seed", "eval_particles", "cuda", "overwrite")})
     else:
+        if len(variants_of(config)) > 1:
+            raise UsageError(f"compare one model at a time: these options make "
+                             f"{len(variants_of(config))} runs "
+                             f"({', '.join(n for n, _ in variants_of(config))}); pick one "
+                             "(one value of the option that makes them)")
         device = device_for(config.cuda)
         data = load_data(config).to(device)
         pyro.set_rng_seed(config.seed)
         module = build_model(config, data).to(device)
-    out_dir = _run_dir(replace(config, out=out or f"runs/compare-{config.model}-"
-                               f"{time.strftime('%Y%m%d-%H%M%S')}"))
-    _make_dir(out_dir)
-    if cc.run is None and cc.warmup_epochs:
-        if hasattr(module, "baseline"):
-            raise UsageError("--warmup-epochs trains no CVAE baseline network; train the CVAE "
-                             "with ppl_vae.train and pass --run DIR")
-        step = elbo_step(make_elbo("mc"), module)
-        fit(step, adam_for(module, step, data, config.lr), module,
-            lambda: data_args(module, data.train_epoch(), data.train.y),
-            config.batch_size, cc.warmup_epochs, progress=progress, desc="warm-up")
-    module.eval()
-    rows = slice(0, cc.eval_batch)
-    args = data_args(module, data.test.x[rows],
-                     None if data.test.y is None else data.test.y[rows])
-    pyro.set_rng_seed(config.seed)
-    bounds = bound_estimates(module, args, cc.repeats, cc.particles, cc.iwae_samples, progress)
-    gradients = gradient_stats(module, args, cc.repeats, cc.particles, progress)
-    race_rows, race_summary = [], []
-    if cc.race:
-        racers = [(e, 1) for e in ESTIMATORS]
-        if max(cc.particles) > 1 and len(programs(module)) == 1:  # IWAE trains one program
-            racers.append(("iwae", max(cc.particles)))
-        race_rows, race_summary = training_race(module, data, config, racers, cc.target,
-                                                progress)
+    out_dir = resolve_run_dir(out, f"compare-{config.model_name}", config.overwrite)
+    with pyro.validation_enabled(config.validate):
+        info = probe(module, data)
+        make_run_dir(out_dir)
+        if cc.run is None and cc.warmup_epochs:  # pre-training too runs for the warm-up
+            ctx = context(replace(config, epochs=cc.warmup_epochs), module, data, out_dir,
+                          progress)
+            hook(module, "pretrain")(ctx)
+            step = elbo_step(make_elbo("mc", 1, max_plate_nesting=info.max_plate_nesting),
+                             module, hook(module, "programs")(), info)
+            fit(step, torch.optim.Adam(collect_params(module, info), lr=config.lr), module,
+                lambda: hook(module, "data_args")(data.train_epoch(), data.train.y),
+                config.batch_size, cc.warmup_epochs, progress=progress, desc="warm-up")
+        module.eval()
+        args = data_args(module, data.test, slice(0, cc.eval_batch))
+        pyro.set_rng_seed(config.seed)
+        bounds = bound_estimates(module, args, cc.repeats, cc.particles, cc.iwae_samples,
+                                 progress, info)
+        gradients = gradient_stats(module, args, cc.repeats, cc.particles, progress, info)
+        race_rows, race_summary = [], []
+        if cc.race:
+            racers = [(e, 1) for e in ESTIMATORS]
+            if max(cc.particles) > 1 and len(hook(module, "programs")()) == 1:
+                racers.append(("iwae", max(cc.particles)))  # IWAE trains one program
+            race_rows, race_summary = training_race(module, data, config, racers, cc.target,
+                                                    progress)
     meta = {"config": config.to_dict(), "run": cc.run, "warmup_epochs": cc.warmup_epochs,
             "repeats": cc.repeats, "eval_batch": args[0].shape[0], "dataset": data.name,
             "device": str(data.test.x.device), "torch": torch.__version__,
-            "pyro": pyro.__version__}
+            "pyro": pyro.__version__,
+            "samples": "one vectorized pass" if info.vectorized else
+                       f"one after another ({info.not_vectorized_because})"}
     result = Comparison(out_dir, bounds, gradients, race_rows, race_summary, agreement(bounds),
                         meta)
     write_outputs(result)
@@ -350,7 +366,7 @@ def write_outputs(c: Comparison) -> None:
         write_csv(out / "race.csv", c.race)
         write_csv(out / "race_summary.csv", c.race_summary)
     write_text(out / "summary.md", summary_markdown(c))
-    from . import plots
+    from .. import plots
 
     plots.bound_distributions(c.bounds, out / "bounds.png")
     plots.gradient_variance(c.gradients, out / "gradients.png")

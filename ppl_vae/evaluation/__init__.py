@@ -1,0 +1,2 @@
+"""Evaluation of trained models: saved runs read back and scored again, and the estimator
+comparison."""

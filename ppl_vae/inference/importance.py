@@ -1,0 +1,202 @@
+"""Per-image test ELBO and the importance-weighted log-likelihood estimate, from Pyro traces.
+
+For data point x and K draws z_k ~ q(z|x) (one vectorized pass: a ``pyro.plate`` of size K
+left of the data plate), the log importance weights are::
+
+    log w_k = log p(x, z_k) - log q(z_k|x)
+
+and from them, per data point::
+
+    ELBO(x)    ~ 1/K sum_k log w_k                      (unbiased for the ELBO)
+    IWAE_K(x)  = log 1/K sum_k w_k   <= log p(x)        (Burda et al. 2016; E[IWAE_K]
+                                                         rises to log p(x) as K grows)
+
+The model is scored as a density: ``poutine.scale`` factors (a beta-VAE's beta) weight the
+training objective, not the model, and are left out here; masks are kept. A latent site of
+the model that the guide does not sample is proposed from its prior, so its density cancels.
+
+Any program works (:func:`~ppl_vae.inference.program.inspect_program` finds its structure):
+
+* samples are drawn in one vectorized pass where the model broadcasts over a samples plate,
+  else one after another (memory stays bounded either way: rows and samples in chunks);
+* *global* latents theta (outside the data plate: Bayesian decoder weights, say) are drawn
+  once per sample and shared by every row, also across chunks (replayed). With N data
+  points the ELBO per point is then ``E[sum_local] + E[log p(theta) - log q(theta)] / N``,
+  and the IWAE bound is the joint one, ``log 1/K sum_k p(X, Z_k, theta_k) / q(Z_k,
+  theta_k|X)`` over the whole set, reported per point (divided by N).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pyro
+import torch
+from pyro import poutine
+from pyro.distributions.util import scale_and_mask
+from pyro.poutine.util import prune_subsample_sites
+from torch import Tensor
+
+from .program import ProgramInfo, inspect_program
+
+MAX_ELEMENTS = 2**24  # bound on K x rows x D floats held at once (hidden layers come on top)
+
+
+def _in_plate(site: dict, plate: str | None) -> int | None:
+    """The dim of ``plate`` in the site's plates, or None."""
+    for f in site["cond_indep_stack"]:
+        if f.name == plate and f.vectorized and f.dim is not None:
+            return f.dim
+    return None
+
+
+def _reduce(lp: Tensor, nesting: int, vectorized: bool, data_dim: int | None) -> Tensor:
+    """Sum a site's log-density over every plate but the samples and data dims: (K|1, R|1)."""
+    lp = torch.as_tensor(lp)
+    if not vectorized:
+        lp = lp.unsqueeze(0)  # a samples dim of 1
+    full = nesting + 1
+    if lp.dim() > full:
+        raise ValueError(f"a log-density of shape {tuple(lp.shape)} has more dims than the "
+                         f"{nesting} plates of the program")
+    lp = lp.reshape((1,) * (full - lp.dim()) + lp.shape)
+    keep = {0} | ({full + data_dim} if data_dim is not None else set())
+    other = [d for d in range(full) if d not in keep]
+    if other:
+        lp = lp.sum(other, keepdim=True)
+    return lp.reshape(lp.shape[0], -1)
+
+
+def _pass(model: Callable, guide: Callable, args: tuple, info: ProgramInfo, k: int,
+          shared: object | None = None) -> tuple[Tensor, Tensor, object]:
+    """One pass of ``k`` samples (vectorized) or one sample: (local log weights (k, rows),
+    global log weights (k,), the guide's global sites to replay in later chunks)."""
+    rows = args[0].shape[0]
+    vectorized = info.vectorized
+    plate = (pyro.plate("_particles", k, dim=-(info.max_plate_nesting + 1)) if vectorized
+             else contextlib.nullcontext())
+    with plate:
+        g = guide if shared is None else poutine.replay(guide, trace=shared)
+        guide_trace = poutine.trace(g).get_trace(*args)
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args)
+    device = args[0].device
+    dtype = args[0].dtype if args[0].is_floating_point() else torch.get_default_dtype()
+    local = torch.zeros(1, 1, device=device, dtype=dtype)
+    glob = torch.zeros(1, 1, device=device, dtype=dtype)
+    for trace, sign in ((model_trace, 1.0), (guide_trace, -1.0)):
+        trace = prune_subsample_sites(trace)  # the plates' index sites carry no density
+        trace.compute_log_prob()
+        for name, site in trace.nodes.items():
+            if site["type"] != "sample":
+                continue
+            if sign > 0 and not site["is_observed"] and name not in guide_trace.nodes:
+                continue  # proposed from the prior: p/q cancels
+            lp = scale_and_mask(site["unscaled_log_prob"], mask=site["mask"])
+            dim = _in_plate(site, info.data_plate)
+            term = sign * _reduce(lp, info.max_plate_nesting, vectorized, dim)
+            if dim is None:
+                glob = glob + term.sum(-1, keepdim=True)
+            else:
+                local = local + term
+    if shared is None and info.global_sites:
+        shared = guide_trace.copy()
+        for name in list(shared.nodes):
+            if name not in info.global_sites:
+                shared.remove_node(name)
+    return local.expand(k, rows), glob.reshape(-1).expand(k), shared
+
+
+def log_weights(model: Callable, guide: Callable, *args, num_samples: int,
+                info: ProgramInfo | None = None) -> Tensor:
+    """``log p(x, z_k) - log q(z_k|x)`` of shape (num_samples, batch), z_k ~ q, with any
+    global terms spread evenly over the rows (their sum over rows is the joint weight)."""
+    info = info or inspect_program(model, guide, *args)
+    rows = args[0].shape[0]
+    if info.vectorized:
+        local, glob, _ = _pass(model, guide, args, info, num_samples)
+    else:
+        parts = [_pass(model, guide, args, info, 1) for _ in range(num_samples)]
+        local = torch.cat([p[0] for p in parts])
+        glob = torch.cat([p[1] for p in parts])
+    return local + glob[:, None] / rows
+
+
+@dataclass(frozen=True)
+class Scores:
+    """Per-data-point estimates in nats (higher is better), and how they were computed."""
+
+    elbo: Tensor
+    iwae: Tensor | None = None
+    iwae_samples: int = 0
+    method: str = ""
+
+    def summary(self) -> dict[str, float | int | str]:
+        """Means over data points: the numbers ``summary.json`` reports."""
+        out: dict[str, float | int | str] = {"test_elbo": self.elbo.mean().item()}
+        if self.iwae is not None:
+            out["test_log_likelihood_iwae"] = self.iwae.mean().item()
+            out["iwae_samples"] = self.iwae_samples
+        if self.method:
+            out["eval_method"] = self.method
+        return out
+
+
+@torch.no_grad()
+def score(module, *inputs: Tensor, num_samples: int = 10, iwae: bool = False,
+          seed: int = 0, guide: Callable | None = None) -> Scores:
+    """Per-row ELBO (the mean of K log weights) and, if ``iwae``, the IWAE_K bound, for every
+    row of ``inputs`` (the arguments of ``module.model``/``module.guide``, rows first).
+    ``guide`` replaces the module's proposal (its ``proposal()`` hook, else ``guide``).
+
+    Runs in memory-bounded chunks of rows and of samples, seeded: re-running gives the same
+    numbers, and the caller's RNG state is left as it was.
+    """
+    from ..models import hook
+
+    model = module.model
+    guide = guide or hook(module, "proposal")()
+    n = inputs[0].shape[0]
+    d = max(1, sum(t[:1].numel() for t in inputs))
+    device = inputs[0].device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        info = inspect_program(model, guide, *(t[: min(n, 2)] for t in inputs))
+        k_max = num_samples if info.vectorized else 1
+        rows = max(1, min(n, MAX_ELEMENTS // (k_max * d)))
+        k_chunk = max(1, min(k_max, MAX_ELEMENTS // (rows * d)))
+        joint = bool(info.global_sites) or info.data_plate is None
+        dtype = inputs[0].dtype if inputs[0].is_floating_point() else torch.get_default_dtype()
+        elbo_sum = torch.zeros(n, device=device, dtype=dtype)
+        lse = torch.full((n,), -math.inf, device=device, dtype=dtype)
+        glob_sum = torch.zeros((), device=device, dtype=dtype)
+        totals = []
+        for k in _chunks(num_samples, k_chunk):
+            shared, total = None, torch.zeros(k, device=device, dtype=dtype)
+            for start in range(0, n, rows):
+                args = tuple(t[start:start + rows] for t in inputs)
+                local, glob, shared = _pass(model, guide, args, info, k, shared)
+                if start == 0:
+                    glob_sum += glob.sum()
+                    total = total + glob
+                elbo_sum[start:start + rows] += local.sum(0)
+                if iwae and not joint:
+                    lse[start:start + rows] = torch.logaddexp(
+                        lse[start:start + rows], torch.logsumexp(local, 0))
+                total = total + local.sum(1)
+            totals.append(total)
+    elbo = elbo_sum / num_samples + glob_sum / (num_samples * n)
+    bound = None
+    if iwae:
+        if joint:
+            joint_bound = torch.logsumexp(torch.cat(totals), 0) - math.log(num_samples)
+            bound = (joint_bound / n).expand(n).clone()
+        else:
+            bound = lse - math.log(num_samples)
+    return Scores(elbo, bound, num_samples if iwae else 0, info.describe(num_samples))
+
+
+def _chunks(total: int, size: int) -> list[int]:
+    return [min(size, total - i) for i in range(0, total, size)]

@@ -1,0 +1,107 @@
+"""What a model/guide pair is, found by running it once: the facts inference and evaluation
+need about a program they did not write.
+
+* ``max_plate_nesting``: the deepest plate of either program, so vectorized particles (and
+  enumerated discrete latents) go further left;
+* ``data_plate``: the plate of the observed site with one entry per data row; latent sites
+  inside it are *local* (one per data point), the others *global* (network weights with a
+  prior, a shared mixture weight...);
+* ``vectorized``: whether the program runs with a particle plate left of its plates
+  (Pyro-style models broadcast; some index or reshape by the batch and cannot), with the
+  error when it cannot;
+* ``registered``: the tensors the program puts in Pyro's param store itself (``pyro.module``,
+  ``pyro.param``), so that nothing is registered twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pyro
+import torch
+from pyro import poutine
+from pyro.poutine.util import site_is_subsample
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class ProgramInfo:
+    max_plate_nesting: int
+    data_plate: str | None
+    global_sites: frozenset[str]
+    vectorized: bool
+    not_vectorized_because: str
+    registered: frozenset[int]
+    params: tuple[Tensor, ...]
+    auxiliary: frozenset[str] = frozenset()
+
+    def describe(self, num_samples: int) -> str:
+        """One line: how ``num_samples`` samples per data point are drawn and scored."""
+        how = (f"{num_samples} samples per data point in one vectorized pass"
+               if self.vectorized else
+               f"{num_samples} samples per data point drawn one after another (the model "
+               f"cannot take a samples dimension: {self.not_vectorized_because})")
+        if self.global_sites:
+            shown = sorted(self.global_sites - self.auxiliary) or sorted(self.global_sites)
+            how += (f"; global latents {', '.join(shown)} are shared by "
+                    "all data points, so the IWAE bound is joint over the test set")
+        return how
+
+
+def _sample_sites(trace) -> list[dict]:
+    return [s for s in trace.nodes.values() if s["type"] == "sample" and not site_is_subsample(s)]
+
+
+def _frames(site: dict) -> list:
+    return [f for f in site["cond_indep_stack"] if f.vectorized and f.dim is not None]
+
+
+@torch.no_grad()
+def inspect_program(model: Callable, guide: Callable, *args: Tensor) -> ProgramInfo:
+    """Run ``guide`` and ``model`` (replayed) once on ``args`` (two or more rows, so the data
+    plate can be told apart), then once more with a samples plate of size 2."""
+    with poutine.trace(param_only=True) as params:
+        guide_trace = poutine.trace(guide).get_trace(*args)
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args)
+    sites = _sample_sites(guide_trace) + _sample_sites(model_trace)
+    nesting = max([-f.dim for s in sites for f in _frames(s)], default=0)
+    rows = args[0].shape[0] if args and torch.is_tensor(args[0]) and args[0].dim() else 1
+    data_plate = None
+    for site in _sample_sites(model_trace):
+        if site["is_observed"] and data_plate is None:
+            shape = site["fn"].batch_shape
+            for f in _frames(site):
+                if len(shape) >= -f.dim and shape[f.dim] == rows:
+                    data_plate = f.name
+                    break
+    local = {s["name"] for s in sites
+             if data_plate is not None and any(f.name == data_plate for f in _frames(s))}
+    latent = {s["name"] for s in sites if not s["is_observed"]}
+    values = [s["value"] for s in params.trace.nodes.values()]
+    unconstrained = tuple(getattr(v, "unconstrained", lambda v=v: v)() for v in values)
+    vectorized, why = _try_vectorized(model, guide, nesting, args)
+    auxiliary = {s["name"] for s in sites if s["infer"].get("is_auxiliary")}
+    return ProgramInfo(nesting, data_plate, frozenset(latent - local), vectorized, why,
+                       frozenset(id(t) for t in unconstrained), unconstrained,
+                       frozenset(auxiliary))
+
+
+def _try_vectorized(model: Callable, guide: Callable, nesting: int, args: tuple
+                    ) -> tuple[bool, str]:
+    try:
+        with pyro.plate("_probe_particles", 2, dim=-(nesting + 1)):
+            guide_trace = poutine.trace(guide).get_trace(*args)
+            model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args)
+        for trace in (guide_trace, model_trace):
+            trace.compute_log_prob()
+            for site in _sample_sites(trace):
+                lp = site["log_prob"]
+                full = lp.dim() == nesting + 1
+                if lp.dim() > nesting + 1 or (full and lp.shape[0] not in (1, 2)):
+                    return False, (f"site {site['name']!r} has log-probability shape "
+                                   f"{tuple(lp.shape)}")
+    except Exception as e:  # anything the user's program raises on a samples dimension
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        return False, f"{type(e).__name__}: {first}"[:200]
+    return True, ""

@@ -1,0 +1,130 @@
+"""The figures every model gets from its program (the default ``figures`` hook).
+
+* ``latent.png``: q(z|x) means of test images (``encode(x)[0]`` where the model defines it,
+  else the mean of the guide's first per-image latent site), in 2-D by PCA.
+* ``reconstructions.png``: E[x|z] with z ~ q(z|x) (``reconstruct(x)`` where defined, else the
+  mean of the observed site's distribution with the guide's z replayed into the model).
+* ``samples.png``: prior predictive draws (``sample(n)`` where defined, else
+  :class:`pyro.infer.Predictive` on the unconditioned model).
+
+A figure that cannot be drawn is skipped with its reason in the run's notes.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+
+import torch
+from pyro import poutine
+from pyro.infer import Predictive
+from torch import Tensor, nn
+
+from .. import plots
+from .base import RunContext, hook
+
+
+@torch.no_grad()
+def default_figures(module: nn.Module, ctx: RunContext) -> None:
+    data, out = ctx.data, ctx.out
+    test = data.test
+    rows = min(len(test), 1000)
+    args = hook(module, "data_args")(test.x[:rows], None if test.y is None else test.y[:rows])
+    skipped: dict[str, str] = {}
+    if defines(module, "encode"):
+        z = module.encode(test.x)[0]
+    else:
+        z = latent_means(hook(module, "proposal")(), args)
+    if z is None:
+        skipped["latent.png"] = "the guide has no per-image latent site (N x d)"
+    else:
+        plots.latent_scatter(z, None if test.y is None else test.y[: len(z)],
+                             out / "latent.png")
+    if data.image_shape is None:
+        skipped["reconstructions.png and samples.png"] = "the data are not images"
+    else:
+        pixels = math.prod(data.image_shape)
+        n = min(12, len(test))
+        x = test.x[:n]
+        if defines(module, "reconstruct"):
+            recon = module.reconstruct(x)
+        else:
+            recon = reconstructions(module, tuple(a[:n] for a in args), pixels)
+        if isinstance(recon, str):
+            skipped["reconstructions.png"] = recon
+        else:
+            plots.image_grid([x, recon], data.image_shape, out / "reconstructions.png",
+                             "test inputs and reconstructions", ["input", "recon"])
+        if defines(module, "sample"):
+            draws = module.sample(64)
+            title = "samples from the prior: E[x|z], z ~ p(z)"
+        else:
+            draws = prior_predictive(module, tuple(a[:64] for a in args), pixels)
+            title = "prior predictive samples x ~ p(x)"
+        if isinstance(draws, str):
+            skipped["samples.png"] = draws
+        else:
+            plots.image_grid(list(draws.split(8)), data.image_shape, out / "samples.png",
+                             title)
+    for name, why in skipped.items():
+        ctx.log(f"figure {name} skipped: {why}")
+
+
+def defines(module: nn.Module, name: str) -> bool:
+    """Whether the model's class defines the method ``name`` (a submodule called ``encode``
+    is a network, not the figure hook ``encode(x) -> (loc, scale)``)."""
+    return inspect.isfunction(getattr(type(module), name, None))
+
+
+def latent_means(guide, args: tuple[Tensor, ...]) -> Tensor | None:
+    """The mean (else a draw) of the guide's first latent site with one row per data point."""
+    rows = args[0].shape[0]
+    trace = poutine.trace(guide).get_trace(*args)
+    for site in trace.nodes.values():
+        if site["type"] != "sample" or site["is_observed"]:
+            continue
+        value = _mean(site["fn"], site["value"])
+        if value.dim() in (1, 2) and value.shape[0] == rows and value.is_floating_point():
+            return value.reshape(rows, -1)
+    return None
+
+
+def _image_site(trace, rows: int, pixels: int) -> str | None:
+    for name, site in trace.nodes.items():
+        if site["type"] == "sample" and site["is_observed"]:
+            v = site["value"]
+            if v.dim() >= 1 and v.shape[0] == rows and v[0].numel() == pixels:
+                return name
+    return None
+
+
+def reconstructions(module: nn.Module, args: tuple[Tensor, ...], pixels: int) -> Tensor | str:
+    """E[x|z] at z ~ q(z|x): the guide's trace replayed into the model; or why not."""
+    guide_trace = poutine.trace(hook(module, "proposal")()).get_trace(*args)
+    trace = poutine.trace(poutine.replay(module.model, trace=guide_trace)).get_trace(*args)
+    rows = args[0].shape[0]
+    name = _image_site(trace, rows, pixels)
+    if name is None:
+        return f"no observed site of the model holds one {pixels}-pixel image per row"
+    site = trace.nodes[name]
+    return _mean(site["fn"], site["fn"].sample()).reshape(rows, pixels)
+
+
+def prior_predictive(module: nn.Module, args: tuple[Tensor, ...], pixels: int
+                     ) -> Tensor | str:
+    """Draws of the observed image site from the unconditioned model, by ``Predictive``."""
+    rows = args[0].shape[0]
+    trace = poutine.trace(module.model).get_trace(*args)
+    name = _image_site(trace, rows, pixels)
+    if name is None:
+        return f"no observed site of the model holds one {pixels}-pixel image per row"
+    predictive = Predictive(poutine.uncondition(module.model), num_samples=1,
+                            return_sites=[name])
+    return predictive(*args)[name].reshape(rows, pixels)
+
+
+def _mean(fn, fallback: Tensor) -> Tensor:
+    try:
+        return fn.mean
+    except (NotImplementedError, AttributeError):
+        return fallback

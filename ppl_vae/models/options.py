@@ -1,0 +1,191 @@
+"""A model family's options: its own dataclass, or its constructor's keywords.
+
+A class that sets ``Options`` (a dataclass) has exactly those options, validated in the
+dataclass's ``__post_init__``. Any other class has the keywords of its constructor: the
+data-derived ones (:data:`DATA_OPTIONS`: ``input_dim``, ``image_shape``, ``num_classes``) are
+filled from the dataset, the others keep the class's own defaults unless set (``--z-dim 8``
+where the CLI could make a flag of it, ``--model-opt key=value`` for anything, or
+``model_options={...}`` from Python).
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import functools
+import inspect
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import UsageError
+
+DATA_OPTIONS: dict[str, Callable[[Any], Any]] = {
+    "input_dim": lambda data: data.input_dim,
+    "image_shape": lambda data: data.image_shape,
+    "num_classes": lambda data: data.num_classes,
+}
+"""Constructor keywords filled from the :class:`~ppl_vae.data.Dataset`, never options."""
+
+SIMPLE = (bool, int, float, str)
+
+
+@dataclass(frozen=True)
+class OptionSpec:
+    """One option as the CLI shows it: name, default, help line and allowed values."""
+
+    name: str
+    default: Any
+    help: str
+    choices: tuple | None = None
+    required: bool = False
+    off_help: str | None = None
+
+
+@functools.cache
+def options_class(cls: type) -> type | None:
+    """The family's options dataclass, or None when its constructor is the option group.
+
+    A subclass whose constructor adds keywords to its family's (``components=10`` on a VAE
+    subclass) gets them as further fields, with its defaults: ``--model-opt components=5``."""
+    opts = getattr(cls, "Options", None)
+    if not (isinstance(opts, type) and dataclasses.is_dataclass(opts)):
+        return None
+    owner = next(c for c in cls.__mro__ if c.__dict__.get("Options") is opts)
+    inherited = {p.name for p in _parameters(owner)}
+    known = {f.name for f in dataclasses.fields(opts)}
+    extra = [(p.name, Any, field(default=p.default, metadata={
+                 "help": f"{cls.__name__}({p.name}=...)"}))
+             for p in _parameters(cls)
+             if p.name not in inherited | known | set(DATA_OPTIONS)
+             and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+             and p.default is not inspect.Parameter.empty]
+    if not extra:
+        return opts
+    return dataclasses.make_dataclass(f"{cls.__name__}Options", extra, bases=(opts,))
+
+
+def extra_options(options: Any, base: type) -> dict[str, Any]:
+    """The fields of ``options`` that its family's ``base`` options class does not have
+    (a subclass's own constructor keywords), to pass on to the constructor."""
+    known = {f.name for f in dataclasses.fields(base)}
+    return {f.name: getattr(options, f.name) for f in dataclasses.fields(options)
+            if f.name not in known}
+
+
+def option_specs(cls: type) -> list[OptionSpec]:
+    """The options of ``cls``: its ``Options`` fields (help and choices from the field
+    metadata), else its constructor's keywords other than :data:`DATA_OPTIONS`."""
+    opts = options_class(cls)
+    if opts is not None:
+        return [OptionSpec(f.name, _field_default(f), f.metadata.get("help", ""),
+                           f.metadata.get("choices"), off_help=f.metadata.get("off_help"))
+                for f in dataclasses.fields(opts)]
+    specs = []
+    for p in _parameters(cls):
+        if p.name in DATA_OPTIONS:
+            continue
+        required = p.default is inspect.Parameter.empty
+        specs.append(OptionSpec(p.name, None if required else p.default,
+                                f"{cls.__name__}({p.name}=...)", required=required))
+    return specs
+
+
+def make_options(cls: type, given: Any = None) -> Any:
+    """Options for ``cls`` from a dict, an instance of its ``Options``, or None (defaults).
+
+    Returns an ``Options`` instance (validated by it) or, for a class without one, a dict of
+    the constructor keywords that were set. Raises :class:`UsageError` naming a bad key.
+    """
+    opts = options_class(cls)
+    if opts is not None and isinstance(given, opts):
+        return given
+    if given is None:
+        given = {}
+    if dataclasses.is_dataclass(given) and not isinstance(given, type):
+        given = dataclasses.asdict(given)
+    if not isinstance(given, Mapping):
+        raise UsageError(f"model options for {cls.__name__} must be a dict or "
+                         f"{cls.__name__}.Options, got {type(given).__name__}")
+    given = dict(given)
+    known = {s.name for s in option_specs(cls)}
+    takes_any = opts is None and any(p.kind is p.VAR_KEYWORD for p in _parameters(cls))
+    unknown = sorted(set(given) - known) if not takes_any else []
+    if unknown:
+        raise UsageError(f"{cls.__name__} has no option {', '.join(map(repr, unknown))}; its "
+                         f"options are {', '.join(sorted(known)) or 'none'}")
+    if opts is None:
+        return given
+    try:
+        return opts(**given)
+    except TypeError as e:  # a wrong type that the dataclass could not convert
+        raise UsageError(f"bad option for {cls.__name__}: {e}") from None
+
+
+def options_dict(options: Any) -> dict[str, Any]:
+    """The options as JSON-ready values (tuples as lists), for ``config.json``."""
+    d = dataclasses.asdict(options) if dataclasses.is_dataclass(options) else dict(options)
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+def build_by_signature(cls: type, options: Mapping[str, Any], data: Any) -> Any:
+    """``cls(**kwargs)`` from its signature: data-derived keywords from ``data``, the set
+    options, and the class's own defaults for the rest."""
+    kwargs = {}
+    missing = []
+    params = _parameters(cls)
+    for p in params:
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        if p.name in options:
+            kwargs[p.name] = options[p.name]
+        elif p.name in DATA_OPTIONS and DATA_OPTIONS[p.name](data) is not None:
+            kwargs[p.name] = DATA_OPTIONS[p.name](data)
+        elif p.default is inspect.Parameter.empty:
+            missing.append(p.name)
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        kwargs.update({k: v for k, v in options.items() if k not in kwargs})
+    if missing:
+        raise UsageError(f"{cls.__name__} needs {', '.join(missing)}: give "
+                         + ", ".join(f"--model-opt {m}=VALUE" for m in missing))
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"cannot build {cls.__name__}({_show(kwargs)}): "
+                         f"{type(e).__name__}: {e}") from None
+
+
+def parse_model_opts(items: list[str] | None) -> dict[str, Any]:
+    """``["k=v", ...]`` from ``--model-opt`` as a dict; values are Python literals
+    (``10``, ``0.5``, ``(400, 200)``, ``True``) or else strings."""
+    out = {}
+    for item in items or []:
+        key, sep, raw = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key.isidentifier():
+            raise UsageError(f"--model-opt takes KEY=VALUE (e.g. components=10), got {item!r}")
+        try:
+            out[key] = ast.literal_eval(raw.strip())
+        except (ValueError, SyntaxError):
+            out[key] = raw.strip()
+    return out
+
+
+def _parameters(cls: type) -> list[inspect.Parameter]:
+    try:
+        sig = inspect.signature(cls)
+    except (TypeError, ValueError):
+        return []
+    return list(sig.parameters.values())
+
+
+def _field_default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None
+
+
+def _show(kwargs: Mapping[str, Any]) -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
