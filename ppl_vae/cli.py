@@ -12,61 +12,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
+from .commandline import HelpFormatter, Parser, main_wrapper
 from .config import TrainConfig
-from .errors import UsageError, command_line
+from .errors import UsageError
 from .models import MODELS, get_model, option_specs, parse_model_opts
 
 PROG = "python -m ppl_vae"
-
-
-class Parser(argparse.ArgumentParser):
-    """An ``ArgumentParser`` whose errors are one line: ``prog: error: ... (see --help)``."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-class HelpFormatter(argparse.HelpFormatter):
-    """Every option shows its default: ``(default: X)``, or ``(off unless given)`` for an
-    on/off flag such as ``--no-download``."""
-
-    def __init__(self, prog: str) -> None:
-        super().__init__(prog, max_help_position=32)
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        if not action.option_strings or "(default" in text:
-            return text
-        if isinstance(action, argparse._StoreTrueAction | argparse._StoreFalseAction):
-            return f"{text} (off unless given)"
-        shown = getattr(action, "shown_default", action.default)
-        if shown is argparse.SUPPRESS:
-            return text
-        if isinstance(shown, list | tuple):
-            shown = " ".join(map(str, shown)) or "none"
-        return f"{text} (default: {'none' if shown is None else shown})"
-
-
-def main_wrapper(prog: str, run: Callable[[Sequence[str] | None], int]
-                 ) -> Callable[[Sequence[str] | None], int]:
-    """Turn :class:`UsageError` into ``prog: error: message`` on stderr and exit status 2."""
-
-    def main(argv: Sequence[str] | None = None) -> int:
-        try:
-            with command_line():
-                return run(argv)
-        except UsageError as e:
-            with command_line():
-                print(f"{prog}: error: {e}", file=sys.stderr)
-            return 2
-        except KeyboardInterrupt:
-            print(f"{prog}: interrupted", file=sys.stderr)
-            return 130
-
-    return main
 
 
 # -- building parsers from option dataclasses ------------------------------------------------
@@ -75,9 +29,10 @@ def _flag(name: str) -> str:
 
 
 def _add_option(group, name: str, default: Any, help: str, choices=None, *,
-                suppress: bool = False, off_help: str | None = None) -> bool:
-    """Add ``--name`` typed by its default (``--no-name`` for an option that is on by
-    default, with ``off_help``); False when the type has no flag form."""
+                suppress: bool = False, off_help: str | None = None,
+                type_: type | None = None) -> bool:
+    """Add ``--name`` typed by ``type_`` or its default (``--no-name`` for an option that is
+    on by default, with ``off_help``); False when the type has no flag form."""
     kw: dict[str, Any] = {"help": help or name}
     if isinstance(default, bool):
         if default:
@@ -96,8 +51,8 @@ def _add_option(group, name: str, default: Any, help: str, choices=None, *,
         kw.update(nargs="+", type=types.pop())
     elif isinstance(default, int | float | str):
         kw["type"] = type(default)
-    elif default is None and name == "out":
-        kw["type"] = str
+    elif type_ is not None:
+        kw["type"] = type_
     else:
         return False
     if choices:
@@ -135,7 +90,7 @@ def train_parser(model: str | type = "vae", compare: bool = False) -> Parser:
         if f.name == "batch_size":
             helptext = "rows per SVI step"
         _add_option(g, f.name, default, helptext, f.metadata.get("choices"),
-                    off_help=f.metadata.get("off_help"))
+                    off_help=f.metadata.get("off_help"), type_=f.metadata.get("type"))
     taken = {a.dest for a in p._actions}
     g = p.add_argument_group(f"model options ({cls.__name__})")
     only_opt = []

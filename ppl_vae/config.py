@@ -78,7 +78,7 @@ class TrainConfig:
                           group="evaluation and output")
     # output
     out: str | None = _opt(None, "run directory (default: runs/<model>-<time>)",
-                           group="evaluation and output")
+                           group="evaluation and output", type=str)
     overwrite: bool = _opt(False, "allow the run directory to hold files already",
                            group="evaluation and output")
 

@@ -72,7 +72,8 @@ def image_grid(rows: Sequence[Tensor], image_shape: tuple[int, int], path: str |
     """Each tensor in ``rows`` (n, H*W) with values in [0, 1] becomes one row of images.
 
     The grid has no numeric axes: the rows carry ``row_labels`` when given, and the x label
-    says what a column is (a sample when the title speaks of samples, else an image)."""
+    says what a column (a cell, without row labels) is: a sample when the title speaks of
+    samples, else an image."""
     h, w = image_shape
     n = max(len(r) for r in rows)
     images = torch.cat([r.detach().float().cpu().clamp(0, 1).reshape(-1, 1, h, w)
@@ -88,7 +89,8 @@ def image_grid(rows: Sequence[Tensor], image_shape: tuple[int, int], path: str |
     else:
         ax.set_yticks([])
     column = "sample" if "sample" in title.lower() else "image"
-    ax.set_xlabel(f"{column} (one per column)", fontsize=9)
+    ax.set_xlabel(f"{column} (one per column)" if row_labels else f"{column}s (one per cell)",
+                  fontsize=9)
     ax.set_title(title)
     save(fig, path)
     return fig
@@ -97,6 +99,7 @@ def image_grid(rows: Sequence[Tensor], image_shape: tuple[int, int], path: str |
 def latent_scatter(z: Tensor, labels: Tensor | None, path: str | os.PathLike) -> Figure:
     """Posterior means mu(x) in 2-D: the first two principal components when d > 2."""
     z = z.detach().float().cpu()
+    one_d = z.shape[1] == 1
     if z.shape[1] > 2:
         from sklearn.decomposition import PCA
 
@@ -116,6 +119,8 @@ def latent_scatter(z: Tensor, labels: Tensor | None, path: str | os.PathLike) ->
                             alpha=0.7)
         fig.colorbar(points, ax=ax, label="label")
     ax.set(xlabel=xlabel, ylabel=ylabel, title="q(z|x) means of test images")
+    if one_d:
+        ax.set_yticks([])
     save(fig, path)
     return fig
 
@@ -144,6 +149,7 @@ def bound_distributions(bounds: Sequence[dict], path: str | os.PathLike) -> Figu
                              label=f"{r['estimator']} ({r['sd']:.2f})")
         ax.set(title=f"{k} sample{'s' * (k > 1)} per data point", xlabel="nats per data point",
                ylabel="density")
+        ax.tick_params(labelsize=9)  # ArviZ's own tick labels dwarf the axis labels
         legend_outside(ax, title="estimator (sd)", title_fontsize=8)
     fig.suptitle("repeated bound estimates on one batch")
     save(fig, path)

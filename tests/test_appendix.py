@@ -44,7 +44,7 @@ from ppl_vae.inference.estimators import make_elbo
 from ppl_vae.inference.importance import log_weights
 from ppl_vae.inference.trainer import train_run
 
-PROG = "python -m ppl_vae.appendix: error: "
+PROG = "python -m ppl_vae appendix: error: "
 PNG = b"\x89PNG\r\n\x1a\n"
 F64_REL = 1e-6  # L-BFGS in float64 reaches ~1e-9 relative here; 1e-6 leaves a wide margin
 

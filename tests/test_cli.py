@@ -102,7 +102,7 @@ def test_train_cli_writes_every_promised_file(cli_run):
     assert config["binarize"] == "dynamic" and config["eval_iwae"] == 20
     options = config["model_options"]
     assert options["hidden"] == [32] and options["z_dim"] == 2 and config["epochs"] == 2
-    assert options["encoder_scale"] == "logvar"  # the default, written out
+    assert options["encoder_scale"] == "softplus"  # the default, written out
     assert "hidden" not in config and "z_dim" not in config  # model options live apart
     assert TrainConfig.from_dict(config).to_dict() == config
     # an older, flat config.json (model options beside the rest) reads back the same

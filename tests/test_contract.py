@@ -390,9 +390,11 @@ def test_no_private_helpers_cross_modules():
 @pytest.mark.parametrize("model", ["vae", "cvae", f"{FIXTURES}:PyroExampleVAE"])
 @pytest.mark.parametrize("command", ["train", "compare"])
 def test_help_shows_every_default(model, command, cli):
+    from ppl_vae.appendix.__main__ import parser as appendix_parser
     from ppl_vae.cli import HelpFormatter, evaluate_parser, main, train_parser
 
-    parsers = [train_parser(model, compare=command == "compare"), evaluate_parser()]
+    parsers = [train_parser(model, compare=command == "compare"), evaluate_parser(),
+               appendix_parser()]
     for parser in parsers:
         formatter = HelpFormatter(parser.prog)
         for action in parser._actions:
@@ -400,7 +402,10 @@ def test_help_shows_every_default(model, command, cli):
                 continue
             shown = formatter._get_help_string(action)
             assert action.help, action.option_strings
-            assert "(default: " in shown or "(off unless given)" in shown, shown
+            if not action.option_strings:  # a positional: required by its nature
+                continue
+            assert any(t in shown for t in ("(default: ", "(off unless given)", "(required)")), \
+                shown
             assert "(default: True)" not in shown and "(default: False)" not in shown
     result = cli(main, [command, "--model", model, "--help"])
     assert result.code == 0

@@ -217,12 +217,11 @@ def test_reference_loss_matches_pyro(batch, sem):
     """The plain-PyTorch yardstick (estimator B by hand) and TraceMeanField_ELBO agree."""
     from ppl_vae.models import reference
 
-    # the yardstick follows the VAE's encoder scale head: the default (logvar), then logscale
-    for vae in (VAE(64, 4, hidden=(32,), beta=0.5),
-                VAE(64, 4, hidden=(32,), likelihood="gaussian", gaussian_scale=0.5),
-                VAE(64, 4, hidden=(32,), beta=0.5, encoder_scale="logscale"),
-                VAE(64, 4, hidden=(32,), likelihood="gaussian", gaussian_scale=0.5,
-                    encoder_scale="logscale")):
+    # the yardstick follows the VAE's encoder scale head: each head, both likelihoods
+    for vae in (VAE(64, 4, hidden=(32,), beta=0.5, encoder_scale=head) if gaussian is None
+                else VAE(64, 4, hidden=(32,), likelihood="gaussian", gaussian_scale=gaussian,
+                         encoder_scale=head)
+                for head in ("softplus", "logvar", "logscale") for gaussian in (None, 0.5)):
         with torch.no_grad():  # spread the scale head, so that sigma(h) differs by head
             vae.encoder[-1].weight[4:].mul_(3.0)
             vae.encoder[-1].bias[4:].uniform_(-1.0, 1.0)

@@ -1,7 +1,7 @@
 """Appendix: MLE and MAP as Pyro inference with AutoDelta guides, checked against closed
 forms; full posteriors by NUTS with ArviZ summaries; how good the amortized q(z|x) is.
 
-``python -m ppl_vae.appendix coin|regression|decoder-map|posterior|all --out DIR``
+``python -m ppl_vae appendix coin|regression|decoder-map|posterior|all --out DIR``
 """
 
 from .amortization import gaps, optimize_local, posterior_figure, true_posterior

@@ -1,4 +1,4 @@
-"""``python -m ppl_vae.appendix coin|regression|decoder-map|posterior|all --out DIR``."""
+"""``python -m ppl_vae appendix coin|regression|decoder-map|posterior|all --out DIR``."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from ..cli import Parser, main_wrapper
+from ..commandline import HelpFormatter, Parser, main_wrapper
 from ..config import TrainConfig
 from ..data import load_dataset
 from ..errors import UsageError
@@ -25,10 +25,10 @@ PARTS = ("coin", "regression", "decoder-map", "posterior")
 
 
 def parser() -> Parser:
-    p = Parser(prog="python -m ppl_vae.appendix",
+    p = Parser(prog="python -m ppl_vae appendix", formatter_class=HelpFormatter,
                description="MLE/MAP with AutoDelta against closed forms, NUTS and ArviZ, "
                            "and the gaps of the amortized posterior.")
-    p.add_argument("part", choices=(*PARTS, "all"))
+    p.add_argument("part", choices=(*PARTS, "all"), help="which part to run")
     p.add_argument("--out", required=True, help="directory for results.json, tables, figures")
     p.add_argument("--heads", type=int, default=7, help="coin: heads")
     p.add_argument("--tosses", type=int, default=10, help="coin: tosses")
@@ -37,12 +37,14 @@ def parser() -> Parser:
     p.add_argument("--rho", type=float, default=0.95,
                    help="regression: correlation of the two features")
     p.add_argument("--run", action="append", default=[],
-                   help="posterior: a trained VAE run (repeat for several); default: train a "
+                   help="posterior: a trained VAE run (repeat for several); none: train a "
                         "2-D VAE on digits")
     p.add_argument("--images", type=int, default=20, help="posterior: test images")
-    p.add_argument("--iwae-samples", type=int, default=5000)
-    p.add_argument("--nuts-samples", type=int, default=1000)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--iwae-samples", type=int, default=5000,
+                   help="posterior: importance samples per image for log p(x)")
+    p.add_argument("--nuts-samples", type=int, default=1000,
+                   help="NUTS draws per chain (coin, regression, posterior)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the data and the samplers")
     return p
 
 
@@ -195,7 +197,7 @@ def _posterior(a, out: Path) -> tuple[dict, str]:
 
 RUNNERS = {"coin": _coin, "regression": _regression, "decoder-map": _decoder_map,
            "posterior": _posterior}
-main = main_wrapper("python -m ppl_vae.appendix", _run)
+main = main_wrapper("python -m ppl_vae appendix", _run)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -60,7 +60,7 @@ ESTIMATORS = ("mc", "analytic")
 
 @dataclass
 class CompareConfig:
-    """What ``python -m ppl_vae.compare`` measures (model and data options: ``train``)."""
+    """What ``python -m ppl_vae compare`` measures (model and data options: ``train``)."""
 
     train: TrainConfig = field(default_factory=TrainConfig)
     run: str | None = None

@@ -106,7 +106,7 @@ class Model(nn.Module):
     def figures(self, ctx: RunContext) -> None:
         from .figures import default_figures
 
-        default_figures(self, ctx)
+        default_figures(self, ctx, hook(self, "data_args"), hook(self, "proposal")())
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
         groups = {name: list(child.parameters()) for name, child in self.named_children()}

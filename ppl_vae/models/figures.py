@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import inspect
 import math
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from pyro import poutine
@@ -21,20 +23,22 @@ from pyro.infer import Predictive
 from torch import Tensor, nn
 
 from .. import plots
-from .base import RunContext, hook
+
+if TYPE_CHECKING:
+    from .base import RunContext
 
 
 @torch.no_grad()
-def default_figures(module: nn.Module, ctx: RunContext) -> None:
+def default_figures(module: nn.Module, ctx: RunContext, data_args: Callable,
+                    proposal: Callable) -> None:
+    """Draw what can be drawn into ``ctx.out``; log what cannot, and why. ``data_args`` and
+    ``proposal`` are the module's hooks (the guide that reconstructions replay)."""
     data, out = ctx.data, ctx.out
     test = data.test
     rows = min(len(test), 1000)
-    args = hook(module, "data_args")(test.x[:rows], None if test.y is None else test.y[:rows])
+    args = data_args(test.x[:rows], None if test.y is None else test.y[:rows])
     skipped: dict[str, str] = {}
-    if defines(module, "encode"):
-        z = module.encode(test.x)[0]
-    else:
-        z = latent_means(hook(module, "proposal")(), args)
+    z = module.encode(test.x)[0] if defines(module, "encode") else latent_means(proposal, args)
     if z is None:
         skipped["latent.png"] = "the guide has no per-image latent site (N x d)"
     else:
@@ -49,7 +53,7 @@ def default_figures(module: nn.Module, ctx: RunContext) -> None:
         if defines(module, "reconstruct"):
             recon = module.reconstruct(x)
         else:
-            recon = reconstructions(module, tuple(a[:n] for a in args), pixels)
+            recon = reconstructions(module.model, proposal, tuple(a[:n] for a in args), pixels)
         if isinstance(recon, str):
             skipped["reconstructions.png"] = recon
         else:
@@ -98,10 +102,11 @@ def _image_site(trace, rows: int, pixels: int) -> str | None:
     return None
 
 
-def reconstructions(module: nn.Module, args: tuple[Tensor, ...], pixels: int) -> Tensor | str:
+def reconstructions(model: Callable, guide: Callable, args: tuple[Tensor, ...], pixels: int
+                    ) -> Tensor | str:
     """E[x|z] at z ~ q(z|x): the guide's trace replayed into the model; or why not."""
-    guide_trace = poutine.trace(hook(module, "proposal")()).get_trace(*args)
-    trace = poutine.trace(poutine.replay(module.model, trace=guide_trace)).get_trace(*args)
+    guide_trace = poutine.trace(guide).get_trace(*args)
+    trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args)
     rows = args[0].shape[0]
     name = _image_site(trace, rows, pixels)
     if name is None:

@@ -1,0 +1,60 @@
+"""What every command line here is made of: a parser whose errors are one line, a help
+formatter that shows every default, and the wrapper that turns :class:`UsageError` into one
+line on stderr and exit status 2."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+from .errors import UsageError, command_line
+
+
+class Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors are one line: ``prog: error: ... (see --help)``."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Every option shows its default: ``(default: X)``, or ``(off unless given)`` for an
+    on/off flag such as ``--no-download``."""
+
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, max_help_position=32)
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if not action.option_strings or "(default" in text:
+            return text
+        if action.required:
+            return f"{text} (required)"
+        if isinstance(action, argparse._StoreTrueAction | argparse._StoreFalseAction):
+            return f"{text} (off unless given)"
+        shown = getattr(action, "shown_default", action.default)
+        if shown is argparse.SUPPRESS:
+            return text
+        if isinstance(shown, list | tuple):
+            shown = " ".join(map(str, shown)) or "none"
+        return f"{text} (default: {'none' if shown is None else shown})"
+
+
+def main_wrapper(prog: str, run: Callable[[Sequence[str] | None], int]
+                 ) -> Callable[[Sequence[str] | None], int]:
+    """Turn :class:`UsageError` into ``prog: error: message`` on stderr and exit status 2."""
+
+    def main(argv: Sequence[str] | None = None) -> int:
+        try:
+            with command_line():
+                return run(argv)
+        except UsageError as e:
+            with command_line():
+                print(f"{prog}: error: {e}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print(f"{prog}: interrupted", file=sys.stderr)
+            return 130
+
+    return main
