@@ -87,20 +87,30 @@ def inspect_program(model: Callable, guide: Callable, *args: Tensor) -> ProgramI
                        frozenset(auxiliary))
 
 
+PROBE_PARTICLES = 3  # not 2: a model that folds the samples into the rows (2) shows it
+
+
 def _try_vectorized(model: Callable, guide: Callable, nesting: int, args: tuple
                     ) -> tuple[bool, str]:
+    """Run both programs under a samples plate; every log-density must then carry that
+    plate's dim (or broadcast over it), and some must carry it in full."""
+    k = PROBE_PARTICLES
     try:
-        with pyro.plate("_probe_particles", 2, dim=-(nesting + 1)):
+        with pyro.plate("_probe_particles", k, dim=-(nesting + 1)):
             guide_trace = poutine.trace(guide).get_trace(*args)
             model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args)
+        seen = False
         for trace in (guide_trace, model_trace):
             trace.compute_log_prob()
             for site in _sample_sites(trace):
                 lp = site["log_prob"]
                 full = lp.dim() == nesting + 1
-                if lp.dim() > nesting + 1 or (full and lp.shape[0] not in (1, 2)):
+                if lp.dim() > nesting + 1 or (full and lp.shape[0] not in (1, k)):
                     return False, (f"site {site['name']!r} has log-probability shape "
                                    f"{tuple(lp.shape)}")
+                seen = seen or (full and lp.shape[0] == k)
+        if not seen:
+            return False, "no site's log-probability has the samples dimension"
     except Exception as e:  # anything the user's program raises on a samples dimension
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         return False, f"{type(e).__name__}: {first}"[:200]
