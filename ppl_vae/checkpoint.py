@@ -1,14 +1,16 @@
 """Checkpoints: model, optimizer and RNG state in one file, written atomically and loadable
 with ``torch.load(..., weights_only=True)`` (tensors, numbers, strings and containers only).
 
-The model state is ``module.state_dict()``: a model keeps its parameters in the module (the
-shipped models do), not in Pyro's global param store."""
+The model state is ``module.state_dict()``, plus the values of Pyro's global param store
+that are not the module's own parameters (``pyro.param`` sites a program makes itself),
+saved as constrained values and put back by :func:`restore_params`."""
 
 from __future__ import annotations
 
 import os
 from typing import Any
 
+import pyro
 import torch
 
 from .errors import UsageError
@@ -20,12 +22,29 @@ def save_checkpoint(path: str | os.PathLike, module: torch.nn.Module,
                     config: dict[str, Any]) -> None:
     state = {
         "model": module.state_dict(),
+        "param_store": store_params(module),
         "optimizer": None if optimizer is None else optimizer.state_dict(),
         "epoch": epoch,
         "config": config,
         "rng": {"torch": torch.get_rng_state(), "cuda": _cuda_rng(module)},
     }
     atomic_write(path, lambda f: torch.save(state, f))
+
+
+def store_params(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Constrained values of the param store's entries that are not ``module``'s parameters."""
+    store = pyro.get_param_store()
+    own = {id(p) for p in module.parameters()}
+    return {name: store[name].detach().clone() for name in store
+            if id(store.get_param(name).unconstrained()) not in own}
+
+
+def restore_params(state: dict[str, Any]) -> None:
+    """Put saved ``pyro.param`` values back into Pyro's param store (after the program has
+    created them, so that their constraints are known)."""
+    store = pyro.get_param_store()
+    for name, value in state.get("param_store", {}).items():
+        store[name] = value  # through the constraint the program registered it with
 
 
 def _cuda_rng(module: torch.nn.Module) -> list[torch.Tensor]:

@@ -91,18 +91,25 @@ def train_parser(model: str | type = "vae", compare: bool = False) -> Parser:
             helptext = "rows per SVI step"
         _add_option(g, f.name, default, helptext, f.metadata.get("choices"),
                     off_help=f.metadata.get("off_help"), type_=f.metadata.get("type"))
-    taken = {a.dest for a in p._actions}
+    # a model option named like a run option (lr, seed, ...) is set by --model-opt only
+    reserved = {f.name for f in dataclasses.fields(TrainConfig)} | set(COMPARE_ONLY) | {
+        "particles", "model_opt", "help"}
     g = p.add_argument_group(f"model options ({cls.__name__})")
-    only_opt = []
+    p.model_flags, only_opt, required = [], [], []
     for spec in option_specs(cls):
-        if spec.name in taken or spec.required or not _add_option(
+        if spec.required:
+            required.append(spec.name)
+        elif spec.name not in reserved and _add_option(
                 g, spec.name, spec.default, spec.help, spec.choices, suppress=True,
                 off_help=spec.off_help):
+            p.model_flags.append(spec.name)
+        else:
             only_opt.append(spec.name)
+    notes = [f"required: {', '.join(required)}"] if required else []
+    notes += [f"the only way for: {', '.join(only_opt)}"] if only_opt else []
     g.add_argument("--model-opt", action="append", default=[], metavar="KEY=VALUE",
                    help="set any option of the model by name, value a Python literal "
-                        "(repeatable)" + (f"; the only way for: {', '.join(only_opt)}"
-                                          if only_opt else ""))
+                        "(repeatable)" + "".join(f"; {n}" for n in notes))
     if compare:
         g = groups["inference"]
         g.add_argument("--particles", type=int, nargs="+", default=[1, 10],
@@ -137,9 +144,9 @@ def _model_in(argv: Sequence[str] | None) -> str:
 def _parse(argv: Sequence[str] | None, compare: bool = False) -> dict[str, Any]:
     """Parsed options: TrainConfig's fields, ``model_options``, and compare's own."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = vars(train_parser(_model_in(argv), compare).parse_args(argv))
-    cls = get_model(args["model"])
-    options = {s.name: args.pop(s.name) for s in option_specs(cls) if s.name in args}
+    parser = train_parser(_model_in(argv), compare)
+    args = vars(parser.parse_args(argv))
+    options = {name: args.pop(name) for name in parser.model_flags if name in args}
     options.update(parse_model_opts(args.pop("model_opt")))
     args["model_options"] = options
     return args

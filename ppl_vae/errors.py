@@ -14,7 +14,7 @@ import re
 from collections.abc import Iterator
 
 _CLI = contextvars.ContextVar("ppl_vae_cli", default=False)
-FLAGS = ("overwrite", "cuda", "jit", "learn-scale", "validate")  # on/off options
+FLAGS = ("overwrite", "cuda", "jit", "validate")  # run switches: "pass overwrite=True"
 _FLAG = re.compile(r"(?<![\w-])--([a-z][a-z0-9-]*)")
 
 
@@ -28,10 +28,11 @@ def command_line() -> Iterator[None]:
         _CLI.reset(token)
 
 
+_MODEL_OPT = re.compile(r"--model-opt (\w+)=(\S+)")
+
+
 def _python_name(match: re.Match) -> str:
     flag = match.group(1)
-    if flag == "model-opt":
-        return "model_options"
     if flag.startswith("no-"):
         return f"{flag[3:].replace('-', '_')}=False"
     name = flag.replace("-", "_")
@@ -43,4 +44,7 @@ class UsageError(ValueError):
 
     def __str__(self) -> str:
         text = super().__str__()
-        return text if _CLI.get() else _FLAG.sub(_python_name, text)
+        if _CLI.get():
+            return text
+        text = _MODEL_OPT.sub(lambda m: f"model_options={{'{m[1]}': {m[2]}}}", text)
+        return _FLAG.sub(_python_name, text)

@@ -309,7 +309,7 @@ def test_a_required_keyword_asks_for_model_opt(tmp_path):
         def __init__(self, input_dim, width):
             super().__init__(input_dim, hidden=width)
 
-    with pytest.raises(UsageError, match=r"needs width: give model_options width=VALUE"):
+    with pytest.raises(UsageError, match=r"needs width: give model_options=\{'width': VALUE\}"):
         train(TrainConfig(model=NeedsWidth, epochs=1, out=str(tmp_path / "run")))
 
 
@@ -472,3 +472,92 @@ def test_the_readme_third_party_model_trains_from_the_cli(tmp_path, monkeypatch,
     assert summary["iwae_samples"] == 100 and math.isfinite(summary["test_elbo"])
     options = read_json(tmp_path / "runs" / "tiny" / "config.json")["model_options"]
     assert options == {"z_dim": 4, "hidden": 128}
+
+
+# -- regressions from an adversarial review ------------------------------------------------------
+class WithTrainerNames(PyroModuleVAE):
+    """Constructor keywords named like run options (lr, seed) and a required one."""
+
+    def __init__(self, input_dim, width, lr=0.1, seed=7):
+        super().__init__(input_dim, hidden=width)
+        self.lr, self.seed = lr, seed
+
+
+def test_model_keywords_never_take_run_flags(tmp_path, cli, monkeypatch):
+    monkeypatch.setattr(sys.modules[__name__], "WithTrainerNames", WithTrainerNames)
+    name = f"{__name__}:WithTrainerNames"
+    result = cli(train_main, ["--model", name, "--help"])
+    assert "required: width" in result.out and "the only way for: lr, seed" in result.out
+    result = cli(train_main, ["--model", name, "--model-opt", "width=8", "--lr", "0.01",
+                              "--seed", "3", "--model-opt", "lr=0.5", "--epochs", "1",
+                              "--eval-particles", "2", "--out", tmp_path / "run"])
+    assert result.code == 0, result.err
+    config = read_json(tmp_path / "run" / "config.json")
+    assert (config["lr"], config["seed"], config["epochs"]) == (0.01, 3, 1)
+    assert config["model_options"] == {"width": 8, "lr": 0.5}
+
+
+class ParamStoreVAE(PyroModuleVAE):
+    """A global output bias kept in Pyro's param store, not in the module."""
+
+    def model(self, x):
+        bias = pyro.param("out_bias", torch.zeros(x.shape[-1]))
+        scale = pyro.param("noise", torch.tensor(1.0), constraint=dist.constraints.positive)
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(x.new_zeros(self.z_dim), 1.0).to_event(1))
+            pyro.sample("x", dist.Normal(self.dec(z) + bias, scale).to_event(1), obs=x)
+
+
+def test_param_store_values_are_saved_and_restored(tmp_path, digits):
+    run = train(TrainConfig(model=ParamStoreVAE, model_options={"hidden": 8, "z_dim": 2},
+                            epochs=2, lr=0.05, out=str(tmp_path / "run")), data=digits,
+                progress=False)
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert set(state["param_store"]) == {"out_bias", "noise"}
+    assert not torch.equal(state["param_store"]["out_bias"], torch.zeros(64))  # trained
+    pyro.clear_param_store()
+    result = evaluate(run.out, model=ParamStoreVAE)
+    assert result["test_elbo"] == run.summary["test_elbo"]  # the same numbers, exactly
+    assert pyro.param("noise").item() == pytest.approx(state["param_store"]["noise"].item())
+
+
+class PlatelessGaussian(nn.Module):
+    """z_i ~ N(0, 1), x_i | z_i ~ N(z_i, 1) with no plate: to_event over the rows. The guide
+    is the exact posterior N(x/2, 1/2), so every log weight is log p(X)."""
+
+    def model(self, x):
+        z = pyro.sample("z", dist.Normal(torch.zeros_like(x), 1.0).to_event(1))
+        pyro.sample("x", dist.Normal(z, 1.0).to_event(1), obs=x)
+
+    def guide(self, x):
+        pyro.sample("z", dist.Normal(x / 2, math.sqrt(0.5)).to_event(1))
+
+
+def test_a_model_without_a_data_plate_is_scored_jointly(monkeypatch):
+    monkeypatch.setattr(importance, "MAX_ELEMENTS", 3)  # would chunk the rows if allowed
+    x = torch.linspace(-2, 2, 7)
+    s = score(PlatelessGaussian(), x, num_samples=4, iwae=True)
+    exact = dist.Normal(0.0, math.sqrt(2.0)).log_prob(x).sum()
+    assert "no plate over the data points" in s.method and "global latents" not in s.method
+    assert s.iwae.sum().item() == pytest.approx(exact.item(), abs=1e-4)
+    assert s.elbo.sum().item() == pytest.approx(exact.item(), abs=1e-4)
+
+
+def test_a_figure_that_fails_is_skipped_not_fatal(tmp_path, digits, monkeypatch):
+    from ppl_vae.models import figures
+
+    def broken(*args):
+        raise RuntimeError("t() expects a tensor with <= 2 dimensions")
+
+    monkeypatch.setattr(figures, "prior_predictive", broken)
+    run = train(TrainConfig(model=PyroModuleVAE, model_options={"hidden": 8, "z_dim": 2},
+                            epochs=1, eval_particles=2, out=str(tmp_path / "run")),
+                data=digits, progress=False)
+    assert "figure samples.png skipped: the program raised RuntimeError: t() expects" in (
+        "\n".join(run.notes))
+    assert (run.out / "summary.json").is_file() and (run.out / "latent.png").is_file()
+
+
+def test_the_contract_base_class_is_not_a_model():
+    with pytest.raises(UsageError, match="lacks model and guide"):
+        get_model(Model)

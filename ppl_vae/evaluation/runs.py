@@ -11,7 +11,7 @@ import pyro
 import torch
 from torch import nn
 
-from ..checkpoint import load_checkpoint
+from ..checkpoint import load_checkpoint, restore_params
 from ..config import TrainConfig
 from ..data import Dataset
 from ..errors import UsageError
@@ -60,6 +60,7 @@ def load_run(run_dir: str | os.PathLike, cuda: bool = False, data_dir: str | Non
     except RuntimeError:
         raise UsageError(f"the checkpoint in {str(run_dir)!r} does not fit the model its "
                          "config.json describes; was one of them replaced?") from None
+    restore_params(state)
     module.eval()
     return config, module, data
 

@@ -101,7 +101,7 @@ def _pass(model: Callable, guide: Callable, args: tuple, info: ProgramInfo, k: i
                 glob = glob + term.sum(-1, keepdim=True)
             else:
                 local = local + term
-    if shared is None and info.global_sites:
+    if shared is None and info.global_sites and info.data_plate is not None:
         shared = guide_trace.copy()
         for name in list(shared.nodes):
             if name not in info.global_sites:
@@ -166,6 +166,8 @@ def score(module, *inputs: Tensor, num_samples: int = 10, iwae: bool = False,
         info = inspect_program(model, guide, *(t[: min(n, 2)] for t in inputs))
         k_max = num_samples if info.vectorized else 1
         rows = max(1, min(n, MAX_ELEMENTS // (k_max * d)))
+        if info.data_plate is None:  # no plate over the rows: they are one joint draw
+            rows = n
         k_chunk = max(1, min(k_max, MAX_ELEMENTS // (rows * d)))
         joint = bool(info.global_sites) or info.data_plate is None
         dtype = inputs[0].dtype if inputs[0].is_floating_point() else torch.get_default_dtype()

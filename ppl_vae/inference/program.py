@@ -42,7 +42,10 @@ class ProgramInfo:
                if self.vectorized else
                f"{num_samples} samples per data point drawn one after another (the model "
                f"cannot take a samples dimension: {self.not_vectorized_because})")
-        if self.global_sites:
+        if self.data_plate is None:
+            how += ("; the model has no plate over the data points, so every bound is joint "
+                    "over the whole set (all rows in one pass), reported per point")
+        elif self.global_sites:
             shown = sorted(self.global_sites - self.auxiliary) or sorted(self.global_sites)
             how += (f"; global latents {', '.join(shown)} are shared by "
                     "all data points, so the IWAE bound is joint over the test set")

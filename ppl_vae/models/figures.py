@@ -31,47 +31,58 @@ if TYPE_CHECKING:
 @torch.no_grad()
 def default_figures(module: nn.Module, ctx: RunContext, data_args: Callable,
                     proposal: Callable) -> None:
-    """Draw what can be drawn into ``ctx.out``; log what cannot, and why. ``data_args`` and
-    ``proposal`` are the module's hooks (the guide that reconstructions replay)."""
+    """Draw what can be drawn into ``ctx.out``; log what cannot, and why (including an error
+    the program raised while drawing: a finished run is never lost to a figure).
+    ``data_args`` and ``proposal`` are the module's hooks."""
     data, out = ctx.data, ctx.out
     test = data.test
     rows = min(len(test), 1000)
     args = data_args(test.x[:rows], None if test.y is None else test.y[:rows])
-    skipped: dict[str, str] = {}
-    z = module.encode(test.x)[0] if defines(module, "encode") else latent_means(proposal, args)
-    if z is None:
-        skipped["latent.png"] = "the guide has no per-image latent site (N x d)"
-    else:
-        plots.latent_scatter(z, None if test.y is None else test.y[: len(z)],
-                             out / "latent.png")
-    if data.image_shape is None:
-        skipped["reconstructions.png and samples.png"] = "the data are not images"
-    else:
-        pixels = math.prod(data.image_shape)
-        n = min(12, len(test))
-        x = test.x[:n]
-        if defines(module, "reconstruct"):
-            recon = module.reconstruct(x)
-        else:
-            recon = reconstructions(module.model, proposal, tuple(a[:n] for a in args), pixels)
-        if isinstance(recon, str):
-            skipped["reconstructions.png"] = recon
-        else:
-            plots.image_grid([x, recon], data.image_shape, out / "reconstructions.png",
-                             "test inputs and reconstructions", ["input", "recon"])
+    labels = None if test.y is None else test.y[:rows]
+
+    def latent() -> str | None:
+        z = (module.encode(test.x[:rows])[0] if defines(module, "encode")
+             else latent_means(proposal, args))
+        if z is None:
+            return "the guide has no latent site with one value per image"
+        plots.latent_scatter(z, labels, out / "latent.png")
+        return None
+
+    def recon() -> str | None:
+        x = test.x[:12]
+        got = (module.reconstruct(x) if defines(module, "reconstruct") else
+               reconstructions(module.model, proposal, tuple(a[:12] for a in args), pixels))
+        if isinstance(got, str):
+            return got
+        plots.image_grid([x, got], data.image_shape, out / "reconstructions.png",
+                         "test inputs and reconstructions", ["input", "recon"])
+        return None
+
+    def samples() -> str | None:
         if defines(module, "sample"):
-            draws = module.sample(64)
-            title = "samples from the prior: E[x|z], z ~ p(z)"
+            draws, title = module.sample(64), "samples from the prior: E[x|z], z ~ p(z)"
         else:
             draws = prior_predictive(module, tuple(a[:64] for a in args), pixels)
             title = "prior predictive samples x ~ p(x)"
         if isinstance(draws, str):
-            skipped["samples.png"] = draws
-        else:
-            plots.image_grid(list(draws.split(8)), data.image_shape, out / "samples.png",
-                             title)
-    for name, why in skipped.items():
-        ctx.log(f"figure {name} skipped: {why}")
+            return draws
+        plots.image_grid(list(draws.split(8)), data.image_shape, out / "samples.png", title)
+        return None
+
+    figures = {"latent.png": latent}
+    if data.image_shape is None:
+        ctx.log("figure reconstructions.png and samples.png skipped: the data are not images")
+    else:
+        pixels = math.prod(data.image_shape)
+        figures.update({"reconstructions.png": recon, "samples.png": samples})
+    for name, draw in figures.items():
+        try:
+            why = draw()
+        except Exception as e:  # the user's program failed on this figure's inputs
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            why = f"the program raised {type(e).__name__}: {first}"[:300]
+        if why is not None:
+            ctx.log(f"figure {name} skipped: {why}")
 
 
 def defines(module: nn.Module, name: str) -> bool:
@@ -88,7 +99,7 @@ def latent_means(guide, args: tuple[Tensor, ...]) -> Tensor | None:
         if site["type"] != "sample" or site["is_observed"]:
             continue
         value = _mean(site["fn"], site["value"])
-        if value.dim() in (1, 2) and value.shape[0] == rows and value.is_floating_point():
+        if value.dim() >= 1 and value.shape[0] == rows and value.is_floating_point():
             return value.reshape(rows, -1)
     return None
 
@@ -125,7 +136,11 @@ def prior_predictive(module: nn.Module, args: tuple[Tensor, ...], pixels: int
         return f"no observed site of the model holds one {pixels}-pixel image per row"
     predictive = Predictive(poutine.uncondition(module.model), num_samples=1,
                             return_sites=[name])
-    return predictive(*args)[name].reshape(rows, pixels)
+    try:
+        return predictive(*args)[name].reshape(rows, pixels)
+    except Exception:  # Predictive adds a samples plate some programs cannot take
+        unconditioned = poutine.trace(poutine.uncondition(module.model)).get_trace(*args)
+        return unconditioned.nodes[name]["value"].reshape(rows, pixels)
 
 
 def _mean(fn, fallback: Tensor) -> Tensor:

@@ -83,7 +83,7 @@ def option_specs(cls: type) -> list[OptionSpec]:
                 for f in dataclasses.fields(opts)]
     specs = []
     for p in _parameters(cls):
-        if p.name in DATA_OPTIONS:
+        if p.name in DATA_OPTIONS or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
             continue
         required = p.default is inspect.Parameter.empty
         specs.append(OptionSpec(p.name, None if required else p.default,
@@ -116,10 +116,8 @@ def make_options(cls: type, given: Any = None) -> Any:
                          f"options are {', '.join(sorted(known)) or 'none'}")
     if opts is None:
         return given
-    try:
-        return opts(**given)
-    except TypeError as e:  # a wrong type that the dataclass could not convert
-        raise UsageError(f"bad option for {cls.__name__}: {e}") from None
+    defaults = {f.name: _field_default(f) for f in dataclasses.fields(opts)}
+    return opts(**{k: coerce(k, v, defaults[k]) for k, v in given.items()})
 
 
 def options_dict(options: Any) -> dict[str, Any]:
@@ -150,9 +148,42 @@ def build_by_signature(cls: type, options: Mapping[str, Any], data: Any) -> Any:
                          + ", ".join(f"--model-opt {m}=VALUE" for m in missing))
     try:
         return cls(**kwargs)
-    except (TypeError, ValueError) as e:
+    except Exception as e:  # the user's constructor refused these values
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise UsageError(f"cannot build {cls.__name__}({_show(kwargs)}): "
-                         f"{type(e).__name__}: {e}") from None
+                         f"{type(e).__name__}: {first}") from None
+
+
+def coerce(name: str, value: Any, default: Any) -> Any:
+    """``value`` as the type of the option's ``default`` (a list or a single value for a
+    tuple), or :class:`UsageError` naming the option and the type it takes."""
+    flag = "--" + name.replace("_", "-")
+
+    def bad(kind: str) -> UsageError:
+        return UsageError(f"{flag} takes {kind}, got {value!r}")
+
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise bad("True or False")
+        return value
+    if isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad("a whole number")
+        return value
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise bad("a number")
+        return float(value)
+    if isinstance(default, str):
+        if not isinstance(value, str):
+            raise bad("a string")
+        return value
+    if isinstance(default, tuple):
+        items = tuple(value) if isinstance(value, list | tuple) else (value,)
+        if default:
+            items = tuple(coerce(name, v, default[0]) for v in items)
+        return items
+    return value
 
 
 def parse_model_opts(items: list[str] | None) -> dict[str, Any]:

@@ -22,7 +22,10 @@ def _check(cls: object, name: str) -> type:
     if not isinstance(cls, type):
         raise UsageError(f"--model {name!r} is not a class; a model class needs Pyro model() "
                          "and guide() methods")
-    missing = [m for m in ("model", "guide") if not callable(getattr(cls, m, None))]
+    from .base import Model  # the contract's placeholders raise NotImplementedError
+
+    missing = [m for m in ("model", "guide") if not callable(getattr(cls, m, None))
+               or getattr(cls, m) is getattr(Model, m)]
     if missing:
         raise UsageError(f"--model {name!r} lacks {' and '.join(missing)}; a model class needs "
                          "Pyro model() and guide() methods")
