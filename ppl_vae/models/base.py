@@ -37,40 +37,16 @@ hook                   default                                    override when
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
+from .context import RunContext
 from .options import build_by_signature, options_dict
 
 Program = tuple[float, Callable, Callable]
 """(weight, model, guide): one term of the training objective."""
-
-
-@dataclass
-class RunContext:
-    """What a hook sees of a run: its settings, the model's options, data and directory.
-
-    ``fit(loss, part, name, desc)`` trains the module ``part`` on ``loss(*data_args)`` (a
-    differentiable sum over rows) with the run's epochs, batch size, learning rate and early
-    stopping, and returns one row per epoch (``train_<name>``, ``test_<name>``, ...).
-    ``score(module, *args, num_samples=K, iwae=False, guide=None)`` is
-    :func:`ppl_vae.evaluation.score`. ``log(text)`` adds a line to what the run reports.
-    """
-
-    config: Any
-    options: Any
-    data: Any
-    out: Path
-    fit: Callable[..., list[dict]] | None = None
-    score: Callable[..., Any] | None = None
-    progress: bool | None = None
-    notes: list[str] = field(default_factory=list)
-
-    def log(self, text: str) -> None:
-        self.notes.append(text)
 
 
 class Model(nn.Module):

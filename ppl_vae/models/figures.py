@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from .. import plots
 
 if TYPE_CHECKING:
-    from .base import RunContext
+    from .context import RunContext
 
 
 @torch.no_grad()
