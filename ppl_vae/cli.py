@@ -37,12 +37,11 @@ def _add_option(group, name: str, default: Any, help: str, choices=None, *,
     if isinstance(default, bool):
         if default:
             kw["help"] = off_help or f"set {name} off ({help})"
-            group.add_argument("--no-" + name.replace("_", "-"), dest=name,
-                               action="store_false", **kw)
-        else:
-            group.add_argument(_flag(name), dest=name, action="store_true", **kw)
-        if suppress:
-            group._group_actions[-1].default = argparse.SUPPRESS
+        action = group.add_argument("--no-" + name.replace("_", "-") if default else _flag(name),
+                                    dest=name, action="store_false" if default else "store_true",
+                                    **kw)
+        if suppress:  # only options the user gives reach the model
+            action.default = argparse.SUPPRESS
         return True
     if isinstance(default, tuple | list):
         types = {type(v) for v in default}

@@ -95,11 +95,13 @@ def test_plugin_trains_evaluates_compares_and_draws_from_the_cli(name, digits28,
     config = read_json(run / "config.json")
     assert config["model"] == f"{FIXTURES}:{name}"
 
-    result = cli(evaluate_main, ["--run", run, "--eval-iwae", "16"])
+    # the checkpoint round-trips: re-evaluated with the same K and seed, the same numbers
+    result = cli(evaluate_main, ["--run", run, "--eval-iwae", "8"])
     assert result.code == 0, result.err
     after = read_json(run / "summary.json")
-    assert after["iwae_samples"] == 16 and "evaluation:" in result.out
-    assert abs(after["test_elbo"] - summary["test_elbo"]) < 0.05 * abs(summary["test_elbo"])
+    assert "evaluation:" in result.out
+    for key in ("test_elbo", "test_log_likelihood_iwae"):
+        assert after[key] == summary[key], key
 
     model_opts = [a for a in extra if a not in ("--elbo", "enum")]  # compare runs them all
     result = cli(compare_main, ["--model", f"{FIXTURES}:{name}", *data, *model_opts,

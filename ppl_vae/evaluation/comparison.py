@@ -49,6 +49,7 @@ from ..inference.trainer import (
     load_data,
     probe,
     score_split,
+    train_args,
 )
 from ..models import hook
 from ..rundir import make_run_dir, resolve_run_dir
@@ -235,7 +236,7 @@ def training_race(module: nn.Module, data: Dataset, config: TrainConfig,
         for epoch in tqdm(range(1, config.epochs + 1), desc=f"race {name} x{k}",
                           disable=hide_bar(progress)):
             racer.train()
-            inputs = hook(racer, "data_args")(data.train_epoch(batches), data.train.y)
+            inputs = train_args(racer, data, batches)
             loss, seconds = run_epoch(step, opt, inputs, config.batch_size, progress=False,
                                       generator=batches)
             elapsed += seconds
@@ -291,7 +292,7 @@ def compare(cc: CompareConfig, out: str | None = None, progress: bool | None = N
             step = elbo_step(make_elbo("mc", 1, max_plate_nesting=info.max_plate_nesting),
                              module, hook(module, "programs")(), info)
             fit(step, torch.optim.Adam(collect_params(module, info), lr=config.lr), module,
-                lambda: hook(module, "data_args")(data.train_epoch(), data.train.y),
+                lambda: train_args(module, data),
                 config.batch_size, cc.warmup_epochs, progress=progress, desc="warm-up")
         module.eval()
         args = data_args(module, data.test, slice(0, cc.eval_batch))

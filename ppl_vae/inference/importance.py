@@ -45,6 +45,11 @@ from .program import ProgramInfo, inspect_program
 MAX_ELEMENTS = 2**24  # bound on K x rows x D floats held at once (hidden layers come on top)
 
 
+def _float_dtype(t: Tensor) -> torch.dtype:
+    """The dtype log weights of data ``t`` are summed in: its own if floating, else torch's."""
+    return t.dtype if t.is_floating_point() else torch.get_default_dtype()
+
+
 def _in_plate(site: dict, plate: str | None) -> int | None:
     """The dim of ``plate`` in the site's plates, or None."""
     for f in site["cond_indep_stack"]:
@@ -82,8 +87,7 @@ def _pass(model: Callable, guide: Callable, args: tuple, info: ProgramInfo, k: i
         g = guide if shared is None else poutine.replay(guide, trace=shared)
         guide_trace = poutine.trace(g).get_trace(*args)
         model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args)
-    device = args[0].device
-    dtype = args[0].dtype if args[0].is_floating_point() else torch.get_default_dtype()
+    device, dtype = args[0].device, _float_dtype(args[0])
     local = torch.zeros(1, 1, device=device, dtype=dtype)
     glob = torch.zeros(1, 1, device=device, dtype=dtype)
     for trace, sign in ((model_trace, 1.0), (guide_trace, -1.0)):
@@ -170,7 +174,7 @@ def score(module, *inputs: Tensor, num_samples: int = 10, iwae: bool = False,
             rows = n
         k_chunk = max(1, min(k_max, MAX_ELEMENTS // (rows * d)))
         joint = bool(info.global_sites) or info.data_plate is None
-        dtype = inputs[0].dtype if inputs[0].is_floating_point() else torch.get_default_dtype()
+        dtype = _float_dtype(inputs[0])
         elbo_sum = torch.zeros(n, device=device, dtype=dtype)
         lse = torch.full((n,), -math.inf, device=device, dtype=dtype)
         glob_sum = torch.zeros((), device=device, dtype=dtype)

@@ -51,7 +51,8 @@ def registered(module: nn.Module, fn: Callable, name: str = "module",
 
 
 def with_params(module: nn.Module, name: str = "module") -> tuple[Callable, Callable]:
-    """``module``'s model and guide, :func:`registered`: ready for ``pyro.infer.SVI``."""
+    """``module``'s model and guide, :func:`registered`: ready for ``pyro.infer.SVI``. For
+    modules whose programs do not call ``pyro.module`` themselves (those already are)."""
     return registered(module, module.model, name), registered(module, module.guide, name)
 
 

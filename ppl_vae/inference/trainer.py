@@ -75,6 +75,13 @@ def data_args(module: nn.Module, split: Split, rows: slice | None = None) -> tup
     return hook(module, "data_args")(x, y)
 
 
+def train_args(module: nn.Module, data: Dataset, generator: torch.Generator | None = None
+               ) -> tuple[Tensor, ...]:
+    """The arguments of ``module.model``/``guide`` for one epoch of training rows (freshly
+    binarized under dynamic binarization, drawn by ``generator``)."""
+    return hook(module, "data_args")(data.train_epoch(generator), data.train.y)
+
+
 def probe(module: nn.Module, data: Dataset) -> ProgramInfo:
     """:func:`inspect_program` of every term of the module's objective on two training rows
     (this also creates parameters that a guide makes lazily, e.g. an autoguide's)."""
@@ -113,7 +120,7 @@ def context(config: TrainConfig, module: nn.Module, data: Dataset, out: Path,
                             **({} if val is None else {f"val_{name}": val})})
 
         fit(backward_step(loss), torch.optim.Adam(part.parameters(), lr=config.lr), part,
-            lambda: hook(module, "data_args")(data.train_epoch(), data.train.y),
+            lambda: train_args(module, data),
             config.batch_size, config.epochs,
             validate=(lambda: per_row(data.val)) if config.early_stop else None,
             patience=config.early_stop, on_epoch=on_epoch, progress=progress, desc=desc)
@@ -185,7 +192,7 @@ def _train(config: TrainConfig, device: torch.device, data: Dataset, out: Path,
         save_checkpoint(out / "checkpoint.pt", module, optimizer, epoch, config.to_dict())
 
     best_epoch = fit(step, optimizer, module,
-                     lambda: hook(module, "data_args")(data.train_epoch(), data.train.y),
+                     lambda: train_args(module, data),
                      config.batch_size, config.epochs,
                      validate=validate if config.early_stop else None,
                      patience=config.early_stop, on_epoch=on_epoch, progress=progress,
