@@ -14,21 +14,27 @@ import pyro
 import torch
 
 from .errors import UsageError
-from .files import atomic_write
+from .files import save_torch
 
 
 def save_checkpoint(path: str | os.PathLike, module: torch.nn.Module,
                     optimizer: torch.optim.Optimizer | None, epoch: int,
-                    config: dict[str, Any]) -> None:
+                    config: dict[str, Any], loop: dict[str, Any] | None = None,
+                    history: list[dict] | None = None) -> None:
+    """Write the checkpoint; ``loop`` (:meth:`~ppl_vae.inference.loop.Loop.state_dict`) and
+    ``history`` (the rows of ``metrics.csv``) make it resumable."""
     state = {
         "model": module.state_dict(),
         "param_store": store_params(module),
+        "store_values": store_values(module),
         "optimizer": None if optimizer is None else optimizer.state_dict(),
         "epoch": epoch,
         "config": config,
         "rng": {"torch": torch.get_rng_state(), "cuda": _cuda_rng(module)},
+        "loop": loop,
+        "history": history,
     }
-    atomic_write(path, lambda f: torch.save(state, f))
+    save_torch(path, state)
 
 
 def store_params(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -37,6 +43,23 @@ def store_params(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     own = {id(p) for p in module.parameters()}
     return {name: store[name].detach().clone() for name in store
             if id(store.get_param(name).unconstrained()) not in own}
+
+
+def store_values(module: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
+    """Copies of the unconstrained tensors in Pyro's param store (those that are not
+    ``module``'s parameters), for :func:`load_store_values`."""
+    own = set() if module is None else {id(p) for p in module.parameters()}
+    return {n: p.detach().clone() for n, p in pyro.get_param_store().named_parameters()
+            if id(p) not in own}
+
+
+@torch.no_grad()
+def load_store_values(values: dict[str, torch.Tensor]) -> None:
+    """Copy :func:`store_values` back *into* the live tensors (the ones optimizers hold)."""
+    live = dict(pyro.get_param_store().named_parameters())
+    for name, value in values.items():
+        if name in live:
+            live[name].copy_(value)
 
 
 def restore_params(state: dict[str, Any]) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -62,7 +63,8 @@ def _add_option(group, name: str, default: Any, help: str, choices=None, *,
     return True
 
 
-TRAIN_ONLY = ("elbo", "particles", "jit", "early_stop", "val_fraction", "eval_iwae")
+TRAIN_ONLY = ("elbo", "particles", "jit", "early_stop", "val_fraction", "eval_iwae",
+              "checkpoint_every_steps", "check_every_steps")
 
 
 def train_parser(model: str | type = "vae", compare: bool = False) -> Parser:
@@ -87,7 +89,8 @@ def train_parser(model: str | type = "vae", compare: bool = False) -> Parser:
         default = f.default_factory() if callable(f.default_factory) else f.default
         helptext = f.metadata["help"]
         if f.name == "batch_size":
-            helptext = "rows per SVI step"
+            helptext = ("rows per SVI step and process; under torchrun --nproc_per_node N the "
+                        "global batch is N times this")
         _add_option(g, f.name, default, helptext, f.metadata.get("choices"),
                     off_help=f.metadata.get("off_help"), type_=f.metadata.get("type"))
     # a model option named like a run option (lr, seed, ...) is set by --model-opt only
@@ -109,6 +112,11 @@ def train_parser(model: str | type = "vae", compare: bool = False) -> Parser:
     g.add_argument("--model-opt", action="append", default=[], metavar="KEY=VALUE",
                    help="set any option of the model by name, value a Python literal "
                         "(repeatable)" + "".join(f"; {n}" for n in notes))
+    if not compare:
+        groups["evaluation and output"].add_argument(
+            "--resume", metavar="RUN_DIR", default=None,
+            help="continue the run in RUN_DIR exactly from its last checkpoint (its stored "
+                 "options; any option given must agree with them)")
     if compare:
         g = groups["inference"]
         g.add_argument("--particles", type=int, nargs="+", default=[1, 10],
@@ -133,6 +141,12 @@ def train_parser(model: str | type = "vae", compare: bool = False) -> Parser:
     return p
 
 
+def _resume_dir(argv: Sequence[str] | None) -> str:
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--resume")
+    return pre.parse_known_args(argv)[0].resume
+
+
 def _model_in(argv: Sequence[str] | None) -> str:
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--model", default="vae")
@@ -140,21 +154,40 @@ def _model_in(argv: Sequence[str] | None) -> str:
     return known.model
 
 
-def _parse(argv: Sequence[str] | None, compare: bool = False) -> dict[str, Any]:
-    """Parsed options: TrainConfig's fields, ``model_options``, and compare's own."""
+_UNSET = object()
+
+
+def _parse(argv: Sequence[str] | None, compare: bool = False, model: str | None = None,
+           given_only: bool = False) -> dict[str, Any]:
+    """Parsed options: TrainConfig's fields, ``model_options``, and compare's own (with
+    ``given_only``, just those the command line gives)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = train_parser(_model_in(argv), compare)
-    args = vars(parser.parse_args(argv))
+    parser = train_parser(model or _model_in(argv), compare)
+    unset = argparse.Namespace(**{k: _UNSET for k in vars(parser.parse_args([]))})
+    args = vars(parser.parse_args(argv, namespace=unset if given_only else None))
+    if given_only:
+        args = {k: v for k, v in args.items() if v is not _UNSET}
     options = {name: args.pop(name) for name in parser.model_flags if name in args}
-    options.update(parse_model_opts(args.pop("model_opt")))
+    options.update(parse_model_opts(args.pop("model_opt", [])))
     args["model_options"] = options
     return args
 
 
 def _train(argv: Sequence[str] | None) -> int:
+    from .inference.trainer import resume_config
     from .variants import Variants, train
 
-    result = train(TrainConfig(**_parse(argv)))
+    run_dir = _resume_dir(argv)
+    if run_dir is None:
+        args = _parse(argv)
+        args.pop("resume")
+        result = train(TrainConfig(**args))
+    else:  # the stored options, checked against those given
+        given = _parse(argv, model=resume_config(run_dir).model_name, given_only=True)
+        given.pop("resume")
+        result = train(resume_config(run_dir, given), resume=True)
+    if os.environ.get("RANK", "0") != "0":
+        return 0  # under torchrun rank 0 reports
     if isinstance(result, Variants):
         for name, run in result.runs.items():
             for note in run.notes:  # first lines: the table follows

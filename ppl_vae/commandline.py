@@ -5,10 +5,12 @@ line on stderr and exit status 2."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 
 from .errors import UsageError, command_line
+from .interrupt import Interrupted
 
 
 class Parser(argparse.ArgumentParser):
@@ -41,6 +43,11 @@ class HelpFormatter(argparse.HelpFormatter):
         return f"{text} (default: {'none' if shown is None else shown})"
 
 
+def _is_main_process() -> bool:
+    """Not a non-zero torchrun rank (rank 0 alone prints the one error line)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def main_wrapper(prog: str, run: Callable[[Sequence[str] | None], int]
                  ) -> Callable[[Sequence[str] | None], int]:
     """Turn :class:`UsageError` into ``prog: error: message`` on stderr and exit status 2."""
@@ -49,10 +56,16 @@ def main_wrapper(prog: str, run: Callable[[Sequence[str] | None], int]
         try:
             with command_line():
                 return run(argv)
-        except UsageError as e:
-            with command_line():
-                print(f"{prog}: error: {e}", file=sys.stderr)
-            return 2
+        except UsageError as e:  # exit 2; a diverged run 3
+            if _is_main_process():
+                with command_line():
+                    print(f"{prog}: error: {e}", file=sys.stderr)
+            return getattr(e, "exit_status", 2)
+        except Interrupted as e:  # a run that checkpointed on SIGINT/SIGTERM: 130/143
+            if _is_main_process():
+                text = e.message or "interrupted before the first checkpoint; nothing to resume"
+                print(f"{prog}: {text}", file=sys.stderr)
+            return e.status
         except KeyboardInterrupt:
             print(f"{prog}: interrupted", file=sys.stderr)
             return 130

@@ -61,7 +61,8 @@ class TrainConfig:
     jit: bool = _opt(False, "use Pyro's Jit* ELBO variants", group="inference")
     lr: float = _opt(1e-3, "Adam learning rate", group="inference")
     epochs: int = _opt(10, "training epochs", group="inference")
-    batch_size: int = _opt(128, "images per SVI step", group="inference")
+    batch_size: int = _opt(128, "images per SVI step and process (under torchrun the global "
+                           "batch is this times the number of processes)", group="inference")
     seed: int = _opt(0, "seed of the weights, the latent noise and the batches",
                      group="inference")
     cuda: bool = _opt(False, "train and evaluate on the GPU", group="inference")
@@ -71,6 +72,10 @@ class TrainConfig:
                                group="inference")
     validate: bool = _opt(False, "Pyro validation (distribution arguments and supports) for "
                           "the whole run; slower", group="inference")
+    checkpoint_every_steps: int = _opt(0, "also write the checkpoint every K steps within "
+                                       "epochs (0: at epoch ends only)", group="inference")
+    check_every_steps: int = _opt(50, "read the device-side divergence flag every K steps "
+                                  "(and at every checkpoint)", group="inference")
     # evaluation
     eval_particles: int = _opt(10, "samples per test image for the test ELBO",
                                group="evaluation and output")
@@ -116,6 +121,11 @@ class TrainConfig:
                              f"{self.val_fraction}")
         if not 0 <= self.seed < 2**32:
             raise UsageError(f"--seed must lie in [0, 2**32), got {self.seed}")
+        for name in ("checkpoint_every_steps", "check_every_steps"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise UsageError(f"--{name.replace('_', '-')} must be a whole number >= 0, got "
+                                 f"{value!r}")
         if self.eval_iwae < 0:
             raise UsageError(f"--eval-iwae must be 0 (off) or a number of samples, got "
                              f"{self.eval_iwae}")

@@ -1,20 +1,371 @@
-"""Run directories: where a run's files go, created only once its options have proved good."""
+"""Run directories: one directory, owned by one run at a time.
+
+:meth:`RunDir.open` locks ``<dir>/.lock`` (an ``flock``, so a killed run never blocks the
+directory), removes what a killed run left (atomic-write temporaries, staging and trash
+directories) and decides where the new run writes:
+
+* an empty (or new) directory, or ``resume``: in place;
+* a directory holding files, with ``overwrite``: a hidden staging directory inside it,
+  ``<dir>/.staging-XXXXXXXX``; the old run stays intact until :meth:`RunDir.commit` swaps the
+  staged files in and deletes every old one;
+* a directory holding files, with neither: :class:`UsageError`.
+
+:meth:`RunDir.close` releases the lock. A run that fails before :meth:`RunDir.commit`
+leaves the old run exactly as it was, and a directory that was new or empty as it was.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import os
+import re
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
 from .errors import UsageError
+from .files import clean_stale_tmp
+
+LOCK = ".lock"
+_OURS = re.compile(r"\.(staging|trash)-[a-z0-9_]{8}")  # tempfile.mkdtemp names of ours
 
 
+def _cannot(verb: str, path: Path, e: OSError, setting: str) -> UsageError:
+    return UsageError(f"cannot {verb} {setting} {str(path)!r}: {e.strerror or e}; "
+                      "choose another directory")
+
+
+def _timestamp() -> str:
+    return time.strftime("%Y%m%d-%H%M%S")
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+class DirLock:
+    """An exclusive, non-blocking ``flock`` on ``<directory>/.lock``, which holds our pid.
+
+    The kernel drops it when the process dies, however it dies. Usable alone (a rank-0-only
+    caller); :class:`RunDir` takes one."""
+
+    def __init__(self, fd: int, path: Path):
+        self._fd: int | None = fd
+        self.path = path
+
+    @classmethod
+    def acquire(cls, directory: str | os.PathLike, setting: str = "--out") -> DirLock:
+        """Lock ``directory`` (which must exist), or :class:`UsageError` if another process
+        (or another open in this one) holds it."""
+        directory = Path(directory)
+        path = directory / LOCK
+        while True:
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+            except OSError as e:
+                raise _cannot("lock", directory, e, setting) from e
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                pid = os.pread(fd, 32, 0).decode(errors="replace").strip()
+                os.close(fd)
+                if not isinstance(e, BlockingIOError):
+                    raise _cannot("lock", directory, e, setting) from e
+                by = f" (pid {pid})" if pid.isdigit() else ""
+                raise UsageError(f"{setting} {str(directory)!r} is in use by another run{by}; "
+                                 "wait for it to finish or choose another directory") from None
+            try:  # its last holder may have unlinked the file between our open and flock
+                same = os.path.samestat(os.fstat(fd), os.stat(path))
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError:
+            pass  # the pid only makes the "in use" message better
+        return cls(fd, path)
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def release(self) -> None:
+        """Delete the lock file and unlock; idempotent. (Deleting is safe: a process that
+        opened the old file sees it is gone once it gets the lock, and tries again.)"""
+        if self._fd is None:
+            return
+        with contextlib.suppress(OSError):
+            self.path.unlink(missing_ok=True)
+        os.close(self._fd)
+        self._fd = None
+
+
+class _Dir:
+    """What a run directory and a sub-run's share: ``d / "name"`` is ``d.path / "name"``,
+    evaluated when used (so it follows the staging-to-final switch), and ``with``."""
+
+    final: Path
+    setting: str
+
+    @property
+    def path(self) -> Path:
+        raise NotImplementedError
+
+    def commit(self) -> None:
+        raise NotImplementedError
+
+    def close(self, ok: bool = True) -> None:
+        raise NotImplementedError
+
+    def child(self, name: str) -> RunChild:
+        """The sub-run directory ``name`` (``out/q1``): see :class:`RunChild`."""
+        return RunChild(self, name)
+
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close(ok=exc_type is None)
+
+
+class RunDir(_Dir):
+    """One run's directory, locked for the run's lifetime; open it with :meth:`open`.
+
+    ``path`` is where files go now (the staging directory before :meth:`commit` when
+    overwriting, else the directory itself); ``final`` is the directory itself."""
+
+    def __init__(self, final: Path, lock: DirLock, created: list[Path], setting: str):
+        self.final = final
+        self.setting = setting
+        self._lock = lock
+        self._created = created  # directories open() made, outermost first
+        self._staging: Path | None = None
+        self._fresh = False  # the directory was new or empty: a failed run removes its files
+        self._committed = False
+        self._closed = False
+
+    @classmethod
+    def open(cls, out: str | os.PathLike | None, stem: str, *, overwrite: bool = False,
+             resume: bool = False, setting: str = "--out") -> RunDir:
+        """Lock and prepare ``out``, or a new ``runs/<stem>-<YYYYmmdd-HHMMSS>[-n]``.
+
+        ``out`` is created with its parents. If it holds files: ``resume`` writes in place,
+        else ``overwrite`` stages (see the module), else :class:`UsageError`. A file, a
+        directory that cannot be created, or one in use by another run is a
+        :class:`UsageError` naming ``setting``."""
+        final, created = _default_dir(stem, setting) if out is None else _make_dir(Path(out),
+                                                                                  setting)
+        try:
+            lock = DirLock.acquire(final, setting)
+        except BaseException:
+            _rmdirs(created)
+            raise
+        run = cls(final, lock, created, setting)
+        try:
+            run._prepare(overwrite, resume)
+        except BaseException:
+            run.close(ok=False)
+            raise
+        return run
+
+    def _prepare(self, overwrite: bool, resume: bool) -> None:
+        try:
+            clean_stale_tmp(self.final)
+            for p in self.final.iterdir():
+                if _OURS.fullmatch(p.name) and p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p)
+            held = [p for p in self.final.iterdir() if p.name != LOCK]
+        except OSError as e:
+            raise _cannot("clean", self.final, e, self.setting) from e
+        self._fresh = not held
+        if not held or resume:
+            return
+        if not overwrite:
+            raise UsageError(f"{self.setting} {str(self.final)!r} already holds files; choose a "
+                             "new directory or pass --overwrite")
+        real = self.final.resolve()
+        cwd = Path.cwd().resolve()
+        if real in (Path.home().resolve(), Path(real.anchor)) or cwd.is_relative_to(real):
+            raise UsageError(f"{self.setting} {str(self.final)!r} is the working, home or root "
+                             "directory, which --overwrite would empty; choose a run directory")
+        try:
+            self._staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=self.final))
+        except OSError as e:
+            raise _cannot("write to", self.final, e, self.setting) from e
+
+    @property
+    def path(self) -> Path:
+        return self._staging if self._staging is not None else self.final
+
+    @property
+    def committed(self) -> bool:
+        return self._committed
+
+    def commit(self) -> None:
+        """Make this run's files the directory's; idempotent; the lock stays held. When
+        staging: every old entry (but ``.lock``) goes, the staged ones move in, the staging
+        directory goes. Call it once the new run is worth keeping (its first checkpoint)."""
+        if self._committed:
+            return
+        if self._closed:
+            raise RuntimeError(f"commit() after close() of {self.final}")
+        staging = self._staging
+        if staging is not None:
+            try:
+                trash = Path(tempfile.mkdtemp(prefix=".trash-", dir=self.final))
+                moved: list[str] = []
+                try:
+                    for p in list(self.final.iterdir()):
+                        if p.name not in (LOCK, staging.name, trash.name):
+                            os.rename(p, trash / p.name)
+                            moved.append(p.name)
+                except OSError:
+                    for name in moved:  # put the old run back as it was
+                        os.rename(trash / name, self.final / name)
+                    trash.rmdir()
+                    raise
+                for p in list(staging.iterdir()):
+                    os.rename(p, self.final / p.name)
+                staging.rmdir()
+            except OSError as e:
+                raise _cannot("replace the old run in", self.final, e, self.setting) from e
+            self._staging = None
+            shutil.rmtree(trash, ignore_errors=True)  # left over: the next open removes it
+        self._committed = True
+
+    def close(self, ok: bool = True) -> None:
+        """Release the lock; idempotent. ``ok`` commits first if not yet committed.
+        Not ``ok`` and never committed: the staging directory goes, and if the directory was
+        new or empty, everything this run wrote goes too (directories open() made as well)."""
+        if self._closed:
+            return
+        discard = not ok and not self._committed
+        try:
+            if ok:
+                self.commit()
+            elif discard:
+                if self._staging is not None:
+                    shutil.rmtree(self._staging, ignore_errors=True)
+                    self._staging = None
+                if self._fresh:
+                    for p in list(self.final.iterdir()):
+                        if p.name != LOCK:
+                            _remove(p)
+        finally:
+            self._closed = True
+            self._lock.release()
+            if discard and self._fresh:
+                _rmdirs(self._created)
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.final)!r}, path={str(self.path)!r})"
+
+
+class RunChild(_Dir):
+    """A sub-run's directory ``parent.path / name`` (created when ``path`` is read): it
+    follows the parent's staging-to-final switch, :meth:`commit` commits the parent, it takes
+    no lock and :meth:`close` does nothing."""
+
+    def __init__(self, parent: _Dir, name: str):
+        if not name or name.startswith(".") or Path(name).name != name:
+            raise ValueError(f"a sub-run name is one plain path component, not {name!r}")
+        self.parent = parent
+        self.name = name
+
+    @property
+    def path(self) -> Path:
+        path = self.parent.path / self.name
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise _cannot("create", path, e, self.setting) from e
+        return path
+
+    @property
+    def final(self) -> Path:  # type: ignore[override]
+        return self.parent.final / self.name
+
+    @property
+    def setting(self) -> str:  # type: ignore[override]
+        return self.parent.setting
+
+    def commit(self) -> None:
+        self.parent.commit()
+
+    def close(self, ok: bool = True) -> None:
+        pass
+
+    def __repr__(self) -> str:
+        return f"RunChild({self.parent!r}, {self.name!r})"
+
+
+def _missing(path: Path) -> list[Path]:
+    """``path`` and its ancestors that do not exist, outermost first."""
+    missing = []
+    while not path.exists() and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    return missing[::-1]
+
+
+def _rmdirs(created: list[Path]) -> None:
+    for d in reversed(created):
+        try:
+            d.rmdir()
+        except OSError:
+            return  # not empty (another run's) or gone
+
+
+def _make_dir(path: Path, setting: str) -> tuple[Path, list[Path]]:
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{setting} {str(path)!r} is a file; give a directory")
+    created = _missing(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise _cannot("create", path, e, setting) from e
+    return path, created
+
+
+def _default_dir(stem: str, setting: str) -> tuple[Path, list[Path]]:
+    """A new ``runs/<stem>-<time>[-n]`` made by an exclusive mkdir: never another's."""
+    root = Path("runs")
+    created = _missing(root)
+    base = f"{stem.replace(':', '-').replace('/', '-')}-{_timestamp()}"
+    n = 1
+    while True:
+        path = root / (base if n == 1 else f"{base}-{n}")
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            path.mkdir()
+            return path, [*created, path]
+        except FileExistsError:
+            n += 1
+        except OSError as e:
+            raise _cannot("create", path, e, setting) from e
+
+
+# Until the callers move to RunDir.
 def resolve_run_dir(out: str | None, stem: str, overwrite: bool = False,
                     setting: str = "--out") -> Path:
     """``out``, or a new ``runs/<stem>-<time>[-n]``; :class:`UsageError` if ``out`` is a file
     or already holds files without ``overwrite`` (``setting`` names the option in errors)."""
     if out is None:
-        base = Path("runs") / f"{stem.replace(':', '-').replace('/', '-')}-" \
-                              f"{time.strftime('%Y%m%d-%H%M%S')}"
+        base = Path("runs") / f"{stem.replace(':', '-').replace('/', '-')}-{_timestamp()}"
         path, n = base, 1
         while path.exists():
             n += 1

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 
-def assert_one_line_error(result, prog: str, *fragments: str) -> None:
-    """Exit status 2 and one line on stderr, ``prog: error: ...`` naming every fragment,
-    no traceback."""
+def assert_one_line_error(result, prog: str, *fragments: str, code: int = 2) -> None:
+    """Exit status ``code`` and one line on stderr, ``prog: error: ...`` naming every
+    fragment, no traceback."""
     err = result.err.strip()
-    assert result.code == 2, (result.code, result.err)
+    assert result.code == code, (result.code, result.err)
     assert "Traceback" not in result.err
     assert "\n" not in err, err
     assert err.startswith(prog), err

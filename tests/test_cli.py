@@ -380,11 +380,14 @@ def test_infinite_options_are_rejected(tmp_path, cli, argv):
 
 @pytest.mark.filterwarnings("ignore:Encountered NaN")
 def test_diverged_training_is_a_one_line_error(tmp_path, cli):
+    """Exit 3 naming the epoch, the step and the site; a run that never got to a checkpoint
+    leaves nothing behind."""
     out = tmp_path / "run"
     result = cli(train_main, ["--lr", "1e4", "--epochs", "1", "--hidden", "32", "--z-dim", "4",
                               "--out", out])
-    assert_one_line_error(result, TRAIN_PROG, "--lr")
-    assert not (out / "summary.json").exists()
+    assert_one_line_error(result, TRAIN_PROG, "--lr", "epoch 1, step 4 of 12", "site 'z'",
+                          code=3)
+    assert not out.exists()
 
 
 def test_corrupt_config_json_is_a_usage_error(run_without_checkpoint, cli):

@@ -118,3 +118,33 @@ def _try_vectorized(model: Callable, guide: Callable, nesting: int, args: tuple
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         return False, f"{type(e).__name__}: {first}"[:200]
     return True, ""
+
+
+@torch.no_grad()
+def nonfinite_site(model: Callable, guide: Callable, *args: Tensor) -> str | None:
+    """The first site, in the order the guide then the model run, whose sample, log-density
+    or KL divergence (guide to prior) is not finite on ``args``; None if every one is."""
+    with pyro.validation_enabled(False):
+        guide_trace = poutine.trace(guide).get_trace(*args)
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args)
+        for trace, density in ((guide_trace, "log q"), (model_trace, "log p")):
+            for site in _sample_sites(trace):
+                name, value = site["name"], site["value"]
+                if torch.is_tensor(value) and value.is_floating_point() \
+                        and not torch.isfinite(value).all():
+                    return f"site {name!r}: its {'value' if site['is_observed'] else 'sample'}"
+                try:
+                    lp = site["fn"].log_prob(value)
+                except Exception as e:  # a distribution whose parameters went non-finite
+                    return f"site {name!r}: {density} fails ({type(e).__name__})"
+                if not torch.isfinite(lp).all():
+                    return f"site {name!r}: {density}"
+                other = guide_trace.nodes.get(name) if trace is model_trace else None
+                if other is not None and not site["is_observed"]:
+                    try:
+                        kl = torch.distributions.kl_divergence(other["fn"], site["fn"])
+                    except NotImplementedError:
+                        continue
+                    if not torch.isfinite(kl).all():
+                        return f"site {name!r}: KL(q || p)"
+    return None

@@ -13,7 +13,6 @@ on a 784-400-20 VAE).
 from __future__ import annotations
 
 import copy
-import math
 import time
 from collections.abc import Callable
 
@@ -25,6 +24,7 @@ from tqdm import tqdm  # text bars everywhere (tqdm.auto wants ipywidgets in Jup
 from ..data import batches
 from ..errors import UsageError
 from ..models import Program
+from .loop import Loop
 from .program import ProgramInfo
 
 LossFn = Callable[..., Tensor]
@@ -56,25 +56,15 @@ def with_params(module: nn.Module, name: str = "module") -> tuple[Callable, Call
     return registered(module, module.model, name), registered(module, module.guide, name)
 
 
-def elbo_step(elbo: pyro.infer.ELBO, module: nn.Module, terms: list[Program],
-              info: ProgramInfo | None = None) -> StepFn:
-    """``args -> -ELBO`` (summed over the batch, detached) for the weighted ``terms``
-    (weight, model, guide) of ``module``'s objective, after adding its gradient to the
-    parameters' ``.grad``. ``info`` says which tensors the program registers itself.
-
-    Estimators with ``differentiable_loss`` (Trace_ELBO, TraceMeanField_ELBO, their Jit
-    variants) give a tensor we differentiate; RenyiELBO has only ``loss_and_grads``, which
-    differentiates its own surrogate and returns a float (one host sync per step).
-    """
-    skip = frozenset() if info is None else info.registered
+def elbo_loss(elbo: pyro.infer.ELBO, module: nn.Module, terms: list[Program],
+              info: ProgramInfo | None = None) -> LossFn | None:
+    """``args -> -ELBO`` (summed over the batch, differentiable) for the weighted ``terms``
+    (weight, model, guide) of ``module``'s objective; None for an estimator without
+    ``differentiable_loss`` (RenyiELBO: see :func:`elbo_step`). ``info`` says which tensors
+    the program registers itself."""
     if not hasattr(elbo, "differentiable_loss"):
-        if len(terms) != 1:
-            raise UsageError(f"{type(elbo).__name__} trains one model/guide pair, and this "
-                             "objective has several; use --elbo mc or analytic")
-        _, model, guide = terms[0]
-        model, guide = registered(module, model, skip=skip), registered(module, guide, skip=skip)
-        return lambda *args: torch.tensor(elbo.loss_and_grads(model, guide, *args),
-                                          device=args[0].device)
+        return None
+    skip = frozenset() if info is None else info.registered
     if type(elbo).__name__.startswith("Jit"):  # one compiled ELBO per model/guide pair
         terms = [(w, registered(module, m, skip=skip), registered(module, g, skip=skip))
                  for w, m, g in terms]
@@ -84,7 +74,30 @@ def elbo_step(elbo: pyro.infer.ELBO, module: nn.Module, terms: list[Program],
         return sum(w * e.differentiable_loss(m, g, *args)
                    for e, (w, m, g) in zip(elbos, terms, strict=True))
 
-    return backward_step(loss)
+    return loss
+
+
+def elbo_step(elbo: pyro.infer.ELBO, module: nn.Module, terms: list[Program],
+              info: ProgramInfo | None = None) -> StepFn:
+    """``args -> -ELBO`` (summed over the batch, detached) after adding its gradient to the
+    parameters' ``.grad``.
+
+    Estimators with ``differentiable_loss`` (Trace_ELBO, TraceMeanField_ELBO, their Jit
+    variants) give a tensor we differentiate (:func:`elbo_loss`); RenyiELBO has only
+    ``loss_and_grads``, which differentiates its own surrogate and returns a float (one host
+    sync per step).
+    """
+    loss = elbo_loss(elbo, module, terms, info)
+    if loss is not None:
+        return backward_step(loss)
+    if len(terms) != 1:
+        raise UsageError(f"{type(elbo).__name__} trains one model/guide pair, and this "
+                         "objective has several; use --elbo mc or analytic")
+    skip = frozenset() if info is None else info.registered
+    _, model, guide = terms[0]
+    model, guide = registered(module, model, skip=skip), registered(module, guide, skip=skip)
+    return lambda *args: torch.tensor(elbo.loss_and_grads(model, guide, *args),
+                                      device=args[0].device)
 
 
 def backward_step(loss: LossFn) -> StepFn:
@@ -157,41 +170,14 @@ def fit(
     progress: bool | None = None,
     desc: str = "epochs",
 ) -> int:
-    """Up to ``epochs`` epochs of :func:`run_epoch` on ``train_inputs()`` (called each epoch).
-
-    After each epoch ``validate()`` (a loss per row, lower is better) and then
-    ``on_epoch(epoch, train_loss, seconds, val_loss)`` run with the module in eval mode. With
-    ``patience > 0`` training stops after that many epochs without a better validation loss
-    and the module gets back its best weights (early stopping). Returns the best epoch.
-    """
-    if patience and validate is None:
-        raise ValueError("early stopping needs a validate function")
-    best, best_epoch, best_state, bad = math.inf, epochs, None, 0
-    bar = tqdm(range(1, epochs + 1), desc=desc, unit="epoch", disable=hide_bar(progress))
-    for epoch in bar:
-        module.train()
-        loss, seconds = run_epoch(step, optimizer, train_inputs(), batch_size,
-                                  desc=f"epoch {epoch}", progress=progress)
-        if not math.isfinite(loss):
-            raise UsageError(f"training diverged in epoch {epoch} (the loss is {loss}); lower "
-                             "--lr or check the data")
-        module.eval()
-        val = validate() if validate is not None else None
-        if on_epoch is not None:
-            on_epoch(epoch, loss, seconds, val)
-        bar.set_postfix(loss=f"{loss:.2f}", **({} if val is None else {"val": f"{val:.2f}"}))
-        if patience:
-            if val < best:
-                best, best_epoch, bad = val, epoch, 0
-                best_state = copy.deepcopy(module.state_dict())
-            else:
-                bad += 1
-                if bad >= patience:
-                    break
-    if best_state is not None:
-        module.load_state_dict(best_state)
-    module.eval()
-    return best_epoch
+    """Up to ``epochs`` epochs of ``step`` on ``train_inputs()`` (called each epoch) in one
+    process: :class:`~ppl_vae.inference.loop.Loop` without checkpoints, its shuffle seeded
+    from the global RNG. Returns the best epoch (early stopping with ``patience``)."""
+    device = next(iter(train_inputs()[0:1])).device
+    seed = int(torch.randint(2**62, ()))
+    return Loop(step, optimizer, module, lambda g: train_inputs(), batch_size, epochs,
+                seed=seed, device=device, validate=validate, patience=patience,
+                on_epoch=on_epoch, progress=progress, desc=desc).run()
 
 
 def hide_bar(progress: bool | None) -> bool | None:

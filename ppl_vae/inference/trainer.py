@@ -1,16 +1,25 @@
 """One training run from a :class:`~ppl_vae.config.TrainConfig` to files.
 
-data -> model (built from its options) -> the model's ``pretrain`` hook -> SVI epochs ->
-evaluation and the model's ``metrics`` -> ``config.json``, ``metrics.csv``, ``summary.json``,
-``checkpoint.pt`` and figures (``elbo_curves.png`` and the model's ``figures`` hook) in the
-run directory. The trainer talks to the model only through the hooks of
-:mod:`ppl_vae.models.base`, and runs under one Pyro validation setting (``validate``) from
-the first probe of the program to the last figure.
+data -> model (built from its options) -> the model's ``pretrain`` hook -> SVI epochs
+(:class:`~ppl_vae.inference.loop.Loop`: data-parallel under torchrun, checkpointed,
+resumable, interruptible) -> evaluation and the model's ``metrics`` -> ``config.json``,
+``metrics.csv``, ``summary.json``, ``checkpoint.pt`` and figures (``elbo_curves.png`` and the
+model's ``figures`` hook) in the run directory. The trainer talks to the model only through
+the hooks of :mod:`ppl_vae.models.base`, and runs under one Pyro validation setting
+(``validate``) from the first probe of the program to the last figure.
+
+The run directory (:class:`~ppl_vae.rundir.RunDir`) is locked for the run; with
+``overwrite`` the old run is replaced only once the new one has written its first
+checkpoint, and a run that fails before that leaves nothing. Under torchrun only rank 0
+writes files; hooks on the other ranks see a private scratch directory.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -19,17 +28,21 @@ import torch
 from torch import Tensor, nn
 
 from .. import plots
-from ..checkpoint import save_checkpoint
+from ..checkpoint import load_checkpoint, load_store_values, save_checkpoint
 from ..config import TrainConfig
 from ..data import Dataset, Split, load_dataset
 from ..errors import UsageError
 from ..files import write_csv, write_json
+from ..interrupt import Guard, Interrupted, signals
 from ..models import RunContext, hook
-from ..rundir import make_run_dir, resolve_run_dir
+from ..rundir import RunDir
+from . import distributed as dist
+from .distributed import World
 from .estimators import make_elbo
 from .importance import Scores, score
-from .program import ProgramInfo, inspect_program
-from .svi import backward_step, collect_params, elbo_step, fit
+from .loop import Loop
+from .program import ProgramInfo, inspect_program, nonfinite_site
+from .svi import collect_params, elbo_loss, elbo_step
 
 
 @dataclass
@@ -94,15 +107,44 @@ def probe(module: nn.Module, data: Dataset) -> ProgramInfo:
                    params=tuple({id(p): p for i in infos for p in i.params}.values()))
 
 
-def score_split(module: nn.Module, split: Split, num_samples: int, iwae: bool = False
-                ) -> Scores:
-    """Per-row ELBO (and IWAE bound) of ``module`` on ``split`` with its proposal."""
-    return score(module, *data_args(module, split), num_samples=num_samples, iwae=iwae)
+def score_split(module: nn.Module, split: Split, num_samples: int, iwae: bool = False,
+                world: World = dist.SINGLE, info: ProgramInfo | None = None) -> Scores:
+    """Per-row ELBO (and IWAE bound) of ``module`` on ``split`` with its proposal. Under
+    torchrun the rows are sharded over the ranks and gathered (every rank gets all rows),
+    unless the program shares global latents across rows (then rank 0 scores them all)."""
+    n = len(split)
+    if not world.parallel:
+        return score(module, *data_args(module, split), num_samples=num_samples, iwae=iwae)
+    joint = info is None or info.data_plate is None or bool(info.global_sites)
+    if joint or n < world.size:
+        scores = (score(module, *data_args(module, split), num_samples=num_samples, iwae=iwae)
+                  if world.main else None)
+        scores = dist.broadcast(None if scores is None else _to_cpu(scores), world)
+        return _to(scores, split.x.device)
+    part = score(module, *data_args(module, split, dist.shard(n, world)),
+                 num_samples=num_samples, iwae=iwae, seed=world.rank)
+    parts = dist.gather(_to_cpu(part), world)
+    return _to(Scores(torch.cat([p.elbo for p in parts]),
+                      None if part.iwae is None else torch.cat([p.iwae for p in parts]),
+                      part.iwae_samples,
+                      f"{part.method}; rows sharded over {world.size} processes"),
+               split.x.device)
+
+
+def _to_cpu(s: Scores) -> Scores:
+    return _to(s, torch.device("cpu"))
+
+
+def _to(s: Scores, device: torch.device) -> Scores:
+    return replace(s, elbo=s.elbo.to(device), iwae=None if s.iwae is None else s.iwae.to(device))
 
 
 def context(config: TrainConfig, module: nn.Module, data: Dataset, out: Path,
-            progress: bool | None) -> RunContext:
-    """The :class:`RunContext` hooks receive, with ``fit`` for supervised pre-training."""
+            progress: bool | None, world: World = dist.SINGLE, guard: Guard | None = None
+            ) -> RunContext:
+    """The :class:`RunContext` hooks receive, with ``fit`` for supervised pre-training (by
+    the same data-parallel loop as SVI, not checkpointed)."""
+    device = data.train.x.device
 
     def fit_part(loss, part: nn.Module, name: str = "loss", desc: str = "pretrain"
                  ) -> list[dict]:
@@ -119,48 +161,184 @@ def context(config: TrainConfig, module: nn.Module, data: Dataset, out: Path,
                             f"test_{name}": per_row(data.test), "train_seconds": seconds,
                             **({} if val is None else {f"val_{name}": val})})
 
-        fit(backward_step(loss), torch.optim.Adam(part.parameters(), lr=config.lr), part,
-            lambda: train_args(module, data),
-            config.batch_size, config.epochs,
-            validate=(lambda: per_row(data.val)) if config.early_stop else None,
-            patience=config.early_stop, on_epoch=on_epoch, progress=progress, desc=desc)
+        params = list(part.parameters())
+        Loop(dist.data_parallel_step(loss, part, params, world),
+             torch.optim.Adam(params, lr=config.lr), part,
+             lambda g: train_args(module, data, g), config.batch_size, config.epochs,
+             seed=config.seed, device=device, world=world,
+             validate=(lambda: per_row(data.val)) if config.early_stop else None,
+             patience=config.early_stop, on_epoch=on_epoch, guard=guard,
+             check_every=config.check_every_steps, progress=progress, desc=desc).run()
         return history
 
     return RunContext(config, config.model_options, data, out, fit=fit_part, progress=progress,
                       score=score)
 
 
-def prepare(config: TrainConfig, data: Dataset | None = None
+def prepare(config: TrainConfig, data: Dataset | None = None, world: World = dist.SINGLE
             ) -> tuple[TrainConfig, torch.device, Dataset]:
-    """Absolute paths in ``config`` (so a run can be re-read from anywhere), the device and
-    the data on it (with a validation split under early stopping)."""
+    """Absolute paths in ``config`` (so a run can be re-read from anywhere), the device
+    (this rank's GPU under torchrun) and the data on it (with a validation split under
+    early stopping)."""
     config = replace(config, data_dir=os.path.abspath(config.data_dir))
     if config.dataset.startswith("npz:"):
         config = replace(config, dataset="npz:" + os.path.abspath(config.dataset[4:]))
     device = device_for(config.cuda)
+    if device.type == "cuda" and world.parallel:
+        device = torch.device("cuda", world.local_rank)
     data = data if data is not None else load_data(config)
     if config.early_stop:
         data = data.with_validation(config.val_fraction)
     return config, device, data.to(device)
 
 
-def train_run(config: TrainConfig, data: Dataset | None = None, progress: bool | None = None
-              ) -> Run:
+class _Follower:
+    """A non-zero rank's view of the run directory: rank 0 owns, writes and commits it."""
+
+    def __init__(self, final: Path) -> None:
+        self.final = self.path = final
+
+    def commit(self) -> None:
+        pass
+
+    def close(self, ok: bool = True) -> None:
+        pass
+
+    def child(self, name: str) -> _Follower:
+        return _Follower(self.final / name)
+
+    def __enter__(self) -> _Follower:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+
+def _default_out(config: TrainConfig) -> TrainConfig:
+    """Under ``torchrun --max-restarts``, a default run directory named by the job's
+    rendezvous id, so that restarted workers find the run they continue."""
+    if config.out is not None or not dist.launched():
+        return config
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID", "")
+    if run_id and run_id != "none":
+        return replace(config, out=str(Path("runs") / f"{_stem(config)}-{run_id}"))
+    if int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0):
+        raise UsageError("torchrun --max-restarts needs --out (or --rdzv-id), so restarted "
+                         "workers find the run they continue")
+    return config
+
+
+def _stem(config: TrainConfig) -> str:
+    return config.model_name.replace(":", "-").replace("/", "-")
+
+
+def open_run_dir(config: TrainConfig, world: World, resume: bool):
+    """Rank 0 locks and prepares the run directory; the others learn its path (or the
+    error) from rank 0."""
+    result: tuple[str, str] = ("", "")
+    rundir = None
+    if world.main:
+        try:
+            rundir = RunDir.open(config.out, config.model_name, overwrite=config.overwrite,
+                                 resume=resume)
+            result = ("ok", str(rundir.final))
+        except UsageError as e:
+            result = ("error", str(e))
+            if not world.parallel:
+                raise
+    kind, text = dist.broadcast(result, world)
+    if kind == "error":
+        raise UsageError(text)
+    return rundir if world.main else _Follower(Path(text))
+
+
+def has_checkpoint(out: str | os.PathLike | None) -> bool:
+    return out is not None and (Path(out) / "checkpoint.pt").is_file()
+
+
+def resume_config(run_dir: str | os.PathLike, given: dict | None = None) -> TrainConfig:
+    """The stored config of the run in ``run_dir`` (from its checkpoint), checked against the
+    options ``given`` now: one that contradicts it is a :class:`UsageError`."""
+    path = Path(run_dir)
+    if not path.is_dir():
+        raise UsageError(f"--resume {str(path)!r} is not a run directory")
+    if (path / "checkpoint.pt").is_file() or not (path / "config.json").is_file():
+        state = load_checkpoint(path / "checkpoint.pt")
+        if state.get("loop") is None:
+            raise UsageError(f"{str(path)!r} holds a checkpoint from a version that cannot "
+                             "resume; start a new run")
+        stored_dict = state["config"]
+    else:  # the parent of several variant runs keeps its config.json only
+        try:
+            stored_dict = json.loads((path / "config.json").read_text())
+            stored = TrainConfig.from_dict(stored_dict)
+        except (ValueError, TypeError, AttributeError) as e:
+            raise UsageError(f"{str(path / 'config.json')!r} is not a readable run config "
+                             f"({e}); start a new run") from None
+        if not hook(stored.model_class, "variants")(stored.model_options):
+            raise UsageError(f"--resume: {str(path)!r} holds no checkpoint to continue; start "
+                             "a new run")
+    stored = TrainConfig.from_dict(stored_dict)
+    mine = stored.to_dict()
+    for key, value in (given or {}).items():
+        if key in ("out", "overwrite", "model_options") or key not in mine:
+            continue
+        if key in ("checkpoint_every_steps", "check_every_steps"):  # not the run's math
+            stored = replace(stored, **{key: value})
+            continue
+        if value != mine[key] and not (key == "data_dir" and
+                                       os.path.abspath(value) == mine[key]):
+            flag = "--" + key.replace("_", "-")
+            raise UsageError(f"--resume: {flag} {value!r} contradicts the run's {mine[key]!r}; "
+                             f"drop {flag} to continue the run, or start a new one")
+    options = (given or {}).get("model_options") or {}
+    stored_options = mine["model_options"]
+    for key, value in (options.items() if isinstance(options, dict) else ()):
+        if key in stored_options and value != stored_options[key]:
+            raise UsageError(f"--resume: --model-opt {key}={value!r} contradicts the run's "
+                             f"{stored_options[key]!r}; drop it to continue the run")
+    return replace(stored, out=str(Path(run_dir)), overwrite=False)
+
+
+def train_run(config: TrainConfig, data: Dataset | None = None, progress: bool | None = None,
+              *, resume: bool = False, rundir=None) -> Run:
     """Train one model by SVI and write its run directory. Clears Pyro's param store.
 
     With ``config.early_stop`` a validation split is carved out of the training split, and
-    the run keeps the weights of its best validation ELBO.
+    the run keeps the weights of its best validation ELBO. ``resume`` continues the run in
+    ``config.out`` from its checkpoint (see :func:`resume_config`); a worker that torchrun
+    restarted resumes by itself. ``rundir`` is a sub-run directory of a parent run.
     """
-    setting = "--out"
-    out = resolve_run_dir(config.out, config.model_name, config.overwrite, setting)
-    config = replace(config, out=str(out))
-    config, device, data = prepare(config, data)
-    with pyro.validation_enabled(config.validate):
-        return _train(config, device, data, out, progress)
+    world = dist.setup(config.cuda)
+    if not world.main:
+        progress = False
+    config = _default_out(config)
+    if dist.restart_count() and rundir is None and not resume:
+        resume = has_checkpoint(config.out)
+        config = replace(config, overwrite=True)  # a restart before any checkpoint: anew
+    if resume and rundir is None and not has_checkpoint(config.out):
+        raise UsageError(f"--resume: {str(config.out)!r} holds no checkpoint to continue; start "
+                         "a new run")
+    own = rundir is None
+    if own:
+        rundir = open_run_dir(config, world, resume)
+    config = replace(config, out=str(rundir.final))
+    ok = False
+    try:
+        config, device, data = prepare(config, data, world)
+        with pyro.validation_enabled(config.validate), signals() as guard:
+            run = _train(config, device, data, rundir, progress, world, guard, resume)
+        ok = True
+        return run
+    finally:
+        if own:
+            rundir.close(ok)
 
 
-def _train(config: TrainConfig, device: torch.device, data: Dataset, out: Path,
-           progress: bool | None) -> Run:
+def _train(config: TrainConfig, device: torch.device, data: Dataset, rundir,
+           progress: bool | None, world: World, guard: Guard, resume: bool) -> Run:
+    state = load_checkpoint(rundir.final / "checkpoint.pt", map_location=device) \
+        if resume else None
     pyro.set_rng_seed(config.seed)
     pyro.clear_param_store()
     module = build_model(config, data).to(device)
@@ -168,40 +346,96 @@ def _train(config: TrainConfig, device: torch.device, data: Dataset, out: Path,
     terms = hook(module, "programs")()
     elbo = make_elbo(config.elbo, config.particles, config.jit, info.max_plate_nesting,
                      vectorize=info.vectorized)
-    step = elbo_step(elbo, module, terms, info)
-    make_run_dir(out)  # only once the options have proved good: bad input leaves nothing
-    run = Run(config, module, data, out)
-    ctx = context(config, module, data, out, progress)
-    write_json(out / "config.json", config.to_dict())
-    hook(module, "pretrain")(ctx)
+    params = collect_params(module, info)
+    loss = elbo_loss(elbo, module, terms, info)
+    step = (dist.data_parallel_step(loss, module, params, world) if loss is not None else
+            dist.grads_all_reduced(elbo_step(elbo, module, terms, info), params, world))
+    scratch = None if world.main else Path(tempfile.mkdtemp(prefix="ppl_vae-rank"))
+    run = Run(config, module, data, rundir.final)
+    ctx = context(config, module, data, scratch or rundir.path, progress, world, guard)
+    try:
+        return _fit_and_evaluate(config, device, data, rundir, world, guard, state, module,
+                                 info, terms, params, step, run, ctx)
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
 
-    optimizer = torch.optim.Adam(collect_params(module, info), lr=config.lr)
+
+def _fit_and_evaluate(config, device, data, rundir, world, guard, state, module, info, terms,
+                      params, step, run: Run, ctx: RunContext) -> Run:
+    if state is None:
+        if world.main:
+            write_json(rundir.path / "config.json", config.to_dict())
+        try:
+            hook(module, "pretrain")(ctx)
+        except Interrupted as e:
+            raise Interrupted(e.signum, f"{e.message or 'interrupted'} of pre-training, before "
+                              "the first checkpoint; nothing to resume, run it again") from None
+    else:
+        module.load_state_dict(state["model"])
+        load_store_values(state.get("store_values") or {})
+        run.history = list(state["history"] or [])
+    optimizer = torch.optim.Adam(params, lr=config.lr)
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+    elif world.parallel and world.rank:  # each rank its own latent noise
+        torch.manual_seed((config.seed * 1_000_003 + world.rank) % 2**63)
 
     def validate() -> float:
-        return -score_split(module, data.val, config.eval_particles).elbo.mean().item()
+        return -score_split(module, data.val, config.eval_particles, world=world,
+                            info=info).elbo.mean().item()
 
     def on_epoch(epoch: int, loss: float, seconds: float, val: float | None) -> None:
-        row = {"epoch": epoch, "train_elbo": -loss,
-               "test_elbo": score_split(module, data.test, config.eval_particles).summary()[
-                   "test_elbo"],
+        test = score_split(module, data.test, config.eval_particles, world=world, info=info)
+        row = {"epoch": epoch, "train_elbo": -loss, "test_elbo": test.elbo.mean().item(),
                "train_seconds": seconds}
         if val is not None:
             row["val_elbo"] = -val
         run.history.append(row)
-        write_csv(out / "metrics.csv", run.history)
-        save_checkpoint(out / "checkpoint.pt", module, optimizer, epoch, config.to_dict())
 
-    best_epoch = fit(step, optimizer, module,
-                     lambda: train_args(module, data),
-                     config.batch_size, config.epochs,
-                     validate=validate if config.early_stop else None,
-                     patience=config.early_stop, on_epoch=on_epoch, progress=progress,
-                     desc=config.model_name)
-    if config.early_stop:  # the checkpoint holds the best weights, not the last
-        save_checkpoint(out / "checkpoint.pt", module, optimizer, best_epoch, config.to_dict())
+    def save(loop_state: dict) -> None:
+        if not world.main:
+            return
+        save_checkpoint(rundir.path / "checkpoint.pt", module, optimizer, len(run.history),
+                        config.to_dict(), loop_state, run.history)
+        rundir.commit()  # the first checkpoint: now this run replaces an overwritten one
+        ctx.out = rundir.path
+        if run.history:  # after the checkpoint: metrics.csv is never ahead of it
+            write_csv(rundir.path / "metrics.csv", run.history)
+
+    def diagnose(*args: Tensor) -> str | None:
+        for _, m, g in terms:
+            found = nonfinite_site(m, g, *args)
+            if found:
+                return found
+        return None
+
+    loop = Loop(step, optimizer, module, lambda g: train_args(module, data, g),
+                config.batch_size, config.epochs, seed=config.seed, device=device, world=world,
+                validate=validate if config.early_stop else None, patience=config.early_stop,
+                on_epoch=on_epoch, save=save, checkpoint_every=config.checkpoint_every_steps,
+                check_every=config.check_every_steps, guard=guard, diagnose=diagnose,
+                progress=ctx.progress, desc=config.model_name)
+    if state is not None:
+        loop.load_state_dict(state["loop"])  # last: it restores this rank's RNG
+        if world.main and run.history:
+            write_csv(rundir.path / "metrics.csv", run.history)
+    try:
+        best_epoch = loop.run()
+    except Interrupted as e:
+        raise Interrupted(e.signum, f"{e.message}; continue with --resume {rundir.final}"
+                          ) from None
 
     k = config.eval_iwae or config.eval_particles
-    scores = score_split(module, data.test, k, iwae=config.eval_iwae > 0)
+    try:
+        with guard.deferred():
+            scores = score_split(module, data.test, k, iwae=config.eval_iwae > 0, world=world,
+                                 info=info)
+    finally:
+        signum = dist.any_max(guard.requested, world)
+    if signum:
+        raise Interrupted(signum, f"interrupted in the final evaluation (training is done); "
+                          f"continue with --resume {rundir.final}")
     ctx.log(f"evaluation: {scores.method}")
     run.summary = {
         **scores.summary(),
@@ -211,16 +445,18 @@ def _train(config: TrainConfig, device: torch.device, data: Dataset, out: Path,
         "best_epoch": best_epoch,
         "train_seconds": sum(r["train_seconds"] for r in run.history),
         "device": str(device),
+        "processes": world.size,
         "dataset": data.name,
         "n_train": len(data.train),
         "n_val": 0 if data.val is None else len(data.val),
         "n_test": len(data.test),
     }
-    with torch.no_grad():
-        run.summary.update(hook(module, "metrics")(ctx))
-    write_json(out / "summary.json", run.summary)
-    write_figures(run, ctx)
-    run.notes = ctx.notes
+    if world.main:
+        with torch.no_grad():
+            run.summary.update(hook(module, "metrics")(ctx))
+        write_json(rundir.path / "summary.json", run.summary)
+        write_figures(run, ctx)
+    run.summary, run.notes = dist.broadcast((run.summary, ctx.notes), world)
     return run
 
 

@@ -1,0 +1,201 @@
+"""Data-parallel training on PyTorch's own engine: ``torch.distributed`` under ``torchrun``.
+
+``torchrun --nproc_per_node N -m ppl_vae train ...`` starts N processes with ``RANK``,
+``WORLD_SIZE`` and ``LOCAL_RANK`` in their environment; :func:`setup` joins them into one
+process group (gloo on the CPU, NCCL with ``--cuda``, one GPU per local rank). Without those
+variables everything here is the identity and a run is one process.
+
+The objective is a sum over rows, ``L = sum_r L_r`` over the ranks' disjoint shards, so its
+gradient is the *sum* of the ranks' gradients. :func:`data_parallel_step` computes ``L_r``
+inside :class:`Objective` wrapped by :class:`~torch.nn.parallel.DistributedDataParallel`
+(Pyro's ``ELBOModule`` pattern), whose all-reduce during backward averages; backpropagating
+``W * L_r`` makes that average the sum. ``pyro.param`` tensors outside the module are summed
+by an explicit all-reduce.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place among the training processes."""
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        """Rank 0: the one that writes files and shows progress bars."""
+        return self.rank == 0
+
+    @property
+    def parallel(self) -> bool:
+        return self.size > 1
+
+
+SINGLE = World()
+_control: Any = None  # a gloo group for small CPU messages (stop flags) beside NCCL
+
+
+def launched() -> bool:
+    """Whether this process was started by ``torchrun`` with more than one process."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def restart_count() -> int:
+    """How often ``torchrun --max-restarts`` has restarted this worker group."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+
+
+def setup(cuda: bool) -> World:
+    """Join the process group torchrun describes (once per process); :data:`SINGLE` when
+    not launched by torchrun."""
+    global _control
+    if not launched():
+        return SINGLE
+    world = World(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]),
+                  int(os.environ.get("LOCAL_RANK", "0")))
+    if not dist.is_initialized():
+        if cuda:
+            torch.cuda.set_device(world.local_rank)
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=30))
+        _control = dist.new_group(backend="gloo") if cuda else dist.group.WORLD
+    return world
+
+
+def current() -> World:
+    """The world of an initialized process group, else :data:`SINGLE`."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return SINGLE
+    return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def any_max(value: int, world: World) -> int:
+    """The largest ``value`` over ranks (a stop flag: one tiny CPU all-reduce over gloo,
+    no device sync)."""
+    if not world.parallel:
+        return value
+    t = torch.tensor([int(value)])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_control)
+    return int(t.item())
+
+
+def all_sum(t: Tensor, world: World) -> Tensor:
+    """``t`` summed over ranks (a new tensor)."""
+    t = t.clone()
+    if world.parallel:
+        dist.all_reduce(t)
+    return t
+
+
+def all_min(t: Tensor, world: World) -> Tensor:
+    t = t.clone()
+    if world.parallel:
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return t
+
+
+def gather(obj: Any, world: World) -> list[Any]:
+    """``obj`` of every rank, in rank order, on every rank (picklable objects)."""
+    if not world.parallel:
+        return [obj]
+    out: list[Any] = [None] * world.size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast(obj: Any, world: World) -> Any:
+    """Rank 0's ``obj`` on every rank."""
+    if not world.parallel:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def barrier(world: World) -> None:
+    if world.parallel:
+        dist.barrier(group=_control)
+
+
+def shard(n: int, world: World) -> slice:
+    """This rank's contiguous share of ``n`` rows (sizes differ by at most one)."""
+    base, extra = divmod(n, world.size)
+    start = world.rank * base + min(world.rank, extra)
+    return slice(start, start + base + (world.rank < extra))
+
+
+class Objective(nn.Module):
+    """``loss(*args)`` as the forward of a module that holds the trained networks, so that
+    :class:`~torch.nn.parallel.DistributedDataParallel` can wrap it.
+
+    Every trainable parameter enters the loss (times zero, one element each): a part the
+    loss does not use (a network trained before and held fixed) then gets a zero gradient
+    instead of none, which is what DDP's reducer needs on every rank and every step."""
+
+    def __init__(self, module: nn.Module, loss: Callable[..., Tensor]) -> None:
+        super().__init__()
+        self.module = module
+        self.loss = loss
+
+    def forward(self, *args: Tensor) -> Tensor:
+        touch = [p.reshape(-1)[0] for p in self.module.parameters() if p.requires_grad]
+        return self.loss(*args) + 0.0 * torch.stack(touch).sum()
+
+
+def data_parallel_step(loss: Callable[..., Tensor], module: nn.Module,
+                       params: Sequence[Tensor], world: World) -> Callable[..., Tensor]:
+    """``args -> loss`` (this rank's, detached) after putting the gradient of the *summed*
+    loss over all ranks into every tensor of ``params``' ``.grad``."""
+    if not world.parallel:
+        def step(*args: Tensor) -> Tensor:
+            value = loss(*args)
+            value.backward()
+            return value.detach()
+
+        return step
+    own = {id(p) for p in module.parameters()}
+    extra = [p for p in params if id(p) not in own]
+    device_ids = [world.local_rank] if next(module.parameters()).is_cuda else None
+    ddp = nn.parallel.DistributedDataParallel(Objective(module, loss), device_ids=device_ids)
+
+    def step(*args: Tensor) -> Tensor:
+        value = ddp(*args)
+        (value * world.size).backward()  # DDP averages: W * mean_r grad L_r = sum_r grad L_r
+        for p in extra:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad)
+            p.grad /= world.size
+        return value.detach()
+
+    return step
+
+
+def grads_all_reduced(step: Callable[..., Tensor], params: Sequence[Tensor], world: World
+                      ) -> Callable[..., Tensor]:
+    """For an estimator that runs its own backward (RenyiELBO's ``loss_and_grads``): sum
+    every gradient over ranks after the step."""
+    if not world.parallel:
+        return step
+
+    def summed(*args: Tensor) -> Tensor:
+        value = step(*args)
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad)
+        return value
+
+    return summed

@@ -1,0 +1,302 @@
+"""The training loop that can stop anywhere and continue exactly: epochs of shuffled steps,
+data-parallel across ranks, checkpointed, interruptible and watched for divergence.
+
+Each epoch draws its inputs (fresh Bernoulli pixels under dynamic binarization) from a
+*data* generator on the device and one permutation of the N rows from a *shuffle*
+generator on the CPU, both seeded by the run's seed and identical on every rank. Step i
+takes the rows ``perm[i*B*W:(i+1)*B*W]`` (``B`` the per-process ``batch_size``, ``W`` the
+number of processes) and rank r its contiguous share; with W > 1 the permutation is padded
+by wrapping around to a multiple of W, so every rank takes the same number of steps.
+
+:class:`LoopState` says where the loop stands (epoch, step within it, the summed loss so
+far, the generators' states at the epoch's start, early-stopping state); with every rank's
+torch RNG state it is what a checkpoint needs to continue the run exactly.
+
+Divergence: each step folds ``isfinite(loss)`` into a device-side "first bad step" tensor,
+read (one host sync) every ``check_every`` steps, before every checkpoint and at epoch end.
+A bad step is then replayed from the last good snapshot so ``diagnose`` can trace the
+batch that went non-finite, and :class:`Diverged` names the epoch, step and site.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from ..checkpoint import load_store_values, store_values
+from ..errors import UsageError
+from ..interrupt import Guard, Interrupted
+from . import distributed as dist
+from .distributed import World
+
+StepFn = Callable[..., Tensor]
+NEVER = 2**62
+
+
+class Diverged(UsageError):
+    """A non-finite loss: the CLI prints the line and exits with status 3."""
+
+    exit_status = 3
+
+
+@dataclass
+class LoopState:
+    """Where a loop stands, as checkpoints save it (besides every rank's RNG and loss)."""
+
+    epoch: int = 1  # the epoch in progress (1-based)
+    step: int = 0  # steps of it already taken
+    seconds: float = 0.0  # training seconds of it so far
+    streams: dict[str, Tensor] = field(default_factory=dict)  # generators at epoch start
+    best: float = math.inf  # early stopping: best validation loss, its epoch, bad epochs
+    best_epoch: int = 0
+    bad: int = 0
+    best_state: dict[str, Tensor] | None = None
+    done: bool = False
+
+
+class Loop:
+    """Train ``module`` by ``step`` over ``inputs(generator)`` (the epoch's tensors, rows
+    first) for ``epochs`` epochs; see the module docstring.
+
+    ``validate()`` (a loss per row, lower is better) and ``on_epoch(epoch, train_loss,
+    seconds, val_loss)`` run after each epoch with the module in eval mode; with
+    ``patience > 0`` training stops after that many epochs without a better validation loss
+    and the module gets back its best weights. ``save(loop_state_dict)`` (every rank calls
+    it; it writes on rank 0) runs after each epoch and every ``checkpoint_every`` steps.
+    """
+
+    def __init__(
+        self,
+        step: StepFn,
+        optimizer: torch.optim.Optimizer,
+        module: nn.Module,
+        inputs: Callable[[torch.Generator], tuple[Tensor, ...]],
+        batch_size: int,
+        epochs: int,
+        *,
+        seed: int,
+        device: torch.device,
+        world: World = dist.SINGLE,
+        validate: Callable[[], float] | None = None,
+        patience: int = 0,
+        on_epoch: Callable[[int, float, float, float | None], None] | None = None,
+        save: Callable[[dict], None] | None = None,
+        checkpoint_every: int = 0,
+        check_every: int = 50,
+        guard: Guard | None = None,
+        diagnose: Callable[..., str | None] | None = None,
+        progress: bool | None = None,
+        desc: str = "epochs",
+    ) -> None:
+        if patience and validate is None:
+            raise ValueError("early stopping needs a validate function")
+        self.step_fn, self.optimizer, self.module = step, optimizer, module
+        self.inputs, self.batch_size, self.epochs = inputs, batch_size, epochs
+        self.device, self.world = device, world
+        self.validate, self.patience, self.on_epoch, self.save = validate, patience, on_epoch, save
+        self.checkpoint_every, self.check_every = checkpoint_every, check_every
+        self.guard, self.diagnose = guard or Guard(), diagnose
+        self.progress = progress if world.main else False
+        self.desc = desc
+        self.shuffle = torch.Generator().manual_seed(seed)
+        self.data = torch.Generator(device=device).manual_seed(seed)
+        self.state = LoopState(streams=self._streams())
+        self.total = torch.zeros((), device=device)  # this rank's loss summed over the epoch
+        self.first_bad = torch.full((), NEVER, device=device, dtype=torch.long)
+        self.steps_per_epoch = 0
+        self._snapshot: dict[str, Any] | None = None
+        self.saved = ""  # where the last checkpoint stands ("" before the first)
+
+    # -- checkpoint state -----------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The loop's state and every rank's (gathered: a collective call)."""
+        mine = {"total": self.total.cpu(), "rng": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda"
+                else torch.empty(0, dtype=torch.uint8)}
+        return {**asdict(self.state), "world_size": self.world.size,
+                "ranks": dist.gather(mine, self.world)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`state_dict` (restores this rank's RNG: call it last)."""
+        if state["world_size"] != self.world.size:
+            raise UsageError(f"the checkpoint was written by {state['world_size']} processes "
+                             f"and this run has {self.world.size}; resume with --nproc_per_node "
+                             f"{state['world_size']} (the ranks' random streams are saved)")
+        names = {f for f in LoopState.__dataclass_fields__}
+        self.state = LoopState(**{k: v for k, v in state.items() if k in names})
+        mine = state["ranks"][self.world.rank]
+        self.total = mine["total"].to(self.device)
+        self.saved = f"epoch {self.state.epoch}, step {self.state.step}"
+        torch.set_rng_state(mine["rng"])
+        if self.device.type == "cuda" and mine["cuda"].numel():
+            torch.cuda.set_rng_state(mine["cuda"], self.device)
+
+    def _streams(self) -> dict[str, Tensor]:
+        return {"shuffle": self.shuffle.get_state(), "data": self.data.get_state()}
+
+    # -- the loop -------------------------------------------------------------------------
+    def run(self) -> int:
+        """Train to the end (or early stop); returns the best epoch (the last without
+        early stopping). Raises :class:`Interrupted` after checkpointing on a signal and
+        :class:`Diverged` on a non-finite loss."""
+        s = self.state
+        bar = tqdm(total=self.epochs, initial=s.epoch - 1, desc=self.desc, unit="epoch",
+                   disable=_hidden(self.progress))
+        while not s.done:
+            self.module.train()
+            self._epoch()
+            n_rows = self._rows
+            loss = (dist.all_sum(self.total, self.world) / n_rows).item()
+            self.module.eval()
+            val = self.validate() if self.validate is not None else None
+            if self.on_epoch is not None:
+                self.on_epoch(s.epoch, loss, s.seconds, val)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.2f}", **({} if val is None else {"val": f"{val:.2f}"}))
+            stop = False
+            if self.patience:
+                if val < s.best:
+                    s.best, s.best_epoch, s.bad = val, s.epoch, 0
+                    s.best_state = copy.deepcopy(self.module.state_dict())
+                else:
+                    s.bad += 1
+                    stop = s.bad >= self.patience
+            s.done = stop or s.epoch >= self.epochs
+            if s.done and s.best_state is not None:
+                self.module.load_state_dict(s.best_state)
+            if not s.done:
+                s.epoch, s.step, s.seconds = s.epoch + 1, 0, 0.0
+                s.streams = self._streams()
+                self.total = torch.zeros((), device=self.device)
+            self._save()
+        bar.close()
+        self.module.eval()
+        return s.best_epoch if self.patience else s.epoch
+
+    def _epoch(self) -> None:
+        s, w = self.state, self.world
+        self.shuffle.set_state(s.streams["shuffle"])
+        self.data.set_state(s.streams["data"])
+        inputs = self.inputs(self.data)
+        n = inputs[0].shape[0]
+        perm = torch.randperm(n, generator=self.shuffle)
+        if w.parallel and n % w.size:
+            perm = torch.cat([perm, perm[: w.size - n % w.size]])
+        perm = perm.to(self.device)
+        self._rows = len(perm)
+        per_step = self.batch_size * w.size
+        steps = self.steps_per_epoch = math.ceil(len(perm) / per_step)
+        self.first_bad.fill_(NEVER)
+        self._take_snapshot()
+        bar = tqdm(total=steps, initial=s.step, desc=f"epoch {s.epoch}", unit="step",
+                   leave=False, disable=_hidden(self.progress))
+        shown = start = time.perf_counter()
+        seconds = s.seconds
+
+        def batch(i: int) -> tuple[Tensor, ...]:
+            chunk = perm[i * per_step:(i + 1) * per_step]
+            idx = chunk[dist.shard(len(chunk), w)]
+            return tuple(t[idx] for t in inputs)
+
+        self._batch = batch
+        with self.guard.deferred():
+            while s.step < steps:
+                signum = dist.any_max(self.guard.requested, w)
+                if signum:
+                    s.seconds = seconds + time.perf_counter() - start
+                    self._interrupt(signum)
+                self._take_step(s.step, batch(s.step))
+                s.step += 1
+                global_step = (s.epoch - 1) * steps + s.step
+                if self.check_every and s.step % self.check_every == 0:
+                    self._check()
+                if self.checkpoint_every and global_step % self.checkpoint_every == 0 \
+                        and s.step < steps:
+                    s.seconds = seconds + time.perf_counter() - start
+                    self._save()
+                if not bar.disable:
+                    bar.update(1)
+                    if time.perf_counter() - shown > 0.5:
+                        seen = min(s.step * per_step, len(perm))
+                        bar.set_postfix(elbo=f"{-self.total.item() * w.size / seen:.2f}")
+                        shown = time.perf_counter()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        s.seconds = seconds + time.perf_counter() - start
+        bar.close()
+        self._check()
+
+    def _take_step(self, i: int, args: tuple[Tensor, ...]) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.step_fn(*args)
+        self.total += loss
+        self.first_bad = torch.where(torch.isfinite(loss), self.first_bad,
+                                     self.first_bad.clamp(max=i))
+        self.optimizer.step()
+
+    def _save(self) -> None:
+        self._check()
+        if self.save is not None:
+            self.save(self.state_dict())
+            self.saved = f"epoch {self.state.epoch}, step {self.state.step}"
+        self._take_snapshot()
+
+    def _interrupt(self, signum: int) -> None:
+        self._save()
+        s = self.state
+        raise Interrupted(signum,
+                          f"interrupted at epoch {s.epoch}, step {s.step}")
+
+    # -- divergence -----------------------------------------------------------------------
+    def _take_snapshot(self) -> None:
+        """What replaying from this step needs (kept in memory, not on disk)."""
+        self._snapshot = {
+            "step": self.state.step, "module": copy.deepcopy(self.module.state_dict()),
+            "optimizer": copy.deepcopy(self.optimizer.state_dict()),
+            "store": store_values(),
+            "rng": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda"
+            else None}
+
+    def _check(self) -> None:
+        bad = int(dist.all_min(self.first_bad, self.world).item())
+        if bad == NEVER:
+            return
+        s = self.state
+        site = self._replay(bad)
+        where = f"; non-finite: {site}" if site else ""
+        kept = (f"the last good checkpoint ({self.saved}) is kept" if self.saved else
+                "no checkpoint was written" if self.save is not None else "nothing is kept")
+        raise Diverged(f"training diverged at epoch {s.epoch}, step {bad + 1} of "
+                       f"{self.steps_per_epoch} (the loss is not finite{where}); {kept}; lower "
+                       "--lr or check the data")
+
+    def _replay(self, bad: int) -> str | None:
+        """Re-run the steps from the last snapshot up to the bad one, then ``diagnose`` its
+        batch (every rank; the first rank's finding is reported)."""
+        snap = self._snapshot
+        if self.diagnose is None or snap is None or snap["step"] > bad:
+            return None
+        self.module.load_state_dict(snap["module"])
+        self.optimizer.load_state_dict(snap["optimizer"])
+        load_store_values(snap["store"])
+        torch.set_rng_state(snap["rng"])
+        if snap["cuda"] is not None:
+            torch.cuda.set_rng_state(snap["cuda"], self.device)
+        for i in range(snap["step"], bad):
+            self._take_step(i, self._batch(i))
+        found = [f for f in dist.gather(self.diagnose(*self._batch(bad)), self.world) if f]
+        return found[0] if found else None
+
+
+def _hidden(progress: bool | None) -> bool | None:
+    """tqdm's ``disable``: None hides the bar when stderr is not a terminal."""
+    return None if progress is None else not progress

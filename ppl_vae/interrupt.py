@@ -1,0 +1,71 @@
+"""SIGINT and SIGTERM (Ctrl-C, and what schedulers and torchrun send on pre-emption).
+
+Inside :func:`signals`, the first signal is *deferred* while training steps run: the loop
+finishes its step, writes a checkpoint and raises :class:`Interrupted`; elsewhere it raises
+:class:`Interrupted` at once. A second signal ends the process at once (``os._exit``) with
+status 128 + signal number: checkpoints are written by rename, so the last one is intact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import threading
+from collections.abc import Iterator
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class Interrupted(KeyboardInterrupt):
+    """A run stopped by a signal. ``status`` is 130 (SIGINT) or 143 (SIGTERM)."""
+
+    def __init__(self, signum: int, message: str = "") -> None:
+        super().__init__(message or f"interrupted by {signal.Signals(signum).name}")
+        self.signum = signum
+        self.message = message
+
+    @property
+    def status(self) -> int:
+        return 128 + self.signum
+
+
+class Guard:
+    """What the handler sets: ``requested`` (the first signal's number, or 0), and whether
+    the training loop ``defers`` it to a step boundary."""
+
+    def __init__(self) -> None:
+        self.requested = 0
+        self.defers = False
+
+    @contextlib.contextmanager
+    def deferred(self) -> Iterator[None]:
+        """Signals arriving within only set :attr:`requested` (the loop checks it)."""
+        self.defers = True
+        try:
+            yield
+        finally:
+            self.defers = False
+
+    def handle(self, signum: int, frame: object) -> None:
+        if self.requested:
+            os._exit(128 + signum)  # the second signal: at once
+        self.requested = signum
+        if not self.defers:
+            raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def signals() -> Iterator[Guard]:
+    """Handle SIGINT/SIGTERM with a :class:`Guard` (only in the main thread; elsewhere the
+    guard is inert and Python's handlers stay)."""
+    guard = Guard()
+    if threading.current_thread() is not threading.main_thread():
+        yield guard
+        return
+    old = {s: signal.signal(s, guard.handle) for s in SIGNALS}
+    try:
+        yield guard
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
