@@ -1,0 +1,226 @@
+"""Exact resume, signals and run-directory ownership (single process; torchrun in
+test_distributed.py)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, SMALL_MODEL
+from helpers import assert_one_line_error
+
+from ppl_vae import TrainConfig
+from ppl_vae.checkpoint import load_checkpoint
+from ppl_vae.cli import train_main
+from ppl_vae.errors import UsageError
+from ppl_vae.inference.loop import Loop
+from ppl_vae.inference.trainer import resume_config, train_run
+from ppl_vae.interrupt import Interrupted
+from ppl_vae.rundir import RunDir
+
+PROG = "python -m ppl_vae train: error: "
+CLOCK = {"train_seconds"}  # wall-clock figures: the only ones a resumed run may change
+
+
+def config(out: Path, **kw) -> TrainConfig:
+    base = dict(model_options=SMALL_MODEL, dataset="digits", batch_size=32, lr=3e-3, epochs=3,
+                seed=3, out=str(out), checkpoint_every_steps=10)
+    return TrainConfig(**{**base, **kw})
+
+
+def without_clock(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in CLOCK} for r in rows]
+
+
+def interrupt_at(monkeypatch, epoch: int, step: int, signum: int = signal.SIGINT) -> None:
+    """Send ourselves a real signal when the loop is about to take ``step`` of ``epoch``."""
+    take = Loop._take_step
+
+    def step_then_signal(self, i, args):
+        if self.desc != "pretrain" and (self.state.epoch, i) == (epoch, step):
+            os.kill(os.getpid(), signum)
+        return take(self, i, args)
+
+    monkeypatch.setattr(Loop, "_take_step", step_then_signal)
+
+
+@pytest.mark.parametrize("options", [
+    {},  # mid-epoch: the signal writes the checkpoint
+    {"binarize": "dynamic", "early_stop": 2, "epochs": 5},  # data stream, best weights
+], ids=["plain", "dynamic-early-stop"])
+def test_interrupted_then_resumed_equals_uninterrupted(digits, tmp_path, monkeypatch, options):
+    whole = train_run(config(tmp_path / "whole", **options), progress=False)
+
+    interrupt_at(monkeypatch, epoch=2, step=17)
+    with pytest.raises(Interrupted) as stopped:
+        train_run(config(tmp_path / "cut", **options), progress=False)
+    assert stopped.value.status == 130
+    assert stopped.value.message == (f"interrupted at epoch 2, step 18; continue with --resume "
+                                     f"{tmp_path / 'cut'}")
+    state = load_checkpoint(tmp_path / "cut" / "checkpoint.pt")
+    assert (state["loop"]["epoch"], state["loop"]["step"]) == (2, 18)
+    rows = list(csv.DictReader((tmp_path / "cut" / "metrics.csv").open()))
+    assert len(rows) == 1  # never ahead of the checkpoint
+    monkeypatch.undo()
+
+    resumed = train_run(resume_config(tmp_path / "cut"), progress=False, resume=True)
+    assert without_clock(resumed.history) == without_clock(whole.history)
+    assert {k: v for k, v in resumed.summary.items() if k not in CLOCK} == \
+        {k: v for k, v in whole.summary.items() if k not in CLOCK}
+    for key, value in whole.module.state_dict().items():
+        assert torch.equal(value, resumed.module.state_dict()[key]), key
+    on_disk = [json.loads((tmp_path / d / "summary.json").read_text()) for d in ("whole", "cut")]
+    assert {k: v for k, v in on_disk[0].items() if k not in CLOCK and k != "out"} == \
+        {k: v for k, v in on_disk[1].items() if k not in CLOCK and k != "out"}
+
+
+def test_resume_refuses_contradicting_options(tmp_path, cli):
+    out = tmp_path / "run"
+    assert cli(train_main, ["--epochs", "1", "--hidden", "16", "--out", out]).code == 0
+    result = cli(train_main, ["--resume", out, "--lr", "0.5"])
+    assert_one_line_error(result, PROG, "--lr", "contradicts")
+    result = cli(train_main, ["--resume", out, "--hidden", "32"])
+    assert_one_line_error(result, PROG, "hidden")
+    # what the run already stores may be repeated; a finished run re-evaluates the same
+    first = json.loads((out / "summary.json").read_text())
+    result = cli(train_main, ["--resume", out, "--hidden", "16", "--epochs", "1"])
+    assert result.code == 0, result.err
+    again = json.loads((out / "summary.json").read_text())
+    assert again["test_elbo"] == first["test_elbo"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert_one_line_error(cli(train_main, ["--resume", empty]), PROG, "no checkpoint")
+    with pytest.raises(UsageError, match="no checkpoint"):
+        resume_config(empty)
+
+
+def _start(out: Path, *extra: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "ppl_vae", "train", "--epochs", "200", "--batch-size", "16",
+         "--hidden", "32", "--z-dim", "4", "--out", str(out), *extra],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 60) -> None:
+    end = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < end, f"{path} never appeared"
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_signal_checkpoints_and_exits_128_plus_signal(tmp_path, signum):
+    out = tmp_path / "run"
+    proc = _start(out, "--checkpoint-every-steps", "25")
+    _wait_for(out / "checkpoint.pt", proc)
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signum, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith("python -m ppl_vae train: interrupted at epoch ")
+    assert lines[0].endswith(f"; continue with --resume {out}")
+    state = load_checkpoint(out / "checkpoint.pt")
+    where = lines[0].split("interrupted at ")[1].split(";")[0]
+    assert where == f"epoch {state['loop']['epoch']}, step {state['loop']['step']}"
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp") or p.name == ".lock"]
+
+
+def test_second_signal_exits_at_once_with_the_last_checkpoint_intact(tmp_path):
+    out = tmp_path / "run"
+    proc = _start(out, "--checkpoint-every-steps", "1")  # always writing: hit one mid-write
+    _wait_for(out / "checkpoint.pt", proc)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=60)
+    assert proc.returncode == 143
+    state = load_checkpoint(out / "checkpoint.pt")  # intact, whichever one it is
+    assert state["loop"]["epoch"] >= 1
+    with RunDir.open(out, "vae", resume=True):  # a write cut short leaves nothing in the way
+        assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_sigkill_then_resume_continues(tmp_path):
+    """metrics.csv is never ahead of the checkpoint, stale temporaries do not block the
+    directory, and --resume picks up where the checkpoint stands."""
+    out = tmp_path / "run"
+    proc = _start(out, "--checkpoint-every-steps", "7")
+    _wait_for(out / "metrics.csv", proc)
+    time.sleep(0.2)
+    proc.kill()
+    proc.communicate()
+    state = load_checkpoint(out / "checkpoint.pt")
+    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    assert len(rows) <= len(state["history"])
+    (out / ".checkpoint.pt.abcd1234.tmp").write_bytes(b"half a checkpoint")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    resumed = subprocess.Popen(
+        [sys.executable, "-m", "ppl_vae", "train", "--resume", str(out)], env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stamp, end = (out / "checkpoint.pt").stat().st_mtime_ns, time.monotonic() + 60
+    while (out / "checkpoint.pt").stat().st_mtime_ns == stamp:  # training again
+        assert resumed.poll() is None and time.monotonic() < end, resumed.communicate()
+        time.sleep(0.02)
+    resumed.send_signal(signal.SIGINT)
+    _, err = resumed.communicate(timeout=60)
+    assert resumed.returncode == 130, err
+    after = load_checkpoint(out / "checkpoint.pt")
+    assert (after["loop"]["epoch"], after["loop"]["step"]) >= \
+        (state["loop"]["epoch"], state["loop"]["step"])
+    assert after["history"][: len(state["history"])] == state["history"]
+    assert not (out / ".checkpoint.pt.abcd1234.tmp").exists()
+
+
+def test_two_runs_on_one_out_directory(tmp_path):
+    """The second run is refused while the first holds the directory, which stays the
+    first run's alone."""
+    out = tmp_path / "run"
+    first = _start(out, "--checkpoint-every-steps", "20")
+    _wait_for(out / "checkpoint.pt", first)
+    second = subprocess.run(
+        [sys.executable, "-m", "ppl_vae", "train", "--epochs", "1", "--out", str(out),
+         "--overwrite"], env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True,
+        text=True, timeout=120)
+    assert second.returncode == 2, second.stderr
+    err = second.stderr.strip()
+    assert "\n" not in err and "is in use by another run" in err, err
+    assert first.poll() is None  # still training, undisturbed
+    first.send_signal(signal.SIGTERM)
+    _, err = first.communicate(timeout=60)
+    assert first.returncode == 143, err
+    config = json.loads((out / "config.json").read_text())
+    assert config["epochs"] == 200 and config["model_options"]["hidden"] == [32]
+    state = load_checkpoint(out / "checkpoint.pt")
+    assert state["config"] == config
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "config.json"] + (
+        ["metrics.csv"] if state["history"] else [])
+
+
+def test_overwrite_keeps_the_old_run_until_the_new_one_checkpoints(tmp_path, cli):
+    out = tmp_path / "run"
+    assert cli(train_main, ["--model", "cvae", "--epochs", "1", "--hidden", "16", "--out",
+                            out]).code == 0
+    before = sorted(p.name for p in out.iterdir())
+    assert "cll_table.csv" in before
+    # diverges before its first checkpoint: the old run stays exactly as it was
+    result = cli(train_main, ["--lr", "1e4", "--epochs", "1", "--hidden", "32", "--z-dim",
+                              "4", "--out", out, "--overwrite"])
+    assert result.code == 3, result.err
+    assert sorted(p.name for p in out.iterdir()) == before
+    # succeeds: nothing of the CVAE run is left
+    assert cli(train_main, ["--epochs", "1", "--hidden", "16", "--out", out,
+                            "--overwrite"]).code == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["checkpoint.pt", "config.json", "elbo_curves.png", "latent.png", "metrics.csv",
+         "reconstructions.png", "samples.png", "summary.json"])
