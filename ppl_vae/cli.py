@@ -214,9 +214,18 @@ COMPARE_DESCRIPTION = ("Compare ELBO estimators on one model: bound estimates, g
 COMPARE_ONLY = ("run", "warmup_epochs", "repeats", "iwae_samples", "eval_batch", "race", "target")
 
 
+def _one_process(command: str) -> None:
+    from .inference.distributed import launched
+
+    if launched():
+        raise UsageError(f"{command} runs in one process; run it with python -m ppl_vae "
+                         f"{command}, not under torchrun with several processes")
+
+
 def _compare(argv: Sequence[str] | None) -> int:
     from .evaluation.comparison import CompareConfig, compare
 
+    _one_process("compare")
     args = _parse(argv, compare=True)
     extra = {k: args.pop(k) for k in COMPARE_ONLY}
     particles = args.pop("particles")
@@ -249,6 +258,7 @@ def _evaluate(argv: Sequence[str] | None) -> int:
     from .evaluation.runs import evaluate_run
 
     a = evaluate_parser().parse_args(argv)
+    _one_process("evaluate")
     if a.eval_iwae < 0 or (a.eval_particles is not None and a.eval_particles < 1):
         raise UsageError("--eval-iwae must be >= 0 and --eval-particles >= 1")
     r = evaluate_run(a.run, a.eval_iwae, a.cuda, a.data_dir, a.eval_particles)

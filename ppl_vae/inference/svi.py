@@ -173,7 +173,7 @@ def fit(
     """Up to ``epochs`` epochs of ``step`` on ``train_inputs()`` (called each epoch) in one
     process: :class:`~ppl_vae.inference.loop.Loop` without checkpoints, its shuffle seeded
     from the global RNG. Returns the best epoch (early stopping with ``patience``)."""
-    device = next(iter(train_inputs()[0:1])).device
+    device = next((p.device for p in module.parameters()), torch.device("cpu"))
     seed = int(torch.randint(2**62, ()))
     return Loop(step, optimizer, module, lambda g: train_inputs(), batch_size, epochs,
                 seed=seed, device=device, validate=validate, patience=patience,
