@@ -5,9 +5,10 @@ plain-PyTorch reference VAE (:mod:`ppl_vae.models.reference`) in one process.
 Each setting runs ``--repeats`` times, alternating settings; throughput is training images
 per second from ``summary.json`` (``epochs * n_train / train_seconds``: the training loop
 only, not start-up or evaluation), and the table gives the median and its ratio to the
-one-process run. On a machine with C cores, N processes share them: on 2 cores, 2 processes
-of 1 thread each compete with 1 process of 2 threads, so expect no speed-up there; the
-check that matters on a CPU is correctness, which the tests make.
+one-process, one-thread run (the reference runs with one thread too). N processes share
+the machine's cores: on 2 cores, 2 processes of 1 thread each compete with 1 process of 2
+threads, so expect no speed-up there; on a CPU the check that matters is correctness,
+which the tests make.
 
     python benchmarks/bench_ddp.py                    # MNIST-10k split from ../shared/data
     python benchmarks/bench_ddp.py --dataset digits   # offline anywhere
@@ -79,20 +80,20 @@ def main() -> None:
     p.add_argument("--cuda", action="store_true")
     a = p.parse_args()
     cores = os.cpu_count() or 1
-    settings = {"reference, 1 process": None,
-                f"ppl_vae, 1 process x {cores} threads": (1, cores),
+    settings = {"plain PyTorch reference, 1 process x 1 thread": None,
                 "ppl_vae, 1 process x 1 thread": (1, 1),
-                "ppl_vae, 2 processes x 1 thread (DDP)": (2, 1)}
+                "ppl_vae, 2 processes x 1 thread (DDP, gloo)": (2, 1),
+                f"ppl_vae, 1 process x {cores} threads": (1, cores)}
     speed: dict[str, list[float]] = {k: [] for k in settings}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(a.repeats):
             for i, (name, how) in enumerate(settings.items()):
                 if how is None:
-                    speed[name].append(train_reference(a, cores))
+                    speed[name].append(train_reference(a, 1))
                 else:
                     speed[name].append(train_cli(a, *how, Path(tmp) / f"{r}-{i}"))
                 print(f"{name}: {speed[name][-1]:.0f} img/s", file=sys.stderr)
-    base = statistics.median(speed[f"ppl_vae, 1 process x {cores} threads"])
+    base = statistics.median(speed["ppl_vae, 1 process x 1 thread"])
     print(f"| setting ({a.dataset}, batch {a.batch_size} per process, {a.epochs} epochs, "
           f"{'GPU' if a.cuda else f'{cores} CPU cores'}) | img/s (median of {a.repeats}) | "
           "ratio |\n|---|---|---|")

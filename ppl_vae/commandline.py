@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 
 from .errors import UsageError, command_line
@@ -48,11 +49,35 @@ def _is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+def _show(held: Sequence[warnings.WarningMessage]) -> None:
+    for w in held:
+        warnings.showwarning(w.message, w.category, w.filename, w.lineno, w.file, w.line)
+
+
 def main_wrapper(prog: str, run: Callable[[Sequence[str] | None], int]
                  ) -> Callable[[Sequence[str] | None], int]:
-    """Turn :class:`UsageError` into ``prog: error: message`` on stderr and exit status 2."""
+    """Turn :class:`UsageError` into ``prog: error: message`` on stderr and exit status 2.
+
+    Python warnings raised during the run (Pyro's, torch's) are held back and shown once
+    it has finished: after its output when it succeeds (or fails with a traceback), never
+    when it ends in the one error line or an interruption."""
 
     def main(argv: Sequence[str] | None = None) -> int:
+        held: list[warnings.WarningMessage] = []
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                try:
+                    status = guarded(argv)
+                finally:
+                    held = list(caught)
+        except BaseException:  # a traceback: the warnings may explain it
+            _show(held)
+            raise
+        if status in (0, None):  # success: what was held back, after the output
+            _show(held)
+        return status
+
+    def guarded(argv: Sequence[str] | None) -> int:
         try:
             with command_line():
                 return run(argv)

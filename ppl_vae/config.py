@@ -101,6 +101,22 @@ class TrainConfig:
 
     def validate_options(self) -> None:
         """Raise :class:`UsageError` naming the first bad option."""
+        from .models.options import coerce
+
+        for f in dataclasses.fields(self):  # each option of the type of its default
+            value = getattr(self, f.name)
+            default = f.default_factory() if callable(f.default_factory) else f.default
+            if f.name in ("model", "model_options"):
+                continue
+            if isinstance(value, os.PathLike) and isinstance(default, str | None) and \
+                    f.name != "dataset":
+                continue  # a directory given as a Path
+            if default is None:  # out: a path, or None for the default
+                if value is not None and not isinstance(value, str):
+                    raise UsageError(f"--{f.name.replace('_', '-')} takes a path, got "
+                                     f"{value!r}")
+                continue
+            coerce(f.name, value, default)
         for name in ("elbo", "binarize"):
             allowed = self.__dataclass_fields__[name].metadata["choices"]
             if getattr(self, name) not in allowed:
@@ -146,9 +162,34 @@ class TrainConfig:
     def from_dict(cls, d: dict) -> TrainConfig:
         """Rebuild from ``config.json``, ignoring keys this version does not know. A flat
         dict (as older versions wrote) has its model's options picked out by name."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {k: v for k, v in d.items() if k in names}
+        from .models.options import coerce, coerce_options
+
+        if not isinstance(d, dict):
+            raise UsageError(f"a run config is a JSON object of options, got "
+                             f"{type(d).__name__}")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in d.items() if k in fields}
+        for name, value in kwargs.items():  # each key named in what it says is wrong
+            f = fields[name]
+            default = f.default_factory() if callable(f.default_factory) else f.default
+            if name == "model":
+                if not isinstance(value, str | type):
+                    raise UsageError(f"key 'model' takes a registered model name or "
+                                     f"module:Class, got {value!r}")
+            elif name == "model_options":
+                if not isinstance(value, dict):
+                    raise UsageError(f"key 'model_options' takes an object of the model's "
+                                     f"options, got {value!r}")
+            elif default is None:
+                if value is not None and not isinstance(value, str):
+                    raise UsageError(f"key {name!r} takes a string or null, got {value!r}")
+            else:
+                kwargs[name] = coerce(name, value, default, f"key {name!r}")
+        model = get_model(kwargs.get("model", "vae"))
         if "model_options" not in d:
-            known = options_of(get_model(kwargs.get("model", "vae")))
+            known = options_of(model)
             kwargs["model_options"] = {k: v for k, v in d.items() if k in known}
+        kwargs["model_options"] = coerce_options(model, kwargs["model_options"],
+                                                 "model_options." if "model_options" in d
+                                                 else "")
         return cls(**kwargs)

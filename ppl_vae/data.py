@@ -72,7 +72,17 @@ class Dataset:
 
     def with_validation(self, fraction: float) -> Dataset:
         """Carve a validation split (a fixed seeded ``fraction`` of train) out of train. Under
-        dynamic binarization it gets one fixed Bernoulli draw, like the test split."""
+        dynamic binarization it gets one fixed Bernoulli draw, like the test split. Both parts
+        keep at least one row; :class:`UsageError` when that is not possible."""
+        n = len(self.train)
+        n_val = max(1, round(fraction * n))
+        if n_val >= n:
+            most = (n - 1) / n if n > 1 else 0
+            fix = (f"lower --val-fraction (below {most:.3g} for {n} rows)" if n > 1 else
+                   "drop --early-stop or give more data")
+            raise UsageError(f"--val-fraction {fraction:g} of the {n} training row"
+                             f"{'s' if n != 1 else ''} leaves {n - n_val} to train on and "
+                             f"early stopping needs at least one of each; {fix}")
         train, val = _split(self.train.x, self.train.y, fraction)
         if self.dynamic:
             g = torch.Generator(device=val.x.device).manual_seed(SPLIT_SEED + 1)
@@ -164,7 +174,10 @@ def _npz(path: str, likelihood: str | None) -> Dataset:
         raise UsageError(f"{where}: 'x' has dtype {x.dtype}; expected real numbers")
     x = x.astype(np.float32)
     if not np.isfinite(x).all():
-        raise UsageError(f"{where}: 'x' contains NaN or infinite values; clean or drop those rows")
+        raise UsageError(f"{where}: 'x' contains NaN or infinite values (some may have "
+                         "overflowed float32, beyond 3.4e38); clean or drop those rows, or "
+                         "standardize the data ((x - mean) / std) before saving")
+    check_magnitude(x, where)
     if likelihood == "bernoulli" and (x.min() < 0 or x.max() > 1):
         raise UsageError(
             f"{where}: 'x' lies in [{x.min():g}, {x.max():g}] but the Bernoulli likelihood needs "
@@ -184,6 +197,33 @@ def _npz(path: str, likelihood: str | None) -> Dataset:
         shape = (side, side) if side * side == x.shape[1] else None
     train, test = _split(torch.as_tensor(x.reshape(len(x), -1)), y)
     return Dataset(where, train, test, image_shape=shape)
+
+
+MAGNITUDE_MARGIN = 1e3
+"""How far below float32 overflow the data must stay: squared values summed over a row
+(a Gaussian log-density) stay below ``float32.max / MAGNITUDE_MARGIN**2``."""
+
+
+def max_magnitude(dim: int) -> float:
+    """The largest absolute input value :func:`check_magnitude` lets through for rows of
+    ``dim`` values: ``sqrt(float32.max / dim) / MAGNITUDE_MARGIN`` (4.6e15 for 16 values,
+    6.6e14 for 784)."""
+    return math.sqrt(float(np.finfo(np.float32).max) / max(1, dim)) / MAGNITUDE_MARGIN
+
+
+def check_magnitude(x: np.ndarray | Tensor, where: str) -> None:
+    """:class:`UsageError` for data (rows first) whose squares, summed over a row, come
+    within :data:`MAGNITUDE_MARGIN` squared of float32's largest value: every log-density
+    (a Gaussian's ``-(x - mu)^2 / 2 sigma^2``) and gradient would overflow to inf or NaN."""
+    if len(x) == 0:
+        return
+    dim = math.prod(x.shape[1:])
+    peak = float(abs(x).max())
+    limit = max_magnitude(dim)
+    if peak > limit:
+        raise UsageError(f"{where}: the data reach {peak:.3g} in magnitude, beyond {limit:.2g}, "
+                         f"where float32 log-densities of rows of {dim} values overflow; "
+                         "standardize them ((x - mean) / std) or rescale them")
 
 
 def _split(x: Tensor, y: Tensor | None, fraction: float = TEST_FRACTION

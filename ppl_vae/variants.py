@@ -16,6 +16,9 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import torch
+
+from . import resources
 from .checkpoint import load_checkpoint
 from .config import TrainConfig
 from .data import Dataset
@@ -55,7 +58,9 @@ def train(config: TrainConfig, data: Dataset | None = None, progress: bool | Non
     world = dist.setup(config.cuda)
     data = data if data is not None else load_data(config)
     for _, options in variants:  # bad options fail here, before any directory is made
-        build_model(replace(config, model_options=options), data)
+        variant = replace(config, model_options=options)
+        resources.check_model_fits(lambda v=variant: build_model(v, data), torch.device("cpu"))
+        build_model(variant, data)
     with open_run_dir(config, world, resume) as parent:
         config = replace(config, out=str(parent.final),
                          data_dir=os.path.abspath(config.data_dir))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from ..errors import UsageError
 from ..files import write_json
 from ..inference.trainer import build_model, context, device_for, load_data, probe, score_split
 from ..models import hook
+from ..resources import allocation_guard, check_model_fits
 
 
 def read_config(run_dir: Path, model: type | None = None) -> TrainConfig:
@@ -53,7 +55,9 @@ def load_run(run_dir: str | os.PathLike, cuda: bool = False, data_dir: str | Non
     data = load_data(config).to(device)
     with pyro.validation_enabled(config.validate):
         pyro.clear_param_store()
-        module = build_model(config, data).to(device)
+        check_model_fits(lambda: build_model(config, data), device, training=False)
+        with allocation_guard("building the model"):
+            module = build_model(config, data).to(device)
         probe(module, data)  # parameters a guide creates lazily exist before loading
     try:
         module.load_state_dict(state["model"])
@@ -72,6 +76,11 @@ def evaluate_run(run_dir: str | os.PathLike, eval_iwae: int = 0, cuda: bool = Fa
     the IWAE bound with ``eval_iwae`` samples, and the model's ``metrics`` hook); update its
     ``summary.json`` (atomically) and return the new numbers (``notes``: what it reports)."""
     run_dir = Path(run_dir)
+    summary_path = run_dir / "summary.json"
+    if summary_path.exists() and not summary_path.is_file():  # before the long part
+        kind = "a directory" if summary_path.is_dir() else "not a regular file"
+        raise UsageError(f"{str(summary_path)!r} is {kind}; move it away so that evaluate can "
+                         "write the run's summary there")
     config, module, data = load_run(run_dir, cuda, data_dir, model)
     k = eval_iwae or eval_particles or config.eval_particles
     ctx = context(config, module, data, run_dir, progress=False)
@@ -79,12 +88,44 @@ def evaluate_run(run_dir: str | os.PathLike, eval_iwae: int = 0, cuda: bool = Fa
         scores = score_split(module, data.test, k, iwae=eval_iwae > 0)
         result = {**scores.summary(), "eval_particles": k}
         result.update(hook(module, "metrics")(ctx))
-    summary_path = run_dir / "summary.json"
-    try:
-        summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
-        summary = summary if isinstance(summary, dict) else {}
-    except ValueError:
-        summary = {}  # unreadable: replaced by the new numbers
+    notes = [f"evaluation: {scores.method}"]
+    summary, why = read_summary(summary_path)
+    if why is not None:  # never silently replaced: kept beside the new one
+        kept = set_aside(summary_path)
+        notes.append(f"{str(summary_path)!r} was unreadable ({why}); kept it as {kept.name} "
+                     "and wrote a new one")
     write_json(summary_path, {**summary, **result})
-    return {**result, "notes": [f"evaluation: {scores.method}", *ctx.notes]}
+    return {**result, "notes": [*notes, *ctx.notes]}
 
+
+def read_summary(path: Path) -> tuple[dict, str | None]:
+    """A run's ``summary.json`` as a dict ({} if missing), and why it is unreadable (None if
+    it is fine or missing)."""
+    if not path.is_file():
+        return {}, None
+    try:
+        saved = json.loads(path.read_text())
+    except OSError as e:
+        return {}, e.strerror or type(e).__name__
+    except UnicodeDecodeError:
+        return {}, "not text"
+    except ValueError as e:  # json.JSONDecodeError
+        return {}, f"not JSON: {e}"
+    if not isinstance(saved, dict):
+        return {}, f"a JSON {type(saved).__name__}, not an object"
+    return saved, None
+
+
+def set_aside(path: Path) -> Path:
+    """Rename ``path`` to ``<name>.unreadable-<time>`` (a new name) and return the new path."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    target, n = path.with_name(f"{path.name}.unreadable-{stamp}"), 1
+    while target.exists():
+        n += 1
+        target = path.with_name(f"{path.name}.unreadable-{stamp}-{n}")
+    try:
+        os.replace(path, target)
+    except OSError as e:
+        raise UsageError(f"{str(path)!r} is unreadable and cannot be moved aside "
+                         f"({e.strerror}); move it away yourself and evaluate again") from None
+    return target

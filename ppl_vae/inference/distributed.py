@@ -69,7 +69,17 @@ def setup(cuda: bool) -> World:
     if not dist.is_initialized():
         if cuda:
             torch.cuda.set_device(world.local_rank)
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=30))
+        backend, timeout = "nccl" if cuda else "gloo", timedelta(minutes=30)
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            # torchrun shares one TCPStore across restarts; a key prefix per attempt keeps a
+            # restarted group from reading the dead group's addresses (pytorch#135712)
+            store = dist.PrefixStore(f"ppl_vae/attempt_{restart_count()}", dist.TCPStore(
+                os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                timeout=timeout))
+            dist.init_process_group(backend, store=store, rank=world.rank,
+                                    world_size=world.size, timeout=timeout)
+        else:
+            dist.init_process_group(backend, timeout=timeout)
         _control = dist.new_group(backend="gloo") if cuda else dist.group.WORLD
     return world
 

@@ -30,7 +30,9 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable
+import sys
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import pyro
@@ -39,7 +41,20 @@ from pyro import poutine
 from pyro.distributions.util import scale_and_mask
 from pyro.poutine.util import prune_subsample_sites
 from torch import Tensor
+from tqdm import tqdm
 
+from ..resources import (
+    EVAL_HINT,
+    MODEL_HINT,
+    Cost,
+    EvalEstimate,
+    allocated_bytes,
+    chunk_budget,
+    fit_cost,
+    isolated,
+    refuse_unless_fits,
+    timed,
+)
 from .program import ProgramInfo, inspect_program
 
 MAX_ELEMENTS = 2**24  # bound on K x rows x D floats held at once (hidden layers come on top)
@@ -148,16 +163,45 @@ class Scores:
         return out
 
 
-@torch.no_grad()
-def score(module, *inputs: Tensor, num_samples: int = 10, iwae: bool = False,
-          seed: int = 0, guide: Callable | None = None) -> Scores:
-    """Per-row ELBO (the mean of K log weights) and, if ``iwae``, the IWAE_K bound, for every
-    row of ``inputs`` (the arguments of ``module.model``/``module.guide``, rows first).
-    ``guide`` replaces the module's proposal (its ``proposal()`` hook, else ``guide``).
+@dataclass(frozen=True)
+class Plan:
+    """How :func:`score` cuts ``n`` rows x ``num_samples`` into passes of ``rows`` x
+    ``k_chunk``; ``chunk_bytes``: the measured memory of one pass (None if not measured)."""
 
-    Runs in memory-bounded chunks of rows and of samples, seeded: re-running gives the same
-    numbers, and the caller's RNG state is left as it was.
-    """
+    n: int
+    num_samples: int
+    rows: int
+    k_chunk: int
+    joint: bool
+    info: ProgramInfo
+    chunk_bytes: float | None = None
+
+    @property
+    def passes(self) -> int:
+        return math.ceil(self.n / self.rows) * math.ceil(self.num_samples / self.k_chunk)
+
+
+def _pass_cost(model: Callable, guide: Callable, inputs: tuple[Tensor, ...],
+               info: ProgramInfo) -> Cost | None:
+    """Bytes one pass allocates per row x sample and per row, measured on two rows."""
+    n = inputs[0].shape[0]
+    small = tuple(t[: min(n, 2)] for t in inputs)
+
+    def measure(args: tuple, k: int) -> int:
+        return allocated_bytes(lambda: _pass(model, guide, args, info, k))
+
+    with isolated([inputs[0].device]):
+        try:
+            return fit_cost(measure, small)
+        except Exception:  # the pass itself will say what is wrong
+            return None
+
+
+def plan_score(module, *inputs: Tensor, num_samples: int, guide: Callable | None = None,
+               info: ProgramInfo | None = None) -> Plan:
+    """The passes :func:`score` makes: at most :data:`MAX_ELEMENTS` data-sized floats per
+    pass, and no more than half the free memory by the measured cost of a pass (hidden
+    layers included). :class:`UsageError` when even the smallest pass cannot fit."""
     from ..models import hook
 
     model = module.model
@@ -165,21 +209,81 @@ def score(module, *inputs: Tensor, num_samples: int = 10, iwae: bool = False,
     n = inputs[0].shape[0]
     d = max(1, sum(t[:1].numel() for t in inputs))
     device = inputs[0].device
+    info = info or inspect_program(model, guide, *(t[: min(n, 2)] for t in inputs))
+    k_max = num_samples if info.vectorized else 1
+    rows = max(1, min(n, MAX_ELEMENTS // (k_max * d)))
+    if info.data_plate is None:  # no plate over the rows: they are one joint draw
+        rows = n
+    k_chunk = max(1, min(k_max, MAX_ELEMENTS // (rows * d)))
+    joint = bool(info.global_sites) or info.data_plate is None
+    cost = _pass_cost(model, guide, inputs, info)
+    chunk_bytes = None
+    if cost is not None:
+        budget = chunk_budget(device)
+        if cost.bytes(rows, k_chunk) > budget and k_chunk > 1:
+            fit = (budget / rows - cost.per_row) / max(cost.per_draw, 1.0)
+            k_chunk = max(1, min(k_chunk, int(fit)))
+        if cost.bytes(rows, k_chunk) > budget and info.data_plate is not None:
+            rows = max(1, min(rows, int(budget // max(cost.bytes(1, k_chunk), 1.0))))
+        chunk_bytes = cost.bytes(rows, k_chunk)
+        refuse_unless_fits(chunk_bytes, device, f"scoring one pass of {rows:,} rows x "
+                           f"{k_chunk:,} samples needs about",
+                           EVAL_HINT if k_chunk > 1 else MODEL_HINT)
+    return Plan(n, num_samples, rows, k_chunk, joint, info, chunk_bytes)
+
+
+def time_pass(module, *inputs: Tensor, plan: Plan, guide: Callable | None = None) -> float:
+    """Seconds one pass of ``plan``'s size takes (RNGs left as they were)."""
+    from ..models import hook
+
+    guide = guide or hook(module, "proposal")()
+    args = tuple(t[: plan.rows] for t in inputs)
+    with isolated([inputs[0].device]), torch.no_grad():
+        return timed(lambda: _pass(module.model, guide, args, plan.info, plan.k_chunk),
+                     inputs[0].device)
+
+
+ESTIMATE_SECONDS = 20.0
+"""An evaluation expected to take longer prints its estimate (timed on its first pass)."""
+BAR_DELAY = 2.0
+"""Seconds before the evaluation's progress bar shows (tqdm's ``delay``): short ones stay
+quiet."""
+
+
+@torch.no_grad()
+def score(module, *inputs: Tensor, num_samples: int = 10, iwae: bool = False,
+          seed: int = 0, guide: Callable | None = None, progress: bool | None = None
+          ) -> Scores:
+    """Per-row ELBO (the mean of K log weights) and, if ``iwae``, the IWAE_K bound, for every
+    row of ``inputs`` (the arguments of ``module.model``/``module.guide``, rows first).
+    ``guide`` replaces the module's proposal (its ``proposal()`` hook, else ``guide``).
+
+    Runs in memory-bounded chunks of rows and of samples (:func:`plan_score`), seeded:
+    re-running gives the same numbers, and the caller's RNG state is left as it was. An
+    evaluation expected to take over :data:`ESTIMATE_SECONDS` prints its estimate on stderr
+    and shows a progress bar with its ETA (``progress``: None shows it on a terminal, False
+    never, True always).
+    """
+    from ..models import hook
+
+    model = module.model
+    guide = guide or hook(module, "proposal")()
+    n = inputs[0].shape[0]
+    device = inputs[0].device
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        info = inspect_program(model, guide, *(t[: min(n, 2)] for t in inputs))
-        k_max = num_samples if info.vectorized else 1
-        rows = max(1, min(n, MAX_ELEMENTS // (k_max * d)))
-        if info.data_plate is None:  # no plate over the rows: they are one joint draw
-            rows = n
-        k_chunk = max(1, min(k_max, MAX_ELEMENTS // (rows * d)))
-        joint = bool(info.global_sites) or info.data_plate is None
+        plan = plan_score(module, *inputs, num_samples=num_samples, guide=guide)
+        info, rows, joint = plan.info, plan.rows, plan.joint
         dtype = _float_dtype(inputs[0])
         elbo_sum = torch.zeros(n, device=device, dtype=dtype)
         lse = torch.full((n,), -math.inf, device=device, dtype=dtype)
+        joint_lse = torch.full((), -math.inf, device=device, dtype=dtype)
         glob_sum = torch.zeros((), device=device, dtype=dtype)
-        totals = []
-        for k in _chunks(num_samples, k_chunk):
+        bar = tqdm(total=n * num_samples, desc="evaluation", unit="sample", unit_scale=True,
+                   leave=False, delay=BAR_DELAY, file=sys.stderr,
+                   disable=None if progress is None else not progress)
+        began, first = time.perf_counter(), True
+        for k in _chunks(num_samples, plan.k_chunk):
             shared, total = None, torch.zeros(k, device=device, dtype=dtype)
             for start in range(0, n, rows):
                 args = tuple(t[start:start + rows] for t in inputs)
@@ -192,17 +296,36 @@ def score(module, *inputs: Tensor, num_samples: int = 10, iwae: bool = False,
                     lse[start:start + rows] = torch.logaddexp(
                         lse[start:start + rows], torch.logsumexp(local, 0))
                 total = total + local.sum(1)
-            totals.append(total)
+                if first:
+                    first = False
+                    _announce(plan, began, device, progress)
+                bar.update(k * args[0].shape[0])
+            if iwae and joint:
+                joint_lse = torch.logaddexp(joint_lse, torch.logsumexp(total, 0))
+        bar.close()
     elbo = elbo_sum / num_samples + glob_sum / (num_samples * n)
     bound = None
     if iwae:
         if joint:
-            joint_bound = torch.logsumexp(torch.cat(totals), 0) - math.log(num_samples)
+            joint_bound = joint_lse - math.log(num_samples)
             bound = (joint_bound / n).expand(n).clone()
         else:
             bound = lse - math.log(num_samples)
     return Scores(elbo, bound, num_samples if iwae else 0, info.describe(num_samples))
 
 
-def _chunks(total: int, size: int) -> list[int]:
-    return [min(size, total - i) for i in range(0, total, size)]
+def _announce(plan: Plan, began: float, device: torch.device, progress: bool | None) -> None:
+    """After the first pass: the estimate line, for an evaluation expected to be long."""
+    if progress is False or plan.passes < 2:
+        return
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = (time.perf_counter() - began) * plan.passes
+    if seconds > ESTIMATE_SECONDS:
+        estimate = EvalEstimate(plan.n, plan.num_samples, plan.chunk_bytes, plan.passes, seconds)
+        tqdm.write(estimate.line() + " (timed on the first pass)", file=sys.stderr)
+
+
+def _chunks(total: int, size: int) -> Iterator[int]:
+    for i in range(0, total, size):
+        yield min(size, total - i)

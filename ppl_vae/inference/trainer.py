@@ -27,7 +27,7 @@ import pyro
 import torch
 from torch import Tensor, nn
 
-from .. import plots
+from .. import plots, resources
 from ..checkpoint import load_checkpoint, load_store_values, save_checkpoint
 from ..config import TrainConfig
 from ..data import Dataset, Split, load_dataset
@@ -35,6 +35,7 @@ from ..errors import UsageError
 from ..files import write_csv, write_json
 from ..interrupt import Guard, Interrupted, signals
 from ..models import RunContext, hook
+from ..models.figures import draw_or_skip
 from ..rundir import RunDir
 from . import distributed as dist
 from .distributed import World
@@ -341,9 +342,18 @@ def _train(config: TrainConfig, device: torch.device, data: Dataset, rundir,
         if resume else None
     pyro.set_rng_seed(config.seed)
     pyro.clear_param_store()
-    module = build_model(config, data).to(device)
+    resources.check_model_fits(lambda: build_model(config, data), device)
+    with resources.allocation_guard("building the model"):
+        module = build_model(config, data).to(device)
     info = probe(module, data)
     terms = hook(module, "programs")()
+
+    def step_for(k: int):  # the objective with k particles, for the memory estimate
+        e = make_elbo(config.elbo, k, False, info.max_plate_nesting, vectorize=info.vectorized)
+        return elbo_loss(e, module, terms, info) or elbo_step(e, module, terms, info)
+
+    resources.check_step_fits(step_for, data_args(module, data.train, slice(0, 2)),
+                              min(config.batch_size, len(data.train)), config.particles, device)
     elbo = make_elbo(config.elbo, config.particles, config.jit, info.max_plate_nesting,
                      vectorize=info.vectorized)
     params = collect_params(module, info)
@@ -462,6 +472,7 @@ def _fit_and_evaluate(config, device, data, rundir, world, guard, state, module,
 
 def write_figures(run: Run, ctx: RunContext) -> None:
     """ELBO curves, then the model's ``figures`` hook (which logs what it skipped)."""
-    plots.elbo_curves(run.history, run.out / "elbo_curves.png")
+    plots.elbo_curves(run.history, ctx.out / "elbo_curves.png")
     with torch.no_grad():
-        hook(run.module, "figures")(ctx)
+        draw_or_skip(ctx, "", lambda: hook(run.module, "figures")(ctx),
+                     what="the model's figures hook")

@@ -50,6 +50,7 @@ from .. import plots
 from ..errors import UsageError
 from ..files import write_csv, write_text
 from .base import Model, Program, RunContext
+from .figures import draw_or_skip
 from .likelihoods import check_range, pixel_likelihood, pixel_mean
 from .nets import NetworkOptions, mlp
 from .options import extra_options
@@ -153,6 +154,7 @@ class CVAE(Model):
                 raise UsageError(f"--condition label needs class labels, and {data.name} has "
                                  "none; use --condition quadrants or data with labels 'y'")
             cond_dim, target = data.num_classes, None
+            check_labels(data)
         else:
             if data.image_shape is None:
                 raise UsageError(f"--condition quadrants needs images, and {data.name} rows are "
@@ -278,14 +280,18 @@ class CVAE(Model):
         data, out = ctx.data, ctx.out
         shape = data.image_shape
         if shape is None:
-            ctx.log("figure completions.png skipped: the data are not images")
+            name = "samples_by_label.png" if self.condition == "label" else "completions.png"
+            ctx.log(f"figure {name} skipped: the data are not images")
             return
-        if self.condition == "label":
-            c = torch.eye(self.cond_dim, device=data.test.x.device)
+
+        def by_label() -> None:
+            shown = min(self.cond_dim, MAX_LABEL_ROWS)
+            c = torch.eye(shown, self.cond_dim, device=data.test.x.device)
             samples = self.predict(c, num_samples=10)  # (10, classes, D)
+            more = f" (the first {shown} of {self.cond_dim})" if shown < self.cond_dim else ""
             plots.image_grid(list(samples.transpose(0, 1)), shape, out / "samples_by_label.png",
-                             "samples E[y|c,z], z ~ p(z|c), one row per label",
-                             [str(k) for k in range(self.cond_dim)])
+                             f"samples E[y|c,z], z ~ p(z|c), one row per label{more}",
+                             [str(k) for k in range(shown)])
             spread = samples.std(0).mean().item()  # pixel sd across z, within a class
             if spread < UNUSED_LATENT_SD:
                 ctx.log(f"samples_by_label.png: the samples of a class barely differ (mean pixel "
@@ -293,20 +299,26 @@ class CVAE(Model):
             else:
                 ctx.log(f"samples_by_label.png: within-class variety, mean pixel sd "
                         f"{spread:.3f} across z ~ p(z|c)")
-            return
-        x = data.test.x[:10]
-        c, _ = self.data_args(x, None)
-        seen = ~self.target
 
-        def complete(missing: torch.Tensor) -> torch.Tensor:
-            return torch.where(seen, x, missing)
+        def completions() -> None:
+            x = data.test.x[:10]
+            c, _ = self.data_args(x, None)
+            seen = ~self.target
 
-        shown_input = torch.where(seen, x, torch.full_like(x, 0.5))  # missing quadrants grey
-        rows = [shown_input, x, complete(self.baseline_predict(c))]
-        rows += [complete(p) for p in self.predict(c, num_samples=3)]
-        plots.image_grid(rows, shape, out / "completions.png",
-                         "quadrant completion: observed + predicted missing pixels",
-                         ["input", "truth", "NN", "CVAE", "CVAE", "CVAE"])
+            def complete(missing: torch.Tensor) -> torch.Tensor:
+                return torch.where(seen, x, missing)
+
+            shown_input = torch.where(seen, x, torch.full_like(x, 0.5))  # missing: grey
+            rows = [shown_input, x, complete(self.baseline_predict(c))]
+            rows += [complete(p) for p in self.predict(c, num_samples=3)]
+            plots.image_grid(rows, shape, out / "completions.png",
+                             "quadrant completion: observed + predicted missing pixels",
+                             ["input", "truth", "NN", "CVAE", "CVAE", "CVAE"])
+
+        if self.condition == "label":
+            draw_or_skip(ctx, "samples_by_label.png", by_label)
+        else:
+            draw_or_skip(ctx, "completions.png", completions)
 
     @classmethod
     def variants(cls, options: CVAEOptions) -> list[tuple[str, CVAEOptions]]:
@@ -324,6 +336,24 @@ class CVAE(Model):
 
 UNUSED_LATENT_SD = 0.01
 """Mean pixel sd across z below which the label CVAE's samples are called identical."""
+MAX_LABEL_ROWS = 20
+"""Labels ``samples_by_label.png`` shows at most (one row each)."""
+SPARSE_LABELS = 1000
+"""More one-hot classes than this, and over ten times the labels present: refused as labels
+that were not numbered 0..K-1 (ids, years), which would make a huge condition layer."""
+
+
+def check_labels(data: Dataset) -> None:
+    """:class:`UsageError` for labels that one-hot encode into far more classes than the
+    data hold (labels not numbered 0..K-1): the condition layers would be that wide."""
+    ys = [s.y for s in (data.train, data.test) if s.y is not None]
+    present = torch.unique(torch.cat([y.cpu() for y in ys])).numel()
+    classes = data.num_classes
+    if classes > SPARSE_LABELS and classes > 10 * present:
+        raise UsageError(f"--condition label one-hot encodes the labels of {data.name} as "
+                         f"{classes:,} classes (labels up to {classes - 1:,}) but only {present} "
+                         "distinct labels occur; renumber them 0..K-1 (e.g. numpy.unique(y, "
+                         "return_inverse=True)[1])")
 
 
 def cll_key(options: CVAEOptions) -> str:

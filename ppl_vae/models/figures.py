@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import warnings
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -41,11 +42,19 @@ def default_figures(module: nn.Module, ctx: RunContext, data_args: Callable,
     labels = None if test.y is None else test.y[:rows]
 
     def latent() -> str | None:
+        if rows < MIN_LATENT_ROWS:
+            return (f"the test split has {rows} image{'s' if rows != 1 else ''}; a latent "
+                    f"scatter needs at least {MIN_LATENT_ROWS}")
         z = (module.encode(test.x[:rows])[0] if defines(module, "encode")
              else latent_means(proposal, args))
         if z is None:
             return "the guide has no latent site with one value per image"
-        plots.latent_scatter(z, labels, out / "latent.png")
+        z = z.reshape(z.shape[0], -1)
+        if not torch.isfinite(z).all():
+            return "the latent means are not all finite"
+        with warnings.catch_warnings():  # PCA of identical means (a collapsed posterior)
+            warnings.simplefilter("ignore", RuntimeWarning)
+            plots.latent_scatter(z, labels, out / "latent.png")
         return None
 
     def recon() -> str | None:
@@ -76,13 +85,26 @@ def default_figures(module: nn.Module, ctx: RunContext, data_args: Callable,
         pixels = math.prod(data.image_shape)
         figures.update({"reconstructions.png": recon, "samples.png": samples})
     for name, draw in figures.items():
-        try:
-            why = draw()
-        except Exception as e:  # the user's program failed on this figure's inputs
-            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            why = f"the program raised {type(e).__name__}: {first}"[:300]
-        if why is not None:
-            ctx.log(f"figure {name} skipped: {why}")
+        draw_or_skip(ctx, name, draw)
+
+
+MIN_LATENT_ROWS = 2
+"""Test images the latent scatter needs (PCA of fewer is not a picture)."""
+
+
+def draw_or_skip(ctx: RunContext, name: str, draw: Callable[[], str | None],
+                 what: str | None = None) -> None:
+    """Call ``draw()`` (None when drawn, else why not); log why the figure ``name`` (or
+    ``what``, e.g. "the model's figures hook") was skipped, including an error the program
+    raised while drawing: a finished run is never lost to a figure (tiny test splits, odd
+    shapes, a user's model)."""
+    try:
+        why = draw()
+    except Exception as e:  # the user's program failed on this figure's inputs
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        why = f"the program raised {type(e).__name__}: {first}"[:300]
+    if why is not None:
+        ctx.log(f"{what or 'figure ' + name} skipped: {why}")
 
 
 def defines(module: nn.Module, name: str) -> bool:

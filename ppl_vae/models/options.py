@@ -154,10 +154,11 @@ def build_by_signature(cls: type, options: Mapping[str, Any], data: Any) -> Any:
                          f"{type(e).__name__}: {first}") from None
 
 
-def coerce(name: str, value: Any, default: Any) -> Any:
+def coerce(name: str, value: Any, default: Any, label: str | None = None) -> Any:
     """``value`` as the type of the option's ``default`` (a list or a single value for a
-    tuple), or :class:`UsageError` naming the option and the type it takes."""
-    flag = "--" + name.replace("_", "-")
+    tuple), or :class:`UsageError` naming the option (as ``label``, else its flag) and the
+    type it takes."""
+    flag = label or "--" + name.replace("_", "-")
 
     def bad(kind: str) -> UsageError:
         return UsageError(f"{flag} takes {kind}, got {value!r}")
@@ -181,9 +182,20 @@ def coerce(name: str, value: Any, default: Any) -> Any:
     if isinstance(default, tuple):
         items = tuple(value) if isinstance(value, list | tuple) else (value,)
         if default:
-            items = tuple(coerce(name, v, default[0]) for v in items)
+            items = tuple(coerce(name, v, default[0], label) for v in items)
         return items
     return value
+
+
+def coerce_options(cls: type, given: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``given`` with each value that ``cls``'s options give a typed default coerced to it
+    (:func:`coerce`; errors name the key as ``prefix + key``); other keys left as they are,
+    for :func:`make_options` to judge."""
+    opts = options_class(cls)
+    defaults = ({f.name: _field_default(f) for f in dataclasses.fields(opts)} if opts else
+                {s.name: s.default for s in option_specs(cls) if not s.required})
+    return {k: coerce(k, v, defaults[k], f"key {prefix + k!r}") if defaults.get(k) is not None
+            else v for k, v in given.items()}
 
 
 def parse_model_opts(items: list[str] | None) -> dict[str, Any]:

@@ -1,0 +1,423 @@
+"""Memory (and time) estimated before it is spent: a size that cannot fit is refused in one
+line that names the figure, instead of failing inside an allocation.
+
+Model-agnostic (a plug-in model is any ``nn.Module``):
+
+* **parameters** -- :func:`model_size` builds the model under ``torch.device("meta")``
+  (shapes only, no storage) and counts its parameter and buffer bytes; a model that cannot
+  be built on the meta device gives None (no estimate) and is built for real as before.
+* **one SVI step** -- :func:`step_cost` runs one tiny forward of the loss under
+  :func:`torch.autograd.graph.saved_tensors_hooks` at two particle counts and two row counts,
+  and scales the tensors the autograd graph keeps to ``rows x particles``.
+* **evaluation** -- :func:`allocated_bytes` counts the bytes of every tensor a no-grad pass
+  allocates (a dispatch mode); :mod:`ppl_vae.inference.importance` sizes its chunks by it,
+  and :func:`check_eval` also times one chunk to estimate how long an evaluation takes.
+* **available memory** -- ``MemAvailable`` of ``/proc/meminfo`` (and a cgroup limit) on the
+  CPU, ``torch.cuda.mem_get_info`` plus the allocator's free cache on a GPU
+  (:func:`available_bytes`; None where unknown: the checks then pass).
+
+Every check raises :class:`~ppl_vae.errors.UsageError`; sizes read in SI units (1 GB =
+10**9 bytes).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyro
+import torch
+from torch import Tensor, nn
+
+from .errors import UsageError
+
+TRAINING_COPIES = 4
+"""Bytes per parameter byte while training: weights, gradients and Adam's two moments."""
+MODEL_HINT = "make the model smaller (--hidden, --z-dim, or the sizes its --model-opt set)"
+STEP_HINT = "lower --particles or --batch-size"
+EVAL_HINT = "lower --eval-iwae/--eval-particles"
+
+
+# -- units -------------------------------------------------------------------------------------
+def format_bytes(n: float) -> str:
+    """``1.6 TB``, ``22 GB``, ``512 kB``: SI units, two or three significant digits."""
+    n = float(n)
+    for unit in ("B", "kB", "MB", "GB", "TB", "PB"):
+        if abs(n) < 999.5 or unit == "PB":
+            break
+        n /= 1000
+    if unit == "B":
+        return f"{n:.0f} B"
+    return f"{n:.1f} {unit}" if abs(n) < 9.95 else f"{n:.0f} {unit}"
+
+
+def format_seconds(s: float) -> str:
+    """``40 s``, ``12 min``, ``3.5 h``, ``12 days``."""
+    if s < 90:
+        return f"{s:.0f} s"
+    if s < 90 * 60:
+        return f"{s / 60:.0f} min"
+    if s < 48 * 3600:
+        return f"{s / 3600:.1f} h"
+    return f"{s / 86400:,.0f} days"
+
+
+def where(device: torch.device | str) -> str:
+    """``the CPU``, ``the GPU (cuda:0)``."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return "the CPU"
+    if device.type == "cuda":
+        return f"the GPU ({device})"
+    return f"the {device.type} device"
+
+
+# -- available memory --------------------------------------------------------------------------
+def _read_int(path: str) -> int | None:
+    try:
+        with open(path) as f:
+            text = f.read().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def _cpu_available() -> int | None:
+    known = []
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    known.append(int(line.split()[1]) * 1024)
+                    break
+    except (OSError, ValueError, IndexError):
+        pass
+    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        limit, usage = _read_int(limit_file), _read_int(usage_file)
+        if limit is not None and usage is not None and limit < 2**60:  # v1: huge = no limit
+            known.append(max(0, limit - usage))
+    if not known:
+        with contextlib.suppress(ValueError, OSError, AttributeError):
+            known.append(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    return min(known) if known else None
+
+
+def available_bytes(device: torch.device | str = "cpu") -> int | None:
+    """Bytes that can still be allocated on ``device``, or None where unknown (then every
+    check passes). On a GPU: free device memory plus what torch's allocator holds unused."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return _cpu_available()
+    if device.type == "cuda":
+        try:
+            free, _ = torch.cuda.mem_get_info(device)
+            cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        except Exception:  # no driver, a device index out of range
+            return None
+        return int(free) + max(0, int(cached))
+    return None
+
+
+def refuse_unless_fits(need: float, device: torch.device | str, what: str, hint: str) -> None:
+    """:class:`UsageError` ``"<what> need(s) N but M is available on <device>; <hint>"``
+    when ``need`` bytes exceed what ``device`` has free."""
+    have = available_bytes(device)
+    if have is not None and need > have:
+        raise UsageError(f"{what} {format_bytes(need)} but {format_bytes(have)} is available "
+                         f"on {where(device)}; {hint}")
+
+
+# -- parameters --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ModelSize:
+    """What a model's parameters and buffers take, counted without allocating them."""
+
+    parameters: int
+    parameter_bytes: int
+    buffer_bytes: int
+    largest: tuple[str, tuple[int, ...]] | None = None
+
+    @property
+    def bytes(self) -> int:
+        return self.parameter_bytes + self.buffer_bytes
+
+    def training_bytes(self) -> int:
+        return self.parameter_bytes * TRAINING_COPIES + self.buffer_bytes
+
+
+@contextlib.contextmanager
+def isolated(devices: Sequence[torch.device] = ()) -> Iterator[None]:
+    """Leave the RNGs (torch, CUDA, Python, NumPy) and Pyro's param store as they were."""
+    store = pyro.get_param_store()
+    names = set(store.keys())
+    py_state, np_state = random.getstate(), np.random.get_state()  # noqa: NPY002
+    cuda = [d for d in devices if torch.device(d).type == "cuda"]
+    try:
+        with torch.random.fork_rng(devices=cuda):
+            yield
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)  # noqa: NPY002 (the legacy global state)
+        for name in set(store.keys()) - names:
+            del store[name]
+
+
+def size_of(module: nn.Module) -> ModelSize:
+    """Parameter count and bytes of ``module`` (meta or real), its largest tensor named."""
+    params = dict(module.named_parameters())
+    count = sum(p.numel() for p in params.values())
+    p_bytes = sum(p.numel() * p.element_size() for p in params.values())
+    b_bytes = sum(b.numel() * b.element_size() for b in module.buffers())
+    largest = max(params.items(), key=lambda kv: kv[1].numel(), default=None)
+    return ModelSize(count, p_bytes, b_bytes,
+                     None if largest is None else (largest[0], tuple(largest[1].shape)))
+
+
+def model_size(build: Callable[[], nn.Module]) -> ModelSize | None:
+    """:func:`size_of` the module ``build()`` makes, built under ``torch.device("meta")``
+    (no storage, the RNGs and Pyro's param store left as they were). A :class:`UsageError`
+    of the build (bad options) propagates; any other failure gives None: a model that
+    cannot be built on the meta device gets no estimate."""
+    with isolated():
+        try:
+            with torch.device("meta"):
+                module = build()
+        except UsageError:
+            raise
+        except Exception:  # the constructor reads values (.item(), numpy) or needs a device
+            return None
+    if not isinstance(module, nn.Module):
+        return None
+    return size_of(module)
+
+
+def check_model_fits(build: Callable[[], nn.Module], device: torch.device | str = "cpu", *,
+                     training: bool = True, hint: str = MODEL_HINT) -> ModelSize | None:
+    """Refuse, before anything is allocated, a model whose parameters cannot fit: one copy
+    on the CPU where it is built, and on ``device`` the weights (with ``training``: also
+    gradients and Adam's two moments, :data:`TRAINING_COPIES` in all). Returns the size, or
+    None when the model cannot be built on the meta device (then nothing is checked)."""
+    size = model_size(build)
+    if size is None:
+        return None
+    device = torch.device(device)
+    need = size.training_bytes() if training else size.bytes
+    largest = ""
+    if size.largest is not None:
+        name, shape = size.largest
+        largest = f" (the largest, {name}, is {' x '.join(map(str, shape)) or 'a scalar'})"
+    what = f"the model's {size.parameters:,} parameters{largest} need"
+    checks = [(torch.device("cpu"), size.bytes, "")] if device.type != "cpu" else []
+    checks.append((device, need, f" ({format_bytes(need)} to train: weights, gradients and "
+                                 "Adam's two moments)" if training else ""))
+    for place, n, extra in checks:
+        have = available_bytes(place)
+        if have is not None and n > have:
+            raise UsageError(f"{what} {format_bytes(size.bytes)}{extra} but "
+                             f"{format_bytes(have)} is available on {where(place)}; {hint}")
+    return size
+
+
+@contextlib.contextmanager
+def allocation_guard(what: str, hint: str = MODEL_HINT) -> Iterator[None]:
+    """Turn an allocation failure inside the block (torch's out-of-memory errors, a
+    ``MemoryError``) into one :class:`UsageError` line: the fallback where no estimate was
+    possible."""
+    try:
+        yield
+    except MemoryError:
+        raise UsageError(f"{what} ran out of memory; {hint}") from None
+    except RuntimeError as e:  # torch.OutOfMemoryError is a RuntimeError
+        text = str(e)
+        if not (isinstance(e, getattr(torch, "OutOfMemoryError", ())) or
+                "can't allocate memory" in text or "out of memory" in text.lower()):
+            raise
+        tried = text.split("you tried to allocate ", 1)[-1].split(" bytes", 1)[0]
+        size = f" (it asked for {format_bytes(int(tried))})" if tried.isdigit() else ""
+        raise UsageError(f"{what} ran out of memory{size}; {hint}") from None
+
+
+# -- activations -------------------------------------------------------------------------------
+def _footprint(t: Tensor) -> tuple[tuple, int]:
+    """A key of the memory ``t`` references and its bytes: the span of its strides (a row
+    slice of a big tensor is the slice, an expanded tensor what it expands)."""
+    if t.numel() == 0:
+        return (str(t.device), t.data_ptr(), 0), 0
+    span = 1 + sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride(), strict=True))
+    size = min(span * t.element_size(), t.untyped_storage().nbytes())
+    return (str(t.device), t.data_ptr(), size), size
+
+
+def saved_bytes(fn: Callable[..., Any], *args: Any) -> int:
+    """Bytes of the distinct tensors that autograd saves for backward while ``fn(*args)``
+    runs (by the memory each references; parameters included: they cancel in
+    :func:`step_cost`'s differences)."""
+    seen: dict[tuple, int] = {}
+
+    def pack(t: Tensor) -> Tensor:
+        try:
+            key, size = _footprint(t)
+            seen[key] = size
+        except Exception:  # a tensor without a storage (sparse, nested)
+            seen[("id", id(t))] = t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(*args)
+    return sum(seen.values())
+
+
+def allocated_bytes(fn: Callable[..., Any], *args: Any) -> int:
+    """Bytes of every new tensor the operations of ``fn(*args)`` return (views and in-place
+    results not counted): what the call allocates if nothing were freed, an upper bound of
+    its peak. Works under ``torch.no_grad``."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    total = 0
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            nonlocal total
+            out = func(*args, **(kwargs or {}))
+            inputs = set()
+            for t in tree_leaves((args, kwargs)):
+                if isinstance(t, Tensor):
+                    with contextlib.suppress(Exception):
+                        inputs.add(t.untyped_storage().data_ptr())
+            for t in tree_leaves(out):
+                if isinstance(t, Tensor):
+                    with contextlib.suppress(Exception):
+                        if t.untyped_storage().data_ptr() not in inputs:
+                            total += t.untyped_storage().nbytes()
+            return out
+
+    with Count():
+        fn(*args)
+    return total
+
+
+@dataclass(frozen=True)
+class Cost:
+    """Bytes a computation takes per row and sample (``per_draw``) and per row alone
+    (``per_row``: what does not grow with the sample count, an encoder's activations)."""
+
+    per_draw: float
+    per_row: float
+
+    def bytes(self, rows: int, samples: int = 1) -> float:
+        return self.per_draw * rows * samples + self.per_row * rows
+
+
+def _rows(args: Sequence[Any]) -> int | None:
+    first = next((a for a in args if isinstance(a, Tensor) and a.dim() >= 1), None)
+    return None if first is None else first.shape[0]
+
+
+def _doubled(args: Sequence[Any], rows: int) -> tuple:
+    return tuple(torch.cat([a, a]) if isinstance(a, Tensor) and a.dim() >= 1
+                 and a.shape[0] == rows else a for a in args)
+
+
+def fit_cost(measure: Callable[[tuple, int], int], args: Sequence[Any], k: int = 2) -> Cost:
+    """:class:`Cost` from three measurements ``measure(args, samples)``: (rows, k),
+    (rows, 2k) and (2 rows, k): bytes = per_draw * rows * samples + per_row * rows + const."""
+    args = tuple(a.clone() if isinstance(a, Tensor) else a for a in args)  # own storage
+    r = _rows(args) or 1
+    m1 = measure(args, k)
+    m2 = measure(args, 2 * k)
+    m3 = measure(_doubled(args, r), k)
+    per_draw = max(0.0, (m2 - m1) / (r * k))
+    per_row = max(0.0, (m3 - m1) / r - per_draw * k)
+    return Cost(per_draw, per_row)
+
+
+def step_cost(step_for: Callable[[int], Callable[..., Any]], args: Sequence[Any],
+              device: torch.device | str = "cpu") -> Cost | None:
+    """Bytes one SVI step keeps for backward per row x particle and per row, from tiny
+    forwards of ``step_for(k)(*args)`` (``args``: a few rows, e.g. 2) at k = 2 and 4
+    particles, RNGs and param store left as they were. None when the measurement fails
+    (then the step itself will report the problem)."""
+    def measure(a: tuple, k: int) -> int:
+        return saved_bytes(step_for(k), *a)
+
+    with isolated([torch.device(device)]):
+        try:
+            return fit_cost(measure, args)
+        except UsageError:
+            raise
+        except Exception:
+            return None
+
+
+def check_step_fits(step_for: Callable[[int], Callable[..., Any]], args: Sequence[Any],
+                    rows: int, particles: int, device: torch.device | str = "cpu", *,
+                    hint: str = STEP_HINT) -> Cost | None:
+    """Refuse an SVI step of ``rows`` x ``particles`` whose autograd graph cannot fit on
+    ``device`` (see :func:`step_cost`; ``step_for(k)`` returns a callable running the
+    objective's forward, or forward and backward, with ``k`` particles on ``args``)."""
+    cost = step_cost(step_for, args, device)
+    if cost is not None:
+        refuse_unless_fits(cost.bytes(rows, particles), device,
+                           f"one SVI step of {rows:,} rows x {particles:,} particles needs "
+                           "about", hint)
+    return cost
+
+
+# -- evaluation --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class EvalEstimate:
+    """What scoring ``rows`` x ``samples`` takes: bytes of the largest chunk, the number of
+    passes, and seconds (one timed pass times the passes; None if not timed)."""
+
+    rows: int
+    samples: int
+    chunk_bytes: float | None
+    passes: int
+    seconds: float | None
+
+    def line(self, what: str = "evaluation") -> str:
+        took = "" if self.seconds is None else f", about {format_seconds(self.seconds)}"
+        return (f"{what}: {self.samples:,} samples x {self.rows:,} rows in {self.passes:,} "
+                f"passes{took}")
+
+
+def check_eval(module: nn.Module, *inputs: Tensor, num_samples: int, iwae: bool = False,
+               guide: Callable | None = None, time_it: bool = True) -> EvalEstimate:
+    """Plan :func:`~ppl_vae.inference.importance.score` of ``inputs`` (all rows, the
+    model's arguments) with ``num_samples``: :class:`UsageError` when even its smallest
+    chunk cannot fit in memory, else the estimate, with one chunk timed (``time_it``)."""
+    from .inference.importance import plan_score, time_pass
+
+    plan = plan_score(module, *inputs, num_samples=num_samples, guide=guide)
+    seconds = None
+    if time_it:
+        seconds = time_pass(module, *inputs, plan=plan, guide=guide) * plan.passes
+    return EvalEstimate(plan.n, num_samples, plan.chunk_bytes, plan.passes, seconds)
+
+
+def timed(fn: Callable[[], Any], device: torch.device | str = "cpu") -> float:
+    """Seconds ``fn()`` takes (the GPU synchronized)."""
+    device = torch.device(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda *a: None)
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def chunk_budget(device: torch.device | str) -> float:
+    """Bytes one evaluation chunk may take: half of what ``device`` has free (inf if
+    unknown)."""
+    have = available_bytes(device)
+    return math.inf if have is None else have / 2
