@@ -39,8 +39,9 @@ from ..data import Dataset
 from ..errors import UsageError
 from ..files import write_csv, write_json, write_text
 from ..inference.estimators import make_elbo
+from ..inference.loop import fit
 from ..inference.program import ProgramInfo
-from ..inference.svi import collect_params, elbo_step, fit, hide_bar, run_epoch
+from ..inference.svi import collect_params, elbo_step, hide_bar, run_epoch
 from ..inference.trainer import (
     build_model,
     context,

@@ -25,6 +25,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from .svi import backward_step
+
 
 @dataclass(frozen=True)
 class World:
@@ -169,12 +171,7 @@ def data_parallel_step(loss: Callable[..., Tensor], module: nn.Module,
     """``args -> loss`` (this rank's, detached) after putting the gradient of the *summed*
     loss over all ranks into every tensor of ``params``' ``.grad``."""
     if not world.parallel:
-        def step(*args: Tensor) -> Tensor:
-            value = loss(*args)
-            value.backward()
-            return value.detach()
-
-        return step
+        return backward_step(loss)
     own = {id(p) for p in module.parameters()}
     extra = [p for p in params if id(p) not in own]
     device_ids = [world.local_rank] if next(module.parameters()).is_cuda else None

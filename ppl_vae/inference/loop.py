@@ -36,6 +36,7 @@ from ..errors import UsageError
 from ..interrupt import Guard, Interrupted
 from . import distributed as dist
 from .distributed import World
+from .svi import hide_bar
 
 StepFn = Callable[..., Tensor]
 NEVER = 2**62
@@ -149,7 +150,7 @@ class Loop:
         :class:`Diverged` on a non-finite loss."""
         s = self.state
         bar = tqdm(total=self.epochs, initial=s.epoch - 1, desc=self.desc, unit="epoch",
-                   disable=_hidden(self.progress))
+                   disable=hide_bar(self.progress))
         while not s.done:
             self.module.train()
             self._epoch()
@@ -195,9 +196,10 @@ class Loop:
         per_step = self.batch_size * w.size
         steps = self.steps_per_epoch = math.ceil(len(perm) / per_step)
         self.first_bad.fill_(NEVER)
-        self._take_snapshot()
+        if self._snapshot is None or self._snapshot["at"] != (s.epoch, s.step):
+            self._take_snapshot()  # (the epoch-end checkpoint took this one already)
         bar = tqdm(total=steps, initial=s.step, desc=f"epoch {s.epoch}", unit="step",
-                   leave=False, disable=_hidden(self.progress))
+                   leave=False, disable=hide_bar(self.progress))
         shown = start = time.perf_counter()
         seconds = s.seconds
 
@@ -259,7 +261,8 @@ class Loop:
     def _take_snapshot(self) -> None:
         """What replaying from this step needs (kept in memory, not on disk)."""
         self._snapshot = {
-            "step": self.state.step, "module": copy.deepcopy(self.module.state_dict()),
+            "at": (self.state.epoch, self.state.step), "step": self.state.step,
+            "module": copy.deepcopy(self.module.state_dict()),
             "optimizer": copy.deepcopy(self.optimizer.state_dict()),
             "store": store_values(),
             "rng": torch.get_rng_state(),
@@ -283,7 +286,8 @@ class Loop:
         """Re-run the steps from the last snapshot up to the bad one, then ``diagnose`` its
         batch (every rank; the first rank's finding is reported)."""
         snap = self._snapshot
-        if self.diagnose is None or snap is None or snap["step"] > bad:
+        if self.diagnose is None or snap is None or snap["at"][0] != self.state.epoch \
+                or snap["step"] > bad:
             return None
         self.module.load_state_dict(snap["module"])
         self.optimizer.load_state_dict(snap["optimizer"])
@@ -297,6 +301,25 @@ class Loop:
         return found[0] if found else None
 
 
-def _hidden(progress: bool | None) -> bool | None:
-    """tqdm's ``disable``: None hides the bar when stderr is not a terminal."""
-    return None if progress is None else not progress
+def fit(
+    step: StepFn,
+    optimizer: torch.optim.Optimizer,
+    module: nn.Module,
+    train_inputs: Callable[[], tuple[Tensor, ...]],
+    batch_size: int,
+    epochs: int,
+    *,
+    validate: Callable[[], float] | None = None,
+    patience: int = 0,
+    on_epoch: Callable[[int, float, float, float | None], None] | None = None,
+    progress: bool | None = None,
+    desc: str = "epochs",
+) -> int:
+    """Up to ``epochs`` epochs of ``step`` on ``train_inputs()`` (called each epoch) in one
+    process: a :class:`Loop` without checkpoints, its shuffle seeded
+    from the global RNG. Returns the best epoch (early stopping with ``patience``)."""
+    device = next((p.device for p in module.parameters()), torch.device("cpu"))
+    seed = int(torch.randint(2**62, ()))
+    return Loop(step, optimizer, module, lambda g: train_inputs(), batch_size, epochs,
+                seed=seed, device=device, validate=validate, patience=patience,
+                on_epoch=on_epoch, progress=progress, desc=desc).run()

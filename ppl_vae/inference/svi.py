@@ -24,7 +24,6 @@ from tqdm import tqdm  # text bars everywhere (tqdm.auto wants ipywidgets in Jup
 from ..data import batches
 from ..errors import UsageError
 from ..models import Program
-from .loop import Loop
 from .program import ProgramInfo
 
 LossFn = Callable[..., Tensor]
@@ -154,30 +153,6 @@ def run_epoch(
     seconds = time.perf_counter() - start
     bar.close()
     return total.item() / n, seconds
-
-
-def fit(
-    step: StepFn,
-    optimizer: torch.optim.Optimizer,
-    module: nn.Module,
-    train_inputs: Callable[[], tuple[Tensor, ...]],
-    batch_size: int,
-    epochs: int,
-    *,
-    validate: Callable[[], float] | None = None,
-    patience: int = 0,
-    on_epoch: Callable[[int, float, float, float | None], None] | None = None,
-    progress: bool | None = None,
-    desc: str = "epochs",
-) -> int:
-    """Up to ``epochs`` epochs of ``step`` on ``train_inputs()`` (called each epoch) in one
-    process: :class:`~ppl_vae.inference.loop.Loop` without checkpoints, its shuffle seeded
-    from the global RNG. Returns the best epoch (early stopping with ``patience``)."""
-    device = next((p.device for p in module.parameters()), torch.device("cpu"))
-    seed = int(torch.randint(2**62, ()))
-    return Loop(step, optimizer, module, lambda g: train_inputs(), batch_size, epochs,
-                seed=seed, device=device, validate=validate, patience=patience,
-                on_epoch=on_epoch, progress=progress, desc=desc).run()
 
 
 def hide_bar(progress: bool | None) -> bool | None:

@@ -16,9 +16,9 @@ writes files; hooks on the other ranks see a private scratch directory.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import shutil
 import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -360,15 +360,13 @@ def _train(config: TrainConfig, device: torch.device, data: Dataset, rundir,
     loss = elbo_loss(elbo, module, terms, info)
     step = (dist.data_parallel_step(loss, module, params, world) if loss is not None else
             dist.grads_all_reduced(elbo_step(elbo, module, terms, info), params, world))
-    scratch = None if world.main else Path(tempfile.mkdtemp(prefix="ppl_vae-rank"))
     run = Run(config, module, data, rundir.final)
-    ctx = context(config, module, data, scratch or rundir.path, progress, world, guard)
-    try:
+    with contextlib.ExitStack() as stack:  # hooks on ranks > 0 write into a scratch dir
+        out = rundir.path if world.main else Path(
+            stack.enter_context(tempfile.TemporaryDirectory(prefix="ppl_vae-rank")))
+        ctx = context(config, module, data, out, progress, world, guard)
         return _fit_and_evaluate(config, device, data, rundir, world, guard, state, module,
                                  info, terms, params, step, run, ctx)
-    finally:
-        if scratch is not None:
-            shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _fit_and_evaluate(config, device, data, rundir, world, guard, state, module, info, terms,
@@ -437,12 +435,10 @@ def _fit_and_evaluate(config, device, data, rundir, world, guard, state, module,
                           ) from None
 
     k = config.eval_iwae or config.eval_particles
-    try:
-        with guard.deferred():
-            scores = score_split(module, data.test, k, iwae=config.eval_iwae > 0, world=world,
-                                 info=info)
-    finally:
-        signum = dist.any_max(guard.requested, world)
+    with guard.deferred():
+        scores = score_split(module, data.test, k, iwae=config.eval_iwae > 0, world=world,
+                             info=info)
+    signum = dist.any_max(guard.requested, world)
     if signum:
         raise Interrupted(signum, f"interrupted in the final evaluation (training is done); "
                           f"continue with --resume {rundir.final}")
