@@ -45,13 +45,17 @@ class TrainConfig:
     # what
     model: Any = _opt("vae", "registered model name (vae, cvae, ...) or module:Class")
     model_options: Any = _opt(dict, "the model's own options")
-    dataset: str = _opt("digits", "mnist, fashion-mnist, digits (offline) or npz:PATH",
-                        group="data")
+    dataset: str = _opt("digits", "mnist, fashion-mnist, cifar10, svhn, celeba (64x64), digits "
+                        "or sample-patches (offline, colour) or npz:PATH", group="data")
     data_dir: str = _opt(default_data_dir, "dataset root (env PPL_VAE_DATA)", group="data")
     download: bool = _opt(True, "download a missing dataset", group="data",
                           off_help="never download; fail if the dataset is missing")
     binarize: str = _opt("none", "Bernoulli-sample the pixels once (static) or every epoch "
                          "(dynamic)", group="data", choices=BINARIZE)
+    labelled: int = _opt(0, "keep the labels of this many training images, a class-balanced "
+                         "draw seeded by --seed; the rest become unlabelled (-1), for "
+                         "semi-supervised models (--model ssvae); 0: every label",
+                         group="data")
     # inference
     elbo: str = _opt("mc", "mc: Trace_ELBO, analytic: TraceMeanField_ELBO, iwae: "
                      "RenyiELBO(alpha=0), enum: TraceEnum_ELBO (sums out the latents the "
@@ -137,7 +141,7 @@ class TrainConfig:
                              f"{self.val_fraction}")
         if not 0 <= self.seed < 2**32:
             raise UsageError(f"--seed must lie in [0, 2**32), got {self.seed}")
-        for name in ("checkpoint_every_steps", "check_every_steps"):
+        for name in ("checkpoint_every_steps", "check_every_steps", "labelled"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise UsageError(f"--{name.replace('_', '-')} must be a whole number >= 0, got "

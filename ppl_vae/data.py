@@ -1,14 +1,30 @@
 """Datasets as tensors on the training device, and batches drawn by a shuffled index.
 
-Every split is one ``(N, D)`` float tensor (pixels in [0, 1] for images) and an optional
-``(N,)`` label tensor. Nothing is transformed per item: binarization is one vectorized
-``torch.bernoulli`` over a whole split, and a batch is ``x[perm[i:i + batch_size]]``.
+Every split is one ``(N, D)`` tensor of rows and an optional ``(N,)`` label tensor; images
+keep their shape in :attr:`Dataset.image_shape`, ``(C, H, W)``, and a row is an image
+flattened in C, H, W order (``x.view(N, *image_shape)`` gives it back). Nothing is
+transformed per item: binarization is one vectorized ``torch.bernoulli`` over a whole
+split, and a batch is ``x[perm[i:i + batch_size]]``.
+
+Pixels are float32 in [0, 1], except for 8-bit colour sources, whose rows stay **uint8**
+(0..255) on the training device -- a quarter of the memory, so CelebA-64 fits on a GPU --
+and are converted per batch by :func:`pixels` (``x / 255``). Models that do not convert
+themselves get float pixels: the contract's default ``data_args`` hook converts.
 
 Sources (``--dataset``):
 
 * ``mnist``, ``fashion-mnist`` -- torchvision's classes under ``data_dir`` (downloaded if missing).
+* ``cifar10``, ``svhn`` (32x32 RGB) and ``celeba`` (64x64 RGB: the central 148x148 square
+  resized, the usual choice) -- torchvision's classes, uint8.
 * ``digits`` -- scikit-learn's bundled 8x8 digits (1,797 images, offline), a fixed 80/20 split.
-* ``npz:PATH`` -- the user's array ``x`` (N x H x W or N x D) and optional integer labels ``y``.
+* ``sample-patches`` -- the two colour photographs scikit-learn bundles
+  (``load_sample_images``) cut into non-overlapping 32x32 patches (520, offline, uint8; the
+  label is the photograph), a fixed 80/20 split.
+* ``npz:PATH`` -- the user's array ``x`` (N x D, N x H x W, N x C x H x W or N x H x W x C,
+  float or uint8) and optional integer labels ``y``.
+
+With ``labelled=N`` (``--labelled``, for semi-supervised models) the training split keeps N
+labels, a class-balanced draw seeded by ``--seed``; the other training labels become -1.
 """
 
 from __future__ import annotations
@@ -28,9 +44,20 @@ SPLIT_SEED = 0  # the digits/npz train/test split and static binarization never 
 TEST_FRACTION = 0.2
 
 
+EIGHT_BIT = torch.uint8
+UNLABELLED = -1
+"""The label of a training row whose label ``--labelled`` hid."""
+
+
+def pixels(x: Tensor) -> Tensor:
+    """Float pixels of rows ``x``: ``x / 255`` in float32 for 8-bit (uint8) rows, else ``x``."""
+    return x.float().div_(255) if x.dtype == EIGHT_BIT else x
+
+
 @dataclass(frozen=True)
 class Split:
-    """One split: inputs ``x`` of shape (N, D) and optional integer labels ``y`` of shape (N,)."""
+    """One split: inputs ``x`` of shape (N, D) (float, or uint8 for 8-bit images) and optional
+    integer labels ``y`` of shape (N,) (-1: unlabelled)."""
 
     x: Tensor
     y: Tensor | None = None
@@ -53,13 +80,23 @@ class Dataset:
     name: str
     train: Split
     test: Split
-    image_shape: tuple[int, int] | None
+    image_shape: tuple[int, int, int] | None
     dynamic: bool = False
     val: Split | None = None
 
     @property
     def input_dim(self) -> int:
         return self.train.x.shape[1]
+
+    @property
+    def eight_bit(self) -> bool:
+        """Rows are uint8 levels 0..255 (convert with :func:`pixels`)."""
+        return self.train.x.dtype == EIGHT_BIT
+
+    @property
+    def labelled(self) -> int | None:
+        """How many training rows carry a label (None: no labels)."""
+        return None if self.train.y is None else int((self.train.y >= 0).sum())
 
     @property
     def num_classes(self) -> int | None:
@@ -83,7 +120,18 @@ class Dataset:
             raise UsageError(f"--val-fraction {fraction:g} of the {n} training row"
                              f"{'s' if n != 1 else ''} leaves {n - n_val} to train on and "
                              f"early stopping needs at least one of each; {fix}")
-        train, val = _split(self.train.x, self.train.y, fraction)
+        y = self.train.y
+        hidden = None if y is None else (y < 0).nonzero().squeeze(1)
+        if hidden is not None and 0 < len(hidden) < n:  # semi-supervised: keep every label
+            n_val = min(n_val, len(hidden))  # for training, validate on unlabelled rows
+            g = torch.Generator().manual_seed(SPLIT_SEED)
+            val_rows = hidden[torch.randperm(len(hidden), generator=g)[:n_val].to(y.device)]
+            keep = torch.ones(n, dtype=torch.bool, device=y.device)
+            keep[val_rows] = False
+            train = Split(self.train.x[keep], y[keep])
+            val = Split(self.train.x[val_rows], y[val_rows])
+        else:
+            train, val = _split(self.train.x, self.train.y, fraction)
         if self.dynamic:
             g = torch.Generator(device=val.x.device).manual_seed(SPLIT_SEED + 1)
             val = replace(val, x=torch.bernoulli(val.x, generator=g))
@@ -102,45 +150,102 @@ def batches(x: Tensor, batch_size: int, generator: torch.Generator | None = None
     yield from torch.randperm(x.shape[0], device=x.device, generator=generator).split(batch_size)
 
 
+DATASETS = ("mnist", "fashion-mnist", "cifar10", "svhn", "celeba", "digits", "sample-patches",
+            "npz:PATH")
+
+
 def load_dataset(
     name: str,
     data_dir: str = "data",
     download: bool = True,
     binarize: str = "none",
     likelihood: str | None = None,
+    labelled: int = 0,
+    seed: int = 0,
 ) -> Dataset:
     """Load ``name`` (see module docstring) on the CPU; raise :class:`UsageError` on bad input.
     ``likelihood="bernoulli"`` also checks that an npz lies in [0, 1] (the models check the
-    data they are built for in any case)."""
-    if name in ("mnist", "fashion-mnist"):
+    data they are built for in any case). ``labelled > 0`` keeps that many training labels
+    (:func:`hide_labels`, drawn with ``seed``)."""
+    if name in TORCHVISION:
         data = _torchvision(name, data_dir, download)
     elif name == "digits":
         data = _digits()
+    elif name == "sample-patches":
+        data = _sample_patches()
     elif name.startswith("npz:"):
         data = _npz(name[4:], likelihood)
     else:
-        raise UsageError(
-            f"unknown --dataset {name!r}; use mnist, fashion-mnist, digits or npz:PATH"
-        )
-    return _binarize(data, binarize)
+        raise UsageError(f"unknown --dataset {name!r}; use {', '.join(DATASETS)}")
+    data = _binarize(data, binarize)
+    return hide_labels(data, labelled, seed) if labelled else data
+
+
+TORCHVISION = {  # name: (class, image shape, 8-bit rows)
+    "mnist": ("MNIST", (1, 28, 28), False),
+    "fashion-mnist": ("FashionMNIST", (1, 28, 28), False),
+    "cifar10": ("CIFAR10", (3, 32, 32), True),
+    "svhn": ("SVHN", (3, 32, 32), True),
+    "celeba": ("CelebA", (3, 64, 64), True),
+}
+CELEBA_CROP = 148  # the central square of CelebA's 178x218 images, resized to 64x64
 
 
 def _torchvision(name: str, root: str, download: bool) -> Dataset:
     from torchvision import datasets
 
-    cls = {"mnist": datasets.MNIST, "fashion-mnist": datasets.FashionMNIST}[name]
+    cls_name, shape, eight_bit = TORCHVISION[name]
+    cls = getattr(datasets, cls_name)
     try:
-        splits = [cls(root, train=train, download=download) for train in (True, False)]
+        splits = [_tv_split(cls, name, root, train, download) for train in (True, False)]
     except Exception as e:  # torchvision raises RuntimeError / URLError / OSError here
         how = "and could not be downloaded" if download else "and --no-download was given"
         raise UsageError(
             f"{name} is not in {os.path.abspath(root)!r} {how} ({type(e).__name__}); put "
-            f"torchvision's {cls.__name__}/raw files there (--data-dir), or run offline with "
-            f"--dataset digits or --dataset npz:PATH"
+            f"torchvision's {cls.__name__} files there (--data-dir), or run offline with "
+            f"--dataset digits, --dataset sample-patches or --dataset npz:PATH"
         ) from None
-    train, test = (Split(s.data.reshape(len(s.data), -1).float() / 255, s.targets.long())
-                   for s in splits)
-    return Dataset(name, train, test, image_shape=(28, 28))
+    if eight_bit:
+        train, test = (Split(x.reshape(len(x), -1).contiguous(), y) for x, y in splits)
+    else:
+        train, test = (Split(x.reshape(len(x), -1).float() / 255, y) for x, y in splits)
+    return Dataset(name, train, test, image_shape=shape)
+
+
+def _tv_split(cls: type, name: str, root: str, train: bool, download: bool
+              ) -> tuple[Tensor, Tensor]:
+    """(uint8 images N x C x H x W or N x H x W, long labels) of one torchvision split."""
+    if name == "svhn":
+        s = cls(root, split="train" if train else "test", download=download)
+        return torch.as_tensor(s.data), torch.as_tensor(s.labels, dtype=torch.long)
+    if name == "celeba":
+        return _celeba(cls, root, "train" if train else "test", download)
+    s = cls(root, train=train, download=download)
+    x = torch.as_tensor(s.data)
+    if x.dim() == 4:  # CIFAR-10 stores N x H x W x C
+        x = x.permute(0, 3, 1, 2)
+    return x, torch.as_tensor(s.targets, dtype=torch.long)
+
+
+def _celeba(cls: type, root: str, split: str, download: bool) -> tuple[Tensor, Tensor]:
+    """CelebA at 64x64 (central 148x148 crop, resized), decoded once and cached as a uint8
+    tensor beside torchvision's files; the label is attribute 20 (Male)."""
+    from torchvision.transforms import v2
+
+    from .files import save_torch
+
+    cache = os.path.join(root, "celeba", f"ppl_vae-64-{split}.pt")
+    if os.path.isfile(cache):
+        x, y = torch.load(cache, weights_only=True)
+        return x, y
+    crop = v2.Compose([v2.PILToTensor(), v2.CenterCrop(CELEBA_CROP), v2.Resize(64, antialias=True)])
+    s = cls(root, split=split, target_type="attr", download=download, transform=crop)
+    from tqdm import tqdm
+
+    images = [img for img, _ in tqdm(s, desc=f"celeba {split}: decoding once", unit="img")]
+    x, y = torch.stack(images), s.attr[:, 20].long()
+    save_torch(cache, (x, y))
+    return x, y
 
 
 def _digits() -> Dataset:
@@ -150,7 +255,29 @@ def _digits() -> Dataset:
     x = torch.as_tensor(bunch.data, dtype=torch.float32) / 16.0
     y = torch.as_tensor(bunch.target, dtype=torch.long)
     train, test = _split(x, y)
-    return Dataset("digits", train, test, image_shape=(8, 8))
+    return Dataset("digits", train, test, image_shape=(1, 8, 8))
+
+
+PATCH = 32
+
+
+def _sample_patches() -> Dataset:
+    """Non-overlapping 32x32 patches of scikit-learn's two sample photographs (china.jpg,
+    flower.jpg, 427 x 640 RGB): 13 x 20 per photograph, 520 in all, uint8; label: which
+    photograph. A fixed seeded 80/20 split."""
+    from sklearn.datasets import load_sample_images
+
+    xs, ys = [], []
+    for label, image in enumerate(load_sample_images().images):
+        img = torch.tensor(image).permute(2, 0, 1)  # C x H x W
+        c, h, w = img.shape
+        tiles = img[:, : h - h % PATCH, : w - w % PATCH].unfold(1, PATCH, PATCH).unfold(
+            2, PATCH, PATCH)  # C x rows x cols x 32 x 32
+        tiles = tiles.permute(1, 2, 0, 3, 4).reshape(-1, c * PATCH * PATCH)
+        xs.append(tiles)
+        ys.append(torch.full((len(tiles),), label, dtype=torch.long))
+    train, test = _split(torch.cat(xs).contiguous(), torch.cat(ys))
+    return Dataset("sample-patches", train, test, image_shape=(3, PATCH, PATCH))
 
 
 def _npz(path: str, likelihood: str | None) -> Dataset:
@@ -167,11 +294,20 @@ def _npz(path: str, likelihood: str | None) -> Dataset:
         raise UsageError(f"{where}: has keys {sorted(arrays)} but no 'x'; save the inputs as "
                          "numpy.savez(path, x=x[, y=labels])")
     x = arrays["x"]
-    if x.ndim not in (2, 3) or x.shape[0] < 2 or x.size == 0:
-        raise UsageError(f"{where}: 'x' has shape {x.shape}; expected N x D or N x H x W, "
-                         "N >= 2")
+    if x.ndim not in (2, 3, 4) or x.shape[0] < 2 or x.size == 0:
+        raise UsageError(f"{where}: 'x' has shape {x.shape}; expected N x D, N x H x W, "
+                         "N x C x H x W or N x H x W x C, N >= 2")
     if not np.issubdtype(x.dtype, np.number) or np.iscomplexobj(x):
         raise UsageError(f"{where}: 'x' has dtype {x.dtype}; expected real numbers")
+    if x.ndim == 4:
+        x = _channels_first(x, where)
+    if x.dtype == np.uint8:  # 8-bit images stay 8-bit (converted per batch)
+        eight = torch.as_tensor(x.reshape(len(x), -1).copy())
+        shape = (1, *x.shape[1:]) if x.ndim == 3 else tuple(x.shape[1:]) if x.ndim == 4 \
+            else _square(x.shape[1])
+        y = _npz_labels(arrays, len(x), where)
+        train, test = _split(eight, y)
+        return Dataset(where, train, test, image_shape=shape)
     x = x.astype(np.float32)
     if not np.isfinite(x).all():
         raise UsageError(f"{where}: 'x' contains NaN or infinite values (some may have "
@@ -183,20 +319,77 @@ def _npz(path: str, likelihood: str | None) -> Dataset:
             f"{where}: 'x' lies in [{x.min():g}, {x.max():g}] but the Bernoulli likelihood needs "
             "[0, 1]; rescale it (e.g. x / 255) or use --likelihood gaussian"
         )
-    y = None
-    if "y" in arrays:
-        y = arrays["y"]
-        if y.shape != (x.shape[0],) or not np.issubdtype(y.dtype, np.integer) or y.min() < 0:
-            raise UsageError(f"{where}: 'y' must be {x.shape[0]} non-negative integers (one label "
-                             f"per row of 'x'), got dtype {y.dtype} shape {y.shape}")
-        y = torch.as_tensor(y, dtype=torch.long)
-    if x.ndim == 3:
-        shape = x.shape[1:]
+    y = _npz_labels(arrays, len(x), where)
+    if x.ndim == 4:
+        shape = tuple(x.shape[1:])
+    elif x.ndim == 3:
+        shape = (1, *x.shape[1:])
     else:
-        side = math.isqrt(x.shape[1])
-        shape = (side, side) if side * side == x.shape[1] else None
+        shape = _square(x.shape[1])
     train, test = _split(torch.as_tensor(x.reshape(len(x), -1)), y)
     return Dataset(where, train, test, image_shape=shape)
+
+
+def _square(d: int) -> tuple[int, int, int] | None:
+    """(1, s, s) for rows of d = s*s values, else None (not images)."""
+    side = math.isqrt(d)
+    return (1, side, side) if side * side == d else None
+
+
+COLOUR_CHANNELS = (1, 3, 4)
+
+
+def _channels_first(x: np.ndarray, where: str) -> np.ndarray:
+    """N x C x H x W from N x C x H x W or N x H x W x C (C in 1, 3, 4; the other two axes
+    larger): channels first, as torch stores images."""
+    if x.shape[1] in COLOUR_CHANNELS and x.shape[3] not in COLOUR_CHANNELS:
+        return x
+    if x.shape[3] in COLOUR_CHANNELS and x.shape[1] not in COLOUR_CHANNELS:
+        return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+    if x.shape[1] in COLOUR_CHANNELS and x.shape[3] in COLOUR_CHANNELS:  # e.g. 3 x 3 x 3
+        return x if x.shape[1] <= x.shape[3] else np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+    raise UsageError(f"{where}: 'x' has shape {x.shape}; a 4-D array is N x C x H x W or "
+                     f"N x H x W x C with C in {COLOUR_CHANNELS}")
+
+
+def _npz_labels(arrays: dict, n: int, where: str) -> Tensor | None:
+    if "y" not in arrays:
+        return None
+    y = arrays["y"]
+    if y.shape != (n,) or not np.issubdtype(y.dtype, np.integer) or y.min() < 0:
+        raise UsageError(f"{where}: 'y' must be {n} non-negative integers (one label "
+                         f"per row of 'x'), got dtype {y.dtype} shape {y.shape}")
+    return torch.as_tensor(y, dtype=torch.long)
+
+
+def hide_labels(data: Dataset, labelled: int, seed: int = 0) -> Dataset:
+    """``data`` with ``labelled`` training labels kept and the rest set to -1: a
+    class-balanced draw (``labelled // K`` per class, the remainder to classes drawn at
+    random), seeded by ``seed``. Test (and validation) labels are kept."""
+    y = data.train.y
+    if y is None:
+        raise UsageError(f"--labelled {labelled}: {data.name} has no labels to keep")
+    n = len(y)
+    if not 0 < labelled <= n or labelled != int(labelled):
+        raise UsageError(f"--labelled must be a whole number between 1 and the {n} training "
+                         f"images (0: every label), got {labelled}")
+    classes = data.num_classes
+    g = torch.Generator().manual_seed(seed)
+    quota = torch.full((classes,), labelled // classes, dtype=torch.long)
+    quota[torch.randperm(classes, generator=g)[: labelled % classes]] += 1
+    y_cpu = y.cpu()
+    keep = []
+    for k in range(classes):
+        rows = (y_cpu == k).nonzero().squeeze(1)
+        if len(rows) < quota[k]:
+            raise UsageError(f"--labelled {labelled}: a class-balanced draw needs {int(quota[k])} "
+                             f"images of class {k}, and the training split has {len(rows)}; "
+                             "give fewer labels")
+        keep.append(rows[torch.randperm(len(rows), generator=g)[: quota[k]]])
+    kept = torch.cat(keep)
+    hidden = torch.full_like(y_cpu, UNLABELLED)
+    hidden[kept] = y_cpu[kept]
+    return replace(data, train=replace(data.train, y=hidden.to(y.device)))
 
 
 MAGNITUDE_MARGIN = 1e3
@@ -244,6 +437,9 @@ def _binarize(data: Dataset, how: str) -> Dataset:
         return data
     if how not in ("static", "dynamic"):
         raise UsageError(f"--binarize {how!r} is not one of none, static, dynamic")
+    if data.eight_bit:  # Bernoulli draws need grey levels in [0, 1]
+        data = replace(data, train=replace(data.train, x=pixels(data.train.x)),
+                       test=replace(data.test, x=pixels(data.test.x)))
     if data.train.x.min() < 0 or data.train.x.max() > 1:
         raise UsageError("--binarize needs inputs in [0, 1]; rescale the data or use "
                          "--binarize none")

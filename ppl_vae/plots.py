@@ -67,21 +67,35 @@ def elbo_curves(rows: Sequence[dict], path: str | os.PathLike) -> Figure:
     return fig
 
 
-def image_grid(rows: Sequence[Tensor], image_shape: tuple[int, int], path: str | os.PathLike,
+def image_grid(rows: Sequence[Tensor], image_shape: Sequence[int], path: str | os.PathLike,
                title: str = "", row_labels: Sequence[str] = ()) -> Figure:
-    """Each tensor in ``rows`` (n, H*W) with values in [0, 1] becomes one row of images.
+    """Each tensor in ``rows`` (n, C*H*W) becomes one row of images of ``image_shape``
+    (C, H, W), or (H, W) for grey images: in colour for C = 3, in grey for C = 1 (any other C:
+    its channels side by side, in grey). Values are pixels in [0, 1] (clipped), or uint8
+    levels 0..255 (divided by 255).
 
     The grid has no numeric axes: the rows carry ``row_labels`` when given, and the x label
     says what a column (a cell, without row labels) is: a sample when the title speaks of
     samples, else an image."""
-    h, w = image_shape
+    *channels, h, w = image_shape
+    c = channels[0] if channels else 1
+
+    def images(r: Tensor) -> Tensor:
+        r = r.detach().cpu()
+        r = (r.float() / 255 if r.dtype == torch.uint8 else r.float()).clamp(0, 1)
+        r = r.reshape(-1, c, h, w)
+        if c not in (1, 3):  # channels side by side: (n, 1, H, C*W)
+            r = r.permute(0, 2, 1, 3).reshape(-1, 1, h, c * w)
+        return r
+
     n = max(len(r) for r in rows)
-    images = torch.cat([r.detach().float().cpu().clamp(0, 1).reshape(-1, 1, h, w)
-                        for r in rows])
-    grid = make_grid(images, nrow=n, padding=1, pad_value=1.0)
+    grid = make_grid(torch.cat([images(r) for r in rows]), nrow=n, padding=1, pad_value=1.0)
     fig = Figure(figsize=(min(12, 0.6 * n + 1), 0.6 * len(rows) + 0.9))
     ax = fig.subplots()
-    ax.imshow(grid[0].numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    if c == 3:
+        ax.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest")
+    else:  # make_grid repeats one channel three times
+        ax.imshow(grid[0].numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
     ax.set_xticks([])
     if row_labels:
         step = grid.shape[1] / len(rows)

@@ -10,7 +10,7 @@ import torch
 from sklearn.datasets import load_digits
 
 from ppl_vae import TrainConfig, UsageError, load_dataset
-from ppl_vae.data import batches
+from ppl_vae.data import batches, hide_labels, pixels
 from ppl_vae.inference.trainer import build_model
 
 
@@ -22,7 +22,7 @@ def rows_sorted(x: torch.Tensor) -> np.ndarray:
 # -- digits --------------------------------------------------------------------------------------
 
 def test_digits_split(digits):
-    assert digits.name == "digits" and digits.image_shape == (8, 8)
+    assert digits.name == "digits" and digits.image_shape == (1, 8, 8)
     assert digits.train.x.shape == (1438, 64) and digits.test.x.shape == (359, 64)
     assert len(digits.train) == 1438 and len(digits.test) == 359
     assert digits.input_dim == 64 and digits.num_classes == 10
@@ -134,7 +134,8 @@ def save(tmp_path, name="data.npz", **arrays):
 
 
 @pytest.mark.parametrize("shape, image_shape", [
-    ((50, 5, 7), (5, 7)), ((50, 16), (4, 4)), ((50, 10), None),
+    ((50, 5, 7), (1, 5, 7)), ((50, 16), (1, 4, 4)), ((50, 10), None),
+    ((50, 3, 5, 7), (3, 5, 7)), ((50, 1, 6, 6), (1, 6, 6)),
 ])
 @pytest.mark.parametrize("labels", [True, False])
 def test_npz_loads(tmp_path, shape, image_shape, labels):
@@ -162,8 +163,18 @@ def test_npz_loads(tmp_path, shape, image_shape, labels):
         assert data.train.y is None and data.test.y is None and data.num_classes is None
 
 
-def test_npz_integer_pixels_need_rescaling_for_bernoulli_only(tmp_path):
+def test_npz_uint8_rows_are_8_bit_pixels(tmp_path):
     x = np.arange(40, dtype=np.uint8).reshape(10, 4) * 6
+    data = load_dataset(save(tmp_path, x=x), likelihood="bernoulli")
+    assert data.eight_bit and data.train.x.dtype == torch.uint8
+    assert data.image_shape == (1, 2, 2)
+    got = pixels(torch.cat([data.train.x, data.test.x]))
+    assert got.dtype == torch.float32
+    assert np.array_equal(rows_sorted(got), rows_sorted(torch.as_tensor(x) / 255.0))
+
+
+def test_npz_pixels_beyond_1_need_rescaling_for_bernoulli_only(tmp_path):
+    x = np.arange(40, dtype=np.float32).reshape(10, 4) * 6
     name = save(tmp_path, x=x)
     with pytest.raises(UsageError, match=r"lies in \[0, 234\].*x / 255.*likelihood gaussian"):
         load_dataset(name, likelihood="bernoulli")
@@ -229,7 +240,7 @@ TEST_COUNTS = [189, 222, 212, 242, 196, 186, 158, 215, 193, 187]
 
 def test_mnist_from_shared_data(mnist_root):
     data = load_dataset("mnist", str(mnist_root), download=False)
-    assert data.name == "mnist" and data.image_shape == (28, 28) and data.input_dim == 784
+    assert data.name == "mnist" and data.image_shape == (1, 28, 28) and data.input_dim == 784
     assert data.train.x.shape == (8000, 784) and data.test.x.shape == (2000, 784)
     for split, counts in ((data.train, TRAIN_COUNTS), (data.test, TEST_COUNTS)):
         assert split.x.dtype == torch.float32
@@ -239,3 +250,91 @@ def test_mnist_from_shared_data(mnist_root):
     assert data.num_classes == 10
     # white strokes on a black background: most pixels are 0, mean intensity about 0.13
     assert 0.1 < data.train.x.mean() < 0.2
+
+
+# -- images with channels, 8-bit storage, hidden labels -------------------------------------------
+
+
+def test_sample_patches_are_the_photographs_cut_into_32x32_tiles():
+    from sklearn.datasets import load_sample_images
+
+    data = load_dataset("sample-patches")
+    assert data.image_shape == (3, 32, 32) and data.eight_bit
+    assert (len(data.train), len(data.test)) == (416, 104) and data.num_classes == 2
+    photos = load_sample_images().images  # 427 x 640 x 3 each: 13 x 20 tiles
+    tiles = []
+    for label, img in enumerate(photos):
+        for r in range(13):
+            for c in range(20):
+                tile = img[32 * r: 32 * r + 32, 32 * c: 32 * c + 32].transpose(2, 0, 1)
+                tiles.append((torch.as_tensor(tile.copy()).reshape(-1), label))
+    want = rows_sorted(torch.stack([t for t, _ in tiles]))
+    x = torch.cat([data.train.x, data.test.x])
+    assert np.array_equal(rows_sorted(x), want)  # every tile once, channels first
+    first = x[0].view(3, 32, 32)  # a row reshaped is the tile in C, H, W order
+    assert any(torch.equal(first, t.view(3, 32, 32)) for t, _ in tiles)
+    again = load_dataset("sample-patches")  # the split never changes
+    assert torch.equal(again.train.x, data.train.x) and torch.equal(again.test.y, data.test.y)
+
+
+def test_npz_channels_last_and_first_load_the_same(tmp_path):
+    rng = np.random.default_rng(0)
+    nchw = rng.integers(0, 256, (20, 3, 6, 5), dtype=np.uint8)
+    a = load_dataset(save(tmp_path, "a.npz", x=nchw))
+    b = load_dataset(save(tmp_path, "b.npz", x=nchw.transpose(0, 2, 3, 1)))
+    assert a.image_shape == b.image_shape == (3, 6, 5)
+    assert torch.equal(a.train.x, b.train.x) and a.train.x.dtype == torch.uint8
+    floats = load_dataset(save(tmp_path, "c.npz", x=nchw.astype(np.float32) / 255))
+    assert torch.allclose(floats.train.x, pixels(a.train.x))
+    with pytest.raises(UsageError, match="N x C x H x W or N x H x W x C"):
+        load_dataset(save(tmp_path, "d.npz", x=np.zeros((4, 5, 6, 7), np.float32)))
+
+
+def test_the_default_data_args_gives_float_pixels_and_binarize_takes_8_bit_rows():
+    from ppl_vae.models import Model, hook
+
+    data = load_dataset("sample-patches")
+    (x,) = hook(Model(), "data_args")(data.test.x, data.test.y)
+    assert x.dtype == torch.float32 and x.min() >= 0 and x.max() <= 1
+    assert torch.equal(x, data.test.x.float() / 255)
+    binary = load_dataset("sample-patches", binarize="static")
+    assert binary.train.x.dtype == torch.float32
+    assert set(binary.train.x.unique().tolist()) <= {0.0, 1.0}
+
+
+def test_labelled_keeps_a_class_balanced_seeded_draw(digits):
+    n = len(digits.train)
+    data = hide_labels(digits, 55, seed=1)
+    y = data.train.y
+    assert data.labelled == 55 and int((y == -1).sum()) == n - 55
+    counts = torch.bincount(y[y >= 0], minlength=10)
+    assert counts.sum() == 55 and counts.max() - counts.min() == 1  # 5 or 6 per class
+    kept = y >= 0
+    assert torch.equal(y[kept], digits.train.y[kept])  # the true labels of the kept rows
+    assert torch.equal(data.test.y, digits.test.y) and torch.equal(data.train.x, digits.train.x)
+    assert torch.equal(hide_labels(digits, 55, seed=1).train.y, y)  # seeded
+    assert not torch.equal(hide_labels(digits, 55, seed=2).train.y, y)
+    assert load_dataset("digits", labelled=55, seed=1).labelled == 55
+    for bad in (0, n + 1):
+        with pytest.raises(UsageError, match="labelled must be a whole number"):
+            hide_labels(digits, bad)
+    with pytest.raises(UsageError, match="class-balanced draw needs"):
+        hide_labels(digits, n)  # not enough images in the smallest class
+
+
+def test_validation_under_hidden_labels_keeps_every_label_for_training(digits):
+    data = hide_labels(digits, 100, seed=0).with_validation(0.1)
+    assert data.labelled == 100 and int((data.val.y >= 0).sum()) == 0
+    assert len(data.train) + len(data.val) == len(digits.train)
+
+
+def test_label_conditioned_cvae_refuses_hidden_labels(digits):
+    cfg = TrainConfig(model="cvae", model_options=dict(condition="label", hidden=(8,), z_dim=2))
+    with pytest.raises(UsageError, match="are hidden .*labelled.*model ssvae"):
+        build_model(cfg, hide_labels(digits, 100))
+
+
+@pytest.mark.parametrize("name", ["cifar10", "svhn", "celeba"])
+def test_missing_colour_datasets_are_one_line_offline(tmp_path, name):
+    with pytest.raises(UsageError, match=f"{name} is not in .*sample-patches"):
+        load_dataset(name, str(tmp_path), download=False)

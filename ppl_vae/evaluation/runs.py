@@ -87,6 +87,7 @@ def evaluate_run(run_dir: str | os.PathLike, eval_iwae: int = 0, cuda: bool = Fa
     with pyro.validation_enabled(config.validate), torch.no_grad():
         scores = score_split(module, data.test, k, iwae=eval_iwae > 0)
         result = {**scores.summary(), "eval_particles": k}
+        ctx.summary = dict(result)  # metrics derive from it, not a second evaluation
         result.update(hook(module, "metrics")(ctx))
     notes = [f"evaluation: {scores.method}"]
     summary, why = read_summary(summary_path)

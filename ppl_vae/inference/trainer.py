@@ -68,7 +68,8 @@ def device_for(cuda: bool) -> torch.device:
 
 
 def load_data(config: TrainConfig) -> Dataset:
-    return load_dataset(config.dataset, config.data_dir, config.download, config.binarize)
+    return load_dataset(config.dataset, config.data_dir, config.download, config.binarize,
+                        labelled=config.labelled, seed=config.seed)
 
 
 def build_model(config: TrainConfig, data: Dataset) -> nn.Module:
@@ -458,6 +459,7 @@ def _fit_and_evaluate(config, device, data, rundir, world, guard, state, module,
         "n_test": len(data.test),
     }
     if world.main:
+        ctx.summary = dict(run.summary)  # metrics derive from it, not a second evaluation
         with torch.no_grad():
             run.summary.update(hook(module, "metrics")(ctx))
         write_json(rundir.path / "summary.json", run.summary)

@@ -1,6 +1,12 @@
 """The model contract: every hook the trainer, evaluation, comparison and CLI call, with its
 default.
 
+``data_args(x, y)`` receives a whole split (or some of its rows): ``x`` of shape (N, D),
+images flattened in C, H, W order (``data.image_shape``), float -- or uint8 levels 0..255
+for 8-bit sources, which the default converts; a model that converts them itself, per
+batch inside ``model``/``guide`` (:func:`ppl_vae.data.pixels`), keeps the split 8-bit on
+the device -- and labels ``y`` of shape (N,) or None, -1 where ``--labelled`` hid a label.
+
 A model is any ``nn.Module`` with Pyro ``model(*args)`` and ``guide(*args)`` methods. It may
 subclass :class:`Model` or not; the code outside ``ppl_vae.models`` calls it only through
 :func:`hook`, which returns the model's own method where it defines one and the default below
@@ -13,8 +19,9 @@ hook                   default                                    override when
                                                                   validate and document
 ``from_options``       ``cls(**keywords)`` matched to the         building needs the data or a
 (classmethod)          signature (``input_dim`` etc. from data)   computed argument
-``data_args(x, y)``    ``(x,)``                                   model/guide take other inputs
-                                                                  (a condition, labels)
+``data_args(x, y)``    ``(pixels(x),)``: 8-bit rows as float      model/guide take other inputs
+                       x / 255, others as they are                (a condition, labels), or
+                                                                  convert 8-bit rows per batch
 ``programs()``         ``[(1.0, model, guide)]``                  the objective is a weighted
                                                                   sum of several ELBOs
 ``proposal()``         ``guide``                                  importance sampling should
@@ -65,7 +72,9 @@ class Model(nn.Module):
         return build_by_signature(cls, options_dict(options), data)
 
     def data_args(self, x: Tensor, y: Tensor | None) -> tuple[Tensor, ...]:
-        return (x,)
+        from ..data import pixels
+
+        return (pixels(x),)
 
     def programs(self) -> list[Program]:
         return [(1.0, self.model, self.guide)]

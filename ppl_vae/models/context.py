@@ -17,6 +17,9 @@ class RunContext:
     stopping, and returns one row per epoch (``train_<name>``, ``test_<name>``, ...).
     ``score(module, *args, num_samples=K, iwae=False, guide=None)`` is
     :func:`ppl_vae.evaluation.score`. ``log(text)`` adds a line to what the run reports.
+    ``summary`` holds the run's own test evaluation (``test_elbo``, ``eval_particles`` and,
+    with ``--eval-iwae``, ``test_log_likelihood_iwae``) when ``metrics`` is called, so a
+    model can derive numbers from it without scoring the test split again.
     """
 
     config: Any
@@ -27,6 +30,7 @@ class RunContext:
     score: Callable[..., Any] | None = None
     progress: bool | None = None
     notes: list[str] = field(default_factory=list)
+    summary: dict = field(default_factory=dict)
 
     def log(self, text: str) -> None:
         self.notes.append(text)

@@ -47,6 +47,7 @@ from pyro import poutine
 from torch import Tensor
 
 from .. import plots
+from ..data import pixels
 from ..errors import UsageError
 from ..files import write_csv, write_text
 from .base import Model, Program, RunContext
@@ -63,18 +64,19 @@ CONDITIONS = ("quadrants", "label")
 OBJECTIVES = ("cvae", "gsnn", "hybrid")
 
 
-def observed_quadrants(image_shape: tuple[int, int], k: int) -> Tensor:
-    """Boolean (H*W,) mask of the pixels observed with ``k`` quadrants given (1, 2 or 3)."""
+def observed_quadrants(image_shape: tuple[int, ...], k: int) -> Tensor:
+    """Boolean (C*H*W,) mask of the pixels observed with ``k`` quadrants given (1, 2 or 3),
+    for images of shape (C, H, W) (or (H, W))."""
     if k not in (1, 2, 3):
         raise UsageError(f"--quadrants takes 1, 2 or 3 observed quadrants, got {k}")
-    h, w = image_shape
+    *channels, h, w = image_shape
     seen = torch.zeros(h, w, dtype=torch.bool)
     seen[h // 2:, : w // 2] = True  # bottom left
     if k >= 2:
         seen[:, : w // 2] = True  # left half
     if k == 3:
         seen[: h // 2, :] = True  # and the top half
-    return seen.reshape(-1)
+    return seen.expand(*channels, h, w).reshape(-1)
 
 
 @dataclass
@@ -155,6 +157,10 @@ class CVAE(Model):
                                  "none; use --condition quadrants or data with labels 'y'")
             cond_dim, target = data.num_classes, None
             check_labels(data)
+            if data.labelled is not None and data.labelled < len(data.train):
+                raise UsageError(f"--condition label conditions on every training label, and "
+                                 f"{len(data.train) - data.labelled} are hidden (--labelled); "
+                                 "drop --labelled (semi-supervised: --model ssvae)")
         else:
             if data.image_shape is None:
                 raise UsageError(f"--condition quadrants needs images, and {data.name} rows are "
@@ -174,6 +180,7 @@ class CVAE(Model):
 
     def data_args(self, x: Tensor, labels: Tensor | None) -> tuple[Tensor, Tensor]:
         """(c, y) for images ``x`` (and class ``labels``)."""
+        x = pixels(x)
         if self.condition == "label":
             return F.one_hot(labels, self.cond_dim).to(x.dtype), x
         return x * ~self.target, x
@@ -301,7 +308,7 @@ class CVAE(Model):
                         f"{spread:.3f} across z ~ p(z|c)")
 
         def completions() -> None:
-            x = data.test.x[:10]
+            x = pixels(data.test.x[:10])
             c, _ = self.data_args(x, None)
             seen = ~self.target
 

@@ -1,5 +1,9 @@
 """The figures every model gets from its program (the default ``figures`` hook).
 
+Images are drawn in colour for (3, H, W) and in grey for (1, H, W); the methods get float
+pixels (8-bit rows as x / 255, :func:`ppl_vae.data.pixels`), which a model that converts its
+inputs itself takes as they are.
+
 * ``latent.png``: q(z|x) means of test images (``encode(x)[0]`` where the model defines it,
   else the mean of the guide's first per-image latent site), in 2-D by PCA.
 * ``reconstructions.png``: E[x|z] with z ~ q(z|x) (``reconstruct(x)`` where defined, else the
@@ -24,6 +28,7 @@ from pyro.infer import Predictive
 from torch import Tensor, nn
 
 from .. import plots
+from ..data import pixels
 
 if TYPE_CHECKING:
     from .context import RunContext
@@ -45,7 +50,7 @@ def default_figures(module: nn.Module, ctx: RunContext, data_args: Callable,
         if rows < MIN_LATENT_ROWS:
             return (f"the test split has {rows} image{'s' if rows != 1 else ''}; a latent "
                     f"scatter needs at least {MIN_LATENT_ROWS}")
-        z = (module.encode(test.x[:rows])[0] if defines(module, "encode")
+        z = (module.encode(pixels(test.x[:rows]))[0] if defines(module, "encode")
              else latent_means(proposal, args))
         if z is None:
             return "the guide has no latent site with one value per image"
@@ -58,9 +63,9 @@ def default_figures(module: nn.Module, ctx: RunContext, data_args: Callable,
         return None
 
     def recon() -> str | None:
-        x = test.x[:12]
+        x = pixels(test.x[:12])
         got = (module.reconstruct(x) if defines(module, "reconstruct") else
-               reconstructions(module.model, proposal, tuple(a[:12] for a in args), pixels))
+               reconstructions(module.model, proposal, tuple(a[:12] for a in args), size))
         if isinstance(got, str):
             return got
         plots.image_grid([x, got], data.image_shape, out / "reconstructions.png",
@@ -71,7 +76,7 @@ def default_figures(module: nn.Module, ctx: RunContext, data_args: Callable,
         if defines(module, "sample"):
             draws, title = module.sample(64), "samples from the prior: E[x|z], z ~ p(z)"
         else:
-            draws = prior_predictive(module, tuple(a[:64] for a in args), pixels)
+            draws = prior_predictive(module, tuple(a[:64] for a in args), size)
             title = "prior predictive samples x ~ p(x)"
         if isinstance(draws, str):
             return draws
@@ -82,7 +87,7 @@ def default_figures(module: nn.Module, ctx: RunContext, data_args: Callable,
     if data.image_shape is None:
         ctx.log("figure reconstructions.png and samples.png skipped: the data are not images")
     else:
-        pixels = math.prod(data.image_shape)
+        size = math.prod(data.image_shape)
         figures.update({"reconstructions.png": recon, "samples.png": samples})
     for name, draw in figures.items():
         draw_or_skip(ctx, name, draw)

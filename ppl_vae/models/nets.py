@@ -36,6 +36,19 @@ def positive(name: str, value: float) -> None:
         raise UsageError(f"--{name.replace('_', '-')} must be a positive number, got {value}")
 
 
+def check_options(options: object) -> None:
+    """:class:`UsageError` for an options dataclass whose field with ``choices`` metadata holds
+    another value, or whose ``z_dim`` is not a whole number >= 1."""
+    for f in dataclasses.fields(options):
+        allowed = f.metadata.get("choices")
+        if allowed is not None and getattr(options, f.name) not in allowed:
+            raise UsageError(f"--{f.name.replace('_', '-')} {getattr(options, f.name)!r} is "
+                             f"not one of {', '.join(allowed)}")
+    z_dim = options.z_dim
+    if z_dim < 1 or z_dim != int(z_dim):
+        raise UsageError(f"--z-dim must be a whole number of at least 1, got {z_dim}")
+
+
 @dataclass
 class NetworkOptions:
     """Options of a family of MLPs with a latent z and a pixel likelihood; a family's own
@@ -54,13 +67,7 @@ class NetworkOptions:
 
     def __post_init__(self) -> None:
         self.hidden = tuple(int(h) for h in self.hidden)
-        for f in dataclasses.fields(self):
-            allowed = f.metadata.get("choices")
-            if allowed is not None and getattr(self, f.name) not in allowed:
-                raise UsageError(f"--{f.name.replace('_', '-')} {getattr(self, f.name)!r} is "
-                                 f"not one of {', '.join(allowed)}")
-        if self.z_dim < 1 or self.z_dim != int(self.z_dim):
-            raise UsageError(f"--z-dim must be a whole number of at least 1, got {self.z_dim}")
+        check_options(self)
         if not self.hidden or any(h < 1 for h in self.hidden):
             raise UsageError(f"--hidden widths must be at least 1, got {list(self.hidden)}")
         positive("beta", self.beta)

@@ -1,0 +1,346 @@
+"""The convolutional VAE (``--model conv-vae``): the VAE of :mod:`.vae` with DCGAN-style
+convolutional networks, for images of any shape (C, H, W), grey or colour, float or 8-bit.
+
+Generative model, for each of the N images (``pyro.plate("data")``), with the image
+flattened in C, H, W order to D = C*H*W subpixels (the observed site's event shape is
+(D,), as for the MLP VAE, so every estimator, importance scoring, ``compare`` and
+``evaluate`` treat both alike)::
+
+    z ~ p(z)   = Normal(0, I_d)
+    x ~ p(x|z) = Bernoulli(logits = f(z))                    (--likelihood bernoulli)
+               | Normal(f(z), sigma^2 I)                      (gaussian; sigma fixed, or
+                                                               learned with --learn-scale)
+               | DiscretizedLogistic(m(z), exp(l(z)))         (logistic: one logistic per
+                                                               subpixel on 256 levels)
+
+Guide (the encoder)::
+
+    q(z|x) = Normal(mu(x), diag sigma(x)^2),   (mu, h) = g(x),   sigma = s(h)
+
+with the scale head s of ``--encoder-scale`` (as in :mod:`.vae`).
+
+Networks, sized from the image (C, H, W). The encoder g is L convolutions with 4x4 kernels,
+stride 2 and padding 1 -- each maps a side n to floor(n / 2) -- with ``--channels`` c_1..c_L
+(a shorter list repeats its last width) and ``--activation`` between them, then one linear
+map to 2d. L is the number of halvings that keeps the smaller side at least 4 (it stops
+once a side is below 8): 8x8 digits 8 -> 4 (L = 1); 28x28 MNIST 28 -> 14 -> 7 (L = 2);
+32x32 CIFAR-10 -> 4x4 (L = 3); 64x64 CelebA -> 4x4 (L = 4); an image smaller than 8 has
+L = 0 (a linear encoder). The decoder f mirrors it: a linear map d -> c_L x h_L x w_L, then
+L transposed convolutions (4x4, stride 2, padding 1: n -> 2n) back to c_1 and then to C
+output channels (2C for the logistic: the location m and log-scale l of every subpixel),
+each with ``output_padding`` 1 along a side that the encoder floored from an odd size,
+so that f(z) has exactly the shape (C, H, W) (7 -> 14 -> 28). The decoder takes z with
+any leading (particle) dims: it folds them into the batch and unfolds them after.
+
+8-bit data: the rows of 8-bit sources stay uint8 on the device (this model's ``data_args``
+passes them through) and ``model``/``guide`` convert each batch to pixels x / 255
+(:func:`ppl_vae.data.pixels`), so a large 8-bit set (CelebA-64) keeps a quarter of the
+memory.
+
+The discretized logistic (:class:`~.likelihoods.DiscretizedLogistic`) puts mass
+``F(x + 1/510) - F(x - 1/510)`` on level x = k/255 (the edge levels 0 and 1 take the tails),
+so its log p is the log-probability of the 8-bit image itself, and the ELBO and IWAE
+bounds give bits per dimension ``bpd = -bound / (D ln 2)``, an upper bound (the
+summary's ``test_bpd_elbo`` and, with ``--eval-iwae K``, ``test_bpd_iwae``). The Gaussian's
+log p is a density of x / 255: its bits/dim add log2(255) per subpixel (density times the
+bin width 1/255, an approximation of the level's probability, not a bound); the
+Bernoulli's log p of grey levels is a cross-entropy, with no bits/dim.
+
+SVI maximizes ``ELBO = E_q[log p(x|z)] - beta * KL(q(z|x) || p(z))`` (or an importance
+weighted bound with ``--elbo iwae``); beta scales the site ``z`` in model and guide, as in
+:mod:`.vae`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro import poutine
+from torch import Tensor, nn
+
+from ..data import pixels
+from ..errors import UsageError
+from .base import Model, RunContext
+from .likelihoods import (
+    GAUSSIAN_OFFSET,
+    LIKELIHOODS,
+    DiscretizedLogistic,
+    bits_per_dim,
+    check_range,
+    pixel_likelihood,
+)
+from .nets import ACTIVATIONS, check_options, positive
+from .options import extra_options
+from .registry import register_model
+from .vae import ENCODER_SCALES, encoder_scale
+
+if TYPE_CHECKING:
+    from ..data import Dataset
+
+CONV_LIKELIHOODS = (*LIKELIHOODS, "logistic")
+AUTO = "auto"
+"""The default likelihood: ``logistic`` for 8-bit data, ``bernoulli`` otherwise."""
+KERNEL, STRIDE, PADDING = 4, 2, 1
+MIN_SIDE = 4
+"""The encoder halves the image while its smaller side stays at least this."""
+LOGISTIC_INIT = (0.5, -2.0)
+"""The discretized logistic's initial location and log-scale (the decoder's last biases): a
+logistic around mid-grey with s = e^-2, standard deviation s pi / sqrt(3) = 0.25, near a
+uniform pixel's 0.29 (an untrained model scores 8.6 bits/dim on sample-patches, against 9.6
+with location 0 and s = 1)."""
+
+
+def conv_sides(h: int, w: int) -> list[tuple[int, int]]:
+    """The feature map sides of the encoder, from (h, w) down: halved (floor) while the
+    smaller side of the result is at least :data:`MIN_SIDE`."""
+    sides = [(h, w)]
+    while min(sides[-1]) // 2 >= MIN_SIDE:
+        a, b = sides[-1]
+        sides.append((a // 2, b // 2))
+    return sides
+
+
+def image_chw(image_shape: Sequence[int]) -> tuple[int, int, int]:
+    """(C, H, W) from ``image_shape`` (C, H, W), or (H, W) for a greyscale image."""
+    shape = tuple(int(s) for s in image_shape)
+    if len(shape) == 2:
+        shape = (1, *shape)
+    if len(shape) != 3 or min(shape) < 1:
+        raise UsageError(f"the convolutional VAE needs images of shape (C, H, W), got {shape}")
+    return shape  # type: ignore[return-value]
+
+
+@dataclass
+class ConvVAEOptions:
+    """The convolutional VAE's options (``--model conv-vae``)."""
+
+    z_dim: int = field(default=32, metadata={"help": "latent dimension d"})
+    channels: tuple[int, ...] = field(default=(32, 64, 128, 256), metadata={
+        "help": "channels of the encoder's stride-2 convolutions, one per halving of the "
+                "image (as many as its size allows, down to about 4x4; a shorter list repeats "
+                "its last); the decoder mirrors them"})
+    activation: str = field(default="relu", metadata={
+        "help": "nonlinearity between layers", "choices": tuple(ACTIVATIONS)})
+    likelihood: str = field(default=AUTO, metadata={
+        "help": "the likelihood of each subpixel: logistic is the discretized logistic on 256 "
+                "levels (8-bit images; reports bits/dim); auto: logistic for 8-bit data, "
+                "bernoulli otherwise", "choices": (AUTO, *CONV_LIKELIHOODS)})
+    gaussian_scale: float = field(default=1.0, metadata={
+        "help": "sigma of the Gaussian likelihood (with --learn-scale: its initial value)"})
+    learn_scale: bool = field(default=False, metadata={
+        "help": "learn the sigma of --likelihood gaussian"})
+    beta: float = field(default=1.0, metadata={"help": "KL weight (beta-VAE)"})
+    encoder_scale: str = field(default="softplus", metadata={
+        "help": "encoder's scale head: softplus sigma=softplus(h), logvar sigma=exp(h/2), "
+                "logscale sigma=exp(h)", "choices": ENCODER_SCALES})
+
+    def __post_init__(self) -> None:
+        self.channels = tuple(int(c) for c in self.channels)
+        check_options(self)
+        if not self.channels or any(c < 1 for c in self.channels):
+            raise UsageError(f"--channels must be at least 1 each, got {list(self.channels)}")
+        positive("beta", self.beta)
+        positive("gaussian_scale", self.gaussian_scale)
+        if self.learn_scale and self.likelihood != "gaussian":
+            raise UsageError("--learn-scale learns the sigma of --likelihood gaussian; add that "
+                             "or drop --learn-scale")
+
+
+@register_model("conv-vae")
+class ConvVAE(Model):
+    """VAE with a convolutional encoder (C, H, W) -> 2d and a transposed-convolutional
+    decoder d -> (C, H, W) (or (2C, H, W) for the discretized logistic)."""
+
+    Options = ConvVAEOptions
+
+    def __init__(
+        self,
+        image_shape: Sequence[int],
+        z_dim: int = 32,
+        channels: Sequence[int] = (32, 64, 128, 256),
+        activation: str = "relu",
+        likelihood: str = "bernoulli",
+        gaussian_scale: float = 1.0,
+        learn_scale: bool = False,
+        beta: float = 1.0,
+        encoder_scale: str = "softplus",
+    ) -> None:
+        super().__init__()
+        if likelihood not in CONV_LIKELIHOODS:
+            raise ValueError(f"likelihood must be one of {', '.join(CONV_LIKELIHOODS)}, got "
+                             f"{likelihood!r}")
+        self.image_shape = image_chw(image_shape)
+        c, h, w = self.image_shape
+        self.input_dim = c * h * w
+        self.z_dim, self.likelihood, self.beta = z_dim, likelihood, beta
+        self.scale_head = encoder_scale
+        sides = conv_sides(h, w)
+        widths = [c] + [channels[min(i, len(channels) - 1)] for i in range(len(sides) - 1)]
+        act = ACTIVATIONS[activation]
+        self.top_shape = (widths[-1], *sides[-1])  # the smallest feature map
+        top = math.prod(self.top_shape)
+
+        enc: list[nn.Module] = []
+        for a, b in zip(widths, widths[1:], strict=False):
+            enc += [nn.Conv2d(a, b, KERNEL, STRIDE, PADDING), act()]
+        self.encoder = nn.Sequential(*enc, nn.Flatten(), nn.Linear(top, 2 * z_dim))
+
+        out_channels = 2 * c if likelihood == "logistic" else c
+        dec: list[nn.Module] = [nn.Linear(z_dim, top), nn.Unflatten(1, self.top_shape)]
+        for i in range(len(sides) - 1, 0, -1):  # from the smallest map back to the image
+            (big_h, big_w), (small_h, small_w) = sides[i - 1], sides[i]
+            pad = (big_h - 2 * small_h, big_w - 2 * small_w)  # 1 where the encoder floored
+            dec += [act(), nn.ConvTranspose2d(widths[i], out_channels if i == 1 else
+                                              widths[i - 1], KERNEL, STRIDE, PADDING,
+                                              output_padding=pad)]
+        if len(sides) == 1:  # an image too small to halve: a linear decoder
+            dec = [nn.Linear(z_dim, out_channels * h * w),
+                   nn.Unflatten(1, (out_channels, h, w))]
+        self.decoder = nn.Sequential(*dec)
+        if likelihood == "logistic":  # start broad around mid-grey (see LOGISTIC_INIT)
+            last = next(m for m in reversed(self.decoder) if hasattr(m, "bias"))
+            with torch.no_grad():
+                last.bias.view(2, -1)[0].fill_(LOGISTIC_INIT[0])
+                last.bias.view(2, -1)[1].fill_(LOGISTIC_INIT[1])
+        log_scale = torch.tensor(math.log(gaussian_scale))
+        if likelihood == "gaussian" and learn_scale:
+            self.log_scale = nn.Parameter(log_scale)
+        else:
+            self.register_buffer("log_scale", log_scale)
+
+    @classmethod
+    def from_options(cls, options: ConvVAEOptions, data: Dataset) -> ConvVAE:
+        if data.image_shape is None:
+            raise UsageError(f"--model conv-vae needs images, and the rows of {data.name} have "
+                             "no image shape; use --model vae")
+        shape = image_chw(data.image_shape)
+        if math.prod(shape) != data.input_dim:
+            raise UsageError(f"{data.name}: image shape {shape} holds {math.prod(shape)} "
+                             f"values but the rows have {data.input_dim}")
+        likelihood = options.likelihood
+        if likelihood == AUTO:
+            likelihood = "logistic" if data.eight_bit else "bernoulli"
+        check_range(data, likelihood)
+        return cls(shape, z_dim=options.z_dim, channels=options.channels,
+                   activation=options.activation, likelihood=likelihood,
+                   gaussian_scale=options.gaussian_scale, learn_scale=options.learn_scale,
+                   beta=options.beta, encoder_scale=options.encoder_scale,
+                   **extra_options(options, ConvVAEOptions))
+
+    def data_args(self, x: Tensor, y: Tensor | None) -> tuple[Tensor]:
+        """``(x,)`` as it is: 8-bit rows stay uint8, converted per batch in the program."""
+        return (x,)
+
+    # -- the probabilistic program -------------------------------------------------------------
+    def model(self, x: Tensor) -> None:
+        """p(z) p(x|z) for a batch ``x`` of shape (N, D), float pixels or uint8 levels."""
+        with pyro.plate("data", x.shape[0], device=x.device):
+            with poutine.scale(scale=self.beta):
+                z = pyro.sample("z", self.prior(x.shape[0]).to_event(1))
+            pyro.sample("x", self.likelihood_dist(z), obs=pixels(x))
+
+    def guide(self, x: Tensor) -> None:
+        """q(z|x), a diagonal Normal from the convolutional encoder."""
+        with pyro.plate("data", x.shape[0], device=x.device):
+            loc, scale = self.encode(x)
+            with poutine.scale(scale=self.beta):
+                pyro.sample("z", dist.Normal(loc, scale).to_event(1))
+
+    # -- pieces, and what a user calls ---------------------------------------------------------
+    def prior(self, n: int) -> dist.Normal:
+        """p(z) = Normal(0, I) for ``n`` points (batch shape (n, d))."""
+        zeros = self.log_scale.new_zeros(n, self.z_dim)
+        return dist.Normal(zeros, torch.ones_like(zeros))
+
+    def decoder_out(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """The decoder's output for ``z`` of shape (..., d), flattened to (..., D): the
+        location (logits, means) and the log-scale (per subpixel for the logistic, else the
+        global ``log_scale``)."""
+        lead = z.shape[:-1]
+        out = self.decoder(z.reshape(-1, self.z_dim))
+        c = self.image_shape[0]
+        if self.likelihood == "logistic":
+            loc, log_scale = out[:, :c], out[:, c:]
+            return loc.reshape(*lead, -1), log_scale.reshape(*lead, -1)
+        return out.reshape(*lead, -1), self.log_scale
+
+    def likelihood_dist(self, z: Tensor) -> dist.TorchDistribution:
+        """p(x|z) with event shape (D,); ``z`` may carry extra leading (particle) dims."""
+        loc, log_scale = self.decoder_out(z)
+        return pixel_likelihood(loc, self.likelihood, log_scale)
+
+    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Location and scale of q(z|x) for rows ``x`` (..., D), float pixels or uint8."""
+        lead = x.shape[:-1]
+        h = self.encoder(pixels(x).reshape(-1, *self.image_shape))
+        loc, h = h.reshape(*lead, 2 * self.z_dim).chunk(2, dim=-1)
+        return loc, encoder_scale(h, self.scale_head)
+
+    def decode(self, z: Tensor) -> Tensor:
+        """E[x|z], flattened (..., D): pixel probabilities (Bernoulli), means (Gaussian), or
+        the discretized logistic's exact mean."""
+        loc, log_scale = self.decoder_out(z)
+        if self.likelihood == "bernoulli":
+            return torch.sigmoid(loc)
+        if self.likelihood == "logistic":
+            return DiscretizedLogistic(loc, log_scale).mean
+        return loc
+
+    @torch.no_grad()
+    def reconstruct(self, x: Tensor) -> Tensor:
+        """E[x|z] at the posterior mean z = mu(x)."""
+        return self.decode(self.encode(x)[0])
+
+    @torch.no_grad()
+    def sample(self, n: int) -> Tensor:
+        """E[x|z] for ``n`` draws z ~ p(z), shape (n, D)."""
+        return self.decode(self.prior(n).sample())
+
+    # -- the summary ---------------------------------------------------------------------------
+    def metrics(self, ctx: RunContext) -> dict:
+        """Bits per dimension of the test bounds, for 8-bit data (see the module docstring):
+        ``test_bpd_elbo`` and, with ``--eval-iwae``, ``test_bpd_iwae``.
+
+        From the run's test scores when the context carries them (``ctx.summary``), else
+        the test split scored again as the run scored it (same K, same evaluation seed: the
+        same numbers)."""
+        data, config = ctx.data, ctx.config
+        if data.train.x.dtype != torch.uint8:
+            return {}
+        if self.likelihood == "bernoulli":
+            ctx.log("bits/dim: none for --likelihood bernoulli, whose log p of grey levels "
+                    "x / 255 is a cross-entropy, not a probability of the 8-bit images (use "
+                    "--likelihood logistic)")
+            return {}
+        found = ctx.summary
+        if "test_elbo" in found:
+            elbo, iwae = found["test_elbo"], found.get("test_log_likelihood_iwae")
+            k = found.get("eval_particles", config.eval_iwae or config.eval_particles)
+        else:
+            k = config.eval_iwae or config.eval_particles
+            scores = ctx.score(self, *self.data_args(data.test.x, data.test.y), num_samples=k,
+                               iwae=config.eval_iwae > 0, progress=ctx.progress)
+            elbo = scores.elbo.mean().item()
+            iwae = None if scores.iwae is None else scores.iwae.mean().item()
+        d = self.input_dim
+        offset = GAUSSIAN_OFFSET if self.likelihood == "gaussian" else 0.0
+        out = {"test_bpd_elbo": bits_per_dim(elbo, d, offset)}
+        line = f"bits/dim {out['test_bpd_elbo']:.3f} (test ELBO)"
+        if iwae is not None:
+            out["test_bpd_iwae"] = bits_per_dim(iwae, d, offset)
+            line += f", {out['test_bpd_iwae']:.3f} (IWAE)"
+        line += f", {k} samples per image"
+        if offset:
+            line += (f"; the Gaussian is a density of x / 255: these add log2(255) = "
+                     f"{offset / math.log(2):.3f} bits per subpixel (density times the bin "
+                     "width 1/255, an approximation, not a bound)")
+        else:
+            line += ": upper bounds on the discretized logistic's exact bits/dim"
+        ctx.log(line)
+        return out
