@@ -577,3 +577,101 @@ def test_cli_posterior_keeps_runs_with_the_same_basename(cli, tmp_path, trained_
     results = json.loads((out / "results.json").read_text())["posterior"]["runs"]
     runs = {v["run"] for v in results.values()}
     assert runs == {str((tmp_path / p / "run").resolve()) for p in ("a", "b")}
+
+
+# -- the flow guide's gaps -------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def flow_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("flow") / "run"
+    config = TrainConfig(dataset="digits", model_options=dict(hidden=(64,), z_dim=4, flow="iaf"),
+                         epochs=3, seed=0, out=str(out), batch_size=64, lr=3e-3)
+    return train_run(config, progress=False)
+
+
+def test_local_flow_guide_fits_base_and_context_with_the_flow_fixed(flow_run, trained_run):
+    from ppl_vae.appendix.amortization import LocalGuide
+
+    vae, x = flow_run.module, flow_run.data.test.x[:5]
+    before = {k: v.clone() for k, v in vae.state_dict().items()}
+    local = optimize_local(vae, x, steps=50)
+    assert local.family == "flow"
+    assert local.loc.shape == local.log_scale.shape == (5, vae.z_dim)
+    assert local.context.shape == (5, vae.encoder[-1].in_features)
+    _, _, h = vae.encode_context(x)
+    assert not torch.allclose(local.context, h)  # the context moved
+    for k, v in vae.state_dict().items():  # the flow (and the rest) stayed fixed
+        assert torch.equal(v, before[k]), k
+    assert all(p.requires_grad for p in vae.parameters())
+    normal = LocalGuide(vae, x, "normal")
+    assert normal.context is None and normal.family == "normal"
+    with pytest.raises(ValueError, match="flow"):
+        LocalGuide(trained_run.module, x, "flow")
+    # q*'s own trace is the flow's pushforward of its base, scored exactly
+    rows = torch.arange(len(x))
+    with torch.no_grad(), pyro.validation_enabled(False):
+        t = poutine.trace(local.guide).get_trace(x, rows)
+        t.compute_log_prob()
+        q = vae.posterior(local.loc, local.log_scale.exp(), local.context)
+        torch.testing.assert_close(t.nodes["z"]["log_prob"],
+                                   q.log_prob(t.nodes["z"]["value"].clone()),
+                                   rtol=1e-4, atol=1e-4)
+
+
+def test_gaps_of_a_flow_guide(flow_run, sem):
+    vae, x = flow_run.module, flow_run.data.test.x[:8]
+    g = gaps(vae, x, iwae_samples=1000, elbo_samples=500, steps=200, psis_particles=300)
+    assert g["guide"] == "iaf-2" and "context h" in g["q_star"]
+    per = {k: torch.tensor(v, dtype=torch.float64) for k, v in g["per_image"].items()}
+    assert set(per) == {"log_px_iwae", "elbo_optimal", "elbo_optimal_normal",
+                        "elbo_amortized", "psis_khat"}
+    for v in per.values():
+        assert v.shape == (8,) and torch.isfinite(v).all()
+    lp, best, amort = per["log_px_iwae"], per["elbo_optimal"], per["elbo_amortized"]
+    assert g["approximation_gap"] == pytest.approx((lp - best).mean().item(), abs=1e-4)
+    assert g["amortization_gap"] == pytest.approx((best - amort).mean().item(), abs=1e-4)
+    assert (lp - best).mean() > -4 * sem(lp - best)
+    assert (best - amort).mean() > -4 * sem(best - amort)
+    normal = per["elbo_optimal_normal"]
+    assert g["elbo_optimal_normal"] == pytest.approx(normal.mean().item(), rel=1e-6)
+    assert not torch.equal(normal, best)  # a separate fit: the best diagonal Normal
+    assert (lp - normal).mean() > -4 * sem(lp - normal)
+
+
+def test_gaps_figure_has_one_colour_per_guide(tmp_path):
+    from matplotlib.colors import to_rgba
+
+    from ppl_vae.appendix.amortization import gaps_figure, guide_colour
+
+    results = {"a": {"guide": "normal", "approximation_gap": 2.0, "amortization_gap": 4.0},
+               "b": {"guide": "iaf-2", "approximation_gap": 1.0, "amortization_gap": 3.0},
+               "c": {"guide": "iaf-4", "approximation_gap": 0.5, "amortization_gap": 3.5},
+               "d": {"approximation_gap": 1.5, "amortization_gap": 2.5}}  # no guide: Normal
+    fig = gaps_figure(results, tmp_path / "gaps.png")
+    assert (tmp_path / "gaps.png").read_bytes().startswith(PNG)
+    bars = fig.axes[0].patches
+    assert len(bars) == 8  # approximation gaps, then amortization gaps stacked on them
+    want = [guide_colour(g) for g in ("normal", "iaf", "iaf", "normal")]
+    assert guide_colour("iaf-2") == guide_colour("iaf-4") != guide_colour("normal")
+    for i, colour in enumerate(want):
+        for bar in (bars[i], bars[i + 4]):
+            assert bar.get_facecolor()[:3] == pytest.approx(to_rgba(colour)[:3])
+        assert bars[i + 4].get_y() == pytest.approx(bars[i].get_height())
+    labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert labels[:2] == ["guide: normal", "guide: iaf-2"]
+
+
+def test_cli_posterior_table_has_the_flow_guide(cli, tmp_path, trained_run, flow_run):
+    out = tmp_path / "post"
+    r = cli(main, ["posterior", "--out", out, "--run", trained_run.out, "--run", flow_run.out,
+                   "--images", 2, "--iwae-samples", 100])
+    assert r.code == 0, r.err
+    runs = json.loads((out / "results.json").read_text())["posterior"]["runs"]
+    guides = {v["guide"] for v in runs.values()}
+    assert guides == {"normal", "iaf-2"}
+    for v in runs.values():
+        if v["guide"] == "normal":
+            assert v["elbo_optimal"] == v["elbo_optimal_normal"]
+    md = (out / "appendix-posterior.md").read_text()
+    assert "| iaf-2 |" in md and "q* (iaf)" in md and "q* (normal)" in md
+    assert (out / "gaps.png").read_bytes().startswith(PNG)

@@ -4,11 +4,25 @@ For each image x of a trained VAE::
 
     log p(x)  >=  ELBO(q*_x)  >=  ELBO(q_phi(.|x))
 
-where q*_x is a Normal guide optimized for that image alone (non-amortized SVI on its z)
-and q_phi the encoder. log p(x) is estimated by the IWAE bound with many samples from q*_x.
-The approximation gap log p(x) - ELBO(q*_x) is the price of a diagonal Normal family (a
-lower bound on it, since the IWAE estimate is itself below log p(x)); the amortization gap
-ELBO(q*_x) - ELBO(q_phi) the price of one encoder for all images.
+where q*_x is the best member of the guide's family for that image alone (non-amortized SVI
+on its own parameters, the decoder fixed) and q_phi the encoder. log p(x) is estimated by the
+IWAE bound with many samples from q*_x. The approximation gap log p(x) - ELBO(q*_x) is the
+price of the family (a lower bound on it, since the IWAE estimate is itself below log p(x));
+the amortization gap ELBO(q*_x) - ELBO(q_phi) the price of one encoder for all images.
+
+What q*_x is, per guide:
+
+* the Normal guide (``--flow none``): a free diagonal Normal per image (its loc and scale);
+* a flow guide (``--flow iaf|spline``, :class:`~ppl_vae.models.flow_vae.FlowVAE`): the
+  base Normal's loc and scale *and* the flow's context h per image, free (h in R^H), pushed
+  through the trained flow networks, which stay fixed. Cremer et al. optimize the flow's
+  own weights per image instead; the family here is a subset of theirs (every per-image
+  choice of (loc, scale, h) is one of their flows, and the amortized q_phi is one of ours),
+  so ELBO(q*) here is at most theirs: the approximation gap reported is an upper estimate of
+  theirs and the amortization gap a lower one (both before the IWAE bias).
+
+For a flow guide the best diagonal Normal for each image is fitted too (``elbo_optimal_normal``):
+on the same decoder, what the flow family gains over a Normal one.
 
 Also: the PSIS diagnostic k-hat of q_phi(z|x) per image (``pyro.infer.importance``;
 k < 0.5 good, > 0.7 unreliable), and NUTS draws from the true p(z|x) to set beside q.
@@ -51,15 +65,60 @@ def frozen(module: nn.Module) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
-class LocalGuide(nn.Module):
-    """q*_x: a free diagonal Normal per image, started at the encoder's output."""
+FAMILIES = ("normal", "flow")
+"""q*_x: a per-image diagonal Normal, or the trained flow with per-image base and context."""
 
-    def __init__(self, vae: nn.Module, x: Tensor) -> None:
+
+def is_flow(vae: nn.Module) -> bool:
+    """Whether ``vae``'s guide is a flow (it has the flow VAE's ``posterior`` and
+    ``encode_context``)."""
+    return callable(getattr(vae, "posterior", None)) and callable(
+        getattr(vae, "encode_context", None))
+
+
+def guide_name(vae: nn.Module) -> str:
+    """``normal``, or the flow's name and layers (``iaf-2``)."""
+    return getattr(vae, "guide_name", "flow") if is_flow(vae) else "normal"
+
+
+def guide_dist(vae: nn.Module, x: Tensor) -> dist.TorchDistribution:
+    """The amortized q(z|x) of ``vae`` for the rows of ``x`` (batch shape (N,), event (d,))."""
+    if is_flow(vae):
+        return vae.posterior(*vae.encode_context(x))
+    loc, scale = vae.encode(x)
+    return dist.Normal(loc, scale).to_event(1)
+
+
+class LocalGuide(nn.Module):
+    """q*_x for every row of ``x``, started at the encoder's q(z|x).
+
+    ``family`` ``normal``: a free diagonal Normal per image (for a flow guide started at the
+    mean and sd of 256 draws of q_phi); ``flow`` (a flow VAE's default): a free base Normal
+    and context h per image, pushed through ``vae``'s flow (its weights fixed)."""
+
+    def __init__(self, vae: nn.Module, x: Tensor, family: str | None = None,
+                 seed: int = 0) -> None:
         super().__init__()
+        family = family or ("flow" if is_flow(vae) else "normal")
+        if family not in FAMILIES:
+            raise ValueError(f"family must be one of {', '.join(FAMILIES)}, got {family!r}")
+        if family == "flow" and not is_flow(vae):
+            raise ValueError("family 'flow' needs a VAE with a flow guide (--flow iaf|spline)")
+        self.family = family
+        context = None
         with torch.no_grad():
-            loc, scale = vae.encode(x)
+            if family == "flow":
+                loc, scale, context = vae.encode_context(x)
+            elif is_flow(vae):  # the moments of the flow's q(z|x)
+                with torch.random.fork_rng():
+                    torch.manual_seed(seed)
+                    draws = guide_dist(vae, x).sample((256,))
+                loc, scale = draws.mean(0), draws.std(0)
+            else:
+                loc, scale = vae.encode(x)
         self.loc = nn.Parameter(loc.clone())
         self.log_scale = nn.Parameter(scale.log().clone())
+        self.context = None if context is None else nn.Parameter(context.clone())
         self._vae = (vae,)  # not a submodule: its weights stay fixed
 
     def model(self, x: Tensor, rows: Tensor) -> None:
@@ -69,15 +128,22 @@ class LocalGuide(nn.Module):
         """q*(z | x_i) for the images ``x`` at positions ``rows`` of the fitted batch (so
         that :func:`ppl_vae.score` can take them in chunks)."""
         with pyro.plate("data", x.shape[0], device=x.device):
-            pyro.sample("z", dist.Normal(self.loc[rows], self.log_scale[rows].exp())
-                        .to_event(1))
+            loc, scale = self.loc[rows], self.log_scale[rows].exp()
+            if self.context is None:
+                fn = dist.Normal(loc, scale).to_event(1)
+            else:
+                fn = self._vae[0].posterior(loc, scale, self.context[rows])
+            pyro.sample("z", fn)
 
 
 def optimize_local(vae: nn.Module, x: Tensor, steps: int = 500, lr: float = 0.05,
-                   particles: int = 16, seed: int = 0) -> LocalGuide:
+                   particles: int = 16, seed: int = 0, family: str | None = None
+                   ) -> LocalGuide:
     """Fit q*_x for every row of ``x`` at once (each image's ELBO depends only on its own
-    parameters, so one SVI over the batch optimizes them all)."""
-    local = LocalGuide(vae, x)
+    parameters, so one SVI over the batch optimizes them all). ``family``: see
+    :class:`LocalGuide` (default: the guide's own). The Normal's KL is in closed form; a
+    flow's is estimated by Monte Carlo (TraceMeanField_ELBO falls back to log q - log p)."""
+    local = LocalGuide(vae, x, family, seed=seed)
     elbo = make_elbo("analytic", particles)
     rows = torch.arange(len(x), device=x.device)
     opt = torch.optim.Adam(local.parameters(), lr=lr)
@@ -92,9 +158,17 @@ def optimize_local(vae: nn.Module, x: Tensor, steps: int = 500, lr: float = 0.05
     return local
 
 
+Q_STAR = {"normal": "per-image diagonal Normal (loc, scale)",
+          "flow": "per-image base Normal (loc, scale) and flow context h; flow networks fixed"}
+
+
 def gaps(vae: nn.Module, x: Tensor, iwae_samples: int = 5000, elbo_samples: int = 1000,
          steps: int = 500, psis_particles: int = 1000, seed: int = 0) -> dict:
     """Per-image log p(x) (IWAE), ELBO(q*), ELBO(q_phi), the two gaps, and PSIS k-hat.
+
+    q* is of the guide's own family (:class:`LocalGuide`; ``q_star`` says which) and also
+    gives the IWAE proposal. For a flow guide the best diagonal Normal is fitted as well
+    (``elbo_optimal_normal``; for the Normal guide that is ``elbo_optimal`` itself).
 
     The IWAE bound is itself below log p(x), so the approximation gap it gives is a lower
     bound; the ordering log p(x) >= ELBO(q*) >= ELBO(q_phi) holds in expectation.
@@ -102,11 +176,16 @@ def gaps(vae: nn.Module, x: Tensor, iwae_samples: int = 5000, elbo_samples: int 
     if getattr(vae, "beta", 1.0) != 1.0:  # PSIS and NUTS score the beta-scaled program
         raise UsageError("the posterior diagnostics need a VAE trained with beta = 1")
     vae.eval()
+    flow = is_flow(vae)
     local = optimize_local(vae, x, steps=steps, seed=seed)
     rows = torch.arange(len(x), device=x.device)
     log_px = score(local, x, rows, num_samples=iwae_samples, iwae=True, seed=seed)
     best = score(local, x, rows, num_samples=elbo_samples, seed=seed + 1)
     amortized = score(vae, x, num_samples=elbo_samples, seed=seed + 2)
+    best_normal = best
+    if flow:
+        normal = optimize_local(vae, x, steps=steps, seed=seed, family="normal")
+        best_normal = score(normal, x, rows, num_samples=elbo_samples, seed=seed + 3)
     pyro.set_rng_seed(seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # psis warns when k-hat is large: we report it
@@ -115,14 +194,18 @@ def gaps(vae: nn.Module, x: Tensor, iwae_samples: int = 5000, elbo_samples: int 
                 for i in range(len(x))]
     per_image = {
         "log_px_iwae": log_px.iwae.tolist(),
-        "elbo_optimal_normal": best.elbo.tolist(),
+        "elbo_optimal": best.elbo.tolist(),
+        "elbo_optimal_normal": best_normal.elbo.tolist(),
         "elbo_amortized": amortized.elbo.tolist(),
         "psis_khat": khat,
     }
     lp, eb, ea = log_px.iwae.mean().item(), best.elbo.mean().item(), amortized.elbo.mean().item()
     return {
+        "guide": guide_name(vae), "q_star": Q_STAR["flow" if flow else "normal"],
         "images": len(x), "iwae_samples": iwae_samples, "elbo_samples": elbo_samples,
-        "log_px_iwae": lp, "elbo_optimal_normal": eb, "elbo_amortized": ea,
+        "local_steps": steps,
+        "log_px_iwae": lp, "elbo_optimal": eb,
+        "elbo_optimal_normal": best_normal.elbo.mean().item(), "elbo_amortized": ea,
         "approximation_gap": lp - eb, "amortization_gap": eb - ea,
         "psis_khat_mean": float(np.mean(khat)),
         "psis_khat_above_0.7": int(sum(k > 0.7 for k in khat)),
@@ -150,8 +233,7 @@ def posterior_figure(vae: nn.Module, images: Tensor, path: str | Path,
             warnings.simplefilter("ignore")
             az.plot_kde(z[:, 0], z[:, 1], ax=ax, contourf_kwargs={"cmap": "Blues"})
         with torch.no_grad():
-            loc, scale = vae.encode(x[None])
-            q = dist.Normal(loc[0], scale[0]).sample((num_samples,)).cpu()
+            q = guide_dist(vae, x[None]).sample((num_samples,))[:, 0].cpu()
         ax.scatter(q[:, 0], q[:, 1], s=3, c="C3", alpha=0.4, label="q(z|x)")
         ax.set(title=f"image {i}", xlabel="z1", ylabel="z2")
     shaded = Patch(color=colormaps["Blues"](0.6), label="p(z|x), NUTS (KDE)")
@@ -162,17 +244,39 @@ def posterior_figure(vae: nn.Module, images: Tensor, path: str | Path,
     return fig
 
 
+GUIDE_COLOURS = {"normal": "C0", "iaf": "C1", "spline": "C2"}
+"""One colour per kind of guide, the same in every figure (other kinds: C3, C4, ...)."""
+
+
+def guide_colour(guide: str) -> str:
+    """The colour of ``guide`` (``normal``, ``iaf-2``, ...): by its kind, before the ``-``."""
+    kind = guide.split("-")[0]
+    if kind not in GUIDE_COLOURS:
+        GUIDE_COLOURS[kind] = f"C{len(GUIDE_COLOURS)}"
+    return GUIDE_COLOURS[kind]
+
+
 def gaps_figure(results: dict[str, dict], path: str | Path) -> Figure:
-    """Approximation and amortization gaps (nats per image), one pair of bars per model."""
+    """Approximation and amortization gaps (nats per image), one stacked bar per model,
+    coloured by its guide: the approximation gap solid, the amortization gap hatched."""
     names = list(results)
     fig = Figure(figsize=(1.8 * len(names) + 4.5, 3.4), layout="constrained")
     ax = fig.subplots()
+    guides = [results[n].get("guide", "normal") for n in names]
+    colours = [guide_colour(g) for g in guides]
     approx = [results[n]["approximation_gap"] for n in names]
     amort = [results[n]["amortization_gap"] for n in names]
-    ax.bar(names, approx, label="approximation gap: log p(x) - ELBO(q*)")
-    ax.bar(names, amort, bottom=approx, label="amortization gap: ELBO(q*) - ELBO(q_phi)")
+    ax.bar(names, approx, color=colours, edgecolor="black", linewidth=0.5)
+    ax.bar(names, amort, bottom=approx, color=colours, alpha=0.45, hatch="//",
+           edgecolor="black", linewidth=0.5)
     ax.set(xlabel="trained model (run)", ylabel="nats per image",
            title="log p(x) - ELBO(q_phi), split in two")
-    legend_outside(ax)
+    handles = [Patch(facecolor=guide_colour(g), edgecolor="black", label=f"guide: {g}")
+               for g in dict.fromkeys(guides)]
+    handles += [Patch(facecolor="0.6", edgecolor="black",
+                      label="approximation gap: log p(x) - ELBO(q*)"),
+                Patch(facecolor="0.6", alpha=0.45, hatch="//", edgecolor="black",
+                      label="amortization gap: ELBO(q*) - ELBO(q_phi)")]
+    legend_outside(ax, handles=handles)
     save(fig, path)
     return fig
