@@ -4,7 +4,8 @@ data -> models (the contract in :mod:`ppl_vae.models.base`) -> inference (estima
 loop, importance sampling, trainer) -> evaluation (saved runs, the estimator comparison)
 -> variants (several runs, one table) -> CLI and plots.
 
-The public API: ``load_dataset``; ``Model`` (the contract), ``VAE``, ``CVAE`` and
+The public API: ``load_dataset``; ``Model`` (the contract), the families ``VAE``, ``CVAE``,
+``ConvVAE``, ``SSVAE`` (M2) and ``FlowVAE`` (``VAE`` with a flow guide), and
 ``register_model``; ``TrainConfig``; ``train`` and ``evaluate`` (what ``python -m ppl_vae
 train`` / ``evaluate`` run); ``score`` and ``log_weights`` (per-data-point ELBO and IWAE
 bounds from Pyro traces); ``compare`` (the estimator comparison); ``ppl_vae.appendix``; and
@@ -20,13 +21,25 @@ from .evaluation.runs import evaluate_run, load_run
 from .inference.estimators import make_elbo
 from .inference.importance import Scores, log_weights, score
 from .inference.trainer import Run, train_run
-from .models import CVAE, MODELS, VAE, Model, RunContext, get_model, register_model
+from .models import (
+    CVAE,
+    MODELS,
+    SSVAE,
+    VAE,
+    ConvVAE,
+    FlowVAE,
+    Model,
+    RunContext,
+    get_model,
+    register_model,
+)
 from .variants import Variants, train
 
 evaluate = evaluate_run
 
 __all__ = [
-    "CVAE", "MODELS", "VAE", "CompareConfig", "Comparison", "Dataset", "Model", "Run",
+    "CVAE", "MODELS", "SSVAE", "VAE", "CompareConfig", "Comparison", "ConvVAE", "Dataset",
+    "FlowVAE", "Model", "Run",
     "RunContext", "Scores", "Split", "TrainConfig", "UsageError", "Variants", "appendix",
     "compare", "evaluate", "evaluate_run", "get_model", "load_dataset", "load_run",
     "log_weights", "make_elbo", "plots", "register_model", "score", "train", "train_run",

@@ -290,3 +290,22 @@ def test_jit_mean_field_compiles_once(vae, batch):
     losses = [elbo.differentiable_loss(counted, guide, batch) for _ in range(5)]
     assert len(calls) <= 2  # param discovery and the one trace
     assert all(torch.isfinite(v) for v in losses)
+
+
+def test_analytic_refuses_a_guide_with_a_discrete_latent():
+    """TraceMeanField_ELBO has no score-function term: with a discrete guide site it would
+    train q(y) by the wrong gradient, so --elbo analytic refuses such a guide by name."""
+    import pyro.distributions as dist
+
+    logits = torch.zeros(3, requires_grad=True)
+
+    def model():
+        y = pyro.sample("y", dist.Categorical(logits=torch.zeros(3)))
+        pyro.sample("x", dist.Normal(y.float(), 1.0), obs=torch.tensor(1.0))
+
+    def guide():
+        pyro.sample("y", dist.Categorical(logits=logits))
+
+    with pytest.raises(UsageError, match="'y' is not; use .*elbo mc or .*elbo enum"):
+        make_elbo("analytic").differentiable_loss(model, guide)
+    assert torch.isfinite(make_elbo("mc").differentiable_loss(model, guide))

@@ -46,9 +46,14 @@ from ..errors import UsageError
 MAX_PLATE_NESTING = 1  # the data plate (the default; a probe of the program finds the real one)
 
 
+def _not_reparameterized(guide_trace) -> list[str]:
+    return [name for name, site in guide_trace.nodes.items()
+            if site["type"] == "sample" and not site["is_observed"]
+            and not site["fn"].has_rsample]
+
+
 def _reparameterized(guide_trace) -> bool:
-    return all(site["fn"].has_rsample for site in guide_trace.nodes.values()
-               if site["type"] == "sample" and not site["is_observed"])
+    return not _not_reparameterized(guide_trace)
 
 
 def _log_prob_sum(trace) -> Tensor:
@@ -88,6 +93,12 @@ class TraceMeanField_ELBO(pyro.infer.TraceMeanField_ELBO):
     def differentiable_loss(self, model, guide, *args, **kwargs):
         loss = 0.0
         for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
+            discrete = _not_reparameterized(guide_trace)
+            if discrete:  # Pyro's class would drop their score-function gradient silently
+                raise UsageError(f"--elbo analytic (TraceMeanField_ELBO) needs a guide whose "
+                                 f"latent sites are all reparameterized, and "
+                                 f"{', '.join(map(repr, discrete))} is not; use --elbo mc or "
+                                 "--elbo enum")
             if any(site["type"] == "sample" and name not in model_trace.nodes
                    for name, site in guide_trace.nodes.items()):  # auxiliary guide sites
                 return super().differentiable_loss(model, guide, *args, **kwargs)

@@ -91,7 +91,7 @@ def elbo_step(elbo: pyro.infer.ELBO, module: nn.Module, terms: list[Program],
         return backward_step(loss)
     if len(terms) != 1:
         raise UsageError(f"{type(elbo).__name__} trains one model/guide pair, and this "
-                         "objective has several; use --elbo mc or analytic")
+                         "objective has several; use --elbo mc, analytic or enum")
     skip = frozenset() if info is None else info.registered
     _, model, guide = terms[0]
     model, guide = registered(module, model, skip=skip), registered(module, guide, skip=skip)

@@ -7,6 +7,7 @@ from .cvae import CVAE
 from .flow_vae import FlowVAE
 from .options import make_options, option_specs, options_dict, parse_model_opts
 from .registry import MODELS, get_model, model_name, register_model
+from .ssvae import SSVAE
 from .vae import VAE
 
 
@@ -15,6 +16,6 @@ def options_of(cls: type) -> set[str]:
     return {s.name for s in option_specs(cls)}
 
 
-__all__ = ["CVAE", "MODELS", "VAE", "ConvVAE", "FlowVAE", "Model", "Program", "RunContext",
-           "get_model", "hook", "make_options", "model_name", "option_specs", "options_dict",
-           "options_of", "parse_model_opts", "register_model"]
+__all__ = ["CVAE", "ConvVAE", "MODELS", "SSVAE", "VAE", "FlowVAE", "Model", "Program",
+           "RunContext", "get_model", "hook", "make_options", "model_name", "option_specs",
+           "options_dict", "options_of", "parse_model_opts", "register_model"]

@@ -1,0 +1,407 @@
+"""The semi-supervised VAE "M2" of Kingma, Rezende, Mohamed & Welling (2014) as Pyro programs
+(the model of Pyro's ss-vae example), trained by SVI on partly labelled data
+(``--model ssvae --labelled N``).
+
+Generative model, for each data point (``pyro.plate("data")``), with K classes::
+
+    y ~ p(y)     = Categorical(1/K)
+    z ~ p(z)     = Normal(0, I_d)
+    x ~ p(x|y,z) = Bernoulli(logits = f(z, y))          (or Normal(f(z, y), sigma^2 I))
+
+Guide::
+
+    q(y|x)   = Categorical(logits = c(x))               the classifier
+    q(z|x,y) = Normal(mu(x, y), diag sigma(x, y)^2)
+
+with c, f and the encoder MLPs (hidden widths ``--hidden``; the label enters the first layer
+of f and of the encoder as a learned vector per class, the same map as a linear layer on
+``[input, onehot(y)]``). Labels are ``y >= 0``; ``-1`` marks an unlabelled row
+(:data:`ppl_vae.data.UNLABELLED`, what ``--labelled N`` leaves).
+
+The objective (the paper's J^alpha), a sum over the rows of a batch of three terms, each a
+(weight, model, guide) program over the whole batch, masked (``poutine.mask``) to its rows:
+
+* labelled rows, y observed: the ELBO of log p(x, y)::
+
+      L(x, y) = E_q(z|x,y)[log p(x|y,z) + log p(y) + log p(z) - log q(z|x,y)]
+
+* unlabelled rows, y latent::
+
+      U(x) = sum_y q(y|x) [L(x, y) - log q(y|x)]
+
+  The guide marks y for parallel enumeration, so ``--elbo enum`` (``TraceEnum_ELBO``) sums
+  the K classes exactly (tests/test_ssvae.py checks it against the sum by hand, to 1e-10 in
+  float64); ``--elbo mc`` samples y ~ q(y|x) and differentiates by the score function
+  (unbiased, high variance). ``--elbo analytic`` is refused: ``TraceMeanField_ELBO``
+  assumes a reparameterized guide and would drop the gradient of q(y|x) through
+  log p(x|y,z). ``--elbo iwae`` trains one program, and this objective has three.
+* labelled rows: the classification term ``a * log q(y|x)`` (Pyro's ``y_aux`` site), since
+  neither L nor U trains q(y|x) on the labels. The paper weighs the *mean* over labelled
+  rows by alpha N (N training rows, alpha = 0.1); per labelled row that is::
+
+      a = alpha * N / N_labelled        (--alpha; the default 2.0 gives a = 160 per row for
+                                          100 of 8,000 labels, 5.3 for 3,000, 2 with every
+                                          label)
+
+  Pyro's example uses a = 46 per row. The weight is fixed (no schedule). The default is 20
+  times the paper's alpha because training here is short: on the MNIST-10k split with 100
+  labels, 10 epochs, seed 0, test accuracy was 67.0% with alpha 0.1 (a = 8), 70.9% with
+  0.575 (a = 46, Pyro's) and 75.6% with 2.0 (a = 160).
+
+So the loss is ``-(sum_labelled [L + a log q(y|x)] + sum_unlabelled U)``; a term with no rows
+in the training split (no labels; every label) is left out of ``programs()``.
+
+For evaluation, ``model``/``guide`` are *one* program over all rows: y is observed where
+labelled and latent where not (``pyro.sample("y", ..., obs_mask=labelled)``, which Pyro
+splits into ``y_observed`` and ``y_unobserved``; the guide samples ``y_unobserved`` from
+q(y|x)). The test split has every label, so the run's ``test_elbo`` is the bound on
+log p(x, y); ``metrics`` adds ``test_elbo_unlabelled`` (labels hidden: U(x), summed over y
+exactly, z by ``--eval-particles`` samples), ``test_accuracy`` of argmax q(y|x) and
+``labelled``. ``figures`` draws ``samples_by_class.png`` (one row per class, z fixed per
+column) and ``analogies.png`` (test digits' z = mean of q(z|x, y) decoded with every class).
+
+Defaults: ``--hidden 500 --z-dim 50`` (Pyro's example): one ``--elbo enum`` epoch of the
+MNIST-10k split (8,000 images, K = 10: the decoder runs ten times per unlabelled image) takes
+about 4 s on one idle CPU thread. Batch, learning rate and epochs are the run's
+(``benchmarks/m2_table.py`` makes the table of ``README.md``).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import pyro
+import pyro.distributions as dist
+import torch
+import torch.nn.functional as F
+from pyro import poutine
+from torch import Tensor, nn
+
+from .. import plots
+from ..data import UNLABELLED, pixels
+from ..errors import UsageError
+from .base import Model, Program, RunContext
+from .figures import draw_or_skip
+from .likelihoods import LIKELIHOODS, check_range, pixel_likelihood, pixel_mean
+from .nets import ACTIVATIONS, NetworkOptions, mlp
+from .registry import register_model
+from .vae import encoder_scale
+
+if TYPE_CHECKING:
+    from ..data import Dataset
+
+MAX_CLASS_ROWS = 20
+"""Classes the figures show at most (one row each)."""
+FIGURE_COLUMNS = 10
+"""Columns of the figures: z draws (samples), test images (analogies)."""
+
+
+@dataclass
+class SSVAEOptions(NetworkOptions):
+    """The M2 model's options (``--model ssvae``; ``--labelled N`` is a run option)."""
+
+    z_dim: int = field(default=50, metadata={"help": "latent dimension d (Pyro's example: 50)"})
+    hidden: tuple[int, ...] = field(default=(500,), metadata={
+        "help": "hidden layer widths of the classifier and the encoder (the decoder mirrors "
+                "them; Pyro's example: 500)"})
+    alpha: float = field(default=2.0, metadata={
+        "help": "weight of the classification term: alpha * N_train / N_labelled per labelled "
+                "row times log q(y|x) (the paper's alpha N on the labelled mean has alpha "
+                "0.1; Pyro's 46 per row)"})
+    classes: int = field(default=0, metadata={
+        "help": "number of classes K (0: from the data's labels)"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not (math.isfinite(self.alpha) and self.alpha >= 0):
+            raise UsageError(f"--alpha must be a number >= 0, got {self.alpha}")
+        if self.classes < 0 or self.classes == 1:
+            raise UsageError(f"--classes takes K >= 2 (0: from the labels), got {self.classes}")
+
+
+class LabelledMLP(nn.Module):
+    """An MLP of ``(v, y)``: its first layer is ``Linear(v) + W[y]``, the same map as a linear
+    layer on ``[v, onehot(y)]`` (and initialized like one), computed without the one-hot and
+    with the ``v`` part once for every class. ``v`` (..., n) and the labels ``y`` broadcast
+    against each other's batch dims (enumerated classes on the left)."""
+
+    def __init__(self, in_dim: int, classes: int, widths: Sequence[int],
+                 activation: str = "relu") -> None:
+        super().__init__()
+        self.first = nn.Linear(in_dim, widths[0])
+        self.label = nn.Embedding(classes, widths[0])
+        bound = 1 / math.sqrt(in_dim + classes)  # nn.Linear's init for the concatenation
+        for w in (self.first.weight, self.first.bias, self.label.weight):
+            nn.init.uniform_(w, -bound, bound)
+        self.rest = (nn.Sequential(ACTIVATIONS[activation](), mlp(widths, activation))
+                     if len(widths) > 1 else nn.Identity())
+
+    def forward(self, v: Tensor, y: Tensor) -> Tensor:
+        return self.rest(self.first(v) + self.label(y))
+
+
+@register_model("ssvae")
+class SSVAE(Model):
+    """M2: classifier ``D -> hidden -> K``, encoder ``(D, y) -> hidden -> 2d`` and decoder
+    ``(d, y) -> reversed(hidden) -> D``.
+
+    ``aux_weight`` is the per-row weight a of the classification term; ``labelled_rows`` and
+    ``unlabelled_rows`` say whether the training split has rows of each kind (the terms
+    without rows are left out of the objective)."""
+
+    Options = SSVAEOptions
+
+    def __init__(
+        self,
+        input_dim: int,
+        classes: int,
+        z_dim: int = 50,
+        hidden: Sequence[int] = (500,),
+        activation: str = "relu",
+        likelihood: str = "bernoulli",
+        gaussian_scale: float = 1.0,
+        beta: float = 1.0,
+        aux_weight: float = 1.0,
+        labelled_rows: bool = True,
+        unlabelled_rows: bool = True,
+    ) -> None:
+        super().__init__()
+        if likelihood not in LIKELIHOODS:
+            raise ValueError(f"likelihood must be 'bernoulli' or 'gaussian', got {likelihood!r}")
+        self.input_dim, self.classes, self.z_dim = input_dim, classes, z_dim
+        self.likelihood, self.beta, self.aux_weight = likelihood, beta, aux_weight
+        self.labelled_rows, self.unlabelled_rows = labelled_rows, unlabelled_rows
+        self.classifier = mlp([input_dim, *hidden, classes], activation)
+        self.encoder = LabelledMLP(input_dim, classes, [*hidden, 2 * z_dim], activation)
+        self.decoder = LabelledMLP(z_dim, classes, [*reversed(hidden), input_dim], activation)
+        self.register_buffer("log_scale", torch.tensor(math.log(gaussian_scale)))
+
+    @classmethod
+    def from_options(cls, options: SSVAEOptions, data: Dataset) -> SSVAE:
+        classes = options.classes or data.num_classes
+        if classes is None:
+            raise UsageError(f"--model ssvae needs the number of classes, and {data.name} has "
+                             "no labels; give --model-opt classes=K (every row unlabelled)")
+        if data.num_classes is not None and data.num_classes > classes:
+            raise UsageError(f"--classes {classes}: {data.name} has labels up to "
+                             f"{data.num_classes - 1}")
+        if classes < 2:
+            raise UsageError(f"--model ssvae needs at least 2 classes; {data.name} has "
+                             f"{classes}")
+        check_range(data, options.likelihood)
+        n = len(data.train)
+        labelled = data.labelled or 0
+        aux = options.alpha * n / labelled if labelled else 0.0
+        return cls(data.input_dim, classes, z_dim=options.z_dim, hidden=options.hidden,
+                   activation=options.activation, likelihood=options.likelihood,
+                   gaussian_scale=options.gaussian_scale, beta=options.beta, aux_weight=aux,
+                   labelled_rows=labelled > 0, unlabelled_rows=labelled < n)
+
+    def data_args(self, x: Tensor, y: Tensor | None) -> tuple[Tensor, Tensor]:
+        """(x, y): float pixels and labels, -1 where unlabelled (all of them when ``y`` is
+        None)."""
+        x = pixels(x)
+        if y is None:
+            return x, torch.full((x.shape[0],), UNLABELLED, dtype=torch.long, device=x.device)
+        return x, y.long()
+
+    # -- networks ------------------------------------------------------------------------------
+    def classify_logits(self, x: Tensor) -> Tensor:
+        """Logits of q(y|x), shape (..., K)."""
+        return self.classifier(x)
+
+    def encode(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """Location and scale of q(z|x,y) (softplus scale head); ``y`` may carry enumerated
+        or sample dims on the left of ``x``'s rows."""
+        loc, h = self.encoder(x, y).chunk(2, dim=-1)
+        return loc, encoder_scale(h, "softplus")
+
+    def decoder_out(self, z: Tensor, y: Tensor) -> Tensor:
+        return self.decoder(z, y)
+
+    def decode(self, z: Tensor, y: Tensor) -> Tensor:
+        """E[x|y,z]: pixel probabilities (Bernoulli) or means (Gaussian)."""
+        return pixel_mean(self.decoder(z, y), self.likelihood)
+
+    @torch.no_grad()
+    def predict(self, x: Tensor) -> Tensor:
+        """argmax_y q(y|x), in chunks of rows."""
+        return torch.cat([self.classifier(pixels(c)).argmax(-1) for c in x.split(4096)])
+
+    # -- pieces of the programs ----------------------------------------------------------------
+    def _prior_y(self, x: Tensor) -> dist.Categorical:
+        return dist.Categorical(logits=x.new_zeros(x.shape[0], self.classes))
+
+    def _z_and_x(self, x: Tensor, y: Tensor) -> None:
+        """z ~ p(z), x ~ p(x|y,z) (inside the data plate)."""
+        zeros = x.new_zeros(x.shape[0], self.z_dim)
+        with poutine.scale(scale=self.beta):
+            z = pyro.sample("z", dist.Normal(zeros, torch.ones_like(zeros)).to_event(1))
+        pyro.sample("x", pixel_likelihood(self.decoder(z, y), self.likelihood, self.log_scale),
+                    obs=x)
+
+    def _z_guide(self, x: Tensor, y: Tensor) -> None:
+        """z ~ q(z|x,y) (inside the data plate)."""
+        loc, scale = self.encode(x, y)
+        with poutine.scale(scale=self.beta):
+            pyro.sample("z", dist.Normal(loc, scale).to_event(1))
+
+    # -- the probabilistic program: one over all rows, for evaluation -------------------------
+    def model(self, x: Tensor, y: Tensor) -> None:
+        """p(y) p(z) p(x|y,z) with y observed where ``y >= 0`` (``y_observed``) and latent
+        elsewhere (``y_unobserved``)."""
+        labelled = y >= 0
+        with pyro.plate("data", x.shape[0], device=x.device):
+            value = pyro.sample("y", self._prior_y(x), obs=y.clamp(min=0), obs_mask=labelled)
+            self._z_and_x(x, value)
+
+    def guide(self, x: Tensor, y: Tensor) -> None:
+        """q(y|x) for the unlabelled rows (``y_unobserved``), then q(z|x,y)."""
+        labelled = y >= 0
+        with pyro.plate("data", x.shape[0], device=x.device):
+            with poutine.mask(mask=~labelled):
+                guess = pyro.sample("y_unobserved",
+                                    dist.Categorical(logits=self.classify_logits(x)))
+            self._z_guide(x, torch.where(labelled, y.clamp(min=0), guess))
+
+    # -- the training objective: three masked terms --------------------------------------------
+    def model_labelled(self, x: Tensor, y: Tensor) -> None:
+        """L(x, y) on the labelled rows: p(y) p(z) p(x|y,z), y observed."""
+        with pyro.plate("data", x.shape[0], device=x.device), poutine.mask(mask=y >= 0):
+            label = y.clamp(min=0)
+            pyro.sample("y", self._prior_y(x), obs=label)
+            self._z_and_x(x, label)
+
+    def guide_labelled(self, x: Tensor, y: Tensor) -> None:
+        """q(z|x,y) on the labelled rows."""
+        with pyro.plate("data", x.shape[0], device=x.device), poutine.mask(mask=y >= 0):
+            self._z_guide(x, y.clamp(min=0))
+
+    def model_unlabelled(self, x: Tensor, y: Tensor) -> None:
+        """U(x) on the unlabelled rows: p(y) p(z) p(x|y,z), y latent."""
+        with pyro.plate("data", x.shape[0], device=x.device), poutine.mask(mask=y < 0):
+            self._z_and_x(x, pyro.sample("y", self._prior_y(x)))
+
+    def guide_unlabelled(self, x: Tensor, y: Tensor) -> None:
+        """q(y|x) q(z|x,y) on the unlabelled rows, y marked for parallel enumeration (summed
+        out by ``TraceEnum_ELBO``, sampled by the other estimators)."""
+        with pyro.plate("data", x.shape[0], device=x.device), poutine.mask(mask=y < 0):
+            guess = pyro.sample("y", dist.Categorical(logits=self.classify_logits(x)),
+                                infer={"enumerate": "parallel"})
+            self._z_guide(x, guess)
+
+    def model_classify(self, x: Tensor, y: Tensor) -> None:
+        """log q(y|x) of the labelled rows as an observed site (weighted by ``aux_weight``
+        in :meth:`programs`)."""
+        with pyro.plate("data", x.shape[0], device=x.device), poutine.mask(mask=y >= 0):
+            pyro.sample("y_aux", dist.Categorical(logits=self.classify_logits(x)),
+                        obs=y.clamp(min=0))
+
+    def guide_classify(self, x: Tensor, y: Tensor) -> None:
+        """No latent: the classification term is a log-likelihood."""
+
+    def programs(self) -> list[Program]:
+        """(1, L on labelled rows), (1, U on unlabelled rows), (a, log q(y|x) on labelled
+        rows): the terms whose rows the training split has."""
+        terms: list[Program] = []
+        # TraceEnum_ELBO warns that the labelled terms enumerate nothing: they need not
+        warnings.filterwarnings("ignore", message="TraceEnum_ELBO found no sample sites "
+                                "configured for enumeration", category=UserWarning)
+        if self.labelled_rows:
+            terms.append((1.0, self.model_labelled, self.guide_labelled))
+        if self.unlabelled_rows:
+            terms.append((1.0, self.model_unlabelled, self.guide_unlabelled))
+        if self.labelled_rows and self.aux_weight > 0:
+            terms.append((self.aux_weight, self.model_classify, self.guide_classify))
+        return terms
+
+    # -- hooks of the model contract -----------------------------------------------------------
+    def pretrain(self, ctx: RunContext) -> None:
+        """Nothing to fit; refuse ``--elbo analytic`` and say how y is handled."""
+        elbo = getattr(ctx.config, "elbo", "enum")
+        if elbo == "analytic" and self.unlabelled_rows:
+            raise UsageError("--model ssvae with --elbo analytic: TraceMeanField_ELBO assumes a "
+                             "reparameterized guide and would drop the gradient of q(y|x) on "
+                             "unlabelled rows; use --elbo enum (exact sum over y) or mc")
+        labelled = ctx.data.labelled or 0
+        ctx.log(f"ssvae: {labelled} of {len(ctx.data.train)} training rows labelled; "
+                f"classification weight a = {self.aux_weight:.4g} per labelled row")
+        if elbo != "enum" and self.unlabelled_rows:
+            ctx.log(f"ssvae: --elbo {elbo} samples the class y of unlabelled rows from q(y|x) "
+                    "(score-function gradient, high variance); --elbo enum sums it out exactly")
+
+    def metrics(self, ctx: RunContext) -> dict:
+        """``labelled``, ``test_accuracy`` of argmax q(y|x), ``test_elbo_unlabelled`` (the
+        bound U(x) on log p(x) with the test labels hidden) and ``classification_weight``."""
+        test = ctx.data.test
+        x, _ = self.data_args(test.x, None)
+        out: dict = {"labelled": ctx.data.labelled or 0,
+                     "classification_weight": self.aux_weight}
+        if test.y is not None and bool((test.y >= 0).all()):
+            out["test_accuracy"] = (self.predict(x) == test.y).double().mean().item()
+        particles = getattr(ctx.config, "eval_particles", 10)
+        out["test_elbo_unlabelled"] = unlabelled_bound(self, x, ctx.score, particles
+                                                       ).mean().item()
+        ctx.log(f"ssvae: test accuracy {out.get('test_accuracy', float('nan')):.4f}, test "
+                f"ELBO with labels hidden {out['test_elbo_unlabelled']:.2f}")
+        return out
+
+    @torch.no_grad()
+    def figures(self, ctx: RunContext) -> None:
+        """``samples_by_class.png``: E[x|y,z], one row per class y, the same z ~ p(z) down
+        each column. ``analogies.png``: test images (top row), their z = mean of q(z|x, y)
+        (true label) decoded with every class."""
+        data, out = ctx.data, ctx.out
+        shape = data.image_shape
+        if shape is None:
+            ctx.log("figures samples_by_class.png and analogies.png skipped: the data are "
+                    "not images")
+            return
+        shown = min(self.classes, MAX_CLASS_ROWS)
+        more = f" (the first {shown} of {self.classes})" if shown < self.classes else ""
+        names = [str(k) for k in range(shown)]
+        device = self.log_scale.device
+
+        def samples() -> None:
+            g = torch.Generator().manual_seed(0)
+            z = torch.randn(1, FIGURE_COLUMNS, self.z_dim, generator=g).to(device)
+            ys = torch.arange(shown, device=device)[:, None]
+            rows = self.decode(z.to(self.log_scale.dtype), ys)  # (classes, columns, D)
+            plots.image_grid(list(rows), shape, out / "samples_by_class.png",
+                             f"samples E[x|y,z]: one row per class y{more}, the same "
+                             "z ~ p(z) down each column", names)
+
+        def analogies() -> str | None:
+            test = data.test
+            if test.y is None or not bool((test.y >= 0).all()):
+                return "the test split has no labels to encode with"
+            x, y = pixels(test.x[:FIGURE_COLUMNS]), test.y[:FIGURE_COLUMNS].long()
+            z = self.encode(x, y)[0]
+            ys = torch.arange(shown, device=device)[:, None]
+            rows = [x, *self.decode(z.unsqueeze(0), ys)]
+            plots.image_grid(rows, shape, out / "analogies.png",
+                             "analogies: z = mean of q(z|x, y) of the top image, decoded with "
+                             f"each class{more}", ["input", *names])
+            return None
+
+        draw_or_skip(ctx, "samples_by_class.png", samples)
+        draw_or_skip(ctx, "analogies.png", analogies)
+
+
+@torch.no_grad()
+def unlabelled_bound(module: SSVAE, x: Tensor, score, particles: int = 10) -> Tensor:
+    """U(x) = sum_y q(y|x) [L(x, y) - log q(y|x)] per row of ``x``: exact over the K classes,
+    each L(x, y) (which includes log p(y)) by ``score`` (:func:`ppl_vae.evaluation.score`)
+    with ``particles`` draws of z ~ q(z|x,y)."""
+    log_q = torch.cat([F.log_softmax(module.classify_logits(c), -1) for c in x.split(4096)])
+    bound = torch.zeros(x.shape[0], dtype=log_q.dtype, device=x.device)
+    for k in range(module.classes):
+        y = torch.full((x.shape[0],), k, dtype=torch.long, device=x.device)
+        elbo = score(module, x, y, num_samples=particles, seed=k).elbo.to(log_q.dtype)
+        q = log_q[:, k].exp()
+        bound += torch.where(q > 0, q * (elbo - log_q[:, k]), torch.zeros_like(q))
+    return bound

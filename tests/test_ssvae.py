@@ -1,0 +1,288 @@
+"""The semi-supervised VAE M2 (``--model ssvae``): its programs' structure, the exactness of
+``TraceEnum_ELBO``'s sum over the class (against the sum by hand, float64, the same z noise),
+the mixed labelled/unlabelled objective row by row, the one-program evaluation, and runs end
+to end on digits with a class-balanced labelled subset."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pyro
+import pytest
+import torch
+import torch.nn.functional as F
+from pyro import poutine
+from pyro.infer import TraceEnum_ELBO
+from pyro.poutine.util import site_is_subsample
+from torch.distributions import Bernoulli, Normal
+
+from ppl_vae import Dataset, Split, TrainConfig, UsageError, load_dataset, make_elbo, score
+from ppl_vae.cli import train_main
+from ppl_vae.inference.program import inspect_program
+from ppl_vae.inference.svi import elbo_loss
+from ppl_vae.inference.trainer import train_run
+from ppl_vae.models import SSVAE, get_model
+from ppl_vae.models.ssvae import SSVAEOptions, unlabelled_bound
+
+F64 = torch.float64
+K = 10
+PIXELS = 5
+Z = 2
+SMALL = dict(hidden=(32,), z_dim=4)
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def tiny(aux_weight: float = 0.7, **kw) -> SSVAE:
+    """5 pixels, 10 classes, z of 2, float64 (seeded by the autouse fixture)."""
+    return SSVAE(PIXELS, K, z_dim=Z, hidden=(7,), aux_weight=aux_weight, **kw).to(F64)
+
+
+def batch(n: int = 6, labels=(3, -1, 0, -1, -1, 9)):
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(n, PIXELS, generator=g, dtype=F64)
+    return x, torch.tensor(labels[:n], dtype=torch.long)
+
+
+def standard_normal(*shape: int) -> torch.Tensor:
+    """What ``Normal.rsample`` draws next (``torch.empty(...).normal_()``)."""
+    return torch.empty(shape, dtype=F64).normal_()
+
+
+# -- hand computations ------------------------------------------------------------------------
+def labelled_elbo(m: SSVAE, x, y, eps) -> torch.Tensor:
+    """log p(x|y,z) + log p(y) + log p(z) - log q(z|x,y) at z = mu + sigma * eps, per row."""
+    loc, scale = m.encode(x, y)
+    z = loc + scale * eps
+    log_px = Bernoulli(logits=m.decoder(z, y), validate_args=False).log_prob(x).sum(-1)
+    log_pz = Normal(0.0, 1.0).log_prob(z).sum(-1)
+    log_qz = Normal(loc, scale).log_prob(z).sum(-1)
+    return log_px + log_pz - log_qz - math.log(K)
+
+
+def enumerated_bound(m: SSVAE, x, eps) -> torch.Tensor:
+    """sum_y q(y|x) [L(x, y) - log q(y|x)] with z noise ``eps[y]`` (shape (K, N, d))."""
+    log_q = F.log_softmax(m.classify_logits(x), -1)
+    total = torch.zeros(x.shape[0], dtype=F64)
+    for k in range(K):
+        y = torch.full((x.shape[0],), k, dtype=torch.long)
+        total = total + log_q[:, k].exp() * (labelled_elbo(m, x, y, eps[k]) - log_q[:, k])
+    return total
+
+
+def sample_sites(trace) -> set[str]:
+    return {n for n, s in trace.nodes.items()
+            if s["type"] == "sample" and not site_is_subsample(s)}
+
+
+def unlabelled_term(m: SSVAE):
+    return [t for t in m.programs() if t[1] == m.model_unlabelled][0]
+
+
+# -- structure ---------------------------------------------------------------------------------
+def test_registered_with_options():
+    assert get_model("ssvae") is SSVAE
+    opts = SSVAEOptions()
+    assert (opts.hidden, opts.z_dim, opts.alpha) == ((500,), 50, 2.0)
+    with pytest.raises(UsageError, match="alpha must be"):
+        SSVAEOptions(alpha=-1.0)
+    with pytest.raises(UsageError, match="classes takes"):
+        SSVAEOptions(classes=1)
+
+
+def test_programs_sites_plates_and_enumeration_dim():
+    m = tiny()
+    x, y = batch()
+    assert [w for w, _, _ in m.programs()] == [1.0, 1.0, 0.7]
+    # the evaluation program: y observed where labelled, sampled from q(y|x) elsewhere
+    guide = poutine.trace(m.guide).get_trace(x, y)
+    model = poutine.trace(poutine.replay(m.model, trace=guide)).get_trace(x, y)
+    assert sample_sites(guide) == {"y_unobserved", "z"}
+    sites = sample_sites(model)
+    assert {"y_observed", "y_unobserved", "y", "z", "x"} <= sites
+    assert torch.equal(guide.nodes["y_unobserved"]["mask"], y < 0)
+    assert torch.equal(model.nodes["y_observed"]["mask"], y >= 0)
+    value = model.nodes["y"]["value"]
+    assert torch.equal(value[y >= 0], y[y >= 0])
+    assert torch.equal(value[y < 0], guide.nodes["y_unobserved"]["value"][y < 0])
+    for name in ("z", "x", "y_observed"):
+        assert [f.name for f in model.nodes[name]["cond_indep_stack"]] == ["data"]
+    assert model.nodes["z"]["value"].shape == (6, Z)
+    info = inspect_program(m.model, m.guide, x, y)
+    assert (info.max_plate_nesting, info.data_plate, info.vectorized) == (1, "data", True)
+    # the unlabelled term under TraceEnum_ELBO: y enumerated at dim -2 (left of the data plate)
+    elbo = TraceEnum_ELBO(max_plate_nesting=1)
+    _, model_u, guide_u = unlabelled_term(m)
+    model_trace, guide_trace = next(elbo._get_traces(model_u, guide_u, (x, y), {}))
+    site = guide_trace.nodes["y"]
+    assert site["infer"]["enumerate"] == "parallel"
+    assert site["value"].shape == (K, 1)
+    assert torch.equal(site["value"].reshape(-1), torch.arange(K))
+    assert guide_trace.nodes["z"]["value"].shape == (K, 6, Z)
+    assert model_trace.nodes["x"]["fn"].batch_shape == (K, 6)
+    assert torch.equal(guide_trace.nodes["z"]["mask"], y < 0)
+
+
+def test_data_args_marks_missing_labels():
+    m = tiny()
+    x = torch.rand(3, PIXELS)
+    _, y = m.data_args(x, None)
+    assert y.tolist() == [-1, -1, -1] and y.dtype == torch.long
+    _, y = m.data_args(x, torch.tensor([2, -1, 0]))
+    assert y.tolist() == [2, -1, 0]
+
+
+# -- exactness of the enumeration --------------------------------------------------------------
+def test_enumeration_equals_the_sum_over_classes_by_hand():
+    """TraceEnum_ELBO's loss of the unlabelled term is -sum_i sum_y q(y|x_i)[L(x_i, y) -
+    log q(y|x_i)], exactly (float64), with the same z noise (one (K, N, d) draw)."""
+    m = tiny()
+    x, _ = batch()
+    y = torch.full((6,), -1)
+    _, model_u, guide_u = unlabelled_term(m)
+    pyro.set_rng_seed(5)
+    loss = TraceEnum_ELBO(max_plate_nesting=1).differentiable_loss(model_u, guide_u, x, y)
+    pyro.set_rng_seed(5)
+    eps = standard_normal(K, 6, Z)
+    expected = -enumerated_bound(m, x, eps).sum()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-12, abs=1e-10)
+    # and its gradient reaches the classifier through the weights q(y|x)
+    loss.backward()
+    assert m.classifier[0].weight.grad.abs().sum() > 0
+
+
+def test_mixed_batch_gives_each_row_its_own_bound():
+    """The whole objective (the three weighted terms, --elbo enum) on a batch with labelled
+    and unlabelled rows: labelled rows L(x, y) + a log q(y|x) (never K times), unlabelled rows
+    the enumerated U(x), row by row from the same z noise."""
+    m = tiny(aux_weight=0.7)
+    x, y = batch()
+    lab = y >= 0
+    loss_fn = elbo_loss(make_elbo("enum", 1), m, m.programs())
+    pyro.set_rng_seed(11)
+    loss = loss_fn(x, y)
+    pyro.set_rng_seed(11)
+    eps_labelled = standard_normal(6, Z)  # the labelled term draws z for every row (masked)
+    eps_unlabelled = standard_normal(K, 6, Z)
+    label = y.clamp(min=0)
+    log_q = F.log_softmax(m.classify_logits(x), -1).gather(-1, label[:, None]).squeeze(-1)
+    per_row = torch.where(lab, labelled_elbo(m, x, label, eps_labelled) + 0.7 * log_q,
+                          enumerated_bound(m, x, eps_unlabelled))
+    assert loss.item() == pytest.approx(-per_row.sum().item(), rel=1e-12, abs=1e-10)
+    # masked rows contribute exactly nothing: an unlabelled-only batch is its own sum
+    _, model_u, guide_u = unlabelled_term(m)
+    pyro.set_rng_seed(3)
+    part = TraceEnum_ELBO(max_plate_nesting=1).differentiable_loss(model_u, guide_u, x, y)
+    pyro.set_rng_seed(3)
+    eps = standard_normal(K, 6, Z)
+    assert part.item() == pytest.approx(-enumerated_bound(m, x, eps)[~lab].sum().item(),
+                                        rel=1e-12, abs=1e-10)
+
+
+def test_sampled_class_estimates_the_same_bound(sem):
+    """--elbo mc samples y ~ q(y|x): its loss averages to the enumerated one."""
+    m = tiny()
+    x, _ = batch(3)
+    y = torch.full((3,), -1)
+    _, model_u, guide_u = unlabelled_term(m)
+    mc = make_elbo("mc", 2000, max_plate_nesting=1)
+    enum = make_elbo("enum", 2000, max_plate_nesting=1)
+    with pyro.validation_enabled(False):  # it warns that mc does not enumerate y
+        a = torch.tensor([mc.loss(model_u, guide_u, x, y) for _ in range(10)])
+    b = torch.tensor([enum.loss(model_u, guide_u, x, y) for _ in range(10)])
+    assert abs(a.mean() - b.mean()) < 4 * math.hypot(sem(a), sem(b)) + 1e-9
+
+
+def test_evaluation_program_scores_both_bounds(sem):
+    """score() of the one program: labelled rows estimate L(x, y); unlabelled rows (y
+    sampled from q(y|x)) estimate U(x), which unlabelled_bound sums over y exactly."""
+    m = tiny()
+    x, y = batch()
+    labelled = torch.tensor([3, 1, 0, 4, 7, 9])
+    s = score(m, x, labelled, num_samples=4000).elbo
+    pyro.set_rng_seed(2)
+    hand = torch.stack([labelled_elbo(m, x, labelled, standard_normal(6, Z))
+                        for _ in range(400)])
+    assert torch.allclose(s, hand.mean(0), atol=5 * sem(hand[:, 0]) + 0.02)
+    hidden = torch.full((6,), -1)
+    draws = torch.stack([score(m, x, hidden, num_samples=1000, seed=i).elbo for i in range(8)])
+    exact = unlabelled_bound(m, x, score, particles=4000)
+    tol = 5 * draws.std(0) / math.sqrt(8) + 0.02
+    assert ((draws.mean(0) - exact).abs() < tol).all(), (draws.mean(0), exact)
+
+
+# -- runs ----------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def few_labels():
+    return load_dataset("digits", labelled=50, seed=3)
+
+
+def test_labelled_subset_is_class_balanced(few_labels):
+    y = few_labels.train.y
+    assert few_labels.labelled == 50 and int((y >= 0).sum()) == 50
+    counts = torch.bincount(y[y >= 0], minlength=K)
+    assert counts.tolist() == [5] * K
+    assert bool((few_labels.test.y >= 0).all())
+    again = load_dataset("digits", labelled=50, seed=3)
+    assert torch.equal(again.train.y, y)
+
+
+def test_train_run_with_few_labels(tmp_path):
+    config = TrainConfig(model="ssvae", model_options=SMALL, dataset="digits", labelled=50,
+                         elbo="enum", epochs=2, batch_size=64, lr=3e-3, eval_particles=3,
+                         out=str(tmp_path / "run"))
+    run = train_run(config, progress=False)
+    s = run.summary
+    assert s["labelled"] == 50
+    assert 0 <= s["test_accuracy"] <= 1
+    for key in ("test_elbo", "test_elbo_unlabelled", "train_elbo"):
+        assert math.isfinite(s[key]), key
+    # log p(x) >= log p(x, y): the unlabelled bound is the higher one (up to the z noise)
+    assert s["test_elbo_unlabelled"] > s["test_elbo"] - 1.0
+    assert s["classification_weight"] == pytest.approx(2.0 * len(run.data.train) / 50)
+    for name in ("samples_by_class.png", "analogies.png", "elbo_curves.png"):
+        assert (run.out / name).read_bytes()[:8] == PNG, name
+    saved = json.loads((run.out / "summary.json").read_text())
+    assert saved["test_accuracy"] == s["test_accuracy"]
+    assert any("50 of" in n for n in run.notes)
+
+
+def test_every_label_and_no_label(tmp_path, digits):
+    """--labelled 0 keeps every label (fully supervised M2: no unlabelled term); training
+    labels absent altogether make every row unlabelled (no labelled terms)."""
+    common = dict(model="ssvae", model_options=SMALL, epochs=1, batch_size=64,
+                  eval_particles=2)
+    full = train_run(TrainConfig(**common, out=str(tmp_path / "full")), digits,
+                     progress=False)
+    assert [t[1].__name__ for t in full.module.programs()] == ["model_labelled",
+                                                               "model_classify"]
+    assert full.summary["labelled"] == len(digits.train)
+    bare = Dataset("bare", Split(digits.train.x), digits.test, digits.image_shape)
+    none = train_run(TrainConfig(**common, elbo="enum", out=str(tmp_path / "none")), bare,
+                     progress=False)
+    assert [t[1].__name__ for t in none.module.programs()] == ["model_unlabelled"]
+    assert none.summary["labelled"] == 0 and 0 <= none.summary["test_accuracy"] <= 1
+
+
+def test_mc_runs_with_a_note_and_analytic_is_refused(tmp_path, few_labels):
+    common = dict(model="ssvae", model_options=SMALL, epochs=1, batch_size=64,
+                  eval_particles=2)
+    run = train_run(TrainConfig(**common, elbo="mc", out=str(tmp_path / "mc")), few_labels,
+                    progress=False)
+    assert any("--elbo enum sums it out exactly" in n for n in run.notes)
+    assert math.isfinite(run.summary["test_elbo"])
+    with pytest.raises(UsageError, match="analytic"):
+        train_run(TrainConfig(**common, elbo="analytic", out=str(tmp_path / "an")),
+                  few_labels, progress=False)
+
+
+def test_cli(cli, tmp_path):
+    out = tmp_path / "cli"
+    result = cli(train_main, ["--model", "ssvae", "--dataset", "digits", "--labelled", "30",
+                              "--elbo", "enum", "--hidden", "16", "--z-dim", "2", "--alpha",
+                              "0.5", "--epochs", "1", "--eval-particles", "2", "--out", out])
+    assert result.code == 0, result.err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["labelled"] == 30
+    config = json.loads((out / "config.json").read_text())
+    assert config["labelled"] == 30 and config["model_options"]["alpha"] == 0.5
