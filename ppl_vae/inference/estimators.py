@@ -7,7 +7,9 @@ For a data point x, guide q(z|x) and L reparameterized draws z_l ~ q(z|x):
       1/L sum_l [log p(x, z_l) - log q(z_l|x)]
 
 * ``analytic`` -- :class:`~pyro.infer.TraceMeanField_ELBO`, estimator B: the KL in closed
-  form where Pyro knows it (falling back to Monte Carlo where it does not)::
+  form where Pyro knows it (falling back to Monte Carlo where it does not; a guide with a
+  non-reparameterized site, e.g. a discrete y, gets ``mc``'s estimate, whose score-function
+  gradient Pyro's class would drop)::
 
       1/L sum_l log p(x|z_l) - KL(q(z|x) || p(z))
 
@@ -94,11 +96,15 @@ class TraceMeanField_ELBO(pyro.infer.TraceMeanField_ELBO):
         loss = 0.0
         for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
             discrete = _not_reparameterized(guide_trace)
-            if discrete:  # Pyro's class would drop their score-function gradient silently
-                raise UsageError(f"--elbo analytic (TraceMeanField_ELBO) needs a guide whose "
-                                 f"latent sites are all reparameterized, and "
-                                 f"{', '.join(map(repr, discrete))} is not; use --elbo mc or "
-                                 "--elbo enum")
+            if discrete:  # no score-function term here: Trace_ELBO's estimate instead
+                warnings.warn(f"--elbo analytic: the guide's site(s) {', '.join(discrete)} are "
+                              "not reparameterized, so this objective uses Trace_ELBO's Monte "
+                              "Carlo estimate with score-function gradients (TraceMeanField_ELBO "
+                              "would drop them)", UserWarning, stacklevel=2)
+                return Trace_ELBO(num_particles=self.num_particles,
+                                  max_plate_nesting=self.max_plate_nesting,
+                                  vectorize_particles=self.vectorize_particles
+                                  ).differentiable_loss(model, guide, *args, **kwargs)
             if any(site["type"] == "sample" and name not in model_trace.nodes
                    for name, site in guide_trace.nodes.items()):  # auxiliary guide sites
                 return super().differentiable_loss(model, guide, *args, **kwargs)
