@@ -58,15 +58,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-import pyro
 import pyro.distributions as dist
 import torch
-from pyro import poutine
 from torch import Tensor, nn
 
 from ..data import pixels
 from ..errors import UsageError
-from .base import Model, RunContext
+from .base import RunContext
 from .likelihoods import (
     GAUSSIAN_OFFSET,
     LIKELIHOODS,
@@ -78,7 +76,7 @@ from .likelihoods import (
 from .nets import ACTIVATIONS, check_options, positive
 from .options import extra_options
 from .registry import register_model
-from .vae import ENCODER_SCALES, encoder_scale
+from .vae import ENCODER_SCALES, GaussianLatentVAE, encoder_scale
 
 if TYPE_CHECKING:
     from ..data import Dataset
@@ -153,7 +151,7 @@ class ConvVAEOptions:
 
 
 @register_model("conv-vae")
-class ConvVAE(Model):
+class ConvVAE(GaussianLatentVAE):
     """VAE with a convolutional encoder (C, H, W) -> 2d and a transposed-convolutional
     decoder d -> (C, H, W) (or (2C, H, W) for the discretized logistic)."""
 
@@ -237,27 +235,7 @@ class ConvVAE(Model):
         """``(x,)`` as it is: 8-bit rows stay uint8, converted per batch in the program."""
         return (x,)
 
-    # -- the probabilistic program -------------------------------------------------------------
-    def model(self, x: Tensor) -> None:
-        """p(z) p(x|z) for a batch ``x`` of shape (N, D), float pixels or uint8 levels."""
-        with pyro.plate("data", x.shape[0], device=x.device):
-            with poutine.scale(scale=self.beta):
-                z = pyro.sample("z", self.prior(x.shape[0]).to_event(1))
-            pyro.sample("x", self.likelihood_dist(z), obs=pixels(x))
-
-    def guide(self, x: Tensor) -> None:
-        """q(z|x), a diagonal Normal from the convolutional encoder."""
-        with pyro.plate("data", x.shape[0], device=x.device):
-            loc, scale = self.encode(x)
-            with poutine.scale(scale=self.beta):
-                pyro.sample("z", dist.Normal(loc, scale).to_event(1))
-
-    # -- pieces, and what a user calls ---------------------------------------------------------
-    def prior(self, n: int) -> dist.Normal:
-        """p(z) = Normal(0, I) for ``n`` points (batch shape (n, d))."""
-        zeros = self.log_scale.new_zeros(n, self.z_dim)
-        return dist.Normal(zeros, torch.ones_like(zeros))
-
+    # -- pieces (the program, prior, reconstruct and sample: GaussianLatentVAE) ----------------
     def decoder_out(self, z: Tensor) -> tuple[Tensor, Tensor]:
         """The decoder's output for ``z`` of shape (..., d), flattened to (..., D): the
         location (logits, means) and the log-scale (per subpixel for the logistic, else the
@@ -291,16 +269,6 @@ class ConvVAE(Model):
         if self.likelihood == "logistic":
             return DiscretizedLogistic(loc, log_scale).mean
         return loc
-
-    @torch.no_grad()
-    def reconstruct(self, x: Tensor) -> Tensor:
-        """E[x|z] at the posterior mean z = mu(x)."""
-        return self.decode(self.encode(x)[0])
-
-    @torch.no_grad()
-    def sample(self, n: int) -> Tensor:
-        """E[x|z] for ``n`` draws z ~ p(z), shape (n, D)."""
-        return self.decode(self.prior(n).sample())
 
     # -- the summary ---------------------------------------------------------------------------
     def metrics(self, ctx: RunContext) -> dict:

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from pyro import poutine
 from torch import Tensor, nn
 
+from ..data import pixels
 from ..errors import UsageError
 from .base import Model
 from .likelihoods import LIKELIHOODS, check_range, pixel_likelihood, pixel_mean
@@ -100,8 +101,52 @@ class VAEOptions(NetworkOptions):
                              "or drop --learn-scale")
 
 
+class GaussianLatentVAE(Model):
+    """What every VAE family with z ~ Normal(0, I) and an amortized Normal guide shares: the
+    program p(z) p(x|z) and q(z|x), the prior, reconstructions and prior samples, all in
+    terms of the family's ``encode(x) -> (loc, scale)``, ``likelihood_dist(z)`` (event
+    shape (D,)) and ``decode(z) -> E[x|z]``, with attributes ``z_dim``, ``beta`` and a
+    tensor ``log_scale`` (for the device and dtype). Rows may be 8-bit (uint8): the
+    observed site gets :func:`~ppl_vae.data.pixels` of them."""
+
+    z_dim: int
+    beta: float
+    log_scale: Tensor
+
+    # -- the probabilistic program -------------------------------------------------------------
+    def model(self, x: Tensor) -> None:
+        """p(z) p(x|z) for a batch ``x`` of shape (N, D)."""
+        with pyro.plate("data", x.shape[0], device=x.device):
+            with poutine.scale(scale=self.beta):
+                z = pyro.sample("z", self.prior(x.shape[0]).to_event(1))
+            pyro.sample("x", self.likelihood_dist(z), obs=pixels(x))
+
+    def guide(self, x: Tensor) -> None:
+        """q(z|x), the diagonal Normal of ``encode``."""
+        with pyro.plate("data", x.shape[0], device=x.device):
+            loc, scale = self.encode(x)
+            with poutine.scale(scale=self.beta):
+                pyro.sample("z", dist.Normal(loc, scale).to_event(1))
+
+    # -- pieces, and what a user calls ---------------------------------------------------------
+    def prior(self, n: int) -> dist.Normal:
+        """p(z) = Normal(0, I) for ``n`` points (batch shape (n, d))."""
+        zeros = self.log_scale.new_zeros(n, self.z_dim)
+        return dist.Normal(zeros, torch.ones_like(zeros))
+
+    @torch.no_grad()
+    def reconstruct(self, x: Tensor) -> Tensor:
+        """E[x|z] at the posterior mean z = mu(x)."""
+        return self.decode(self.encode(x)[0])
+
+    @torch.no_grad()
+    def sample(self, n: int) -> Tensor:
+        """E[x|z] for ``n`` draws z ~ p(z), shape (n, D)."""
+        return self.decode(self.prior(n).sample())
+
+
 @register_model("vae")
-class VAE(Model):
+class VAE(GaussianLatentVAE):
     """VAE with MLP encoder ``D -> hidden -> 2d`` and decoder ``d -> reversed(hidden) -> D``."""
 
     Options = VAEOptions
@@ -155,27 +200,7 @@ class VAE(Model):
                    beta=options.beta, encoder_scale=options.encoder_scale, **flow,
                    **extra_options(options, VAEOptions))
 
-    # -- the probabilistic program -------------------------------------------------------------
-    def model(self, x: Tensor) -> None:
-        """p(z) p(x|z) for a batch ``x`` of shape (N, D)."""
-        with pyro.plate("data", x.shape[0], device=x.device):
-            with poutine.scale(scale=self.beta):
-                z = pyro.sample("z", self.prior(x.shape[0]).to_event(1))
-            pyro.sample("x", self.likelihood_dist(z), obs=x)
-
-    def guide(self, x: Tensor) -> None:
-        """q(z|x), a diagonal Normal from the encoder."""
-        with pyro.plate("data", x.shape[0], device=x.device):
-            loc, scale = self.encode(x)
-            with poutine.scale(scale=self.beta):
-                pyro.sample("z", dist.Normal(loc, scale).to_event(1))
-
     # -- pieces, and what a user calls ---------------------------------------------------------
-    def prior(self, n: int) -> dist.Normal:
-        """p(z) = Normal(0, I) for ``n`` points (batch shape (n, d))."""
-        zeros = self.log_scale.new_zeros(n, self.z_dim)
-        return dist.Normal(zeros, torch.ones_like(zeros))
-
     def likelihood_dist(self, z: Tensor) -> dist.TorchDistribution:
         """p(x|z) with event shape (D,); ``z`` may carry extra leading (particle) dims."""
         return pixel_likelihood(self.decoder(z), self.likelihood, self.log_scale)
@@ -188,13 +213,3 @@ class VAE(Model):
     def decode(self, z: Tensor) -> Tensor:
         """E[x|z]: pixel probabilities (Bernoulli) or means (Gaussian)."""
         return pixel_mean(self.decoder(z), self.likelihood)
-
-    @torch.no_grad()
-    def reconstruct(self, x: Tensor) -> Tensor:
-        """E[x|z] at the posterior mean z = mu(x)."""
-        return self.decode(self.encode(x)[0])
-
-    @torch.no_grad()
-    def sample(self, n: int) -> Tensor:
-        """E[x|z] for ``n`` draws z ~ p(z), shape (n, D)."""
-        return self.decode(self.prior(n).sample())
