@@ -301,32 +301,22 @@ def _npz(path: str, likelihood: str | None) -> Dataset:
         raise UsageError(f"{where}: 'x' has dtype {x.dtype}; expected real numbers")
     if x.ndim == 4:
         x = _channels_first(x, where)
-    if x.dtype == np.uint8:  # 8-bit images stay 8-bit (converted per batch)
-        eight = torch.as_tensor(x.reshape(len(x), -1).copy())
-        shape = (1, *x.shape[1:]) if x.ndim == 3 else tuple(x.shape[1:]) if x.ndim == 4 \
-            else _square(x.shape[1])
-        y = _npz_labels(arrays, len(x), where)
-        train, test = _split(eight, y)
-        return Dataset(where, train, test, image_shape=shape)
-    x = x.astype(np.float32)
-    if not np.isfinite(x).all():
-        raise UsageError(f"{where}: 'x' contains NaN or infinite values (some may have "
-                         "overflowed float32, beyond 3.4e38); clean or drop those rows, or "
-                         "standardize the data ((x - mean) / std) before saving")
-    check_magnitude(x, where)
-    if likelihood == "bernoulli" and (x.min() < 0 or x.max() > 1):
-        raise UsageError(
-            f"{where}: 'x' lies in [{x.min():g}, {x.max():g}] but the Bernoulli likelihood needs "
-            "[0, 1]; rescale it (e.g. x / 255) or use --likelihood gaussian"
-        )
+    shape = (tuple(x.shape[1:]) if x.ndim == 4 else (1, *x.shape[1:]) if x.ndim == 3
+             else _square(x.shape[1]))
     y = _npz_labels(arrays, len(x), where)
-    if x.ndim == 4:
-        shape = tuple(x.shape[1:])
-    elif x.ndim == 3:
-        shape = (1, *x.shape[1:])
-    else:
-        shape = _square(x.shape[1])
-    train, test = _split(torch.as_tensor(x.reshape(len(x), -1)), y)
+    if x.dtype != np.uint8:  # 8-bit images stay 8-bit (converted per batch)
+        x = x.astype(np.float32)
+        if not np.isfinite(x).all():
+            raise UsageError(f"{where}: 'x' contains NaN or infinite values (some may have "
+                             "overflowed float32, beyond 3.4e38); clean or drop those rows, or "
+                             "standardize the data ((x - mean) / std) before saving")
+        check_magnitude(x, where)
+        if likelihood == "bernoulli" and (x.min() < 0 or x.max() > 1):
+            raise UsageError(
+                f"{where}: 'x' lies in [{x.min():g}, {x.max():g}] but the Bernoulli likelihood "
+                "needs [0, 1]; rescale it (e.g. x / 255) or use --likelihood gaussian"
+            )
+    train, test = _split(torch.as_tensor(np.ascontiguousarray(x.reshape(len(x), -1))), y)
     return Dataset(where, train, test, image_shape=shape)
 
 
