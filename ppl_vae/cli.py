@@ -63,7 +63,7 @@ def _add_option(group, name: str, default: Any, help: str, choices=None, *,
     return True
 
 
-TRAIN_ONLY = ("elbo", "particles", "jit", "early_stop", "val_fraction", "eval_iwae",
+TRAIN_ONLY = ("elbo", "particles", "jit", "compile", "early_stop", "val_fraction", "eval_iwae",
               "checkpoint_every_steps", "check_every_steps")
 
 

@@ -63,6 +63,13 @@ class TrainConfig:
     particles: int = _opt(1, "samples per data point (vectorized where the model allows)",
                           group="inference")
     jit: bool = _opt(False, "use Pyro's Jit* ELBO variants", group="inference")
+    compile: bool = _opt(False, "trace the whole SVI step (guide, model, ELBO, backward, Adam) "
+                         "once per batch shape and replay it compiled by inductor (as a CUDA "
+                         "graph with --cuda); the first step is eager, the last partial batch "
+                         "of an epoch is a second shape, compiled when first met; costs "
+                         "seconds to compile, so it pays on long runs; falls back to the eager "
+                         "step with one line saying why where capture cannot be exact",
+                         group="inference")
     lr: float = _opt(1e-3, "Adam learning rate", group="inference")
     epochs: int = _opt(10, "training epochs", group="inference")
     batch_size: int = _opt(128, "images per SVI step and process (under torchrun the global "
@@ -149,6 +156,9 @@ class TrainConfig:
         if self.eval_iwae < 0:
             raise UsageError(f"--eval-iwae must be 0 (off) or a number of samples, got "
                              f"{self.eval_iwae}")
+        if self.jit and self.compile:
+            raise UsageError("--jit and --compile are two ways to compile the step; drop one "
+                             "(--compile also compiles the backward pass and Adam)")
         if self.jit and self.elbo in ("iwae", "enum"):
             raise UsageError(f"--jit with --elbo {self.elbo} is not supported here; drop --jit "
                              "or use --elbo mc|analytic")

@@ -14,7 +14,7 @@ import re
 from collections.abc import Iterator
 
 _CLI = contextvars.ContextVar("ppl_vae_cli", default=False)
-FLAGS = ("overwrite", "cuda", "jit", "validate")  # run switches: "pass overwrite=True"
+FLAGS = ("overwrite", "cuda", "jit", "compile", "validate")  # run switches: "pass overwrite=True"
 _FLAG = re.compile(r"(?<![\w-])--([a-z][a-z0-9-]*)")
 
 

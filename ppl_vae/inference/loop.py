@@ -39,7 +39,35 @@ from .distributed import World
 from .svi import hide_bar
 
 StepFn = Callable[..., Tensor]
+"""``args -> loss``: a detached scalar, its gradient already added to the parameters."""
 NEVER = 2**62
+
+
+class TrainStep:
+    """One whole training step ``(i, args, total, first_bad)``: the loss of the batch
+    ``args``, its gradient and the optimizer's update, with the loss added to the epoch's sum
+    ``total`` and ``first_bad`` lowered to ``i`` (the step's index in its epoch) if the loss
+    is not finite. ``total`` and ``first_bad`` are the loop's, updated in place."""
+
+    def __call__(self, i: int, args: tuple[Tensor, ...], total: Tensor, first_bad: Tensor
+                 ) -> None:
+        raise NotImplementedError
+
+
+class EagerStep(TrainStep):
+    """The step as PyTorch runs it: zero the gradients, ``step(*args)`` (a :data:`StepFn`),
+    the bookkeeping, then ``optimizer.step()``."""
+
+    def __init__(self, step: StepFn, optimizer: torch.optim.Optimizer) -> None:
+        self.step, self.optimizer = step, optimizer
+
+    def __call__(self, i: int, args: tuple[Tensor, ...], total: Tensor, first_bad: Tensor
+                 ) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.step(*args)
+        total += loss
+        first_bad.copy_(torch.where(torch.isfinite(loss), first_bad, first_bad.clamp(max=i)))
+        self.optimizer.step()
 
 
 class Diverged(UsageError):
@@ -64,7 +92,8 @@ class LoopState:
 
 
 class Loop:
-    """Train ``module`` by ``step`` over ``inputs(generator)`` (the epoch's tensors, rows
+    """Train ``module`` by ``step`` (a :data:`StepFn` with ``optimizer``, or a whole
+    :class:`TrainStep`) over ``inputs(generator)`` (the epoch's tensors, rows
     first) for ``epochs`` epochs; see the module docstring.
 
     ``validate()`` (a loss per row, lower is better) and ``on_epoch(epoch, train_loss,
@@ -76,7 +105,7 @@ class Loop:
 
     def __init__(
         self,
-        step: StepFn,
+        step: StepFn | TrainStep,
         optimizer: torch.optim.Optimizer,
         module: nn.Module,
         inputs: Callable[[torch.Generator], tuple[Tensor, ...]],
@@ -99,7 +128,8 @@ class Loop:
     ) -> None:
         if patience and validate is None:
             raise ValueError("early stopping needs a validate function")
-        self.step_fn, self.optimizer, self.module = step, optimizer, module
+        self.take = step if isinstance(step, TrainStep) else EagerStep(step, optimizer)
+        self.optimizer, self.module = optimizer, module
         self.inputs, self.batch_size, self.epochs = inputs, batch_size, epochs
         self.device, self.world = device, world
         self.validate, self.patience, self.on_epoch, self.save = validate, patience, on_epoch, save
@@ -134,7 +164,7 @@ class Loop:
         names = {f for f in LoopState.__dataclass_fields__}
         self.state = LoopState(**{k: v for k, v in state.items() if k in names})
         mine = state["ranks"][self.world.rank]
-        self.total = mine["total"].to(self.device)
+        self.total.copy_(mine["total"])
         self.saved = f"epoch {self.state.epoch}, step {self.state.step}"
         torch.set_rng_state(mine["rng"])
         if self.device.type == "cuda" and mine["cuda"].numel():
@@ -176,7 +206,7 @@ class Loop:
             if not s.done:
                 s.epoch, s.step, s.seconds = s.epoch + 1, 0, 0.0
                 s.streams = self._streams()
-                self.total = torch.zeros((), device=self.device)
+                self.total.zero_()
             self._save()
         bar.close()
         self.module.eval()
@@ -237,12 +267,7 @@ class Loop:
         self._check()
 
     def _take_step(self, i: int, args: tuple[Tensor, ...]) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
-        loss = self.step_fn(*args)
-        self.total += loss
-        self.first_bad = torch.where(torch.isfinite(loss), self.first_bad,
-                                     self.first_bad.clamp(max=i))
-        self.optimizer.step()
+        self.take(i, args, self.total, self.first_bad)
 
     def _save(self) -> None:
         self._check()
@@ -302,7 +327,7 @@ class Loop:
 
 
 def fit(
-    step: StepFn,
+    step: StepFn | TrainStep,
     optimizer: torch.optim.Optimizer,
     module: nn.Module,
     train_inputs: Callable[[], tuple[Tensor, ...]],

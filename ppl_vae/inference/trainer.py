@@ -38,10 +38,11 @@ from ..models import RunContext, hook
 from ..models.figures import draw_or_skip
 from ..rundir import RunDir
 from . import distributed as dist
+from .compiled import CompiledStep
 from .distributed import World
 from .estimators import make_elbo
 from .importance import Scores, score
-from .loop import Loop
+from .loop import EagerStep, Loop, TrainStep
 from .program import ProgramInfo, inspect_program, nonfinite_site
 from .svi import collect_params, elbo_loss, elbo_step
 
@@ -362,16 +363,24 @@ def _train(config: TrainConfig, device: torch.device, data: Dataset, rundir,
     step = (dist.data_parallel_step(loss, module, params, world) if loss is not None else
             dist.grads_all_reduced(elbo_step(elbo, module, terms, info), params, world))
     run = Run(config, module, data, rundir.final)
+
+    def take_for(optimizer: torch.optim.Optimizer) -> TrainStep:
+        eager = EagerStep(step, optimizer)
+        if not config.compile:
+            return eager
+        return CompiledStep(loss, module, optimizer, eager, world=world,
+                            estimator=f"--elbo {config.elbo}")
+
     with contextlib.ExitStack() as stack:  # hooks on ranks > 0 write into a scratch dir
         out = rundir.path if world.main else Path(
             stack.enter_context(tempfile.TemporaryDirectory(prefix="ppl_vae-rank")))
         ctx = context(config, module, data, out, progress, world, guard)
         return _fit_and_evaluate(config, device, data, rundir, world, guard, state, module,
-                                 info, terms, params, step, run, ctx)
+                                 info, terms, params, take_for, run, ctx)
 
 
 def _fit_and_evaluate(config, device, data, rundir, world, guard, state, module, info, terms,
-                      params, step, run: Run, ctx: RunContext) -> Run:
+                      params, take_for, run: Run, ctx: RunContext) -> Run:
     if state is None:
         if world.main:
             write_json(rundir.path / "config.json", config.to_dict())
@@ -419,7 +428,8 @@ def _fit_and_evaluate(config, device, data, rundir, world, guard, state, module,
                 return found
         return None
 
-    loop = Loop(step, optimizer, module, lambda g: train_args(module, data, g),
+    take = take_for(optimizer)
+    loop = Loop(take, optimizer, module, lambda g: train_args(module, data, g),
                 config.batch_size, config.epochs, seed=config.seed, device=device, world=world,
                 validate=validate if config.early_stop else None, patience=config.early_stop,
                 on_epoch=on_epoch, save=save, checkpoint_every=config.checkpoint_every_steps,
@@ -453,6 +463,8 @@ def _fit_and_evaluate(config, device, data, rundir, world, guard, state, module,
         "train_seconds": sum(r["train_seconds"] for r in run.history),
         "device": str(device),
         "processes": world.size,
+        **({"step": take.description, "compile_seconds": take.compile_seconds}
+           if isinstance(take, CompiledStep) else {}),
         "dataset": data.name,
         "n_train": len(data.train),
         "n_val": 0 if data.val is None else len(data.val),

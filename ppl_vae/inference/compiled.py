@@ -1,0 +1,576 @@
+"""The whole SVI step as one compiled graph (``--compile``).
+
+One step of SVI with Adam is a pure function of the parameters theta, Adam's moments (m, v)
+and step count t, the batch x and the noise eps that the guide draws::
+
+    L = -ELBO(theta; x, eps),   g = grad_theta L
+    m <- beta1 m + (1 - beta1) g,      v <- beta2 v + (1 - beta2) g^2,      t <- t + 1
+    theta <- theta - lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + epsilon)
+
+Pyro computes L by running the guide and the model in Python, site by site, which on a small
+network costs more than the arithmetic. Here that Python runs once per batch shape:
+``make_fx`` traces the step -- Pyro's traces and ELBO, the backward pass, Adam, and the
+loop's bookkeeping (the epoch's loss sum, the first step whose loss is not finite) -- as a
+pure function of tensors on fake tensors (no real work, no real random draws), and
+inductor compiles it; each step then replays that graph on the live tensors, updating the
+parameters and the optimizer's own state tensors in place (``optimizer.state_dict()`` keeps
+torch's layout). With ``--cuda`` the graph is replayed as a CUDA graph. The bias
+corrections of step t + 1 are computed once at the end of step t into a small buffer, so
+no per-tensor kernel recomputes a power.
+
+Random draws stay torch's: the graph calls the same random operators in the same order as
+the eager step (inductor's ``fallback_random``), on the global generator. A compiled step
+therefore draws exactly the noise an eager step would, differs from step to step, follows
+``--seed``, and resumes exactly from a checkpoint's RNG state.
+
+Assumptions, checked; where one fails the step stays eager and one line says why:
+
+* the estimator has a differentiable loss that never reads the host (not RenyiELBO) and
+  Pyro validation is off;
+* the optimizer is ``torch.optim.Adam`` without amsgrad, maximize, a tensor learning rate or
+  a learning-rate schedule;
+* every tensor the program reads is an input (the module's parameters and buffers, the
+  ``pyro.param`` values it registers) or a constant that nothing trains;
+* the program's structure is static: it reads no tensor's value in Python (``.item()``,
+  ``if t > 0``), its shapes do not depend on values, and two traces are the same graph;
+* a C++ compiler for inductor on the CPU (triton on a GPU);
+* at capture, one compiled step agrees with one eager step with the same noise (the loss and
+  Adam's new moments, to float tolerance).
+
+Anything the program reads from Python (a beta, a learning rate) is frozen into the graph:
+the step is traced again at every epoch start and recompiled, with a note, if the graph
+changed. Under ``torchrun`` the graph computes the loss and gradients only; the all-reduce
+and the optimizer run outside it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import shutil
+import sys
+import time
+import traceback
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import pyro
+import torch
+from pyro.distributions.util import is_validation_enabled as dist_validation
+from pyro.infer.util import is_validation_enabled as infer_validation
+from torch import Tensor, nn
+from torch.fx.experimental.proxy_tensor import make_fx
+
+from . import distributed as dist
+from .distributed import World
+from .loop import EagerStep, TrainStep
+
+LossFn = Callable[..., Tensor]
+TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4}
+"""The capture check's relative tolerance by dtype (float16/bfloat16: 1e-2)."""
+
+
+class Refused(Exception):
+    """Capture cannot be exact: the message is the one-line reason."""
+
+
+# -- what can be refused before tracing -------------------------------------------------------
+def compiler_missing(device: torch.device) -> str | None:
+    """Why inductor cannot build kernels for ``device`` here, or None."""
+    if device.type == "cuda":
+        from torch.utils._triton import has_triton
+
+        return None if has_triton() else "triton (inductor's GPU compiler) is not installed"
+    from torch._inductor import config
+    from torch._inductor.cpp_builder import get_cpp_compiler
+
+    try:
+        found = get_cpp_compiler()
+    except Exception:
+        found = None
+    if not found or not shutil.which(found):
+        wanted = config.cpp.cxx[-1] if isinstance(config.cpp.cxx, tuple) else config.cpp.cxx
+        return (f"no C++ compiler for inductor on the CPU (looked for {wanted!r}; install g++ "
+                "or set CXX)")
+    return None
+
+
+def optimizer_unsupported(optimizer: torch.optim.Optimizer) -> str | None:
+    """Why the graph cannot run ``optimizer``'s update, or None."""
+    name = type(optimizer).__name__
+    if type(optimizer) is not torch.optim.Adam:
+        return f"the optimizer is {name}; the graph implements torch.optim.Adam only"
+    if getattr(optimizer.step, "_wrapped_by_lr_sched", False):
+        return "a learning-rate schedule drives the optimizer; the graph's rate is fixed"
+    for group in optimizer.param_groups:
+        for key in ("amsgrad", "maximize", "differentiable", "decoupled_weight_decay"):
+            if group.get(key):
+                return f"Adam with {key}=True is not implemented by the graph"
+        if torch.is_tensor(group["lr"]):
+            return "Adam with a tensor learning rate is not implemented by the graph"
+    return None
+
+
+def precheck(loss: LossFn | None, optimizer: torch.optim.Optimizer, device: torch.device,
+             estimator: str = "the estimator") -> str | None:
+    """The first reason the step cannot be compiled, known before tracing; None if none."""
+    if loss is None:
+        return (f"{estimator} has no differentiable loss (RenyiELBO, --elbo iwae, reads its "
+                "loss on the host in loss_and_grads)")
+    if dist_validation() or infer_validation():
+        return "Pyro validation is on (--validate): its checks read tensors on the host"
+    return optimizer_unsupported(optimizer) or compiler_missing(device)
+
+
+# -- tracing -----------------------------------------------------------------------------------
+class _Call(nn.Module):
+    """``fn(*args)`` as the forward of a module holding ``module``: what ``functional_call``
+    needs to run ``fn`` with other tensors in ``module``'s place."""
+
+    def __init__(self, module: nn.Module, fn: Callable) -> None:
+        super().__init__()
+        self.module, self.fn = module, fn
+
+    def forward(self, *args: Tensor) -> Tensor:
+        return self.fn(*args)
+
+
+@contextlib.contextmanager
+def _store_swapped(values: dict[str, Tensor]) -> Iterator[None]:
+    """Pyro's param store with ``values`` (unconstrained) in place of its tensors; a name the
+    program registers for the first time meanwhile is a :class:`Refused` dynamic structure.
+    (The store has no public way to swap a tensor; ``pyro.param`` reads ``_params``.)"""
+    store = pyro.get_param_store()
+    saved = (dict(store._params), dict(store._constraints), dict(store._param_to_name))
+    store._params.update(values)
+    try:
+        yield
+    finally:
+        created = sorted(set(store._params) - set(saved[0]))
+        for table, old in zip((store._params, store._constraints, store._param_to_name), saved,
+                              strict=True):
+            table.clear()
+            table.update(old)
+    if created:
+        raise Refused(f"a dynamic structure: the program registered new parameters "
+                      f"({', '.join(created[:3])}) after its first step")
+
+
+def _where(e: BaseException) -> str:
+    """``file:line`` of the innermost frame of ``e`` outside torch, pyro and this module."""
+    skip = ("/torch/", "/pyro/", "/contextlib.py", __file__)
+    frames = [f for f in traceback.extract_tb(e.__traceback__)
+              if not any(s in f.filename for s in skip)]
+    if not frames:
+        return ""
+    f = frames[-1]
+    return f" at {f.filename.rsplit('/', 1)[-1]}:{f.lineno}"
+
+
+def _reason(e: Exception) -> str:
+    """The one-line refusal for an exception raised while tracing on fake tensors."""
+    from torch._subclasses.fake_tensor import (
+        DataDependentOutputException,
+        DynamicOutputShapeException,
+    )
+    from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
+
+    if isinstance(e, Refused):
+        return str(e)
+    if isinstance(e, DynamicOutputShapeException):
+        return (f"a dynamic structure: the shape of {e.func} depends on tensor values"
+                f"{_where(e)}")
+    if isinstance(e, DataDependentOutputException | GuardOnDataDependentSymNode):
+        return f"the program reads a tensor's value in Python{_where(e)}"
+    first = (str(e).strip().splitlines() or [""])[0][:160]
+    return f"tracing failed{_where(e)} ({type(e).__name__}: {first})"
+
+
+@dataclass
+class _Graph:
+    """One traced and compiled step for one shape of the batch."""
+
+    traced: torch.fx.GraphModule
+    signature: tuple  # what a re-trace must reproduce
+    compiled: Callable
+
+
+class CompiledStep(TrainStep):
+    """The training step of ``loss`` (``args -> -ELBO``, differentiable) over ``module``
+    and ``optimizer``'s parameters, traced and compiled per batch shape; see the module
+    docstring. Called like :class:`EagerStep`; the first call, while the optimizer has no
+    state yet, is eager. ``refused`` holds the reason once the step stays eager, ``log`` gets
+    that line and other notes."""
+
+    def __init__(self, loss: LossFn | None, module: nn.Module, optimizer: torch.optim.Optimizer,
+                 eager: EagerStep, *, world: World = dist.SINGLE,
+                 log: Callable[[str], None] | None = None, estimator: str = "the estimator",
+                 check: bool = True) -> None:
+        self.loss, self.module, self.optimizer, self.eager = loss, module, optimizer, eager
+        self.world, self.log = world, log or (lambda text: print(text, file=sys.stderr))
+        self.check = check
+        self.device = next((t.device for t in module.parameters()), torch.device("cpu"))
+        self.graphs: dict[tuple, _Graph] = {}
+        self.compile_seconds = 0.0
+        self.refused: str | None = None
+        self._bound, self._moments = False, None
+        self._cudagraphs = self.device.type == "cuda"
+        self._next_i = -1
+        self._refuse(precheck(loss, optimizer, self.device, estimator) or (
+            "under torchrun the step stays eager (DDP's all-reduce runs between the backward "
+            "pass and Adam)" if world.parallel else None))
+        optimizer.register_load_state_dict_post_hook(lambda opt: self._rebind())
+
+    # -- what the Loop calls -------------------------------------------------------------------
+    def __call__(self, i: int, args: Sequence[Tensor], total: Tensor, first_bad: Tensor
+                 ) -> None:
+        if self.refused is None and not self._bound and self._ready():
+            self._bind(total, first_bad)
+        if self.refused is not None or not self._bound:
+            self.eager(i, args, total, first_bad)
+            return
+        key = tuple((tuple(a.shape), a.dtype) for a in args)
+        try:
+            if i == 0:  # each epoch start
+                self._retrace(key, args)
+            if i != self._next_i:
+                self.i_dev.fill_(i)
+            graph = self.graphs.get(key)
+            if graph is None:
+                self._capture(key, args)  # compiles, and takes this step (checked)
+            else:
+                with torch.no_grad():
+                    graph.compiled(*self._inputs, *args)
+        except Refused as e:
+            self._refuse(str(e))
+            self.eager(i, args, total, first_bad)
+            return
+        self._next_i = i + 1
+
+    @property
+    def description(self) -> str:
+        """How the run's steps were taken, for the summary."""
+        if self.refused is not None:
+            return f"eager: {self.refused}"
+        return "compiled (inductor, CUDA graphs)" if self._cudagraphs else "compiled (inductor)"
+
+    # -- state the graph reads and writes --------------------------------------------------
+    def _ready(self) -> bool:
+        """Whether Adam has state for the parameters (after the first eager step)."""
+        return any("exp_avg" in self.optimizer.state.get(p, {})
+                   for g in self.optimizer.param_groups for p in g["params"])
+
+    def _bind(self, total: Tensor, first_bad: Tensor) -> None:
+        """Fix the graph's inputs: every tensor of the module, the param store's values
+        that the optimizer trains, Adam's state, the bias corrections and the bookkeeping."""
+        module_tensors = dict(self.module.named_parameters(remove_duplicate=False))
+        module_tensors.update(self.module.named_buffers(remove_duplicate=False))
+        self._module_keys = list(module_tensors)
+        by_id = {id(t): k for k, t in module_tensors.items()}
+        store = pyro.get_param_store()
+        self._store_alias: dict[str, str] = {}  # store name -> module key (pyro.module)
+        store_own: dict[str, Tensor] = {}
+        trained = {id(p) for g in self.optimizer.param_groups for p in g["params"]}
+        for name, t in store._params.items():
+            if id(t) in by_id:
+                self._store_alias[name] = by_id[id(t)]
+            elif id(t) in trained:
+                store_own[name] = t
+        self._store_keys = list(store_own)
+        tensors = [*module_tensors.values(), *store_own.values()]
+        position = {id(t): j for j, t in enumerate(tensors)}
+        self._groups: list[tuple[dict, list[int]]] = []
+        steps = set()
+        for group in self.optimizer.param_groups:
+            updated = []
+            for p in group["params"]:
+                if id(p) not in position:
+                    self._refuse("a trainable tensor is not an input: the optimizer trains a "
+                                 f"tensor of shape {tuple(p.shape)} that is neither the "
+                                 "module's nor in Pyro's param store")
+                    return
+                state = self.optimizer.state.get(p, {})
+                if "exp_avg" in state:
+                    updated.append(position[id(p)])
+                    steps.add(float(state["step"]))
+            self._groups.append((group, updated))
+        if len(steps) > 1:
+            self._refuse(f"parameters are at different Adam steps ({sorted(steps)[:3]}); the "
+                         "graph keeps one count")
+            return
+        self._tensors = tensors
+        self._trained = [j for _, upd in self._groups for j in upd]
+        self.i_dev = torch.zeros((), dtype=torch.long, device=self.device)
+        self.coef = torch.zeros(len(self._groups), 2, dtype=torch.float64, device=self.device)
+        self.total, self.first_bad = total, first_bad
+        self._bound, self._moments = True, None
+        self._rebind()
+
+    def _rebind(self) -> None:
+        """Point the graph at the optimizer's current state. ``load_state_dict`` replaces
+        the state tensors: their values are copied into the graph's, which go back into the
+        optimizer, so that addresses stay fixed (CUDA graphs replay on them). A state without
+        Adam's moments (loaded from before the first step) unbinds: the next step is eager."""
+        if not self._bound:
+            return
+        state = self.optimizer.state
+        trained = [self._tensors[j] for j in self._trained]
+        if not all("exp_avg" in state.get(p, {}) for p in trained):
+            self._bound, self._moments = False, None
+            self.graphs.clear()
+            return
+        slots = [(p, kind) for kind in ("exp_avg", "exp_avg_sq", "step") for p in trained]
+        loaded = [state[p][kind] for p, kind in slots]
+        if self._cudagraphs:  # capturable Adam's layout: the step count on the device
+            loaded = [t.to(p.device) for t, (p, _) in zip(loaded, slots, strict=True)]
+        if self._moments is None:
+            self._moments = loaded
+        else:
+            for mine, new in zip(self._moments, loaded, strict=True):
+                if mine is not new:
+                    mine.copy_(new)
+        for (p, kind), mine in zip(slots, self._moments, strict=True):
+            state[p][kind] = mine
+        if self._cudagraphs:
+            for group, _ in self._groups:
+                group["capturable"] = True  # eager steps with the device-side step count
+        t = float(state[trained[0]]["step"]) if trained else 0.0
+        self.coef.copy_(torch.tensor([self._bias_corrections(group, t + 1)
+                                      for group, _ in self._groups], dtype=torch.float64))
+        self._inputs = [*self._tensors, *self._moments, self.coef, self.total, self.first_bad,
+                        self.i_dev]
+        self._next_i = -1
+
+    @staticmethod
+    def _bias_corrections(group: dict, t: float) -> list[float]:
+        beta1, beta2 = group["betas"]
+        return [group["lr"] / (1 - beta1 ** t), math.sqrt(1 - beta2 ** t)]
+
+    # -- the traced function ---------------------------------------------------------------
+    def _function(self, grads_only: bool = False) -> Callable:
+        """The step as a function of flat tensors: module tensors, store tensors, Adam's
+        (m, v, t) of each trained tensor, the bias corrections, (total, first_bad, i), then
+        the batch. ``grads_only``: return (loss, grads of the trained tensors) instead."""
+        call = _Call(self.module, self.loss)
+        n_mod, n_store = len(self._module_keys), len(self._store_keys)
+        n_in, n_tr = n_mod + n_store, len(self._trained)
+
+        def step(*flat: Tensor) -> tuple[Tensor, ...]:
+            tensors = flat[:n_in]
+            moments = flat[n_in:n_in + 3 * n_tr]
+            coef, total, first_bad, i = flat[n_in + 3 * n_tr:n_in + 3 * n_tr + 4]
+            batch = flat[n_in + 3 * n_tr + 4:]
+            own = dict(zip(self._module_keys, tensors[:n_mod], strict=True))
+            store = dict(zip(self._store_keys, tensors[n_mod:], strict=True))
+            store.update({name: own[key] for name, key in self._store_alias.items()})
+            with _store_swapped(store):
+                loss = torch.func.functional_call(
+                    call, {f"module.{k}": v for k, v in own.items()}, batch, strict=True,
+                    tie_weights=False)
+            trained = [tensors[j] for j in self._trained]
+            grads = torch.autograd.grad(loss, trained, allow_unused=True)
+            loss = loss.detach()
+            if grads_only:
+                return (loss, *(torch.zeros_like(p) if g is None else g
+                                for p, g in zip(trained, grads, strict=True)))
+            with torch.no_grad():
+                k, counted = 0, None
+                for g_index, (group, updated) in enumerate(self._groups):
+                    beta1, beta2 = group["betas"]
+                    step_size, bc2_sqrt = coef[g_index, 0], coef[g_index, 1]
+                    for _ in updated:
+                        p, grad = trained[k], grads[k]
+                        m, v, t = moments[k], moments[n_tr + k], moments[2 * n_tr + k]
+                        k += 1
+                        if grad is None:  # unused by the loss: Adam leaves it alone
+                            continue
+                        if group["weight_decay"]:
+                            grad = grad.add(p, alpha=group["weight_decay"])
+                        t.add_(1)
+                        m.lerp_(grad, 1 - beta1)
+                        v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                        denom = (v.sqrt() / bc2_sqrt.to(v.dtype)).add_(group["eps"])
+                        p.sub_(step_size.to(p.dtype) * m / denom)
+                        counted = t if counted is None else counted
+                if counted is not None:  # the next step's corrections, once, not per tensor
+                    after = counted.to(torch.float64) + 1
+                    coef.copy_(torch.stack([torch.stack([
+                        g["lr"] / (1 - g["betas"][0] ** after),
+                        (1 - g["betas"][1] ** after).sqrt()]) for g, _ in self._groups]))
+                total.add_(loss)
+                first_bad.copy_(torch.where(torch.isfinite(loss), first_bad,
+                                            torch.minimum(first_bad, i)))
+                i.add_(1)
+            return (loss,)
+
+        return step
+
+    def _trace(self, args: Sequence[Tensor], grads_only: bool = False) -> torch.fx.GraphModule:
+        """The step traced on fake tensors; :class:`Refused` with the reason if it cannot be."""
+        with warnings_quiet():
+            try:
+                gm = make_fx(self._function(grads_only), tracing_mode="fake",
+                             _allow_non_fake_inputs=True)(*self._inputs, *args)
+            except Exception as e:
+                raise Refused(_reason(e)) from None
+        for node in gm.graph.nodes:
+            if node.op == "get_attr":
+                value = getattr(gm, node.target, None)
+                if torch.is_tensor(value) and value.requires_grad:
+                    raise Refused(f"a trainable tensor is not an input: the program reads a "
+                                  f"tensor of shape {tuple(value.shape)} that requires grad "
+                                  "but is neither the module's nor a pyro.param")
+        return gm
+
+    @staticmethod
+    def _signature(gm: torch.fx.GraphModule) -> tuple:
+        """The graph's code and the values of its constant tensors."""
+        consts = tuple(getattr(gm, n.target) for n in gm.graph.nodes if n.op == "get_attr")
+        return gm.code, tuple(c.detach().cpu().clone() if torch.is_tensor(c) else c
+                              for c in consts)
+
+    @staticmethod
+    def _same(a: tuple, b: tuple) -> bool:
+        return a[0] == b[0] and len(a[1]) == len(b[1]) and all(
+            torch.equal(x, y) if torch.is_tensor(x) and torch.is_tensor(y) else x is y
+            for x, y in zip(a[1], b[1], strict=True))
+
+    def _compile(self, gm: torch.fx.GraphModule, args: Sequence[Tensor]) -> Callable:
+        """Inductor's code for ``gm``. On the CPU straight from the FX graph (no guards to
+        evaluate per call: half the time of ``torch.compile`` on a small step); on a GPU
+        through ``torch.compile`` with every input but the batch at a static address, which
+        lets inductor replay the step as a CUDA graph."""
+        options = {"fallback_random": True}
+        try:
+            with torch.no_grad(), warnings_quiet():
+                if not self._cudagraphs:
+                    from torch._inductor.compile_fx import compile_fx
+
+                    return compile_fx(gm, [*self._inputs, *args], config_patches=options)
+                for t in self._inputs:
+                    torch._dynamo.mark_static_address(t)
+                return torch.compile(gm, fullgraph=True, dynamic=False,
+                                     options={**options, "triton.cudagraphs": True})
+        except Exception as e:
+            raise Refused(f"inductor could not compile the step ({type(e).__name__}: "
+                          f"{(str(e).strip().splitlines() or [''])[0][:160]})") from None
+
+    def _capture(self, key: tuple, args: Sequence[Tensor]) -> None:
+        """Trace (twice: the same graph, or a dynamic structure), compile, and check one
+        compiled step against one eager step with the same noise; the checked step stands."""
+        gm = self._trace(args)
+        signature = self._signature(gm)
+        if not self._same(signature, self._signature(self._trace(args))):
+            raise Refused("a dynamic structure: two traces of the same step differ")
+        began = time.perf_counter()
+        graph = _Graph(gm, signature, self._compile(gm, args))
+        if self.check:
+            self._checked_step(graph, args)
+        else:
+            with torch.no_grad(), warnings_quiet():
+                graph.compiled(*self._inputs, *args)
+        self.compile_seconds += time.perf_counter() - began
+        self.graphs[key] = graph
+
+    def _retrace(self, key: tuple, args: Sequence[Tensor]) -> None:
+        """Trace again; if the graph changed (a value the program reads from Python did),
+        compile anew when each shape is next met, and say so."""
+        graph = self.graphs.get(key)
+        if graph is None or self._same(graph.signature, self._signature(self._trace(args))):
+            return
+        self.log("--compile: the traced step changed since it was compiled (a value the "
+                 "program reads from Python, such as a beta or the learning rate); compiling "
+                 "it again")
+        self.graphs.clear()
+        self._rebind()  # the corrections of a changed learning rate
+
+    # -- the capture check -----------------------------------------------------------------
+    def _checked_step(self, graph: _Graph, args: Sequence[Tensor]) -> None:
+        """Run the first compiled step, and the eager loss and gradient with the same noise
+        from the same state; :class:`Refused` (state and RNG put back) if they disagree."""
+        rng = _rng_state(self.device)
+        saved = [t.detach().clone() for t in self._inputs]
+        trained = [self._tensors[j] for j in self._trained]
+        with warnings_quiet():
+            loss_e = self.loss(*args)
+            grads_e = torch.autograd.grad(loss_e, trained, allow_unused=True)
+        loss_e = loss_e.detach()
+        _set_rng_state(self.device, rng)
+        for t, s in zip(self._inputs, saved, strict=True):  # buffers the forward updated
+            with torch.no_grad():
+                t.copy_(s)
+        with torch.no_grad(), warnings_quiet():
+            (loss_c,) = graph.compiled(*self._inputs, *args)
+        n_tr = len(self._trained)
+        rtol = TOLERANCE.get(loss_e.dtype, 1e-2)
+        worst = _relative(loss_c, loss_e)
+        what = "the loss"
+        k = 0
+        for group, updated in self._groups:
+            beta1, beta2 = group["betas"]
+            for _ in updated:
+                g = grads_e[k]
+                if g is not None:
+                    if group["weight_decay"]:
+                        g = g + group["weight_decay"] * saved[self._trained[k]]
+                    m0, v0 = saved[len(self._tensors) + k], saved[len(self._tensors) + n_tr + k]
+                    for name, new, expected, scale in (
+                            ("m", self._moments[k], m0.lerp(g, 1 - beta1), (1 - beta1) * g),
+                            ("v", self._moments[n_tr + k], v0 * beta2 + (1 - beta2) * g * g,
+                             (1 - beta2) * g * g)):
+                        err = float((new - expected).norm()) / (
+                            float(expected.norm()) + float(scale.norm()) + 1e-30)
+                        if not err <= worst:
+                            worst, what = err, f"Adam's {name} (the gradient)"
+                k += 1
+        if not worst <= rtol:
+            for t, s in zip(self._inputs, saved, strict=True):
+                with torch.no_grad():
+                    t.copy_(s)
+            _set_rng_state(self.device, rng)
+            raise Refused(f"the compiled step disagrees with the eager step with the same noise "
+                          f"({what}: relative error {worst:.2g} > {rtol:g})")
+
+    # -- refusing ------------------------------------------------------------------------------
+    def _refuse(self, reason: str | None) -> None:
+        if reason is None or self.refused is not None:
+            return
+        if self.world.parallel:  # every rank takes the same path (rank 0 says why)
+            reason = dist.gather(reason, self.world)[0] or reason
+        self.refused = reason
+        self.graphs.clear()
+        if self.world.main:
+            self.log(f"--compile: {reason}; this run trains with the eager step")
+
+
+def _relative(a: Tensor, b: Tensor) -> float:
+    return float((a - b).abs()) / (float(b.abs()) + 1.0)
+
+
+def _rng_state(device: torch.device) -> tuple[Tensor, Tensor | None]:
+    return (torch.get_rng_state(),
+            torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+
+
+def _set_rng_state(device: torch.device, state: tuple[Tensor, Tensor | None]) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
+@contextlib.contextmanager
+def warnings_quiet() -> Iterator[None]:
+    """Tracing and compiling without the noise they print (torch's CUDA-runtime notice on a
+    CPU machine, Pyro's warnings, which the eager steps show anyway)."""
+    import warnings
+
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
