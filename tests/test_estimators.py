@@ -10,6 +10,7 @@ import math
 import warnings
 
 import pyro
+import pyro.distributions as dist
 import pytest
 import torch
 from pyro import poutine
@@ -317,3 +318,80 @@ def test_analytic_with_a_discrete_guide_site_is_mc_with_its_score_function_gradi
     mc = loss_and_grad("mc")
     assert torch.equal(analytic[0], mc[0]) and torch.equal(analytic[1], mc[1])
     assert analytic[1].abs().sum() > 0  # the score-function gradient reaches q(y)
+
+
+# -- TraceEnum_ELBO: Pyro's numbers without its host reads ----------------------------------------
+
+def enum_case(digits):
+    """M2 on digits with 200 labels (masked terms, y enumerated) in float64."""
+    from ppl_vae.data import hide_labels
+    from ppl_vae.models import SSVAE
+
+    data = hide_labels(digits, 200, 0)
+    m2 = SSVAE(64, 10, z_dim=3, hidden=(16,), labelled_rows=True, unlabelled_rows=True).double()
+    x, y = m2.data_args(data.train.x[:40].double(), data.train.y[:40])
+    return m2, (x, y)
+
+
+def test_enum_elbo_equals_pyros_and_never_reads_the_host(digits, monkeypatch):
+    """Every masked term of M2: the loss and gradients of Pyro's TraceEnum_ELBO to float64
+    rounding, with no ``bool(tensor)`` or ``.item()`` (Pyro's Dice asks ``mask.all()``)."""
+    m2, args = enum_case(digits)
+    for _, model, guide in m2.programs():
+        results = []
+        for elbo in (make_elbo("enum"), TraceEnum_ELBO(max_plate_nesting=1)):
+            torch.manual_seed(3)
+            m2.zero_grad()
+            with pyro.validation_enabled(False), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                loss = elbo.differentiable_loss(model, guide, *args)
+            loss.backward()
+            results.append((loss.detach(), [p.grad for p in m2.parameters()]))
+        (ours, our_grads), (theirs, their_grads) = results
+        assert abs(float(ours - theirs)) < 1e-9
+        for a, b in zip(our_grads, their_grads, strict=True):
+            assert (a is None) == (b is None)
+            assert a is None or float((a - b).abs().max()) < 1e-9
+
+    def no_host(self, *a):
+        raise AssertionError("the host read a tensor")
+
+    monkeypatch.setattr(torch.Tensor, "__bool__", no_host)
+    monkeypatch.setattr(torch.Tensor, "item", no_host)
+    _, model, guide = m2.programs()[1]  # the unlabelled term: y enumerated
+    with pyro.validation_enabled(False), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        make_elbo("enum").differentiable_loss(model, guide, *args).backward()
+        with pytest.raises(AssertionError, match="host"):
+            TraceEnum_ELBO(max_plate_nesting=1).differentiable_loss(model, guide, *args)
+
+
+def test_enum_elbo_ignores_values_of_zero_probability_like_pyro():
+    """A value the guide gives probability 0 and the model log-density -inf: Pyro drops that
+    term; ours zeroes it. Both give the finite exact sum and finite gradients."""
+    from pyro.infer import config_enumerate
+
+    logits = torch.tensor([0.3, -0.2, -math.inf], dtype=torch.float64, requires_grad=True)
+
+    def model():
+        y = pyro.sample("y", dist.Categorical(probs=torch.tensor([0.6, 0.4, 0.0],
+                                                                   dtype=torch.float64)))
+        pyro.sample("x", dist.Normal(y.to(torch.float64), 1.0), obs=torch.tensor(0.5))
+
+    @config_enumerate
+    def guide():
+        pyro.sample("y", dist.Categorical(logits=logits))
+
+    q = torch.softmax(logits.detach()[:2], 0)
+    p = torch.tensor([0.6, 0.4], dtype=torch.float64)
+    lik = dist.Normal(torch.tensor([0.0, 1.0], dtype=torch.float64), 1.0).log_prob(
+        torch.tensor(0.5, dtype=torch.float64))
+    exact = -(q * (p.log() + lik - q.log())).sum()
+    grads = []
+    for elbo in (make_elbo("enum", max_plate_nesting=0), TraceEnum_ELBO(max_plate_nesting=0)):
+        with pyro.validation_enabled(False):
+            loss = elbo.differentiable_loss(model, guide)
+        assert abs(float(loss - exact)) < 1e-12
+        grads.append(torch.autograd.grad(loss, logits)[0])
+    assert torch.isfinite(grads[0]).all()
+    assert float((grads[0] - grads[1]).abs().max()) < 1e-12

@@ -157,6 +157,23 @@ def _store_swapped(values: dict[str, Tensor]) -> Iterator[None]:
                       f"({', '.join(created[:3])}) after its first step")
 
 
+@contextlib.contextmanager
+def _traced_code_paths() -> Iterator[None]:
+    """Pyro and ``torch.distributions`` keep code paths for traced programs (the ones
+    ``JitTrace_ELBO`` runs): where eager code reads a tensor on the host only to save work
+    (``if not mask.all()`` in Pyro's Dice, ``x.item() == 0``) or to check an assertion, the
+    traced path does the general computation. They test ``torch._C._get_tracing_state()``;
+    during ``make_fx`` it answers truthy, so those paths are taken here too. (A module's
+    call then goes through ``_slow_forward``, which records no scopes outside
+    ``torch.jit.trace``.)"""
+    real = torch._C._get_tracing_state
+    torch._C._get_tracing_state = lambda: True
+    try:
+        yield
+    finally:
+        torch._C._get_tracing_state = real
+
+
 def _where(e: BaseException) -> str:
     """``file:line`` of the innermost frame of ``e`` outside torch, pyro and this module."""
     skip = ("/torch/", "/pyro/", "/contextlib.py", __file__)
@@ -408,7 +425,7 @@ class CompiledStep(TrainStep):
 
     def _trace(self, args: Sequence[Tensor], grads_only: bool = False) -> torch.fx.GraphModule:
         """The step traced on fake tensors; :class:`Refused` with the reason if it cannot be."""
-        with warnings_quiet():
+        with warnings_quiet(), _traced_code_paths():
             try:
                 gm = make_fx(self._function(grads_only), tracing_mode="fake",
                              _allow_non_fake_inputs=True)(*self._inputs, *args)
@@ -445,9 +462,13 @@ class CompiledStep(TrainStep):
         try:
             with torch.no_grad(), warnings_quiet():
                 if not self._cudagraphs:
+                    from torch._guards import TracingContext, tracing
                     from torch._inductor.compile_fx import compile_fx
+                    from torch._subclasses.fake_tensor import FakeTensorMode
+                    from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
-                    return compile_fx(gm, [*self._inputs, *args], config_patches=options)
+                    with tracing(TracingContext(FakeTensorMode(shape_env=ShapeEnv()))):
+                        return compile_fx(gm, [*self._inputs, *args], config_patches=options)
                 for t in self._inputs:
                     torch._dynamo.mark_static_address(t)
                 return torch.compile(gm, fullgraph=True, dynamic=False,

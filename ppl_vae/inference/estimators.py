@@ -27,19 +27,30 @@ For a data point x, guide q(z|x) and L reparameterized draws z_l ~ q(z|x):
 The particles are vectorized (one batched pass, a plate left of the model's plates) when
 L > 1 and the model broadcasts over that dimension, else drawn one after another.
 
-``Trace_ELBO`` and ``TraceMeanField_ELBO`` here are Pyro's classes with a
-``differentiable_loss`` that never reads the loss on the host, so a CUDA training step
-needs no synchronization; ``JitTraceMeanField_ELBO`` mends Pyro 1.9.2's recompiling on
+``Trace_ELBO``, ``TraceMeanField_ELBO`` and ``TraceEnum_ELBO`` here are Pyro's classes with a
+``differentiable_loss`` that never reads the host, so a CUDA training step needs no
+synchronization and the step can be traced as one graph (:mod:`.compiled`);
+``JitTraceMeanField_ELBO`` mends Pyro 1.9.2's recompiling on
 every step. They compute the same numbers as Pyro's (``tests/test_estimators.py``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
 import warnings
+from collections.abc import Iterator
 
 import pyro.infer
+import pyro.infer.traceenum_elbo
+import torch
+from opt_einsum import shared_intermediates
 from pyro.distributions.util import scale_and_mask
-from pyro.infer import ELBO, JitTrace_ELBO, RenyiELBO, TraceEnum_ELBO
+from pyro.infer import ELBO, JitTrace_ELBO, RenyiELBO
+from pyro.infer.util import Dice
+from pyro.ops import packed
+from pyro.ops.einsum.adjoint import require_backward
+from pyro.ops.rings import MarginalRing
 from torch import Tensor
 from torch.distributions import kl_divergence
 
@@ -123,6 +134,80 @@ class TraceMeanField_ELBO(pyro.infer.TraceMeanField_ELBO):
                     elbo = elbo + site["log_prob_sum"] - q["log_prob_sum"]
             loss = loss - elbo / self.num_particles
         return loss
+
+
+class _HostFreeDice(Dice):
+    """Pyro's Dice estimator (Foerster et al. 2018) of ``sum_t E[cost_t]``, whose expected
+    cost of each term is ``sum prob * cost`` over the enumerated values. Pyro drops the
+    values of zero probability (where a cost may be infinite) with ``masked_select`` after
+    asking ``mask.all()`` on the host; here their cost is set to zero in place, which gives
+    the same sum and the same gradient (zero for the dropped entries) with static shapes and
+    no host read."""
+
+    def compute_expectation(self, costs):
+        with shared_intermediates() as cache:  # as Pyro 1.9's Dice.compute_expectation
+            ring = MarginalRing(cache=cache)
+            expected_cost = 0.0
+            for ordinal, cost_terms in costs.items():
+                log_factors = self._get_log_factors(ordinal)
+                scale = math.exp(sum(x for x in log_factors if not isinstance(x, Tensor)))
+                log_factors = [x for x in log_factors if isinstance(x, Tensor)]
+                queries = {frozenset(cost._pyro_dims): None for cost in cost_terms}
+                for log_factor in log_factors:
+                    key = frozenset(log_factor._pyro_dims)
+                    if queries.get(key, False) is None:
+                        queries[key] = log_factor
+                for cost in cost_terms:
+                    key = frozenset(cost._pyro_dims)
+                    if queries[key] is None:
+                        query = torch.zeros_like(cost)
+                        query._pyro_dims = cost._pyro_dims
+                        log_factors.append(query)
+                        queries[key] = query
+                sum_dims = set().union(*(x._pyro_dims for x in log_factors)) - ordinal
+                for query in queries.values():
+                    require_backward(query)
+                root = ring.sumproduct(log_factors, sum_dims)
+                root._pyro_backward()
+                probs = {key: query._pyro_backward_result.exp()
+                         for key, query in queries.items()}
+                for cost in cost_terms:
+                    key = frozenset(cost._pyro_dims)
+                    prob = probs[key]
+                    prob._pyro_dims = queries[key]._pyro_dims
+                    cost, prob = packed.broadcast_all(cost, prob)
+                    cost = torch.where(prob > 0, cost, torch.zeros_like(cost))
+                    expected_cost = expected_cost + scale * (prob * cost).sum()
+        return expected_cost
+
+
+@contextlib.contextmanager
+def _host_free_dice() -> Iterator[None]:
+    """Pyro's ``_compute_dice_elbo`` with :class:`_HostFreeDice` (it looks ``Dice`` up in its
+    module when called)."""
+    module = pyro.infer.traceenum_elbo
+    module.Dice = _HostFreeDice
+    try:
+        yield
+    finally:
+        module.Dice = Dice
+
+
+class TraceEnum_ELBO(pyro.infer.TraceEnum_ELBO):
+    """Pyro's ``TraceEnum_ELBO`` whose ``differentiable_loss`` never reads the host. Pyro's
+    reads it twice per step: Dice's ``mask.all()`` (see :class:`_HostFreeDice`) and
+    ``warn_if_nan`` on the loss and, by a hook, its gradient. The loop's divergence guard
+    watches the loss on the device instead, and names the site that went non-finite."""
+
+    def differentiable_loss(self, model, guide, *args, **kwargs):
+        elbo = 0.0
+        with _host_free_dice():
+            for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
+                elbo = elbo + pyro.infer.traceenum_elbo._compute_dice_elbo(model_trace,
+                                                                           guide_trace)
+        if not torch.is_tensor(elbo) or not elbo.requires_grad:
+            raise ValueError(f"ELBO is cannot be differentiated: {elbo}")
+        return -elbo / self.num_particles
 
 
 class JitTraceMeanField_ELBO(pyro.infer.JitTraceMeanField_ELBO):

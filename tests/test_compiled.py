@@ -1,0 +1,173 @@
+"""The compiled SVI step (``--compile``, :mod:`ppl_vae.inference.compiled`): the same loss,
+gradients, noise and Adam updates as the eager step; every refusal is one line and the eager
+step; checkpoints and resume stay exact.
+
+Compiles are the slow part (seconds each): models are tiny, and a compiled step is reused by
+the tests that can share it.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import replace
+
+import pyro
+import pytest
+import torch
+from conftest import SMALL_MODEL
+from plugin_models import GlobalLatentVAE, PyroExampleVAE
+from torch import nn
+
+from ppl_vae import TrainConfig
+from ppl_vae.data import Dataset, Split
+from ppl_vae.inference.compiled import CompiledStep
+from ppl_vae.inference.estimators import make_elbo
+from ppl_vae.inference.loop import NEVER, EagerStep
+from ppl_vae.inference.svi import backward_step, collect_params, elbo_loss
+from ppl_vae.inference.trainer import build_model, data_args, probe
+from ppl_vae.models import hook
+
+ROWS = 6
+
+
+@pytest.fixture(autouse=True)
+def no_validation():
+    """As ``ppl_vae train`` runs by default (validation reads tensors on the host)."""
+    with pyro.validation_enabled(False):
+        yield
+
+
+def as_float64(data: Dataset) -> Dataset:
+    def split(s: Split | None) -> Split | None:
+        return None if s is None else Split(s.x.double(), s.y)
+
+    return replace(data, train=split(data.train), test=split(data.test), val=split(data.val))
+
+
+def binary_rows(n: int, d: int, seed: int = 0) -> Dataset:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, d, generator=g, dtype=torch.float64).bernoulli(generator=g)
+    return Dataset("binary", Split(x[: n // 2]), Split(x[n // 2:]), (1, 1, d))
+
+
+class Setup:
+    """A model in float64 on a few rows, its loss, an Adam with state (one eager step
+    taken, the moments and step count then zeroed) and a compiled step over it."""
+
+    def __init__(self, module: nn.Module, data: Dataset, elbo: str = "mc", particles: int = 1,
+                 lr: float = 1e-3, **compile_kw) -> None:
+        pyro.clear_param_store()
+        self.module = module.double()
+        self.args = data_args(self.module, data.train, slice(0, ROWS))
+        info = probe(self.module, data)
+        e = make_elbo(elbo, particles, max_plate_nesting=info.max_plate_nesting,
+                      vectorize=info.vectorized)
+        self.loss = elbo_loss(e, self.module, hook(self.module, "programs")(), info)
+        self.params = collect_params(self.module, info)
+        self.optimizer = torch.optim.Adam(self.params, lr=lr)
+        self.eager = EagerStep(backward_step(self.loss), self.optimizer)
+        self.total = torch.zeros((), dtype=torch.float64)
+        self.first_bad = torch.full((), NEVER, dtype=torch.long)
+        self.eager(0, self.args, self.total, self.first_bad)
+        for state in self.optimizer.state.values():
+            for t in state.values():
+                t.zero_()
+        self.total.zero_()
+        self.lines: list[str] = []
+        self.step = CompiledStep(self.loss, self.module, self.optimizer, self.eager,
+                                 log=self.lines.append, **compile_kw)
+
+    def eager_loss_and_grads(self) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+        loss = self.loss(*self.args)
+        return loss.detach(), list(torch.autograd.grad(loss, self.params, allow_unused=True))
+
+    def compiled_loss_and_grads(self, i: int = 1) -> tuple[torch.Tensor, list]:
+        """One compiled step from zero moments: the loss is what it adds to ``total`` and
+        the gradient is m / (1 - beta1), exactly."""
+        before = self.total.clone()
+        self.step(i, self.args, self.total, self.first_bad)
+        beta1 = self.optimizer.defaults["betas"][0]
+        grads = [self.optimizer.state[p]["exp_avg"] / (1 - beta1)
+                 if "exp_avg" in self.optimizer.state[p] else None for p in self.params]
+        return self.total - before, grads
+
+
+def gap(a: torch.Tensor, b: torch.Tensor) -> float:
+    """The largest absolute difference of two tensors of one shape (any dtype)."""
+    assert a.shape == b.shape
+    return float((a.double() - b.double()).abs().max()) if a.numel() else 0.0
+
+
+def family(model: str, data: Dataset, **options) -> nn.Module:
+    return build_model(TrainConfig(model=model, model_options=options), data)
+
+
+def case(name: str, digits: Dataset) -> tuple[nn.Module, Dataset, str, int]:
+    """(model, float64 data, --elbo, particles) of each case."""
+    from ppl_vae.data import hide_labels
+
+    d = as_float64(digits)
+    if name == "pyro-example-vae":  # Pyro's examples/vae as published (784 pixels)
+        return PyroExampleVAE(z_dim=2, hidden_dim=8), binary_rows(12, 784), "mc", 1
+    if name == "global-latent-vae":  # AutoNormal over a global latent, PyroModule/PyroSample
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(torch.float64)  # its prior's constants are made in __init__
+        try:
+            return GlobalLatentVAE(20, z_dim=3, hidden=8), binary_rows(12, 20), "mc", 1
+        finally:
+            torch.set_default_dtype(default)
+    if name == "ssvae-enum":
+        d = as_float64(hide_labels(digits, 200, 0))
+        return family("ssvae", d, hidden=(16,), z_dim=3), d, "enum", 1
+    builders = {
+        "vae-mc": ("vae", SMALL_MODEL, "mc", 1),
+        "vae-analytic": ("vae", SMALL_MODEL, "analytic", 1),
+        "vae-particles": ("vae", SMALL_MODEL, "mc", 3),
+        "cvae-hybrid": ("cvae", dict(hidden=(16,), z_dim=3, quadrants=(2,),
+                                     cvae_objective="hybrid"), "analytic", 1),
+        "conv-vae": ("conv-vae", dict(z_dim=3, channels=(4, 8)), "mc", 1),
+        "flow-iaf": ("vae", dict(hidden=(16,), z_dim=3, flow="iaf"), "mc", 1),
+    }
+    model, options, elbo, k = builders[name]
+    return family(model, d, **options), d, elbo, k
+
+
+CASES = ["vae-mc", "vae-analytic", "vae-particles", "cvae-hybrid", "ssvae-enum", "conv-vae",
+         "flow-iaf", "pyro-example-vae", "global-latent-vae"]
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_compiled_loss_and_gradients_equal_the_eager_step(name, digits):
+    """Float64, the same noise: the loss and every gradient to 1e-10; then four more steps
+    each way from the same state and noise give the same parameters and Adam state."""
+    module, data, elbo, k = case(name, digits)
+    s = Setup(module, data, elbo, k)
+    rng = torch.get_rng_state()
+    loss_e, grads_e = s.eager_loss_and_grads()
+    torch.set_rng_state(rng)
+    loss_c, grads_c = s.compiled_loss_and_grads()
+    assert s.step.refused is None, s.step.refused
+    assert s.step.graphs and not s.lines
+    assert abs(float(loss_c - loss_e)) < 1e-10, (float(loss_c), float(loss_e))
+    for p, g_e, g_c in zip(s.params, grads_e, grads_c, strict=True):
+        if g_e is None:
+            assert g_c is None or not g_c.any()
+            continue
+        assert float((g_c - g_e).abs().max()) < 1e-10, tuple(p.shape)
+
+    start = (copy.deepcopy(s.module.state_dict()), copy.deepcopy(s.optimizer.state_dict()),
+             torch.get_rng_state())
+    for i in range(2, 6):
+        s.step(i, s.args, s.total, s.first_bad)
+    compiled_state = copy.deepcopy((s.module.state_dict(), s.optimizer.state_dict()))
+    s.module.load_state_dict(start[0])
+    s.optimizer.load_state_dict(start[1])
+    torch.set_rng_state(start[2])
+    for i in range(2, 6):
+        s.eager(i, s.args, s.total, s.first_bad)
+    for key, value in s.module.state_dict().items():
+        assert gap(compiled_state[0][key], value) < 1e-9, key
+    for index, state in s.optimizer.state_dict()["state"].items():
+        for key, value in state.items():
+            assert gap(compiled_state[1]["state"][index][key], value) < 1e-11, (index, key)
+    assert s.first_bad.item() == NEVER
