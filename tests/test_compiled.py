@@ -23,9 +23,9 @@ from ppl_vae.data import Dataset, Split
 from ppl_vae.inference.compiled import CompiledStep
 from ppl_vae.inference.estimators import make_elbo
 from ppl_vae.inference.loop import NEVER, EagerStep
-from ppl_vae.inference.svi import backward_step, collect_params, elbo_loss
+from ppl_vae.inference.svi import backward_step, collect_params, elbo_loss, elbo_step
 from ppl_vae.inference.trainer import build_model, data_args, probe
-from ppl_vae.models import hook
+from ppl_vae.models import VAE, hook
 
 ROWS = 6
 
@@ -55,17 +55,20 @@ class Setup:
     taken, the moments and step count then zeroed) and a compiled step over it."""
 
     def __init__(self, module: nn.Module, data: Dataset, elbo: str = "mc", particles: int = 1,
-                 lr: float = 1e-3, **compile_kw) -> None:
+                 lr: float = 1e-3, optimizer=None, **compile_kw) -> None:
         pyro.clear_param_store()
         self.module = module.double()
         self.args = data_args(self.module, data.train, slice(0, ROWS))
         info = probe(self.module, data)
         e = make_elbo(elbo, particles, max_plate_nesting=info.max_plate_nesting,
                       vectorize=info.vectorized)
-        self.loss = elbo_loss(e, self.module, hook(self.module, "programs")(), info)
+        terms = hook(self.module, "programs")()
+        self.loss = elbo_loss(e, self.module, terms, info)
         self.params = collect_params(self.module, info)
-        self.optimizer = torch.optim.Adam(self.params, lr=lr)
-        self.eager = EagerStep(backward_step(self.loss), self.optimizer)
+        self.optimizer = optimizer(self.params) if optimizer else torch.optim.Adam(self.params,
+                                                                                   lr=lr)
+        self.eager = EagerStep(backward_step(self.loss) if self.loss else
+                               elbo_step(e, self.module, terms, info), self.optimizer)
         self.total = torch.zeros((), dtype=torch.float64)
         self.first_bad = torch.full((), NEVER, dtype=torch.long)
         self.eager(0, self.args, self.total, self.first_bad)
@@ -171,3 +174,133 @@ def test_compiled_loss_and_gradients_equal_the_eager_step(name, digits):
         for key, value in state.items():
             assert gap(compiled_state[1]["state"][index][key], value) < 1e-11, (index, key)
     assert s.first_bad.item() == NEVER
+
+
+# -- refusals: one line, and the eager step ------------------------------------------------------
+class ReadsAValue(VAE):
+    def guide(self, x):
+        if float(x.sum()) < 0:  # a host read: the graph cannot know the branch
+            raise ValueError
+        super().guide(x)
+
+
+class UntrackedTensor(VAE):
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.shift = torch.zeros(self.z_dim, requires_grad=True)  # not a Parameter
+
+    def encode(self, x):
+        loc, scale = super().encode(x)
+        return loc + self.shift.to(loc.dtype), scale
+
+
+class ChangesEveryCall(VAE):
+    """A program whose values follow a count of its calls (each trace is a call, too)."""
+
+    calls = 0
+
+    @classmethod
+    def reset(cls) -> None:
+        cls.calls = 0
+
+    def encode(self, x):
+        ChangesEveryCall.calls += 1
+        loc, scale = super().encode(x)
+        return loc + ChangesEveryCall.calls % 2, scale
+
+
+class ValueDependentShape(VAE):
+    def encode(self, x):
+        loc, scale = super().encode(x)
+        return loc + x[x > 2].sum(), scale  # (empty: digits lie in [0, 1])
+
+
+def small(cls, digits) -> tuple[nn.Module, Dataset]:
+    return cls(64, z_dim=3, hidden=(8,)), as_float64(digits)
+
+
+def with_extra_tensor(params):
+    return torch.optim.Adam([*params, torch.zeros(3, requires_grad=True)], lr=1e-3)
+
+
+REFUSALS = {
+    "reads-a-value": (ReadsAValue, {}, "the program reads a tensor's value in Python at "
+                      "test_compiled.py:"),
+    "validation": (VAE, {"validate": True}, "Pyro validation is on (--validate)"),
+    "untracked-trainable": (UntrackedTensor, {}, "a trainable tensor is not an input: the "
+                            "program reads a tensor of shape (3,) that requires grad"),
+    "optimizer-trains-an-outsider": (VAE, {"optimizer": with_extra_tensor},
+                                     "a trainable tensor is not an input: the optimizer "
+                                     "trains a tensor of shape (3,)"),
+    "sgd": (VAE, {"optimizer": lambda p: torch.optim.SGD(p, lr=1e-3)},
+            "the optimizer is SGD; the graph implements torch.optim.Adam only"),
+    "adamw": (VAE, {"optimizer": lambda p: torch.optim.AdamW(p, lr=1e-3)},
+              "the optimizer is AdamW"),
+    "amsgrad": (VAE, {"optimizer": lambda p: torch.optim.Adam(p, amsgrad=True)},
+                "Adam with amsgrad=True is not implemented by the graph"),
+    "schedule": (VAE, {"optimizer": lambda p: scheduled(torch.optim.Adam(p))},
+                 "a learning-rate schedule drives the optimizer"),
+    "renyi": (VAE, {"elbo": "iwae", "particles": 2},
+              "--elbo iwae has no differentiable loss (RenyiELBO"),
+    "python-value-changes": (ChangesEveryCall, {}, "a dynamic structure: two traces of the "
+                             "same step differ"),
+    "value-dependent-shape": (ValueDependentShape, {}, "a dynamic structure: the shape of "
+                              "aten.index.Tensor depends on tensor values at "
+                              "test_compiled.py:"),
+    "no-compiler": (VAE, {"no_compiler": True}, "no C++ compiler for inductor on the CPU "
+                    "(looked for '/nonexistent/c++'"),
+    "eager-disagrees": (VAE, {"miscompile": True}, "the compiled step disagrees with the eager "
+                        "step with the same noise (Adam's m (the gradient): relative error"),
+}
+
+
+def scheduled(optimizer):
+    torch.optim.lr_scheduler.StepLR(optimizer, 10)
+    return optimizer
+
+
+@pytest.mark.parametrize("name", REFUSALS)
+def test_a_refusal_is_one_line_and_the_eager_step(name, digits, monkeypatch):
+    cls, kw, fragment = REFUSALS[name]
+    module, data = small(cls, digits)
+    kw = dict(kw)
+    from torch._inductor import config
+
+    cxx = ("/nonexistent/c++",) if kw.pop("no_compiler", False) else config.cpp.cxx
+    if kw.pop("miscompile", False):  # a graph whose gradient is off by a little
+        compile_ = CompiledStep._compile
+
+        def wrong(self, gm, args):
+            fn = compile_(self, gm, args)
+
+            def run(*inputs):
+                out = fn(*inputs)
+                inputs[len(self._tensors)].mul_(1.001)  # the first exp_avg
+                return out
+
+            return run
+
+        monkeypatch.setattr(CompiledStep, "_compile", wrong)
+    reset = getattr(cls, "reset", lambda: None)
+    with pyro.validation_enabled(kw.pop("validate", False)), config.patch({"cpp.cxx": cxx}):
+        s = Setup(module, data, estimator="--elbo iwae" if kw.get("elbo") == "iwae" else
+                  "the estimator", **kw)
+        start = copy.deepcopy((s.module.state_dict(), s.optimizer.state_dict(),
+                               torch.get_rng_state()))
+        reset()
+        for i in range(1, 4):
+            s.step(i, s.args, s.total, s.first_bad)
+        after = copy.deepcopy(s.module.state_dict())
+        s.module.load_state_dict(start[0])
+        s.optimizer.load_state_dict(start[1])
+        torch.set_rng_state(start[2])
+        reset()
+        for i in range(1, 4):
+            s.eager(i, s.args, s.total, s.first_bad)
+    assert s.step.refused is not None and fragment in s.step.refused, s.step.refused
+    assert s.lines == [f"--compile: {s.step.refused}; this run trains with the eager step"]
+    assert "\n" not in s.lines[0]
+    assert not s.step.graphs
+    for key, value in s.module.state_dict().items():  # the eager step, exactly
+        assert torch.equal(after[key], value), key
+    assert s.step.description == f"eager: {s.step.refused}"

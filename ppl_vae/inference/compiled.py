@@ -61,6 +61,7 @@ from pyro.distributions.util import is_validation_enabled as dist_validation
 from pyro.infer.util import is_validation_enabled as infer_validation
 from torch import Tensor, nn
 from torch.fx.experimental.proxy_tensor import make_fx
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from . import distributed as dist
 from .distributed import World
@@ -175,14 +176,28 @@ def _traced_code_paths() -> Iterator[None]:
 
 
 def _where(e: BaseException) -> str:
-    """``file:line`` of the innermost frame of ``e`` outside torch, pyro and this module."""
+    """`` at file:line``: the program line that raised ``e``."""
+    return _user_frame(traceback.extract_tb(e.__traceback__))
+
+
+def _user_frame(frames: traceback.StackSummary) -> str:
+    """`` at file:line`` of the innermost frame outside torch, pyro and this module."""
     skip = ("/torch/", "/pyro/", "/contextlib.py", __file__)
-    frames = [f for f in traceback.extract_tb(e.__traceback__)
-              if not any(s in f.filename for s in skip)]
-    if not frames:
-        return ""
-    f = frames[-1]
-    return f" at {f.filename.rsplit('/', 1)[-1]}:{f.lineno}"
+    mine = [f for f in frames if not any(s in f.filename for s in skip)]
+    return f" at {mine[-1].filename.rsplit('/', 1)[-1]}:{mine[-1].lineno}" if mine else ""
+
+
+class _FindDynamicShape(TorchDispatchMode):
+    """Raises :class:`Refused` at the first operator whose result's shape depends on tensor
+    values (a boolean mask, ``nonzero``), naming it and the program line that called it."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if torch.is_tensor(t) and any(isinstance(d, torch.SymInt) for d in t.shape):
+                raise Refused(f"a dynamic structure: the shape of {func} depends on tensor "
+                              f"values{_user_frame(traceback.extract_stack())}")
+        return out
 
 
 def _reason(e: Exception) -> str:
@@ -365,7 +380,7 @@ class CompiledStep(TrainStep):
         return [group["lr"] / (1 - beta1 ** t), math.sqrt(1 - beta2 ** t)]
 
     # -- the traced function ---------------------------------------------------------------
-    def _function(self, grads_only: bool = False) -> Callable:
+    def _function(self, grads_only: bool = False, find_dynamic: bool = False) -> Callable:
         """The step as a function of flat tensors: module tensors, store tensors, Adam's
         (m, v, t) of each trained tensor, the bias corrections, (total, first_bad, i), then
         the batch. ``grads_only``: return (loss, grads of the trained tensors) instead."""
@@ -381,7 +396,8 @@ class CompiledStep(TrainStep):
             own = dict(zip(self._module_keys, tensors[:n_mod], strict=True))
             store = dict(zip(self._store_keys, tensors[n_mod:], strict=True))
             store.update({name: own[key] for name, key in self._store_alias.items()})
-            with _store_swapped(store):
+            watch = _FindDynamicShape() if find_dynamic else contextlib.nullcontext()
+            with watch, _store_swapped(store):
                 loss = torch.func.functional_call(
                     call, {f"module.{k}": v for k, v in own.items()}, batch, strict=True,
                     tie_weights=False)
@@ -423,15 +439,23 @@ class CompiledStep(TrainStep):
 
         return step
 
-    def _trace(self, args: Sequence[Tensor], grads_only: bool = False) -> torch.fx.GraphModule:
-        """The step traced on fake tensors; :class:`Refused` with the reason if it cannot be."""
+    def _trace(self, args: Sequence[Tensor], grads_only: bool = False,
+               find_dynamic: bool = False) -> torch.fx.GraphModule:
+        """The step traced on fake tensors; :class:`Refused` with the reason if it cannot be.
+        A shape that depends on values is traced again with ``find_dynamic``, which names
+        the operator and the program line."""
         with warnings_quiet(), _traced_code_paths():
             try:
-                gm = make_fx(self._function(grads_only), tracing_mode="fake",
+                gm = make_fx(self._function(grads_only, find_dynamic), tracing_mode="fake",
                              _allow_non_fake_inputs=True)(*self._inputs, *args)
             except Exception as e:
                 raise Refused(_reason(e)) from None
         for node in gm.graph.nodes:
+            value = node.meta.get("val")
+            if torch.is_tensor(value) and any(isinstance(d, torch.SymInt) for d in value.shape):
+                self._trace(args, grads_only, find_dynamic=True)
+                raise Refused(f"a dynamic structure: the shape of {node.target} depends on "
+                              "tensor values")
             if node.op == "get_attr":
                 value = getattr(gm, node.target, None)
                 if torch.is_tensor(value) and value.requires_grad:
