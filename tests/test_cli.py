@@ -288,6 +288,7 @@ BAD_OPTIONS = {
     "iwae-one-particle": (["--elbo", "iwae"], ["--elbo iwae", "--particles"]),
     "gaussian-scale": (["--gaussian-scale", "0"], ["--gaussian-scale must be a positive number"]),
     "jit-iwae": (["--jit", "--elbo", "iwae"], ["--jit with --elbo iwae is not supported"]),
+    "compile-jit": (["--compile", "--jit"], ["--jit and --compile", "drop one"]),
     "learn-scale-bernoulli": (["--learn-scale"], ["--learn-scale", "--likelihood gaussian"]),
     "model": (["--model", "transformer"], ["unknown --model 'transformer'", "vae"]),
     "elbo-choice": (["--elbo", "exact"], ["--elbo", "exact", "(see --help)"]),
@@ -388,6 +389,11 @@ def test_diverged_training_is_a_one_line_error(tmp_path, cli):
     assert_one_line_error(result, TRAIN_PROG, "--lr", "epoch 1, step 4 of 12", "site 'z'",
                           code=3)
     assert not out.exists()
+    # compiled: the same noise, the same step and site (the replay runs the graph again)
+    result = cli(train_main, ["--lr", "1e4", "--epochs", "1", "--hidden", "32", "--z-dim", "4",
+                              "--out", out, "--compile"])
+    assert_one_line_error(result, TRAIN_PROG, "--lr", "epoch 1, step 4 of 12", "site 'z'",
+                          code=3)
 
 
 def test_corrupt_config_json_is_a_usage_error(run_without_checkpoint, cli):

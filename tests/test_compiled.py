@@ -9,6 +9,7 @@ the tests that can share it.
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import replace
 
 import pyro
@@ -304,3 +305,73 @@ def test_a_refusal_is_one_line_and_the_eager_step(name, digits, monkeypatch):
     for key, value in s.module.state_dict().items():  # the eager step, exactly
         assert torch.equal(after[key], value), key
     assert s.step.description == f"eager: {s.step.refused}"
+
+
+# -- noise, re-tracing, the divergence flag -----------------------------------------------------
+def test_each_step_draws_new_noise_that_follows_the_seed(digits, sem):
+    """At fixed parameters: a compiled step's loss is the eager loss with the same seed (the
+    same draws), every step draws anew, and 500 steps average the eager loss (4 SE)."""
+    module, data = small(VAE, digits)
+    s = Setup(module, data)
+    start = copy.deepcopy(s.module.state_dict())
+
+    def compiled_losses(n: int) -> torch.Tensor:
+        out = []
+        for i in range(1, n + 1):
+            s.total.zero_()
+            s.step(i, s.args, s.total, s.first_bad)
+            out.append(s.total.clone())
+            s.module.load_state_dict(start)  # the same parameters every step
+        return torch.stack(out)
+
+    torch.manual_seed(1)
+    c = compiled_losses(500)
+    assert s.step.refused is None and s.step.graphs
+    assert len(set(c.tolist())) == 500  # fresh noise every step
+    torch.manual_seed(1)
+    assert torch.equal(compiled_losses(5), c[:5])  # the seed decides the noise
+    torch.manual_seed(1)
+    same_seed = torch.stack([s.loss(*s.args).detach() for _ in range(5)])
+    assert float((same_seed - c[:5]).abs().max()) < 1e-10  # an eager step's noise, exactly
+    torch.manual_seed(2)
+    e = torch.stack([s.loss(*s.args).detach() for _ in range(500)])
+    tol = 4 * math.hypot(sem(c), sem(e))
+    assert abs(float(c.mean() - e.mean())) < tol
+
+
+def test_a_changed_python_value_recompiles_at_the_next_epoch_start(digits):
+    """beta is read from Python, so the graph holds it: within an epoch a new beta is not
+    seen (documented); the re-trace at the next epoch start sees it, says so and compiles
+    the step anew, whose loss is the eager loss with the new beta."""
+    module, data = small(VAE, digits)
+    s = Setup(module, data)
+    s.step(1, s.args, s.total, s.first_bad)
+    s.module.beta = 0.5
+    state, rng = copy.deepcopy(s.module.state_dict()), torch.get_rng_state()
+    before = s.total.clone()
+    s.step(0, s.args, s.total, s.first_bad)  # an epoch start
+    loss_c = s.total - before
+    assert s.lines == ["--compile: the traced step changed since it was compiled (a value the "
+                       "program reads from Python, such as a beta or the learning rate); "
+                       "compiling it again"]
+    assert s.step.refused is None and len(s.step.graphs) == 1
+    s.module.load_state_dict(state)
+    torch.set_rng_state(rng)
+    assert abs(float(s.loss(*s.args) - loss_c)) < 1e-10
+
+
+def test_the_divergence_flag_and_loss_sum_live_in_the_graph(digits):
+    module, data = small(VAE, digits)
+    s = Setup(module, data)
+    s.step(1, s.args, s.total, s.first_bad)
+    s.step(2, s.args, s.total, s.first_bad)
+    assert s.first_bad.item() == NEVER and torch.isfinite(s.total)
+    with torch.no_grad():
+        next(s.module.parameters()).fill_(math.nan)
+    s.step(3, s.args, s.total, s.first_bad)
+    s.step(4, s.args, s.total, s.first_bad)
+    assert s.first_bad.item() == 3 and torch.isnan(s.total)
+    s.step(9, s.args, s.total, s.first_bad)  # a jump in the index: it is re-read
+    s.first_bad.fill_(NEVER)
+    s.step(7, s.args, s.total, s.first_bad)
+    assert s.first_bad.item() == 7

@@ -49,7 +49,6 @@ import contextlib
 import logging
 import math
 import shutil
-import sys
 import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
@@ -240,7 +239,7 @@ class CompiledStep(TrainStep):
                  log: Callable[[str], None] | None = None, estimator: str = "the estimator",
                  check: bool = True) -> None:
         self.loss, self.module, self.optimizer, self.eager = loss, module, optimizer, eager
-        self.world, self.log = world, log or (lambda text: print(text, file=sys.stderr))
+        self.world, self.log = world, log or _warn
         self.check = check
         self.device = next((t.device for t in module.parameters()), torch.device("cpu"))
         self.graphs: dict[tuple, _Graph] = {}
@@ -549,8 +548,7 @@ class CompiledStep(TrainStep):
             (loss_c,) = graph.compiled(*self._inputs, *args)
         n_tr = len(self._trained)
         rtol = TOLERANCE.get(loss_e.dtype, 1e-2)
-        worst = _relative(loss_c, loss_e)
-        what = "the loss"
+        worst, what = _relative_error(loss_c, loss_e, loss_e.abs() + 1), "the loss"
         k = 0
         for group, updated in self._groups:
             beta1, beta2 = group["betas"]
@@ -564,8 +562,7 @@ class CompiledStep(TrainStep):
                             ("m", self._moments[k], m0.lerp(g, 1 - beta1), (1 - beta1) * g),
                             ("v", self._moments[n_tr + k], v0 * beta2 + (1 - beta2) * g * g,
                              (1 - beta2) * g * g)):
-                        err = float((new - expected).norm()) / (
-                            float(expected.norm()) + float(scale.norm()) + 1e-30)
+                        err = _relative_error(new, expected, expected.abs() + scale.abs())
                         if not err <= worst:
                             worst, what = err, f"Adam's {name} (the gradient)"
                 k += 1
@@ -589,8 +586,24 @@ class CompiledStep(TrainStep):
             self.log(f"--compile: {reason}; this run trains with the eager step")
 
 
-def _relative(a: Tensor, b: Tensor) -> float:
-    return float((a - b).abs()) / (float(b.abs()) + 1.0)
+def _relative_error(new: Tensor, expected: Tensor, scale: Tensor) -> float:
+    """``|new - expected| / |scale|`` (2-norms); entries that are the same non-finite value in
+    both (a step that diverged either way) agree, any other non-finite entry is ``inf``."""
+    same = (new == expected) | (new.isnan() & expected.isnan())
+    if not bool((same | (new.isfinite() & expected.isfinite())).all()):
+        return math.inf
+    diff = torch.where(same, 0.0, new - expected).norm()
+    return float(diff) / (float(torch.where(scale.isfinite(), scale, 0.0).norm()) + 1e-30)
+
+
+class CompileNote(UserWarning):
+    """What :class:`CompiledStep` says (a refusal, a recompile) when given no ``log``."""
+
+
+def _warn(text: str) -> None:
+    import warnings
+
+    warnings.warn(text, CompileNote, stacklevel=3)
 
 
 def _rng_state(device: torch.device) -> tuple[Tensor, Tensor | None]:

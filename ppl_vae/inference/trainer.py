@@ -364,11 +364,11 @@ def _train(config: TrainConfig, device: torch.device, data: Dataset, rundir,
             dist.grads_all_reduced(elbo_step(elbo, module, terms, info), params, world))
     run = Run(config, module, data, rundir.final)
 
-    def take_for(optimizer: torch.optim.Optimizer) -> TrainStep:
+    def take_for(optimizer: torch.optim.Optimizer, log) -> TrainStep:
         eager = EagerStep(step, optimizer)
         if not config.compile:
             return eager
-        return CompiledStep(loss, module, optimizer, eager, world=world,
+        return CompiledStep(loss, module, optimizer, eager, world=world, log=log,
                             estimator=f"--elbo {config.elbo}")
 
     with contextlib.ExitStack() as stack:  # hooks on ranks > 0 write into a scratch dir
@@ -428,7 +428,7 @@ def _fit_and_evaluate(config, device, data, rundir, world, guard, state, module,
                 return found
         return None
 
-    take = take_for(optimizer)
+    take = take_for(optimizer, ctx.log)
     loop = Loop(take, optimizer, module, lambda g: train_args(module, data, g),
                 config.batch_size, config.epochs, seed=config.seed, device=device, world=world,
                 validate=validate if config.early_stop else None, patience=config.early_stop,
