@@ -2,8 +2,10 @@
 networks (``ppl_vae.models.reference``), in the same process.
 
 For every seed, each method trains its own copy of the same initial weights on the same
-in-memory data path (``ppl_vae.inference.svi.run_epoch``: one tensor on the device, batches by a
-shuffled index), one epoch each in turn, rotating the order every epoch. Throughput is
+in-memory data path (``ppl_vae.inference.svi.run_epoch``: one tensor on the device, batches by
+a shuffled index), one epoch each in turn, rotating the order every epoch. ``*-compiled`` is
+the whole step as one inductor graph (``--compile``); its first epoch, the warm-up, holds
+the compile. Throughput is
 training images per second: the median over all epochs after each seed's first (warm-up).
 Test ELBO (nats per image, 10 samples, ``ppl_vae.score``) is given as the mean and
 standard deviation over seeds, since training noise moves it by about a nat.
@@ -25,9 +27,10 @@ import pyro
 import torch
 
 from ppl_vae.data import load_dataset
+from ppl_vae.inference.compiled import CompiledStep
 from ppl_vae.inference.estimators import make_elbo
 from ppl_vae.inference.importance import score
-from ppl_vae.inference.svi import backward_step, elbo_step, run_epoch
+from ppl_vae.inference.svi import EagerStep, backward_step, elbo_loss, elbo_step, run_epoch
 from ppl_vae.models import VAE
 from ppl_vae.models.reference import reference_loss
 from ppl_vae.models.vae import ENCODER_SCALES, VAEOptions
@@ -53,7 +56,8 @@ def main() -> int:
     p.add_argument("--dataset", default="mnist")
     p.add_argument("--data-dir", default=str(SHARED))
     p.add_argument("--methods", nargs="+", default=["plain", "mc", "analytic"],
-                   choices=["plain", "mc", "analytic", "iwae"])
+                   choices=["plain", "mc", "analytic", "iwae", "mc-compiled",
+                            "analytic-compiled"])
     p.add_argument("--epochs", type=int, default=10, help="epochs per method and seed")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--batch-size", type=int, default=128)
@@ -85,9 +89,14 @@ def main() -> int:
         runs = {}
         for m in a.methods:
             vae = copy.deepcopy(init)
+            opt = torch.optim.Adam(vae.parameters(), lr=a.lr)
             step = (backward_step(reference_loss(vae)) if m == "plain"
-                    else elbo_step(make_elbo(m, a.particles), vae, vae.programs()))
-            runs[m] = (vae, step, torch.optim.Adam(vae.parameters(), lr=a.lr))
+                    else elbo_step(make_elbo(m.split("-")[0], a.particles), vae,
+                                   vae.programs()))
+            if m.endswith("-compiled"):  # the whole step as one graph (--compile)
+                loss = elbo_loss(make_elbo(m.split("-")[0], a.particles), vae, vae.programs())
+                step = CompiledStep(loss, vae, opt, EagerStep(step, opt))
+            runs[m] = (vae, step, opt)
         with pyro.validation_enabled(False):  # as ppl_vae.train runs by default
             train_epochs(a, data, runs, speed)
         for m, (vae, _, _) in runs.items():

@@ -23,9 +23,9 @@ from ppl_vae import TrainConfig
 from ppl_vae.data import Dataset, Split
 from ppl_vae.inference.compiled import CompiledStep
 from ppl_vae.inference.estimators import make_elbo
-from ppl_vae.inference.loop import NEVER, EagerStep
-from ppl_vae.inference.svi import backward_step, collect_params, elbo_loss, elbo_step
-from ppl_vae.inference.trainer import build_model, data_args, probe
+from ppl_vae.inference.loop import NEVER
+from ppl_vae.inference.svi import EagerStep, backward_step, collect_params, elbo_loss, elbo_step
+from ppl_vae.inference.trainer import build_model, data_args, probe, train_run
 from ppl_vae.models import VAE, hook
 
 ROWS = 6
@@ -375,3 +375,42 @@ def test_the_divergence_flag_and_loss_sum_live_in_the_graph(digits):
     s.first_bad.fill_(NEVER)
     s.step(7, s.args, s.total, s.first_bad)
     assert s.first_bad.item() == 7
+
+
+# -- whole runs ----------------------------------------------------------------------------------
+def test_a_compiled_run_follows_the_eager_run_and_resumes_exactly(digits, tmp_path,
+                                                                   monkeypatch):
+    """Same seed, same noise: the compiled run's history is the eager run's (float32, other
+    summation orders); interrupted mid-epoch and resumed, it equals the uninterrupted
+    compiled run bit for bit, and its optimizer state keeps torch's layout."""
+    from test_resume import config, interrupt_at, without_clock
+
+    from ppl_vae.checkpoint import load_checkpoint
+    from ppl_vae.inference.trainer import resume_config
+    from ppl_vae.interrupt import Interrupted
+
+    clock = {"train_seconds", "compile_seconds"}
+    eager = train_run(config(tmp_path / "eager"), data=digits, progress=False)
+    whole = train_run(config(tmp_path / "whole", compile=True), data=digits, progress=False)
+    assert whole.summary["step"] == "compiled (inductor)", whole.summary["step"]
+    for a, b in zip(whole.history, eager.history, strict=True):
+        for key in ("train_elbo", "test_elbo"):
+            assert abs(a[key] - b[key]) < 1e-3 * abs(b[key]), (key, a[key], b[key])
+
+    interrupt_at(monkeypatch, epoch=2, step=17)
+    with pytest.raises(Interrupted):
+        train_run(config(tmp_path / "cut", compile=True), data=digits, progress=False)
+    monkeypatch.undo()
+    state = load_checkpoint(tmp_path / "cut" / "checkpoint.pt")
+    reference = torch.optim.Adam(whole.module.parameters())
+    reference.load_state_dict(state["optimizer"])  # torch's own Adam takes the state
+    assert set(state["optimizer"]["state"][0]) == {"step", "exp_avg", "exp_avg_sq"}
+    assert state["optimizer"]["state"][0]["step"].item() == 45 + 18  # one count per step
+    resumed = train_run(resume_config(tmp_path / "cut"), data=digits, progress=False,
+                        resume=True)
+    assert resumed.summary["step"] == "compiled (inductor)"
+    assert without_clock(resumed.history) == without_clock(whole.history)
+    assert {k: v for k, v in resumed.summary.items() if k not in clock} == \
+        {k: v for k, v in whole.summary.items() if k not in clock}
+    for key, value in whole.module.state_dict().items():
+        assert torch.equal(value, resumed.module.state_dict()[key]), key

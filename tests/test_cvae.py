@@ -856,3 +856,31 @@ def test_cvae_on_offline_mnist(mnist_root):
     opt.step()
     assert torch.isfinite(loss) and loss > 0
     assert not _same(before, cvae.generation_net.state_dict())
+
+
+@pytest.mark.parametrize("quadrants", [1, 3])
+def test_the_plain_pytorch_reference_is_the_analytic_elbo(digits, quadrants):
+    """``cvae_reference_loss`` (the benchmarks' yardstick) draws the same z from the same seed
+    and computes Pyro's ``--elbo analytic`` loss and gradients, to float64 rounding."""
+    from ppl_vae.models.reference import cvae_reference_loss
+
+    data = ppl_vae.load_dataset("digits")
+    cvae = CVAE.from_options(CVAEOptions(hidden=(16,), z_dim=3, quadrants=(quadrants,)),
+                             data).double()
+    c, y = cvae.data_args(data.train.x[:20].double(), None)
+    results = []
+    for loss in (cvae_reference_loss(cvae),
+                 lambda c, y: ppl_vae.make_elbo("analytic").differentiable_loss(
+                     cvae.model, cvae.guide, c, y)):
+        torch.manual_seed(4)
+        cvae.zero_grad()
+        with pyro.validation_enabled(False):
+            value = loss(c, y)
+        value.backward()
+        results.append((value.detach(), [p.grad.clone() for p in cvae.parameters()
+                                         if p.grad is not None]))
+    (ours, our_grads), (pyros, pyro_grads) = results
+    assert abs(float(ours - pyros)) < 1e-9 * abs(float(pyros))
+    assert len(our_grads) == len(pyro_grads)
+    for a, b in zip(our_grads, pyro_grads, strict=True):
+        assert float((a - b).abs().max()) < 1e-9

@@ -64,7 +64,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from . import distributed as dist
 from .distributed import World
-from .loop import EagerStep, TrainStep
+from .svi import EagerStep, TrainStep
 
 LossFn = Callable[..., Tensor]
 TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4}
@@ -324,9 +324,9 @@ class CompiledStep(TrainStep):
                 state = self.optimizer.state.get(p, {})
                 if "exp_avg" in state:
                     updated.append(position[id(p)])
-                    steps.add(float(state["step"]))
+                    steps.add(_value(state["step"]))
             self._groups.append((group, updated))
-        if len(steps) > 1:
+        if len(steps - {None}) > 1:
             self._refuse(f"parameters are at different Adam steps ({sorted(steps)[:3]}); the "
                          "graph keeps one count")
             return
@@ -353,8 +353,8 @@ class CompiledStep(TrainStep):
             return
         slots = [(p, kind) for kind in ("exp_avg", "exp_avg_sq", "step") for p in trained]
         loaded = [state[p][kind] for p, kind in slots]
-        if self._cudagraphs:  # capturable Adam's layout: the step count on the device
-            loaded = [t.to(p.device) for t, (p, _) in zip(loaded, slots, strict=True)]
+        if self.device.type != "cpu":  # capturable Adam's layout: the count on the device
+            loaded = [x.to(p.device) for x, (p, _) in zip(loaded, slots, strict=True)]
         if self._moments is None:
             self._moments = loaded
         else:
@@ -366,17 +366,20 @@ class CompiledStep(TrainStep):
         if self._cudagraphs:
             for group, _ in self._groups:
                 group["capturable"] = True  # eager steps with the device-side step count
-        t = float(state[trained[0]]["step"]) if trained else 0.0
-        self.coef.copy_(torch.tensor([self._bias_corrections(group, t + 1)
-                                      for group, _ in self._groups], dtype=torch.float64))
+        if trained:  # the next step's corrections, on the device (no host read)
+            self.coef.copy_(self._corrections(self._moments[2 * len(trained)]))
         self._inputs = [*self._tensors, *self._moments, self.coef, self.total, self.first_bad,
                         self.i_dev]
         self._next_i = -1
 
-    @staticmethod
-    def _bias_corrections(group: dict, t: float) -> list[float]:
-        beta1, beta2 = group["betas"]
-        return [group["lr"] / (1 - beta1 ** t), math.sqrt(1 - beta2 ** t)]
+    def _corrections(self, t: Tensor) -> Tensor:
+        """Adam's step size and bias correction of the second moment for the step after
+        ``t`` (a tensor), per parameter group: ``[lr / (1 - beta1^(t+1)),
+        sqrt(1 - beta2^(t+1))]``, in float64."""
+        after = t.to(self.coef.device, torch.float64) + 1
+        return torch.stack([torch.stack([g["lr"] / (1 - g["betas"][0] ** after),
+                                         (1 - g["betas"][1] ** after).sqrt()])
+                            for g, _ in self._groups])
 
     # -- the traced function ---------------------------------------------------------------
     def _function(self, grads_only: bool = False, find_dynamic: bool = False) -> Callable:
@@ -426,10 +429,7 @@ class CompiledStep(TrainStep):
                         p.sub_(step_size.to(p.dtype) * m / denom)
                         counted = t if counted is None else counted
                 if counted is not None:  # the next step's corrections, once, not per tensor
-                    after = counted.to(torch.float64) + 1
-                    coef.copy_(torch.stack([torch.stack([
-                        g["lr"] / (1 - g["betas"][0] ** after),
-                        (1 - g["betas"][1] ** after).sqrt()]) for g, _ in self._groups]))
+                    coef.copy_(self._corrections(counted))
                 total.add_(loss)
                 first_bad.copy_(torch.where(torch.isfinite(loss), first_bad,
                                             torch.minimum(first_bad, i)))
@@ -449,6 +449,8 @@ class CompiledStep(TrainStep):
                              _allow_non_fake_inputs=True)(*self._inputs, *args)
             except Exception as e:
                 raise Refused(_reason(e)) from None
+        gm.graph.eliminate_dead_code()  # e.g. a plate's index on the CPU that nothing reads
+        gm.recompile()                  # (random draws count as used: their order stays)
         for node in gm.graph.nodes:
             value = node.meta.get("val")
             if torch.is_tensor(value) and any(isinstance(d, torch.SymInt) for d in value.shape):
@@ -584,6 +586,13 @@ class CompiledStep(TrainStep):
         self.graphs.clear()
         if self.world.main:
             self.log(f"--compile: {reason}; this run trains with the eager step")
+
+
+def _value(t: Tensor) -> float | None:
+    """``float(t)``, or None for a tensor without data (fake, meta)."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    return None if is_fake(t) or t.device.type == "meta" else float(t)
 
 
 def _relative_error(new: Tensor, expected: Tensor, scale: Tensor) -> float:

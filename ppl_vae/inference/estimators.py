@@ -42,6 +42,7 @@ import warnings
 from collections.abc import Iterator
 
 import pyro.infer
+import pyro.infer.trace_elbo
 import pyro.infer.traceenum_elbo
 import torch
 from opt_einsum import shared_intermediates
@@ -80,17 +81,37 @@ class Trace_ELBO(pyro.infer.Trace_ELBO):
     Pyro's reads every site's log-probability on the host (``.item()``: a GPU sync per site
     per step) to separate the loss from its surrogate. With every latent site
     reparameterized the two are the same number, -(sum log p(x, z) - sum log q(z|x)),
-    and this class returns it directly; any other guide takes Pyro's path.
+    and this class returns it directly. Otherwise (a discrete guide site) it takes Pyro's
+    surrogate, whose gradient adds the score-function terms, and returns
+    ``loss + (surrogate - surrogate.detach())``: the loss's value with the surrogate's
+    gradient, as Pyro does, with the loss kept a tensor.
     """
 
     def differentiable_loss(self, model, guide, *args, **kwargs):
         loss = 0.0
         for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
-            if not _reparameterized(guide_trace):
-                return super().differentiable_loss(model, guide, *args, **kwargs)
-            elbo = _log_prob_sum(model_trace) - _log_prob_sum(guide_trace)
-            loss = loss - elbo / self.num_particles
+            if _reparameterized(guide_trace):
+                elbo = _log_prob_sum(model_trace) - _log_prob_sum(guide_trace)
+                loss = loss - elbo / self.num_particles
+                continue
+            with _items_kept_on_the_device():
+                value, surrogate = self._differentiable_loss_particle(model_trace, guide_trace)
+            loss = loss + (value.detach() + surrogate - surrogate.detach()) / self.num_particles
         return loss
+
+
+@contextlib.contextmanager
+def _items_kept_on_the_device() -> Iterator[None]:
+    """Pyro's ``Trace_ELBO._differentiable_loss_particle`` with its ``torch_item`` (``.item()``)
+    the identity: the loss it returns is then a tensor (it looks the name up in its module
+    when called)."""
+    module = pyro.infer.trace_elbo
+    real = module.torch_item
+    module.torch_item = lambda x: x
+    try:
+        yield
+    finally:
+        module.torch_item = real
 
 
 class TraceMeanField_ELBO(pyro.infer.TraceMeanField_ELBO):

@@ -36,38 +36,9 @@ from ..errors import UsageError
 from ..interrupt import Guard, Interrupted
 from . import distributed as dist
 from .distributed import World
-from .svi import hide_bar
+from .svi import EagerStep, StepFn, TrainStep, hide_bar
 
-StepFn = Callable[..., Tensor]
-"""``args -> loss``: a detached scalar, its gradient already added to the parameters."""
 NEVER = 2**62
-
-
-class TrainStep:
-    """One whole training step ``(i, args, total, first_bad)``: the loss of the batch
-    ``args``, its gradient and the optimizer's update, with the loss added to the epoch's sum
-    ``total`` and ``first_bad`` lowered to ``i`` (the step's index in its epoch) if the loss
-    is not finite. ``total`` and ``first_bad`` are the loop's, updated in place."""
-
-    def __call__(self, i: int, args: tuple[Tensor, ...], total: Tensor, first_bad: Tensor
-                 ) -> None:
-        raise NotImplementedError
-
-
-class EagerStep(TrainStep):
-    """The step as PyTorch runs it: zero the gradients, ``step(*args)`` (a :data:`StepFn`),
-    the bookkeeping, then ``optimizer.step()``."""
-
-    def __init__(self, step: StepFn, optimizer: torch.optim.Optimizer) -> None:
-        self.step, self.optimizer = step, optimizer
-
-    def __call__(self, i: int, args: tuple[Tensor, ...], total: Tensor, first_bad: Tensor
-                 ) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
-        loss = self.step(*args)
-        total += loss
-        first_bad.copy_(torch.where(torch.isfinite(loss), first_bad, first_bad.clamp(max=i)))
-        self.optimizer.step()
 
 
 class Diverged(UsageError):

@@ -117,8 +117,35 @@ def collect_params(module: nn.Module, info: ProgramInfo) -> list[Tensor]:
     return list(params.values())
 
 
+class TrainStep:
+    """One whole training step ``(i, args, total, first_bad)``: the loss of the batch
+    ``args``, its gradient and the optimizer's update, with the loss added to the epoch's sum
+    ``total`` and ``first_bad`` lowered to ``i`` (the step's index in its epoch) if the loss
+    is not finite. ``total`` and ``first_bad`` are the loop's, updated in place."""
+
+    def __call__(self, i: int, args: tuple[Tensor, ...], total: Tensor, first_bad: Tensor
+                 ) -> None:
+        raise NotImplementedError
+
+
+class EagerStep(TrainStep):
+    """The step as PyTorch runs it: zero the gradients, ``step(*args)`` (a :data:`StepFn`),
+    the bookkeeping, then ``optimizer.step()``."""
+
+    def __init__(self, step: StepFn, optimizer: torch.optim.Optimizer) -> None:
+        self.step, self.optimizer = step, optimizer
+
+    def __call__(self, i: int, args: tuple[Tensor, ...], total: Tensor, first_bad: Tensor
+                 ) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.step(*args)
+        total += loss
+        first_bad.copy_(torch.where(torch.isfinite(loss), first_bad, first_bad.clamp(max=i)))
+        self.optimizer.step()
+
+
 def run_epoch(
-    step: StepFn,
+    step: StepFn | TrainStep,
     optimizer: torch.optim.Optimizer,
     inputs: tuple[Tensor, ...],
     batch_size: int,
@@ -126,7 +153,8 @@ def run_epoch(
     progress: bool | None = None,
     generator: torch.Generator | None = None,
 ) -> tuple[float, float]:
-    """One pass over shuffled batches of ``inputs`` (rows first, all on one device); the
+    """One pass over shuffled batches of ``inputs`` (rows first, all on one device) by
+    ``step`` (a :data:`StepFn` with ``optimizer``, or a whole :class:`TrainStep`); the
     shuffle draws from ``generator`` if given (the same batches for several runs).
 
     Returns (mean loss per row, seconds). The loss is summed on the device and read once at
@@ -134,14 +162,14 @@ def run_epoch(
     """
     n = inputs[0].shape[0]
     device = inputs[0].device
+    take = step if isinstance(step, TrainStep) else EagerStep(step, optimizer)
     total = torch.zeros((), device=device)
+    first_bad = torch.zeros((), dtype=torch.long, device=device)  # (not read here)
     bar = tqdm(total=n, desc=desc, unit="img", leave=False, disable=hide_bar(progress))
     shown, seen = time.perf_counter(), 0
     start = time.perf_counter()
-    for idx in batches(inputs[0], batch_size, generator):
-        optimizer.zero_grad(set_to_none=True)
-        total += step(*(t[idx] for t in inputs))
-        optimizer.step()
+    for i, idx in enumerate(batches(inputs[0], batch_size, generator)):
+        take(i, tuple(t[idx] for t in inputs), total, first_bad)
         seen += len(idx)
         if not bar.disable:
             bar.update(len(idx))

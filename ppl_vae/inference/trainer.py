@@ -42,9 +42,9 @@ from .compiled import CompiledStep
 from .distributed import World
 from .estimators import make_elbo
 from .importance import Scores, score
-from .loop import EagerStep, Loop, TrainStep
+from .loop import Loop
 from .program import ProgramInfo, inspect_program, nonfinite_site
-from .svi import collect_params, elbo_loss, elbo_step
+from .svi import EagerStep, TrainStep, collect_params, elbo_loss, elbo_step
 
 
 @dataclass
