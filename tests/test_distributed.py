@@ -212,6 +212,22 @@ def plain_run(tmp_path_factory):
 
 
 @needs_torchrun
+def test_torchrun_with_compile_follows_the_eager_run(plain_run, tmp_path):
+    """--compile under torchrun: each rank's loss and gradient from its graph, one all-reduce,
+    Adam outside. The same noise as the eager run, so the same numbers to float32 rounding."""
+    _, eager, _ = plain_run
+    result = _run(*RUN, "--compile", "--out", tmp_path / "C", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert _summary(tmp_path / "C")["step"] == "compiled (inductor)"
+    assert "--compile" not in result.stdout  # no refusal note
+    rows, reference = _metrics(tmp_path / "C"), _metrics(eager)
+    assert len(rows) == len(reference) == 2
+    for a, b in zip(rows, reference, strict=True):
+        for key in ("train_elbo", "test_elbo"):
+            assert abs(float(a[key]) - float(b[key])) < 1e-3 * abs(float(b[key])), (key, a, b)
+
+
+@needs_torchrun
 def test_torchrun_trains_end_to_end_and_rank_0_writes(plain_run):
     cwd, out, result = plain_run
     assert result.returncode == 0, result.stderr[-3000:]

@@ -112,15 +112,16 @@ def optimizer_unsupported(optimizer: torch.optim.Optimizer) -> str | None:
     return None
 
 
-def precheck(loss: LossFn | None, optimizer: torch.optim.Optimizer, device: torch.device,
-             estimator: str = "the estimator") -> str | None:
-    """The first reason the step cannot be compiled, known before tracing; None if none."""
+def precheck(loss: LossFn | None, optimizer: torch.optim.Optimizer | None,
+             device: torch.device, estimator: str = "the estimator") -> str | None:
+    """The first reason the step cannot be compiled, known before tracing; None if none.
+    ``optimizer`` None: the graph leaves the update to it (under torchrun)."""
     if loss is None:
         return (f"{estimator} has no differentiable loss (RenyiELBO, --elbo iwae, reads its "
                 "loss on the host in loss_and_grads)")
     if dist_validation() or infer_validation():
         return "Pyro validation is on (--validate): its checks read tensors on the host"
-    return optimizer_unsupported(optimizer) or compiler_missing(device)
+    return (optimizer and optimizer_unsupported(optimizer)) or compiler_missing(device)
 
 
 # -- tracing -----------------------------------------------------------------------------------
@@ -232,7 +233,11 @@ class CompiledStep(TrainStep):
     and ``optimizer``'s parameters, traced and compiled per batch shape; see the module
     docstring. Called like :class:`EagerStep`; the first call, while the optimizer has no
     state yet, is eager. ``refused`` holds the reason once the step stays eager, ``log`` gets
-    that line and other notes."""
+    that line and other notes.
+
+    Under torchrun (``world.parallel``) the graph computes this rank's loss and gradients;
+    they are summed over the ranks by one all-reduce and ``optimizer.step()`` runs eagerly
+    (any optimizer). Every rank takes the same path: a refusal on one is a refusal on all."""
 
     def __init__(self, loss: LossFn | None, module: nn.Module, optimizer: torch.optim.Optimizer,
                  eager: EagerStep, *, world: World = dist.SINGLE,
@@ -247,37 +252,63 @@ class CompiledStep(TrainStep):
         self.refused: str | None = None
         self._bound, self._moments = False, None
         self._cudagraphs = self.device.type == "cuda"
+        self._grads_only = world.parallel
         self._next_i = -1
-        self._refuse(precheck(loss, optimizer, self.device, estimator) or (
-            "under torchrun the step stays eager (DDP's all-reduce runs between the backward "
-            "pass and Adam)" if world.parallel else None))
+        self._calls = 0
+        self._refuse(self._agree(precheck(loss, None if world.parallel else optimizer,
+                                          self.device, estimator)))
         optimizer.register_load_state_dict_post_hook(lambda opt: self._rebind())
 
     # -- what the Loop calls -------------------------------------------------------------------
     def __call__(self, i: int, args: Sequence[Tensor], total: Tensor, first_bad: Tensor
                  ) -> None:
+        self._calls += 1
         if self.refused is None and not self._bound and self._ready():
-            self._bind(total, first_bad)
+            self._refuse(self._agree(self._bind(total, first_bad)))
         if self.refused is not None or not self._bound:
             self.eager(i, args, total, first_bad)
             return
         key = tuple((tuple(a.shape), a.dtype) for a in args)
+        reason = None
         try:
             if i == 0:  # each epoch start
                 self._retrace(key, args)
-            if i != self._next_i:
-                self.i_dev.fill_(i)
-            graph = self.graphs.get(key)
-            if graph is None:
-                self._capture(key, args)  # compiles, and takes this step (checked)
-            else:
-                with torch.no_grad():
-                    graph.compiled(*self._inputs, *args)
+            if key not in self.graphs:
+                self._capture(key, args)  # compiles and checks; the step follows
         except Refused as e:
-            self._refuse(str(e))
+            reason = str(e)
+        if self._grads_only and (i == 0 or key not in self.graphs or reason):
+            reason = self._agree(reason)  # the same points on every rank
+        if reason is not None:
+            self._refuse(reason)
             self.eager(i, args, total, first_bad)
             return
+        graph = self.graphs[key]
+        if self._grads_only:
+            self._all_reduced_step(graph, i, args, total, first_bad)
+            return
+        if i != self._next_i:
+            self.i_dev.fill_(i)
+        with torch.no_grad():
+            graph.compiled(*self._inputs, *args)
         self._next_i = i + 1
+
+    def _all_reduced_step(self, graph: _Graph, i: int, args: Sequence[Tensor], total: Tensor,
+                          first_bad: Tensor) -> None:
+        """Under torchrun: the graph's loss and gradients, the gradients summed over the
+        ranks (one all-reduce of them all, flattened), the bookkeeping, then the optimizer."""
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            loss, *grads = graph.compiled(*self._inputs, *args)
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            torch.distributed.all_reduce(flat)
+            for p, g in zip(self._trained_tensors, flat.split([g.numel() for g in grads]),
+                            strict=True):
+                p.grad = g.view_as(p)
+            total += loss
+            first_bad.copy_(torch.where(torch.isfinite(loss), first_bad,
+                                        first_bad.clamp(max=i)))
+        self.optimizer.step()
 
     @property
     def description(self) -> str:
@@ -288,15 +319,18 @@ class CompiledStep(TrainStep):
 
     # -- state the graph reads and writes --------------------------------------------------
     def _ready(self) -> bool:
-        """Whether Adam has state for the parameters (after the first eager step)."""
+        """After the first eager step (which makes lazy parameters and Adam's state)."""
+        if self._grads_only:
+            return self._calls > 1
         return any("exp_avg" in self.optimizer.state.get(p, {})
                    for g in self.optimizer.param_groups for p in g["params"])
 
-    def _bind(self, total: Tensor, first_bad: Tensor) -> None:
+    def _bind(self, total: Tensor, first_bad: Tensor) -> str | None:
         """Fix the graph's inputs: every tensor of the module, the param store's values
-        that the optimizer trains, Adam's state, the bias corrections and the bookkeeping."""
-        module_tensors = dict(self.module.named_parameters(remove_duplicate=False))
-        module_tensors.update(self.module.named_buffers(remove_duplicate=False))
+        that the optimizer trains, Adam's state, the bias corrections and the bookkeeping
+        (under torchrun: the tensors only). Returns the reason it cannot, or None."""
+        module_tensors = dict(self.module.named_parameters())
+        module_tensors.update(self.module.named_buffers())
         self._module_keys = list(module_tensors)
         by_id = {id(t): k for k, t in module_tensors.items()}
         store = pyro.get_param_store()
@@ -317,33 +351,38 @@ class CompiledStep(TrainStep):
             updated = []
             for p in group["params"]:
                 if id(p) not in position:
-                    self._refuse("a trainable tensor is not an input: the optimizer trains a "
-                                 f"tensor of shape {tuple(p.shape)} that is neither the "
-                                 "module's nor in Pyro's param store")
-                    return
+                    return ("a trainable tensor is not an input: the optimizer trains a "
+                            f"tensor of shape {tuple(p.shape)} that is neither the module's "
+                            "nor in Pyro's param store")
                 state = self.optimizer.state.get(p, {})
-                if "exp_avg" in state:
+                if self._grads_only and p.requires_grad:
+                    updated.append(position[id(p)])
+                elif "exp_avg" in state:
                     updated.append(position[id(p)])
                     steps.add(_value(state["step"]))
             self._groups.append((group, updated))
         if len(steps - {None}) > 1:
-            self._refuse(f"parameters are at different Adam steps ({sorted(steps)[:3]}); the "
-                         "graph keeps one count")
-            return
+            return (f"parameters are at different Adam steps ({sorted(steps)[:3]}); the graph "
+                    "keeps one count")
         self._tensors = tensors
         self._trained = [j for _, upd in self._groups for j in upd]
+        self._trained_tensors = [tensors[j] for j in self._trained]
         self.i_dev = torch.zeros((), dtype=torch.long, device=self.device)
         self.coef = torch.zeros(len(self._groups), 2, dtype=torch.float64, device=self.device)
         self.total, self.first_bad = total, first_bad
         self._bound, self._moments = True, None
+        if self._grads_only:
+            self._inputs = list(tensors)
+            return None
         self._rebind()
+        return None
 
     def _rebind(self) -> None:
         """Point the graph at the optimizer's current state. ``load_state_dict`` replaces
         the state tensors: their values are copied into the graph's, which go back into the
         optimizer, so that addresses stay fixed (CUDA graphs replay on them). A state without
         Adam's moments (loaded from before the first step) unbinds: the next step is eager."""
-        if not self._bound:
+        if not self._bound or self._grads_only:
             return
         state = self.optimizer.state
         trained = [self._tensors[j] for j in self._trained]
@@ -385,24 +424,27 @@ class CompiledStep(TrainStep):
     def _function(self, grads_only: bool = False, find_dynamic: bool = False) -> Callable:
         """The step as a function of flat tensors: module tensors, store tensors, Adam's
         (m, v, t) of each trained tensor, the bias corrections, (total, first_bad, i), then
-        the batch. ``grads_only``: return (loss, grads of the trained tensors) instead."""
+        the batch. ``grads_only``: of the module and store tensors and the batch, returning
+        (loss, grads of the trained tensors)."""
         call = _Call(self.module, self.loss)
         n_mod, n_store = len(self._module_keys), len(self._store_keys)
         n_in, n_tr = n_mod + n_store, len(self._trained)
 
         def step(*flat: Tensor) -> tuple[Tensor, ...]:
             tensors = flat[:n_in]
-            moments = flat[n_in:n_in + 3 * n_tr]
-            coef, total, first_bad, i = flat[n_in + 3 * n_tr:n_in + 3 * n_tr + 4]
-            batch = flat[n_in + 3 * n_tr + 4:]
+            if grads_only:
+                batch = flat[n_in:]
+            else:
+                moments = flat[n_in:n_in + 3 * n_tr]
+                coef, total, first_bad, i = flat[n_in + 3 * n_tr:n_in + 3 * n_tr + 4]
+                batch = flat[n_in + 3 * n_tr + 4:]
             own = dict(zip(self._module_keys, tensors[:n_mod], strict=True))
             store = dict(zip(self._store_keys, tensors[n_mod:], strict=True))
             store.update({name: own[key] for name, key in self._store_alias.items()})
             watch = _FindDynamicShape() if find_dynamic else contextlib.nullcontext()
             with watch, _store_swapped(store):
                 loss = torch.func.functional_call(
-                    call, {f"module.{k}": v for k, v in own.items()}, batch, strict=True,
-                    tie_weights=False)
+                    call, {f"module.{k}": v for k, v in own.items()}, batch, strict=True)
             trained = [tensors[j] for j in self._trained]
             grads = torch.autograd.grad(loss, trained, allow_unused=True)
             loss = loss.detach()
@@ -438,14 +480,14 @@ class CompiledStep(TrainStep):
 
         return step
 
-    def _trace(self, args: Sequence[Tensor], grads_only: bool = False,
-               find_dynamic: bool = False) -> torch.fx.GraphModule:
+    def _trace(self, args: Sequence[Tensor], find_dynamic: bool = False
+               ) -> torch.fx.GraphModule:
         """The step traced on fake tensors; :class:`Refused` with the reason if it cannot be.
         A shape that depends on values is traced again with ``find_dynamic``, which names
         the operator and the program line."""
         with warnings_quiet(), _traced_code_paths():
             try:
-                gm = make_fx(self._function(grads_only, find_dynamic), tracing_mode="fake",
+                gm = make_fx(self._function(self._grads_only, find_dynamic), tracing_mode="fake",
                              _allow_non_fake_inputs=True)(*self._inputs, *args)
             except Exception as e:
                 raise Refused(_reason(e)) from None
@@ -454,7 +496,7 @@ class CompiledStep(TrainStep):
         for node in gm.graph.nodes:
             value = node.meta.get("val")
             if torch.is_tensor(value) and any(isinstance(d, torch.SymInt) for d in value.shape):
-                self._trace(args, grads_only, find_dynamic=True)
+                self._trace(args, find_dynamic=True)
                 raise Refused(f"a dynamic structure: the shape of {node.target} depends on "
                               "tensor values")
             if node.op == "get_attr":
@@ -504,7 +546,7 @@ class CompiledStep(TrainStep):
 
     def _capture(self, key: tuple, args: Sequence[Tensor]) -> None:
         """Trace (twice: the same graph, or a dynamic structure), compile, and check one
-        compiled step against one eager step with the same noise; the checked step stands."""
+        compiled step against one eager step with the same noise."""
         gm = self._trace(args)
         signature = self._signature(gm)
         if not self._same(signature, self._signature(self._trace(args))):
@@ -512,10 +554,7 @@ class CompiledStep(TrainStep):
         began = time.perf_counter()
         graph = _Graph(gm, signature, self._compile(gm, args))
         if self.check:
-            self._checked_step(graph, args)
-        else:
-            with torch.no_grad(), warnings_quiet():
-                graph.compiled(*self._inputs, *args)
+            self._check(graph, args)
         self.compile_seconds += time.perf_counter() - began
         self.graphs[key] = graph
 
@@ -532,56 +571,66 @@ class CompiledStep(TrainStep):
         self._rebind()  # the corrections of a changed learning rate
 
     # -- the capture check -----------------------------------------------------------------
-    def _checked_step(self, graph: _Graph, args: Sequence[Tensor]) -> None:
-        """Run the first compiled step, and the eager loss and gradient with the same noise
-        from the same state; :class:`Refused` (state and RNG put back) if they disagree."""
+    def _check(self, graph: _Graph, args: Sequence[Tensor]) -> None:
+        """One compiled step and the eager loss and gradient, with the same noise from the
+        same state, which is then put back (the RNG too): :class:`Refused` if they disagree
+        by more than float rounding (the loss, and the gradient: in Adam's new moments, or
+        as the graph returns it under torchrun)."""
         rng = _rng_state(self.device)
         saved = [t.detach().clone() for t in self._inputs]
-        trained = [self._tensors[j] for j in self._trained]
+        trained = self._trained_tensors
         with warnings_quiet():
             loss_e = self.loss(*args)
             grads_e = torch.autograd.grad(loss_e, trained, allow_unused=True)
         loss_e = loss_e.detach()
-        _set_rng_state(self.device, rng)
-        for t, s in zip(self._inputs, saved, strict=True):  # buffers the forward updated
-            with torch.no_grad():
-                t.copy_(s)
+        self._restore(saved, rng)  # (buffers the forward updated)
         with torch.no_grad(), warnings_quiet():
-            (loss_c,) = graph.compiled(*self._inputs, *args)
-        n_tr = len(self._trained)
+            loss_c, *grads_c = graph.compiled(*self._inputs, *args)
+        checks = [("the loss", loss_c, loss_e, loss_e.abs() + 1)]
+        if self._grads_only:
+            checks += [("the gradient", c, e, e.abs()) for c, e in zip(grads_c, grads_e,
+                                                                       strict=True)
+                       if e is not None]
+        else:
+            n_in, n_tr, k = len(self._tensors), len(self._trained), 0
+            for group, updated in self._groups:
+                beta1, beta2 = group["betas"]
+                for _ in updated:
+                    g = grads_e[k]
+                    if g is not None:
+                        if group["weight_decay"]:
+                            g = g + group["weight_decay"] * saved[self._trained[k]]
+                        m0, v0 = saved[n_in + k], saved[n_in + n_tr + k]
+                        checks += [
+                            ("Adam's m (the gradient)", self._moments[k], m0.lerp(g, 1 - beta1),
+                             m0.abs() + (1 - beta1) * g.abs()),
+                            ("Adam's v (the gradient)", self._moments[n_tr + k],
+                             v0 * beta2 + (1 - beta2) * g * g, v0 + (1 - beta2) * g * g)]
+                    k += 1
+        worst, what = max((_relative_error(c, e, scale), what) for what, c, e, scale in checks)
+        self._restore(saved, rng)
         rtol = TOLERANCE.get(loss_e.dtype, 1e-2)
-        worst, what = _relative_error(loss_c, loss_e, loss_e.abs() + 1), "the loss"
-        k = 0
-        for group, updated in self._groups:
-            beta1, beta2 = group["betas"]
-            for _ in updated:
-                g = grads_e[k]
-                if g is not None:
-                    if group["weight_decay"]:
-                        g = g + group["weight_decay"] * saved[self._trained[k]]
-                    m0, v0 = saved[len(self._tensors) + k], saved[len(self._tensors) + n_tr + k]
-                    for name, new, expected, scale in (
-                            ("m", self._moments[k], m0.lerp(g, 1 - beta1), (1 - beta1) * g),
-                            ("v", self._moments[n_tr + k], v0 * beta2 + (1 - beta2) * g * g,
-                             (1 - beta2) * g * g)):
-                        err = _relative_error(new, expected, expected.abs() + scale.abs())
-                        if not err <= worst:
-                            worst, what = err, f"Adam's {name} (the gradient)"
-                k += 1
         if not worst <= rtol:
-            for t, s in zip(self._inputs, saved, strict=True):
-                with torch.no_grad():
-                    t.copy_(s)
-            _set_rng_state(self.device, rng)
             raise Refused(f"the compiled step disagrees with the eager step with the same noise "
                           f"({what}: relative error {worst:.2g} > {rtol:g})")
 
+    def _restore(self, saved: list[Tensor], rng: tuple) -> None:
+        with torch.no_grad():
+            for t, s in zip(self._inputs, saved, strict=True):
+                t.copy_(s)
+        _set_rng_state(self.device, rng)
+
     # -- refusing ------------------------------------------------------------------------------
+    def _agree(self, reason: str | None) -> str | None:
+        """Under torchrun, the first rank's reason to refuse (a collective: every rank calls
+        it at the same point); else ``reason``."""
+        if not self.world.parallel:
+            return reason
+        return next((r for r in dist.gather(reason, self.world) if r), None)
+
     def _refuse(self, reason: str | None) -> None:
         if reason is None or self.refused is not None:
             return
-        if self.world.parallel:  # every rank takes the same path (rank 0 says why)
-            reason = dist.gather(reason, self.world)[0] or reason
         self.refused = reason
         self.graphs.clear()
         if self.world.main:
