@@ -81,6 +81,7 @@ def main() -> int:
           f"torch {torch.__version__}, pyro {pyro.__version__}, "
           f"{torch.get_num_threads()} threads, seeds {a.seeds}, {a.epochs} epochs", flush=True)
 
+    pyro.enable_validation(False)  # as ppl_vae.train runs by default (and --compile needs)
     speed = {m: [] for m in a.methods}
     elbo = {m: [] for m in a.methods}
     for seed in a.seeds:
@@ -97,8 +98,10 @@ def main() -> int:
                 loss = elbo_loss(make_elbo(m.split("-")[0], a.particles), vae, vae.programs())
                 step = CompiledStep(loss, vae, opt, EagerStep(step, opt))
             runs[m] = (vae, step, opt)
-        with pyro.validation_enabled(False):  # as ppl_vae.train runs by default
-            train_epochs(a, data, runs, speed)
+        train_epochs(a, data, runs, speed)
+        for m, (_, step, _) in runs.items():
+            if isinstance(step, CompiledStep) and step.refused:
+                sys.exit(f"{m}: {step.refused}")
         for m, (vae, _, _) in runs.items():
             vae.eval()
             elbo[m].append(score(vae, data.test.x, num_samples=10).summary()["test_elbo"])

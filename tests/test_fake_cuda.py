@@ -97,16 +97,25 @@ CASES = ["vae", "flow-vae", "cvae-quadrants", "cvae-label", "conv-vae", "conv-va
 # __init__ as Pyro's examples make them, stay on the CPU, so it does not run on a GPU)
 
 
-def prepared(name: str, digits: Dataset, device: str, monkeypatch):
-    """The case's module (its lazy parameters made on the CPU first), and the arguments
-    of its programs for 6 training rows, both on fake ``device`` inside ``fake``."""
+def prepared(name: str, digits: Dataset) -> tuple[nn.Module, Dataset, list[str]]:
+    """The case, its lazy parameters (autoguides) made on the CPU first."""
     module, data, estimators = families(digits)[name]
     args = hook(module, "data_args")(data.train.x[:6], None if data.train.y is None
                                      else data.train.y[:6])
-    for _, m, g in hook(module, "programs")():  # autoguides create their parameters
+    for _, m, g in hook(module, "programs")():
         inspect_program(m, g, *args)
     pyro.clear_param_store()  # (a fake .to() makes new Parameters; the store held the old)
     return module, data, estimators
+
+
+def moved(module: nn.Module, data: Dataset, device: str):
+    """(module, the programs' arguments for 6 training rows, the objective's terms, what the
+    first term's program is), all on fake ``device`` (call inside :func:`fake`)."""
+    module = module.to(device)
+    y = None if data.train.y is None else data.train.y[:6].to(device)
+    args = hook(module, "data_args")(data.train.x[:6].to(device), y)
+    terms = hook(module, "programs")()
+    return module, args, terms, inspect_program(terms[0][1], terms[0][2], *args)
 
 
 def on(device: str, *tensors) -> bool:
@@ -115,28 +124,18 @@ def on(device: str, *tensors) -> bool:
 
 @pytest.mark.parametrize("name", CASES)
 def test_objectives_and_evaluation_stay_on_the_gpu(name, digits, monkeypatch):
-    """Every estimator's loss, the ELBO and IWAE scores and the model's own figures' inputs
-    on fake CUDA tensors: nothing is made on the CPU."""
-    module, data, estimators = prepared(name, digits, "cuda", monkeypatch)
+    """Every estimator's loss and the ELBO and IWAE scores on fake CUDA tensors: nothing is
+    made on the CPU."""
+    module, data, estimators = prepared(name, digits)
     with fake(monkeypatch):
-        module = module.to("cuda")
-        x = data.train.x[:6].to("cuda")
-        y = None if data.train.y is None else data.train.y[:6].to("cuda")
-        args = hook(module, "data_args")(x, y)
+        module, args, terms, info = moved(module, data, "cuda")
         assert on("cuda", *args)
-        terms = hook(module, "programs")()
-        info = inspect_program(terms[0][1], terms[0][2], *args)
         for estimator in estimators:
-            k = 2 if estimator == "iwae" else 1
-            elbo = make_elbo(estimator, k, max_plate_nesting=info.max_plate_nesting,
-                             vectorize=info.vectorized)
-            loss = elbo_loss(elbo, module, terms, info)
-            if loss is None:  # RenyiELBO: its loss_and_grads differentiates (a GPU's work)
-                value = elbo.differentiable_loss if hasattr(elbo, "differentiable_loss") \
-                    else None
-                assert value is None
-                continue
-            assert on("cuda", loss(*args))
+            elbo = make_elbo(estimator, 2 if estimator == "iwae" else 1,
+                             max_plate_nesting=info.max_plate_nesting, vectorize=info.vectorized)
+            loss = elbo_loss(elbo, module, terms, info)  # (RenyiELBO has none: it backprops
+            if loss is not None:                         # in loss_and_grads, a GPU's work)
+                assert on("cuda", loss(*args))
         scores = score(module, *args, num_samples=3, iwae=True, progress=False)
         assert on("cuda", scores.elbo, scores.iwae)
 
@@ -147,16 +146,9 @@ def test_a_training_step_and_the_compiled_trace_stay_on_the_device(name, digits,
     """One eager step (backward and Adam) and the compiled step's whole trace (guide, model,
     ELBO, backward, Adam, bookkeeping) on fake ``meta`` tensors: every value of the graph is
     on the device."""
-    module, data, estimators = prepared(name, digits, "meta", monkeypatch)
+    module, data, estimators = prepared(name, digits)
     with fake(monkeypatch):
-        module = module.to("meta")
-        x = data.train.x[:6].to("meta")
-        y = None if data.train.y is None else data.train.y[:6].to("meta")
-        args = hook(module, "data_args")(x, y)
-        terms = hook(module, "programs")()
-        info = inspect_program(terms[0][1], terms[0][2], *args)
-        info = type(info)(**{**info.__dict__, "params": tuple(
-            p for p in collect_params(module, info))})
+        module, args, terms, info = moved(module, data, "meta")
         loss = elbo_loss(make_elbo(estimators[0], max_plate_nesting=info.max_plate_nesting),
                          module, terms, info)
         params = collect_params(module, info)

@@ -11,12 +11,15 @@ Pyro computes L by running the guide and the model in Python, site by site, whic
 network costs more than the arithmetic. Here that Python runs once per batch shape:
 ``make_fx`` traces the step -- Pyro's traces and ELBO, the backward pass, Adam, and the
 loop's bookkeeping (the epoch's loss sum, the first step whose loss is not finite) -- as a
-pure function of tensors on fake tensors (no real work, no real random draws), and
-inductor compiles it; each step then replays that graph on the live tensors, updating the
-parameters and the optimizer's own state tensors in place (``optimizer.state_dict()`` keeps
-torch's layout). With ``--cuda`` the graph is replayed as a CUDA graph. The bias
-corrections of step t + 1 are computed once at the end of step t into a small buffer, so
-no per-tensor kernel recomputes a power.
+pure function of tensors on fake tensors (no real work, no real random draws), with the
+module's tensors swapped in by ``torch.func.functional_call`` and Pyro's param store's by
+name, and inductor compiles it; each step then replays that graph on the live tensors,
+updating the parameters and the optimizer's own state tensors in place
+(``optimizer.state_dict()`` keeps torch's layout; capturable Adam's on a GPU). With
+``--cuda`` the graph is replayed as a CUDA graph. The bias corrections of step t + 1 are
+computed once at the end of step t into a small buffer, so no per-tensor kernel recomputes a
+power. The first step is eager (it makes lazy parameters and Adam's state); the last,
+partial batch of an epoch is a second shape, compiled when first met.
 
 Random draws stay torch's: the graph calls the same random operators in the same order as
 the eager step (inductor's ``fallback_random``), on the global generator. A compiled step
@@ -34,13 +37,15 @@ Assumptions, checked; where one fails the step stays eager and one line says why
 * the program's structure is static: it reads no tensor's value in Python (``.item()``,
   ``if t > 0``), its shapes do not depend on values, and two traces are the same graph;
 * a C++ compiler for inductor on the CPU (triton on a GPU);
-* at capture, one compiled step agrees with one eager step with the same noise (the loss and
-  Adam's new moments, to float tolerance).
+* at capture, one compiled step agrees with one eager step with the same noise from the same
+  state (the loss and Adam's new moments, to float tolerance); the state and the RNG are then
+  put back and the step taken.
 
 Anything the program reads from Python (a beta, a learning rate) is frozen into the graph:
 the step is traced again at every epoch start and recompiled, with a note, if the graph
-changed. Under ``torchrun`` the graph computes the loss and gradients only; the all-reduce
-and the optimizer run outside it.
+changed. Under ``torchrun`` the graph computes each rank's loss and gradients only; one
+all-reduce sums them over the ranks and the optimizer (any) runs outside it; the ranks agree
+on every refusal.
 """
 
 from __future__ import annotations
@@ -59,6 +64,7 @@ import torch
 from pyro.distributions.util import is_validation_enabled as dist_validation
 from pyro.infer.util import is_validation_enabled as infer_validation
 from torch import Tensor, nn
+from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -187,6 +193,40 @@ def _user_frame(frames: traceback.StackSummary) -> str:
     return f" at {mine[-1].filename.rsplit('/', 1)[-1]}:{mine[-1].lineno}" if mine else ""
 
 
+class _Operators(TorchDispatchMode):
+    """Records each operator with its arguments: Python values as they are, tensors as the
+    number of their first appearance with shape and dtype, and a constant tensor (data
+    the program holds) by its values."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[tuple] = []
+        self._seen: dict[int, tuple] = {}
+        self._alive: list[Tensor] = []  # (ids stay unique while recording)
+
+    def _describe(self, t: Tensor) -> tuple:
+        if id(t) not in self._seen:
+            const = getattr(t, "constant", None)
+            if const is None and not isinstance(t, FakeTensor):
+                const = t
+            with unset_fake_temporarily():  # (its values are real)
+                value = () if const is None else (  # a large one: which, changed in place?
+                    const.detach().cpu().flatten().tolist() if const.numel() <= 4096
+                    else (id(const), const._version),)
+            self._seen[id(t)] = (len(self._seen), tuple(t.shape), t.dtype, *value)
+            self._alive.append(t)
+        return self._seen[id(t)]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.ops.append((func, *(self._describe(a) if isinstance(a, Tensor) else a
+                                 for a in torch.utils._pytree.tree_leaves((args, kwargs)))))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, Tensor):
+                self._describe(t)
+        return out
+
+
 class _FindDynamicShape(TorchDispatchMode):
     """Raises :class:`Refused` at the first operator whose result's shape depends on tensor
     values (a boolean mask, ``nonzero``), naming it and the program line that called it."""
@@ -226,6 +266,7 @@ class _Graph:
     traced: torch.fx.GraphModule
     signature: tuple  # what a re-trace must reproduce
     compiled: Callable
+    fingerprint: tuple | None = None  # the forward's operators (see _fingerprint)
 
 
 class CompiledStep(TrainStep):
@@ -426,9 +467,7 @@ class CompiledStep(TrainStep):
         (m, v, t) of each trained tensor, the bias corrections, (total, first_bad, i), then
         the batch. ``grads_only``: of the module and store tensors and the batch, returning
         (loss, grads of the trained tensors)."""
-        call = _Call(self.module, self.loss)
-        n_mod, n_store = len(self._module_keys), len(self._store_keys)
-        n_in, n_tr = n_mod + n_store, len(self._trained)
+        n_in, n_tr = len(self._module_keys) + len(self._store_keys), len(self._trained)
 
         def step(*flat: Tensor) -> tuple[Tensor, ...]:
             tensors = flat[:n_in]
@@ -438,13 +477,9 @@ class CompiledStep(TrainStep):
                 moments = flat[n_in:n_in + 3 * n_tr]
                 coef, total, first_bad, i = flat[n_in + 3 * n_tr:n_in + 3 * n_tr + 4]
                 batch = flat[n_in + 3 * n_tr + 4:]
-            own = dict(zip(self._module_keys, tensors[:n_mod], strict=True))
-            store = dict(zip(self._store_keys, tensors[n_mod:], strict=True))
-            store.update({name: own[key] for name, key in self._store_alias.items()})
             watch = _FindDynamicShape() if find_dynamic else contextlib.nullcontext()
-            with watch, _store_swapped(store):
-                loss = torch.func.functional_call(
-                    call, {f"module.{k}": v for k, v in own.items()}, batch, strict=True)
+            with watch:
+                loss = self._loss_of(tensors, batch)
             trained = [tensors[j] for j in self._trained]
             grads = torch.autograd.grad(loss, trained, allow_unused=True)
             loss = loss.detach()
@@ -479,6 +514,37 @@ class CompiledStep(TrainStep):
             return (loss,)
 
         return step
+
+    def _loss_of(self, tensors: Sequence[Tensor], batch: Sequence[Tensor]) -> Tensor:
+        """The loss with ``tensors`` in place of the module's and the param store's own."""
+        n_mod = len(self._module_keys)
+        own = dict(zip(self._module_keys, tensors[:n_mod], strict=True))
+        store = dict(zip(self._store_keys, tensors[n_mod:], strict=True))
+        store.update({name: own[key] for name, key in self._store_alias.items()})
+        with _store_swapped(store):
+            return torch.func.functional_call(
+                _Call(self.module, self.loss), {f"module.{k}": v for k, v in own.items()},
+                tuple(batch), strict=True)
+
+    def _fingerprint(self, args: Sequence[Tensor]) -> tuple | None:
+        """The forward pass as the operators it runs on fake tensors -- each with its
+        Python arguments, the values of constant tensors and which earlier tensors it
+        reads -- and Adam's hyperparameters: what the graph holds of the program's Python
+        values, at a tenth of a trace's cost. None if it cannot be taken."""
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        record = _Operators()
+        try:
+            with FakeTensorMode(allow_non_fake_inputs=True) as mode, warnings_quiet(), \
+                    _traced_code_paths():
+                fake = [mode.from_tensor(t) for t in (*self._tensors, *args)]
+                with record:
+                    self._loss_of(fake[:len(self._tensors)], fake[len(self._tensors):])
+        except Exception:  # the full trace says why
+            return None
+        hyper = tuple((g["lr"], tuple(g["betas"]), g["eps"], g["weight_decay"])
+                      for g, _ in getattr(self, "_groups", ()))
+        return tuple(record.ops), hyper
 
     def _trace(self, args: Sequence[Tensor], find_dynamic: bool = False
                ) -> torch.fx.GraphModule:
@@ -552,17 +618,24 @@ class CompiledStep(TrainStep):
         if not self._same(signature, self._signature(self._trace(args))):
             raise Refused("a dynamic structure: two traces of the same step differ")
         began = time.perf_counter()
-        graph = _Graph(gm, signature, self._compile(gm, args))
+        graph = _Graph(gm, signature, self._compile(gm, args), self._fingerprint(args))
         if self.check:
             self._check(graph, args)
         self.compile_seconds += time.perf_counter() - began
         self.graphs[key] = graph
 
     def _retrace(self, key: tuple, args: Sequence[Tensor]) -> None:
-        """Trace again; if the graph changed (a value the program reads from Python did),
-        compile anew when each shape is next met, and say so."""
+        """Look again at the program: the forward's operators (cheap), and only if they
+        changed the whole step; if the graph changed (a value the program reads from
+        Python did), compile anew when each shape is next met, and say so."""
         graph = self.graphs.get(key)
-        if graph is None or self._same(graph.signature, self._signature(self._trace(args))):
+        if graph is None:
+            return
+        fingerprint = self._fingerprint(args)
+        if fingerprint is not None and fingerprint == graph.fingerprint:
+            return
+        if self._same(graph.signature, self._signature(self._trace(args))):
+            graph.fingerprint = fingerprint
             return
         self.log("--compile: the traced step changed since it was compiled (a value the "
                  "program reads from Python, such as a beta or the learning rate); compiling "
