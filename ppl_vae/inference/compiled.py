@@ -123,8 +123,8 @@ def precheck(loss: LossFn | None, optimizer: torch.optim.Optimizer | None,
     """The first reason the step cannot be compiled, known before tracing; None if none.
     ``optimizer`` None: the graph leaves the update to it (under torchrun)."""
     if loss is None:
-        return (f"{estimator} has no differentiable loss (RenyiELBO, --elbo iwae, reads its "
-                "loss on the host in loss_and_grads)")
+        return (f"{estimator} has no differentiable loss (RenyiELBO reads its loss on the "
+                "host in loss_and_grads)")
     if dist_validation() or infer_validation():
         return "Pyro validation is on (--validate): its checks read tensors on the host"
     return (optimizer and optimizer_unsupported(optimizer)) or compiler_missing(device)
@@ -310,6 +310,7 @@ class CompiledStep(TrainStep):
             self.eager(i, args, total, first_bad)
             return
         key = tuple((tuple(a.shape), a.dtype) for a in args)
+        looking = i == 0 or key not in self.graphs  # (the same on every rank)
         reason = None
         try:
             if i == 0:  # each epoch start
@@ -318,8 +319,8 @@ class CompiledStep(TrainStep):
                 self._capture(key, args)  # compiles and checks; the step follows
         except Refused as e:
             reason = str(e)
-        if self._grads_only and (i == 0 or key not in self.graphs or reason):
-            reason = self._agree(reason)  # the same points on every rank
+        if self._grads_only and looking:
+            reason = self._agree(reason)
         if reason is not None:
             self._refuse(reason)
             self.eager(i, args, total, first_bad)
@@ -403,8 +404,8 @@ class CompiledStep(TrainStep):
                     steps.add(_value(state["step"]))
             self._groups.append((group, updated))
         if len(steps - {None}) > 1:
-            return (f"parameters are at different Adam steps ({sorted(steps)[:3]}); the graph "
-                    "keeps one count")
+            return (f"parameters are at different Adam steps ({sorted(steps - {None})[:3]}); the "
+                    "graph keeps one count")
         self._tensors = tensors
         self._trained = [j for _, upd in self._groups for j in upd]
         self._trained_tensors = [tensors[j] for j in self._trained]
