@@ -5,7 +5,7 @@ loop, importance sampling, trainer) -> evaluation (saved runs, the estimator com
 -> variants (several runs, one table) -> CLI and plots.
 
 The public API: ``load_dataset``; ``Model`` (the contract), the families ``VAE``, ``CVAE``,
-``ConvVAE``, ``SSVAE`` (M2) and ``FlowVAE`` (``VAE`` with a flow guide), and
+``ConvVAE``, ``SSVAE`` (M2) and ``FlowVAE`` (``flow-vae``: the VAE with a flow guide), and
 ``register_model``; ``TrainConfig``; ``train`` and ``evaluate`` (what ``python -m ppl_vae
 train`` / ``evaluate`` run); ``score`` and ``log_weights`` (per-data-point ELBO and IWAE
 bounds from Pyro traces); ``compare`` (the estimator comparison); ``ppl_vae.appendix``; and
@@ -20,7 +20,6 @@ from .evaluation.comparison import CompareConfig, Comparison, compare
 from .evaluation.runs import evaluate_run, load_run
 from .inference.estimators import make_elbo
 from .inference.importance import Scores, log_weights, score
-from .inference.trainer import Run, train_run
 from .models import (
     CVAE,
     MODELS,
@@ -33,6 +32,7 @@ from .models import (
     get_model,
     register_model,
 )
+from .run.train import Run, train_run
 from .variants import Variants, train
 
 evaluate = evaluate_run

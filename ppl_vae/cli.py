@@ -174,7 +174,7 @@ def _parse(argv: Sequence[str] | None, compare: bool = False, model: str | None 
 
 
 def _train(argv: Sequence[str] | None) -> int:
-    from .inference.trainer import resume_config
+    from .run.train import resume_config
     from .variants import Variants, train
 
     run_dir = _resume_dir(argv)
@@ -215,7 +215,7 @@ COMPARE_ONLY = ("run", "warmup_epochs", "repeats", "iwae_samples", "eval_batch",
 
 
 def _one_process(command: str) -> None:
-    from .inference.distributed import launched
+    from .run.distributed import launched
 
     if launched():
         raise UsageError(f"{command} runs in one process; run it with python -m ppl_vae "

@@ -112,7 +112,7 @@ def save_torch(path: str | os.PathLike, obj: Any, *, setting: str = "--out") -> 
 def clean_stale_tmp(directory: str | os.PathLike) -> list[str]:
     """Remove the temporary files a killed :func:`atomic_write` left in ``directory`` and its
     subdirectories; return their paths relative to ``directory``. Only for a directory this
-    process owns (see :class:`ppl_vae.rundir.RunDir`): it would delete a live writer's file."""
+    process owns (see :class:`ppl_vae.run.rundir.RunDir`): it would delete a live writer's file."""
     root = Path(directory)
     removed = []
     for parent, _, names in os.walk(root):

@@ -10,8 +10,7 @@ Model-agnostic (a plug-in model is any ``nn.Module``):
   :func:`torch.autograd.graph.saved_tensors_hooks` at two particle counts and two row counts,
   and scales the tensors the autograd graph keeps to ``rows x particles``.
 * **evaluation** -- :func:`allocated_bytes` counts the bytes of every tensor a no-grad pass
-  allocates (a dispatch mode); :mod:`ppl_vae.inference.importance` sizes its chunks by it,
-  and :func:`check_eval` also times one chunk to estimate how long an evaluation takes.
+  allocates (a dispatch mode); :mod:`ppl_vae.inference.importance` sizes its chunks by it.
 * **available memory** -- ``MemAvailable`` of ``/proc/meminfo`` (and a cgroup limit) on the
   CPU, ``torch.cuda.mem_get_info`` plus the allocator's free cache on a GPU
   (:func:`available_bytes`; None where unknown: the checks then pass).
@@ -26,7 +25,6 @@ import contextlib
 import math
 import os
 import random
-import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -374,48 +372,6 @@ def check_step_fits(step_for: Callable[[int], Callable[..., Any]], args: Sequenc
 
 
 # -- evaluation --------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class EvalEstimate:
-    """What scoring ``rows`` x ``samples`` takes: bytes of the largest chunk, the number of
-    passes, and seconds (one timed pass times the passes; None if not timed)."""
-
-    rows: int
-    samples: int
-    chunk_bytes: float | None
-    passes: int
-    seconds: float | None
-
-    def line(self, what: str = "evaluation") -> str:
-        took = "" if self.seconds is None else f", about {format_seconds(self.seconds)}"
-        return (f"{what}: {self.samples:,} samples x {self.rows:,} rows in {self.passes:,} "
-                f"passes{took}")
-
-
-def check_eval(module: nn.Module, *inputs: Tensor, num_samples: int, iwae: bool = False,
-               guide: Callable | None = None, time_it: bool = True) -> EvalEstimate:
-    """Plan :func:`~ppl_vae.inference.importance.score` of ``inputs`` (all rows, the
-    model's arguments) with ``num_samples``: :class:`UsageError` when even its smallest
-    chunk cannot fit in memory, else the estimate, with one chunk timed (``time_it``)."""
-    from .inference.importance import plan_score, time_pass
-
-    plan = plan_score(module, *inputs, num_samples=num_samples, guide=guide)
-    seconds = None
-    if time_it:
-        seconds = time_pass(module, *inputs, plan=plan, guide=guide) * plan.passes
-    return EvalEstimate(plan.n, num_samples, plan.chunk_bytes, plan.passes, seconds)
-
-
-def timed(fn: Callable[[], Any], device: torch.device | str = "cpu") -> float:
-    """Seconds ``fn()`` takes (the GPU synchronized)."""
-    device = torch.device(device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda *a: None)
-    sync(device)
-    start = time.perf_counter()
-    fn()
-    sync(device)
-    return time.perf_counter() - start
-
-
 def chunk_budget(device: torch.device | str) -> float:
     """Bytes one evaluation chunk may take: half of what ``device`` has free (inf if
     unknown)."""

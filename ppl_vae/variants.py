@@ -19,13 +19,13 @@ from pathlib import Path
 import torch
 
 from . import resources
-from .checkpoint import load_checkpoint
 from .config import TrainConfig
 from .data import Dataset
 from .files import write_json
-from .inference import distributed as dist
-from .inference.trainer import Run, build_model, has_checkpoint, load_data, open_run_dir, train_run
 from .models import hook
+from .run import distributed as dist
+from .run.checkpoint import load_checkpoint
+from .run.train import Run, build_model, has_checkpoint, load_data, open_run_dir, train_run
 
 
 @dataclass

@@ -16,7 +16,7 @@ import torch
 from helpers import assert_one_line_error
 
 from ppl_vae import Dataset, TrainConfig, load_dataset
-from ppl_vae.inference.trainer import train_run
+from ppl_vae.run.train import train_run
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"

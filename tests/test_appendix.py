@@ -42,7 +42,7 @@ from ppl_vae.appendix import __main__ as appendix_cli
 from ppl_vae.appendix.__main__ import main
 from ppl_vae.inference.estimators import make_elbo
 from ppl_vae.inference.importance import log_weights
-from ppl_vae.inference.trainer import train_run
+from ppl_vae.run.train import train_run
 
 PROG = "python -m ppl_vae appendix: error: "
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -584,7 +584,8 @@ def test_cli_posterior_keeps_runs_with_the_same_basename(cli, tmp_path, trained_
 @pytest.fixture(scope="module")
 def flow_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("flow") / "run"
-    config = TrainConfig(dataset="digits", model_options=dict(hidden=(64,), z_dim=4, flow="iaf"),
+    config = TrainConfig(model="flow-vae", dataset="digits",
+                         model_options=dict(hidden=(64,), z_dim=4, flow="iaf"),
                          epochs=3, seed=0, out=str(out), batch_size=64, lr=3e-3)
     return train_run(config, progress=False)
 

@@ -19,7 +19,7 @@ from helpers import assert_one_line_error
 
 from ppl_vae import TrainConfig, score
 from ppl_vae.cli import evaluate_main, train_main
-from ppl_vae.inference.trainer import build_model, load_data
+from ppl_vae.run.train import build_model, load_data
 
 NET = ["--hidden", "32", "--z-dim", "2", "--batch-size", "128", "--eval-particles", "3"]
 PNG = b"\x89PNG\r\n\x1a\n"

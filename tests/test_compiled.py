@@ -23,10 +23,10 @@ from ppl_vae import TrainConfig
 from ppl_vae.data import Dataset, Split
 from ppl_vae.inference.compiled import CompiledStep
 from ppl_vae.inference.estimators import make_elbo
-from ppl_vae.inference.loop import NEVER
 from ppl_vae.inference.svi import EagerStep, backward_step, collect_params, elbo_loss, elbo_step
-from ppl_vae.inference.trainer import build_model, data_args, probe, train_run
 from ppl_vae.models import VAE, hook
+from ppl_vae.run.loop import NEVER
+from ppl_vae.run.train import build_model, data_args, probe, train_run
 
 ROWS = 6
 
@@ -130,7 +130,7 @@ def case(name: str, digits: Dataset) -> tuple[nn.Module, Dataset, str, int]:
         "cvae-hybrid": ("cvae", dict(hidden=(16,), z_dim=3, quadrants=(2,),
                                      cvae_objective="hybrid"), "analytic", 1),
         "conv-vae": ("conv-vae", dict(z_dim=3, channels=(4, 8)), "mc", 1),
-        "flow-iaf": ("vae", dict(hidden=(16,), z_dim=3, flow="iaf"), "mc", 1),
+        "flow-iaf": ("flow-vae", dict(hidden=(16,), z_dim=3, flow="iaf"), "mc", 1),
     }
     model, options, elbo, k = builders[name]
     return family(model, d, **options), d, elbo, k
@@ -426,9 +426,9 @@ def test_a_compiled_run_follows_the_eager_run_and_resumes_exactly(digits, tmp_pa
     compiled run bit for bit, and its optimizer state keeps torch's layout."""
     from test_resume import config, interrupt_at, without_clock
 
-    from ppl_vae.checkpoint import load_checkpoint
-    from ppl_vae.inference.trainer import resume_config
     from ppl_vae.interrupt import Interrupted
+    from ppl_vae.run.checkpoint import load_checkpoint
+    from ppl_vae.run.train import resume_config
 
     clock = {"train_seconds", "compile_seconds"}
     eager = train_run(config(tmp_path / "eager"), data=digits, progress=False)

@@ -40,12 +40,12 @@ from ppl_vae import (
     score,
 )
 from ppl_vae.cli import train_main
-from ppl_vae.inference.loop import fit
 from ppl_vae.inference.program import inspect_program
 from ppl_vae.inference.svi import backward_step, collect_params, elbo_step
-from ppl_vae.inference.trainer import build_model, load_data
 from ppl_vae.models import hook
 from ppl_vae.models.cvae import CVAE, CVAEOptions, conditional_scores, observed_quadrants
+from ppl_vae.run.loop import fit
+from ppl_vae.run.train import build_model, load_data
 
 F64 = torch.float64
 IMAGE = (8, 8)

@@ -11,7 +11,7 @@ from sklearn.datasets import load_digits
 
 from ppl_vae import TrainConfig, UsageError, load_dataset
 from ppl_vae.data import batches, hide_labels, pixels
-from ppl_vae.inference.trainer import build_model
+from ppl_vae.run.train import build_model
 
 
 def rows_sorted(x: torch.Tensor) -> np.ndarray:

@@ -22,12 +22,12 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from ppl_vae.inference import distributed as dist
 from ppl_vae.inference.estimators import make_elbo
 from ppl_vae.inference.program import inspect_program
 from ppl_vae.inference.svi import collect_params, elbo_loss
 from ppl_vae.models import hook
 from ppl_vae.models.vae import VAE
+from ppl_vae.run import distributed as dist
 
 REPO = Path(__file__).resolve().parents[1]
 TORCHRUN = shutil.which("torchrun", path=os.pathsep.join(

@@ -23,7 +23,6 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorDeviceMismatchError, FakeTensorMode
 
 from ppl_vae import TrainConfig, load_dataset
-from ppl_vae.checkpoint import load_checkpoint, save_checkpoint
 from ppl_vae.data import Dataset, Split, hide_labels
 from ppl_vae.inference import compiled
 from ppl_vae.inference.compiled import CompiledStep
@@ -31,8 +30,9 @@ from ppl_vae.inference.estimators import make_elbo
 from ppl_vae.inference.importance import score
 from ppl_vae.inference.program import inspect_program
 from ppl_vae.inference.svi import EagerStep, backward_step, collect_params, elbo_loss
-from ppl_vae.inference.trainer import build_model
 from ppl_vae.models import hook
+from ppl_vae.run.checkpoint import load_checkpoint, save_checkpoint
+from ppl_vae.run.train import build_model
 
 
 @pytest.fixture(autouse=True)
@@ -73,7 +73,7 @@ def families(digits: Dataset) -> dict[str, tuple[nn.Module, Dataset, list[str]]]
 
     cases = {
         "vae": (*family("vae", digits, hidden=(8,), z_dim=2), ["mc", "analytic", "iwae"]),
-        "flow-vae": (*family("vae", digits, hidden=(8,), z_dim=2, flow="iaf"),
+        "flow-vae": (*family("flow-vae", digits, hidden=(8,), z_dim=2, flow="iaf"),
                      ["mc", "analytic"]),
         "cvae-quadrants": (*family("cvae", digits, hidden=(8,), z_dim=2, quadrants=(2,),
                                    cvae_objective="hybrid"), ["mc", "analytic"]),

@@ -1,4 +1,4 @@
-"""The flow posterior (``--model vae --flow iaf|spline --flow-layers K``): q(z|x)'s log-density
+"""The flow posterior (``--model flow-vae --flow iaf|spline --flow-layers K``): q(z|x)'s log-density
 against a change of variables done by hand (float64, 1e-10) and against a numerical Jacobian;
 the IAF step by hand from its MADE; vectorized particles; ``--elbo analytic`` falling back to
 the Monte Carlo KL (the same numbers as ``mc``) and saying so once; training and evaluating
@@ -20,9 +20,9 @@ from pyro import poutine
 from ppl_vae import TrainConfig, UsageError, evaluate, load_run, log_weights, make_elbo, score
 from ppl_vae.cli import evaluate_main, train_main
 from ppl_vae.inference.program import inspect_program
-from ppl_vae.inference.trainer import train_run
-from ppl_vae.models import VAE, FlowVAE, make_options, option_specs
+from ppl_vae.models import VAE, FlowVAE, get_model, make_options, option_specs
 from ppl_vae.models.flow_vae import ANALYTIC_NOTE
+from ppl_vae.run.train import train_run
 
 D, Z, H = 12, 3, 16  # a small flow: 12 pixels, 3 latents, 16 hidden units (the context)
 FLOWS = [("iaf", 1), ("iaf", 3), ("spline", 1), ("spline", 2)]
@@ -196,11 +196,12 @@ def test_analytic_elbo_falls_back_to_the_monte_carlo_kl(kind, particles, float64
 
 
 def test_options_build_the_flow_vae(digits):
-    names = {s.name for s in option_specs(VAE)}
-    assert {"flow", "flow_layers"} <= names
+    assert {"flow", "flow_layers"} <= {s.name for s in option_specs(FlowVAE)}
+    assert not {"flow", "flow_layers"} & {s.name for s in option_specs(VAE)}
+    assert get_model("flow-vae") is FlowVAE
     plain = VAE.from_options(make_options(VAE, {}), digits)
-    assert type(plain) is VAE
-    vae = VAE.from_options(make_options(VAE, {"flow": "spline", "flow_layers": 3}), digits)
+    vae = FlowVAE.from_options(make_options(FlowVAE, {"flow": "spline", "flow_layers": 3}),
+                               digits)
     assert type(vae) is FlowVAE and (vae.flow, vae.flow_layers) == ("spline", 3)
     assert vae.guide_name == "spline-3"
     assert len(vae.flows) == 3
@@ -211,15 +212,11 @@ def test_options_build_the_flow_vae(digits):
     assert {k for k in vae.state_dict() if not k.startswith("flows.")} == set(
         plain.state_dict())
     with pytest.raises(UsageError, match="maf"):
-        make_options(VAE, {"flow": "maf"})
+        make_options(FlowVAE, {"flow": "maf"})
     with pytest.raises(UsageError, match="flow.layers"):
-        make_options(VAE, {"flow": "iaf", "flow_layers": 0})
-
-    class Mine(VAE):
-        pass
-
-    with pytest.raises(UsageError, match="FlowVAE"):
-        Mine.from_options(make_options(VAE, {"flow": "iaf"}), digits)
+        make_options(FlowVAE, {"flow": "iaf", "flow_layers": 0})
+    with pytest.raises(UsageError, match="VAE has no option 'flow'"):
+        make_options(VAE, {"flow": "iaf"})
 
 
 SMALL = dict(hidden=(32,), z_dim=4)
@@ -230,9 +227,9 @@ def flow_runs(tmp_path_factory):
     runs = {}
     for kind, elbo in (("iaf", "analytic"), ("spline", "mc")):
         out = tmp_path_factory.mktemp(kind) / "run"
-        config = TrainConfig(model="vae", model_options=dict(SMALL, flow=kind), dataset="digits",
-                             epochs=3, seed=0, out=str(out), batch_size=64, lr=3e-3, elbo=elbo,
-                             particles=2)
+        config = TrainConfig(model="flow-vae", model_options=dict(SMALL, flow=kind),
+                             dataset="digits", epochs=3, seed=0, out=str(out), batch_size=64,
+                             lr=3e-3, elbo=elbo, particles=2)
         runs[kind] = train_run(config, progress=False)
     return runs
 
@@ -246,7 +243,7 @@ def test_train_and_evaluate_end_to_end(flow_runs, kind, sem):
     notes = [n for n in run.notes if "no closed form" in n]
     assert notes == ([ANALYTIC_NOTE.format(flow="iaf")] if kind == "iaf" else [])
     config = json.loads((run.out / "config.json").read_text())
-    assert config["model"] == "vae" and config["model_options"]["flow"] == kind
+    assert config["model"] == "flow-vae" and config["model_options"]["flow"] == kind
     # reloaded from its directory: the same class and weights, the same scores
     _, module, data = load_run(run.out)
     assert type(module) is FlowVAE and module.flow == kind
@@ -264,12 +261,12 @@ def test_train_and_evaluate_end_to_end(flow_runs, kind, sem):
 
 
 def test_the_analytic_note_appears_once_with_particles(tmp_path, digits):
-    config = TrainConfig(model="vae", model_options=dict(SMALL, flow="iaf", flow_layers=1),
+    config = TrainConfig(model="flow-vae", model_options=dict(SMALL, flow="iaf", flow_layers=1),
                          dataset="digits", epochs=2, seed=0, out=str(tmp_path / "run"),
                          batch_size=256, elbo="analytic", particles=3)
     run = train_run(config, digits, progress=False)
     assert sum("no closed form" in n for n in run.notes) == 1
-    plain = train_run(dataclasses.replace(config, model_options=SMALL,
+    plain = train_run(dataclasses.replace(config, model="vae", model_options=SMALL,
                                           out=str(tmp_path / "plain")), digits, progress=False)
     assert not any("no closed form" in n for n in plain.notes)
 
@@ -291,14 +288,15 @@ TRAIN_PROG = "python -m ppl_vae train: error: "
 ])
 def test_cli_bad_flow_options_are_one_line_errors(cli, tmp_path, argv, fragments):
     out = tmp_path / "run"
-    r = cli(train_main, ["--dataset", "digits", *argv, "--out", out])
+    r = cli(train_main, ["--dataset", "digits", "--model", "flow-vae", *argv, "--out", out])
     assert_one_line_error(r, TRAIN_PROG, *fragments)
     assert not out.exists()
 
 
 def test_cli_trains_and_evaluates_a_flow(cli, tmp_path):
     out = tmp_path / "run"
-    r = cli(train_main, ["--dataset", "digits", "--flow", "iaf", "--flow-layers", "1",
+    r = cli(train_main, ["--dataset", "digits", "--model", "flow-vae", "--flow", "iaf",
+                         "--flow-layers", "1",
                          "--hidden", "16", "--z-dim", "2", "--epochs", "1", "--elbo", "analytic",
                          "--out", out])
     assert r.code == 0, r.err

@@ -12,9 +12,9 @@ from pyro import poutine
 from torch import nn
 
 from ppl_vae import MODELS, VAE, TrainConfig, UsageError, get_model, register_model
-from ppl_vae.inference.trainer import build_model
 from ppl_vae.models import model_name
 from ppl_vae.models.vae import VAEOptions, encoder_scale_inverse
+from ppl_vae.run.train import build_model
 
 D, Z, B = 64, 3, 5
 

@@ -18,13 +18,13 @@ from conftest import REPO, SMALL_MODEL
 from helpers import assert_one_line_error
 
 from ppl_vae import TrainConfig
-from ppl_vae.checkpoint import load_checkpoint
 from ppl_vae.cli import train_main
 from ppl_vae.errors import UsageError
-from ppl_vae.inference.loop import Loop
-from ppl_vae.inference.trainer import resume_config, train_run
 from ppl_vae.interrupt import Interrupted
-from ppl_vae.rundir import RunDir
+from ppl_vae.run.checkpoint import load_checkpoint
+from ppl_vae.run.loop import Loop
+from ppl_vae.run.rundir import RunDir
+from ppl_vae.run.train import resume_config, train_run
 
 PROG = "python -m ppl_vae train: error: "
 CLOCK = {"train_seconds"}  # wall-clock figures: the only ones a resumed run may change

@@ -17,7 +17,7 @@ import torch
 from ppl_vae import files, rundir
 from ppl_vae.errors import UsageError, command_line
 from ppl_vae.files import clean_stale_tmp, save_torch, write_csv, write_json, write_text
-from ppl_vae.rundir import DirLock, RunDir
+from ppl_vae.run.rundir import DirLock, RunDir
 
 PACKAGE = Path(rundir.__file__).parent
 
@@ -193,7 +193,7 @@ def test_a_directory_in_use_is_refused_until_its_holder_dies(tmp_path):
          "import sys, types\n"
          "pkg = types.ModuleType('ppl_vae'); pkg.__path__ = [sys.argv[1]]\n"
          "sys.modules['ppl_vae'] = pkg  # rundir alone: no torch to import\n"
-         "from ppl_vae.rundir import RunDir\n"
+         "from ppl_vae.run.rundir import RunDir\n"
          "d = RunDir.open(sys.argv[2], 'vae')\n"
          "(d.path / 'metrics.csv').write_text('epoch')\n"
          "print('ready', flush=True)\n"

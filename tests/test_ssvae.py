@@ -21,9 +21,9 @@ from ppl_vae import Dataset, Split, TrainConfig, UsageError, load_dataset, make_
 from ppl_vae.cli import train_main
 from ppl_vae.inference.program import inspect_program
 from ppl_vae.inference.svi import elbo_loss
-from ppl_vae.inference.trainer import train_run
 from ppl_vae.models import SSVAE, get_model
 from ppl_vae.models.ssvae import SSVAEOptions, unlabelled_bound
+from ppl_vae.run.train import train_run
 
 F64 = torch.float64
 K = 10

@@ -15,9 +15,9 @@ import torch
 from pyro.poutine.util import is_validation_enabled
 
 from ppl_vae import VAE, Run, TrainConfig, UsageError, plots, score, train_run
-from ppl_vae.checkpoint import load_checkpoint, restore_rng
 from ppl_vae.evaluation.runs import evaluate_run, load_run
-from ppl_vae.inference.trainer import build_model
+from ppl_vae.run.checkpoint import load_checkpoint, restore_rng
+from ppl_vae.run.train import build_model
 
 TINY_MODEL = dict(hidden=(16,), z_dim=2)
 TINY_TRAIN = dict(batch_size=128, lr=3e-3, eval_particles=2)
@@ -198,12 +198,12 @@ def test_default_run_directories_are_unique(digits, tmp_path, monkeypatch):
 
 def test_package_train_stays_the_function():
     import ppl_vae
-    import ppl_vae.inference.trainer
+    import ppl_vae.run.train
     import ppl_vae.train  # noqa: F401  (the file python -m ppl_vae.train runs)
     import ppl_vae.variants
 
     assert ppl_vae.train is ppl_vae.variants.train
-    assert ppl_vae.train_run is ppl_vae.inference.trainer.train_run
+    assert ppl_vae.train_run is ppl_vae.run.train.train_run
 
 
 def test_package_train_makes_one_run_for_a_vae(digits, tmp_path):

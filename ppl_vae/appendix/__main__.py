@@ -16,7 +16,7 @@ from ..data import load_dataset
 from ..errors import UsageError
 from ..evaluation.runs import load_run
 from ..files import write_json, write_text
-from ..rundir import make_run_dir
+from ..run.rundir import make_run_dir
 from ..variants import train
 from . import amortization, decoder_map, regression
 from .beta_bernoulli import coin

@@ -12,8 +12,8 @@ the amortization gap ELBO(q*_x) - ELBO(q_phi) the price of one encoder for all i
 
 What q*_x is, per guide:
 
-* the Normal guide (``--flow none``): a free diagonal Normal per image (its loc and scale);
-* a flow guide (``--flow iaf|spline``, :class:`~ppl_vae.models.flow_vae.FlowVAE`): the
+* the Normal guide (``--model vae``): a free diagonal Normal per image (its loc and scale);
+* a flow guide (``--model flow-vae``, :class:`~ppl_vae.models.flow_vae.FlowVAE`): the
   base Normal's loc and scale *and* the flow's context h per image, free (h in R^H), pushed
   through the trained flow networks, which stay fixed. Cremer et al. optimize the flow's
   own weights per image instead; the family here is a subset of theirs (every per-image
@@ -103,7 +103,7 @@ class LocalGuide(nn.Module):
         if family not in FAMILIES:
             raise ValueError(f"family must be one of {', '.join(FAMILIES)}, got {family!r}")
         if family == "flow" and not is_flow(vae):
-            raise ValueError("family 'flow' needs a VAE with a flow guide (--flow iaf|spline)")
+            raise ValueError("family 'flow' needs a VAE with a flow guide (--model flow-vae)")
         self.family = family
         context = None
         with torch.no_grad():

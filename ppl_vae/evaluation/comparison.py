@@ -39,10 +39,12 @@ from ..data import Dataset
 from ..errors import UsageError
 from ..files import write_csv, write_json, write_text
 from ..inference.estimators import make_elbo
-from ..inference.loop import fit
 from ..inference.program import ProgramInfo
 from ..inference.svi import collect_params, elbo_step, hide_bar, run_epoch
-from ..inference.trainer import (
+from ..models import hook
+from ..run.loop import fit
+from ..run.rundir import make_run_dir, resolve_run_dir
+from ..run.train import (
     build_model,
     context,
     data_args,
@@ -52,8 +54,6 @@ from ..inference.trainer import (
     score_split,
     train_args,
 )
-from ..models import hook
-from ..rundir import make_run_dir, resolve_run_dir
 from ..variants import variants_of
 from .runs import load_run
 

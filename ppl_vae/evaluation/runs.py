@@ -12,14 +12,14 @@ import pyro
 import torch
 from torch import nn
 
-from ..checkpoint import load_checkpoint, restore_params
 from ..config import TrainConfig
 from ..data import Dataset
 from ..errors import UsageError
 from ..files import write_json
-from ..inference.trainer import build_model, context, device_for, load_data, probe, score_split
 from ..models import hook
 from ..resources import allocation_guard, check_model_fits
+from ..run.checkpoint import load_checkpoint, restore_params
+from ..run.train import build_model, context, device_for, load_data, probe, score_split
 
 
 def read_config(run_dir: Path, model: type | None = None) -> TrainConfig:

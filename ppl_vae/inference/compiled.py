@@ -58,6 +58,7 @@ import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import pyro
 import torch
@@ -68,8 +69,6 @@ from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from . import distributed as dist
-from .distributed import World
 from .svi import EagerStep, TrainStep
 
 LossFn = Callable[..., Tensor]
@@ -79,6 +78,23 @@ TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4}
 
 class Refused(Exception):
     """Capture cannot be exact: the message is the one-line reason."""
+
+
+class Ranks(Protocol):
+    """This process among the training processes (:class:`ppl_vae.run.distributed.World`)."""
+
+    parallel: bool
+    main: bool
+
+    def gather(self, obj: Any) -> list[Any]:
+        """``obj`` of every rank, in rank order (a collective)."""
+
+
+class _OneProcess:
+    parallel, main = False, True
+
+    def gather(self, obj: Any) -> list[Any]:
+        return [obj]
 
 
 # -- what can be refused before tracing -------------------------------------------------------
@@ -281,11 +297,11 @@ class CompiledStep(TrainStep):
     (any optimizer). Every rank takes the same path: a refusal on one is a refusal on all."""
 
     def __init__(self, loss: LossFn | None, module: nn.Module, optimizer: torch.optim.Optimizer,
-                 eager: EagerStep, *, world: World = dist.SINGLE,
+                 eager: EagerStep, *, world: Ranks | None = None,
                  log: Callable[[str], None] | None = None, estimator: str = "the estimator",
                  check: bool = True) -> None:
         self.loss, self.module, self.optimizer, self.eager = loss, module, optimizer, eager
-        self.world, self.log = world, log or _warn
+        self.world, self.log = world or _OneProcess(), log or _warn
         self.check = check
         self.device = next((t.device for t in module.parameters()), torch.device("cpu"))
         self.graphs: dict[tuple, _Graph] = {}
@@ -293,10 +309,10 @@ class CompiledStep(TrainStep):
         self.refused: str | None = None
         self._bound, self._moments = False, None
         self._cudagraphs = self.device.type == "cuda"
-        self._grads_only = world.parallel
+        self._grads_only = self.world.parallel
         self._next_i = -1
         self._calls = 0
-        self._refuse(self._agree(precheck(loss, None if world.parallel else optimizer,
+        self._refuse(self._agree(precheck(loss, None if self._grads_only else optimizer,
                                           self.device, estimator)))
         optimizer.register_load_state_dict_post_hook(lambda opt: self._rebind())
 
@@ -700,7 +716,7 @@ class CompiledStep(TrainStep):
         it at the same point); else ``reason``."""
         if not self.world.parallel:
             return reason
-        return next((r for r in dist.gather(reason, self.world) if r), None)
+        return next((r for r in self.world.gather(reason) if r), None)
 
     def _refuse(self, reason: str | None) -> None:
         if reason is None or self.refused is not None:

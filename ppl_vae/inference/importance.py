@@ -47,13 +47,12 @@ from ..resources import (
     EVAL_HINT,
     MODEL_HINT,
     Cost,
-    EvalEstimate,
     allocated_bytes,
     chunk_budget,
     fit_cost,
+    format_seconds,
     isolated,
     refuse_unless_fits,
-    timed,
 )
 from .program import ProgramInfo, inspect_program
 
@@ -232,17 +231,6 @@ def plan_score(module, *inputs: Tensor, num_samples: int, guide: Callable | None
     return Plan(n, num_samples, rows, k_chunk, joint, info, chunk_bytes)
 
 
-def time_pass(module, *inputs: Tensor, plan: Plan, guide: Callable | None = None) -> float:
-    """Seconds one pass of ``plan``'s size takes (RNGs left as they were)."""
-    from ..models import hook
-
-    guide = guide or hook(module, "proposal")()
-    args = tuple(t[: plan.rows] for t in inputs)
-    with isolated([inputs[0].device]), torch.no_grad():
-        return timed(lambda: _pass(module.model, guide, args, plan.info, plan.k_chunk),
-                     inputs[0].device)
-
-
 ESTIMATE_SECONDS = 20.0
 """An evaluation expected to take longer prints its estimate (timed on its first pass)."""
 BAR_DELAY = 2.0
@@ -322,8 +310,9 @@ def _announce(plan: Plan, began: float, device: torch.device, progress: bool | N
         torch.cuda.synchronize(device)
     seconds = (time.perf_counter() - began) * plan.passes
     if seconds > ESTIMATE_SECONDS:
-        estimate = EvalEstimate(plan.n, plan.num_samples, plan.chunk_bytes, plan.passes, seconds)
-        tqdm.write(estimate.line() + " (timed on the first pass)", file=sys.stderr)
+        tqdm.write(f"evaluation: {plan.num_samples:,} samples x {plan.n:,} rows in "
+                   f"{plan.passes:,} passes, about {format_seconds(seconds)} (timed on the "
+                   "first pass)", file=sys.stderr)
 
 
 def _chunks(total: int, size: int) -> Iterator[int]:

@@ -1,4 +1,5 @@
-"""The VAE with a normalizing-flow posterior (``--model vae --flow iaf|spline --flow-layers K``).
+"""The VAE with a normalizing-flow posterior (``--model flow-vae --flow iaf|spline
+--flow-layers K``), a family of its own on the VAE's generative model.
 
 The generative model is the VAE's (:mod:`.vae`). The guide pushes the encoder's diagonal
 Normal through K invertible transforms, each conditioned on the encoder's hidden state h(x)
@@ -36,7 +37,7 @@ uses ``log q(z|x) - log p(z)`` at the sampled z for the site ``z`` -- the same e
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import pyro
 import pyro.distributions as dist
@@ -46,8 +47,12 @@ from pyro import poutine
 from pyro.nn import ConditionalAutoRegressiveNN
 from torch import Tensor, nn
 
+from ..errors import UsageError
 from .context import RunContext
-from .vae import FLOWS, VAE, encoder_scale
+from .registry import register_model
+from .vae import VAE, VAEOptions, encoder_scale
+
+FLOWS = ("iaf", "spline")
 
 ANALYTIC_NOTE = ("--elbo analytic with --flow {flow}: the KL of a flow posterior to p(z) has "
                  "no closed form; TraceMeanField_ELBO uses the Monte Carlo log q(z|x) - log "
@@ -68,33 +73,41 @@ def flow_layer(kind: str, z_dim: int, context_dim: int) -> nn.Module:
                                           permutation=order)
         return T.ConditionalSplineAutoregressive(z_dim, arn, count_bins=bins, bound=3.0,
                                                  order="linear")
-    raise ValueError(f"flow must be one of {', '.join(FLOWS[1:])}, got {kind!r}")
+    raise ValueError(f"flow must be one of {', '.join(FLOWS)}, got {kind!r}")
 
 
+@dataclass
+class FlowVAEOptions(VAEOptions):
+    """The flow VAE's options (``--model flow-vae``): the VAE's and the flow's."""
+
+    flow: str = field(default="iaf", metadata={
+        "help": "the normalizing flow q(z|x) is pushed through, conditioned on the encoder's "
+                "hidden layer: iaf (inverse autoregressive, Kingma et al. 2016), spline "
+                "(rational-quadratic autoregressive spline)", "choices": FLOWS})
+    flow_layers: int = field(default=2, metadata={
+        "help": "transforms in the flow (reversing z between them)"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.flow_layers < 1 or self.flow_layers != int(self.flow_layers):
+            raise UsageError(f"--flow-layers must be a whole number of at least 1, got "
+                             f"{self.flow_layers}")
+
+
+@register_model("flow-vae")
 class FlowVAE(VAE):
     """VAE whose q(z|x) is the encoder's Normal pushed through ``flow_layers`` conditional
-    transforms (``flow``: ``iaf`` or ``spline``). ``--model vae --flow iaf`` builds it
-    (:meth:`VAE.from_options`); ``vae.flows`` holds the transforms' networks."""
+    transforms (``flow``: ``iaf`` or ``spline``); ``vae.flows`` holds their networks. The
+    other keywords are the :class:`VAE`'s."""
 
-    def __init__(
-        self,
-        input_dim: int,
-        z_dim: int = 20,
-        hidden: Sequence[int] = (400,),
-        activation: str = "relu",
-        likelihood: str = "bernoulli",
-        gaussian_scale: float = 1.0,
-        learn_scale: bool = False,
-        beta: float = 1.0,
-        encoder_scale: str = "softplus",
-        flow: str = "iaf",
-        flow_layers: int = 2,
-    ) -> None:
-        super().__init__(input_dim, z_dim=z_dim, hidden=hidden, activation=activation,
-                         likelihood=likelihood, gaussian_scale=gaussian_scale,
-                         learn_scale=learn_scale, beta=beta, encoder_scale=encoder_scale)
-        if flow not in FLOWS[1:]:
-            raise ValueError(f"flow must be one of {', '.join(FLOWS[1:])}, got {flow!r}")
+    Options = FlowVAEOptions
+
+    def __init__(self, input_dim: int, *, flow: str = "iaf", flow_layers: int = 2,
+                 **vae_options) -> None:
+        super().__init__(input_dim, **vae_options)
+        z_dim = self.z_dim
+        if flow not in FLOWS:
+            raise ValueError(f"flow must be one of {', '.join(FLOWS)}, got {flow!r}")
         if int(flow_layers) != flow_layers or flow_layers < 1:
             raise ValueError(f"flow_layers must be a whole number >= 1, got {flow_layers}")
         self.flow, self.flow_layers = flow, int(flow_layers)

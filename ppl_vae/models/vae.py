@@ -45,15 +45,13 @@ from ..errors import UsageError
 from .base import Model
 from .likelihoods import LIKELIHOODS, check_range, pixel_likelihood, pixel_mean
 from .nets import NetworkOptions, mlp
-from .options import extra_options
+from .options import options_dict
 from .registry import register_model
 
 if TYPE_CHECKING:
     from ..data import Dataset
 
 ENCODER_SCALES = ("logvar", "logscale", "softplus")
-FLOWS = ("none", "iaf", "spline")
-"""``--flow``: the guide's normalizing flow (:mod:`.flow_vae`), or none."""
 
 
 def encoder_scale(h: Tensor, kind: str) -> Tensor:
@@ -83,19 +81,9 @@ class VAEOptions(NetworkOptions):
     encoder_scale: str = field(default="softplus", metadata={
         "help": "encoder's scale head: softplus sigma=softplus(h), logvar sigma=exp(h/2), "
                 "logscale sigma=exp(h)", "choices": ENCODER_SCALES})
-    flow: str = field(default="none", metadata={
-        "help": "push q(z|x) through a normalizing flow conditioned on the encoder's hidden "
-                "layer: iaf (inverse autoregressive, Kingma et al. 2016), spline (rational-"
-                "quadratic autoregressive spline), none (the diagonal Normal)",
-        "choices": FLOWS})
-    flow_layers: int = field(default=2, metadata={
-        "help": "transforms in the --flow (reversing z between them)"})
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.flow_layers < 1 or self.flow_layers != int(self.flow_layers):
-            raise UsageError(f"--flow-layers must be a whole number of at least 1, got "
-                             f"{self.flow_layers}")
         if self.learn_scale and self.likelihood != "gaussian":
             raise UsageError("--learn-scale learns the sigma of --likelihood gaussian; add that "
                              "or drop --learn-scale")
@@ -179,26 +167,9 @@ class VAE(GaussianLatentVAE):
 
     @classmethod
     def from_options(cls, options: VAEOptions, data: Dataset) -> VAE:
-        """The VAE, or with ``--flow iaf|spline`` its flow-posterior subclass
-        :class:`~ppl_vae.models.flow_vae.FlowVAE`."""
+        """The family for ``data``: its options are the constructor's keywords."""
         check_range(data, options.likelihood)
-        from .flow_vae import FlowVAE
-
-        flow = {}
-        if options.flow != "none" or issubclass(cls, FlowVAE):
-            if options.flow == "none":
-                raise UsageError(f"{cls.__name__} needs --flow iaf or spline")
-            if not issubclass(cls, FlowVAE):
-                if cls is not VAE:
-                    raise UsageError(f"--flow builds FlowVAE, a subclass of VAE; "
-                                     f"{cls.__name__} would have to derive from it")
-                cls = FlowVAE
-            flow = dict(flow=options.flow, flow_layers=options.flow_layers)
-        return cls(data.input_dim, z_dim=options.z_dim, hidden=options.hidden,
-                   activation=options.activation, likelihood=options.likelihood,
-                   gaussian_scale=options.gaussian_scale, learn_scale=options.learn_scale,
-                   beta=options.beta, encoder_scale=options.encoder_scale, **flow,
-                   **extra_options(options, VAEOptions))
+        return cls(data.input_dim, **options_dict(options))
 
     # -- pieces, and what a user calls ---------------------------------------------------------
     def likelihood_dist(self, z: Tensor) -> dist.TorchDistribution:

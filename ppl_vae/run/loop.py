@@ -31,12 +31,12 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from ..checkpoint import load_store_values, store_values
 from ..errors import UsageError
+from ..inference.svi import EagerStep, StepFn, TrainStep, hide_bar
 from ..interrupt import Guard, Interrupted
 from . import distributed as dist
+from .checkpoint import load_store_values, store_values
 from .distributed import World
-from .svi import EagerStep, StepFn, TrainStep, hide_bar
 
 NEVER = 2**62
 

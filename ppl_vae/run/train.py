@@ -1,7 +1,7 @@
 """One training run from a :class:`~ppl_vae.config.TrainConfig` to files.
 
 data -> model (built from its options) -> the model's ``pretrain`` hook -> SVI epochs
-(:class:`~ppl_vae.inference.loop.Loop`: data-parallel under torchrun, checkpointed,
+(:class:`~ppl_vae.run.loop.Loop`: data-parallel under torchrun, checkpointed,
 resumable, interruptible) -> evaluation and the model's ``metrics`` -> ``config.json``,
 ``metrics.csv``, ``summary.json``, ``checkpoint.pt`` and figures (``elbo_curves.png`` and the
 model's ``figures`` hook) in the run directory. The trainer talks to the model only through
@@ -28,23 +28,23 @@ import torch
 from torch import Tensor, nn
 
 from .. import plots, resources
-from ..checkpoint import load_checkpoint, load_store_values, save_checkpoint
 from ..config import TrainConfig
 from ..data import Dataset, Split, load_dataset
 from ..errors import UsageError
 from ..files import write_csv, write_json
+from ..inference.compiled import CompiledStep
+from ..inference.estimators import make_elbo
+from ..inference.importance import Scores, score
+from ..inference.program import ProgramInfo, inspect_program, nonfinite_site
+from ..inference.svi import EagerStep, TrainStep, collect_params, elbo_loss, elbo_step
 from ..interrupt import Guard, Interrupted, signals
 from ..models import RunContext, hook
 from ..models.figures import draw_or_skip
-from ..rundir import RunDir
 from . import distributed as dist
-from .compiled import CompiledStep
+from .checkpoint import load_checkpoint, load_store_values, save_checkpoint
 from .distributed import World
-from .estimators import make_elbo
-from .importance import Scores, score
 from .loop import Loop
-from .program import ProgramInfo, inspect_program, nonfinite_site
-from .svi import EagerStep, TrainStep, collect_params, elbo_loss, elbo_step
+from .rundir import RunDir
 
 
 @dataclass

@@ -13,15 +13,15 @@ from typing import Any
 import pyro
 import torch
 
-from .errors import UsageError
-from .files import save_torch
+from ..errors import UsageError
+from ..files import save_torch
 
 
 def save_checkpoint(path: str | os.PathLike, module: torch.nn.Module,
                     optimizer: torch.optim.Optimizer | None, epoch: int,
                     config: dict[str, Any], loop: dict[str, Any] | None = None,
                     history: list[dict] | None = None) -> None:
-    """Write the checkpoint; ``loop`` (:meth:`~ppl_vae.inference.loop.Loop.state_dict`) and
+    """Write the checkpoint; ``loop`` (:meth:`~ppl_vae.run.loop.Loop.state_dict`) and
     ``history`` (the rows of ``metrics.csv``) make it resumable."""
     state = {
         "model": module.state_dict(),

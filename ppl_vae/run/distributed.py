@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .svi import backward_step
+from ..inference.svi import backward_step
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,10 @@ class World:
     @property
     def parallel(self) -> bool:
         return self.size > 1
+
+    def gather(self, obj: Any) -> list[Any]:
+        """``obj`` of every rank, in rank order, on every rank (picklable objects)."""
+        return gather(obj, self)
 
 
 SINGLE = World()

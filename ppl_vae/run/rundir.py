@@ -25,8 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from .errors import UsageError
-from .files import clean_stale_tmp
+from ..errors import UsageError
+from ..files import clean_stale_tmp
 
 LOCK = ".lock"
 _OURS = re.compile(r"\.(staging|trash)-[a-z0-9_]{8}")  # tempfile.mkdtemp names of ours
