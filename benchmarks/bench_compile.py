@@ -115,7 +115,7 @@ def cvae(a) -> dict:
         x = torch.rand(256, 784).bernoulli()
         data = Dataset("random", Split(x), Split(x), (1, 28, 28))
     pyro.set_rng_seed(0)
-    init = CVAE.from_options(CVAEOptions(hidden=(500, 500), z_dim=200, quadrants=(1,)),
+    init = CVAE.from_options(CVAEOptions(hidden=(500, 500), z_dim=200, quadrants=1),
                              data).to(a.device)
     args = init.data_args(data.train.x[:128].to(a.device), None)
     return time_steps(steps_for(init, cvae_reference_loss, a.methods), args,

@@ -2,7 +2,7 @@
 
 data -> models (the contract in :mod:`ppl_vae.models.base`) -> inference (estimators, SVI
 loop, importance sampling, trainer) -> evaluation (saved runs, the estimator comparison)
--> variants (several runs, one table) -> CLI and plots.
+-> experiments (tables of several runs) -> CLI and plots.
 
 The public API: ``load_dataset``; ``Model`` (the contract), the families ``VAE``, ``CVAE``,
 ``ConvVAE``, ``SSVAE`` (M2) and ``FlowVAE`` (``flow-vae``: the VAE with a flow guide), and
@@ -33,14 +33,14 @@ from .models import (
     register_model,
 )
 from .run.train import Run, train_run
-from .variants import Variants, train
 
 evaluate = evaluate_run
+train = train_run
 
 __all__ = [
     "CVAE", "MODELS", "SSVAE", "VAE", "CompareConfig", "Comparison", "ConvVAE", "Dataset",
     "FlowVAE", "Model", "Run",
-    "RunContext", "Scores", "Split", "TrainConfig", "UsageError", "Variants", "appendix",
+    "RunContext", "Scores", "Split", "TrainConfig", "UsageError", "appendix",
     "compare", "evaluate", "evaluate_run", "get_model", "load_dataset", "load_run",
     "log_weights", "make_elbo", "plots", "register_model", "score", "train", "train_run",
 ]

@@ -1,4 +1,4 @@
-"""The command line: ``python -m ppl_vae {train,evaluate,compare,appendix}`` (also the
+"""The command line: ``python -m ppl_vae {train,evaluate,compare,appendix,experiment}`` (also the
 ``ppl-vae`` script, and ``python -m ppl_vae.train`` etc.).
 
 The options of ``train`` and ``compare`` come from :class:`~ppl_vae.config.TrainConfig` and
@@ -174,27 +174,19 @@ def _parse(argv: Sequence[str] | None, compare: bool = False, model: str | None 
 
 
 def _train(argv: Sequence[str] | None) -> int:
-    from .run.train import resume_config
-    from .variants import Variants, train
+    from .run.train import resume_config, train_run
 
     run_dir = _resume_dir(argv)
     if run_dir is None:
         args = _parse(argv)
         args.pop("resume")
-        result = train(TrainConfig(**args))
+        result = train_run(TrainConfig(**args))
     else:  # the stored options, checked against those given
         given = _parse(argv, model=resume_config(run_dir).model_name, given_only=True)
         given.pop("resume")
-        result = train(resume_config(run_dir, given), resume=True)
+        result = train_run(resume_config(run_dir, given), resume=True)
     if os.environ.get("RANK", "0") != "0":
         return 0  # under torchrun rank 0 reports
-    if isinstance(result, Variants):
-        for name, run in result.runs.items():
-            for note in run.notes:  # first lines: the table follows
-                print(f"{name}: {note.splitlines()[0]}")
-        print(result.table)
-        print(f"{result.seconds:.0f} s in all; runs written to {result.out}")
-        return 0
     s = result.summary
     print(f"test ELBO {s['test_elbo']:.2f} nats/image ({s['eval_particles']} samples per image, "
           f"{s['n_test']} test images), train ELBO {s['train_elbo']:.2f}, "
@@ -271,7 +263,46 @@ def _evaluate(argv: Sequence[str] | None) -> int:
     return 0
 
 
+def _experiment(argv: Sequence[str] | None) -> int:
+    """``experiment NAME [its arguments] [--resume] [train's options for its model]``."""
+    from .experiments import EXPERIMENTS
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    pre = Parser(prog=f"{PROG} experiment", formatter_class=HelpFormatter, add_help=False,
+                 description="Tables made of several training runs, each an ordinary run "
+                             "in its own directory under --out.")
+    pre.add_argument("name", choices=list(EXPERIMENTS), help="; ".join(
+        f"{k}: {e.help}" for k, e in EXPERIMENTS.items()))
+    pre.add_argument("--resume", action="store_true", help="continue the table in --out: "
+                     "finished runs are read back, an interrupted one resumes")
+    if argv[:1] not in ([], ["-h"], ["--help"]) and argv[0] not in EXPERIMENTS:
+        raise UsageError(f"unknown experiment {argv[0]!r}; use one of "
+                         f"{', '.join(EXPERIMENTS)}")
+    chosen = EXPERIMENTS.get(argv[0]) if argv else None
+    for name, kw in (chosen.arguments if chosen else {}).items():
+        pre.add_argument(_flag(name), **kw)
+    if chosen is None or argv[1:2] in (["-h"], ["--help"]):
+        pre.print_help()
+        if chosen is not None:
+            print(f"\nits runs take {PROG} train --model {chosen.model}'s options")
+        return 0
+    known, rest = pre.parse_known_args(argv)
+    args = _parse(["--model", chosen.model, *rest])
+    args.pop("resume")
+    table = chosen.run(TrainConfig(**args), resume=known.resume,
+                       **{k: getattr(known, k) for k in chosen.arguments})
+    if os.environ.get("RANK", "0") != "0":
+        return 0
+    for name, run in table.runs.items():
+        for note in run.notes:  # first lines: the table follows
+            print(f"{name}: {note.splitlines()[0]}")
+    print(table.table)
+    print(f"{table.seconds:.0f} s in all; runs written to {table.out}")
+    return 0
+
+
 train_main = main_wrapper(f"{PROG} train", _train)
+experiment_main = main_wrapper(f"{PROG} experiment", _experiment)
 evaluate_main = main_wrapper(f"{PROG} evaluate", _evaluate)
 compare_main = main_wrapper(f"{PROG} compare", _compare)
 
@@ -283,7 +314,7 @@ def appendix_main(argv: Sequence[str] | None = None) -> int:
 
 
 COMMANDS = {"train": train_main, "evaluate": evaluate_main, "compare": compare_main,
-            "appendix": appendix_main}
+            "appendix": appendix_main, "experiment": experiment_main}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -295,7 +326,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                   "train     train a model by SVI\n"
                   "evaluate  re-evaluate a saved run\n"
                   "compare   compare ELBO estimators on one model\n"
-                  "appendix  MLE/MAP with AutoDelta, NUTS and the amortization gaps\n\n"
+                  "appendix  MLE/MAP with AutoDelta, NUTS and the amortization gaps\n"
+                  "experiment  tables of several runs (cvae-quadrants)\n\n"
                   f"{PROG} COMMAND --help lists a command's options")
             return 0
         got = f"unknown command {argv[0]!r}" if argv else "no command given"

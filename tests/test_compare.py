@@ -128,7 +128,6 @@ def test_compare_a_cvae(tmp_path, cli):
     (["--particles", "0"], "--particles"),
     (["--iwae-samples", "0"], "--iwae-samples"),
     (["--target", "nan"], "--target"),
-    (["--model", "cvae"], "these options make 3 runs (quadrants-1, quadrants-2, quadrants-3)"),
     (["--run", "no/such/run"], "config.json"),
 ])
 def test_bad_compare_options(tmp_path, cli, argv, fragment):

@@ -127,7 +127,7 @@ def case(name: str, digits: Dataset) -> tuple[nn.Module, Dataset, str, int]:
         "vae-mc": ("vae", SMALL_MODEL, "mc", 1),
         "vae-analytic": ("vae", SMALL_MODEL, "analytic", 1),
         "vae-particles": ("vae", SMALL_MODEL, "mc", 3),
-        "cvae-hybrid": ("cvae", dict(hidden=(16,), z_dim=3, quadrants=(2,),
+        "cvae-hybrid": ("cvae", dict(hidden=(16,), z_dim=3, quadrants=2,
                                      cvae_objective="hybrid"), "analytic", 1),
         "conv-vae": ("conv-vae", dict(z_dim=3, channels=(4, 8)), "mc", 1),
         "flow-iaf": ("flow-vae", dict(hidden=(16,), z_dim=3, flow="iaf"), "mc", 1),

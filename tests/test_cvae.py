@@ -33,13 +33,12 @@ from ppl_vae import (
     Run,
     TrainConfig,
     UsageError,
-    Variants,
     load_dataset,
     log_weights,
     make_elbo,
     score,
 )
-from ppl_vae.cli import train_main
+from ppl_vae.cli import experiment_main, train_main
 from ppl_vae.inference.program import inspect_program
 from ppl_vae.inference.svi import backward_step, collect_params, elbo_step
 from ppl_vae.models import hook
@@ -574,8 +573,8 @@ def test_quadrant_table_end_to_end(tmp_path, monkeypatch, cli, run_module):
     """Two CVAEs (1 and 3 observed quadrants) with early stopping, their table, and
     ``python -m ppl_vae.evaluate`` reproducing one run's numbers."""
     monkeypatch.chdir(tmp_path)
-    result = cli(train_main, [*CVAE_NET, "--condition", "quadrants", "--quadrants", "1", "3",
-                              "--early-stop", "1", "--out", "out"])
+    result = cli(experiment_main, ["cvae-quadrants", "--quadrants", "1", "3", *CVAE_NET,
+                                   "--early-stop", "1", "--out", "out"])
     assert result.code == 0, result.err
     assert "Traceback" not in result.err
     assert "| CVAE (IS) |" in result.out and "runs written to out" in result.out
@@ -601,7 +600,7 @@ def test_quadrant_table_end_to_end(tmp_path, monkeypatch, cli, run_module):
     # the runs, beside the table, by variant name
     assert table["runs"] == {"quadrants-1": "quadrants-1", "quadrants-3": "quadrants-3"}
     assert table["config"]["model"] == "cvae"
-    assert table["config"]["model_options"]["quadrants"] == [1, 3]
+    assert table["config"]["model_options"]["condition"] == "quadrants"
     assert set(table["best_epochs"]) == set(table["train_seconds"]) == set(table["runs"])
     assert not (out / "table.md").exists()  # the CVAE's table is cll_table.*
 
@@ -623,7 +622,7 @@ def test_quadrant_table_end_to_end(tmp_path, monkeypatch, cli, run_module):
         config = read_json(run / "config.json")
         options = config["model_options"]
         assert (config["model"], options["condition"], options["quadrants"]) == (
-            "cvae", "quadrants", [int(k)])
+            "cvae", "quadrants", int(k))
         assert config["early_stop"] == 1 and config["out"] == f"out/quadrants-{k}"
         fields, rows = read_csv(run / "metrics.csv")
         assert fields == ["epoch", "train_elbo", "test_elbo", "train_seconds", "val_elbo"]
@@ -683,31 +682,31 @@ def test_label_cvae_end_to_end(tmp_path, cli):
     assert state["recognition_net.0.weight"].shape == (32, CLASSES + PIXELS)
 
 
-def test_train_makes_one_run_per_quadrant_count(digits, tmp_path):
-    """From Python: ``ppl_vae.train`` gives a Variants for the quadrants condition, even for
-    one count, and a Run for labels; one CVAE observes one count."""
+def test_the_quadrant_table_from_python_and_resumed(digits, tmp_path):
+    """``ppl_vae.experiments.cvae_quadrants``: one ordinary run per count and their table;
+    run again with ``resume=True`` it reads the finished runs back and trains nothing."""
+    from ppl_vae.experiments import cvae_quadrants
+
     small = dict(hidden=(16,), z_dim=2, cll_samples=5)
     common = dict(model="cvae", epochs=1, batch_size=128, eval_particles=2)
-    config = TrainConfig(model_options=dict(quadrants=(2,), **small),
-                         out=str(tmp_path / "quad"), **common)
-    result = ppl_vae.train(config, data=digits, progress=False)
-    assert isinstance(result, Variants) and result.out == tmp_path / "quad"
-    assert list(result.runs) == ["quadrants-2"]
+    config = TrainConfig(model_options=small, out=str(tmp_path / "quad"), **common)
+    result = cvae_quadrants(config, (2,), data=digits, progress=False)
+    assert result.out == tmp_path / "quad" and list(result.runs) == ["quadrants-2"]
     run = result.runs["quadrants-2"]
     assert isinstance(run, Run) and run.out == tmp_path / "quad" / "quadrants-2"
-    assert run.config.model_options.quadrants == (2,)
+    assert run.config.model_options.quadrants == 2
     assert run.notes[0] == "evaluation: 2 samples per data point in one vectorized pass"
     assert "| estimate | 2 quadrants |" in result.table and result.seconds > 0
-    assert result.summary == {"quadrants-2": run.summary}
     assert (result.out / "cll_table.md").is_file() and (result.out / "summary.json").is_file()
+    again = cvae_quadrants(config, (2,), data=digits, progress=False, resume=True)
+    assert again.table == result.table and again.runs["quadrants-2"].summary == run.summary
 
     label = TrainConfig(model_options=dict(condition="label", **small),
                         out=str(tmp_path / "label"), **common)
     run = ppl_vae.train(label, data=digits, progress=False)
     assert isinstance(run, Run) and set(run.summary["cll"]) == {"label"}
-
-    with pytest.raises(UsageError, match="one CVAE observes one number of quadrants"):
-        build_model(TrainConfig(model="cvae", model_options=dict(quadrants=(1, 3))), digits)
+    with pytest.raises(UsageError, match="a CVAE with condition quadrants"):
+        cvae_quadrants(label, (1,), data=digits)
 
 
 CVAE_OPTIONS = {
@@ -727,11 +726,11 @@ def test_cvae_options_train(tmp_path, cli, sem, name):
     result = cli(train_main, [*CVAE_NET, "--quadrants", "2", "--lr", "1e-2", *argv,
                               "--out", out])
     assert result.code == 0, result.err
-    run = out / "quadrants-2"
+    run = out
     assert {*RUN_FILES, "completions.png"} <= {p.name for p in run.iterdir()}
     config = TrainConfig.from_dict(read_json(run / "config.json"))
     options = config.model_options
-    assert isinstance(options, CVAEOptions) and options.quadrants == (2,)
+    assert isinstance(options, CVAEOptions) and options.quadrants == 2
     expected = {"gsnn-analytic": ("gsnn", "analytic", 1, True),
                 "hybrid": ("hybrid", "mc", 1, True), "iwae-3": ("cvae", "iwae", 3, True),
                 "no-baseline-input": ("cvae", "mc", 1, False)}[name]
@@ -777,8 +776,7 @@ def _npz(tmp_path, **arrays):
 
 _RNG = np.random.default_rng(0)
 BAD_CVAE = {
-    "quadrants-4": (["--quadrants", "4"], ["--quadrants", "1, 2 or 3"]),
-    "quadrants-twice": (["--quadrants", "1", "1"], ["--quadrants", "twice"]),
+    "quadrants-4": (["--quadrants", "4"], ["--quadrants", "4", "1, 2, 3"]),
     "label-without-labels": (
         ["--condition", "label", "--dataset", lambda t: _npz(t, x=_RNG.random((40, 16)))],
         ["--condition label", "labels"]),
@@ -839,7 +837,7 @@ def test_corrected_command_reuses_the_out_of_a_failed_one(tmp_path, cli):
 def test_cvae_on_offline_mnist(mnist_root):
     """One quadrant observed on 28x28 MNIST: 588 of 784 pixels to predict; one SVI step."""
     config = TrainConfig(model="cvae", dataset="mnist", data_dir=str(mnist_root),
-                         download=False, model_options=dict(quadrants=(1,), hidden=(32,),
+                         download=False, model_options=dict(quadrants=1, hidden=(32,),
                                                             z_dim=2))
     data = load_dataset("mnist", str(mnist_root), download=False)
     cvae = build_model(config, data)
@@ -865,7 +863,7 @@ def test_the_plain_pytorch_reference_is_the_analytic_elbo(digits, quadrants):
     from ppl_vae.models.reference import cvae_reference_loss
 
     data = ppl_vae.load_dataset("digits")
-    cvae = CVAE.from_options(CVAEOptions(hidden=(16,), z_dim=3, quadrants=(quadrants,)),
+    cvae = CVAE.from_options(CVAEOptions(hidden=(16,), z_dim=3, quadrants=quadrants),
                              data).double()
     c, y = cvae.data_args(data.train.x[:20].double(), None)
     results = []

@@ -166,15 +166,16 @@ def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
 
 
-def _torchrun(*args, extra: tuple[str, ...] = ()) -> list[str]:
+def _torchrun(*args, extra: tuple[str, ...] = (), command: str = "train") -> list[str]:
     return [TORCHRUN, "--standalone", "--nproc_per_node", "2", *extra, "-m", "ppl_vae",
-            "train", *map(str, args)]
+            command, *map(str, args)]
 
 
-def _start(*args, cwd: Path, extra: tuple[str, ...] = (), env: dict | None = None
-           ) -> subprocess.Popen:
+def _start(*args, cwd: Path, extra: tuple[str, ...] = (), env: dict | None = None,
+           command: str = "train") -> subprocess.Popen:
     """torchrun in its own session, so that :func:`_finish` can stop it with its workers."""
-    return subprocess.Popen(_torchrun(*args, extra=extra), cwd=cwd, env={**_env(), **(env or {})},
+    return subprocess.Popen(_torchrun(*args, extra=extra, command=command), cwd=cwd,
+                            env={**_env(), **(env or {})},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
 
@@ -188,8 +189,8 @@ def _finish(agent: subprocess.Popen, timeout: float = 180) -> tuple[str, str]:
             agent.communicate()
 
 
-def _run(*args, cwd: Path) -> subprocess.CompletedProcess:
-    agent = _start(*args, cwd=cwd)
+def _run(*args, cwd: Path, command: str = "train") -> subprocess.CompletedProcess:
+    agent = _start(*args, cwd=cwd, command=command)
     stdout, stderr = _finish(agent)
     return subprocess.CompletedProcess(agent.args, agent.returncode, stdout, stderr)
 
@@ -312,14 +313,14 @@ def test_a_killed_worker_is_restarted_and_the_run_continues_exactly(plain_run):
 
 
 @needs_torchrun
-def test_cvae_variant_runs_under_torchrun(tmp_path):
+def test_the_cvae_quadrant_table_under_torchrun(tmp_path):
     out = tmp_path / "cvae"
-    result = _run("--model", "cvae", "--dataset", "digits", "--epochs", "1", "--hidden", "16",
+    result = _run("cvae-quadrants", "--dataset", "digits", "--epochs", "1", "--hidden", "16",
                   "--z-dim", "2", "--eval-particles", "2", "--model-opt", "cll_samples=8",
-                  "--out", out, cwd=tmp_path)
+                  "--out", out, cwd=tmp_path, command="experiment")
     assert result.returncode == 0, result.stderr[-3000:]
     assert [p.name for p in tmp_path.iterdir()] == ["cvae"]
-    for name in ("config.json", "summary.json", "cll_table.csv", "cll_table.md"):
+    for name in ("summary.json", "cll_table.csv", "cll_table.md"):
         assert (out / name).is_file(), name
     with open(out / "cll_table.csv", newline="") as f:
         table = list(csv.reader(f))

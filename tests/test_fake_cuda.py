@@ -75,7 +75,7 @@ def families(digits: Dataset) -> dict[str, tuple[nn.Module, Dataset, list[str]]]
         "vae": (*family("vae", digits, hidden=(8,), z_dim=2), ["mc", "analytic", "iwae"]),
         "flow-vae": (*family("flow-vae", digits, hidden=(8,), z_dim=2, flow="iaf"),
                      ["mc", "analytic"]),
-        "cvae-quadrants": (*family("cvae", digits, hidden=(8,), z_dim=2, quadrants=(2,),
+        "cvae-quadrants": (*family("cvae", digits, hidden=(8,), z_dim=2, quadrants=2,
                                    cvae_objective="hybrid"), ["mc", "analytic"]),
         "cvae-label": (*family("cvae", digits, hidden=(8,), z_dim=2, condition="label"),
                        ["mc", "analytic"]),

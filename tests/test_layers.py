@@ -24,7 +24,7 @@ LAYERS = [
     ("inference",),
     ("config",),
     ("run",),
-    ("evaluation", "appendix", "experiments", "variants"),
+    ("evaluation", "appendix", "experiments"),
     ("cli", "commandline", "__main__", "train", "evaluate", "compare", "appendix.__main__",
      "__init__"),
 ]

@@ -14,12 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from ppl_vae import files, rundir
+from ppl_vae import files
 from ppl_vae.errors import UsageError, command_line
 from ppl_vae.files import clean_stale_tmp, save_torch, write_csv, write_json, write_text
+from ppl_vae.run import rundir as rundir_module
 from ppl_vae.run.rundir import DirLock, RunDir
 
-PACKAGE = Path(rundir.__file__).parent
+PACKAGE = Path(files.__file__).parent
 
 
 def snapshot(root: Path) -> dict[str, bytes | None]:
@@ -161,7 +162,7 @@ def test_a_file_or_a_directory_holding_files_is_refused(tmp_path):
 
 def test_default_names_are_unique_when_opened_at_once(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(rundir, "_timestamp", lambda: "20240101-000000")
+    monkeypatch.setattr(rundir_module, "_timestamp", lambda: "20240101-000000")
     barrier, dirs, errors = threading.Barrier(8), [], []
 
     def start():

@@ -200,10 +200,8 @@ def test_package_train_stays_the_function():
     import ppl_vae
     import ppl_vae.run.train
     import ppl_vae.train  # noqa: F401  (the file python -m ppl_vae.train runs)
-    import ppl_vae.variants
 
-    assert ppl_vae.train is ppl_vae.variants.train
-    assert ppl_vae.train_run is ppl_vae.run.train.train_run
+    assert ppl_vae.train is ppl_vae.train_run is ppl_vae.run.train.train_run
 
 
 def test_package_train_makes_one_run_for_a_vae(digits, tmp_path):

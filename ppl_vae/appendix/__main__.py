@@ -17,7 +17,7 @@ from ..errors import UsageError
 from ..evaluation.runs import load_run
 from ..files import write_json, write_text
 from ..run.rundir import make_run_dir
-from ..variants import train
+from ..run.train import train_run
 from . import amortization, decoder_map, regression
 from .beta_bernoulli import coin
 
@@ -168,7 +168,7 @@ def _posterior(a, out: Path) -> tuple[dict, str]:
         cfg = TrainConfig(dataset="digits", model_options={"z_dim": 2, "hidden": (128,)},
                           epochs=40, lr=3e-3, seed=a.seed, out=str(out / "vae-digits-z2"),
                           overwrite=True)
-        run_dir = str(train(cfg, progress=False).out)
+        run_dir = str(train_run(cfg, progress=False).out)
         loaded = [(run_dir, *load_run(run_dir))]
     results, lines = {}, ["## The amortized posterior: gaps (Cremer et al. 2018) and PSIS\n",
                           "| run | guide | z | images | log p(x) (IWAE) | ELBO(q*) | ELBO(q_phi) | "

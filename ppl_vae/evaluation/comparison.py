@@ -54,7 +54,6 @@ from ..run.train import (
     score_split,
     train_args,
 )
-from ..variants import variants_of
 from .runs import load_run
 
 ESTIMATORS = ("mc", "analytic")
@@ -273,11 +272,6 @@ def compare(cc: CompareConfig, out: str | None = None, progress: bool | None = N
         config = replace(saved, **{k: getattr(config, k) for k in (
             "lr", "epochs", "batch_size", "seed", "eval_particles", "cuda", "overwrite")})
     else:
-        if len(variants_of(config)) > 1:
-            raise UsageError(f"compare one model at a time: these options make "
-                             f"{len(variants_of(config))} runs "
-                             f"({', '.join(n for n, _ in variants_of(config))}); pick one "
-                             "(one value of the option that makes them)")
         device = device_for(config.cuda)
         data = load_data(config).to(device)
         pyro.set_rng_seed(config.seed)

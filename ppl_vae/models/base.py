@@ -34,17 +34,12 @@ hook                   default                                    override when
                        predictive samples from the program
 ``parameter_groups()`` the top-level child modules                gradients should be grouped
                                                                   otherwise in ``compare``
-``variants(options)``  ``[]`` (one run)                           one set of options means
-(classmethod)                                                     several runs (a table)
-``combine(runs, out)`` a table of test ELBOs                      the variants make a table of
-(classmethod)                                                     their own
 =====================  =========================================  ==============================
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, ClassVar
 
 from torch import Tensor, nn
@@ -98,23 +93,9 @@ class Model(nn.Module):
         own = list(self.parameters(recurse=False))
         return {k: v for k, v in {**groups, "(module)": own}.items() if v}
 
-    @classmethod
-    def variants(cls, options: Any) -> list[tuple[str, Any]]:
-        return []
-
-    @classmethod
-    def combine(cls, summaries: dict[str, dict], out: Path) -> str:
-        from ..files import write_text
-
-        rows = ["| run | test ELBO |", "|---|---|"]
-        rows += [f"| {name} | {s['test_elbo']:.2f} |" for name, s in summaries.items()]
-        table = "\n".join(rows) + "\n"
-        write_text(out / "table.md", table)
-        return table
-
 
 HOOKS = ("from_options", "data_args", "programs", "proposal", "pretrain", "metrics", "figures",
-         "parameter_groups", "variants", "combine")
+         "parameter_groups")
 
 
 def hook(obj: Any, name: str) -> Callable:

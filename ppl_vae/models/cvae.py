@@ -27,15 +27,16 @@ Objectives (``--cvae-objective``), all SVI on the same model:
 
 Hooks (:mod:`ppl_vae.models.base`): ``pretrain`` fits the baseline NN first
 (``baseline_metrics.csv``); ``metrics`` adds the conditional log-likelihood table
-(``cll_table.csv``/``.md``); ``variants`` makes one run per ``--quadrants`` count and
-``combine`` their table; ``figures`` draws completions or samples per label.
+(``cll_table.csv``/``.md``; the table of several quadrant counts is
+``python -m ppl_vae experiment cvae-quadrants``, :mod:`ppl_vae.experiments`); ``figures``
+draws completions or samples per label.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -87,8 +88,9 @@ class CVAEOptions(NetworkOptions):
     condition: str = field(default="quadrants", metadata={
         "help": "quadrants: complete images from observed quadrants; label: class-conditional "
                 "generation", "choices": CONDITIONS})
-    quadrants: tuple[int, ...] = field(default=(1, 2, 3), metadata={
-        "help": "observed-quadrant counts, one model each (a table)"})
+    quadrants: int = field(default=1, metadata={
+        "help": "observed quadrants (with --condition quadrants; the table of several: "
+                "python -m ppl_vae experiment cvae-quadrants)", "choices": (1, 2, 3)})
     baseline_input: bool = field(default=True, metadata={
         "help": "feed the baseline NN's guess to the prior network",
         "off_help": "do not feed the baseline NN's guess to the prior network"})
@@ -102,14 +104,8 @@ class CVAEOptions(NetworkOptions):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.quadrants = tuple(int(k) for k in self.quadrants)
         if self.cll_samples < 1:
             raise UsageError(f"--cll-samples must be at least 1, got {self.cll_samples}")
-        if not self.quadrants or any(k not in (1, 2, 3) for k in self.quadrants):
-            raise UsageError(f"--quadrants takes observed-quadrant counts 1, 2 or 3 (one model "
-                             f"each), got {list(self.quadrants)}")
-        if len(set(self.quadrants)) != len(self.quadrants):
-            raise UsageError(f"--quadrants lists a count twice: {list(self.quadrants)}")
         if not 0 <= self.hybrid_alpha <= 1:
             raise UsageError(f"--hybrid-alpha must lie in [0, 1], got {self.hybrid_alpha}")
 
@@ -165,11 +161,8 @@ class CVAE(Model):
             if data.image_shape is None:
                 raise UsageError(f"--condition quadrants needs images, and {data.name} rows are "
                                  "not square; use --condition label")
-            if len(options.quadrants) != 1:
-                raise UsageError("one CVAE observes one number of quadrants; train several "
-                                 "with ppl_vae.train, which makes one run per count")
             cond_dim = data.input_dim
-            target = ~observed_quadrants(data.image_shape, options.quadrants[0])
+            target = ~observed_quadrants(data.image_shape, options.quadrants)
         check_range(data, options.likelihood)
         return cls(cond_dim, data.input_dim, target, z_dim=options.z_dim,
                    hidden=options.hidden, activation=options.activation,
@@ -327,19 +320,6 @@ class CVAE(Model):
         else:
             draw_or_skip(ctx, "completions.png", completions)
 
-    @classmethod
-    def variants(cls, options: CVAEOptions) -> list[tuple[str, CVAEOptions]]:
-        """One run ``quadrants-K`` per observed-quadrant count; none for labels."""
-        if options.condition != "quadrants":
-            return []
-        return [(f"quadrants-{k}", replace(options, quadrants=(k,))) for k in options.quadrants]
-
-    @classmethod
-    def combine(cls, summaries: dict[str, dict], out: Path) -> str:
-        """The quadrant table of -log p(y|c) (``cll_table.csv``/``.md`` beside the runs)."""
-        cll = {k: v for s in summaries.values() for k, v in s["cll"].items()}
-        return write_cll_table(out, cll)
-
 
 UNUSED_LATENT_SD = 0.01
 """Mean pixel sd across z below which the label CVAE's samples are called identical."""
@@ -365,7 +345,7 @@ def check_labels(data: Dataset) -> None:
 
 def cll_key(options: CVAEOptions) -> str:
     """The column of the CLL table a CVAE run fills: its quadrant count, or ``label``."""
-    return "label" if options.condition == "label" else str(options.quadrants[0])
+    return "label" if options.condition == "label" else str(options.quadrants)
 
 
 @torch.no_grad()

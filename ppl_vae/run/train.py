@@ -17,7 +17,6 @@ writes files; hooks on the other ranks see a private scratch directory.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import tempfile
 from dataclasses import dataclass, field, replace
@@ -265,23 +264,11 @@ def resume_config(run_dir: str | os.PathLike, given: dict | None = None) -> Trai
     path = Path(run_dir)
     if not path.is_dir():
         raise UsageError(f"--resume {str(path)!r} is not a run directory")
-    if (path / "checkpoint.pt").is_file() or not (path / "config.json").is_file():
-        state = load_checkpoint(path / "checkpoint.pt")
-        if state.get("loop") is None:
-            raise UsageError(f"{str(path)!r} holds a checkpoint from a version that cannot "
-                             "resume; start a new run")
-        stored_dict = state["config"]
-    else:  # the parent of several variant runs keeps its config.json only
-        try:
-            stored_dict = json.loads((path / "config.json").read_text())
-            stored = TrainConfig.from_dict(stored_dict)
-        except (ValueError, TypeError, AttributeError) as e:
-            raise UsageError(f"{str(path / 'config.json')!r} is not a readable run config "
-                             f"({e}); start a new run") from None
-        if not hook(stored.model_class, "variants")(stored.model_options):
-            raise UsageError(f"--resume: {str(path)!r} holds no checkpoint to continue; start "
-                             "a new run")
-    stored = TrainConfig.from_dict(stored_dict)
+    state = load_checkpoint(path / "checkpoint.pt")
+    if state.get("loop") is None:
+        raise UsageError(f"{str(path)!r} holds a checkpoint from a version that cannot "
+                         "resume; start a new run")
+    stored = TrainConfig.from_dict(state["config"])
     mine = stored.to_dict()
     for key, value in (given or {}).items():
         if key in ("out", "overwrite", "model_options") or key not in mine:

@@ -1,0 +1,110 @@
+"""Tables made of several training runs: ``python -m ppl_vae experiment NAME [options]``.
+
+``cvae-quadrants`` -- the table of Sohn, Lee & Yan (2015): one CVAE per number of observed
+quadrants (``--quadrants 1 2 3``), each an ordinary run of its own in ``<out>/quadrants-K``
+(the run's options otherwise as ``train --model cvae`` takes them), then -log p(y|c) of the
+test images side by side in ``<out>/cll_table.md`` and ``.csv``, and ``<out>/summary.json``.
+With ``--resume`` the same command continues the table: runs that finished are read back,
+one that was interrupted resumes from its checkpoint, the others start.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from .config import TrainConfig
+from .data import Dataset
+from .errors import UsageError
+from .evaluation.runs import load_run
+from .files import write_json
+from .models.cvae import cll_key, write_cll_table
+from .run import distributed as dist
+from .run.checkpoint import load_checkpoint
+from .run.train import Run, has_checkpoint, load_data, resume_config, train_run
+
+
+@dataclass
+class Table:
+    """The runs of an experiment and the table made of them."""
+
+    out: Path
+    runs: dict[str, Run]
+    table: str
+    seconds: float
+
+
+def cvae_quadrants(config: TrainConfig, quadrants: Sequence[int] = (1, 2, 3),
+                   data: Dataset | None = None, progress: bool | None = None,
+                   resume: bool = False) -> Table:
+    """One CVAE run per count in ``quadrants`` (``config``'s other options) in
+    ``config.out/quadrants-K`` and their conditional log-likelihood table; see the module."""
+    if getattr(config.model_options, "condition", None) != "quadrants":
+        raise UsageError("the cvae-quadrants table trains a CVAE with --condition quadrants")
+    if not quadrants or len(set(quadrants)) != len(quadrants):
+        raise UsageError(f"--quadrants lists the counts of the table once each, got "
+                         f"{list(quadrants)}")
+    out = Path(config.out or f"runs/cvae-quadrants-{time.strftime('%Y%m%d-%H%M%S')}")
+    configs = {f"quadrants-{k}": replace(config, out=str(out / f"quadrants-{k}"),
+                                         model_options=replace(config.model_options,
+                                                               quadrants=k))
+               for k in quadrants}  # (bad counts fail here, before any run starts)
+    data = data if data is not None else load_data(config)
+    world = dist.setup(config.cuda)
+    start = time.perf_counter()
+    runs: dict[str, Run] = {}
+    for name, run_config in configs.items():
+        where = Path(run_config.out)
+        if resume and _finished(where):
+            runs[name] = _read_back(where)
+        elif resume and has_checkpoint(where):
+            runs[name] = train_run(resume_config(where), data, progress, resume=True)
+        else:
+            runs[name] = train_run(run_config, data, progress)
+    seconds = time.perf_counter() - start
+    cll = {cll_key(run.config.model_options): run.summary["cll"][
+        cll_key(run.config.model_options)] for run in runs.values()}
+    table = ""
+    if world.main:  # rank 0 writes the table
+        table = write_cll_table(out, cll)
+        write_json(out / "summary.json", {
+            "cll": cll, "runs": {name: run.out.name for name, run in runs.items()},
+            "best_epochs": {name: run.summary["best_epoch"] for name, run in runs.items()},
+            "train_seconds": {name: run.summary["train_seconds"] for name, run in runs.items()},
+            "wall_seconds": seconds, "config": config.to_dict()})
+    return Table(out, runs, table, seconds)
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """An experiment as the command line offers it: the function (``config, **arguments``),
+    the model its runs train, a help line, and its own arguments (argparse keywords)."""
+
+    run: Callable[..., Table]
+    model: str
+    help: str
+    arguments: dict[str, dict] = field(default_factory=dict)
+
+
+EXPERIMENTS = {"cvae-quadrants": Experiment(
+    cvae_quadrants, "cvae", "one CVAE per number of observed quadrants and their -log p(y|c) "
+    "table (Sohn et al. 2015)",
+    {"quadrants": dict(type=int, nargs="+", default=[1, 2, 3],
+                       help="the observed-quadrant counts of the table, one run each")})}
+
+
+def _finished(run_dir: Path) -> bool:
+    """A run that got to its summary (its checkpoint says training is done)."""
+    if not (run_dir / "summary.json").is_file() or not has_checkpoint(run_dir):
+        return False
+    return bool((load_checkpoint(run_dir / "checkpoint.pt").get("loop") or {}).get("done"))
+
+
+def _read_back(run_dir: Path) -> Run:
+    config, module, data = load_run(run_dir)
+    state = load_checkpoint(run_dir / "checkpoint.pt")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    return Run(config, module, data, run_dir, list(state.get("history") or []), summary)
