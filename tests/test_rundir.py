@@ -250,14 +250,14 @@ def test_overwrite_stages_until_commit_then_only_the_new_run_remains(tmp_path):
     assert d.final == out and d.path != out and d.path.parent == out
     assert d.path.name.startswith(".staging-")
     write_json(d / "summary.json", {"new": True})
-    q1 = d.child("q1")
-    save_torch(q1 / "checkpoint.pt", {"new": 1})
+    (d / "q1").mkdir()
+    save_torch(d / "q1" / "checkpoint.pt", {"new": 1})
     # the old run is intact and readable until commit
     assert {k: v for k, v in snapshot(out).items()
             if not k.startswith((".lock", ".staging-"))} == before
     d.commit()
     d.commit()  # idempotent
-    assert d.path == d.final == out and q1.path == out / "q1"
+    assert d.path == d.final == out
     assert sorted(snapshot(out)) == [".lock", "q1", "q1/checkpoint.pt", "summary.json"]
     write_text(d / "metrics.csv", "epoch")  # written in place after commit
     d.close(ok=False)  # failing after commit keeps the new run
@@ -270,7 +270,8 @@ def test_a_failure_before_commit_leaves_the_old_run_exactly_as_it_was(tmp_path):
     before = old_run(out)
     with pytest.raises(KeyError), RunDir.open(str(out), "vae", overwrite=True) as d:
         write_json(d / "summary.json", {"new": True})
-        write_text(d.child("q3") / "metrics.csv", "epoch")
+        (d / "q3").mkdir()
+        write_text(d / "q3" / "metrics.csv", "epoch")
         raise KeyError("diverged")
     assert snapshot(out) == before
 
@@ -292,7 +293,8 @@ def test_a_fresh_directory_failing_before_commit_leaves_nothing(tmp_path, monkey
         (tmp_path / "empty").mkdir()
     d = RunDir.open(out, "vae")
     write_json(d / "config.json", {})
-    write_text(d.child("q1") / "metrics.csv", "epoch")
+    (d / "q1").mkdir()
+    write_text(d / "q1" / "metrics.csv", "epoch")
     d.close(ok=False)
     d.close(ok=False)  # idempotent
     assert snapshot(tmp_path) == ({"empty": None} if where == "empty" else {})
@@ -307,23 +309,19 @@ def test_resume_writes_in_place_and_a_failure_keeps_the_files(tmp_path):
     assert snapshot(out) == before
 
 
-def test_children_follow_the_parent_and_commit_it(tmp_path):
+def test_a_follower_shares_the_paths_and_owns_nothing(tmp_path):
+    """A torchrun rank > 0: rank 0 holds the lock; the follower's commit and close do
+    nothing."""
     out = tmp_path / "run"
-    old_run(out)
-    with RunDir.open(str(out), "vae", overwrite=True) as d:
-        q1, inner = d.child("q1"), d.child("q1").child("inner")
-        assert q1.final == out / "q1" and q1.path == d.path / "q1" and q1.path.is_dir()
-        assert inner.path == d.path / "q1" / "inner"
-        write_text(q1 / "metrics.csv", "new")
-        with q1:
-            pass  # close() of a child does nothing
-        q1.commit()
-        assert d.committed and q1.path == out / "q1" and inner.path == out / "q1" / "inner"
-        assert os.fspath(q1) == str(out / "q1")
-        assert (out / "q1" / "metrics.csv").read_text() == "new"
-        assert not (out / "q2").exists()
-    with pytest.raises(ValueError, match="one plain path component"):
-        d.child("../x")
+    with RunDir.open(str(out), "vae") as owner:
+        follower = RunDir.follow(out)
+        assert follower.path == follower.final == out and os.fspath(follower) == str(out)
+        follower.commit()
+        follower.close(ok=False)
+        with follower:
+            pass
+        assert (out / ".lock").exists() and owner.final == out
+    assert not (out / ".lock").exists()
 
 
 def test_overwrite_never_empties_the_working_directory(tmp_path, monkeypatch):

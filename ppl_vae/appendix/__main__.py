@@ -16,7 +16,7 @@ from ..data import load_dataset
 from ..errors import UsageError
 from ..evaluation.runs import load_run
 from ..files import write_json, write_text
-from ..run.rundir import make_run_dir
+from ..run.rundir import RunDir
 from ..run.train import train_run
 from . import amortization, decoder_map, regression
 from .beta_bernoulli import coin
@@ -69,27 +69,28 @@ def _run(argv: Sequence[str] | None) -> int:
             if not hasattr(vae, "encode") or getattr(vae, "beta", 1.0) != 1.0:
                 raise UsageError(f"--run {run_dir!r} is not a plain VAE (beta = 1, with an "
                                  "encoder); the posterior part needs one")
-    out = make_run_dir(Path(a.out))
-    results, md = {}, []
-    for part in parts:
-        start = time.perf_counter()
-        results[part], text = RUNNERS[part](a, out)
-        results[part]["seconds"] = time.perf_counter() - start
-        md.append(text)
-        print(text, flush=True)
-    previous = out / "results.json"
-    merged = {}
-    if previous.is_file():
-        import json
+    with RunDir.open(a.out, "appendix", resume=True) as rundir:  # parts add to one directory
+        out = rundir.path
+        results, md = {}, []
+        for part in parts:
+            start = time.perf_counter()
+            results[part], text = RUNNERS[part](a, out)
+            results[part]["seconds"] = time.perf_counter() - start
+            md.append(text)
+            print(text, flush=True)
+        previous = out / "results.json"
+        merged = {}
+        if previous.is_file():
+            import json
 
-        try:
-            merged = json.loads(previous.read_text())
-        except ValueError:
-            merged = {}
-        if not isinstance(merged, dict):  # not ours: replaced, like unreadable JSON
-            merged = {}
-    write_json(previous, {**merged, **results})
-    write_text(out / f"appendix-{a.part}.md", "\n".join(md))
+            try:
+                merged = json.loads(previous.read_text())
+            except ValueError:
+                merged = {}
+            if not isinstance(merged, dict):  # not ours: replaced, like unreadable JSON
+                merged = {}
+        write_json(previous, {**merged, **results})
+        write_text(out / f"appendix-{a.part}.md", "\n".join(md))
     print(f"written to {out}")
     return 0
 

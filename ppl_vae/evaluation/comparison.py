@@ -43,7 +43,7 @@ from ..inference.program import ProgramInfo
 from ..inference.svi import collect_params, elbo_step, hide_bar, run_epoch
 from ..models import hook
 from ..run.loop import fit
-from ..run.rundir import make_run_dir, resolve_run_dir
+from ..run.rundir import RunDir
 from ..run.train import (
     build_model,
     context,
@@ -276,10 +276,10 @@ def compare(cc: CompareConfig, out: str | None = None, progress: bool | None = N
         data = load_data(config).to(device)
         pyro.set_rng_seed(config.seed)
         module = build_model(config, data).to(device)
-    out_dir = resolve_run_dir(out, f"compare-{config.model_name}", config.overwrite)
-    with pyro.validation_enabled(config.validate):
+    with RunDir.open(out, f"compare-{config.model_name}", overwrite=config.overwrite) as rundir, \
+            pyro.validation_enabled(config.validate):
+        out_dir = rundir.path
         info = probe(module, data)
-        make_run_dir(out_dir)
         if cc.run is None and cc.warmup_epochs:  # pre-training too runs for the warm-up
             ctx = context(replace(config, epochs=cc.warmup_epochs), module, data, out_dir,
                           progress)
@@ -302,16 +302,16 @@ def compare(cc: CompareConfig, out: str | None = None, progress: bool | None = N
                 racers.append(("iwae", max(cc.particles)))  # IWAE trains one program
             race_rows, race_summary = training_race(module, data, config, racers, cc.target,
                                                     progress)
-    meta = {"config": config.to_dict(), "run": cc.run, "warmup_epochs": cc.warmup_epochs,
-            "repeats": cc.repeats, "eval_batch": args[0].shape[0], "dataset": data.name,
-            "device": str(data.test.x.device), "torch": torch.__version__,
-            "pyro": pyro.__version__,
-            "samples": "one vectorized pass" if info.vectorized else
-                       f"one after another ({info.not_vectorized_because})"}
-    result = Comparison(out_dir, bounds, gradients, race_rows, race_summary, agreement(bounds),
-                        meta)
-    write_outputs(result)
-    return result
+        meta = {"config": config.to_dict(), "run": cc.run, "warmup_epochs": cc.warmup_epochs,
+                "repeats": cc.repeats, "eval_batch": args[0].shape[0], "dataset": data.name,
+                "device": str(data.test.x.device), "torch": torch.__version__,
+                "pyro": pyro.__version__,
+                "samples": "one vectorized pass" if info.vectorized else
+                           f"one after another ({info.not_vectorized_because})"}
+        result = Comparison(out_dir, bounds, gradients, race_rows, race_summary,
+                            agreement(bounds), meta)
+        write_outputs(result)
+    return replace(result, out=rundir.final)
 
 
 def summary_markdown(c: Comparison) -> str:

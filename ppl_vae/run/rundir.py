@@ -108,47 +108,13 @@ class DirLock:
         self._fd = None
 
 
-class _Dir:
-    """What a run directory and a sub-run's share: ``d / "name"`` is ``d.path / "name"``,
-    evaluated when used (so it follows the staging-to-final switch), and ``with``."""
-
-    final: Path
-    setting: str
-
-    @property
-    def path(self) -> Path:
-        raise NotImplementedError
-
-    def commit(self) -> None:
-        raise NotImplementedError
-
-    def close(self, ok: bool = True) -> None:
-        raise NotImplementedError
-
-    def child(self, name: str) -> RunChild:
-        """The sub-run directory ``name`` (``out/q1``): see :class:`RunChild`."""
-        return RunChild(self, name)
-
-    def __truediv__(self, name: str) -> Path:
-        return self.path / name
-
-    def __fspath__(self) -> str:
-        return str(self.path)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        self.close(ok=exc_type is None)
-
-
-class RunDir(_Dir):
+class RunDir:
     """One run's directory, locked for the run's lifetime; open it with :meth:`open`.
 
     ``path`` is where files go now (the staging directory before :meth:`commit` when
     overwriting, else the directory itself); ``final`` is the directory itself."""
 
-    def __init__(self, final: Path, lock: DirLock, created: list[Path], setting: str):
+    def __init__(self, final: Path, lock: DirLock | None, created: list[Path], setting: str):
         self.final = final
         self.setting = setting
         self._lock = lock
@@ -207,9 +173,29 @@ class RunDir(_Dir):
         except OSError as e:
             raise _cannot("write to", self.final, e, self.setting) from e
 
+    @classmethod
+    def follow(cls, final: str | os.PathLike) -> RunDir:
+        """Another process's run directory (a torchrun rank > 0 beside rank 0, which owns
+        it): the same paths, no lock, and commit and close do nothing."""
+        run = cls(Path(final), None, [], "--out")
+        run._committed = True
+        return run
+
     @property
     def path(self) -> Path:
         return self._staging if self._staging is not None else self.final
+
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+    def __enter__(self) -> RunDir:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close(ok=exc_type is None)
 
     @property
     def committed(self) -> bool:
@@ -267,50 +253,13 @@ class RunDir(_Dir):
                             _remove(p)
         finally:
             self._closed = True
-            self._lock.release()
+            if self._lock is not None:
+                self._lock.release()
             if discard and self._fresh:
                 _rmdirs(self._created)
 
     def __repr__(self) -> str:
         return f"RunDir({str(self.final)!r}, path={str(self.path)!r})"
-
-
-class RunChild(_Dir):
-    """A sub-run's directory ``parent.path / name`` (created when ``path`` is read): it
-    follows the parent's staging-to-final switch, :meth:`commit` commits the parent, it takes
-    no lock and :meth:`close` does nothing."""
-
-    def __init__(self, parent: _Dir, name: str):
-        if not name or name.startswith(".") or Path(name).name != name:
-            raise ValueError(f"a sub-run name is one plain path component, not {name!r}")
-        self.parent = parent
-        self.name = name
-
-    @property
-    def path(self) -> Path:
-        path = self.parent.path / self.name
-        try:
-            path.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise _cannot("create", path, e, self.setting) from e
-        return path
-
-    @property
-    def final(self) -> Path:  # type: ignore[override]
-        return self.parent.final / self.name
-
-    @property
-    def setting(self) -> str:  # type: ignore[override]
-        return self.parent.setting
-
-    def commit(self) -> None:
-        self.parent.commit()
-
-    def close(self, ok: bool = True) -> None:
-        pass
-
-    def __repr__(self) -> str:
-        return f"RunChild({self.parent!r}, {self.name!r})"
 
 
 def _missing(path: Path) -> list[Path]:
@@ -357,35 +306,3 @@ def _default_dir(stem: str, setting: str) -> tuple[Path, list[Path]]:
             n += 1
         except OSError as e:
             raise _cannot("create", path, e, setting) from e
-
-
-# Until the callers move to RunDir.
-def resolve_run_dir(out: str | None, stem: str, overwrite: bool = False,
-                    setting: str = "--out") -> Path:
-    """``out``, or a new ``runs/<stem>-<time>[-n]``; :class:`UsageError` if ``out`` is a file
-    or already holds files without ``overwrite`` (``setting`` names the option in errors)."""
-    if out is None:
-        base = Path("runs") / f"{stem.replace(':', '-').replace('/', '-')}-{_timestamp()}"
-        path, n = base, 1
-        while path.exists():
-            n += 1
-            path = base.with_name(f"{base.name}-{n}")
-        return path
-    path = Path(out)
-    if path.exists() and not path.is_dir():
-        raise UsageError(f"{setting} {str(path)!r} is a file; give a directory")
-    if path.is_dir() and any(path.iterdir()) and not overwrite:
-        flag = "--overwrite" if setting.startswith("--") else "overwrite=True"
-        raise UsageError(f"{setting} {str(path)!r} already holds files; choose a new directory "
-                         f"or pass {flag}")
-    return path
-
-
-def make_run_dir(path: Path, setting: str = "--out") -> Path:
-    """Create ``path`` (and its parents); :class:`UsageError` when that fails."""
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UsageError(f"cannot create {setting} {str(path)!r} ({e.strerror}); choose another "
-                         "directory") from None
-    return path

@@ -8,7 +8,7 @@ model's ``figures`` hook) in the run directory. The trainer talks to the model o
 the hooks of :mod:`ppl_vae.models.base`, and runs under one Pyro validation setting
 (``validate``) from the first probe of the program to the last figure.
 
-The run directory (:class:`~ppl_vae.rundir.RunDir`) is locked for the run; with
+The run directory (:class:`~ppl_vae.run.rundir.RunDir`) is locked for the run; with
 ``overwrite`` the old run is replaced only once the new one has written its first
 checkpoint, and a run that fails before that leaves nothing. Under torchrun only rank 0
 writes files; hooks on the other ranks see a private scratch directory.
@@ -194,28 +194,6 @@ def prepare(config: TrainConfig, data: Dataset | None = None, world: World = dis
     return config, device, data.to(device)
 
 
-class _Follower:
-    """A non-zero rank's view of the run directory: rank 0 owns, writes and commits it."""
-
-    def __init__(self, final: Path) -> None:
-        self.final = self.path = final
-
-    def commit(self) -> None:
-        pass
-
-    def close(self, ok: bool = True) -> None:
-        pass
-
-    def child(self, name: str) -> _Follower:
-        return _Follower(self.final / name)
-
-    def __enter__(self) -> _Follower:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        pass
-
-
 def _default_out(config: TrainConfig) -> TrainConfig:
     """Under ``torchrun --max-restarts``, a default run directory named by the job's
     rendezvous id, so that restarted workers find the run they continue."""
@@ -251,7 +229,7 @@ def open_run_dir(config: TrainConfig, world: World, resume: bool):
     kind, text = dist.broadcast(result, world)
     if kind == "error":
         raise UsageError(text)
-    return rundir if world.main else _Follower(Path(text))
+    return rundir if world.main else RunDir.follow(text)
 
 
 def has_checkpoint(out: str | os.PathLike | None) -> bool:
