@@ -63,9 +63,9 @@ def test_analytic_kl_removes_encoder_gradient_noise_when_the_decoder_ignores_z(v
     assert enc["analytic"]["snr"] is None or enc["analytic"]["snr"] > 1e3  # None: exact
 
 
-def test_gradient_groups_come_from_the_parameter_groups_hook(digits):
+def test_gradient_groups_default_to_the_child_modules(digits):
     """The default groups: each top-level child module, plus "(module)" for the module's own
-    parameters (a learned sigma); a model's own ``parameter_groups`` replaces them."""
+    parameters (a learned sigma); ``groups`` replaces them."""
     args = (digits.test.x[:16],)
     learned = VAE(64, 2, hidden=(16,), likelihood="gaussian", learn_scale=True)
     rows = gradient_stats(learned, args, repeats=3, particles=(1,))
@@ -73,11 +73,9 @@ def test_gradient_groups_come_from_the_parameter_groups_hook(digits):
     own = [r for r in rows if r["group"] == "(module)"]
     assert all(r["mean_norm"] > 0 for r in own)  # sigma's gradient, one coordinate
 
-    class OneGroup(VAE):
-        def parameter_groups(self):
-            return {"everything": list(self.parameters())}
-
-    rows = gradient_stats(OneGroup(64, 2, hidden=(16,)), args, repeats=3, particles=(1,))
+    vae = VAE(64, 2, hidden=(16,))
+    rows = gradient_stats(vae, args, repeats=3, particles=(1,),
+                          groups={"everything": list(vae.parameters())})
     assert {r["group"] for r in rows} == {"everything"}
 
 

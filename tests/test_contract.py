@@ -340,8 +340,9 @@ def test_hooks_default_for_plain_modules_and_subclasses():
     x = torch.rand(3, 4)
     assert hook(plain, "data_args")(x, None) == (x,)
     assert hook(plain, "programs")() == [(1.0, plain.model, plain.guide)]
-    assert hook(plain, "proposal")() == plain.guide
-    assert set(hook(plain, "parameter_groups")()) == {"enc", "enc_loc", "enc_scale", "dec"}
+    assert hook(plain, "pretrain")(None) is None
+    with pytest.raises(AttributeError, match="not a hook"):
+        hook(plain, "proposal")
 
     class Sub(Model):
         def model(self, x):

@@ -271,7 +271,9 @@ def test_refuses_rows_without_an_image_shape():
 
 # -- bits per dimension -------------------------------------------------------------------------
 def context(data, **config):
-    return RunContext(TrainConfig(model="conv-vae", **config), None, data, None, score=score)
+    """A run's context for the report's numbers (no figures)."""
+    return RunContext(TrainConfig(model="conv-vae", **config), None, data, None, score=score,
+                      figures=False)
 
 
 @pytest.mark.parametrize("likelihood", ["logistic", "gaussian"])
@@ -281,7 +283,7 @@ def test_bits_per_dim_from_the_test_scores(likelihood):
     data = dataset(rows(shape, 8), rows(shape, 5, seed=1), shape)
     vae = ConvVAE(shape, likelihood=likelihood, **TINY)
     ctx = context(data, eval_particles=3, eval_iwae=4)
-    got = vae.metrics(ctx)
+    got = vae.report(ctx)
     s = score(vae, data.test.x, num_samples=4, iwae=True)  # what the run's summary holds
     offset = GAUSSIAN_OFFSET if likelihood == "gaussian" else 0.0
     for key, bound in (("test_bpd_elbo", s.elbo), ("test_bpd_iwae", s.iwae)):
@@ -295,18 +297,18 @@ def test_bits_per_dim_from_the_test_scores(likelihood):
     # a context that carries the run's scores is read, not scored again
     ctx = context(data, eval_particles=3)
     ctx.summary = {"test_elbo": -d * math.log(2) * 5.0}
-    assert vae.metrics(ctx) == {"test_bpd_elbo": pytest.approx(5.0 + offset / math.log(2))}
+    assert vae.report(ctx) == {"test_bpd_elbo": pytest.approx(5.0 + offset / math.log(2))}
 
 
 def test_no_bits_per_dim_for_bernoulli_or_float_data():
     shape = (1, 8, 8)
     eight = dataset(rows(shape, 8), rows(shape, 5), shape)
     ctx = context(eight)
-    assert ConvVAE(shape, **TINY).metrics(ctx) == {}
+    assert ConvVAE(shape, **TINY).report(ctx) == {}
     assert "cross-entropy" in ctx.notes[0]
     floats = dataset(rows(shape, 8, uint8=False), rows(shape, 5, uint8=False), shape)
     ctx = context(floats)
-    assert ConvVAE(shape, likelihood="logistic", **TINY).metrics(ctx) == {} and not ctx.notes
+    assert ConvVAE(shape, likelihood="logistic", **TINY).report(ctx) == {} and not ctx.notes
 
 
 # -- image grids --------------------------------------------------------------------------------

@@ -120,8 +120,8 @@ def bound_estimates(module: nn.Module, args: tuple[Tensor, ...], repeats: int,
                     progress: bool | None = None, info: ProgramInfo | None = None
                     ) -> list[dict]:
     """R estimates of the per-data-point bound for every estimator and sample count, with
-    the model's proposal as the guide."""
-    model, guide = module.model, hook(module, "proposal")()
+    the model's guide."""
+    model, guide = module.model, module.guide
     b = args[0].shape[0]
     configs = [(e, L) for e in ESTIMATORS for L in particles]
     configs += [("iwae", k) for k in iwae_samples]
@@ -158,10 +158,12 @@ def agreement(bounds: list[dict]) -> list[dict]:
 
 def gradient_stats(module: nn.Module, args: tuple[Tensor, ...], repeats: int,
                    particles: tuple[int, ...], progress: bool | None = None,
-                   info: ProgramInfo | None = None) -> list[dict]:
-    """Variance, mean norm and SNR of R SVI gradient draws, per parameter group."""
+                   info: ProgramInfo | None = None,
+                   groups: dict[str, list[nn.Parameter]] | None = None) -> list[dict]:
+    """Variance, mean norm and SNR of R SVI gradient draws, per parameter group (``groups``,
+    default :func:`parameter_groups`)."""
     rows = []
-    groups = hook(module, "parameter_groups")()
+    groups = groups or parameter_groups(module)
     terms = hook(module, "programs")()
     for name, k in tqdm([(e, L) for e in ESTIMATORS for L in particles], desc="gradients",
                         disable=hide_bar(progress)):
@@ -198,6 +200,14 @@ def gradient_stats(module: nn.Module, args: tuple[Tensor, ...], repeats: int,
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def parameter_groups(module: nn.Module) -> dict[str, list[nn.Parameter]]:
+    """The gradient groups of the comparison: the module's top-level child modules, and its
+    own parameters as ``(module)``."""
+    groups = {name: list(child.parameters()) for name, child in module.named_children()}
+    own = list(module.parameters(recurse=False))
+    return {k: v for k, v in {**groups, "(module)": own}.items() if v}
 
 
 def _with_grad(groups: dict[str, list[nn.Parameter]]) -> dict[str, list[nn.Parameter]]:

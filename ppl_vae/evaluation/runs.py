@@ -16,10 +16,17 @@ from ..config import TrainConfig
 from ..data import Dataset
 from ..errors import UsageError
 from ..files import write_json
-from ..models import hook
 from ..resources import allocation_guard, check_model_fits
 from ..run.checkpoint import load_checkpoint, restore_params
-from ..run.train import build_model, context, device_for, load_data, probe, score_split
+from ..run.train import (
+    build_model,
+    context,
+    device_for,
+    load_data,
+    probe,
+    report,
+    score_split,
+)
 
 
 def read_config(run_dir: Path, model: type | None = None) -> TrainConfig:
@@ -73,8 +80,9 @@ def evaluate_run(run_dir: str | os.PathLike, eval_iwae: int = 0, cuda: bool = Fa
                  data_dir: str | None = None, eval_particles: int | None = None,
                  model: type | None = None) -> dict:
     """Re-evaluate a saved run from its ``config.json`` and ``checkpoint.pt`` (the test ELBO,
-    the IWAE bound with ``eval_iwae`` samples, and the model's ``metrics`` hook); update its
-    ``summary.json`` (atomically) and return the new numbers (``notes``: what it reports)."""
+    the IWAE bound with ``eval_iwae`` samples, and the numbers of the model's ``report``);
+    update its ``summary.json`` (atomically) and return the new numbers (``notes``: what it
+    reports)."""
     run_dir = Path(run_dir)
     summary_path = run_dir / "summary.json"
     if summary_path.exists() and not summary_path.is_file():  # before the long part
@@ -84,11 +92,12 @@ def evaluate_run(run_dir: str | os.PathLike, eval_iwae: int = 0, cuda: bool = Fa
     config, module, data = load_run(run_dir, cuda, data_dir, model)
     k = eval_iwae or eval_particles or config.eval_particles
     ctx = context(config, module, data, run_dir, progress=False)
+    ctx.figures = False  # the numbers again; the run's figures stay as they are
     with pyro.validation_enabled(config.validate), torch.no_grad():
         scores = score_split(module, data.test, k, iwae=eval_iwae > 0)
         result = {**scores.summary(), "eval_particles": k}
-        ctx.summary = dict(result)  # metrics derive from it, not a second evaluation
-        result.update(hook(module, "metrics")(ctx))
+        ctx.summary = dict(result)  # the report derives from it, not a second evaluation
+        result.update(report(module, ctx))
     notes = [f"evaluation: {scores.method}"]
     summary, why = read_summary(summary_path)
     if why is not None:  # never silently replaced: kept beside the new one

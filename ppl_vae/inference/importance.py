@@ -201,10 +201,9 @@ def plan_score(module, *inputs: Tensor, num_samples: int, guide: Callable | None
     """The passes :func:`score` makes: at most :data:`MAX_ELEMENTS` data-sized floats per
     pass, and no more than half the free memory by the measured cost of a pass (hidden
     layers included). :class:`UsageError` when even the smallest pass cannot fit."""
-    from ..models import hook
 
     model = module.model
-    guide = guide or hook(module, "proposal")()
+    guide = guide or module.guide
     n = inputs[0].shape[0]
     d = max(1, sum(t[:1].numel() for t in inputs))
     device = inputs[0].device
@@ -244,7 +243,7 @@ def score(module, *inputs: Tensor, num_samples: int = 10, iwae: bool = False,
           ) -> Scores:
     """Per-row ELBO (the mean of K log weights) and, if ``iwae``, the IWAE_K bound, for every
     row of ``inputs`` (the arguments of ``module.model``/``module.guide``, rows first).
-    ``guide`` replaces the module's proposal (its ``proposal()`` hook, else ``guide``).
+    ``guide`` replaces the module's guide as the proposal.
 
     Runs in memory-bounded chunks of rows and of samples (:func:`plan_score`), seeded:
     re-running gives the same numbers, and the caller's RNG state is left as it was. An
@@ -252,10 +251,9 @@ def score(module, *inputs: Tensor, num_samples: int = 10, iwae: bool = False,
     and shows a progress bar with its ETA (``progress``: None shows it on a terminal, False
     never, True always).
     """
-    from ..models import hook
 
     model = module.model
-    guide = guide or hook(module, "proposal")()
+    guide = guide or module.guide
     n = inputs[0].shape[0]
     device = inputs[0].device
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):

@@ -1,40 +1,40 @@
-"""The model contract: every hook the trainer, evaluation, comparison and CLI call, with its
-default.
+"""The model contract: what the trainer, evaluation, comparison and CLI may ask of a model.
+
+A model is any ``nn.Module`` with Pyro ``model(*args)`` and ``guide(*args)`` methods. It may
+subclass :class:`Model` or not; the code outside ``ppl_vae.models`` calls its optional
+hooks only through :func:`hook`, which returns the model's own method where it defines one
+and the default below otherwise.
+
+=====================  =========================================  ==============================
+hook                   default                                    override when
+=====================  =========================================  ==============================
+``model``, ``guide``   (required)                                 --
+``data_args(x, y)``    ``(pixels(x),)``: 8-bit rows as float      model/guide take other inputs
+                       x / 255, others as they are                (a condition, labels), or
+                                                                  convert 8-bit rows per batch
+``programs()``         ``[(1.0, model, guide)]``                  the objective is a weighted
+                                                                  sum of several ELBOs
+``pretrain(ctx)``      nothing                                    a part is fit before SVI
+``report(ctx)``        no numbers; latent means,                  the summary needs numbers,
+                       reconstructions and samples drawn from     or the family has figures of
+                       the program (``encode``/``reconstruct``/   its own
+                       ``sample`` where defined)
+=====================  =========================================  ==============================
 
 ``data_args(x, y)`` receives a whole split (or some of its rows): ``x`` of shape (N, D),
 images flattened in C, H, W order (``data.image_shape``), float -- or uint8 levels 0..255
 for 8-bit sources, which the default converts; a model that converts them itself, per
 batch inside ``model``/``guide`` (:func:`ppl_vae.data.pixels`), keeps the split 8-bit on
 the device -- and labels ``y`` of shape (N,) or None, -1 where ``--labelled`` hid a label.
+``report(ctx)`` returns the numbers for the run's summary and draws its figures through
+``draw_or_skip`` (which ``evaluate`` turns off).
 
-A model is any ``nn.Module`` with Pyro ``model(*args)`` and ``guide(*args)`` methods. It may
-subclass :class:`Model` or not; the code outside ``ppl_vae.models`` calls it only through
-:func:`hook`, which returns the model's own method where it defines one and the default below
-otherwise.
-
-=====================  =========================================  ==============================
-hook                   default                                    override when
-=====================  =========================================  ==============================
-``Options``            the constructor's keywords                 the family has options to
-                                                                  validate and document
-``from_options``       ``cls(**keywords)`` matched to the         building needs the data or a
-(classmethod)          signature (``input_dim`` etc. from data)   computed argument
-``data_args(x, y)``    ``(pixels(x),)``: 8-bit rows as float      model/guide take other inputs
-                       x / 255, others as they are                (a condition, labels), or
-                                                                  convert 8-bit rows per batch
-``programs()``         ``[(1.0, model, guide)]``                  the objective is a weighted
-                                                                  sum of several ELBOs
-``proposal()``         ``guide``                                  importance sampling should
-                                                                  use another guide
-``pretrain(ctx)``      nothing                                    a part is fit before SVI
-``metrics(ctx)``       ``{}``                                     the summary needs more numbers
-``figures(ctx)``       ELBO curves; ``encode``/``reconstruct``/   the family has its own figures
-                       ``sample`` when defined, else latent
-                       means, reconstructions and prior
-                       predictive samples from the program
-``parameter_groups()`` the top-level child modules                gradients should be grouped
-                                                                  otherwise in ``compare``
-=====================  =========================================  ==============================
+Building: a family's options are its ``Options`` dataclass (else its constructor's
+keywords), and ``from_options(options, data)`` builds it (the default matches them to the
+constructor, filling ``input_dim``, ``image_shape`` and ``num_classes`` from the data).
+Two declared attributes say what a family does with an estimator: ``elbo_refused``
+(``--elbo`` name -> why the family cannot train with it) and ``elbo_notes`` (name -> a note
+the run prints).
 """
 
 from __future__ import annotations
@@ -55,6 +55,8 @@ class Model(nn.Module):
     """Base class with every hook at its default (subclassing it is optional)."""
 
     Options: ClassVar[type | None] = None
+    elbo_refused: ClassVar[dict[str, str]] = {}
+    elbo_notes: ClassVar[dict[str, str]] = {}
 
     def model(self, *args: Any, **kwargs: Any) -> Any:
         raise NotImplementedError
@@ -74,32 +76,21 @@ class Model(nn.Module):
     def programs(self) -> list[Program]:
         return [(1.0, self.model, self.guide)]
 
-    def proposal(self) -> Callable:
-        return self.guide
-
     def pretrain(self, ctx: RunContext) -> None:
         return None
 
-    def metrics(self, ctx: RunContext) -> dict:
-        return {}
-
-    def figures(self, ctx: RunContext) -> None:
+    def report(self, ctx: RunContext) -> dict:
         from .figures import default_figures
 
-        default_figures(self, ctx, hook(self, "data_args"), hook(self, "proposal")())
-
-    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
-        groups = {name: list(child.parameters()) for name, child in self.named_children()}
-        own = list(self.parameters(recurse=False))
-        return {k: v for k, v in {**groups, "(module)": own}.items() if v}
+        default_figures(self, ctx, hook(self, "data_args"), self.guide)
+        return {}
 
 
-HOOKS = ("from_options", "data_args", "programs", "proposal", "pretrain", "metrics", "figures",
-         "parameter_groups")
+HOOKS = ("from_options", "data_args", "programs", "pretrain", "report")
 
 
 def hook(obj: Any, name: str) -> Callable:
-    """``obj``'s hook ``name`` (a class for the classmethods, else a module): its own method
+    """``obj``'s hook ``name`` (a class for ``from_options``, else a module): its own method
     where it defines one, else :class:`Model`'s default bound to it."""
     if name not in HOOKS:
         raise AttributeError(f"{name!r} is not a hook of the model contract")

@@ -18,8 +18,9 @@ class RunContext:
     ``score(module, *args, num_samples=K, iwae=False, guide=None)`` is
     :func:`ppl_vae.evaluation.score`. ``log(text)`` adds a line to what the run reports.
     ``summary`` holds the run's own test evaluation (``test_elbo``, ``eval_particles`` and,
-    with ``--eval-iwae``, ``test_log_likelihood_iwae``) when ``metrics`` is called, so a
-    model can derive numbers from it without scoring the test split again.
+    with ``--eval-iwae``, ``test_log_likelihood_iwae``) when ``report`` is called, so a
+    model can derive numbers from it without scoring the test split again. ``figures``: whether
+    ``report`` draws (``evaluate`` re-computes the numbers only).
     """
 
     config: Any
@@ -31,6 +32,7 @@ class RunContext:
     progress: bool | None = None
     notes: list[str] = field(default_factory=list)
     summary: dict = field(default_factory=dict)
+    figures: bool = True
 
     def log(self, text: str) -> None:
         self.notes.append(text)

@@ -271,13 +271,15 @@ class ConvVAE(GaussianLatentVAE):
         return loc
 
     # -- the summary ---------------------------------------------------------------------------
-    def metrics(self, ctx: RunContext) -> dict:
-        """Bits per dimension of the test bounds, for 8-bit data (see the module docstring):
-        ``test_bpd_elbo`` and, with ``--eval-iwae``, ``test_bpd_iwae``.
+    def report(self, ctx: RunContext) -> dict:
+        """The default figures, and bits per dimension of the test bounds, for 8-bit data
+        (see the module docstring): ``test_bpd_elbo`` and, with ``--eval-iwae``,
+        ``test_bpd_iwae``.
 
         From the run's test scores when the context carries them (``ctx.summary``), else
         the test split scored again as the run scored it (same K, same evaluation seed: the
         same numbers)."""
+        super().report(ctx)
         data, config = ctx.data, ctx.config
         if data.train.x.dtype != torch.uint8:
             return {}

@@ -26,10 +26,10 @@ Objectives (``--cvae-objective``), all SVI on the same model:
 * ``hybrid``: alpha * cvae + (1 - alpha) * gsnn.
 
 Hooks (:mod:`ppl_vae.models.base`): ``pretrain`` fits the baseline NN first
-(``baseline_metrics.csv``); ``metrics`` adds the conditional log-likelihood table
+(``baseline_metrics.csv``); ``report`` adds the conditional log-likelihood table
 (``cll_table.csv``/``.md``; the table of several quadrant counts is
-``python -m ppl_vae experiment cvae-quadrants``, :mod:`ppl_vae.experiments`); ``figures``
-draws completions or samples per label.
+``python -m ppl_vae experiment cvae-quadrants``, :mod:`ppl_vae.experiments`) and draws
+completions or samples per label.
 """
 
 from __future__ import annotations
@@ -213,9 +213,11 @@ class CVAE(Model):
                                               self.log_scale, self.target), obs=y)
 
     def guide(self, c: Tensor, y: Tensor | None = None) -> None:
-        """q(z|c,y); with ``y=None``, z comes from the prior network (prediction)."""
+        """q(z|c,y); with ``y=None``, and for a GSNN (whose recognition network is never
+        trained), z comes from the prior network: it is also importance sampling's proposal."""
         with pyro.plate("data", c.shape[0], device=c.device):
-            q = self.prior(c) if y is None else self.recognition(c, y)
+            q = self.prior(c) if y is None or self.objective == "gsnn" else \
+                self.recognition(c, y)
             with poutine.scale(scale=self.beta):
                 pyro.sample("z", q.to_event(1))
 
@@ -224,18 +226,12 @@ class CVAE(Model):
         self.guide(c, None)
 
     def programs(self) -> list[Program]:
-        """(weight, model, guide) terms of the training objective (``--cvae-objective``)."""
-        if self.objective == "gsnn":
-            return [(1.0, self.model, self.prior_guide)]
+        """(weight, model, guide) terms of the training objective (``--cvae-objective``; a
+        GSNN's guide is the prior network)."""
         if self.objective == "hybrid":
             a = self.hybrid_alpha
             return [(a, self.model, self.guide), (1.0 - a, self.model, self.prior_guide)]
         return [(1.0, self.model, self.guide)]
-
-    def proposal(self) -> Callable:
-        """The guide that importance sampling uses: q(z|c,y), or p(z|c) for a GSNN (whose
-        recognition network is never trained)."""
-        return self.prior_guide if self.objective == "gsnn" else self.guide
 
     # -- what a user calls ---------------------------------------------------------------------
     @torch.no_grad()
@@ -262,26 +258,27 @@ class CVAE(Model):
         history = ctx.fit(self.baseline_loss, self.baseline, name="nll", desc="baseline NN")
         write_csv(ctx.out / "baseline_metrics.csv", history)
 
-    def metrics(self, ctx: RunContext) -> dict:
-        """The conditional log-likelihood table of the test split (``cll_table.csv``/``.md``)."""
+    def report(self, ctx: RunContext) -> dict:
+        """The conditional log-likelihood table of the test split (``cll_table.csv``/``.md``)
+        and its figure: for quadrants, inputs, truth, the NN's and three CVAE completions of
+        test digits (Sohn et al.'s figure); for labels, one row of prior samples per class,
+        and a note when the samples of a class do not vary (an unused latent)."""
         test = ctx.data.test
         c, y = self.data_args(test.x, test.y)
         cll = {cll_key(ctx.options): conditional_scores(self, c, y, ctx.score,
                                                         ctx.options.cll_samples)}
         ctx.log("-log p(y|c), nats per test image (lower is better):\n"
                 + write_cll_table(ctx.out, cll))
+        self._figures(ctx)
         return {"cll": cll}
 
     @torch.no_grad()
-    def figures(self, ctx: RunContext) -> None:
-        """Quadrants: inputs, truth, the NN's and three CVAE completions of test digits (Sohn
-        et al.'s figure). Label: one row of prior samples per class, and a note when the
-        samples of a class do not vary (an unused latent)."""
+    def _figures(self, ctx: RunContext) -> None:
         data, out = ctx.data, ctx.out
         shape = data.image_shape
         if shape is None:
             name = "samples_by_label.png" if self.condition == "label" else "completions.png"
-            ctx.log(f"figure {name} skipped: the data are not images")
+            draw_or_skip(ctx, name, lambda: "the data are not images")
             return
 
         def by_label() -> None:
@@ -361,7 +358,7 @@ def conditional_scores(module: CVAE, c: Tensor, y: Tensor, score: Callable,
 
     ``score`` is :func:`ppl_vae.evaluation.score`.
     """
-    guide = module.proposal()
+    guide = module.guide
     is_ = score(module, c, y, num_samples=samples, iwae=True, guide=guide).iwae.mean().item()
     elbo = score(module, c, y, num_samples=elbo_particles, guide=guide).elbo.mean().item()
     nn_ = sum(module.baseline_loss(cb, yb).item()

@@ -1,4 +1,4 @@
-"""The figures every model gets from its program (the default ``figures`` hook).
+"""The figures every model gets from its program (the default ``report`` hook).
 
 Images are drawn in colour for (3, H, W) and in grey for (1, H, W); the methods get float
 pixels (8-bit rows as x / 255, :func:`ppl_vae.data.pixels`), which a model that converts its
@@ -39,7 +39,7 @@ def default_figures(module: nn.Module, ctx: RunContext, data_args: Callable,
                     proposal: Callable) -> None:
     """Draw what can be drawn into ``ctx.out``; log what cannot, and why (including an error
     the program raised while drawing: a finished run is never lost to a figure).
-    ``data_args`` and ``proposal`` are the module's hooks."""
+    ``data_args`` is the module's hook, ``proposal`` its guide."""
     data, out = ctx.data, ctx.out
     test = data.test
     rows = min(len(test), 1000)
@@ -102,7 +102,10 @@ def draw_or_skip(ctx: RunContext, name: str, draw: Callable[[], str | None],
     """Call ``draw()`` (None when drawn, else why not); log why the figure ``name`` (or
     ``what``, e.g. "the model's figures hook") was skipped, including an error the program
     raised while drawing: a finished run is never lost to a figure (tiny test splits, odd
-    shapes, a user's model)."""
+    shapes, a user's model). Nothing is drawn when the context draws no figures
+    (``evaluate``)."""
+    if not ctx.figures:
+        return
     try:
         why = draw()
     except Exception as e:  # the user's program failed on this figure's inputs

@@ -32,7 +32,7 @@ inverted exactly (d passes of each MADE).
 
 ``--elbo analytic``: KL(q || p) of a flow has no closed form, so ``TraceMeanField_ELBO``
 uses ``log q(z|x) - log p(z)`` at the sampled z for the site ``z`` -- the same estimate as
-``--elbo mc``. The trainer says so once, in the run's notes (the ``pretrain`` hook).
+``--elbo mc``. The trainer says so once, in the run's notes (``elbo_notes``).
 """
 
 from __future__ import annotations
@@ -48,7 +48,6 @@ from pyro.nn import ConditionalAutoRegressiveNN
 from torch import Tensor, nn
 
 from ..errors import UsageError
-from .context import RunContext
 from .registry import register_model
 from .vae import VAE, VAEOptions, encoder_scale
 
@@ -111,6 +110,7 @@ class FlowVAE(VAE):
         if int(flow_layers) != flow_layers or flow_layers < 1:
             raise ValueError(f"flow_layers must be a whole number >= 1, got {flow_layers}")
         self.flow, self.flow_layers = flow, int(flow_layers)
+        self.elbo_notes = {"analytic": ANALYTIC_NOTE.format(flow=flow)}
         context_dim = self.encoder[-1].in_features  # the last hidden layer's width
         self.flows = nn.ModuleList(flow_layer(flow, z_dim, context_dim)
                                    for _ in range(self.flow_layers))
@@ -161,10 +161,3 @@ class FlowVAE(VAE):
         for t in self.transforms(h):
             z = t(z)
         return self.decode(z)
-
-    # -- hooks -------------------------------------------------------------------------------
-    def pretrain(self, ctx: RunContext) -> None:
-        """Nothing to fit before SVI; with ``--elbo analytic``, say once that the flow's KL is
-        estimated by Monte Carlo."""
-        if getattr(ctx.config, "elbo", None) == "analytic":
-            ctx.log(ANALYTIC_NOTE.format(flow=self.flow))

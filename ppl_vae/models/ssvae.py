@@ -175,6 +175,15 @@ class SSVAE(Model):
         self.input_dim, self.classes, self.z_dim = input_dim, classes, z_dim
         self.likelihood, self.beta, self.aux_weight = likelihood, beta, aux_weight
         self.labelled_rows, self.unlabelled_rows = labelled_rows, unlabelled_rows
+        if unlabelled_rows:  # what the estimators do with the unlabelled rows' class y
+            self.elbo_refused = {"analytic": (
+                "TraceMeanField_ELBO assumes a reparameterized guide and would drop the "
+                "gradient of q(y|x) on unlabelled rows; use --elbo enum (exact sum over y) or "
+                "mc")}
+            self.elbo_notes = {name: (
+                f"ssvae: --elbo {name} samples the class y of unlabelled rows from q(y|x) "
+                "(score-function gradient, high variance); --elbo enum sums it out exactly")
+                for name in ("mc", "iwae")}
         self.classifier = mlp([input_dim, *hidden, classes], activation)
         self.encoder = LabelledMLP(input_dim, classes, [*hidden, 2 * z_dim], activation)
         self.decoder = LabelledMLP(z_dim, classes, [*reversed(hidden), input_dim], activation)
@@ -320,27 +329,18 @@ class SSVAE(Model):
         return terms
 
     # -- hooks of the model contract -----------------------------------------------------------
-    def pretrain(self, ctx: RunContext) -> None:
-        """Nothing to fit; refuse ``--elbo analytic`` and say how y is handled."""
-        elbo = getattr(ctx.config, "elbo", "enum")
-        if elbo == "analytic" and self.unlabelled_rows:
-            raise UsageError("--model ssvae with --elbo analytic: TraceMeanField_ELBO assumes a "
-                             "reparameterized guide and would drop the gradient of q(y|x) on "
-                             "unlabelled rows; use --elbo enum (exact sum over y) or mc")
-        labelled = ctx.data.labelled or 0
-        ctx.log(f"ssvae: {labelled} of {len(ctx.data.train)} training rows labelled; "
-                f"classification weight a = {self.aux_weight:.4g} per labelled row")
-        if elbo != "enum" and self.unlabelled_rows:
-            ctx.log(f"ssvae: --elbo {elbo} samples the class y of unlabelled rows from q(y|x) "
-                    "(score-function gradient, high variance); --elbo enum sums it out exactly")
-
-    def metrics(self, ctx: RunContext) -> dict:
+    def report(self, ctx: RunContext) -> dict:
         """``labelled``, ``test_accuracy`` of argmax q(y|x), ``test_elbo_unlabelled`` (the
-        bound U(x) on log p(x) with the test labels hidden) and ``classification_weight``."""
+        bound U(x) on log p(x) with the test labels hidden) and ``classification_weight``;
+        the figures ``samples_by_class.png`` (E[x|y,z], one row per class y, the same
+        z ~ p(z) down each column) and ``analogies.png`` (test images, top row, their
+        z = mean of q(z|x, y) with the true label decoded with every class)."""
         test = ctx.data.test
         x, _ = self.data_args(test.x, None)
         out: dict = {"labelled": ctx.data.labelled or 0,
                      "classification_weight": self.aux_weight}
+        ctx.log(f"ssvae: {out['labelled']} of {len(ctx.data.train)} training rows labelled; "
+                f"classification weight a = {self.aux_weight:.4g} per labelled row")
         if test.y is not None and bool((test.y >= 0).all()):
             out["test_accuracy"] = (self.predict(x) == test.y).double().mean().item()
         particles = getattr(ctx.config, "eval_particles", 10)
@@ -348,18 +348,16 @@ class SSVAE(Model):
                                                        ).mean().item()
         ctx.log(f"ssvae: test accuracy {out.get('test_accuracy', float('nan')):.4f}, test "
                 f"ELBO with labels hidden {out['test_elbo_unlabelled']:.2f}")
+        self._figures(ctx)
         return out
 
     @torch.no_grad()
-    def figures(self, ctx: RunContext) -> None:
-        """``samples_by_class.png``: E[x|y,z], one row per class y, the same z ~ p(z) down
-        each column. ``analogies.png``: test images (top row), their z = mean of q(z|x, y)
-        (true label) decoded with every class."""
+    def _figures(self, ctx: RunContext) -> None:
         data, out = ctx.data, ctx.out
         shape = data.image_shape
         if shape is None:
-            ctx.log("figures samples_by_class.png and analogies.png skipped: the data are "
-                    "not images")
+            draw_or_skip(ctx, "samples_by_class.png and analogies.png",
+                         lambda: "the data are not images")
             return
         shown = min(self.classes, MAX_CLASS_ROWS)
         more = f" (the first {shown} of {self.classes})" if shown < self.classes else ""

@@ -38,7 +38,6 @@ from ..inference.program import ProgramInfo, inspect_program, nonfinite_site
 from ..inference.svi import EagerStep, TrainStep, collect_params, elbo_loss, elbo_step
 from ..interrupt import Guard, Interrupted, signals
 from ..models import RunContext, hook
-from ..models.figures import draw_or_skip
 from . import distributed as dist
 from .checkpoint import load_checkpoint, load_store_values, save_checkpoint
 from .distributed import World
@@ -312,6 +311,9 @@ def _train(config: TrainConfig, device: torch.device, data: Dataset, rundir,
     resources.check_model_fits(lambda: build_model(config, data), device)
     with resources.allocation_guard("building the model"):
         module = build_model(config, data).to(device)
+    refused = getattr(module, "elbo_refused", {}).get(config.elbo)
+    if refused:
+        raise UsageError(f"--model {config.model_name} with --elbo {config.elbo}: {refused}")
     info = probe(module, data)
     terms = hook(module, "programs")()
 
@@ -349,6 +351,9 @@ def _fit_and_evaluate(config, device, data, rundir, world, guard, state, module,
     if state is None:
         if world.main:
             write_json(rundir.path / "config.json", config.to_dict())
+        note = getattr(module, "elbo_notes", {}).get(config.elbo)
+        if note:
+            ctx.log(note)
         try:
             hook(module, "pretrain")(ctx)
         except Interrupted as e:
@@ -436,18 +441,23 @@ def _fit_and_evaluate(config, device, data, rundir, world, guard, state, module,
         "n_test": len(data.test),
     }
     if world.main:
-        ctx.summary = dict(run.summary)  # metrics derive from it, not a second evaluation
-        with torch.no_grad():
-            run.summary.update(hook(module, "metrics")(ctx))
+        ctx.summary = dict(run.summary)  # the report derives from it, not a second evaluation
+        plots.elbo_curves(run.history, ctx.out / "elbo_curves.png")
+        run.summary.update(report(module, ctx))
         write_json(rundir.path / "summary.json", run.summary)
-        write_figures(run, ctx)
     run.summary, run.notes = dist.broadcast((run.summary, ctx.notes), world)
     return run
 
 
-def write_figures(run: Run, ctx: RunContext) -> None:
-    """ELBO curves, then the model's ``figures`` hook (which logs what it skipped)."""
-    plots.elbo_curves(run.history, ctx.out / "elbo_curves.png")
-    with torch.no_grad():
-        draw_or_skip(ctx, "", lambda: hook(run.module, "figures")(ctx),
-                     what="the model's figures hook")
+def report(module: nn.Module, ctx: RunContext) -> dict:
+    """The model's ``report`` hook: its numbers (and, where ``ctx.figures``, its figures).
+    A hook that fails is logged and gives no numbers: a finished run is never lost to it."""
+    try:
+        with torch.no_grad():
+            return dict(hook(module, "report")(ctx) or {})
+    except UsageError:
+        raise
+    except Exception as e:  # the user's hook failed on the finished run
+        first = (str(e).strip().splitlines() or [""])[0]
+        ctx.log(f"the model's report hook skipped: it raised {type(e).__name__}: {first}"[:300])
+        return {}
