@@ -2,8 +2,9 @@
 networks (``ppl_vae.models.reference``), in the same process.
 
 For every seed, each method trains its own copy of the same initial weights on the same
-in-memory data path (``ppl_vae.inference.svi.run_epoch``: one tensor on the device, batches by
-a shuffled index), one epoch each in turn, rotating the order every epoch. ``*-compiled`` is
+in-memory data path (``ppl_vae.run.loop.Loop``, the trainer's loop: one tensor on the device,
+batches by a shuffled index, the same batches for every method), one epoch each in turn,
+rotating the order every epoch. ``*-compiled`` is
 the whole step as one inductor graph (``--compile``); its first epoch, the warm-up, holds
 the compile. Throughput is
 training images per second: the median over all epochs after each seed's first (warm-up).
@@ -30,23 +31,22 @@ from ppl_vae.data import load_dataset
 from ppl_vae.inference.compiled import CompiledStep
 from ppl_vae.inference.estimators import make_elbo
 from ppl_vae.inference.importance import score
-from ppl_vae.inference.svi import EagerStep, backward_step, elbo_loss, elbo_step, run_epoch
+from ppl_vae.inference.svi import EagerStep, backward_step, elbo_loss, elbo_step
 from ppl_vae.models import VAE
 from ppl_vae.models.reference import reference_loss
 from ppl_vae.models.vae import ENCODER_SCALES, VAEOptions
+from ppl_vae.run.loop import Loop
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def train_epochs(a, data, runs: dict, speed: dict) -> None:
-    """``a.epochs`` epochs of every method, rotating the order each epoch; the img/s of every
-    epoch after the first into ``speed``."""
+    """``a.epochs`` epochs of every method (one :class:`Loop` each), rotating the order each
+    epoch; the img/s of every epoch after the first into ``speed``."""
     for epoch in range(a.epochs):
         k = epoch % len(a.methods)
         for m in a.methods[k:] + a.methods[:k]:
-            _, step, opt = runs[m]
-            _, seconds = run_epoch(step, opt, (data.train_epoch(),), a.batch_size,
-                                   progress=False)
+            _, seconds, _ = runs[m].epoch()
             if epoch:
                 speed[m].append(len(data.train) / seconds)
 
@@ -97,12 +97,14 @@ def main() -> int:
             if m.endswith("-compiled"):  # the whole step as one graph (--compile)
                 loss = elbo_loss(make_elbo(m.split("-")[0], a.particles), vae, vae.programs())
                 step = CompiledStep(loss, vae, opt, EagerStep(step, opt))
-            runs[m] = (vae, step, opt)
+            runs[m] = Loop(step, opt, vae, lambda g: (data.train_epoch(g),), a.batch_size,
+                           a.epochs, seed=seed, device=device, progress=False)
         train_epochs(a, data, runs, speed)
-        for m, (_, step, _) in runs.items():
-            if isinstance(step, CompiledStep) and step.refused:
-                sys.exit(f"{m}: {step.refused}")
-        for m, (vae, _, _) in runs.items():
+        for m, loop in runs.items():
+            if isinstance(loop.take, CompiledStep) and loop.take.refused:
+                sys.exit(f"{m}: {loop.take.refused}")
+        for m, loop in runs.items():
+            vae = loop.module
             vae.eval()
             elbo[m].append(score(vae, data.test.x, num_samples=10).summary()["test_elbo"])
         print(f"seed {seed}: test ELBO " + ", ".join(f"{m} {elbo[m][-1]:.2f}" for m in a.methods),

@@ -6,11 +6,11 @@ Model-agnostic (a plug-in model is any ``nn.Module``):
 * **parameters** -- :func:`model_size` builds the model under ``torch.device("meta")``
   (shapes only, no storage) and counts its parameter and buffer bytes; a model that cannot
   be built on the meta device gives None (no estimate) and is built for real as before.
-* **one SVI step** -- :func:`step_cost` runs one tiny forward of the loss under
-  :func:`torch.autograd.graph.saved_tensors_hooks` at two particle counts and two row counts,
-  and scales the tensors the autograd graph keeps to ``rows x particles``.
-* **evaluation** -- :func:`allocated_bytes` counts the bytes of every tensor a no-grad pass
-  allocates (a dispatch mode); :mod:`ppl_vae.inference.importance` sizes its chunks by it.
+* **one SVI step, one evaluation pass** -- :func:`allocated_bytes` counts the bytes of every
+  tensor a pass allocates (a dispatch mode), at two sample counts and two row counts
+  (:func:`fit_cost`), scaled to ``rows x samples``: for the step, :func:`step_cost` (a
+  forward with gradients: what autograd keeps for backward is among it); for evaluation,
+  :mod:`ppl_vae.inference.importance` sizes its chunks by it.
 * **available memory** -- ``MemAvailable`` of ``/proc/meminfo`` (and a cgroup limit) on the
   CPU, ``torch.cuda.mem_get_info`` plus the allocator's free cache on a GPU
   (:func:`available_bytes`; None where unknown: the checks then pass).
@@ -36,8 +36,10 @@ from torch import Tensor, nn
 
 from .errors import UsageError
 
-TRAINING_COPIES = 4
-"""Bytes per parameter byte while training: weights, gradients and Adam's two moments."""
+TRAINING_COPIES = 7
+"""Bytes per parameter byte while training: weights, gradients and Adam's two moments, and
+the loop's snapshot for replaying a divergence (weights and both moments); early stopping
+keeps one more copy, the best weights."""
 MODEL_HINT = "make the model smaller (--hidden, --z-dim, or the sizes its --model-opt set)"
 STEP_HINT = "lower --particles or --batch-size"
 EVAL_HINT = "lower --eval-iwae/--eval-particles"
@@ -148,8 +150,8 @@ class ModelSize:
     def bytes(self) -> int:
         return self.parameter_bytes + self.buffer_bytes
 
-    def training_bytes(self) -> int:
-        return self.parameter_bytes * TRAINING_COPIES + self.buffer_bytes
+    def training_bytes(self, best_copy: bool = False) -> int:
+        return self.parameter_bytes * (TRAINING_COPIES + best_copy) + self.buffer_bytes
 
 
 @contextlib.contextmanager
@@ -199,24 +201,25 @@ def model_size(build: Callable[[], nn.Module]) -> ModelSize | None:
 
 
 def check_model_fits(build: Callable[[], nn.Module], device: torch.device | str = "cpu", *,
-                     training: bool = True, hint: str = MODEL_HINT) -> ModelSize | None:
+                     training: bool = True, early_stop: bool = False,
+                     hint: str = MODEL_HINT) -> ModelSize | None:
     """Refuse, before anything is allocated, a model whose parameters cannot fit: one copy
-    on the CPU where it is built, and on ``device`` the weights (with ``training``: also
-    gradients and Adam's two moments, :data:`TRAINING_COPIES` in all). Returns the size, or
-    None when the model cannot be built on the meta device (then nothing is checked)."""
+    on the CPU where it is built, and on ``device`` the weights (with ``training``: the
+    :data:`TRAINING_COPIES` the loop keeps, one more with ``early_stop``). Returns the size,
+    or None when the model cannot be built on the meta device (then nothing is checked)."""
     size = model_size(build)
     if size is None:
         return None
     device = torch.device(device)
-    need = size.training_bytes() if training else size.bytes
+    need = size.training_bytes(early_stop) if training else size.bytes
     largest = ""
     if size.largest is not None:
         name, shape = size.largest
         largest = f" (the largest, {name}, is {' x '.join(map(str, shape)) or 'a scalar'})"
     what = f"the model's {size.parameters:,} parameters{largest} need"
     checks = [(torch.device("cpu"), size.bytes, "")] if device.type != "cpu" else []
-    checks.append((device, need, f" ({format_bytes(need)} to train: weights, gradients and "
-                                 "Adam's two moments)" if training else ""))
+    checks.append((device, need, f" ({format_bytes(need)} to train: weights, gradients, "
+                                 "Adam's moments and the loop's copies)" if training else ""))
     for place, n, extra in checks:
         have = available_bytes(place)
         if have is not None and n > have:
@@ -245,39 +248,10 @@ def allocation_guard(what: str, hint: str = MODEL_HINT) -> Iterator[None]:
 
 
 # -- activations -------------------------------------------------------------------------------
-def _footprint(t: Tensor) -> tuple[tuple, int]:
-    """A key of the memory ``t`` references and its bytes: the span of its strides (a row
-    slice of a big tensor is the slice, an expanded tensor what it expands)."""
-    if t.numel() == 0:
-        return (str(t.device), t.data_ptr(), 0), 0
-    span = 1 + sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride(), strict=True))
-    size = min(span * t.element_size(), t.untyped_storage().nbytes())
-    return (str(t.device), t.data_ptr(), size), size
-
-
-def saved_bytes(fn: Callable[..., Any], *args: Any) -> int:
-    """Bytes of the distinct tensors that autograd saves for backward while ``fn(*args)``
-    runs (by the memory each references; parameters included: they cancel in
-    :func:`step_cost`'s differences)."""
-    seen: dict[tuple, int] = {}
-
-    def pack(t: Tensor) -> Tensor:
-        try:
-            key, size = _footprint(t)
-            seen[key] = size
-        except Exception:  # a tensor without a storage (sparse, nested)
-            seen[("id", id(t))] = t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn(*args)
-    return sum(seen.values())
-
-
 def allocated_bytes(fn: Callable[..., Any], *args: Any) -> int:
     """Bytes of every new tensor the operations of ``fn(*args)`` return (views and in-place
     results not counted): what the call allocates if nothing were freed, an upper bound of
-    its peak. Works under ``torch.no_grad``."""
+    its peak -- and, with gradients on, of what autograd keeps for the backward pass."""
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils._pytree import tree_leaves
 
@@ -346,7 +320,7 @@ def step_cost(step_for: Callable[[int], Callable[..., Any]], args: Sequence[Any]
     particles, RNGs and param store left as they were. None when the measurement fails
     (then the step itself will report the problem)."""
     def measure(a: tuple, k: int) -> int:
-        return saved_bytes(step_for(k), *a)
+        return allocated_bytes(step_for(k), *a)
 
     with isolated([torch.device(device)]):
         try:

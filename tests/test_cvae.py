@@ -43,7 +43,7 @@ from ppl_vae.inference.program import inspect_program
 from ppl_vae.inference.svi import backward_step, collect_params, elbo_step
 from ppl_vae.models import hook
 from ppl_vae.models.cvae import CVAE, CVAEOptions, conditional_scores, observed_quadrants
-from ppl_vae.run.loop import fit
+from ppl_vae.run.loop import Loop
 from ppl_vae.run.train import build_model, load_data
 
 F64 = torch.float64
@@ -520,7 +520,7 @@ def test_one_step_trains_the_right_networks(digits, objective):
             assert moved, name
 
 
-# -- 7. early stopping in fit -------------------------------------------------------------------
+# -- 7. early stopping in the Loop --------------------------------------------------------------
 
 def _fit(validate, patience, epochs=5):
     net = nn.Linear(3, 1)
@@ -532,9 +532,9 @@ def _fit(validate, patience, epochs=5):
         saved[epoch] = copy.deepcopy(net.state_dict())
         seen.append((epoch, val))
 
-    best = fit(step, torch.optim.Adam(net.parameters(), lr=0.1), net, lambda: (x,), 10,
-               epochs, validate=validate, patience=patience, on_epoch=on_epoch,
-               progress=False)
+    best = Loop(step, torch.optim.Adam(net.parameters(), lr=0.1), net, lambda g: (x,), 10,
+                epochs, seed=0, device=x.device, validate=validate, patience=patience,
+                on_epoch=on_epoch, progress=False).run()
     return best, net, saved, seen
 
 

@@ -32,9 +32,10 @@ from ..data import Dataset
 from ..inference.estimators import make_elbo
 from ..inference.importance import score
 from ..inference.program import inspect_program
-from ..inference.svi import backward_step, collect_params, elbo_step, run_epoch
+from ..inference.svi import backward_step, collect_params, elbo_step
 from ..models.nets import mlp
 from ..models.vae import VAE
+from ..run.loop import Loop
 
 
 class DecoderMAPVAE(PyroModule):
@@ -142,7 +143,6 @@ def map_vs_weight_decay(data: Dataset, epochs: int = 10, batch_size: int = 128,
     results = {}
     for name in ("svi_map", "adam_weight_decay"):
         pyro.set_rng_seed(seed)
-        batches = torch.Generator().manual_seed(seed)
         if name == "svi_map":
             info = inspect_program(m.model, m.guide, first)
             step = elbo_step(make_elbo("mc"), m, [(1.0, m.model, m.guide)], info)
@@ -155,9 +155,9 @@ def map_vs_weight_decay(data: Dataset, epochs: int = 10, batch_size: int = 128,
                 {"params": vae.decoder.parameters(),
                  "weight_decay": batch_size / (n * prior_scale**2)}], lr=lr)
         with pyro.validation_enabled(False):
-            for _ in range(epochs):
-                run_epoch(step, opt, (data.train.x,), batch_size, progress=False,
-                          generator=batches)
+            Loop(step, opt, m if name == "svi_map" else vae, lambda g: (data.train.x,),
+                 batch_size, epochs, seed=seed, device=data.train.x.device,
+                 progress=False).run()
         trained = m.plain_vae() if name == "svi_map" else vae
         trained.eval()
         results[name] = {

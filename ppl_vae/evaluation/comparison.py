@@ -40,9 +40,9 @@ from ..errors import UsageError
 from ..files import write_csv, write_json, write_text
 from ..inference.estimators import make_elbo
 from ..inference.program import ProgramInfo
-from ..inference.svi import collect_params, elbo_step, hide_bar, run_epoch
+from ..inference.svi import collect_params, elbo_step, hide_bar
 from ..models import hook
-from ..run.loop import fit
+from ..run.loop import Loop
 from ..run.rundir import RunDir
 from ..run.train import (
     build_model,
@@ -202,6 +202,10 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def module_device(module: nn.Module) -> torch.device:
+    return next((p.device for p in module.parameters()), torch.device("cpu"))
+
+
 def parameter_groups(module: nn.Module) -> dict[str, list[nn.Parameter]]:
     """The gradient groups of the comparison: the module's top-level child modules, and its
     own parameters as ``(module)``."""
@@ -233,27 +237,26 @@ def training_race(module: nn.Module, data: Dataset, config: TrainConfig,
     per-epoch rows and a summary with final test ELBO and time to ``target``."""
     start_state = copy.deepcopy(module.state_dict())
     device = data.train.x.device
-    rows = []
+    rows: list[dict] = []
     for name, k in racers:
         racer = copy.deepcopy(module)
         racer.load_state_dict(start_state)
         pyro.set_rng_seed(config.seed)
-        batches = torch.Generator(device=device).manual_seed(config.seed)
         info = probe(racer, data)
         step = elbo_step(_elbo(name, k, info), racer, hook(racer, "programs")(), info)
         opt = torch.optim.Adam(collect_params(racer, info), lr=config.lr)
-        elapsed = 0.0
-        for epoch in tqdm(range(1, config.epochs + 1), desc=f"race {name} x{k}",
-                          disable=hide_bar(progress)):
-            racer.train()
-            inputs = train_args(racer, data, batches)
-            loss, seconds = run_epoch(step, opt, inputs, config.batch_size, progress=False,
-                                      generator=batches)
-            elapsed += seconds
-            racer.eval()
+        elapsed = [0.0]
+
+        def on_epoch(epoch: int, loss: float, seconds: float, val, name=name, k=k,
+                     racer=racer, elapsed=elapsed) -> None:
+            elapsed[0] += seconds
             test = score_split(racer, data.test, config.eval_particles).elbo.mean().item()
             rows.append({"estimator": name, "particles": k, "epoch": epoch,
-                         "train_objective": -loss, "test_elbo": test, "seconds": elapsed})
+                         "train_objective": -loss, "test_elbo": test, "seconds": elapsed[0]})
+
+        Loop(step, opt, racer, lambda g, racer=racer: train_args(racer, data, g),
+             config.batch_size, config.epochs, seed=config.seed, device=device,
+             on_epoch=on_epoch, progress=progress, desc=f"race {name} x{k}").run()
     finals = {(r["estimator"], r["particles"]): r for r in rows if r["epoch"] == config.epochs}
     goal = target if target is not None else min(r["test_elbo"] for r in finals.values())
     summary = []
@@ -296,9 +299,10 @@ def compare(cc: CompareConfig, out: str | None = None, progress: bool | None = N
             hook(module, "pretrain")(ctx)
             step = elbo_step(make_elbo("mc", 1, max_plate_nesting=info.max_plate_nesting),
                              module, hook(module, "programs")(), info)
-            fit(step, torch.optim.Adam(collect_params(module, info), lr=config.lr), module,
-                lambda: train_args(module, data),
-                config.batch_size, cc.warmup_epochs, progress=progress, desc="warm-up")
+            Loop(step, torch.optim.Adam(collect_params(module, info), lr=config.lr), module,
+                 lambda g: train_args(module, data, g), config.batch_size, cc.warmup_epochs,
+                 seed=config.seed, device=module_device(module), progress=progress,
+                 desc="warm-up").run()
         module.eval()
         args = data_args(module, data.test, slice(0, cc.eval_batch))
         pyro.set_rng_seed(config.seed)

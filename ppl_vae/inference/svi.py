@@ -1,27 +1,24 @@
-"""Stochastic variational inference: the training loop.
+"""Stochastic variational inference: the step.
 
-Each step draws a batch by a shuffled index into tensors already on the training device,
-takes ``loss = -ELBO`` from a Pyro estimator (:mod:`ppl_vae.inference.estimators`) as a
-differentiable tensor, and steps a ``torch.optim.Adam`` over the module's parameters plus
-every ``pyro.param`` the model and guide touch (:func:`collect_params`). That is SVI with Pyro's
-estimators; owning the loop keeps the loss on the device (no ``.item()`` per step), keeps
-the optimizer state a plain ``state_dict`` for checkpoints, and skips re-registering the
-networks in Pyro's param store every step (``pyro.module``, a quarter of Pyro's overhead
-on a 784-400-20 VAE).
+A step takes ``loss = -ELBO`` of a batch from a Pyro estimator
+(:mod:`ppl_vae.inference.estimators`) as a differentiable tensor, and steps a
+``torch.optim.Adam`` over the module's parameters plus every ``pyro.param`` the model and
+guide touch (:func:`collect_params`): SVI with Pyro's estimators. Owning the step keeps the
+loss on the device (no ``.item()`` per step), keeps the optimizer state a plain
+``state_dict`` for checkpoints, and skips re-registering the networks in Pyro's param store
+every step (``pyro.module``, a quarter of Pyro's overhead on a 784-400-20 VAE). The epochs
+are :class:`ppl_vae.run.loop.Loop`'s.
 """
 
 from __future__ import annotations
 
 import copy
-import time
 from collections.abc import Callable
 
 import pyro
 import torch
 from torch import Tensor, nn
-from tqdm import tqdm  # text bars everywhere (tqdm.auto wants ipywidgets in Jupyter)
 
-from ..data import batches
 from ..errors import UsageError
 from ..models import Program
 from .program import ProgramInfo
@@ -142,45 +139,6 @@ class EagerStep(TrainStep):
         total += loss
         first_bad.copy_(torch.where(torch.isfinite(loss), first_bad, first_bad.clamp(max=i)))
         self.optimizer.step()
-
-
-def run_epoch(
-    step: StepFn | TrainStep,
-    optimizer: torch.optim.Optimizer,
-    inputs: tuple[Tensor, ...],
-    batch_size: int,
-    desc: str = "",
-    progress: bool | None = None,
-    generator: torch.Generator | None = None,
-) -> tuple[float, float]:
-    """One pass over shuffled batches of ``inputs`` (rows first, all on one device) by
-    ``step`` (a :data:`StepFn` with ``optimizer``, or a whole :class:`TrainStep`); the
-    shuffle draws from ``generator`` if given (the same batches for several runs).
-
-    Returns (mean loss per row, seconds). The loss is summed on the device and read once at
-    the end; a visible progress bar reads it at most twice a second for its running ELBO.
-    """
-    n = inputs[0].shape[0]
-    device = inputs[0].device
-    take = step if isinstance(step, TrainStep) else EagerStep(step, optimizer)
-    total = torch.zeros((), device=device)
-    first_bad = torch.zeros((), dtype=torch.long, device=device)  # (not read here)
-    bar = tqdm(total=n, desc=desc, unit="img", leave=False, disable=hide_bar(progress))
-    shown, seen = time.perf_counter(), 0
-    start = time.perf_counter()
-    for i, idx in enumerate(batches(inputs[0], batch_size, generator)):
-        take(i, tuple(t[idx] for t in inputs), total, first_bad)
-        seen += len(idx)
-        if not bar.disable:
-            bar.update(len(idx))
-            if time.perf_counter() - shown > 0.5:
-                bar.set_postfix(elbo=f"{-total.item() / seen:.2f}")
-                shown = time.perf_counter()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    seconds = time.perf_counter() - start
-    bar.close()
-    return total.item() / n, seconds
 
 
 def hide_bar(progress: bool | None) -> bool | None:

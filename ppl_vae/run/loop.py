@@ -149,39 +149,44 @@ class Loop:
         """Train to the end (or early stop); returns the best epoch (the last without
         early stopping). Raises :class:`Interrupted` after checkpointing on a signal and
         :class:`Diverged` on a non-finite loss."""
-        s = self.state
-        bar = tqdm(total=self.epochs, initial=s.epoch - 1, desc=self.desc, unit="epoch",
-                   disable=hide_bar(self.progress))
-        while not s.done:
-            self.module.train()
-            self._epoch()
-            n_rows = self._rows
-            loss = (dist.all_sum(self.total, self.world) / n_rows).item()
-            self.module.eval()
-            val = self.validate() if self.validate is not None else None
-            if self.on_epoch is not None:
-                self.on_epoch(s.epoch, loss, s.seconds, val)
+        bar = tqdm(total=self.epochs, initial=self.state.epoch - 1, desc=self.desc,
+                   unit="epoch", disable=hide_bar(self.progress))
+        while not self.state.done:
+            loss, _, val = self.epoch()
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.2f}", **({} if val is None else {"val": f"{val:.2f}"}))
-            stop = False
-            if self.patience:
-                if val < s.best:
-                    s.best, s.best_epoch, s.bad = val, s.epoch, 0
-                    s.best_state = copy.deepcopy(self.module.state_dict())
-                else:
-                    s.bad += 1
-                    stop = s.bad >= self.patience
-            s.done = stop or s.epoch >= self.epochs
-            if s.done and s.best_state is not None:
-                self.module.load_state_dict(s.best_state)
-            if not s.done:
-                s.epoch, s.step, s.seconds = s.epoch + 1, 0, 0.0
-                s.streams = self._streams()
-                self.total.zero_()
-            self._save()
         bar.close()
+        return self.state.best_epoch if self.patience else self.state.epoch
+
+    def epoch(self) -> tuple[float, float, float | None]:
+        """One epoch, its validation, ``on_epoch``, early stopping and checkpoint: (the mean
+        loss per row, the epoch's training seconds, the validation loss or None)."""
+        s = self.state
+        self.module.train()
+        self._epoch()
+        loss = (dist.all_sum(self.total, self.world) / self._rows).item()
+        seconds = s.seconds
         self.module.eval()
-        return s.best_epoch if self.patience else s.epoch
+        val = self.validate() if self.validate is not None else None
+        if self.on_epoch is not None:
+            self.on_epoch(s.epoch, loss, s.seconds, val)
+        stop = False
+        if self.patience:
+            if val < s.best:
+                s.best, s.best_epoch, s.bad = val, s.epoch, 0
+                s.best_state = copy.deepcopy(self.module.state_dict())
+            else:
+                s.bad += 1
+                stop = s.bad >= self.patience
+        s.done = stop or s.epoch >= self.epochs
+        if s.done and s.best_state is not None:
+            self.module.load_state_dict(s.best_state)
+        if not s.done:
+            s.epoch, s.step, s.seconds = s.epoch + 1, 0, 0.0
+            s.streams = self._streams()
+            self.total.zero_()
+        self._save()
+        return loss, seconds, val
 
     def _epoch(self) -> None:
         s, w = self.state, self.world
@@ -295,27 +300,3 @@ class Loop:
             self._take_step(i, self._batch(i))
         found = [f for f in dist.gather(self.diagnose(*self._batch(bad)), self.world) if f]
         return found[0] if found else None
-
-
-def fit(
-    step: StepFn | TrainStep,
-    optimizer: torch.optim.Optimizer,
-    module: nn.Module,
-    train_inputs: Callable[[], tuple[Tensor, ...]],
-    batch_size: int,
-    epochs: int,
-    *,
-    validate: Callable[[], float] | None = None,
-    patience: int = 0,
-    on_epoch: Callable[[int, float, float, float | None], None] | None = None,
-    progress: bool | None = None,
-    desc: str = "epochs",
-) -> int:
-    """Up to ``epochs`` epochs of ``step`` on ``train_inputs()`` (called each epoch) in one
-    process: a :class:`Loop` without checkpoints, its shuffle seeded
-    from the global RNG. Returns the best epoch (early stopping with ``patience``)."""
-    device = next((p.device for p in module.parameters()), torch.device("cpu"))
-    seed = int(torch.randint(2**62, ()))
-    return Loop(step, optimizer, module, lambda g: train_inputs(), batch_size, epochs,
-                seed=seed, device=device, validate=validate, patience=patience,
-                on_epoch=on_epoch, progress=progress, desc=desc).run()

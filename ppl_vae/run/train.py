@@ -308,7 +308,8 @@ def _train(config: TrainConfig, device: torch.device, data: Dataset, rundir,
         if resume else None
     pyro.set_rng_seed(config.seed)
     pyro.clear_param_store()
-    resources.check_model_fits(lambda: build_model(config, data), device)
+    resources.check_model_fits(lambda: build_model(config, data), device,
+                               early_stop=config.early_stop > 0)
     with resources.allocation_guard("building the model"):
         module = build_model(config, data).to(device)
     refused = getattr(module, "elbo_refused", {}).get(config.elbo)
