@@ -1,5 +1,8 @@
-"""The command line: ``python -m ppl_vae {train,evaluate,compare,appendix,experiment}`` (also the
-``ppl-vae`` script, and ``python -m ppl_vae.train`` etc.).
+"""The command lines ``train``, ``evaluate``, ``compare`` and ``experiment`` (``python -m
+ppl_vae COMMAND``, :mod:`ppl_vae.__main__`; also ``python -m ppl_vae.train`` etc.), and what
+every command line here is made of: a parser whose errors are one line, a help formatter
+that shows every default, and the wrapper that turns :class:`UsageError` into one line on
+stderr and exit status 2.
 
 The options of ``train`` and ``compare`` come from :class:`~ppl_vae.config.TrainConfig` and
 from the chosen model's option group (its ``Options`` dataclass, or its constructor's
@@ -13,15 +16,101 @@ import argparse
 import dataclasses
 import os
 import sys
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from .commandline import HelpFormatter, Parser, main_wrapper
 from .config import TrainConfig
-from .errors import UsageError
+from .errors import UsageError, command_line
+from .interrupt import Interrupted
 from .models import MODELS, get_model, option_specs, parse_model_opts
 
 PROG = "python -m ppl_vae"
+
+
+# -- what every command line here is made of --------------------------------------------------
+class Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors are one line: ``prog: error: ... (see --help)``."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Every option shows its default: ``(default: X)``, or ``(off unless given)`` for an
+    on/off flag such as ``--no-download``."""
+
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, max_help_position=32)
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if not action.option_strings or "(default" in text:
+            return text
+        if action.required:
+            return f"{text} (required)"
+        if isinstance(action, argparse._StoreTrueAction | argparse._StoreFalseAction):
+            return f"{text} (off unless given)"
+        shown = getattr(action, "shown_default", action.default)
+        if shown is argparse.SUPPRESS:
+            return text
+        if isinstance(shown, list | tuple):
+            shown = " ".join(map(str, shown)) or "none"
+        return f"{text} (default: {'none' if shown is None else shown})"
+
+
+def _is_main_process() -> bool:
+    """Not a non-zero torchrun rank (rank 0 alone prints the one error line)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _show(held: Sequence[warnings.WarningMessage]) -> None:
+    for w in held:
+        warnings.showwarning(w.message, w.category, w.filename, w.lineno, w.file, w.line)
+
+
+def main_wrapper(prog: str, run: Callable[[Sequence[str] | None], int]
+                 ) -> Callable[[Sequence[str] | None], int]:
+    """Turn :class:`UsageError` into ``prog: error: message`` on stderr and exit status 2.
+
+    Python warnings raised during the run (Pyro's, torch's) are held back and shown once
+    it has finished: after its output when it succeeds (or fails with a traceback), never
+    when it ends in the one error line or an interruption."""
+
+    def main(argv: Sequence[str] | None = None) -> int:
+        held: list[warnings.WarningMessage] = []
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                try:
+                    status = guarded(argv)
+                finally:
+                    held = list(caught)
+        except BaseException:  # a traceback: the warnings may explain it
+            _show(held)
+            raise
+        if status in (0, None):  # success: what was held back, after the output
+            _show(held)
+        return status
+
+    def guarded(argv: Sequence[str] | None) -> int:
+        try:
+            with command_line():
+                return run(argv)
+        except UsageError as e:  # exit 2; a diverged run 3
+            if _is_main_process():
+                with command_line():
+                    print(f"{prog}: error: {e}", file=sys.stderr)
+            return getattr(e, "exit_status", 2)
+        except Interrupted as e:  # a run that checkpointed on SIGINT/SIGTERM: 130/143
+            if _is_main_process():
+                text = e.message or "interrupted before the first checkpoint; nothing to resume"
+                print(f"{prog}: {text}", file=sys.stderr)
+            return e.status
+        except KeyboardInterrupt:
+            print(f"{prog}: interrupted", file=sys.stderr)
+            return 130
+
+    return main
 
 
 # -- building parsers from option dataclasses ------------------------------------------------
@@ -305,33 +394,3 @@ train_main = main_wrapper(f"{PROG} train", _train)
 experiment_main = main_wrapper(f"{PROG} experiment", _experiment)
 evaluate_main = main_wrapper(f"{PROG} evaluate", _evaluate)
 compare_main = main_wrapper(f"{PROG} compare", _compare)
-
-
-def appendix_main(argv: Sequence[str] | None = None) -> int:
-    from .appendix.__main__ import main as appendix
-
-    return appendix(argv)
-
-
-COMMANDS = {"train": train_main, "evaluate": evaluate_main, "compare": compare_main,
-            "appendix": appendix_main, "experiment": experiment_main}
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``ppl-vae COMMAND [options]``: the entry point of ``python -m ppl_vae``."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in COMMANDS:
-        if argv and argv[0] in ("-h", "--help"):
-            print(f"usage: {PROG} {{{','.join(COMMANDS)}}} [options]\n\n"
-                  "train     train a model by SVI\n"
-                  "evaluate  re-evaluate a saved run\n"
-                  "compare   compare ELBO estimators on one model\n"
-                  "appendix  MLE/MAP with AutoDelta, NUTS and the amortization gaps\n"
-                  "experiment  tables of several runs (cvae-quadrants)\n\n"
-                  f"{PROG} COMMAND --help lists a command's options")
-            return 0
-        got = f"unknown command {argv[0]!r}" if argv else "no command given"
-        print(f"{PROG}: error: {got}; use one of {', '.join(COMMANDS)} (see --help)",
-              file=sys.stderr)
-        return 2
-    return COMMANDS[argv[0]](argv[1:])

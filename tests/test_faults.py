@@ -399,7 +399,7 @@ def test_warnings_of_a_good_run_are_shown_after_it(capsys, tmp_path):
 
 
 def test_warnings_of_a_run_that_crashes_are_still_shown():
-    from ppl_vae.commandline import main_wrapper
+    from ppl_vae.cli import main_wrapper
 
     def crashes(argv):
         warnings.warn("a clue", UserWarning, stacklevel=1)

@@ -1,7 +1,7 @@
 """The package's layers: every import (lazy ones too) points down or sideways, never up, and
 no modules import each other in a circle.
 
-    the command lines (cli, commandline, the ``python -m`` shims, appendix/__main__.py)
+    the command lines (cli, __main__, the ``python -m`` shims, appendix/__main__.py)
     evaluation/, appendix/, experiments   saved runs, the comparison, the tables
     run/                                  running it: setup, train_run, the loop, processes
     config                                a run's options
@@ -25,7 +25,7 @@ LAYERS = [
     ("config",),
     ("run",),
     ("evaluation", "appendix", "experiments"),
-    ("cli", "commandline", "__main__", "train", "evaluate", "compare", "appendix.__main__",
+    ("cli", "__main__", "train", "evaluate", "compare", "appendix.__main__",
      "__init__"),
 ]
 

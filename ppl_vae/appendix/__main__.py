@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from ..commandline import HelpFormatter, Parser, main_wrapper
+from ..cli import HelpFormatter, Parser, main_wrapper
 from ..config import TrainConfig
 from ..data import load_dataset
 from ..errors import UsageError

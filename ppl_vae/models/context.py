@@ -16,7 +16,7 @@ class RunContext:
     differentiable sum over rows) with the run's epochs, batch size, learning rate and early
     stopping, and returns one row per epoch (``train_<name>``, ``test_<name>``, ...).
     ``score(module, *args, num_samples=K, iwae=False, guide=None)`` is
-    :func:`ppl_vae.evaluation.score`. ``log(text)`` adds a line to what the run reports.
+    :func:`ppl_vae.inference.importance.score`. ``log(text)`` adds a line to what the run reports.
     ``summary`` holds the run's own test evaluation (``test_elbo``, ``eval_particles`` and,
     with ``--eval-iwae``, ``test_log_likelihood_iwae``) when ``report`` is called, so a
     model can derive numbers from it without scoring the test split again. ``figures``: whether

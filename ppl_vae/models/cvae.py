@@ -356,7 +356,7 @@ def conditional_scores(module: CVAE, c: Tensor, y: Tensor, score: Callable,
     * ``nn_baseline``: -log p(y|c) of the deterministic baseline NN (its BCE);
     * ``gap``: nn_baseline - cvae_is (> 0 when the CVAE wins).
 
-    ``score`` is :func:`ppl_vae.evaluation.score`.
+    ``score`` is :func:`ppl_vae.inference.importance.score`.
     """
     guide = module.guide
     is_ = score(module, c, y, num_samples=samples, iwae=True, guide=guide).iwae.mean().item()

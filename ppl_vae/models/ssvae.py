@@ -393,7 +393,7 @@ class SSVAE(Model):
 @torch.no_grad()
 def unlabelled_bound(module: SSVAE, x: Tensor, score, particles: int = 10) -> Tensor:
     """U(x) = sum_y q(y|x) [L(x, y) - log q(y|x)] per row of ``x``: exact over the K classes,
-    each L(x, y) (which includes log p(y)) by ``score`` (:func:`ppl_vae.evaluation.score`)
+    each L(x, y) (which includes log p(y)) by ``score`` (:func:`ppl_vae.inference.importance.score`)
     with ``particles`` draws of z ~ q(z|x,y)."""
     log_q = torch.cat([F.log_softmax(module.classify_logits(c), -1) for c in x.split(4096)])
     bound = torch.zeros(x.shape[0], dtype=log_q.dtype, device=x.device)

@@ -90,13 +90,6 @@ def setup(cuda: bool) -> World:
     return world
 
 
-def current() -> World:
-    """The world of an initialized process group, else :data:`SINGLE`."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return SINGLE
-    return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
-
-
 def any_max(value: int, world: World) -> int:
     """The largest ``value`` over ranks (a stop flag: one tiny CPU all-reduce over gloo,
     no device sync)."""
@@ -138,11 +131,6 @@ def broadcast(obj: Any, world: World) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
-
-
-def barrier(world: World) -> None:
-    if world.parallel:
-        dist.barrier(group=_control)
 
 
 def shard(n: int, world: World) -> slice:
