@@ -110,6 +110,7 @@ def test_train_cli_writes_every_promised_file(cli_run):
     assert TrainConfig.from_dict(flat).to_dict() == config
 
 
+@pytest.mark.slow
 def test_evaluate_cli_reproduces_the_summary(trained_run, tmp_path, run_module):
     """``python -m ppl_vae.evaluate --run DIR`` recomputes summary.json's test ELBO exactly."""
     run_dir = tmp_path / "run"
@@ -328,6 +329,7 @@ def test_out_holding_files_is_left_alone(tmp_path, cli):
     assert (out / "results.txt").read_text() == "precious"
 
 
+@pytest.mark.slow
 def test_bad_input_in_a_real_subprocess(tmp_path, run_module):
     proc = run_module("ppl_vae.train", "--epochs", "0", cwd=tmp_path)
     assert proc.returncode == 2

@@ -140,6 +140,7 @@ CASES = ["vae-mc", "vae-analytic", "vae-particles", "cvae-hybrid", "ssvae-enum",
          "flow-iaf", "pyro-example-vae", "global-latent-vae"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", CASES)
 def test_compiled_loss_and_gradients_equal_the_eager_step(name, digits):
     """Float64, the same noise: the loss and every gradient to 1e-10; then four more steps
@@ -370,6 +371,7 @@ def change_lr(s):
     s.optimizer.param_groups[0]["lr"] = 3e-3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("change", [change_beta, change_offset, change_lr],
                          ids=["beta", "constant-in-place", "learning-rate"])
 def test_a_changed_python_value_recompiles_at_the_next_epoch_start(change, digits):
@@ -419,6 +421,7 @@ def test_the_divergence_flag_and_loss_sum_live_in_the_graph(digits):
 
 
 # -- whole runs ----------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_a_compiled_run_follows_the_eager_run_and_resumes_exactly(digits, tmp_path,
                                                                    monkeypatch):
     """Same seed, same noise: the compiled run's history is the eager run's (float32, other

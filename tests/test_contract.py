@@ -416,6 +416,7 @@ def test_help_shows_every_default(model, command, cli):
         assert "--no-baseline-input do not feed" in text and "--quadrants" in text
 
 
+@pytest.mark.slow
 def test_one_entry_point_and_the_old_ones(tmp_path):
     for args in (["-m", "ppl_vae", "--help"], ["-m", "ppl_vae", "train", "--help"],
                  ["-m", "ppl_vae.train", "--help"], ["-m", "ppl_vae.evaluate", "--help"],

@@ -570,6 +570,7 @@ def test_fit_survives_a_non_finite_first_validation_loss():
 
 # -- 8. the command line end to end -------------------------------------------------------------
 
+@pytest.mark.slow
 def test_quadrant_table_end_to_end(tmp_path, monkeypatch, cli, run_module):
     """Two CVAEs (1 and 3 observed quadrants) with early stopping, their table, and
     ``python -m ppl_vae.evaluate`` reproducing one run's numbers."""

@@ -128,6 +128,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is missing")
 def test_ddp_gradients_equal_one_process_on_the_combined_batch(tmp_path):
     result = tmp_path / "grads.json"
@@ -212,6 +213,7 @@ def plain_run(tmp_path_factory):
     return cwd, cwd / "A", result
 
 
+@pytest.mark.slow
 @needs_torchrun
 def test_torchrun_with_compile_follows_the_eager_run(plain_run, tmp_path):
     """--compile under torchrun: each rank's loss and gradient from its graph, one all-reduce,
@@ -228,6 +230,7 @@ def test_torchrun_with_compile_follows_the_eager_run(plain_run, tmp_path):
             assert abs(float(a[key]) - float(b[key])) < 1e-3 * abs(float(b[key])), (key, a, b)
 
 
+@pytest.mark.slow
 @needs_torchrun
 def test_torchrun_trains_end_to_end_and_rank_0_writes(plain_run):
     cwd, out, result = plain_run
@@ -268,6 +271,7 @@ def _workers(agent: int) -> dict[int, int]:
     return ranks
 
 
+@pytest.mark.slow
 @needs_torchrun
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
 def test_a_killed_worker_is_restarted_and_the_run_continues_exactly(plain_run):
@@ -312,6 +316,7 @@ def test_a_killed_worker_is_restarted_and_the_run_continues_exactly(plain_run):
     assert got == want
 
 
+@pytest.mark.slow
 @needs_torchrun
 def test_the_cvae_quadrant_table_under_torchrun(tmp_path):
     out = tmp_path / "cvae"

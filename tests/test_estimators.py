@@ -169,6 +169,7 @@ def test_vectorized_particles_average(vae, batch, sem):
     assert abs(log_ratio - math.log(big)) < 4 * math.sqrt(2 * 2 / (r - 1)), log_ratio
 
 
+@pytest.mark.slow
 def test_iwae_objective_is_per_data_point_iwae_bound(vae, batch, sem):
     """RenyiELBO(alpha=0) with K particles estimates -sum_i IWAE_K(x_i) (a bound per data
     point, not one bound on the whole batch), tighter than the ELBO."""

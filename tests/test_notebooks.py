@@ -15,13 +15,16 @@ def test_all_six_notebooks_are_here():
     assert [p.stem[:2] for p in NOTEBOOKS] == ["01", "02", "03", "04", "05", "06"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_notebook_runs(path, tmp_path, monkeypatch):
     monkeypatch.setenv("PPL_VAE_QUICK", "1")
     monkeypatch.setenv("PPL_VAE_NOTEBOOK_OUT", str(tmp_path))  # runs go here, not the repo
     nb = nbformat.read(path, as_version=4)
     assert any(c.cell_type == "markdown" for c in nb.cells)
-    NotebookClient(nb, timeout=300, kernel_name="python3",
+    # no wall-clock limit per cell: a loaded machine may take minutes for one (a hung
+    # kernel is CI's own timeout's to stop)
+    NotebookClient(nb, timeout=None, kernel_name="python3",
                    resources={"metadata": {"path": str(path.parent)}}).execute()
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
               if o.get("output_type") == "error"]

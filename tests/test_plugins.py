@@ -56,6 +56,7 @@ def plugin_dir(tmp_path, monkeypatch):
     return tmp_path
 
 
+@pytest.mark.slow
 def test_model_by_import_path_trains_and_evaluates(plugin_dir, run_module):
     out = plugin_dir / "run"
     proc = run_module("ppl_vae.train", "--model", "my_models:TinyVAE", "--dataset", "digits",

@@ -118,6 +118,7 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 60) -> None:
         time.sleep(0.02)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_signal_checkpoints_and_exits_128_plus_signal(tmp_path, signum):
     out = tmp_path / "run"
@@ -136,6 +137,7 @@ def test_signal_checkpoints_and_exits_128_plus_signal(tmp_path, signum):
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp") or p.name == ".lock"]
 
 
+@pytest.mark.slow
 def test_second_signal_exits_at_once_with_the_last_checkpoint_intact(tmp_path):
     out = tmp_path / "run"
     proc = _start(out, "--checkpoint-every-steps", "1")  # always writing: hit one mid-write
@@ -151,6 +153,7 @@ def test_second_signal_exits_at_once_with_the_last_checkpoint_intact(tmp_path):
         assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_continues(tmp_path):
     """metrics.csv is never ahead of the checkpoint, stale temporaries do not block the
     directory, and --resume picks up where the checkpoint stands."""
@@ -182,6 +185,7 @@ def test_sigkill_then_resume_continues(tmp_path):
     assert not (out / ".checkpoint.pt.abcd1234.tmp").exists()
 
 
+@pytest.mark.slow
 def test_two_runs_on_one_out_directory(tmp_path):
     """The second run is refused while the first holds the directory, which stays the
     first run's alone."""
