@@ -4,7 +4,7 @@ Every split is one ``(N, D)`` tensor of rows and an optional ``(N,)`` label tens
 keep their shape in :attr:`Dataset.image_shape`, ``(C, H, W)``, and a row is an image
 flattened in C, H, W order (``x.view(N, *image_shape)`` gives it back). Nothing is
 transformed per item: binarization is one vectorized ``torch.bernoulli`` over a whole
-split, and a batch is ``x[perm[i:i + batch_size]]``.
+split, and a batch is ``x[perm[i:i + batch_size]]`` (:class:`ppl_vae.run.loop.Loop`).
 
 Pixels are float32 in [0, 1], except for 8-bit colour sources, whose rows stay **uint8**
 (0..255) on the training device -- a quarter of the memory, so CelebA-64 fits on a GPU --
@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -141,13 +140,6 @@ class Dataset:
         """Training inputs for one epoch: resampled pixels under dynamic binarization (drawn
         by ``generator``, or the global RNG)."""
         return torch.bernoulli(self.train.x, generator=generator) if self.dynamic else self.train.x
-
-
-def batches(x: Tensor, batch_size: int, generator: torch.Generator | None = None
-            ) -> Iterator[Tensor]:
-    """Yield row indices of ``x`` in shuffled batches, drawn on ``x``'s device by
-    ``generator`` (the global RNG if None)."""
-    yield from torch.randperm(x.shape[0], device=x.device, generator=generator).split(batch_size)
 
 
 DATASETS = ("mnist", "fashion-mnist", "cifar10", "svhn", "celeba", "digits", "sample-patches",

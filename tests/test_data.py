@@ -10,7 +10,7 @@ import torch
 from sklearn.datasets import load_digits
 
 from ppl_vae import TrainConfig, UsageError, load_dataset
-from ppl_vae.data import batches, hide_labels, pixels
+from ppl_vae.data import hide_labels, pixels
 from ppl_vae.run.train import build_model
 
 
@@ -110,19 +110,6 @@ def test_binarize_rejects_bad_requests(tmp_path):
     np.savez(path, x=np.linspace(-2, 2, 40).reshape(10, 4))
     with pytest.raises(UsageError, match=r"binarize needs inputs in \[0, 1\]"):
         load_dataset(f"npz:{path}", binarize="static", likelihood="gaussian")
-
-
-# -- batches -------------------------------------------------------------------------------------
-
-def test_batches_partition_the_rows():
-    x = torch.zeros(103, 2)
-    parts = list(batches(x, 25))
-    assert [len(p) for p in parts] == [25, 25, 25, 25, 3]
-    assert sorted(torch.cat(parts).tolist()) == list(range(103))
-    assert not torch.equal(torch.cat(parts), torch.arange(103))
-    assert not torch.equal(torch.cat(parts), torch.cat(list(batches(x, 25))))
-    same = [torch.cat(list(batches(x, 25, torch.Generator().manual_seed(3)))) for _ in range(2)]
-    assert torch.equal(*same)  # a seeded generator gives the same batches every time
 
 
 # -- npz -----------------------------------------------------------------------------------------
