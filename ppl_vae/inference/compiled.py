@@ -41,9 +41,11 @@ Assumptions, checked; where one fails the step stays eager and one line says why
   state (the loss and Adam's new moments, to float tolerance); the state and the RNG are then
   put back and the step taken.
 
-Anything the program reads from Python (a beta, a learning rate) is frozen into the graph:
-the step is traced again at every epoch start and recompiled, with a note, if the graph
-changed. Under ``torchrun`` the graph computes each rank's loss and gradients only; one
+Anything the program reads from Python (a beta, a learning rate) is frozen into the graph.
+At every epoch start the forward pass runs again on fake tensors, and its operators (with
+their Python arguments and constants) and Adam's hyperparameters are compared with the
+compiled step's (a tenth of a trace's cost); if they changed, the step is traced again, and
+recompiled with a note when the graph changed. Under ``torchrun`` the graph computes each rank's loss and gradients only; one
 all-reduce sums them over the ranks and the optimizer (any) runs outside it; the ranks agree
 on every refusal.
 """
@@ -279,7 +281,6 @@ def _reason(e: Exception) -> str:
 class _Graph:
     """One traced and compiled step for one shape of the batch."""
 
-    traced: torch.fx.GraphModule
     signature: tuple  # what a re-trace must reproduce
     compiled: Callable
     fingerprint: tuple | None = None  # the forward's operators (see _fingerprint)
@@ -635,7 +636,7 @@ class CompiledStep(TrainStep):
         if not self._same(signature, self._signature(self._trace(args))):
             raise Refused("a dynamic structure: two traces of the same step differ")
         began = time.perf_counter()
-        graph = _Graph(gm, signature, self._compile(gm, args), self._fingerprint(args))
+        graph = _Graph(signature, self._compile(gm, args), self._fingerprint(args))
         if self.check:
             self._check(graph, args)
         self.compile_seconds += time.perf_counter() - began
