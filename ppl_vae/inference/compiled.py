@@ -45,9 +45,11 @@ Anything the program reads from Python (a beta, a learning rate) is frozen into 
 At every epoch start the forward pass runs again on fake tensors, and its operators (with
 their Python arguments and constants) and Adam's hyperparameters are compared with the
 compiled step's (a tenth of a trace's cost); if they changed, the step is traced again, and
-recompiled with a note when the graph changed. Under ``torchrun`` the graph computes each rank's loss and gradients only; one
-all-reduce sums them over the ranks and the optimizer (any) runs outside it; the ranks agree
-on every refusal.
+recompiled with a note when the graph changed.
+
+Under ``torchrun`` the graph computes each rank's loss and gradients only; one all-reduce sums
+them over the ranks and the optimizer (any) runs outside it; the ranks agree on every
+refusal.
 """
 
 from __future__ import annotations
