@@ -253,6 +253,8 @@ REFUSALS = {
                               "test_compiled.py:"),
     "adam-steps-differ": (VAE, {"skew_steps": True}, "parameters are at different Adam steps "
                           "([0.0, 5.0]); the graph keeps one count"),
+    "inductor-fails": (VAE, {"compile_raises": True}, "compiling the step failed "
+                       "(RuntimeError: inductor broke)"),
     "no-compiler": (VAE, {"no_compiler": True}, "no C++ compiler for inductor on the CPU "
                     "(looked for '/nonexistent/c++'"),
     "eager-disagrees": (VAE, {"miscompile": True}, "the compiled step disagrees with the eager "
@@ -273,6 +275,11 @@ def test_a_refusal_is_one_line_and_the_eager_step(name, digits, monkeypatch):
     from torch._inductor import config
 
     cxx = ("/nonexistent/c++",) if kw.pop("no_compiler", False) else config.cpp.cxx
+    if kw.pop("compile_raises", False):  # anything a compiler may raise, not a refusal
+        def broken(self, gm, args):
+            raise RuntimeError("inductor broke\ndetails")
+
+        monkeypatch.setattr(CompiledStep, "_compile", broken)
     if kw.pop("miscompile", False):  # a graph whose gradient is off by a little
         compile_ = CompiledStep._compile
 

@@ -23,6 +23,7 @@ import pyro
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import assert_one_line_error
 from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 from torch import nn
@@ -779,6 +780,7 @@ def _npz(tmp_path, **arrays):
 _RNG = np.random.default_rng(0)
 BAD_CVAE = {
     "quadrants-4": (["--quadrants", "4"], ["--quadrants", "4", "1, 2, 3"]),
+    "quadrants-opt-4": (["--model-opt", "quadrants=4"], ["--quadrants 4", "1, 2, 3"]),
     "label-without-labels": (
         ["--condition", "label", "--dataset", lambda t: _npz(t, x=_RNG.random((40, 16)))],
         ["--condition label", "labels"]),
@@ -884,3 +886,17 @@ def test_the_plain_pytorch_reference_is_the_analytic_elbo(digits, quadrants):
     assert len(our_grads) == len(pyro_grads)
     for a, b in zip(our_grads, pyro_grads, strict=True):
         assert float((a - b).abs().max()) < 1e-9
+
+
+def test_a_bad_table_count_is_one_line(tmp_path, cli):
+    result = cli(experiment_main, ["cvae-quadrants", "--quadrants", "1", "5", *CVAE_NET,
+                                   "--out", tmp_path / "t"])
+    assert_one_line_error(result, "python -m ppl_vae experiment: error: ", "--quadrants 5",
+                          "1, 2, 3")
+    assert not (tmp_path / "t").exists()
+    result = cli(experiment_main, ["cvae-quadrants", "--quadrants", "2", "2", *CVAE_NET,
+                                   "--out", tmp_path / "t"])
+    assert_one_line_error(result, "python -m ppl_vae experiment: error: ", "once each")
+    result = cli(experiment_main, ["quadrant-table"])
+    assert_one_line_error(result, "python -m ppl_vae experiment: error: ",
+                          "unknown experiment 'quadrant-table'", "cvae-quadrants")

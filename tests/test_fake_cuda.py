@@ -158,8 +158,7 @@ def test_a_training_step_and_the_compiled_trace_stay_on_the_device(name, digits,
         eager = EagerStep(backward_step(loss), optimizer)
         eager(0, args, total, first_bad)
         step = CompiledStep(loss, module, optimizer, eager, log=pytest.fail)
-        step._bind(total, first_bad)
-        assert step.refused is None, step.refused
+        assert step._bind(total, first_bad) is None and step.refused is None
         for state in optimizer.state.values():  # the step count moved to the device
             assert on("meta", *state.values())
         gm = step._trace(args)
@@ -213,7 +212,7 @@ def test_a_cpu_checkpoint_loads_onto_the_gpu_and_the_compiled_step_binds(digits,
         first_bad = torch.zeros((), dtype=torch.long, device="cuda")
         step = CompiledStep(loss, gpu, opt, EagerStep(backward_step(loss), opt),
                             log=pytest.fail)
-        step._bind(total, first_bad)
+        assert step._bind(total, first_bad) is None
         assert step.refused is None and step._cudagraphs
         assert on("cuda", *step._inputs)
         for p in gpu.parameters():

@@ -18,8 +18,9 @@ updating the parameters and the optimizer's own state tensors in place
 (``optimizer.state_dict()`` keeps torch's layout; capturable Adam's on a GPU). With
 ``--cuda`` the graph is replayed as a CUDA graph. The bias corrections of step t + 1 are
 computed once at the end of step t into a small buffer, so no per-tensor kernel recomputes a
-power. The first step is eager (it makes lazy parameters and Adam's state); the last,
-partial batch of an epoch is a second shape, compiled when first met.
+power. A step while Adam has no state yet is eager (the first of a run: it makes lazy
+parameters and Adam's state; a resumed run's optimizer has its state); the last, partial
+batch of an epoch is a second shape, compiled when first met.
 
 Random draws stay torch's: the graph calls the same random operators in the same order as
 the eager step (inductor's ``fallback_random``), on the global generator. A compiled step
@@ -301,12 +302,12 @@ class CompiledStep(TrainStep):
 
     def __init__(self, loss: LossFn | None, module: nn.Module, optimizer: torch.optim.Optimizer,
                  eager: EagerStep, *, world: Ranks | None = None,
-                 log: Callable[[str], None] | None = None, estimator: str = "the estimator",
-                 check: bool = True) -> None:
+                 log: Callable[[str], None] | None = None, estimator: str = "the estimator"
+                 ) -> None:
         self.loss, self.module, self.optimizer, self.eager = loss, module, optimizer, eager
         self.world, self.log = world or _OneProcess(), log or _warn
-        self.check = check
-        self.device = next((t.device for t in module.parameters()), torch.device("cpu"))
+        trained = (p for g in optimizer.param_groups for p in g["params"])
+        self.device = next(trained, next(module.parameters(), torch.zeros(()))).device
         self.graphs: dict[tuple, _Graph] = {}
         self.compile_seconds = 0.0
         self.refused: str | None = None
@@ -315,9 +316,9 @@ class CompiledStep(TrainStep):
         self._grads_only = self.world.parallel
         self._next_i = -1
         self._calls = 0
+        self._hook = optimizer.register_load_state_dict_post_hook(lambda opt: self._rebind())
         self._refuse(self._agree(precheck(loss, None if self._grads_only else optimizer,
                                           self.device, estimator)))
-        optimizer.register_load_state_dict_post_hook(lambda opt: self._rebind())
 
     # -- what the Loop calls -------------------------------------------------------------------
     def __call__(self, i: int, args: Sequence[Tensor], total: Tensor, first_bad: Tensor
@@ -328,6 +329,7 @@ class CompiledStep(TrainStep):
         if self.refused is not None or not self._bound:
             self.eager(i, args, total, first_bad)
             return
+        assert total is self.total and first_bad is self.first_bad, "one loop per step"
         key = tuple((tuple(a.shape), a.dtype) for a in args)
         looking = i == 0 or key not in self.graphs  # (the same on every rank)
         reason = None
@@ -338,6 +340,9 @@ class CompiledStep(TrainStep):
                 self._capture(key, args)  # compiles and checks; the step follows
         except Refused as e:
             reason = str(e)
+        except Exception as e:  # inductor, triton or the program failing in a compiled run
+            first = (str(e).strip().splitlines() or [""])[0][:160]
+            reason = f"compiling the step failed ({type(e).__name__}: {first})"
         if self._grads_only and looking:
             reason = self._agree(reason)
         if reason is not None:
@@ -445,6 +450,9 @@ class CompiledStep(TrainStep):
         Adam's moments (loaded from before the first step) unbinds: the next step is eager."""
         if not self._bound or self._grads_only:
             return
+        if self._hyperparameters() != getattr(self, "_hyper", None):
+            self.graphs.clear()  # (a learning rate the graphs hold is another now)
+            self._hyper = self._hyperparameters()
         state = self.optimizer.state
         trained = [self._tensors[j] for j in self._trained]
         if not all("exp_avg" in state.get(p, {}) for p in trained):
@@ -562,9 +570,12 @@ class CompiledStep(TrainStep):
                     self._loss_of(fake[:len(self._tensors)], fake[len(self._tensors):])
         except Exception:  # the full trace says why
             return None
-        hyper = tuple((g["lr"], tuple(g["betas"]), g["eps"], g["weight_decay"])
-                      for g, _ in getattr(self, "_groups", ()))
-        return tuple(record.ops), hyper
+        return tuple(record.ops), self._hyperparameters()
+
+    def _hyperparameters(self) -> tuple:
+        """What the graph holds of the optimizer's parameter groups."""
+        return tuple((g["lr"], tuple(g["betas"]), g["eps"], g["weight_decay"])
+                     for g, _ in getattr(self, "_groups", ()))
 
     def _trace(self, args: Sequence[Tensor], find_dynamic: bool = False
                ) -> torch.fx.GraphModule:
@@ -639,8 +650,7 @@ class CompiledStep(TrainStep):
             raise Refused("a dynamic structure: two traces of the same step differ")
         began = time.perf_counter()
         graph = _Graph(signature, self._compile(gm, args), self._fingerprint(args))
-        if self.check:
-            self._check(graph, args)
+        self._check(graph, args)  # (also the first call, where torch.compile compiles)
         self.compile_seconds += time.perf_counter() - began
         self.graphs[key] = graph
 
@@ -726,6 +736,7 @@ class CompiledStep(TrainStep):
             return
         self.refused = reason
         self.graphs.clear()
+        self._hook.remove()  # (the optimizer need not keep this step alive)
         if self.world.main:
             self.log(f"--compile: {reason}; this run trains with the eager step")
 
@@ -744,7 +755,8 @@ def _relative_error(new: Tensor, expected: Tensor, scale: Tensor) -> float:
     if not bool((same | (new.isfinite() & expected.isfinite())).all()):
         return math.inf
     diff = torch.where(same, 0.0, new - expected).norm()
-    return float(diff) / (float(torch.where(scale.isfinite(), scale, 0.0).norm()) + 1e-30)
+    floor = 1e-8  # a gradient that is zero everywhere: compare absolutely
+    return float(diff) / max(float(torch.where(scale.isfinite(), scale, 0.0).norm()), floor)
 
 
 class CompileNote(UserWarning):

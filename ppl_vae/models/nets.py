@@ -43,7 +43,7 @@ def check_options(options: object) -> None:
         allowed = f.metadata.get("choices")
         if allowed is not None and getattr(options, f.name) not in allowed:
             raise UsageError(f"--{f.name.replace('_', '-')} {getattr(options, f.name)!r} is "
-                             f"not one of {', '.join(allowed)}")
+                             f"not one of {', '.join(map(str, allowed))}")
     z_dim = options.z_dim
     if z_dim < 1 or z_dim != int(z_dim):
         raise UsageError(f"--z-dim must be a whole number of at least 1, got {z_dim}")

@@ -176,7 +176,8 @@ class RunDir:
     @classmethod
     def follow(cls, final: str | os.PathLike) -> RunDir:
         """Another process's run directory (a torchrun rank > 0 beside rank 0, which owns
-        it): the same paths, no lock, and commit and close do nothing."""
+        it): its final path (rank 0 may be writing to a staging directory meanwhile), no lock,
+        and commit and close do nothing."""
         run = cls(Path(final), None, [], "--out")
         run._committed = True
         return run
