@@ -101,7 +101,7 @@ def tiny(a) -> dict:
     g = torch.Generator().manual_seed(0)
     x = torch.rand(8, 16, generator=g).bernoulli(generator=g).to(a.device)
     pyro.set_rng_seed(0)
-    init = VAE(16, 2, hidden=(16,)).to(a.device)
+    init = VAE(16, z_dim=2, hidden=(16,)).to(a.device)
     return time_steps(steps_for(init, reference_loss, a.methods), (x,), a.steps, a.rounds)
 
 
@@ -130,7 +130,7 @@ from ppl_vae.inference.svi import EagerStep, backward_step, elbo_loss
 from ppl_vae.models import VAE
 pyro.enable_validation(False)
 device = torch.device(sys.argv[1])
-vae = VAE(784, 20, hidden=(400,)).to(device)
+vae = VAE(784, z_dim=20, hidden=(400,)).to(device)
 x = torch.rand(128, 784, device=device).bernoulli()
 opt = torch.optim.Adam(vae.parameters(), lr=1e-3)
 loss = elbo_loss(make_elbo("mc"), vae, vae.programs())

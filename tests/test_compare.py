@@ -26,7 +26,7 @@ NET = ["--dataset", "digits", "--hidden", "32", "--z-dim", "2", "--eval-particle
 @pytest.fixture
 def vae_and_batch(digits):
     torch.manual_seed(0)
-    return VAE(64, 3, hidden=(32,)), (digits.test.x[:64],)
+    return VAE(64, z_dim=3, hidden=(32,)), (digits.test.x[:64],)
 
 
 def test_mc_and_analytic_agree_in_mean(vae_and_batch):
@@ -67,13 +67,13 @@ def test_gradient_groups_default_to_the_child_modules(digits):
     """The default groups: each top-level child module, plus "(module)" for the module's own
     parameters (a learned sigma); ``groups`` replaces them."""
     args = (digits.test.x[:16],)
-    learned = VAE(64, 2, hidden=(16,), likelihood="gaussian", learn_scale=True)
+    learned = VAE(64, z_dim=2, hidden=(16,), likelihood="gaussian", learn_scale=True)
     rows = gradient_stats(learned, args, repeats=3, particles=(1,))
     assert {r["group"] for r in rows} == {"encoder", "decoder", "(module)"}
     own = [r for r in rows if r["group"] == "(module)"]
     assert all(r["mean_norm"] > 0 for r in own)  # sigma's gradient, one coordinate
 
-    vae = VAE(64, 2, hidden=(16,))
+    vae = VAE(64, z_dim=2, hidden=(16,))
     rows = gradient_stats(vae, args, repeats=3, particles=(1,),
                           groups={"everything": list(vae.parameters())})
     assert {r["group"] for r in rows} == {"everything"}

@@ -407,9 +407,9 @@ def test_mc_and_analytic_agree_for_the_gsnn(digits):
 # -- 6. objectives ------------------------------------------------------------------------------
 
 def test_programs_of_each_objective():
-    cvae = small_cvae(objective="cvae")
-    gsnn = small_cvae(objective="gsnn")
-    hybrid = small_cvae(objective="hybrid", hybrid_alpha=0.3)
+    cvae = small_cvae(cvae_objective="cvae")
+    gsnn = small_cvae(cvae_objective="gsnn")
+    hybrid = small_cvae(cvae_objective="hybrid", hybrid_alpha=0.3)
     assert cvae.programs() == [(1.0, cvae.model, cvae.guide)]
     assert gsnn.programs() == [(1.0, gsnn.model, gsnn.guide)]  # the prior network, for a GSNN
     (w1, m1, g1), (w2, m2, g2) = hybrid.programs()
@@ -423,7 +423,7 @@ def test_conditional_scores_use_the_guide_which_is_the_prior_for_a_gsnn(digits):
     """A GSNN never trains q: its guide, IS estimate and ELBO draw from p(z|c); a CVAE's
     from q."""
     for objective in ("gsnn", "cvae"):
-        cvae = small_cvae(objective=objective)
+        cvae = small_cvae(cvae_objective=objective)
         c, y = cvae_inputs(cvae, digits, 50)
         table = conditional_scores(cvae, c, y, score, samples=7, elbo_particles=3)
         def recognition(c, y, cvae=cvae):  # q(z|c,y), whatever the objective
@@ -440,7 +440,7 @@ def test_conditional_scores_use_the_guide_which_is_the_prior_for_a_gsnn(digits):
 
 def _step(state, c, y, seed, objective, alpha=0.5, skip_q_draw=False):
     """(loss, gradients) of one mc ``elbo_step`` from ``state`` with ``seed``."""
-    cvae = small_cvae(objective=objective, hybrid_alpha=alpha)
+    cvae = small_cvae(cvae_objective=objective, hybrid_alpha=alpha)
     cvae.load_state_dict(state)
     step, _ = svi_step(cvae, c, y)
     pyro.set_rng_seed(seed)
@@ -479,9 +479,9 @@ def test_hybrid_objective_interpolates(digits):
 def test_iwae_trains_one_program_only(digits):
     c, y = cvae_inputs(small_cvae(), digits, 16)
     with pytest.raises(UsageError, match="trains one model/guide pair.*several"):
-        svi_step(small_cvae(objective="hybrid"), c, y, make_elbo("iwae", 2))
+        svi_step(small_cvae(cvae_objective="hybrid"), c, y, make_elbo("iwae", 2))
     for objective in ("cvae", "gsnn"):
-        step, _ = svi_step(small_cvae(objective=objective), c, y, make_elbo("iwae", 2))
+        step, _ = svi_step(small_cvae(cvae_objective=objective), c, y, make_elbo("iwae", 2))
         loss = step(c, y)
         assert torch.isfinite(loss) and loss > 0
 
@@ -489,7 +489,7 @@ def test_iwae_trains_one_program_only(digits):
 @pytest.mark.parametrize("objective", ["cvae", "gsnn", "hybrid"])
 def test_one_step_trains_the_right_networks(digits, objective):
     """The baseline network is held fixed (no gradient); the GSNN never uses q."""
-    cvae = small_cvae(objective=objective)
+    cvae = small_cvae(cvae_objective=objective)
     c, y = cvae_inputs(cvae, digits, 32)
     step, info = svi_step(cvae, c, y)
     step(c, y)

@@ -39,7 +39,7 @@ def assert_same_mean(a: torch.Tensor, b: torch.Tensor, sem, what: str = "") -> N
 
 @pytest.fixture
 def vae():
-    return VAE(64, 4, hidden=(32,))
+    return VAE(64, z_dim=4, hidden=(32,))
 
 
 @pytest.fixture
@@ -93,7 +93,7 @@ def test_analytic_kl_matches_monte_carlo(sem):
     """KL(q(z|x) || p(z)) in closed form (what TraceMeanField_ELBO uses) equals the mean of
     log q(z) - log p(z) over z ~ q, per data point and summed, within 4 standard errors."""
     # sigma = exp(h) (not the default exp(h / 2)), so the spread below reaches a decade
-    vae = VAE(64, 3, hidden=(32,), encoder_scale="logscale")
+    vae = VAE(64, z_dim=3, hidden=(32,), encoder_scale="logscale")
     with torch.no_grad():  # spread the posteriors: locs ~ +-2, scales over a decade
         vae.encoder[-1].weight.mul_(6.0)
         vae.encoder[-1].bias.uniform_(-1.0, 1.0)
@@ -123,7 +123,7 @@ def test_analytic_kl_matches_monte_carlo(sem):
 def test_mc_and_analytic_agree_and_analytic_has_less_variance(batch, sem):
     # sigma = exp(h): posterior scales spread as wide as the variance ratio needs to show in
     # r estimates (the default exp(h / 2) halves the spread and with it the KL's noise)
-    vae = VAE(64, 4, hidden=(32,), encoder_scale="logscale")
+    vae = VAE(64, z_dim=4, hidden=(32,), encoder_scale="logscale")
     r = 1000
     with torch.no_grad():
         mc = repeat(lambda: make_elbo("mc").loss(vae.model, vae.guide, batch), r)
@@ -137,7 +137,7 @@ def test_mc_and_analytic_agree_and_analytic_has_less_variance(batch, sem):
 
 def test_beta_weights_only_the_kl(vae, batch):
     """Same seed, same draw of z: loss(beta=1) - loss(beta=0.5) = 0.5 * KL exactly."""
-    beta = VAE(64, 4, hidden=(32,), beta=0.5)
+    beta = VAE(64, z_dim=4, hidden=(32,), beta=0.5)
     beta.load_state_dict(vae.state_dict())
     loc, scale = vae.encode(batch)
     kl = (0.5 * (loc**2 + scale**2 - 1 - 2 * scale.log()).sum()).item()
@@ -151,7 +151,7 @@ def test_beta_weights_only_the_kl(vae, batch):
 
 
 def test_beta_mc_matches_analytic(batch, sem):
-    vae = VAE(64, 4, hidden=(32,), beta=0.5)
+    vae = VAE(64, z_dim=4, hidden=(32,), beta=0.5)
     with torch.no_grad():
         mc = repeat(lambda: make_elbo("mc").loss(vae.model, vae.guide, batch), 600)
         an = repeat(lambda: make_elbo("analytic").loss(vae.model, vae.guide, batch), 600)
@@ -220,8 +220,8 @@ def test_reference_loss_matches_pyro(batch, sem):
     from ppl_vae.models import reference
 
     # the yardstick follows the VAE's encoder scale head: each head, both likelihoods
-    for vae in (VAE(64, 4, hidden=(32,), beta=0.5, encoder_scale=head) if gaussian is None
-                else VAE(64, 4, hidden=(32,), likelihood="gaussian", gaussian_scale=gaussian,
+    for vae in (VAE(64, z_dim=4, hidden=(32,), beta=0.5, encoder_scale=head) if gaussian is None
+                else VAE(64, z_dim=4, hidden=(32,), likelihood="gaussian", gaussian_scale=gaussian,
                          encoder_scale=head)
                 for head in ("softplus", "logvar", "logscale") for gaussian in (None, 0.5)):
         with torch.no_grad():  # spread the scale head, so that sigma(h) differs by head

@@ -27,7 +27,7 @@ class PPCA:
 
     def __init__(self, seed: int = 0):
         g = torch.Generator().manual_seed(seed)
-        self.vae = VAE(D, Z, hidden=(), likelihood="gaussian", gaussian_scale=SIGMA).double()
+        self.vae = VAE(D, z_dim=Z, hidden=(), likelihood="gaussian", gaussian_scale=SIGMA).double()
         self.sigma = self.vae.log_scale.exp().item()  # the sigma the model really uses
         q, _ = torch.linalg.qr(torch.randn(D, Z, generator=g, dtype=F64))
         self.W = q * torch.tensor([2.0, 1.0, 0.5], dtype=F64)  # orthogonal, distinct norms
@@ -138,7 +138,7 @@ def test_iwae_approaches_exact_log_likelihood(perturbed, sem):
 def test_score_ignores_beta(digits):
     """Scores are densities: a beta-VAE's training weight on the KL is not part of them."""
     x = digits.test.x[:50]
-    plain, beta = VAE(64, 4, hidden=(16,)), VAE(64, 4, hidden=(16,), beta=0.3)
+    plain, beta = VAE(64, z_dim=4, hidden=(16,)), VAE(64, z_dim=4, hidden=(16,), beta=0.3)
     beta.load_state_dict(plain.state_dict())
     a = score(plain, x, num_samples=5, iwae=True, seed=3)
     b = score(beta, x, num_samples=5, iwae=True, seed=3)
@@ -146,7 +146,7 @@ def test_score_ignores_beta(digits):
 
 
 def test_score_is_seeded_and_leaves_rng_alone(digits):
-    vae = VAE(64, 4, hidden=(16,))
+    vae = VAE(64, z_dim=4, hidden=(16,))
     x = digits.test.x[:40]
     state = torch.get_rng_state()
     a = score(vae, x, num_samples=5, seed=1)

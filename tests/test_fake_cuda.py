@@ -175,7 +175,7 @@ def test_a_cpu_tensor_in_a_gpu_program_is_caught(digits, monkeypatch):
         def prior(self, n):
             return pyro.distributions.Normal(torch.zeros(n, self.z_dim), 1.0)
 
-    module = CPUPrior(64, 2, hidden=(8,))
+    module = CPUPrior(64, z_dim=2, hidden=(8,))
     with fake(monkeypatch):
         module = module.to("cuda")
         x = digits.train.x[:6].to("cuda")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import math
 
 import pyro
@@ -32,7 +34,7 @@ def x():
 
 @pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian"])
 def test_model_trace_structure(x, likelihood):
-    vae = VAE(D, Z, hidden=(16,), likelihood=likelihood)
+    vae = VAE(D, z_dim=Z, hidden=(16,), likelihood=likelihood)
     t = trace(vae.model, x)
     z, obs = t.nodes["z"], t.nodes["x"]
     assert z["type"] == obs["type"] == "sample"
@@ -52,7 +54,7 @@ def test_model_trace_structure(x, likelihood):
 
 
 def test_guide_trace_structure(x):
-    vae = VAE(D, Z, hidden=(16,))
+    vae = VAE(D, z_dim=Z, hidden=(16,))
     t = trace(vae.guide, x)
     z = t.nodes["z"]
     assert not z["is_observed"]
@@ -68,7 +70,7 @@ def test_guide_trace_structure(x):
 
 def test_vectorized_particles_broadcast(x):
     """Inside a particle plate at dim -2 (how the ELBOs vectorize), shapes become (K, B)."""
-    vae = VAE(D, Z, hidden=(16,))
+    vae = VAE(D, z_dim=Z, hidden=(16,))
     K = 7
     with pyro.plate("particles", K, dim=-2):
         g = trace(vae.guide, x)
@@ -82,7 +84,7 @@ def test_vectorized_particles_broadcast(x):
 
 @pytest.mark.parametrize("beta", [0.5, 1.0, 4.0])
 def test_beta_scales_z_in_model_and_guide(x, beta):
-    vae = VAE(D, Z, hidden=(16,), beta=beta)
+    vae = VAE(D, z_dim=Z, hidden=(16,), beta=beta)
     g = trace(vae.guide, x)
     m = trace(poutine.replay(vae.model, trace=g), x)
     for t in (m, g):
@@ -93,7 +95,7 @@ def test_beta_scales_z_in_model_and_guide(x, beta):
 
 def test_model_densities_are_the_textbook_ones(x):
     """log p(z) is a standard normal, log p(x|z) the Bernoulli cross-entropy of the decoder."""
-    vae = VAE(D, Z, hidden=(16,))
+    vae = VAE(D, z_dim=Z, hidden=(16,))
     t = trace(vae.model, x)
     z = t.nodes["z"]["value"]
     log_pz = -0.5 * (z**2).sum(-1) - 0.5 * Z * math.log(2 * math.pi)
@@ -104,7 +106,7 @@ def test_model_densities_are_the_textbook_ones(x):
 
 def test_gaussian_likelihood_density(x):
     sigma = 0.3
-    vae = VAE(D, Z, hidden=(16,), likelihood="gaussian", gaussian_scale=sigma)
+    vae = VAE(D, z_dim=Z, hidden=(16,), likelihood="gaussian", gaussian_scale=sigma)
     t = trace(vae.model, x)
     mean = vae.decoder(t.nodes["z"]["value"])
     expected = (-0.5 * ((x - mean) / sigma) ** 2 - math.log(sigma)
@@ -113,7 +115,7 @@ def test_gaussian_likelihood_density(x):
 
 
 def test_guide_log_prob_is_diagonal_normal(x):
-    vae = VAE(D, Z, hidden=(16,))
+    vae = VAE(D, z_dim=Z, hidden=(16,))
     t = trace(vae.guide, x)
     loc, scale = vae.encode(x)
     z = t.nodes["z"]["value"]
@@ -122,7 +124,7 @@ def test_guide_log_prob_is_diagonal_normal(x):
 
 
 def test_network_shapes_and_outputs():
-    vae = VAE(D, Z, hidden=(32, 16), activation="tanh")
+    vae = VAE(D, z_dim=Z, hidden=(32, 16), activation="tanh")
     linears = [m for m in vae.encoder if isinstance(m, nn.Linear)]
     assert [(m.in_features, m.out_features) for m in linears] == [(D, 32), (32, 16), (16, 2 * Z)]
     linears = [m for m in vae.decoder if isinstance(m, nn.Linear)]
@@ -142,7 +144,7 @@ def test_network_shapes_and_outputs():
 
 def test_linear_vae_has_single_layers():
     """hidden=() is the linear-Gaussian (probabilistic PCA) model used by test_evaluation."""
-    vae = VAE(6, 2, hidden=(), likelihood="gaussian", gaussian_scale=0.5)
+    vae = VAE(6, z_dim=2, hidden=(), likelihood="gaussian", gaussian_scale=0.5)
     assert len(vae.encoder) == 1 and isinstance(vae.encoder[0], nn.Linear)
     assert len(vae.decoder) == 1 and isinstance(vae.decoder[0], nn.Linear)
     assert vae.encoder[0].weight.shape == (4, 6) and vae.decoder[0].weight.shape == (6, 2)
@@ -151,8 +153,9 @@ def test_linear_vae_has_single_layers():
 
 
 def test_learn_scale_makes_sigma_a_parameter():
-    fixed = VAE(D, Z, hidden=(8,), likelihood="gaussian", gaussian_scale=0.2)
-    learned = VAE(D, Z, hidden=(8,), likelihood="gaussian", gaussian_scale=0.2, learn_scale=True)
+    fixed = VAE(D, z_dim=Z, hidden=(8,), likelihood="gaussian", gaussian_scale=0.2)
+    learned = VAE(D, z_dim=Z, hidden=(8,), likelihood="gaussian", gaussian_scale=0.2,
+                  learn_scale=True)
     assert "log_scale" not in dict(fixed.named_parameters())
     assert "log_scale" in dict(learned.named_parameters())
     for vae in (fixed, learned):
@@ -161,7 +164,7 @@ def test_learn_scale_makes_sigma_a_parameter():
 
 def test_bad_likelihood_is_rejected():
     with pytest.raises(ValueError, match="likelihood"):
-        VAE(D, Z, likelihood="poisson")
+        VAE(D, z_dim=Z, likelihood="poisson")
 
 
 @pytest.mark.parametrize("kind, sigma", [
@@ -170,7 +173,7 @@ def test_bad_likelihood_is_rejected():
     ("softplus", F.softplus),
 ])
 def test_encoder_scale_head(x, kind, sigma):
-    vae = VAE(D, Z, hidden=(16,), encoder_scale=kind)
+    vae = VAE(D, z_dim=Z, hidden=(16,), encoder_scale=kind)
     loc, h = vae.encoder(x).chunk(2, dim=-1)
     got_loc, got_scale = vae.encode(x)
     assert torch.equal(got_loc, loc)
@@ -182,7 +185,7 @@ def test_encoder_scale_head(x, kind, sigma):
 
 def test_encoder_scale_default_is_softplus():
     assert VAEOptions().encoder_scale == "softplus"  # the measured best (README)
-    assert VAE(D, Z).scale_head == "softplus"
+    assert VAE(D, z_dim=Z).scale_head == "softplus"
     with pytest.raises(UsageError, match="encoder_scale 'exp' is not one of logvar, logscale"):
         VAEOptions(encoder_scale="exp")
 
@@ -202,6 +205,28 @@ def test_from_options_uses_every_model_option(digits):
     same = VAE.from_options(config.model_options, digits)
     assert (same.z_dim, same.likelihood, same.beta, same.scale_head) == (
         5, "gaussian", 0.25, "logscale")
+
+
+@pytest.mark.parametrize("name", ["vae", "flow-vae", "conv-vae", "cvae", "ssvae"])
+def test_each_family_states_its_options_once(name):
+    """The constructor takes the ``Options`` whole: none of its fields is a parameter too."""
+    cls = get_model(name)
+    params = inspect.signature(cls).parameters
+    fields = {f.name for f in dataclasses.fields(cls.Options)}
+    assert "options" in params and not fields & set(params), fields & set(params)
+
+
+def test_options_whole_or_by_keyword_build_the_same_model():
+    whole = VAE(D, VAEOptions(z_dim=4, hidden=(7,), encoder_scale="logvar"))
+    keywords = VAE(D, z_dim=4, hidden=(7,), encoder_scale="logvar")
+    changed = VAE(D, VAEOptions(z_dim=4, hidden=(7,)), encoder_scale="logvar")
+    for vae in (whole, keywords, changed):
+        assert vae.options == VAEOptions(z_dim=4, hidden=(7,), encoder_scale="logvar")
+        assert [p.shape for p in vae.parameters()] == [p.shape for p in whole.parameters()]
+    with pytest.raises(UsageError, match="z_dim must be a whole number"):
+        VAE(D, z_dim=0)
+    with pytest.raises(TypeError, match="takes a VAEOptions, got 4; give single options by"):
+        VAE(D, 4)
 
 
 def test_model_options_are_validated():

@@ -83,7 +83,8 @@ class DecoderMAPVAE(PyroModule):
     def plain_vae(self) -> VAE:
         """The ordinary VAE with this encoder and decoder weights theta_hat."""
         # the same scale head as this guide: sigma = exp(h)
-        vae = VAE(self.encoder[0].in_features, self.z_dim, (), encoder_scale="logscale")
+        vae = VAE(self.encoder[0].in_features, z_dim=self.z_dim, hidden=(1,),
+                  encoder_scale="logscale")  # its networks are replaced below
         vae.encoder = copy.deepcopy(self.encoder)
         vae.decoder = mlp([1, 1])  # replaced below
         plain = copy.deepcopy(self.decoder)

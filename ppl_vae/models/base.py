@@ -29,9 +29,10 @@ the device -- and labels ``y`` of shape (N,) or None, -1 where ``--labelled`` hi
 ``report(ctx)`` returns the numbers for the run's summary and draws its figures through
 ``draw_or_skip`` (which ``evaluate`` turns off).
 
-Building: a family's options are its ``Options`` dataclass (else its constructor's
-keywords), and ``from_options(options, data)`` builds it (the default matches them to the
-constructor, filling ``input_dim``, ``image_shape`` and ``num_classes`` from the data).
+Building: a family's options are its ``Options`` dataclass, which its constructor takes
+whole (``VAE(input_dim, options)``, single ones by keyword), else its constructor's keywords;
+``from_options(options, data)`` builds it (the default matches the constructor's parameters,
+filling ``input_dim``, ``image_shape`` and ``num_classes`` from the data).
 Two declared attributes say what a family does with an estimator: ``elbo_refused``
 (``--elbo`` name -> why the family cannot train with it) and ``elbo_notes`` (name -> a note
 the run prints).
@@ -45,7 +46,7 @@ from typing import Any, ClassVar
 from torch import Tensor, nn
 
 from .context import RunContext
-from .options import build_by_signature, options_dict
+from .options import build_by_signature
 
 Program = tuple[float, Callable, Callable]
 """(weight, model, guide): one term of the training objective."""
@@ -66,7 +67,7 @@ class Model(nn.Module):
 
     @classmethod
     def from_options(cls, options: Any, data: Any) -> Model:
-        return build_by_signature(cls, options_dict(options), data)
+        return build_by_signature(cls, options, data)
 
     def data_args(self, x: Tensor, y: Tensor | None) -> tuple[Tensor, ...]:
         from ..data import pixels

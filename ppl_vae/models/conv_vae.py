@@ -53,10 +53,11 @@ weighted bound with ``--elbo iwae``); beta scales the site ``z`` in model and gu
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pyro.distributions as dist
 import torch
@@ -74,7 +75,7 @@ from .likelihoods import (
     pixel_likelihood,
 )
 from .nets import ACTIVATIONS, check_options, positive
-from .options import extra_options
+from .options import build_by_signature, with_changes
 from .registry import register_model
 from .vae import ENCODER_SCALES, GaussianLatentVAE, encoder_scale
 
@@ -157,30 +158,23 @@ class ConvVAE(GaussianLatentVAE):
 
     Options = ConvVAEOptions
 
-    def __init__(
-        self,
-        image_shape: Sequence[int],
-        z_dim: int = 32,
-        channels: Sequence[int] = (32, 64, 128, 256),
-        activation: str = "relu",
-        likelihood: str = "bernoulli",
-        gaussian_scale: float = 1.0,
-        learn_scale: bool = False,
-        beta: float = 1.0,
-        encoder_scale: str = "softplus",
-    ) -> None:
+    def __init__(self, image_shape: Sequence[int], options: ConvVAEOptions | None = None,
+                 **changes: Any) -> None:
+        """A VAE of images of ``image_shape`` with ``options`` (default: the defaults), some
+        set by keyword: ``ConvVAE((1, 28, 28), z_dim=8)``; ``likelihood="auto"`` is
+        ``bernoulli`` here (``from_options`` picks by the data)."""
         super().__init__()
-        if likelihood not in CONV_LIKELIHOODS:
-            raise ValueError(f"likelihood must be one of {', '.join(CONV_LIKELIHOODS)}, got "
-                             f"{likelihood!r}")
+        o = self.options = with_changes(self.Options, options, changes)
+        likelihood = "bernoulli" if o.likelihood == AUTO else o.likelihood
+        z_dim, channels = o.z_dim, o.channels
         self.image_shape = image_chw(image_shape)
         c, h, w = self.image_shape
         self.input_dim = c * h * w
-        self.z_dim, self.likelihood, self.beta = z_dim, likelihood, beta
-        self.scale_head = encoder_scale
+        self.z_dim, self.likelihood, self.beta = z_dim, likelihood, o.beta
+        self.scale_head = o.encoder_scale
         sides = conv_sides(h, w)
         widths = [c] + [channels[min(i, len(channels) - 1)] for i in range(len(sides) - 1)]
-        act = ACTIVATIONS[activation]
+        act = ACTIVATIONS[o.activation]
         self.top_shape = (widths[-1], *sides[-1])  # the smallest feature map
         top = math.prod(self.top_shape)
 
@@ -206,8 +200,8 @@ class ConvVAE(GaussianLatentVAE):
             with torch.no_grad():
                 last.bias.view(2, -1)[0].fill_(LOGISTIC_INIT[0])
                 last.bias.view(2, -1)[1].fill_(LOGISTIC_INIT[1])
-        log_scale = torch.tensor(math.log(gaussian_scale))
-        if likelihood == "gaussian" and learn_scale:
+        log_scale = torch.tensor(math.log(o.gaussian_scale))
+        if o.learn_scale:
             self.log_scale = nn.Parameter(log_scale)
         else:
             self.register_buffer("log_scale", log_scale)
@@ -221,15 +215,11 @@ class ConvVAE(GaussianLatentVAE):
         if math.prod(shape) != data.input_dim:
             raise UsageError(f"{data.name}: image shape {shape} holds {math.prod(shape)} "
                              f"values but the rows have {data.input_dim}")
-        likelihood = options.likelihood
-        if likelihood == AUTO:
-            likelihood = "logistic" if data.eight_bit else "bernoulli"
-        check_range(data, likelihood)
-        return cls(shape, z_dim=options.z_dim, channels=options.channels,
-                   activation=options.activation, likelihood=likelihood,
-                   gaussian_scale=options.gaussian_scale, learn_scale=options.learn_scale,
-                   beta=options.beta, encoder_scale=options.encoder_scale,
-                   **extra_options(options, ConvVAEOptions))
+        if options.likelihood == AUTO:
+            options = dataclasses.replace(
+                options, likelihood="logistic" if data.eight_bit else "bernoulli")
+        check_range(data, options.likelihood)
+        return build_by_signature(cls, options, data, image_shape=shape)
 
     def data_args(self, x: Tensor, y: Tensor | None) -> tuple[Tensor]:
         """``(x,)`` as it is: 8-bit rows stay uint8, converted per batch in the program."""

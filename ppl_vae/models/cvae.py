@@ -35,10 +35,10 @@ completions or samples per label.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pyro
 import pyro.distributions as dist
@@ -55,7 +55,7 @@ from .base import Model, Program, RunContext
 from .figures import draw_or_skip
 from .likelihoods import check_range, pixel_likelihood, pixel_mean
 from .nets import NetworkOptions, mlp
-from .options import extra_options
+from .options import build_by_signature, with_changes
 from .registry import register_model
 
 if TYPE_CHECKING:
@@ -116,29 +116,23 @@ class CVAE(Model):
 
     Options = CVAEOptions
 
-    def __init__(
-        self,
-        cond_dim: int,
-        out_dim: int,
-        target: Tensor | None = None,
-        z_dim: int = 20,
-        hidden: Sequence[int] = (400,),
-        activation: str = "relu",
-        likelihood: str = "bernoulli",
-        gaussian_scale: float = 1.0,
-        baseline_input: bool = True,
-        objective: str = "cvae",
-        hybrid_alpha: float = 0.5,
-        beta: float = 1.0,
-        condition: str = "quadrants",
-    ) -> None:
+    def __init__(self, cond_dim: int, out_dim: int, target: Tensor | None = None,
+                 options: CVAEOptions | None = None, **changes: Any) -> None:
+        """A CVAE of conditions of ``cond_dim`` and outputs of ``out_dim`` values, of which the
+        mask ``target`` are scored (None: all), with ``options`` (default: the defaults), some
+        set by keyword: ``CVAE(784, 784, target, z_dim=8)``. ``options.quadrants`` is not
+        read here: ``target`` says which pixels are missing."""
         super().__init__()
-        self.cond_dim, self.out_dim, self.z_dim = cond_dim, out_dim, z_dim
-        self.likelihood, self.baseline_input, self.beta = likelihood, baseline_input, beta
-        self.objective, self.hybrid_alpha, self.condition = objective, hybrid_alpha, condition
+        o = self.options = with_changes(self.Options, options, changes)
+        self.cond_dim, self.out_dim, self.z_dim = cond_dim, out_dim, o.z_dim
+        self.likelihood, self.baseline_input, self.beta = o.likelihood, o.baseline_input, o.beta
+        self.objective, self.hybrid_alpha = o.cvae_objective, o.hybrid_alpha
+        self.condition = o.condition
+        z_dim, hidden, activation = o.z_dim, o.hidden, o.activation
+        baseline_input = o.baseline_input
         # target: the pixels of y that are scored (None: all of them)
         self.register_buffer("target", target)
-        self.register_buffer("log_scale", torch.tensor(gaussian_scale).log())
+        self.register_buffer("log_scale", torch.tensor(o.gaussian_scale).log())
         self.baseline = mlp([cond_dim, *hidden, out_dim], activation)
         self.prior_net = mlp([cond_dim + out_dim * baseline_input, *hidden, 2 * z_dim],
                              activation)
@@ -164,12 +158,8 @@ class CVAE(Model):
             cond_dim = data.input_dim
             target = ~observed_quadrants(data.image_shape, options.quadrants)
         check_range(data, options.likelihood)
-        return cls(cond_dim, data.input_dim, target, z_dim=options.z_dim,
-                   hidden=options.hidden, activation=options.activation,
-                   likelihood=options.likelihood, gaussian_scale=options.gaussian_scale,
-                   baseline_input=options.baseline_input, objective=options.cvae_objective,
-                   hybrid_alpha=options.hybrid_alpha, beta=options.beta,
-                   condition=options.condition, **extra_options(options, CVAEOptions))
+        return build_by_signature(cls, options, data, cond_dim=cond_dim,
+                                  out_dim=data.input_dim, target=target)
 
     def data_args(self, x: Tensor, labels: Tensor | None) -> tuple[Tensor, Tensor]:
         """(c, y) for images ``x`` (and class ``labels``)."""

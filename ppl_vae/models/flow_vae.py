@@ -38,6 +38,7 @@ uses ``log q(z|x) - log p(z)`` at the sampled z for the site ``z`` -- the same e
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import pyro
 import pyro.distributions as dist
@@ -96,25 +97,19 @@ class FlowVAEOptions(VAEOptions):
 @register_model("flow-vae")
 class FlowVAE(VAE):
     """VAE whose q(z|x) is the encoder's Normal pushed through ``flow_layers`` conditional
-    transforms (``flow``: ``iaf`` or ``spline``); ``vae.flows`` holds their networks. The
-    other keywords are the :class:`VAE`'s."""
+    transforms (``flow``: ``iaf`` or ``spline``); ``vae.flows`` holds their networks."""
 
     Options = FlowVAEOptions
 
-    def __init__(self, input_dim: int, *, flow: str = "iaf", flow_layers: int = 2,
-                 **vae_options) -> None:
-        super().__init__(input_dim, **vae_options)
-        z_dim = self.z_dim
-        if flow not in FLOWS:
-            raise ValueError(f"flow must be one of {', '.join(FLOWS)}, got {flow!r}")
-        if int(flow_layers) != flow_layers or flow_layers < 1:
-            raise ValueError(f"flow_layers must be a whole number >= 1, got {flow_layers}")
-        self.flow, self.flow_layers = flow, int(flow_layers)
-        self.elbo_notes = {"analytic": ANALYTIC_NOTE.format(flow=flow)}
+    def __init__(self, input_dim: int, options: FlowVAEOptions | None = None,
+                 **changes: Any) -> None:
+        super().__init__(input_dim, options, **changes)
+        self.flow, self.flow_layers = self.options.flow, self.options.flow_layers
+        self.elbo_notes = {"analytic": ANALYTIC_NOTE.format(flow=self.flow)}
         context_dim = self.encoder[-1].in_features  # the last hidden layer's width
-        self.flows = nn.ModuleList(flow_layer(flow, z_dim, context_dim)
+        self.flows = nn.ModuleList(flow_layer(self.flow, self.z_dim, context_dim)
                                    for _ in range(self.flow_layers))
-        self.register_buffer("reverse", torch.arange(z_dim - 1, -1, -1), persistent=False)
+        self.register_buffer("reverse", torch.arange(self.z_dim - 1, -1, -1), persistent=False)
 
     @property
     def guide_name(self) -> str:

@@ -68,7 +68,7 @@ class NetworkOptions:
     def __post_init__(self) -> None:
         self.hidden = tuple(int(h) for h in self.hidden)
         check_options(self)
-        if not self.hidden or any(h < 1 for h in self.hidden):
+        if any(h < 1 for h in self.hidden):  # none: linear networks
             raise UsageError(f"--hidden widths must be at least 1, got {list(self.hidden)}")
         positive("beta", self.beta)
         positive("gaussian_scale", self.gaussian_scale)

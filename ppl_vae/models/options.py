@@ -18,6 +18,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from ..errors import UsageError
 
 DATA_OPTIONS: dict[str, Callable[[Any], Any]] = {
@@ -65,12 +67,15 @@ def options_class(cls: type) -> type | None:
     return dataclasses.make_dataclass(f"{cls.__name__}Options", extra, bases=(opts,))
 
 
-def extra_options(options: Any, base: type) -> dict[str, Any]:
-    """The fields of ``options`` that its family's ``base`` options class does not have
-    (a subclass's own constructor keywords), to pass on to the constructor."""
-    known = {f.name for f in dataclasses.fields(base)}
-    return {f.name: getattr(options, f.name) for f in dataclasses.fields(options)
-            if f.name not in known}
+def with_changes(options_cls: type, options: Any, changes: Mapping[str, Any]) -> Any:
+    """``options`` (None: ``options_cls()``) with ``changes`` set and checked again: how a
+    family's constructor takes its options whole, ``VAE(784, opts)``, or by keyword,
+    ``VAE(784, z_dim=8)``."""
+    options = options_cls() if options is None else options
+    if not isinstance(options, options_cls):
+        raise TypeError(f"the options argument takes a {options_cls.__name__}, got "
+                        f"{options!r}; give single options by keyword (z_dim=8)")
+    return dataclasses.replace(options, **changes) if changes else options
 
 
 def option_specs(cls: type) -> list[OptionSpec]:
@@ -126,29 +131,37 @@ def options_dict(options: Any) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
 
-def build_by_signature(cls: type, options: Mapping[str, Any], data: Any) -> Any:
-    """``cls(**kwargs)`` from its signature: data-derived keywords from ``data``, the set
-    options, and the class's own defaults for the rest."""
-    kwargs = {}
-    missing = []
+def build_by_signature(cls: type, options: Any, data: Any, **known: Any) -> Any:
+    """``cls(**kwargs)`` from its signature: the ``known`` values, data-derived keywords from
+    ``data``, and the options -- whole as ``options=`` where the constructor takes them so,
+    else by name -- with the class's own defaults for the rest."""
+    whole = dataclasses.is_dataclass(options) and not isinstance(options, type)
     params = _parameters(cls)
+    whole = whole and any(p.name == "options" for p in params)
+    values = options_dict(options)
+    kwargs: dict[str, Any] = {"options": options} if whole else {}
+    missing = []
     for p in params:
-        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or p.name in kwargs:
             continue
-        if p.name in options:
-            kwargs[p.name] = options[p.name]
+        if p.name in known:
+            kwargs[p.name] = known[p.name]
+        elif p.name in values:
+            kwargs[p.name] = getattr(options, p.name) if whole else values[p.name]
         elif p.name in DATA_OPTIONS and DATA_OPTIONS[p.name](data) is not None:
             kwargs[p.name] = DATA_OPTIONS[p.name](data)
         elif p.default is inspect.Parameter.empty:
             missing.append(p.name)
-    if any(p.kind is p.VAR_KEYWORD for p in params):
-        kwargs.update({k: v for k, v in options.items() if k not in kwargs})
+    if not whole and any(p.kind is p.VAR_KEYWORD for p in params):
+        kwargs.update({k: v for k, v in values.items() if k not in kwargs})
     if missing:
         raise UsageError(f"{cls.__name__} needs {', '.join(missing)}: give "
                          + ", ".join(f"--model-opt {m}=VALUE" for m in missing))
     try:
         return cls(**kwargs)
     except Exception as e:  # the user's constructor refused these values
+        if torch.get_default_device().type == "meta":
+            raise  # a trial build without storage (resources.model_size): not the user's
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise UsageError(f"cannot build {cls.__name__}({_show(kwargs)}): "
                          f"{type(e).__name__}: {first}") from None

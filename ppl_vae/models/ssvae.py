@@ -72,7 +72,7 @@ import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pyro
 import pyro.distributions as dist
@@ -86,8 +86,9 @@ from ..data import UNLABELLED, pixels
 from ..errors import UsageError
 from .base import Model, Program, RunContext
 from .figures import draw_or_skip
-from .likelihoods import LIKELIHOODS, check_range, pixel_likelihood, pixel_mean
+from .likelihoods import check_range, pixel_likelihood, pixel_mean
 from .nets import ACTIVATIONS, NetworkOptions, mlp
+from .options import build_by_signature, with_changes
 from .registry import register_model
 from .vae import encoder_scale
 
@@ -155,25 +156,18 @@ class SSVAE(Model):
 
     Options = SSVAEOptions
 
-    def __init__(
-        self,
-        input_dim: int,
-        classes: int,
-        z_dim: int = 50,
-        hidden: Sequence[int] = (500,),
-        activation: str = "relu",
-        likelihood: str = "bernoulli",
-        gaussian_scale: float = 1.0,
-        beta: float = 1.0,
-        aux_weight: float = 1.0,
-        labelled_rows: bool = True,
-        unlabelled_rows: bool = True,
-    ) -> None:
+    def __init__(self, input_dim: int, num_classes: int, options: SSVAEOptions | None = None, *,
+                 aux_weight: float = 1.0, labelled_rows: bool = True,
+                 unlabelled_rows: bool = True, **changes: Any) -> None:
+        """M2 of ``input_dim`` pixels and ``num_classes`` classes with ``options`` (default:
+        the defaults), some set by keyword: ``SSVAE(784, 10, z_dim=8)``; ``options.alpha`` and
+        ``options.classes`` are not read here (``from_options`` turns them into
+        ``aux_weight`` and ``num_classes``)."""
         super().__init__()
-        if likelihood not in LIKELIHOODS:
-            raise ValueError(f"likelihood must be 'bernoulli' or 'gaussian', got {likelihood!r}")
-        self.input_dim, self.classes, self.z_dim = input_dim, classes, z_dim
-        self.likelihood, self.beta, self.aux_weight = likelihood, beta, aux_weight
+        o = self.options = with_changes(self.Options, options, changes)
+        z_dim, hidden, activation = o.z_dim, o.hidden, o.activation
+        self.input_dim, self.classes, self.z_dim = input_dim, num_classes, z_dim
+        self.likelihood, self.beta, self.aux_weight = o.likelihood, o.beta, aux_weight
         self.labelled_rows, self.unlabelled_rows = labelled_rows, unlabelled_rows
         if unlabelled_rows:  # what the estimators do with the unlabelled rows' class y
             self.elbo_refused = {"analytic": (
@@ -184,10 +178,10 @@ class SSVAE(Model):
                 f"ssvae: --elbo {name} samples the class y of unlabelled rows from q(y|x) "
                 "(score-function gradient, high variance); --elbo enum sums it out exactly")
                 for name in ("mc", "iwae")}
-        self.classifier = mlp([input_dim, *hidden, classes], activation)
-        self.encoder = LabelledMLP(input_dim, classes, [*hidden, 2 * z_dim], activation)
-        self.decoder = LabelledMLP(z_dim, classes, [*reversed(hidden), input_dim], activation)
-        self.register_buffer("log_scale", torch.tensor(math.log(gaussian_scale)))
+        self.classifier = mlp([input_dim, *hidden, num_classes], activation)
+        self.encoder = LabelledMLP(input_dim, num_classes, [*hidden, 2 * z_dim], activation)
+        self.decoder = LabelledMLP(z_dim, num_classes, [*reversed(hidden), input_dim], activation)
+        self.register_buffer("log_scale", torch.tensor(math.log(o.gaussian_scale)))
 
     @classmethod
     def from_options(cls, options: SSVAEOptions, data: Dataset) -> SSVAE:
@@ -205,10 +199,8 @@ class SSVAE(Model):
         n = len(data.train)
         labelled = data.labelled or 0
         aux = options.alpha * n / labelled if labelled else 0.0
-        return cls(data.input_dim, classes, z_dim=options.z_dim, hidden=options.hidden,
-                   activation=options.activation, likelihood=options.likelihood,
-                   gaussian_scale=options.gaussian_scale, beta=options.beta, aux_weight=aux,
-                   labelled_rows=labelled > 0, unlabelled_rows=labelled < n)
+        return build_by_signature(cls, options, data, num_classes=classes, aux_weight=aux,
+                                  labelled_rows=labelled > 0, unlabelled_rows=labelled < n)
 
     def data_args(self, x: Tensor, y: Tensor | None) -> tuple[Tensor, Tensor]:
         """(x, y): float pixels and labels, -1 where unlabelled (all of them when ``y`` is

@@ -29,9 +29,8 @@ The networks' weights are the module's own parameters (``vae.parameters()``), op
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pyro
 import pyro.distributions as dist
@@ -43,9 +42,9 @@ from torch import Tensor, nn
 from ..data import pixels
 from ..errors import UsageError
 from .base import Model
-from .likelihoods import LIKELIHOODS, check_range, pixel_likelihood, pixel_mean
+from .likelihoods import check_range, pixel_likelihood, pixel_mean
 from .nets import NetworkOptions, mlp
-from .options import options_dict
+from .options import build_by_signature, with_changes
 from .registry import register_model
 
 if TYPE_CHECKING:
@@ -139,37 +138,27 @@ class VAE(GaussianLatentVAE):
 
     Options = VAEOptions
 
-    def __init__(
-        self,
-        input_dim: int,
-        z_dim: int = 20,
-        hidden: Sequence[int] = (400,),
-        activation: str = "relu",
-        likelihood: str = "bernoulli",
-        gaussian_scale: float = 1.0,
-        learn_scale: bool = False,
-        beta: float = 1.0,
-        encoder_scale: str = "softplus",
-    ) -> None:
+    def __init__(self, input_dim: int, options: VAEOptions | None = None,
+                 **changes: Any) -> None:
+        """A VAE of ``input_dim`` pixels with ``options`` (default: the defaults), some set
+        by keyword: ``VAE(784, z_dim=8)``."""
         super().__init__()
-        if likelihood not in LIKELIHOODS:
-            raise ValueError(f"likelihood must be 'bernoulli' or 'gaussian', got {likelihood!r}")
+        o = self.options = with_changes(self.Options, options, changes)
         self.input_dim, self.z_dim, self.likelihood, self.beta = (
-            input_dim, z_dim, likelihood, beta)
-        self.scale_head = encoder_scale
-        self.encoder = mlp([input_dim, *hidden, 2 * z_dim], activation)
-        self.decoder = mlp([z_dim, *reversed(hidden), input_dim], activation)
-        log_scale = torch.tensor(math.log(gaussian_scale))
-        if likelihood == "gaussian" and learn_scale:
+            input_dim, o.z_dim, o.likelihood, o.beta)
+        self.scale_head = o.encoder_scale
+        self.encoder = mlp([input_dim, *o.hidden, 2 * o.z_dim], o.activation)
+        self.decoder = mlp([o.z_dim, *reversed(o.hidden), input_dim], o.activation)
+        log_scale = torch.tensor(math.log(o.gaussian_scale))
+        if o.learn_scale:
             self.log_scale = nn.Parameter(log_scale)
         else:
             self.register_buffer("log_scale", log_scale)
 
     @classmethod
     def from_options(cls, options: VAEOptions, data: Dataset) -> VAE:
-        """The family for ``data``: its options are the constructor's keywords."""
         check_range(data, options.likelihood)
-        return cls(data.input_dim, **options_dict(options))
+        return build_by_signature(cls, options, data)
 
     # -- pieces, and what a user calls ---------------------------------------------------------
     def likelihood_dist(self, z: Tensor) -> dist.TorchDistribution:
