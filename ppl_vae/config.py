@@ -17,6 +17,7 @@ from typing import Any
 
 from .errors import UsageError
 from .models import get_model, make_options, model_name, options_dict, options_of
+from .models.options import coerce, named_as_keys
 
 ELBOS = ("mc", "analytic", "iwae", "enum")
 BINARIZE = ("none", "static", "dynamic")
@@ -100,7 +101,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.validate_options()
-        self.model_options = make_options(self.model_class, self.model_options)
+        with named_as_keys("model_options.", nested=True):
+            self.model_options = make_options(self.model_class, self.model_options)
 
     @property
     def model_class(self) -> type:
@@ -111,10 +113,9 @@ class TrainConfig:
         return model_name(self.model_class)
 
     def validate_options(self) -> None:
-        """Raise :class:`UsageError` naming the first bad option."""
-        from .models.options import coerce
-
-        for f in dataclasses.fields(self):  # each option of the type of its default
+        """Coerce each option to the type of its default; raise :class:`UsageError` naming
+        the first bad one."""
+        for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             default = f.default_factory() if callable(f.default_factory) else f.default
             if f.name in ("model", "model_options"):
@@ -127,7 +128,7 @@ class TrainConfig:
                     raise UsageError(f"--{f.name.replace('_', '-')} takes a path, got "
                                      f"{value!r}")
                 continue
-            coerce(f.name, value, default)
+            setattr(self, f.name, coerce(f.name, value, default))
         for name in ("elbo", "binarize"):
             allowed = self.__dataclass_fields__[name].metadata["choices"]
             if getattr(self, name) not in allowed:
@@ -174,36 +175,22 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
-        """Rebuild from ``config.json``, ignoring keys this version does not know. A flat
-        dict (as older versions wrote) has its model's options picked out by name."""
-        from .models.options import coerce, coerce_options
-
+        """Rebuild from ``config.json``, ignoring keys this version does not know; a bad
+        value is named by its key. A flat dict (as older versions wrote) has its model's
+        options picked out by name."""
         if not isinstance(d, dict):
             raise UsageError(f"a run config is a JSON object of options, got "
                              f"{type(d).__name__}")
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        kwargs = {k: v for k, v in d.items() if k in fields}
-        for name, value in kwargs.items():  # each key named in what it says is wrong
-            f = fields[name]
-            default = f.default_factory() if callable(f.default_factory) else f.default
-            if name == "model":
-                if not isinstance(value, str | type):
-                    raise UsageError(f"key 'model' takes a registered model name or "
-                                     f"module:Class, got {value!r}")
-            elif name == "model_options":
-                if not isinstance(value, dict):
-                    raise UsageError(f"key 'model_options' takes an object of the model's "
-                                     f"options, got {value!r}")
-            elif default is None:
-                if value is not None and not isinstance(value, str):
-                    raise UsageError(f"key {name!r} takes a string or null, got {value!r}")
-            else:
-                kwargs[name] = coerce(name, value, default, f"key {name!r}")
-        model = get_model(kwargs.get("model", "vae"))
-        if "model_options" not in d:
-            known = options_of(model)
-            kwargs["model_options"] = {k: v for k, v in d.items() if k in known}
-        kwargs["model_options"] = coerce_options(model, kwargs["model_options"],
-                                                 "model_options." if "model_options" in d
-                                                 else "")
-        return cls(**kwargs)
+        kwargs = {f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d}
+        if not isinstance(kwargs.get("model", "vae"), str | type):
+            raise UsageError(f"key 'model' takes a registered model name or module:Class, got "
+                             f"{kwargs['model']!r}")
+        if not isinstance(kwargs.get("model_options", {}), dict):
+            raise UsageError(f"key 'model_options' takes an object of the model's options, "
+                             f"got {kwargs['model_options']!r}")
+        with named_as_keys(""):
+            if "model_options" not in d:
+                model = get_model(kwargs.get("model", "vae"))
+                flat = {k: v for k, v in d.items() if k in options_of(model)}
+                kwargs["model_options"] = make_options(model, flat)
+            return cls(**kwargs)

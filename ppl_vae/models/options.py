@@ -11,10 +11,12 @@ where the CLI could make a flag of it, ``--model-opt key=value`` for anything, o
 from __future__ import annotations
 
 import ast
+import contextlib
+import contextvars
 import dataclasses
 import functools
 import inspect
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,7 +31,22 @@ DATA_OPTIONS: dict[str, Callable[[Any], Any]] = {
 }
 """Constructor keywords filled from the :class:`~ppl_vae.data.Dataset`, never options."""
 
-SIMPLE = (bool, int, float, str)
+_KEYS: contextvars.ContextVar[str | None] = contextvars.ContextVar("ppl_vae_keys", default=None)
+
+
+@contextlib.contextmanager
+def named_as_keys(prefix: str, nested: bool = False) -> Iterator[None]:
+    """Within this block :func:`coerce` names an option as a key of a file, ``prefix +
+    name`` (``nested``: only inside an enclosing block, after its prefix), not as a flag."""
+    outer = _KEYS.get()
+    if nested and outer is None:
+        yield
+        return
+    token = _KEYS.set((outer or "") + prefix if nested else prefix)
+    try:
+        yield
+    finally:
+        _KEYS.reset(token)
 
 
 @dataclass(frozen=True)
@@ -119,10 +136,11 @@ def make_options(cls: type, given: Any = None) -> Any:
     if unknown:
         raise UsageError(f"{cls.__name__} has no option {', '.join(map(repr, unknown))}; its "
                          f"options are {', '.join(sorted(known)) or 'none'}")
-    if opts is None:
-        return given
-    defaults = {f.name: _field_default(f) for f in dataclasses.fields(opts)}
-    return opts(**{k: coerce(k, v, defaults[k]) for k, v in given.items()})
+    defaults = ({f.name: _field_default(f) for f in dataclasses.fields(opts)} if opts else
+                {s.name: s.default for s in option_specs(cls) if not s.required})
+    given = {k: coerce(k, v, defaults[k]) if defaults.get(k) is not None else v
+             for k, v in given.items()}
+    return given if opts is None else opts(**given)
 
 
 def options_dict(options: Any) -> dict[str, Any]:
@@ -167,11 +185,12 @@ def build_by_signature(cls: type, options: Any, data: Any, **known: Any) -> Any:
                          f"{type(e).__name__}: {first}") from None
 
 
-def coerce(name: str, value: Any, default: Any, label: str | None = None) -> Any:
+def coerce(name: str, value: Any, default: Any) -> Any:
     """``value`` as the type of the option's ``default`` (a list or a single value for a
-    tuple), or :class:`UsageError` naming the option (as ``label``, else its flag) and the
-    type it takes."""
-    flag = label or "--" + name.replace("_", "-")
+    tuple), or :class:`UsageError` naming the option (its flag, or its key in a file within
+    :func:`named_as_keys`) and the type it takes. The one place options are coerced."""
+    keys = _KEYS.get()
+    flag = "--" + name.replace("_", "-") if keys is None else f"key {keys + name!r}"
 
     def bad(kind: str) -> UsageError:
         return UsageError(f"{flag} takes {kind}, got {value!r}")
@@ -195,20 +214,9 @@ def coerce(name: str, value: Any, default: Any, label: str | None = None) -> Any
     if isinstance(default, tuple):
         items = tuple(value) if isinstance(value, list | tuple) else (value,)
         if default:
-            items = tuple(coerce(name, v, default[0], label) for v in items)
+            items = tuple(coerce(name, v, default[0]) for v in items)
         return items
     return value
-
-
-def coerce_options(cls: type, given: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``given`` with each value that ``cls``'s options give a typed default coerced to it
-    (:func:`coerce`; errors name the key as ``prefix + key``); other keys left as they are,
-    for :func:`make_options` to judge."""
-    opts = options_class(cls)
-    defaults = ({f.name: _field_default(f) for f in dataclasses.fields(opts)} if opts else
-                {s.name: s.default for s in option_specs(cls) if not s.required})
-    return {k: coerce(k, v, defaults[k], f"key {prefix + k!r}") if defaults.get(k) is not None
-            else v for k, v in given.items()}
 
 
 def parse_model_opts(items: list[str] | None) -> dict[str, Any]:
