@@ -192,3 +192,22 @@ def test_iwae_bounds_on_a_trained_vae(trained_run, sem):
     assert d.mean() > 4 * sem(d), (d.mean(), sem(d))
     d = s[100].iwae - s[10].iwae  # E[IWAE_100] >= E[IWAE_10]
     assert d.mean() > -4 * sem(d)
+
+
+def test_score_with_the_callers_program_info_skips_inspection_and_draws_the_same(
+        digits, monkeypatch):
+    """The trainer passes what its probe found: no second inspection, the same numbers."""
+    from ppl_vae.inference.program import inspect_program
+
+    vae = VAE(64, z_dim=3, hidden=(16,))
+    x = digits.test.x[:40]
+    info = inspect_program(vae.model, vae.guide, x[:2])
+    plain = score(vae, x, num_samples=4, iwae=True, seed=3)
+    calls = []
+    monkeypatch.setattr(importance_module, "inspect_program",
+                        lambda *a, **k: calls.append(a) or inspect_program(*a, **k))
+    given = score(vae, x, num_samples=4, iwae=True, seed=3, info=info)
+    assert not calls
+    assert torch.equal(given.elbo, plain.elbo) and torch.equal(given.iwae, plain.iwae)
+    score(vae, x, num_samples=4, seed=3, info=info, guide=lambda x: vae.guide(x))
+    assert len(calls) == 1  # another proposal is another program: inspected

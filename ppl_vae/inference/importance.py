@@ -239,11 +239,13 @@ quiet."""
 
 @torch.no_grad()
 def score(module, *inputs: Tensor, num_samples: int = 10, iwae: bool = False,
-          seed: int = 0, guide: Callable | None = None, progress: bool | None = None
-          ) -> Scores:
+          seed: int = 0, guide: Callable | None = None, progress: bool | None = None,
+          info: ProgramInfo | None = None) -> Scores:
     """Per-row ELBO (the mean of K log weights) and, if ``iwae``, the IWAE_K bound, for every
     row of ``inputs`` (the arguments of ``module.model``/``module.guide``, rows first).
-    ``guide`` replaces the module's guide as the proposal.
+    ``guide`` replaces the module's guide as the proposal; ``info`` is what
+    :func:`~ppl_vae.inference.program.inspect_program` found of the module's own program, if
+    the caller has it (the module's guide only: not re-inspected).
 
     Runs in memory-bounded chunks of rows and of samples (:func:`plan_score`), seeded:
     re-running gives the same numbers, and the caller's RNG state is left as it was. An
@@ -257,8 +259,9 @@ def score(module, *inputs: Tensor, num_samples: int = 10, iwae: bool = False,
     n = inputs[0].shape[0]
     device = inputs[0].device
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        plan = plan_score(module, *inputs, num_samples=num_samples, guide=guide)
+        plan = plan_score(module, *inputs, num_samples=num_samples, guide=guide,
+                          info=info if guide == module.guide else None)
+        torch.manual_seed(seed)  # after planning: the same draws with or without ``info``
         info, rows, joint = plan.info, plan.rows, plan.joint
         dtype = _float_dtype(inputs[0])
         elbo_sum = torch.zeros(n, device=device, dtype=dtype)

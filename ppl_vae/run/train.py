@@ -115,15 +115,16 @@ def score_split(module: nn.Module, split: Split, num_samples: int, iwae: bool = 
     unless the program shares global latents across rows (then rank 0 scores them all)."""
     n = len(split)
     if not world.parallel:
-        return score(module, *data_args(module, split), num_samples=num_samples, iwae=iwae)
+        return score(module, *data_args(module, split), num_samples=num_samples, iwae=iwae,
+                     info=info)
     joint = info is None or info.data_plate is None or bool(info.global_sites)
     if joint or n < world.size:
-        scores = (score(module, *data_args(module, split), num_samples=num_samples, iwae=iwae)
-                  if world.main else None)
+        scores = (score(module, *data_args(module, split), num_samples=num_samples, iwae=iwae,
+                        info=info) if world.main else None)
         scores = dist.broadcast(None if scores is None else _to_cpu(scores), world)
         return _to(scores, split.x.device)
     part = score(module, *data_args(module, split, dist.shard(n, world)),
-                 num_samples=num_samples, iwae=iwae, seed=world.rank)
+                 num_samples=num_samples, iwae=iwae, seed=world.rank, info=info)
     parts = dist.gather(_to_cpu(part), world)
     return _to(Scores(torch.cat([p.elbo for p in parts]),
                       None if part.iwae is None else torch.cat([p.iwae for p in parts]),
