@@ -45,16 +45,16 @@ from ..models import hook
 from ..run.loop import Loop
 from ..run.rundir import RunDir
 from ..run.train import (
-    build_model,
     context,
     data_args,
     device_for,
     load_data,
     probe,
     score_split,
+    setup_model,
     train_args,
 )
-from .runs import load_run
+from .runs import open_run
 
 ESTIMATORS = ("mc", "analytic")
 
@@ -279,8 +279,8 @@ def compare(cc: CompareConfig, out: str | None = None, progress: bool | None = N
     if cc.run is not None:
         if cc.warmup_epochs:
             raise UsageError("--warmup-epochs trains a fresh model; a --run is trained already")
-        saved, module, data = load_run(cc.run, config.cuda,
-                                       config.data_dir if config.data_dir != "data" else None)
+        saved, module, data, info = open_run(
+            cc.run, config.cuda, config.data_dir if config.data_dir != "data" else None)
         # the run's model and data; this comparison's training settings for the race
         config = replace(saved, **{k: getattr(config, k) for k in (
             "lr", "epochs", "batch_size", "seed", "eval_particles", "cuda", "overwrite")})
@@ -288,11 +288,11 @@ def compare(cc: CompareConfig, out: str | None = None, progress: bool | None = N
         device = device_for(config.cuda)
         data = load_data(config).to(device)
         pyro.set_rng_seed(config.seed)
-        module = build_model(config, data).to(device)
+        with pyro.validation_enabled(config.validate):
+            module, info = setup_model(config, data, device)
     with RunDir.open(out, f"compare-{config.model_name}", overwrite=config.overwrite) as rundir, \
             pyro.validation_enabled(config.validate):
         out_dir = rundir.path
-        info = probe(module, data)
         if cc.run is None and cc.warmup_epochs:  # pre-training too runs for the warm-up
             ctx = context(replace(config, epochs=cc.warmup_epochs), module, data, out_dir,
                           progress)

@@ -16,17 +16,9 @@ from ..config import TrainConfig
 from ..data import Dataset
 from ..errors import UsageError
 from ..files import write_json
-from ..resources import allocation_guard, check_model_fits
+from ..inference.program import ProgramInfo
 from ..run.checkpoint import load_checkpoint, restore_params
-from ..run.train import (
-    build_model,
-    context,
-    device_for,
-    load_data,
-    probe,
-    report,
-    score_split,
-)
+from ..run.train import context, device_for, load_data, report, score_split, setup_model
 
 
 def read_config(run_dir: Path, model: type | None = None) -> TrainConfig:
@@ -54,18 +46,21 @@ def read_config(run_dir: Path, model: type | None = None) -> TrainConfig:
 def load_run(run_dir: str | os.PathLike, cuda: bool = False, data_dir: str | None = None,
              model: type | None = None) -> tuple[TrainConfig, nn.Module, Dataset]:
     """The config, trained module (in eval mode) and data of a saved run directory."""
+    return open_run(run_dir, cuda, data_dir, model)[:3]
+
+
+def open_run(run_dir: str | os.PathLike, cuda: bool = False, data_dir: str | None = None,
+             model: type | None = None
+             ) -> tuple[TrainConfig, nn.Module, Dataset, ProgramInfo]:
+    """:func:`load_run` and what the probe of the module's program found."""
     run_dir = Path(run_dir)
     config = read_config(run_dir, model)
     config = replace(config, cuda=cuda, data_dir=data_dir or config.data_dir)
     device = device_for(cuda)
     state = load_checkpoint(run_dir / "checkpoint.pt", map_location=device)
     data = load_data(config).to(device)
-    with pyro.validation_enabled(config.validate):
-        pyro.clear_param_store()
-        check_model_fits(lambda: build_model(config, data), device, training=False)
-        with allocation_guard("building the model"):
-            module = build_model(config, data).to(device)
-        probe(module, data)  # parameters a guide creates lazily exist before loading
+    with pyro.validation_enabled(config.validate):  # a guide's lazy parameters exist now
+        module, info = setup_model(config, data, device, training=False)
     try:
         module.load_state_dict(state["model"])
     except RuntimeError:
@@ -73,7 +68,7 @@ def load_run(run_dir: str | os.PathLike, cuda: bool = False, data_dir: str | Non
                          "config.json describes; was one of them replaced?") from None
     restore_params(state)
     module.eval()
-    return config, module, data
+    return config, module, data, info
 
 
 def evaluate_run(run_dir: str | os.PathLike, eval_iwae: int = 0, cuda: bool = False,
@@ -89,12 +84,12 @@ def evaluate_run(run_dir: str | os.PathLike, eval_iwae: int = 0, cuda: bool = Fa
         kind = "a directory" if summary_path.is_dir() else "not a regular file"
         raise UsageError(f"{str(summary_path)!r} is {kind}; move it away so that evaluate can "
                          "write the run's summary there")
-    config, module, data = load_run(run_dir, cuda, data_dir, model)
+    config, module, data, info = open_run(run_dir, cuda, data_dir, model)
     k = eval_iwae or eval_particles or config.eval_particles
     ctx = context(config, module, data, run_dir, progress=False)
     ctx.figures = False  # the numbers again; the run's figures stay as they are
     with pyro.validation_enabled(config.validate), torch.no_grad():
-        scores = score_split(module, data.test, k, iwae=eval_iwae > 0)
+        scores = score_split(module, data.test, k, iwae=eval_iwae > 0, info=info)
         result = {**scores.summary(), "eval_particles": k}
         ctx.summary = dict(result)  # the report derives from it, not a second evaluation
         result.update(report(module, ctx))

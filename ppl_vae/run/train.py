@@ -96,6 +96,19 @@ def train_args(module: nn.Module, data: Dataset, generator: torch.Generator | No
     return hook(module, "data_args")(data.train_epoch(generator), data.train.y)
 
 
+def setup_model(config: TrainConfig, data: Dataset, device: torch.device,
+                training: bool = True) -> tuple[nn.Module, ProgramInfo]:
+    """The run's model, built once and probed once: refused before anything is allocated
+    when its weights (with ``training``: and the loop's copies) cannot fit on ``device``,
+    built there from an empty param store, and its program inspected (:func:`probe`)."""
+    pyro.clear_param_store()
+    resources.check_model_fits(lambda: build_model(config, data), device, training=training,
+                               early_stop=training and config.early_stop > 0)
+    with resources.allocation_guard("building the model"):
+        module = build_model(config, data).to(device)
+    return module, probe(module, data)
+
+
 def probe(module: nn.Module, data: Dataset) -> ProgramInfo:
     """:func:`inspect_program` of every term of the module's objective on two training rows
     (this also creates parameters that a guide makes lazily, e.g. an autoguide's)."""
@@ -269,27 +282,25 @@ def resume_config(run_dir: str | os.PathLike, given: dict | None = None) -> Trai
 
 
 def train_run(config: TrainConfig, data: Dataset | None = None, progress: bool | None = None,
-              *, resume: bool = False, rundir=None) -> Run:
+              *, resume: bool = False) -> Run:
     """Train one model by SVI and write its run directory. Clears Pyro's param store.
 
     With ``config.early_stop`` a validation split is carved out of the training split, and
     the run keeps the weights of its best validation ELBO. ``resume`` continues the run in
     ``config.out`` from its checkpoint (see :func:`resume_config`); a worker that torchrun
-    restarted resumes by itself. ``rundir`` is a sub-run directory of a parent run.
+    restarted resumes by itself.
     """
     world = dist.setup(config.cuda)
     if not world.main:
         progress = False
     config = _default_out(config)
-    if dist.restart_count() and rundir is None and not resume:
+    if dist.restart_count() and not resume:
         resume = has_checkpoint(config.out)
         config = replace(config, overwrite=True)  # a restart before any checkpoint: anew
-    if resume and rundir is None and not has_checkpoint(config.out):
+    if resume and not has_checkpoint(config.out):
         raise UsageError(f"--resume: {str(config.out)!r} holds no checkpoint to continue; start "
                          "a new run")
-    own = rundir is None
-    if own:
-        rundir = open_run_dir(config, world, resume)
+    rundir = open_run_dir(config, world, resume)
     config = replace(config, out=str(rundir.final))
     ok = False
     try:
@@ -299,8 +310,7 @@ def train_run(config: TrainConfig, data: Dataset | None = None, progress: bool |
         ok = True
         return run
     finally:
-        if own:
-            rundir.close(ok)
+        rundir.close(ok)
 
 
 def _train(config: TrainConfig, device: torch.device, data: Dataset, rundir,
@@ -308,15 +318,10 @@ def _train(config: TrainConfig, device: torch.device, data: Dataset, rundir,
     state = load_checkpoint(rundir.final / "checkpoint.pt", map_location=device) \
         if resume else None
     pyro.set_rng_seed(config.seed)
-    pyro.clear_param_store()
-    resources.check_model_fits(lambda: build_model(config, data), device,
-                               early_stop=config.early_stop > 0)
-    with resources.allocation_guard("building the model"):
-        module = build_model(config, data).to(device)
+    module, info = setup_model(config, data, device)
     refused = getattr(module, "elbo_refused", {}).get(config.elbo)
     if refused:
         raise UsageError(f"--model {config.model_name} with --elbo {config.elbo}: {refused}")
-    info = probe(module, data)
     terms = hook(module, "programs")()
 
     def step_for(k: int):  # the objective with k particles, for the memory estimate
