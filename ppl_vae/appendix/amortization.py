@@ -213,21 +213,22 @@ def gaps(vae: nn.Module, x: Tensor, iwae_samples: int = 5000, elbo_samples: int 
     }
 
 
-def true_posterior(vae: nn.Module, x: Tensor, num_samples: int = 500, seed: int = 0):
+def true_posterior(vae: nn.Module, x: Tensor, num_samples: int = 500, seed: int = 0,
+                   warmup_steps: int = 300):
     """NUTS draws from p(z | x) for one image ``x`` (shape (1, D)), decoder fixed."""
     with frozen(vae):
-        return nuts(vae.model, x, num_samples=num_samples, warmup_steps=300, num_chains=2,
-                    seed=seed)
+        return nuts(vae.model, x, num_samples=num_samples, warmup_steps=warmup_steps,
+                    num_chains=2, seed=seed)
 
 
 def posterior_figure(vae: nn.Module, images: Tensor, path: str | Path,
-                     num_samples: int = 500, seed: int = 0) -> Figure:
+                     num_samples: int = 500, seed: int = 0, warmup_steps: int = 300) -> Figure:
     """For 2-D latents: NUTS draws of p(z|x) (ArviZ KDE) with q(z|x)'s draws on top."""
     az = arviz()
     fig = Figure(figsize=(3.2 * len(images) + 1.2, 3.3), layout="constrained")
     axes = fig.subplots(1, len(images), squeeze=False)[0]
     for i, (ax, x) in enumerate(zip(axes, images, strict=True)):
-        idata = true_posterior(vae, x[None], num_samples=num_samples, seed=seed + i)
+        idata = true_posterior(vae, x[None], num_samples, seed + i, warmup_steps)
         z = idata.posterior["z"].values.reshape(-1, 2)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
