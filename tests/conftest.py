@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
-import math
 import os
+
+# One thread per process (this one and the runs it starts): tests check numbers, not speed,
+# and on a shared 2-core machine more threads only make everything slower.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import math
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
