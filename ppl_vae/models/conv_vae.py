@@ -74,10 +74,10 @@ from .likelihoods import (
     check_range,
     pixel_likelihood,
 )
-from .nets import ACTIVATIONS, check_options, positive
+from .nets import ACTIVATIONS
 from .options import build_by_signature, with_changes
 from .registry import register_model
-from .vae import ENCODER_SCALES, GaussianLatentVAE, encoder_scale
+from .vae import GaussianLatentVAE, ScaleOptions, encoder_scale
 
 if TYPE_CHECKING:
     from ..data import Dataset
@@ -116,7 +116,7 @@ def image_chw(image_shape: Sequence[int]) -> tuple[int, int, int]:
 
 
 @dataclass
-class ConvVAEOptions:
+class ConvVAEOptions(ScaleOptions):
     """The convolutional VAE's options (``--model conv-vae``)."""
 
     z_dim: int = field(default=32, metadata={"help": "latent dimension d"})
@@ -124,31 +124,16 @@ class ConvVAEOptions:
         "help": "channels of the encoder's stride-2 convolutions, one per halving of the "
                 "image (as many as its size allows, down to about 4x4; a shorter list repeats "
                 "its last); the decoder mirrors them"})
-    activation: str = field(default="relu", metadata={
-        "help": "nonlinearity between layers", "choices": tuple(ACTIVATIONS)})
     likelihood: str = field(default=AUTO, metadata={
         "help": "the likelihood of each subpixel: logistic is the discretized logistic on 256 "
                 "levels (8-bit images; reports bits/dim); auto: logistic for 8-bit data, "
                 "bernoulli otherwise", "choices": (AUTO, *CONV_LIKELIHOODS)})
-    gaussian_scale: float = field(default=1.0, metadata={
-        "help": "sigma of the Gaussian likelihood (with --learn-scale: its initial value)"})
-    learn_scale: bool = field(default=False, metadata={
-        "help": "learn the sigma of --likelihood gaussian"})
-    beta: float = field(default=1.0, metadata={"help": "KL weight (beta-VAE)"})
-    encoder_scale: str = field(default="softplus", metadata={
-        "help": "encoder's scale head: softplus sigma=softplus(h), logvar sigma=exp(h/2), "
-                "logscale sigma=exp(h)", "choices": ENCODER_SCALES})
 
     def __post_init__(self) -> None:
         self.channels = tuple(int(c) for c in self.channels)
-        check_options(self)
+        super().__post_init__()
         if not self.channels or any(c < 1 for c in self.channels):
             raise UsageError(f"--channels must be at least 1 each, got {list(self.channels)}")
-        positive("beta", self.beta)
-        positive("gaussian_scale", self.gaussian_scale)
-        if self.learn_scale and self.likelihood != "gaussian":
-            raise UsageError("--learn-scale learns the sigma of --likelihood gaussian; add that "
-                             "or drop --learn-scale")
 
 
 @register_model("conv-vae")
@@ -200,11 +185,7 @@ class ConvVAE(GaussianLatentVAE):
             with torch.no_grad():
                 last.bias.view(2, -1)[0].fill_(LOGISTIC_INIT[0])
                 last.bias.view(2, -1)[1].fill_(LOGISTIC_INIT[1])
-        log_scale = torch.tensor(math.log(o.gaussian_scale))
-        if o.learn_scale:
-            self.log_scale = nn.Parameter(log_scale)
-        else:
-            self.register_buffer("log_scale", log_scale)
+        self.set_scale(o)
 
     @classmethod
     def from_options(cls, options: ConvVAEOptions, data: Dataset) -> ConvVAE:

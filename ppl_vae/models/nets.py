@@ -50,13 +50,11 @@ def check_options(options: object) -> None:
 
 
 @dataclass
-class NetworkOptions:
-    """Options of a family of MLPs with a latent z and a pixel likelihood; a family's own
-    options extend it. Fields with ``choices`` metadata are checked against them."""
+class LatentOptions:
+    """Options of every family with a latent z and a pixel likelihood; a family's own options
+    extend it. Fields with ``choices`` metadata are checked against them."""
 
     z_dim: int = field(default=20, metadata={"help": "latent dimension d"})
-    hidden: tuple[int, ...] = field(default=(400,), metadata={
-        "help": "hidden layer widths of the encoding networks (decoding ones mirror them)"})
     activation: str = field(default="relu", metadata={
         "help": "nonlinearity between layers", "choices": tuple(ACTIVATIONS)})
     likelihood: str = field(default="bernoulli", metadata={
@@ -66,9 +64,20 @@ class NetworkOptions:
     beta: float = field(default=1.0, metadata={"help": "KL weight (beta-VAE)"})
 
     def __post_init__(self) -> None:
-        self.hidden = tuple(int(h) for h in self.hidden)
         check_options(self)
-        if any(h < 1 for h in self.hidden):  # none: linear networks
-            raise UsageError(f"--hidden widths must be at least 1, got {list(self.hidden)}")
         positive("beta", self.beta)
         positive("gaussian_scale", self.gaussian_scale)
+
+
+@dataclass
+class NetworkOptions(LatentOptions):
+    """:class:`LatentOptions` of a family of MLPs."""
+
+    hidden: tuple[int, ...] = field(default=(400,), metadata={
+        "help": "hidden layer widths of the encoding networks (decoding ones mirror them)"})
+
+    def __post_init__(self) -> None:
+        self.hidden = tuple(int(h) for h in self.hidden)
+        super().__post_init__()
+        if any(h < 1 for h in self.hidden):  # none: linear networks
+            raise UsageError(f"--hidden widths must be at least 1, got {list(self.hidden)}")

@@ -43,7 +43,7 @@ from ..data import pixels
 from ..errors import UsageError
 from .base import Model
 from .likelihoods import check_range, pixel_likelihood, pixel_mean
-from .nets import NetworkOptions, mlp
+from .nets import LatentOptions, NetworkOptions, mlp
 from .options import build_by_signature, with_changes
 from .registry import register_model
 
@@ -72,8 +72,9 @@ def encoder_scale_inverse(sigma: Tensor, kind: str) -> Tensor:
 
 
 @dataclass
-class VAEOptions(NetworkOptions):
-    """The VAE's options (``--model vae``)."""
+class ScaleOptions(LatentOptions):
+    """:class:`LatentOptions` of a family with a Normal encoder's scale head and a Gaussian
+    likelihood whose sigma may be learned."""
 
     learn_scale: bool = field(default=False, metadata={
         "help": "learn the sigma of --likelihood gaussian (--gaussian-scale: its initial value)"})
@@ -86,6 +87,11 @@ class VAEOptions(NetworkOptions):
         if self.learn_scale and self.likelihood != "gaussian":
             raise UsageError("--learn-scale learns the sigma of --likelihood gaussian; add that "
                              "or drop --learn-scale")
+
+
+@dataclass
+class VAEOptions(NetworkOptions, ScaleOptions):
+    """The VAE's options (``--model vae``)."""
 
 
 class GaussianLatentVAE(Model):
@@ -114,6 +120,15 @@ class GaussianLatentVAE(Model):
             loc, scale = self.encode(x)
             with poutine.scale(scale=self.beta):
                 pyro.sample("z", dist.Normal(loc, scale).to_event(1))
+
+    def set_scale(self, options: ScaleOptions) -> None:
+        """``log_scale`` = log sigma of the Gaussian likelihood: a parameter with
+        ``learn_scale``, else a buffer."""
+        log_scale = torch.tensor(math.log(options.gaussian_scale))
+        if options.learn_scale:
+            self.log_scale = nn.Parameter(log_scale)
+        else:
+            self.register_buffer("log_scale", log_scale)
 
     # -- pieces, and what a user calls ---------------------------------------------------------
     def prior(self, n: int) -> dist.Normal:
@@ -149,11 +164,7 @@ class VAE(GaussianLatentVAE):
         self.scale_head = o.encoder_scale
         self.encoder = mlp([input_dim, *o.hidden, 2 * o.z_dim], o.activation)
         self.decoder = mlp([o.z_dim, *reversed(o.hidden), input_dim], o.activation)
-        log_scale = torch.tensor(math.log(o.gaussian_scale))
-        if o.learn_scale:
-            self.log_scale = nn.Parameter(log_scale)
-        else:
-            self.register_buffer("log_scale", log_scale)
+        self.set_scale(o)
 
     @classmethod
     def from_options(cls, options: VAEOptions, data: Dataset) -> VAE:
