@@ -1,15 +1,9 @@
 """ppl_vae: variational autoencoders as Pyro probabilistic programs, trained by SVI.
 
-data -> models (the contract in :mod:`ppl_vae.models.base`) -> inference (estimators, SVI
-loop, importance sampling, trainer) -> evaluation (saved runs, the estimator comparison)
--> experiments (tables of several runs) -> CLI and plots.
-
-The public API: ``load_dataset``; ``Model`` (the contract), the families ``VAE``, ``CVAE``,
-``ConvVAE``, ``SSVAE`` (M2) and ``FlowVAE`` (``flow-vae``: the VAE with a flow guide), and
-``register_model``; ``TrainConfig``; ``train`` and ``evaluate`` (what ``python -m ppl_vae
-train`` / ``evaluate`` run); ``score`` and ``log_weights`` (per-data-point ELBO and IWAE
-bounds from Pyro traces); ``compare`` (the estimator comparison); ``ppl_vae.appendix``; and
-the figure helpers in ``ppl_vae.plots``.
+The public API (README): ``load_dataset``; ``Model`` and the families ``VAE``, ``CVAE``,
+``ConvVAE``, ``SSVAE``, ``FlowVAE``, ``register_model``; ``TrainConfig``; ``train``,
+``evaluate``, ``compare``; ``score`` and ``log_weights``; ``ppl_vae.appendix`` and
+``ppl_vae.plots``.
 """
 
 from . import appendix, plots

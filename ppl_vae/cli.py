@@ -1,13 +1,8 @@
-"""The command lines ``train``, ``evaluate``, ``compare`` and ``experiment`` (``python -m
-ppl_vae COMMAND``, :mod:`ppl_vae.__main__`; also ``python -m ppl_vae.train`` etc.), and what
-every command line here is made of: a parser whose errors are one line, a help formatter
-that shows every default, and the wrapper that turns :class:`UsageError` into one line on
-stderr and exit status 2.
-
-The options of ``train`` and ``compare`` come from :class:`~ppl_vae.config.TrainConfig` and
-from the chosen model's option group (its ``Options`` dataclass, or its constructor's
-keywords), so ``--model NAME --help`` lists that model's. Bad input ends in one line
-``prog: error: ...`` and exit status 2, never a traceback.
+"""The command lines ``train``, ``evaluate``, ``compare`` and ``experiment``
+(:mod:`ppl_vae.__main__`) and what they are made of: a parser whose errors are one line, a
+help formatter that shows every default, and the wrapper that turns :class:`UsageError`
+into ``prog: error: ...`` and exit status 2. The options of ``train`` and ``compare`` come
+from :class:`~ppl_vae.config.TrainConfig` and the chosen model's option group.
 """
 
 from __future__ import annotations
@@ -206,7 +201,7 @@ def train_parser(model: str | type = "vae", compare: bool = False) -> Parser:
             "--resume", metavar="RUN_DIR", default=None,
             help="continue the run in RUN_DIR exactly from its last checkpoint (its stored "
                  "options; any option given must agree with them)")
-    if compare:
+    else:
         g = groups["inference"]
         g.add_argument("--particles", type=int, nargs="+", default=[1, 10],
                        help="particle counts of the mc and analytic estimators to compare "
@@ -230,17 +225,11 @@ def train_parser(model: str | type = "vae", compare: bool = False) -> Parser:
     return p
 
 
-def _resume_dir(argv: Sequence[str] | None) -> str:
+def _peek(argv: Sequence[str] | None, flag: str, default: str | None = None) -> str | None:
+    """The value of ``flag`` in ``argv``, before the full parser exists."""
     pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--resume")
-    return pre.parse_known_args(argv)[0].resume
-
-
-def _model_in(argv: Sequence[str] | None) -> str:
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--model", default="vae")
-    known, _ = pre.parse_known_args(argv)
-    return known.model
+    pre.add_argument(flag, default=default)
+    return vars(pre.parse_known_args(argv)[0])[flag[2:]]
 
 
 _UNSET = object()
@@ -251,7 +240,7 @@ def _parse(argv: Sequence[str] | None, compare: bool = False, model: str | None 
     """Parsed options: TrainConfig's fields, ``model_options``, and compare's own (with
     ``given_only``, just those the command line gives)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = train_parser(model or _model_in(argv), compare)
+    parser = train_parser(model or _peek(argv, "--model", "vae"), compare)
     unset = argparse.Namespace(**{k: _UNSET for k in vars(parser.parse_args([]))})
     args = vars(parser.parse_args(argv, namespace=unset if given_only else None))
     if given_only:
@@ -265,7 +254,7 @@ def _parse(argv: Sequence[str] | None, compare: bool = False, model: str | None 
 def _train(argv: Sequence[str] | None) -> int:
     from .run.train import resume_config, train_run
 
-    run_dir = _resume_dir(argv)
+    run_dir = _peek(argv, "--resume")
     if run_dir is None:
         args = _parse(argv)
         args.pop("resume")

@@ -1,9 +1,5 @@
-"""``python -m ppl_vae.compare``: the same as ``python -m ppl_vae compare``.
-
-This file only runs the command line (:func:`ppl_vae.cli.compare_main`). As an attribute of
-the package, ``ppl_vae.compare`` is the function
-:func:`ppl_vae.evaluation.comparison.compare`; importing this file keeps it so.
-"""
+"""``python -m ppl_vae.compare`` (as ``python -m ppl_vae compare``); imported, this module is
+replaced by :func:`ppl_vae.evaluation.comparison.compare`, the package's ``ppl_vae.compare``."""
 
 import sys
 

@@ -23,11 +23,6 @@ ELBOS = ("mc", "analytic", "iwae", "enum")
 BINARIZE = ("none", "static", "dynamic")
 
 
-def default_data_dir() -> str:
-    """``$PPL_VAE_DATA`` if set, else ``./data``."""
-    return os.environ.get("PPL_VAE_DATA", "data")
-
-
 def _opt(default: Any, help: str, **meta: Any) -> Any:
     if callable(default):
         return field(default_factory=default, metadata={"help": help, **meta})
@@ -48,7 +43,8 @@ class TrainConfig:
     model_options: Any = _opt(dict, "the model's own options")
     dataset: str = _opt("digits", "mnist, fashion-mnist, cifar10, svhn, celeba (64x64), digits "
                         "or sample-patches (offline, colour) or npz:PATH", group="data")
-    data_dir: str = _opt(default_data_dir, "dataset root (env PPL_VAE_DATA)", group="data")
+    data_dir: str = _opt(lambda: os.environ.get("PPL_VAE_DATA", "data"),
+                         "dataset root (env PPL_VAE_DATA)", group="data")
     download: bool = _opt(True, "download a missing dataset", group="data",
                           off_help="never download; fail if the dataset is missing")
     binarize: str = _opt("none", "Bernoulli-sample the pixels once (static) or every epoch "
@@ -134,11 +130,13 @@ class TrainConfig:
             if getattr(self, name) not in allowed:
                 raise UsageError(f"--{name} {getattr(self, name)!r} is not one of "
                                  f"{', '.join(allowed)}")
-        for name in ("particles", "epochs", "batch_size", "eval_particles"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise UsageError(f"--{name.replace('_', '-')} must be a whole number of at "
-                                 f"least 1, got {value!r}")
+        for name, least in (("particles", 1), ("epochs", 1), ("batch_size", 1),
+                            ("eval_particles", 1), ("checkpoint_every_steps", 0),
+                            ("check_every_steps", 0), ("labelled", 0)):  # (coerced: ints)
+            if getattr(self, name) < least:
+                raise UsageError(f"--{name.replace('_', '-')} must be a whole number "
+                                 f"{'of at least 1' if least else '>= 0'}, got "
+                                 f"{getattr(self, name)!r}")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise UsageError(f"--lr must be a positive number, got {self.lr}")
         if self.early_stop < 0:
@@ -149,11 +147,6 @@ class TrainConfig:
                              f"{self.val_fraction}")
         if not 0 <= self.seed < 2**32:
             raise UsageError(f"--seed must lie in [0, 2**32), got {self.seed}")
-        for name in ("checkpoint_every_steps", "check_every_steps", "labelled"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise UsageError(f"--{name.replace('_', '-')} must be a whole number >= 0, got "
-                                 f"{value!r}")
         if self.eval_iwae < 0:
             raise UsageError(f"--eval-iwae must be 0 (off) or a number of samples, got "
                              f"{self.eval_iwae}")

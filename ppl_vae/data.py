@@ -1,30 +1,18 @@
 """Datasets as tensors on the training device, and batches drawn by a shuffled index.
 
-Every split is one ``(N, D)`` tensor of rows and an optional ``(N,)`` label tensor; images
-keep their shape in :attr:`Dataset.image_shape`, ``(C, H, W)``, and a row is an image
-flattened in C, H, W order (``x.view(N, *image_shape)`` gives it back). Nothing is
-transformed per item: binarization is one vectorized ``torch.bernoulli`` over a whole
-split, and a batch is ``x[perm[i:i + batch_size]]`` (:class:`ppl_vae.run.loop.Loop`).
+Every split is one ``(N, D)`` tensor of rows (images flattened in C, H, W order,
+:attr:`Dataset.image_shape`) and an optional ``(N,)`` label tensor. Pixels are float32 in
+[0, 1], except for 8-bit colour sources, whose rows stay uint8 on the device (a quarter of
+the memory) and are converted per batch by :func:`pixels`. Binarization is one vectorized
+``torch.bernoulli`` over a split.
 
-Pixels are float32 in [0, 1], except for 8-bit colour sources, whose rows stay **uint8**
-(0..255) on the training device -- a quarter of the memory, so CelebA-64 fits on a GPU --
-and are converted per batch by :func:`pixels` (``x / 255``). Models that do not convert
-themselves get float pixels: the contract's default ``data_args`` hook converts.
-
-Sources (``--dataset``):
-
-* ``mnist``, ``fashion-mnist`` -- torchvision's classes under ``data_dir`` (downloaded if missing).
-* ``cifar10``, ``svhn`` (32x32 RGB) and ``celeba`` (64x64 RGB: the central 148x148 square
-  resized, the usual choice) -- torchvision's classes, uint8.
-* ``digits`` -- scikit-learn's bundled 8x8 digits (1,797 images, offline), a fixed 80/20 split.
-* ``sample-patches`` -- the two colour photographs scikit-learn bundles
-  (``load_sample_images``) cut into non-overlapping 32x32 patches (520, offline, uint8; the
-  label is the photograph), a fixed 80/20 split.
-* ``npz:PATH`` -- the user's array ``x`` (N x D, N x H x W, N x C x H x W or N x H x W x C,
-  float or uint8) and optional integer labels ``y``.
-
-With ``labelled=N`` (``--labelled``, for semi-supervised models) the training split keeps N
-labels, a class-balanced draw seeded by ``--seed``; the other training labels become -1.
+Sources (``--dataset``): ``mnist``, ``fashion-mnist``, ``cifar10``, ``svhn``, ``celeba``
+(64x64, the central 148x148 square resized) from torchvision under ``data_dir``; offline
+``digits`` (scikit-learn's 8x8) and ``sample-patches`` (32x32 patches of scikit-learn's two
+sample photographs, uint8, labelled by photograph), each a fixed 80/20 split; ``npz:PATH``,
+an array ``x`` (N x D, N x H x W, N x C x H x W or N x H x W x C) and optional labels ``y``.
+``labelled=N`` keeps N training labels, a class-balanced draw seeded by ``--seed`` (the others
+become -1).
 """
 
 from __future__ import annotations
@@ -41,16 +29,12 @@ from .errors import UsageError
 
 SPLIT_SEED = 0  # the digits/npz train/test split and static binarization never change with --seed
 TEST_FRACTION = 0.2
-
-
-EIGHT_BIT = torch.uint8
-UNLABELLED = -1
-"""The label of a training row whose label ``--labelled`` hid."""
+UNLABELLED = -1  # The label of a training row whose label ``--labelled`` hid.
 
 
 def pixels(x: Tensor) -> Tensor:
     """Float pixels of rows ``x``: ``x / 255`` in float32 for 8-bit (uint8) rows, else ``x``."""
-    return x.float().div_(255) if x.dtype == EIGHT_BIT else x
+    return x.float().div_(255) if x.dtype == torch.uint8 else x
 
 
 @dataclass(frozen=True)
@@ -90,7 +74,7 @@ class Dataset:
     @property
     def eight_bit(self) -> bool:
         """Rows are uint8 levels 0..255 (convert with :func:`pixels`)."""
-        return self.train.x.dtype == EIGHT_BIT
+        return self.train.x.dtype == torch.uint8
 
     @property
     def labelled(self) -> int | None:
@@ -228,8 +212,7 @@ def _celeba(cls: type, root: str, split: str, download: bool) -> tuple[Tensor, T
 
     cache = os.path.join(root, "celeba", f"ppl_vae-64-{split}.pt")
     if os.path.isfile(cache):
-        x, y = torch.load(cache, weights_only=True)
-        return x, y
+        return tuple(torch.load(cache, weights_only=True))
     crop = v2.Compose([v2.PILToTensor(), v2.CenterCrop(CELEBA_CROP), v2.Resize(64, antialias=True)])
     s = cls(root, split=split, target_type="attr", download=download, transform=crop)
     from tqdm import tqdm
@@ -293,8 +276,9 @@ def _npz(path: str, likelihood: str | None) -> Dataset:
         raise UsageError(f"{where}: 'x' has dtype {x.dtype}; expected real numbers")
     if x.ndim == 4:
         x = _channels_first(x, where)
+    side = math.isqrt(x.shape[1]) if x.ndim == 2 else 0  # rows of s*s values: (1, s, s) images
     shape = (tuple(x.shape[1:]) if x.ndim == 4 else (1, *x.shape[1:]) if x.ndim == 3
-             else _square(x.shape[1]))
+             else (1, side, side) if side * side == x.shape[1] else None)
     y = _npz_labels(arrays, len(x), where)
     if x.dtype != np.uint8:  # 8-bit images stay 8-bit (converted per batch)
         x = x.astype(np.float32)
@@ -310,12 +294,6 @@ def _npz(path: str, likelihood: str | None) -> Dataset:
             )
     train, test = _split(torch.as_tensor(np.ascontiguousarray(x.reshape(len(x), -1))), y)
     return Dataset(where, train, test, image_shape=shape)
-
-
-def _square(d: int) -> tuple[int, int, int] | None:
-    """(1, s, s) for rows of d = s*s values, else None (not images)."""
-    side = math.isqrt(d)
-    return (1, side, side) if side * side == d else None
 
 
 COLOUR_CHANNELS = (1, 3, 4)
@@ -375,15 +353,8 @@ def hide_labels(data: Dataset, labelled: int, seed: int = 0) -> Dataset:
 
 
 MAGNITUDE_MARGIN = 1e3
-"""How far below float32 overflow the data must stay: squared values summed over a row
-(a Gaussian log-density) stay below ``float32.max / MAGNITUDE_MARGIN**2``."""
-
-
-def max_magnitude(dim: int) -> float:
-    """The largest absolute input value :func:`check_magnitude` lets through for rows of
-    ``dim`` values: ``sqrt(float32.max / dim) / MAGNITUDE_MARGIN`` (4.6e15 for 16 values,
-    6.6e14 for 784)."""
-    return math.sqrt(float(np.finfo(np.float32).max) / max(1, dim)) / MAGNITUDE_MARGIN
+"""How far below float32 overflow the data must stay: ``|x| <= sqrt(float32.max / D) /
+MAGNITUDE_MARGIN`` for rows of D values (4.6e15 for 16 values, 6.6e14 for 784)."""
 
 
 def check_magnitude(x: np.ndarray | Tensor, where: str) -> None:
@@ -394,7 +365,7 @@ def check_magnitude(x: np.ndarray | Tensor, where: str) -> None:
         return
     dim = math.prod(x.shape[1:])
     peak = float(abs(x).max())
-    limit = max_magnitude(dim)
+    limit = math.sqrt(float(np.finfo(np.float32).max) / max(1, dim)) / MAGNITUDE_MARGIN
     if peak > limit:
         raise UsageError(f"{where}: the data reach {peak:.3g} in magnitude, beyond {limit:.2g}, "
                          f"where float32 log-densities of rows of {dim} values overflow; "

@@ -1,9 +1,5 @@
-"""``python -m ppl_vae.evaluate``: the same as ``python -m ppl_vae evaluate``.
-
-This file only runs the command line (:func:`ppl_vae.cli.evaluate_main`). As an attribute
-of the package, ``ppl_vae.evaluate`` is the function
-:func:`ppl_vae.evaluation.runs.evaluate_run`; importing this file keeps it so.
-"""
+"""``python -m ppl_vae.evaluate`` (as ``python -m ppl_vae evaluate``); imported, this module is
+replaced by :func:`ppl_vae.evaluation.runs.evaluate_run`, the package's ``ppl_vae.evaluate``."""
 
 import sys
 

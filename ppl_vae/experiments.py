@@ -1,11 +1,7 @@
 """Tables made of several training runs: ``python -m ppl_vae experiment NAME [options]``.
-
-``cvae-quadrants`` -- the table of Sohn, Lee & Yan (2015): one CVAE per number of observed
-quadrants (``--quadrants 1 2 3``), each an ordinary run of its own in ``<out>/quadrants-K``
-(the run's options otherwise as ``train --model cvae`` takes them), then -log p(y|c) of the
-test images side by side in ``<out>/cll_table.md`` and ``.csv``, and ``<out>/summary.json``.
-With ``--resume`` the same command continues the table: runs that finished are read back,
-one that was interrupted resumes from its checkpoint, the others start.
+``cvae-quadrants``: one CVAE run per observed-quadrant count in ``<out>/quadrants-K`` and
+their -log p(y|c) table (Sohn, Lee & Yan 2015); ``--resume`` reads finished runs back and
+resumes an interrupted one.
 """
 
 from __future__ import annotations

@@ -1,9 +1,6 @@
-"""Atomic file writes: a reader sees the old file or the new one, never half of either.
-
-Every write goes to a hidden temporary file beside its target (``.{name}.XXXXXXXX.tmp``),
-is fsynced and renamed over the target; the result gets the mode ``open()`` would give a
-new file (``0o666`` less the umask). Any OS failure (disk full, read-only, permission)
-removes the temporary file and raises :class:`UsageError` naming the path and the reason.
+"""Atomic file writes: each goes to a hidden temporary file beside its target, is fsynced and
+renamed over it (mode ``0o666`` less the umask); an OS failure removes the temporary file
+and raises a one-line :class:`UsageError`.
 """
 
 from __future__ import annotations
@@ -40,24 +37,9 @@ def umask() -> int:
     return mask
 
 
-def write_error(path: str | os.PathLike, e: OSError, setting: str = "--out") -> UsageError:
-    """The one-line :class:`UsageError` for an OS failure writing ``path``."""
-    reason = e.strerror or str(e)
-    if e.errno in _FULL:
-        fix = f"free space or choose another {setting}"
-    elif e.errno in _DENIED:
-        fix = f"make it writable or choose another {setting}"
-    else:
-        fix = f"check the disk or choose another {setting}"
-    return UsageError(f"cannot write {str(path)!r}: {reason}; {fix}")
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any], *,
-                 setting: str = "--out") -> None:
-    """Call ``write(f)`` on a temporary file beside ``path``, then rename it over ``path``.
-
-    The parents are created. An ``OSError`` anywhere removes the temporary file and becomes a
-    :class:`UsageError` (``setting`` names the option to change); other errors propagate."""
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> None:
+    """Call ``write(f)`` on a temporary file beside ``path``, then rename it over ``path``
+    (parents created). An ``OSError`` becomes a :class:`UsageError`; others propagate."""
     path = Path(path)
     tmp: str | None = None
     try:
@@ -73,40 +55,42 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any], *,
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
         if isinstance(e, OSError):
-            raise write_error(path, e, setting) from e
+            fix = ("free space" if e.errno in _FULL else "make it writable"
+                   if e.errno in _DENIED else "check the disk")
+            raise UsageError(f"cannot write {str(path)!r}: {e.strerror or e}; {fix} or choose "
+                             "another --out") from e
         raise
 
 
-def write_bytes(path: str | os.PathLike, data: bytes | memoryview, *,
-                setting: str = "--out") -> None:
-    atomic_write(path, lambda f: f.write(data), setting=setting)
+def write_bytes(path: str | os.PathLike, data: bytes | memoryview) -> None:
+    atomic_write(path, lambda f: f.write(data))
 
 
-def write_text(path: str | os.PathLike, text: str, *, setting: str = "--out") -> None:
-    write_bytes(path, text.encode(), setting=setting)
+def write_text(path: str | os.PathLike, text: str) -> None:
+    write_bytes(path, text.encode())
 
 
-def write_json(path: str | os.PathLike, obj: Any, *, setting: str = "--out") -> None:
-    write_text(path, json.dumps(obj, indent=2) + "\n", setting=setting)
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
-def write_csv(path: str | os.PathLike, rows: Sequence[dict], *, setting: str = "--out") -> None:
+def write_csv(path: str | os.PathLike, rows: Sequence[dict]) -> None:
     """Rows of dicts with the same keys, the header from the first row."""
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    write_text(path, buf.getvalue(), setting=setting)
+    write_text(path, buf.getvalue())
 
 
-def save_torch(path: str | os.PathLike, obj: Any, *, setting: str = "--out") -> None:
+def save_torch(path: str | os.PathLike, obj: Any) -> None:
     """``torch.save(obj)`` to memory first, then :func:`write_bytes`: a full disk is then an
     ``OSError`` (a one-line :class:`UsageError`), not torch's ``RuntimeError``."""
     import torch
 
     buf = io.BytesIO()
     torch.save(obj, buf)
-    write_bytes(path, buf.getbuffer(), setting=setting)
+    write_bytes(path, buf.getbuffer())
 
 
 def clean_stale_tmp(directory: str | os.PathLike) -> list[str]:

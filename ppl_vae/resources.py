@@ -1,22 +1,12 @@
-"""Memory (and time) estimated before it is spent: a size that cannot fit is refused in one
-line that names the figure, instead of failing inside an allocation.
+"""Memory estimated before it is spent: a size that cannot fit is refused in one line
+(:class:`~ppl_vae.errors.UsageError`, SI units) instead of failing inside an allocation.
 
-Model-agnostic (a plug-in model is any ``nn.Module``):
-
-* **parameters** -- :func:`model_size` builds the model under ``torch.device("meta")``
-  (shapes only, no storage) and counts its parameter and buffer bytes; a model that cannot
-  be built on the meta device gives None (no estimate) and is built for real as before.
-* **one SVI step, one evaluation pass** -- :func:`allocated_bytes` counts the bytes of every
-  tensor a pass allocates (a dispatch mode), at two sample counts and two row counts
-  (:func:`fit_cost`), scaled to ``rows x samples``: for the step, :func:`step_cost` (a
-  forward with gradients: what autograd keeps for backward is among it); for evaluation,
-  :mod:`ppl_vae.inference.importance` sizes its chunks by it.
-* **available memory** -- ``MemAvailable`` of ``/proc/meminfo`` (and a cgroup limit) on the
-  CPU, ``torch.cuda.mem_get_info`` plus the allocator's free cache on a GPU
-  (:func:`available_bytes`; None where unknown: the checks then pass).
-
-Every check raises :class:`~ppl_vae.errors.UsageError`; sizes read in SI units (1 GB =
-10**9 bytes).
+* parameters: :func:`model_size` builds the model on the meta device and counts its bytes
+  (None where it cannot be built there: no estimate);
+* one SVI step or evaluation pass: :func:`allocated_bytes` of a pass at two sample and two
+  row counts (:func:`fit_cost`), scaled to ``rows x samples``;
+* available memory: ``MemAvailable`` (and a cgroup limit) on the CPU, free memory plus the
+  allocator's cache on a GPU (:func:`available_bytes`; None where unknown: checks pass).
 """
 
 from __future__ import annotations
@@ -150,9 +140,6 @@ class ModelSize:
     def bytes(self) -> int:
         return self.parameter_bytes + self.buffer_bytes
 
-    def training_bytes(self, best_copy: bool = False) -> int:
-        return self.parameter_bytes * (TRAINING_COPIES + best_copy) + self.buffer_bytes
-
 
 @contextlib.contextmanager
 def isolated(devices: Sequence[torch.device] = ()) -> Iterator[None]:
@@ -183,10 +170,8 @@ def size_of(module: nn.Module) -> ModelSize:
 
 
 def model_size(build: Callable[[], nn.Module]) -> ModelSize | None:
-    """:func:`size_of` the module ``build()`` makes, built under ``torch.device("meta")``
-    (no storage, the RNGs and Pyro's param store left as they were). A :class:`UsageError`
-    of the build (bad options) propagates; any other failure gives None: a model that
-    cannot be built on the meta device gets no estimate."""
+    """:func:`size_of` ``build()`` built on the meta device (RNGs and param store left as they
+    were); None when it cannot be built there (a :class:`UsageError` propagates)."""
     with isolated():
         try:
             with torch.device("meta"):
@@ -211,7 +196,8 @@ def check_model_fits(build: Callable[[], nn.Module], device: torch.device | str 
     if size is None:
         return None
     device = torch.device(device)
-    need = size.training_bytes(early_stop) if training else size.bytes
+    need = (size.parameter_bytes * (TRAINING_COPIES + early_stop) + size.buffer_bytes
+            if training else size.bytes)
     largest = ""
     if size.largest is not None:
         name, shape = size.largest
@@ -290,24 +276,15 @@ class Cost:
         return self.per_draw * rows * samples + self.per_row * rows
 
 
-def _rows(args: Sequence[Any]) -> int | None:
-    first = next((a for a in args if isinstance(a, Tensor) and a.dim() >= 1), None)
-    return None if first is None else first.shape[0]
-
-
-def _doubled(args: Sequence[Any], rows: int) -> tuple:
-    return tuple(torch.cat([a, a]) if isinstance(a, Tensor) and a.dim() >= 1
-                 and a.shape[0] == rows else a for a in args)
-
-
 def fit_cost(measure: Callable[[tuple, int], int], args: Sequence[Any], k: int = 2) -> Cost:
     """:class:`Cost` from three measurements ``measure(args, samples)``: (rows, k),
     (rows, 2k) and (2 rows, k): bytes = per_draw * rows * samples + per_row * rows + const."""
     args = tuple(a.clone() if isinstance(a, Tensor) else a for a in args)  # own storage
-    r = _rows(args) or 1
-    m1 = measure(args, k)
-    m2 = measure(args, 2 * k)
-    m3 = measure(_doubled(args, r), k)
+    rows = [a.shape[0] for a in args if isinstance(a, Tensor) and a.dim() >= 1]
+    r = rows[0] if rows and rows[0] else 1
+    doubled = tuple(torch.cat([a, a]) if isinstance(a, Tensor) and a.dim() >= 1
+                    and a.shape[0] == r else a for a in args)
+    m1, m2, m3 = measure(args, k), measure(args, 2 * k), measure(doubled, k)
     per_draw = max(0.0, (m2 - m1) / (r * k))
     per_row = max(0.0, (m3 - m1) / r - per_draw * k)
     return Cost(per_draw, per_row)
@@ -315,10 +292,8 @@ def fit_cost(measure: Callable[[tuple, int], int], args: Sequence[Any], k: int =
 
 def step_cost(step_for: Callable[[int], Callable[..., Any]], args: Sequence[Any],
               device: torch.device | str = "cpu") -> Cost | None:
-    """Bytes one SVI step keeps for backward per row x particle and per row, from tiny
-    forwards of ``step_for(k)(*args)`` (``args``: a few rows, e.g. 2) at k = 2 and 4
-    particles, RNGs and param store left as they were. None when the measurement fails
-    (then the step itself will report the problem)."""
+    """Bytes one SVI step keeps for backward per row x particle and per row, from forwards of
+    ``step_for(k)(*args)`` on a few rows at k = 2 and 4 (RNGs kept); None if that fails."""
     def measure(a: tuple, k: int) -> int:
         return allocated_bytes(step_for(k), *a)
 

@@ -1,9 +1,5 @@
-"""``python -m ppl_vae.train``: the same as ``python -m ppl_vae train``.
-
-This file only runs the command line (:func:`ppl_vae.cli.train_main`). As an attribute of
-the package, ``ppl_vae.train`` is the function :func:`ppl_vae.run.train.train_run`;
-importing this file keeps it so (it puts that function in its own place in ``sys.modules``).
-"""
+"""``python -m ppl_vae.train`` (as ``python -m ppl_vae train``); imported, this module is
+replaced by :func:`ppl_vae.run.train.train_run`, the package's ``ppl_vae.train``."""
 
 import sys
 

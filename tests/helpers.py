@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 
 def assert_one_line_error(result, prog: str, *fragments: str, code: int = 2) -> None:
     """Exit status ``code`` and one line on stderr, ``prog: error: ...`` naming every
@@ -13,3 +15,12 @@ def assert_one_line_error(result, prog: str, *fragments: str, code: int = 2) -> 
     assert err.startswith(prog), err
     for fragment in fragments:
         assert fragment in err, (fragment, err)
+
+
+def encoder_scale_inverse(sigma, kind: str):
+    """The head output h that ``ppl_vae.models.vae.encoder_scale`` maps to ``sigma``."""
+    if kind == "logvar":
+        return 2 * sigma.log()
+    if kind == "logscale":
+        return sigma.log()
+    return torch.expm1(sigma).log()

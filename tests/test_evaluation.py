@@ -12,11 +12,11 @@ import math
 
 import pytest
 import torch
+from helpers import encoder_scale_inverse
 from torch.distributions import MultivariateNormal, Normal, kl_divergence
 
 from ppl_vae import VAE, Scores, log_weights, score
 from ppl_vae.inference import importance as importance_module
-from ppl_vae.models.vae import encoder_scale_inverse
 
 D, Z, SIGMA = 6, 3, 0.5
 F64 = torch.float64

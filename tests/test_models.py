@@ -10,12 +10,13 @@ import pyro
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import encoder_scale_inverse
 from pyro import poutine
 from torch import nn
 
 from ppl_vae import MODELS, VAE, TrainConfig, UsageError, get_model, register_model
 from ppl_vae.models import model_name
-from ppl_vae.models.vae import VAEOptions, encoder_scale_inverse
+from ppl_vae.models.vae import VAEOptions
 from ppl_vae.run.train import build_model
 
 D, Z, B = 64, 3, 5

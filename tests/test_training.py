@@ -16,7 +16,7 @@ from pyro.poutine.util import is_validation_enabled
 
 from ppl_vae import VAE, Run, TrainConfig, UsageError, plots, score, train_run
 from ppl_vae.evaluation.runs import evaluate_run, load_run
-from ppl_vae.run.checkpoint import load_checkpoint, restore_rng
+from ppl_vae.run.checkpoint import load_checkpoint
 from ppl_vae.run.train import build_model
 
 TINY_MODEL = dict(hidden=(16,), z_dim=2)
@@ -129,7 +129,7 @@ def test_checkpoint_contents_load_weights_only(trained_run):
     assert len(opt["state"]) == len(group["params"])
     rng = state["rng"]["torch"]
     assert rng.dtype == torch.uint8 and rng.shape == torch.get_rng_state().shape
-    restore_rng(state)
+    torch.set_rng_state(state["rng"]["torch"].cpu())  # what restores the run's RNG
     assert torch.equal(torch.get_rng_state(), rng)
 
 

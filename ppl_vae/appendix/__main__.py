@@ -14,7 +14,7 @@ from ..cli import HelpFormatter, Parser, main_wrapper
 from ..config import TrainConfig
 from ..data import load_dataset
 from ..errors import UsageError
-from ..evaluation.runs import load_run
+from ..evaluation.runs import load_run, read_summary
 from ..files import write_json, write_text
 from ..run.rundir import RunDir
 from ..run.train import train_run
@@ -78,18 +78,8 @@ def _run(argv: Sequence[str] | None) -> int:
             results[part]["seconds"] = time.perf_counter() - start
             md.append(text)
             print(text, flush=True)
-        previous = out / "results.json"
-        merged = {}
-        if previous.is_file():
-            import json
-
-            try:
-                merged = json.loads(previous.read_text())
-            except ValueError:
-                merged = {}
-            if not isinstance(merged, dict):  # not ours: replaced, like unreadable JSON
-                merged = {}
-        write_json(previous, {**merged, **results})
+        merged, _ = read_summary(out / "results.json")  # unreadable or not ours: replaced
+        write_json(out / "results.json", {**merged, **results})
         write_text(out / f"appendix-{a.part}.md", "\n".join(md))
     print(f"written to {out}")
     return 0

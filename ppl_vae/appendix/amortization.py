@@ -10,19 +10,11 @@ IWAE bound with many samples from q*_x. The approximation gap log p(x) - ELBO(q*
 price of the family (a lower bound on it, since the IWAE estimate is itself below log p(x));
 the amortization gap ELBO(q*_x) - ELBO(q_phi) the price of one encoder for all images.
 
-What q*_x is, per guide:
-
-* the Normal guide (``--model vae``): a free diagonal Normal per image (its loc and scale);
-* a flow guide (``--model flow-vae``, :class:`~ppl_vae.models.flow_vae.FlowVAE`): the
-  base Normal's loc and scale *and* the flow's context h per image, free (h in R^H), pushed
-  through the trained flow networks, which stay fixed. Cremer et al. optimize the flow's
-  own weights per image instead; the family here is a subset of theirs (every per-image
-  choice of (loc, scale, h) is one of their flows, and the amortized q_phi is one of ours),
-  so ELBO(q*) here is at most theirs: the approximation gap reported is an upper estimate of
-  theirs and the amortization gap a lower one (both before the IWAE bias).
-
-For a flow guide the best diagonal Normal for each image is fitted too (``elbo_optimal_normal``):
-on the same decoder, what the flow family gains over a Normal one.
+q*_x is a free diagonal Normal per image for the Normal guide; for a flow guide
+(:class:`~ppl_vae.models.flow_vae.FlowVAE`) a free base Normal *and* flow context h per
+image through the trained, fixed flow networks (a subset of Cremer et al.'s per-image flows,
+so the approximation gap here is an upper estimate of theirs), and the best diagonal Normal
+as well (``elbo_optimal_normal``).
 
 Also: the PSIS diagnostic k-hat of q_phi(z|x) per image (``pyro.infer.importance``;
 k < 0.5 good, > 0.7 unreliable), and NUTS draws from the true p(z|x) to set beside q.

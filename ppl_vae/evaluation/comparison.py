@@ -1,24 +1,18 @@
 """ELBO estimators side by side on one model: the bound, its gradient, and training with it.
 
-For one model and a fixed evaluation batch of B data points:
+For a fixed evaluation batch of B data points:
 
-* **Bound estimates.** R independent estimates of the per-data-point bound, -loss / B, for
-  ``mc`` (Trace_ELBO, Monte Carlo KL) and ``analytic`` (TraceMeanField_ELBO, closed-form KL)
-  at each particle count L, and for the IWAE bound (RenyiELBO, alpha = 0) at each K: mean,
-  standard deviation, standard error sd / sqrt(R), milliseconds per estimate. ``mc`` and
-  ``analytic`` estimate the same number; they *agree* when their means differ by less than
-  4 combined standard errors.
-* **Gradient quality.** R draws of the SVI gradient g per estimator and L, summarized per
-  parameter group (by default the module's top-level children, e.g. encoder and decoder)
-  by the total variance sum_j Var(g_j), the mean norm
-  E||g||, and the signal-to-noise ratio |E g_j| / sd(g_j) averaged over coordinates j
-  (Rainforth et al. 2018), from float64 sums of g and g^2 over the draws (groups: the
-  model's ``parameter_groups`` hook); a group whose
-  gradient does not vary (an exact gradient) has variance 0 and no SNR.
-* **Training race.** ``mc`` and ``analytic`` with one particle, and IWAE with K = the
-  largest particle count, each train a copy of the same weights on the same batches (a
-  seeded generator) for the same epochs; test ELBO after each epoch against epochs and
-  seconds, and the time each takes to reach a target test ELBO.
+* **Bound estimates.** R estimates of the per-point bound -loss / B for ``mc``
+  (Trace_ELBO) and ``analytic`` (TraceMeanField_ELBO) at each particle count L and for IWAE
+  (RenyiELBO, alpha = 0) at each K: mean, sd, se = sd / sqrt(R), ms per estimate. ``mc`` and
+  ``analytic`` *agree* when their means differ by less than 4 combined standard errors.
+* **Gradient quality.** R SVI gradient draws per estimator and L, per parameter group (the
+  top-level children): total variance sum_j Var(g_j), mean norm E||g|| and SNR
+  |E g_j| / sd(g_j) averaged over j (Rainforth et al. 2018), from float64 sums of g and g^2;
+  a group with an exact gradient has variance 0 and no SNR.
+* **Training race.** ``mc``, ``analytic`` (one particle) and IWAE (K = the largest count)
+  train copies of the same weights on the same batches; test ELBO per epoch and second, and
+  the time to a target test ELBO.
 """
 
 from __future__ import annotations
@@ -109,10 +103,8 @@ class Comparison:
 
 
 def _elbo(name: str, k: int, info: ProgramInfo | None):
-    if info is None:
-        return make_elbo(name, k)
-    return make_elbo(name, k, max_plate_nesting=info.max_plate_nesting,
-                     vectorize=info.vectorized)
+    return make_elbo(name, k, max_plate_nesting=info.max_plate_nesting if info else 1,
+                     vectorize=info is None or info.vectorized)
 
 
 def bound_estimates(module: nn.Module, args: tuple[Tensor, ...], repeats: int,
@@ -174,12 +166,16 @@ def gradient_stats(module: nn.Module, args: tuple[Tensor, ...], repeats: int,
             module.zero_grad(set_to_none=True)
             start = time.perf_counter()
             step(*args)
-            _sync(args[0].device)
+            if args[0].is_cuda:
+                torch.cuda.synchronize(args[0].device)
             if r == 0:
                 continue  # warm-up, not counted
             seconds += time.perf_counter() - start
-            for group, grads in _with_grad(groups).items():
-                g = torch.cat([p.grad.reshape(-1) for p in grads]).double()
+            for group, params in groups.items():
+                grads = [p.grad.reshape(-1) for p in params if p.grad is not None]
+                if not grads:  # (a group without a gradient is left out)
+                    continue
+                g = torch.cat(grads).double()
                 acc = sums.setdefault(group, [0.0, 0.0, 0.0])
                 acc[0], acc[1] = acc[0] + g, acc[1] + g * g
                 acc[2] += g.norm().item()
@@ -197,27 +193,12 @@ def gradient_stats(module: nn.Module, args: tuple[Tensor, ...], repeats: int,
     return rows
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def module_device(module: nn.Module) -> torch.device:
-    return next((p.device for p in module.parameters()), torch.device("cpu"))
-
-
 def parameter_groups(module: nn.Module) -> dict[str, list[nn.Parameter]]:
     """The gradient groups of the comparison: the module's top-level child modules, and its
     own parameters as ``(module)``."""
     groups = {name: list(child.parameters()) for name, child in module.named_children()}
     own = list(module.parameters(recurse=False))
     return {k: v for k, v in {**groups, "(module)": own}.items() if v}
-
-
-def _with_grad(groups: dict[str, list[nn.Parameter]]) -> dict[str, list[nn.Parameter]]:
-    """The parameters of each group that received a gradient (groups without one left out)."""
-    live = {name: [p for p in ps if p.grad is not None] for name, ps in groups.items()}
-    return {name: ps for name, ps in live.items() if ps}
 
 
 def variance_ratios(gradients: list[dict]) -> list[dict]:
@@ -301,7 +282,7 @@ def compare(cc: CompareConfig, out: str | None = None, progress: bool | None = N
                              module, hook(module, "programs")(), info)
             Loop(step, torch.optim.Adam(collect_params(module, info), lr=config.lr), module,
                  lambda g: train_args(module, data, g), config.batch_size, cc.warmup_epochs,
-                 seed=config.seed, device=module_device(module), progress=progress,
+                 seed=config.seed, device=data.train.x.device, progress=progress,
                  desc="warm-up").run()
         module.eval()
         args = data_args(module, data.test, slice(0, cc.eval_batch))

@@ -7,50 +7,25 @@ and step count t, the batch x and the noise eps that the guide draws::
     m <- beta1 m + (1 - beta1) g,      v <- beta2 v + (1 - beta2) g^2,      t <- t + 1
     theta <- theta - lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + epsilon)
 
-Pyro computes L by running the guide and the model in Python, site by site, which on a small
-network costs more than the arithmetic. Here that Python runs once per batch shape:
-``make_fx`` traces the step -- Pyro's traces and ELBO, the backward pass, Adam, and the
-loop's bookkeeping (the epoch's loss sum, the first step whose loss is not finite) -- as a
-pure function of tensors on fake tensors (no real work, no real random draws), with the
-module's tensors swapped in by ``torch.func.functional_call`` and Pyro's param store's by
-name, and inductor compiles it; each step then replays that graph on the live tensors,
-updating the parameters and the optimizer's own state tensors in place
-(``optimizer.state_dict()`` keeps torch's layout; capturable Adam's on a GPU). With
-``--cuda`` the graph is replayed as a CUDA graph. The bias corrections of step t + 1 are
-computed once at the end of step t into a small buffer, so no per-tensor kernel recomputes a
-power. A step while Adam has no state yet is eager (the first of a run: it makes lazy
-parameters and Adam's state; a resumed run's optimizer has its state); the last, partial
-batch of an epoch is a second shape, compiled when first met.
+Pyro computes L in Python, site by site; here ``make_fx`` traces the whole step (Pyro's
+traces and ELBO, backward, Adam, the loop's bookkeeping) once per batch shape on fake
+tensors, inductor compiles it (a CUDA graph with ``--cuda``), and each step replays it on the
+live tensors, updating the parameters and Adam's own state tensors in place. The bias
+corrections of step t + 1 are computed at the end of step t. The first step (no Adam state
+yet) is eager. Random draws are torch's, in the eager step's order (``fallback_random``): a
+compiled step draws exactly the eager step's noise.
 
-Random draws stay torch's: the graph calls the same random operators in the same order as
-the eager step (inductor's ``fallback_random``), on the global generator. A compiled step
-therefore draws exactly the noise an eager step would, differs from step to step, follows
-``--seed``, and resumes exactly from a checkpoint's RNG state.
+Assumptions, checked (else the step stays eager and one line says why, as README lists):
+the estimator's loss is differentiable and host-free (not RenyiELBO), Pyro validation is
+off; plain ``torch.optim.Adam`` (no amsgrad, maximize, tensor lr or schedule); every tensor
+the program reads is an input or an untrained constant; the structure is static (no
+``.item()``, no value-dependent shapes, two traces the same graph); a compiler for inductor;
+and at capture one compiled step agrees with one eager step with the same noise (the loss
+and Adam's new moments, to float tolerance), after which state and RNG are put back.
 
-Assumptions, checked; where one fails the step stays eager and one line says why:
-
-* the estimator has a differentiable loss that never reads the host (not RenyiELBO) and
-  Pyro validation is off;
-* the optimizer is ``torch.optim.Adam`` without amsgrad, maximize, a tensor learning rate or
-  a learning-rate schedule;
-* every tensor the program reads is an input (the module's parameters and buffers, the
-  ``pyro.param`` values it registers) or a constant that nothing trains;
-* the program's structure is static: it reads no tensor's value in Python (``.item()``,
-  ``if t > 0``), its shapes do not depend on values, and two traces are the same graph;
-* a C++ compiler for inductor on the CPU (triton on a GPU);
-* at capture, one compiled step agrees with one eager step with the same noise from the same
-  state (the loss and Adam's new moments, to float tolerance); the state and the RNG are then
-  put back and the step taken.
-
-Anything the program reads from Python (a beta, a learning rate) is frozen into the graph.
-At every epoch start the forward pass runs again on fake tensors, and its operators (with
-their Python arguments and constants) and Adam's hyperparameters are compared with the
-compiled step's (a tenth of a trace's cost); if they changed, the step is traced again, and
-recompiled with a note when the graph changed.
-
-Under ``torchrun`` the graph computes each rank's loss and gradients only; one all-reduce sums
-them over the ranks and the optimizer (any) runs outside it; the ranks agree on every
-refusal.
+At every epoch start the forward's operators and Adam's hyperparameters are compared with
+the compiled step's; if they changed, the step is traced (and compiled) again. Under
+``torchrun`` the graph computes each rank's loss and gradients only (see README).
 """
 
 from __future__ import annotations
@@ -61,16 +36,17 @@ import math
 import shutil
 import time
 import traceback
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import pyro
 import torch
 from pyro.distributions.util import is_validation_enabled as dist_validation
 from pyro.infer.util import is_validation_enabled as infer_validation
 from torch import Tensor, nn
-from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
+from torch._subclasses.fake_tensor import FakeTensor, is_fake, unset_fake_temporarily
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -83,16 +59,6 @@ TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4}
 
 class Refused(Exception):
     """Capture cannot be exact: the message is the one-line reason."""
-
-
-class Ranks(Protocol):
-    """This process among the training processes (:class:`ppl_vae.run.distributed.World`)."""
-
-    parallel: bool
-    main: bool
-
-    def gather(self, obj: Any) -> list[Any]:
-        """``obj`` of every rank, in rank order (a collective)."""
 
 
 class _OneProcess:
@@ -187,24 +153,15 @@ def _store_swapped(values: dict[str, Tensor]) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _traced_code_paths() -> Iterator[None]:
-    """Pyro and ``torch.distributions`` keep code paths for traced programs (the ones
-    ``JitTrace_ELBO`` runs): where eager code reads a tensor on the host only to save work
-    (``if not mask.all()`` in Pyro's Dice, ``x.item() == 0``) or to check an assertion, the
-    traced path does the general computation. They test ``torch._C._get_tracing_state()``;
-    during ``make_fx`` it answers truthy, so those paths are taken here too. (A module's
-    call then goes through ``_slow_forward``, which records no scopes outside
-    ``torch.jit.trace``.)"""
+    """The host-free code paths Pyro and ``torch.distributions`` keep for ``torch.jit.trace``
+    (no ``if not mask.all()``, ``x.item() == 0`` or assertions), taken under ``make_fx`` too:
+    ``torch._C._get_tracing_state()`` answers truthy."""
     real = torch._C._get_tracing_state
     torch._C._get_tracing_state = lambda: True
     try:
         yield
     finally:
         torch._C._get_tracing_state = real
-
-
-def _where(e: BaseException) -> str:
-    """`` at file:line``: the program line that raised ``e``."""
-    return _user_frame(traceback.extract_tb(e.__traceback__))
 
 
 def _user_frame(frames: traceback.StackSummary) -> str:
@@ -271,13 +228,12 @@ def _reason(e: Exception) -> str:
 
     if isinstance(e, Refused):
         return str(e)
+    where = _user_frame(traceback.extract_tb(e.__traceback__))
     if isinstance(e, DynamicOutputShapeException):
-        return (f"a dynamic structure: the shape of {e.func} depends on tensor values"
-                f"{_where(e)}")
+        return f"a dynamic structure: the shape of {e.func} depends on tensor values{where}"
     if isinstance(e, DataDependentOutputException | GuardOnDataDependentSymNode):
-        return f"the program reads a tensor's value in Python{_where(e)}"
-    first = (str(e).strip().splitlines() or [""])[0][:160]
-    return f"tracing failed{_where(e)} ({type(e).__name__}: {first})"
+        return f"the program reads a tensor's value in Python{where}"
+    return f"tracing failed{where} ({_first_line(e)})"
 
 
 @dataclass
@@ -290,22 +246,20 @@ class _Graph:
 
 
 class CompiledStep(TrainStep):
-    """The training step of ``loss`` (``args -> -ELBO``, differentiable) over ``module``
-    and ``optimizer``'s parameters, traced and compiled per batch shape; see the module
-    docstring. Called like :class:`EagerStep`; the first call, while the optimizer has no
-    state yet, is eager. ``refused`` holds the reason once the step stays eager, ``log`` gets
-    that line and other notes.
-
-    Under torchrun (``world.parallel``) the graph computes this rank's loss and gradients;
-    they are summed over the ranks by one all-reduce and ``optimizer.step()`` runs eagerly
-    (any optimizer). Every rank takes the same path: a refusal on one is a refusal on all."""
+    """The training step of ``loss`` (``args -> -ELBO``) over ``module`` and ``optimizer``'s
+    parameters, traced and compiled per batch shape, called like :class:`EagerStep`.
+    ``refused`` holds the reason once the step stays eager; ``log`` gets that line and notes.
+    ``world`` (:class:`ppl_vae.run.distributed.World`, default one process): under torchrun
+    the graph computes this rank's loss and gradients, one all-reduce sums them and
+    ``optimizer.step()`` runs eagerly; a refusal on one rank is a refusal on all."""
 
     def __init__(self, loss: LossFn | None, module: nn.Module, optimizer: torch.optim.Optimizer,
-                 eager: EagerStep, *, world: Ranks | None = None,
+                 eager: EagerStep, *, world: Any = None,
                  log: Callable[[str], None] | None = None, estimator: str = "the estimator"
                  ) -> None:
         self.loss, self.module, self.optimizer, self.eager = loss, module, optimizer, eager
-        self.world, self.log = world or _OneProcess(), log or _warn
+        self.world = world or _OneProcess()
+        self.log = log or (lambda text: warnings.warn(text, CompileNote, stacklevel=3))
         trained = (p for g in optimizer.param_groups for p in g["params"])
         self.device = next(trained, next(module.parameters(), torch.zeros(()))).device
         self.graphs: dict[tuple, _Graph] = {}
@@ -341,8 +295,7 @@ class CompiledStep(TrainStep):
         except Refused as e:
             reason = str(e)
         except Exception as e:  # inductor, triton or the program failing in a compiled run
-            first = (str(e).strip().splitlines() or [""])[0][:160]
-            reason = f"compiling the step failed ({type(e).__name__}: {first})"
+            reason = f"compiling the step failed ({_first_line(e)})"
         if self._grads_only and looking:
             reason = self._agree(reason)
         if reason is not None:
@@ -425,7 +378,8 @@ class CompiledStep(TrainStep):
                     updated.append(position[id(p)])
                 elif "exp_avg" in state:
                     updated.append(position[id(p)])
-                    steps.add(_value(state["step"]))
+                    t = state["step"]  # (no value: fake, meta)
+                    steps.add(None if is_fake(t) or t.device.type == "meta" else float(t))
             self._groups.append((group, updated))
         if len(steps - {None}) > 1:
             return (f"parameters are at different Adam steps ({sorted(steps - {None})[:3]}); the "
@@ -638,8 +592,7 @@ class CompiledStep(TrainStep):
                 return torch.compile(gm, fullgraph=True, dynamic=False,
                                      options={**options, "triton.cudagraphs": True})
         except Exception as e:
-            raise Refused(f"inductor could not compile the step ({type(e).__name__}: "
-                          f"{(str(e).strip().splitlines() or [''])[0][:160]})") from None
+            raise Refused(f"inductor could not compile the step ({_first_line(e)})") from None
 
     def _capture(self, key: tuple, args: Sequence[Tensor]) -> None:
         """Trace (twice: the same graph, or a dynamic structure), compile, and check one
@@ -679,15 +632,14 @@ class CompiledStep(TrainStep):
         same state, which is then put back (the RNG too): :class:`Refused` if they disagree
         by more than float rounding (the loss, and the gradient: in Adam's new moments, or
         as the graph returns it under torchrun)."""
-        rng = _rng_state(self.device)
         saved = [t.detach().clone() for t in self._inputs]
-        trained = self._trained_tensors
-        with warnings_quiet():
+        devices = [self.device] if self.device.type == "cuda" else []
+        with warnings_quiet(), torch.random.fork_rng(devices):
             loss_e = self.loss(*args)
-            grads_e = torch.autograd.grad(loss_e, trained, allow_unused=True)
+            grads_e = torch.autograd.grad(loss_e, self._trained_tensors, allow_unused=True)
         loss_e = loss_e.detach()
-        self._restore(saved, rng)  # (buffers the forward updated)
-        with torch.no_grad(), warnings_quiet():
+        self._restore(saved)  # (buffers the forward updated)
+        with torch.no_grad(), warnings_quiet(), torch.random.fork_rng(devices):
             loss_c, *grads_c = graph.compiled(*self._inputs, *args)
         checks = [("the loss", loss_c, loss_e, loss_e.abs() + 1)]
         if self._grads_only:
@@ -711,17 +663,16 @@ class CompiledStep(TrainStep):
                              v0 * beta2 + (1 - beta2) * g * g, v0 + (1 - beta2) * g * g)]
                     k += 1
         worst, what = max((_relative_error(c, e, scale), what) for what, c, e, scale in checks)
-        self._restore(saved, rng)
+        self._restore(saved)
         rtol = TOLERANCE.get(loss_e.dtype, 1e-2)
         if not worst <= rtol:
             raise Refused(f"the compiled step disagrees with the eager step with the same noise "
                           f"({what}: relative error {worst:.2g} > {rtol:g})")
 
-    def _restore(self, saved: list[Tensor], rng: tuple) -> None:
+    def _restore(self, saved: list[Tensor]) -> None:
         with torch.no_grad():
             for t, s in zip(self._inputs, saved, strict=True):
                 t.copy_(s)
-        _set_rng_state(self.device, rng)
 
     # -- refusing ------------------------------------------------------------------------------
     def _agree(self, reason: str | None) -> str | None:
@@ -741,11 +692,8 @@ class CompiledStep(TrainStep):
             self.log(f"--compile: {reason}; this run trains with the eager step")
 
 
-def _value(t: Tensor) -> float | None:
-    """``float(t)``, or None for a tensor without data (fake, meta)."""
-    from torch._subclasses.fake_tensor import is_fake
-
-    return None if is_fake(t) or t.device.type == "meta" else float(t)
+def _first_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:160]}"
 
 
 def _relative_error(new: Tensor, expected: Tensor, scale: Tensor) -> float:
@@ -763,29 +711,10 @@ class CompileNote(UserWarning):
     """What :class:`CompiledStep` says (a refusal, a recompile) when given no ``log``."""
 
 
-def _warn(text: str) -> None:
-    import warnings
-
-    warnings.warn(text, CompileNote, stacklevel=3)
-
-
-def _rng_state(device: torch.device) -> tuple[Tensor, Tensor | None]:
-    return (torch.get_rng_state(),
-            torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
-
-
-def _set_rng_state(device: torch.device, state: tuple[Tensor, Tensor | None]) -> None:
-    torch.set_rng_state(state[0])
-    if state[1] is not None:
-        torch.cuda.set_rng_state(state[1], device)
-
-
 @contextlib.contextmanager
 def warnings_quiet() -> Iterator[None]:
     """Tracing and compiling without the noise they print (torch's CUDA-runtime notice on a
     CPU machine, Pyro's warnings, which the eager steps show anyway)."""
-    import warnings
-
     logger = logging.getLogger("torch.utils.cpp_extension")
     level = logger.level
     logger.setLevel(logging.ERROR)

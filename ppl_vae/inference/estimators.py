@@ -27,11 +27,9 @@ For a data point x, guide q(z|x) and L reparameterized draws z_l ~ q(z|x):
 The particles are vectorized (one batched pass, a plate left of the model's plates) when
 L > 1 and the model broadcasts over that dimension, else drawn one after another.
 
-``Trace_ELBO``, ``TraceMeanField_ELBO`` and ``TraceEnum_ELBO`` here are Pyro's classes with a
-``differentiable_loss`` that never reads the host, so a CUDA training step needs no
-synchronization and the step can be traced as one graph (:mod:`.compiled`);
-``JitTraceMeanField_ELBO`` mends Pyro 1.9.2's recompiling on
-every step. They compute the same numbers as Pyro's (``tests/test_estimators.py``).
+``Trace_ELBO``, ``TraceMeanField_ELBO`` and ``TraceEnum_ELBO`` here are Pyro's with a
+``differentiable_loss`` that never reads the host (no GPU sync; traceable, :mod:`.compiled`);
+``JitTraceMeanField_ELBO`` mends Pyro 1.9.2's recompiling on every step.
 """
 
 from __future__ import annotations
@@ -66,31 +64,21 @@ def _not_reparameterized(guide_trace) -> list[str]:
             and not site["fn"].has_rsample]
 
 
-def _reparameterized(guide_trace) -> bool:
-    return not _not_reparameterized(guide_trace)
-
-
 def _log_prob_sum(trace) -> Tensor:
     return sum(site["log_prob_sum"] for site in trace.nodes.values()
                if site["type"] == "sample")
 
 
 class Trace_ELBO(pyro.infer.Trace_ELBO):
-    """Pyro's ``Trace_ELBO`` whose ``differentiable_loss`` keeps the loss on the device.
-
-    Pyro's reads every site's log-probability on the host (``.item()``: a GPU sync per site
-    per step) to separate the loss from its surrogate. With every latent site
-    reparameterized the two are the same number, -(sum log p(x, z) - sum log q(z|x)),
-    and this class returns it directly. Otherwise (a discrete guide site) it takes Pyro's
-    surrogate, whose gradient adds the score-function terms, and returns
-    ``loss + (surrogate - surrogate.detach())``: the loss's value with the surrogate's
-    gradient, as Pyro does, with the loss kept a tensor.
-    """
+    """Pyro's ``Trace_ELBO`` whose ``differentiable_loss`` keeps the loss on the device
+    (Pyro's calls ``.item()`` per site). With every latent site reparameterized the loss is
+    -(sum log p(x, z) - sum log q(z|x)); otherwise ``loss + (surrogate -
+    surrogate.detach())``: the loss's value with the score-function surrogate's gradient."""
 
     def differentiable_loss(self, model, guide, *args, **kwargs):
         loss = 0.0
         for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
-            if _reparameterized(guide_trace):
+            if not _not_reparameterized(guide_trace):
                 elbo = _log_prob_sum(model_trace) - _log_prob_sum(guide_trace)
                 loss = loss - elbo / self.num_particles
                 continue
@@ -158,12 +146,10 @@ class TraceMeanField_ELBO(pyro.infer.TraceMeanField_ELBO):
 
 
 class _HostFreeDice(Dice):
-    """Pyro's Dice estimator (Foerster et al. 2018) of ``sum_t E[cost_t]``, whose expected
-    cost of each term is ``sum prob * cost`` over the enumerated values. Pyro drops the
-    values of zero probability (where a cost may be infinite) with ``masked_select`` after
-    asking ``mask.all()`` on the host; here their cost is set to zero in place, which gives
-    the same sum and the same gradient (zero for the dropped entries) with static shapes and
-    no host read."""
+    """Pyro's Dice estimator (Foerster et al. 2018): expected cost ``sum prob * cost`` over
+    the enumerated values. Where Pyro drops zero-probability values (``mask.all()`` on the
+    host, ``masked_select``) their cost is set to zero: the same sum and gradient, static
+    shapes, no host read."""
 
     def compute_expectation(self, costs):
         with shared_intermediates() as cache:  # as Pyro 1.9's Dice.compute_expectation
@@ -250,13 +236,11 @@ def make_elbo(name: str, particles: int = 1, jit: bool = False,
     after another (for models that cannot broadcast over a particle dimension)."""
     kw = dict(num_particles=particles, vectorize_particles=vectorize and particles > 1,
               max_plate_nesting=max_plate_nesting)
+    if jit and name in ("enum", "iwae"):  # (Pyro has no Jit RenyiELBO or TraceEnum here)
+        raise UsageError(f"--jit with --elbo {name} is not supported here; drop --jit")
     if name == "enum":
-        if jit:
-            raise UsageError("--jit with --elbo enum is not supported here; drop --jit")
         return TraceEnum_ELBO(**kw)
     if name == "iwae":
-        if jit:
-            raise UsageError("--jit has no IWAE (RenyiELBO) variant in Pyro; drop --jit")
         with warnings.catch_warnings():  # RenyiELBO warns that alpha=0 is the IWAE bound
             warnings.simplefilter("ignore")
             return RenyiELBO(alpha=0.0, **kw)

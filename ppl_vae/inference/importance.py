@@ -15,15 +15,11 @@ The model is scored as a density: ``poutine.scale`` factors (a beta-VAE's beta) 
 training objective, not the model, and are left out here; masks are kept. A latent site of
 the model that the guide does not sample is proposed from its prior, so its density cancels.
 
-Any program works (:func:`~ppl_vae.inference.program.inspect_program` finds its structure):
-
-* samples are drawn in one vectorized pass where the model broadcasts over a samples plate,
-  else one after another (memory stays bounded either way: rows and samples in chunks);
-* *global* latents theta (outside the data plate: Bayesian decoder weights, say) are drawn
-  once per sample and shared by every row, also across chunks (replayed). With N data
-  points the ELBO per point is then ``E[sum_local] + E[log p(theta) - log q(theta)] / N``,
-  and the IWAE bound is the joint one, ``log 1/K sum_k p(X, Z_k, theta_k) / q(Z_k,
-  theta_k|X)`` over the whole set, reported per point (divided by N).
+Any program works (:func:`~ppl_vae.inference.program.inspect_program`), in chunks of rows
+and samples. *Global* latents theta (outside the data plate) are drawn once per sample and
+shared by every row (replayed across chunks): with N points the ELBO per point is
+``E[sum_local] + E[log p(theta) - log q(theta)] / N`` and the IWAE bound the joint
+``log 1/K sum_k p(X, Z_k, theta_k) / q(Z_k, theta_k|X)``, divided by N.
 """
 
 from __future__ import annotations
@@ -32,7 +28,7 @@ import contextlib
 import math
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pyro
@@ -241,18 +237,11 @@ quiet."""
 def score(module, *inputs: Tensor, num_samples: int = 10, iwae: bool = False,
           seed: int = 0, guide: Callable | None = None, progress: bool | None = None,
           info: ProgramInfo | None = None) -> Scores:
-    """Per-row ELBO (the mean of K log weights) and, if ``iwae``, the IWAE_K bound, for every
-    row of ``inputs`` (the arguments of ``module.model``/``module.guide``, rows first).
-    ``guide`` replaces the module's guide as the proposal; ``info`` is what
-    :func:`~ppl_vae.inference.program.inspect_program` found of the module's own program, if
-    the caller has it (the module's guide only: not re-inspected).
-
-    Runs in memory-bounded chunks of rows and of samples (:func:`plan_score`), seeded:
-    re-running gives the same numbers, and the caller's RNG state is left as it was. An
-    evaluation expected to take over :data:`ESTIMATE_SECONDS` prints its estimate on stderr
-    and shows a progress bar with its ETA (``progress``: None shows it on a terminal, False
-    never, True always).
-    """
+    """Per-row ELBO (the mean of K log weights) and, if ``iwae``, the IWAE_K bound for every
+    row of ``inputs`` (the program's arguments, rows first); ``guide`` replaces the proposal;
+    ``info``: the caller's :func:`~ppl_vae.inference.program.inspect_program` of the module's
+    own program. Memory-bounded chunks (:func:`plan_score`), seeded (the caller's RNG is left
+    as it was); a long one prints its estimate and a bar (``progress``: None on a terminal)."""
 
     model = module.model
     guide = guide or module.guide
@@ -272,7 +261,8 @@ def score(module, *inputs: Tensor, num_samples: int = 10, iwae: bool = False,
                    leave=False, delay=BAR_DELAY, file=sys.stderr,
                    disable=None if progress is None else not progress)
         began, first = time.perf_counter(), True
-        for k in _chunks(num_samples, plan.k_chunk):
+        for k in (min(plan.k_chunk, num_samples - i) for i in range(0, num_samples,
+                                                                   plan.k_chunk)):
             shared, total = None, torch.zeros(k, device=device, dtype=dtype)
             for start in range(0, n, rows):
                 args = tuple(t[start:start + rows] for t in inputs)
@@ -314,8 +304,3 @@ def _announce(plan: Plan, began: float, device: torch.device, progress: bool | N
         tqdm.write(f"evaluation: {plan.num_samples:,} samples x {plan.n:,} rows in "
                    f"{plan.passes:,} passes, about {format_seconds(seconds)} (timed on the "
                    "first pass)", file=sys.stderr)
-
-
-def _chunks(total: int, size: int) -> Iterator[int]:
-    for i in range(0, total, size):
-        yield min(size, total - i)

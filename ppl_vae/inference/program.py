@@ -1,16 +1,8 @@
-"""What a model/guide pair is, found by running it once: the facts inference and evaluation
-need about a program they did not write.
-
-* ``max_plate_nesting``: the deepest plate of either program, so vectorized particles (and
-  enumerated discrete latents) go further left;
-* ``data_plate``: the plate of the observed site with one entry per data row; latent sites
-  inside it are *local* (one per data point), the others *global* (network weights with a
-  prior, a shared mixture weight...);
-* ``vectorized``: whether the program runs with a particle plate left of its plates
-  (Pyro-style models broadcast; some index or reshape by the batch and cannot), with the
-  error when it cannot;
-* ``registered``: the tensors the program puts in Pyro's param store itself (``pyro.module``,
-  ``pyro.param``), so that nothing is registered twice.
+"""What a model/guide pair is, found by running it once (:class:`ProgramInfo`):
+``max_plate_nesting`` (the deepest plate), ``data_plate`` (the plate of the observed site
+with one entry per row: latents inside are *local*, the others *global*), ``vectorized``
+(whether it broadcasts over a particle plate left of its plates, with the error if not),
+and ``registered`` (tensors the program puts in Pyro's param store itself).
 """
 
 from __future__ import annotations

@@ -1,13 +1,8 @@
-"""Stochastic variational inference: the step.
-
-A step takes ``loss = -ELBO`` of a batch from a Pyro estimator
-(:mod:`ppl_vae.inference.estimators`) as a differentiable tensor, and steps a
-``torch.optim.Adam`` over the module's parameters plus every ``pyro.param`` the model and
-guide touch (:func:`collect_params`): SVI with Pyro's estimators. Owning the step keeps the
-loss on the device (no ``.item()`` per step), keeps the optimizer state a plain
-``state_dict`` for checkpoints, and skips re-registering the networks in Pyro's param store
-every step (``pyro.module``, a quarter of Pyro's overhead on a 784-400-20 VAE). The epochs
-are :class:`ppl_vae.run.loop.Loop`'s.
+"""Stochastic variational inference: the step. ``loss = -ELBO`` of a batch from a Pyro
+estimator, differentiated, and ``torch.optim.Adam`` over the module's parameters plus every
+``pyro.param`` the program touches (:func:`collect_params`). Owning the step keeps the loss
+on the device, the optimizer state a plain ``state_dict``, and skips ``pyro.module``'s
+re-registration every step. The epochs are :class:`ppl_vae.run.loop.Loop`'s.
 """
 
 from __future__ import annotations
@@ -23,8 +18,7 @@ from ..errors import UsageError
 from ..models import Program
 from .program import ProgramInfo
 
-LossFn = Callable[..., Tensor]
-"""``args -> loss``: a differentiable scalar."""
+LossFn = Callable[..., Tensor]  # ``args -> loss``: a differentiable scalar.
 StepFn = Callable[..., Tensor]
 """``args -> loss``: a detached scalar, its gradient already added to the parameters."""
 

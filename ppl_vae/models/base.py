@@ -21,21 +21,11 @@ hook                   default                                    override when
                        ``sample`` where defined)
 =====================  =========================================  ==============================
 
-``data_args(x, y)`` receives a whole split (or some of its rows): ``x`` of shape (N, D),
-images flattened in C, H, W order (``data.image_shape``), float -- or uint8 levels 0..255
-for 8-bit sources, which the default converts; a model that converts them itself, per
-batch inside ``model``/``guide`` (:func:`ppl_vae.data.pixels`), keeps the split 8-bit on
-the device -- and labels ``y`` of shape (N,) or None, -1 where ``--labelled`` hid a label.
-``report(ctx)`` returns the numbers for the run's summary and draws its figures through
-``draw_or_skip`` (which ``evaluate`` turns off).
-
-Building: a family's options are its ``Options`` dataclass, which its constructor takes
-whole (``VAE(input_dim, options)``, single ones by keyword), else its constructor's keywords;
-``from_options(options, data)`` builds it (the default matches the constructor's parameters,
-filling ``input_dim``, ``image_shape`` and ``num_classes`` from the data).
-Two declared attributes say what a family does with an estimator: ``elbo_refused``
-(``--elbo`` name -> why the family cannot train with it) and ``elbo_notes`` (name -> a note
-the run prints).
+``data_args(x, y)`` receives rows ``x`` (N, D) (uint8 for 8-bit sources) and labels ``y``
+(N,) or None (-1: hidden by ``--labelled``). ``from_options(options, data)`` builds the
+model (default: the constructor, ``input_dim``, ``image_shape`` and ``num_classes`` from the
+data). ``elbo_refused`` / ``elbo_notes`` map an ``--elbo`` name to why the family cannot
+train with it / a note the run prints.
 """
 
 from __future__ import annotations

@@ -11,17 +11,11 @@ from typing import Any
 @dataclass
 class RunContext:
     """What a hook sees of a run: its settings, the model's options, data and directory.
-
-    ``fit(loss, part, name, desc)`` trains the module ``part`` on ``loss(*data_args)`` (a
-    differentiable sum over rows) with the run's epochs, batch size, learning rate and early
-    stopping, and returns one row per epoch (``train_<name>``, ``test_<name>``, ...).
-    ``score(module, *args, num_samples=K, iwae=False, guide=None)`` is
-    :func:`ppl_vae.inference.importance.score`. ``log(text)`` adds a line to what the run reports.
-    ``summary`` holds the run's own test evaluation (``test_elbo``, ``eval_particles`` and,
-    with ``--eval-iwae``, ``test_log_likelihood_iwae``) when ``report`` is called, so a
-    model can derive numbers from it without scoring the test split again. ``figures``: whether
-    ``report`` draws (``evaluate`` re-computes the numbers only).
-    """
+    ``fit(loss, part, name, desc)`` trains ``part`` on ``loss(*data_args)`` with the run's
+    settings and returns one row per epoch; ``score`` is
+    :func:`ppl_vae.inference.importance.score`; ``log(text)`` adds a line to the run's report;
+    ``summary`` holds the run's test evaluation when ``report`` is called; ``figures``: whether
+    ``report`` draws (not under ``evaluate``)."""
 
     config: Any
     options: Any

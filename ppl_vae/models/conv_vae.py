@@ -1,10 +1,8 @@
 """The convolutional VAE (``--model conv-vae``): the VAE of :mod:`.vae` with DCGAN-style
 convolutional networks, for images of any shape (C, H, W), grey or colour, float or 8-bit.
 
-Generative model, for each of the N images (``pyro.plate("data")``), with the image
-flattened in C, H, W order to D = C*H*W subpixels (the observed site's event shape is
-(D,), as for the MLP VAE, so every estimator, importance scoring, ``compare`` and
-``evaluate`` treat both alike)::
+Generative model, for each of the N images (``pyro.plate("data")``), flattened in C, H, W
+order to D = C*H*W subpixels (event shape (D,), as for the MLP VAE)::
 
     z ~ p(z)   = Normal(0, I_d)
     x ~ p(x|z) = Bernoulli(logits = f(z))                    (--likelihood bernoulli)
@@ -17,38 +15,18 @@ Guide (the encoder)::
 
     q(z|x) = Normal(mu(x), diag sigma(x)^2),   (mu, h) = g(x),   sigma = s(h)
 
-with the scale head s of ``--encoder-scale`` (as in :mod:`.vae`).
+The encoder g is L convolutions (4x4, stride 2, padding 1: n -> floor(n / 2)) with
+``--channels`` c_1..c_L, L the halvings that keep the smaller side >= 4 (28 -> 14 -> 7;
+32 -> 4; an image below 8: L = 0), then a linear map to 2d. The decoder f mirrors it with
+transposed convolutions (``output_padding`` 1 where the encoder floored an odd side) to C
+output channels (2C for the logistic: m and l per subpixel). 8-bit rows stay uint8 on the
+device and are converted per batch (:func:`ppl_vae.data.pixels`).
 
-Networks, sized from the image (C, H, W). The encoder g is L convolutions with 4x4 kernels,
-stride 2 and padding 1 -- each maps a side n to floor(n / 2) -- with ``--channels`` c_1..c_L
-(a shorter list repeats its last width) and ``--activation`` between them, then one linear
-map to 2d. L is the number of halvings that keeps the smaller side at least 4 (it stops
-once a side is below 8): 8x8 digits 8 -> 4 (L = 1); 28x28 MNIST 28 -> 14 -> 7 (L = 2);
-32x32 CIFAR-10 -> 4x4 (L = 3); 64x64 CelebA -> 4x4 (L = 4); an image smaller than 8 has
-L = 0 (a linear encoder). The decoder f mirrors it: a linear map d -> c_L x h_L x w_L, then
-L transposed convolutions (4x4, stride 2, padding 1: n -> 2n) back to c_1 and then to C
-output channels (2C for the logistic: the location m and log-scale l of every subpixel),
-each with ``output_padding`` 1 along a side that the encoder floored from an odd size,
-so that f(z) has exactly the shape (C, H, W) (7 -> 14 -> 28). The decoder takes z with
-any leading (particle) dims: it folds them into the batch and unfolds them after.
-
-8-bit data: the rows of 8-bit sources stay uint8 on the device (this model's ``data_args``
-passes them through) and ``model``/``guide`` convert each batch to pixels x / 255
-(:func:`ppl_vae.data.pixels`), so a large 8-bit set (CelebA-64) keeps a quarter of the
-memory.
-
-The discretized logistic (:class:`~.likelihoods.DiscretizedLogistic`) puts mass
-``F(x + 1/510) - F(x - 1/510)`` on level x = k/255 (the edge levels 0 and 1 take the tails),
-so its log p is the log-probability of the 8-bit image itself, and the ELBO and IWAE
-bounds give bits per dimension ``bpd = -bound / (D ln 2)``, an upper bound (the
-summary's ``test_bpd_elbo`` and, with ``--eval-iwae K``, ``test_bpd_iwae``). The Gaussian's
-log p is a density of x / 255: its bits/dim add log2(255) per subpixel (density times the
-bin width 1/255, an approximation of the level's probability, not a bound); the
-Bernoulli's log p of grey levels is a cross-entropy, with no bits/dim.
-
-SVI maximizes ``ELBO = E_q[log p(x|z)] - beta * KL(q(z|x) || p(z))`` (or an importance
-weighted bound with ``--elbo iwae``); beta scales the site ``z`` in model and guide, as in
-:mod:`.vae`.
+Bits per dimension of a bound on log p(x) (the summary's ``test_bpd_elbo`` and
+``test_bpd_iwae``): ``bpd = -bound / (D ln 2)`` for the discretized logistic (an upper
+bound: its log p is a probability of the 8-bit image); the Gaussian's log p is a density of
+x / 255 and adds log2(255) per subpixel (an approximation); the Bernoulli has none.
+SVI maximizes ``ELBO = E_q[log p(x|z)] - beta * KL(q(z|x) || p(z))``, as in :mod:`.vae`.
 """
 
 from __future__ import annotations
@@ -69,10 +47,10 @@ from .base import RunContext
 from .likelihoods import (
     GAUSSIAN_OFFSET,
     LIKELIHOODS,
-    DiscretizedLogistic,
     bits_per_dim,
     check_range,
     pixel_likelihood,
+    pixel_mean,
 )
 from .nets import ACTIVATIONS
 from .options import build_by_signature, with_changes
@@ -83,11 +61,9 @@ if TYPE_CHECKING:
     from ..data import Dataset
 
 CONV_LIKELIHOODS = (*LIKELIHOODS, "logistic")
-AUTO = "auto"
-"""The default likelihood: ``logistic`` for 8-bit data, ``bernoulli`` otherwise."""
+AUTO = "auto"  # The default likelihood: ``logistic`` for 8-bit data, ``bernoulli`` otherwise.
 KERNEL, STRIDE, PADDING = 4, 2, 1
-MIN_SIDE = 4
-"""The encoder halves the image while its smaller side stays at least this."""
+MIN_SIDE = 4  # The encoder halves the image while its smaller side stays at least this.
 LOGISTIC_INIT = (0.5, -2.0)
 """The discretized logistic's initial location and log-scale (the decoder's last biases): a
 logistic around mid-grey with s = e^-2, standard deviation s pi / sqrt(3) = 0.25, near a
@@ -235,21 +211,12 @@ class ConvVAE(GaussianLatentVAE):
         """E[x|z], flattened (..., D): pixel probabilities (Bernoulli), means (Gaussian), or
         the discretized logistic's exact mean."""
         loc, log_scale = self.decoder_out(z)
-        if self.likelihood == "bernoulli":
-            return torch.sigmoid(loc)
-        if self.likelihood == "logistic":
-            return DiscretizedLogistic(loc, log_scale).mean
-        return loc
+        return pixel_mean(loc, self.likelihood, log_scale)
 
     # -- the summary ---------------------------------------------------------------------------
     def report(self, ctx: RunContext) -> dict:
-        """The default figures, and bits per dimension of the test bounds, for 8-bit data
-        (see the module docstring): ``test_bpd_elbo`` and, with ``--eval-iwae``,
-        ``test_bpd_iwae``.
-
-        From the run's test scores when the context carries them (``ctx.summary``), else
-        the test split scored again as the run scored it (same K, same evaluation seed: the
-        same numbers)."""
+        """The default figures and, for 8-bit data, ``test_bpd_elbo`` (and ``test_bpd_iwae``)
+        from ``ctx.summary``, else from the test split scored again as the run scored it."""
         super().report(ctx)
         data, config = ctx.data, ctx.config
         if data.train.x.dtype != torch.uint8:

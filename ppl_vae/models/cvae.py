@@ -12,10 +12,9 @@ and the guide (recognition network)::
 
 Conditions (``--condition``):
 
-* ``quadrants``: c is the image with its missing quadrants set to 0; y is the image, and only
-  the missing pixels enter the likelihood (``dist.mask``). ``--quadrants k`` observes the
-  bottom-left quadrant (k=1), the left half (k=2), or all but the bottom-right (k=3), the
-  layout of Pyro's CVAE example.
+* ``quadrants``: c is the image with its missing quadrants set to 0; y is the image, only
+  its missing pixels scored (``dist.mask``); ``--quadrants k`` observes the bottom-left
+  quadrant (k=1), the left half (k=2) or all but the bottom-right (k=3).
 * ``label``: c is the one-hot class, y the whole image (one learned prior per class).
 
 Objectives (``--cvae-objective``), all SVI on the same model:
@@ -25,11 +24,8 @@ Objectives (``--cvae-objective``), all SVI on the same model:
   with the prior network as the guide (the KL term is then zero).
 * ``hybrid``: alpha * cvae + (1 - alpha) * gsnn.
 
-Hooks (:mod:`ppl_vae.models.base`): ``pretrain`` fits the baseline NN first
-(``baseline_metrics.csv``); ``report`` adds the conditional log-likelihood table
-(``cll_table.csv``/``.md``; the table of several quadrant counts is
-``python -m ppl_vae experiment cvae-quadrants``, :mod:`ppl_vae.experiments`) and draws
-completions or samples per label.
+``pretrain`` fits the baseline NN first; ``report`` writes the conditional log-likelihood
+table (``cll_table.md``) and draws completions or samples per label.
 """
 
 from __future__ import annotations
@@ -129,12 +125,11 @@ class CVAE(Model):
         self.objective, self.hybrid_alpha = o.cvae_objective, o.hybrid_alpha
         self.condition = o.condition
         z_dim, hidden, activation = o.z_dim, o.hidden, o.activation
-        baseline_input = o.baseline_input
         # target: the pixels of y that are scored (None: all of them)
         self.register_buffer("target", target)
         self.register_buffer("log_scale", torch.tensor(o.gaussian_scale).log())
         self.baseline = mlp([cond_dim, *hidden, out_dim], activation)
-        self.prior_net = mlp([cond_dim + out_dim * baseline_input, *hidden, 2 * z_dim],
+        self.prior_net = mlp([cond_dim + out_dim * o.baseline_input, *hidden, 2 * z_dim],
                              activation)
         self.recognition_net = mlp([cond_dim + out_dim, *hidden, 2 * z_dim], activation)
         self.generation_net = mlp([cond_dim + z_dim, *reversed(hidden), out_dim], activation)
@@ -169,10 +164,6 @@ class CVAE(Model):
         return x * ~self.target, x
 
     # -- networks ------------------------------------------------------------------------------
-    def baseline_logits(self, c: Tensor) -> Tensor:
-        """The deterministic baseline NN, yhat = sigmoid(f(c)), trained first by BCE."""
-        return self.baseline(c)
-
     def prior(self, c: Tensor) -> dist.Normal:
         """p(z|c) with batch shape (N, d); the prior network also sees the baseline's guess."""
         inputs = c
@@ -310,8 +301,7 @@ class CVAE(Model):
 
 UNUSED_LATENT_SD = 0.01
 """Mean pixel sd across z below which the label CVAE's samples are called identical."""
-MAX_LABEL_ROWS = 20
-"""Labels ``samples_by_label.png`` shows at most (one row each)."""
+MAX_LABEL_ROWS = 20  # Labels ``samples_by_label.png`` shows at most (one row each).
 SPARSE_LABELS = 1000
 """More one-hot classes than this, and over ten times the labels present: refused as labels
 that were not numbered 0..K-1 (ids, years), which would make a huge condition layer."""

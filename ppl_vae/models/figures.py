@@ -1,17 +1,8 @@
-"""The figures every model gets from its program (the default ``report`` hook).
-
-Images are drawn in colour for (3, H, W) and in grey for (1, H, W); the methods get float
-pixels (8-bit rows as x / 255, :func:`ppl_vae.data.pixels`), which a model that converts its
-inputs itself takes as they are.
-
-* ``latent.png``: q(z|x) means of test images (``encode(x)[0]`` where the model defines it,
-  else the mean of the guide's first per-image latent site), in 2-D by PCA.
-* ``reconstructions.png``: E[x|z] with z ~ q(z|x) (``reconstruct(x)`` where defined, else the
-  mean of the observed site's distribution with the guide's z replayed into the model).
-* ``samples.png``: prior predictive draws (``sample(n)`` where defined, else
-  :class:`pyro.infer.Predictive` on the unconditioned model).
-
-A figure that cannot be drawn is skipped with its reason in the run's notes.
+"""The figures every model gets from its program (the default ``report`` hook), on float
+pixels: ``latent.png`` (q(z|x) means, by ``encode`` or the guide's first per-image latent
+site, in 2-D by PCA), ``reconstructions.png`` (``reconstruct``, or the guide's z replayed
+into the model) and ``samples.png`` (``sample``, or ``Predictive`` on the unconditioned
+model). A figure that cannot be drawn is skipped with its reason in the run's notes.
 """
 
 from __future__ import annotations
@@ -93,17 +84,13 @@ def default_figures(module: nn.Module, ctx: RunContext, data_args: Callable,
         draw_or_skip(ctx, name, draw)
 
 
-MIN_LATENT_ROWS = 2
-"""Test images the latent scatter needs (PCA of fewer is not a picture)."""
+MIN_LATENT_ROWS = 2  # Test images the latent scatter needs (PCA of fewer is not a picture).
 
 
-def draw_or_skip(ctx: RunContext, name: str, draw: Callable[[], str | None],
-                 what: str | None = None) -> None:
-    """Call ``draw()`` (None when drawn, else why not); log why the figure ``name`` (or
-    ``what``, e.g. "the model's figures hook") was skipped, including an error the program
-    raised while drawing: a finished run is never lost to a figure (tiny test splits, odd
-    shapes, a user's model). Nothing is drawn when the context draws no figures
-    (``evaluate``)."""
+def draw_or_skip(ctx: RunContext, name: str, draw: Callable[[], str | None]) -> None:
+    """Call ``draw()`` (None when drawn, else why not); log why the figure ``name`` was
+    skipped, including an error the program raised while drawing (a finished run is never
+    lost to a figure). Nothing is drawn when the context draws no figures (``evaluate``)."""
     if not ctx.figures:
         return
     try:
@@ -112,7 +99,7 @@ def draw_or_skip(ctx: RunContext, name: str, draw: Callable[[], str | None],
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         why = f"the program raised {type(e).__name__}: {first}"[:300]
     if why is not None:
-        ctx.log(f"{what or 'figure ' + name} skipped: {why}")
+        ctx.log(f"figure {name} skipped: {why}")
 
 
 def defines(module: nn.Module, name: str) -> bool:

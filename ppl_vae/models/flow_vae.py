@@ -1,38 +1,22 @@
 """The VAE with a normalizing-flow posterior (``--model flow-vae --flow iaf|spline
---flow-layers K``), a family of its own on the VAE's generative model.
+--flow-layers K``), a family of its own on the VAE's generative model (:mod:`.vae`).
 
-The generative model is the VAE's (:mod:`.vae`). The guide pushes the encoder's diagonal
-Normal through K invertible transforms, each conditioned on the encoder's hidden state h(x)
-(the activations of its last hidden layer, the layer that also feeds mu and sigma)::
+The guide pushes the encoder's diagonal Normal through K invertible transforms, each
+conditioned on the encoder's last hidden layer h(x)::
 
     (mu, sigma, h) = g(x)
     z_0 ~ Normal(mu(x), diag sigma(x)^2)
     z_k = f_k(z_{k-1}; h(x)),   k = 1..K,            z = z_K
     log q(z|x) = log Normal(z_0; mu, sigma) - sum_k log |det d f_k / d z_{k-1}|
 
-with f_k from :mod:`pyro.distributions.transforms`:
-
-* ``iaf`` -- :func:`~pyro.distributions.transforms.conditional_affine_autoregressive`, the
-  inverse autoregressive flow of Kingma et al. (2016) in its numerically stable (gated)
-  form ``z_k = s * z_{k-1} + (1 - s) * m``, ``(m, logit s) = MADE(z_{k-1}, h)``,
-  ``s = sigmoid(logit s + 2)``; one MADE hidden layer of 10 d units (Pyro's default).
-* ``spline`` -- :func:`~pyro.distributions.transforms.conditional_spline_autoregressive`,
-  an autoregressive monotonic rational-quadratic spline (Durkan et al. 2019) with 8 bins on
-  [-3, 3] (the identity outside) and two MADE hidden layers of 10 d units.
-
-Every MADE takes the variables in the order 1..d and the layers are separated by a reversal
-of z (:class:`~pyro.distributions.transforms.Permute`), so each coordinate of z depends on
-every other after two layers.
-
-The transforms' weights are submodules (``vae.flows``), optimized with the rest of
-``vae.parameters()``. Sampling broadcasts over vectorized particles: the MADE expands the
-context h of shape (N, H) to the draws' (K, N, H). ``log q`` is exact: a draw's own log
-density comes from the transforms' cache of the forward pass (no inversion); any other z is
-inverted exactly (d passes of each MADE).
-
-``--elbo analytic``: KL(q || p) of a flow has no closed form, so ``TraceMeanField_ELBO``
-uses ``log q(z|x) - log p(z)`` at the sampled z for the site ``z`` -- the same estimate as
-``--elbo mc``. The trainer says so once, in the run's notes (``elbo_notes``).
+with f_k from :mod:`pyro.distributions.transforms`: ``iaf``, the gated inverse
+autoregressive flow (Kingma et al. 2016), ``z_k = s * z_{k-1} + (1 - s) * m`` with
+``(m, logit s) = MADE(z_{k-1}, h)``, ``s = sigmoid(logit s + 2)``, one MADE hidden layer of
+10 d units; or ``spline``, a rational-quadratic autoregressive spline (Durkan et al. 2019),
+8 bins on [-3, 3], two hidden layers of 10 d units. Layers are separated by a reversal of z.
+``log q`` is exact (a draw's density from the transforms' cache). ``--elbo analytic`` has no
+closed-form KL for a flow: it uses ``log q - log p`` at the sampled z, as ``mc`` does (the
+run says so, ``elbo_notes``).
 """
 
 from __future__ import annotations

@@ -18,11 +18,9 @@ from torch import Tensor
 
 from ..errors import UsageError
 
-LIKELIHOODS = ("bernoulli", "gaussian")
-"""The likelihoods of the MLP families (``vae``, ``cvae``)."""
+LIKELIHOODS = ("bernoulli", "gaussian")  # The likelihoods of the MLP families (``vae``, ``cvae``).
 
-LEVELS = 256
-"""Grey levels of an 8-bit subpixel: x in {0, 1/255, ..., 1}."""
+LEVELS = 256  # Grey levels of an 8-bit subpixel: x in {0, 1/255, ..., 1}.
 
 MIN_LOG_SCALE = -8.0
 """Floor of the discretized logistic's log scale (PixelCNN++ floors at e^-7 on [-1, 1], about
@@ -47,14 +45,9 @@ class DiscretizedLogistic(dist.TorchDistribution):
 
         log P(x) = -softplus(-a) - softplus(b) + log(-expm1(-(a - b)))
 
-    exact in floating point even deep in either tail, where the plain difference underflows
-    (PixelCNN++ switches there to the log of the mid-bin density; this identity needs no
-    switch). ``log P(0) = -softplus(-a)``, ``log P(1) = -softplus(b)``.
-
-    A value is scored by the bin centred on it, so values off the 256-level grid (grey
-    levels k/16, say) get the mass of a bin of width 1/255 around them. The event shape is
-    () (one subpixel); use ``.to_event(1)`` for an image. Not reparameterizable: it is a
-    likelihood for observed pixels. ``log_scale`` is floored at :data:`MIN_LOG_SCALE`.
+    exact even deep in either tail; ``log P(0) = -softplus(-a)``, ``log P(1) = -softplus(b)``.
+    A value is scored by the bin centred on it. Event shape () (``.to_event(1)`` for an
+    image); not reparameterizable; ``log_scale`` is floored at :data:`MIN_LOG_SCALE`.
     """
 
     arg_constraints = {"loc": constraints.real, "log_scale": constraints.real}
@@ -133,8 +126,11 @@ def pixel_likelihood(out: Tensor, kind: str, log_scale: Tensor,
     return d.to_event(1)
 
 
-def pixel_mean(out: Tensor, kind: str) -> Tensor:
-    """E[x | decoder output]: pixel probabilities (Bernoulli) or means (Gaussian)."""
+def pixel_mean(out: Tensor, kind: str, log_scale: Tensor | None = None) -> Tensor:
+    """E[x | decoder output]: pixel probabilities (Bernoulli), means (Gaussian), or the
+    discretized logistic's exact mean."""
+    if kind == "logistic":
+        return DiscretizedLogistic(out, log_scale).mean
     return torch.sigmoid(out) if kind == "bernoulli" else out
 
 

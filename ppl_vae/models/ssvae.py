@@ -1,6 +1,6 @@
 """The semi-supervised VAE "M2" of Kingma, Rezende, Mohamed & Welling (2014) as Pyro programs
 (the model of Pyro's ss-vae example), trained by SVI on partly labelled data
-(``--model ssvae --labelled N``).
+(``--model ssvae --labelled N``; README has the measured table).
 
 Generative model, for each data point (``pyro.plate("data")``), with K classes::
 
@@ -13,57 +13,26 @@ Guide::
     q(y|x)   = Categorical(logits = c(x))               the classifier
     q(z|x,y) = Normal(mu(x, y), diag sigma(x, y)^2)
 
-with c, f and the encoder MLPs (hidden widths ``--hidden``; the label enters the first layer
-of f and of the encoder as a learned vector per class, the same map as a linear layer on
-``[input, onehot(y)]``). Labels are ``y >= 0``; ``-1`` marks an unlabelled row
-(:data:`ppl_vae.data.UNLABELLED`, what ``--labelled N`` leaves).
+with c, f and the encoder MLPs (``--hidden``; the label enters the first layer of f and of
+the encoder as a learned vector per class). ``-1`` marks an unlabelled row
+(:data:`ppl_vae.data.UNLABELLED`). The objective (the paper's J^alpha) is a sum of three
+(weight, model, guide) programs over the batch, each masked (``poutine.mask``) to its rows:
 
-The objective (the paper's J^alpha), a sum over the rows of a batch of three terms, each a
-(weight, model, guide) program over the whole batch, masked (``poutine.mask``) to its rows:
+* labelled rows, y observed: ``L(x, y) = E_q(z|x,y)[log p(x|y,z) + log p(y) + log p(z)
+  - log q(z|x,y)]``;
+* unlabelled rows, y latent: ``U(x) = sum_y q(y|x) [L(x, y) - log q(y|x)]``; the guide marks
+  y for parallel enumeration, so ``--elbo enum`` sums the K classes exactly, ``--elbo mc``
+  samples y (score function); ``--elbo analytic`` is refused (``TraceMeanField_ELBO`` would
+  drop the gradient of q(y|x)), and ``--elbo iwae`` trains one program only;
+* labelled rows: ``a * log q(y|x)`` (Pyro's ``y_aux`` site) with ``a = alpha * N /
+  N_labelled`` per row (``--alpha``, default 2.0: 20 times the paper's alpha, for short
+  training).
 
-* labelled rows, y observed: the ELBO of log p(x, y)::
-
-      L(x, y) = E_q(z|x,y)[log p(x|y,z) + log p(y) + log p(z) - log q(z|x,y)]
-
-* unlabelled rows, y latent::
-
-      U(x) = sum_y q(y|x) [L(x, y) - log q(y|x)]
-
-  The guide marks y for parallel enumeration, so ``--elbo enum`` (``TraceEnum_ELBO``) sums
-  the K classes exactly (tests/test_ssvae.py checks it against the sum by hand, to 1e-10 in
-  float64); ``--elbo mc`` samples y ~ q(y|x) and differentiates by the score function
-  (unbiased, high variance). ``--elbo analytic`` is refused: ``TraceMeanField_ELBO``
-  assumes a reparameterized guide and would drop the gradient of q(y|x) through
-  log p(x|y,z). ``--elbo iwae`` trains one program, and this objective has three.
-* labelled rows: the classification term ``a * log q(y|x)`` (Pyro's ``y_aux`` site), since
-  neither L nor U trains q(y|x) on the labels. The paper weighs the *mean* over labelled
-  rows by alpha N (N training rows, alpha = 0.1); per labelled row that is::
-
-      a = alpha * N / N_labelled        (--alpha; the default 2.0 gives a = 160 per row for
-                                          100 of 8,000 labels, 5.3 for 3,000, 2 with every
-                                          label)
-
-  Pyro's example uses a = 46 per row. The weight is fixed (no schedule). The default is 20
-  times the paper's alpha because training here is short: on the MNIST-10k split with 100
-  labels, 10 epochs, seed 0, test accuracy was 67.0% with alpha 0.1 (a = 8), 70.9% with
-  0.575 (a = 46, Pyro's) and 75.6% with 2.0 (a = 160).
-
-So the loss is ``-(sum_labelled [L + a log q(y|x)] + sum_unlabelled U)``; a term with no rows
-in the training split (no labels; every label) is left out of ``programs()``.
-
-For evaluation, ``model``/``guide`` are *one* program over all rows: y is observed where
-labelled and latent where not (``pyro.sample("y", ..., obs_mask=labelled)``, which Pyro
-splits into ``y_observed`` and ``y_unobserved``; the guide samples ``y_unobserved`` from
-q(y|x)). The test split has every label, so the run's ``test_elbo`` is the bound on
-log p(x, y); ``metrics`` adds ``test_elbo_unlabelled`` (labels hidden: U(x), summed over y
-exactly, z by ``--eval-particles`` samples), ``test_accuracy`` of argmax q(y|x) and
-``labelled``. ``figures`` draws ``samples_by_class.png`` (one row per class, z fixed per
-column) and ``analogies.png`` (test digits' z = mean of q(z|x, y) decoded with every class).
-
-Defaults: ``--hidden 500 --z-dim 50`` (Pyro's example): one ``--elbo enum`` epoch of the
-MNIST-10k split (8,000 images, K = 10: the decoder runs ten times per unlabelled image) takes
-about 4 s on one idle CPU thread. Batch, learning rate and epochs are the run's
-(``benchmarks/m2_table.py`` makes the table of ``README.md``).
+So the loss is ``-(sum_labelled [L + a log q(y|x)] + sum_unlabelled U)``; a term without rows
+in the training split is left out of ``programs()``. For evaluation ``model``/``guide`` are
+one program over all rows (``obs_mask``: y observed where labelled); ``report`` adds
+``test_elbo_unlabelled`` (U(x), exact over y), ``test_accuracy`` and the figures
+``samples_by_class.png`` and ``analogies.png``.
 """
 
 from __future__ import annotations
@@ -95,10 +64,8 @@ from .vae import encoder_scale
 if TYPE_CHECKING:
     from ..data import Dataset
 
-MAX_CLASS_ROWS = 20
-"""Classes the figures show at most (one row each)."""
-FIGURE_COLUMNS = 10
-"""Columns of the figures: z draws (samples), test images (analogies)."""
+MAX_CLASS_ROWS = 20  # Classes the figures show at most (one row each).
+FIGURE_COLUMNS = 10  # Columns of the figures: z draws (samples), test images (analogies).
 
 
 @dataclass
@@ -148,11 +115,8 @@ class LabelledMLP(nn.Module):
 @register_model("ssvae")
 class SSVAE(Model):
     """M2: classifier ``D -> hidden -> K``, encoder ``(D, y) -> hidden -> 2d`` and decoder
-    ``(d, y) -> reversed(hidden) -> D``.
-
-    ``aux_weight`` is the per-row weight a of the classification term; ``labelled_rows`` and
-    ``unlabelled_rows`` say whether the training split has rows of each kind (the terms
-    without rows are left out of the objective)."""
+    ``(d, y) -> reversed(hidden) -> D``; ``aux_weight`` is a, ``labelled_rows`` and
+    ``unlabelled_rows`` whether the training split has rows of each kind."""
 
     Options = SSVAEOptions
 
@@ -220,9 +184,6 @@ class SSVAE(Model):
         or sample dims on the left of ``x``'s rows."""
         loc, h = self.encoder(x, y).chunk(2, dim=-1)
         return loc, encoder_scale(h, "softplus")
-
-    def decoder_out(self, z: Tensor, y: Tensor) -> Tensor:
-        return self.decoder(z, y)
 
     def decode(self, z: Tensor, y: Tensor) -> Tensor:
         """E[x|y,z]: pixel probabilities (Bernoulli) or means (Gaussian)."""
@@ -322,11 +283,9 @@ class SSVAE(Model):
 
     # -- hooks of the model contract -----------------------------------------------------------
     def report(self, ctx: RunContext) -> dict:
-        """``labelled``, ``test_accuracy`` of argmax q(y|x), ``test_elbo_unlabelled`` (the
-        bound U(x) on log p(x) with the test labels hidden) and ``classification_weight``;
-        the figures ``samples_by_class.png`` (E[x|y,z], one row per class y, the same
-        z ~ p(z) down each column) and ``analogies.png`` (test images, top row, their
-        z = mean of q(z|x, y) with the true label decoded with every class)."""
+        """``labelled``, ``test_accuracy``, ``test_elbo_unlabelled`` (U(x): test labels hidden)
+        and ``classification_weight``; ``samples_by_class.png`` (a row per class, z fixed per
+        column) and ``analogies.png`` (test images' z decoded with every class)."""
         test = ctx.data.test
         x, _ = self.data_args(test.x, None)
         out: dict = {"labelled": ctx.data.labelled or 0,

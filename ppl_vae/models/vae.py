@@ -10,20 +10,11 @@ Guide (the encoder, amortized variational posterior)::
 
     q(z|x) = Normal(mu(x), diag sigma(x)^2),   (mu, h) = g(x),   sigma = s(h)
 
-with f, g multilayer perceptrons and the scale head s chosen by ``--encoder-scale``:
-``softplus`` sigma = log(1 + e^h) (the default: the best test ELBO of the three over five
-seeds, README), ``logvar`` sigma = exp(h / 2) (h is log sigma^2, as in Kingma & Welling and
-PyTorch's example), ``logscale`` sigma = exp(h).
-
-SVI maximizes
-``ELBO = E_q[log p(x|z)] - beta * KL(q(z|x) || p(z))`` (or, with ``--elbo iwae``, the
-importance-weighted bound); beta != 1 (a beta-VAE) scales the latent site ``z`` with
-``poutine.scale`` in both model and guide, so every ELBO estimator in Pyro sees it.
-
-The networks' weights are the module's own parameters (``vae.parameters()``), optimized by
-:mod:`ppl_vae.inference.svi`; nothing goes through Pyro's param store in the hot loop. For
-``pyro.infer.SVI`` with a ``pyro.optim`` optimizer, register them first with
-:func:`ppl_vae.inference.svi.with_params`.
+with f, g MLPs and the scale head s of ``--encoder-scale``: ``softplus`` sigma = log(1 + e^h)
+(the default, README), ``logvar`` sigma = exp(h / 2), ``logscale`` sigma = exp(h). SVI
+maximizes ``ELBO = E_q[log p(x|z)] - beta * KL(q(z|x) || p(z))``; beta scales the site ``z``
+(``poutine.scale``) in model and guide. The weights are the module's own parameters; for
+``pyro.infer.SVI`` register them with :func:`ppl_vae.inference.svi.with_params`.
 """
 
 from __future__ import annotations
@@ -60,15 +51,6 @@ def encoder_scale(h: Tensor, kind: str) -> Tensor:
     if kind == "logscale":
         return h.exp()
     return F.softplus(h)
-
-
-def encoder_scale_inverse(sigma: Tensor, kind: str) -> Tensor:
-    """The head output h that :func:`encoder_scale` maps to ``sigma``."""
-    if kind == "logvar":
-        return 2 * sigma.log()
-    if kind == "logscale":
-        return sigma.log()
-    return torch.expm1(sigma).log()
 
 
 @dataclass

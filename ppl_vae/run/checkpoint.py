@@ -23,26 +23,22 @@ def save_checkpoint(path: str | os.PathLike, module: torch.nn.Module,
                     history: list[dict] | None = None) -> None:
     """Write the checkpoint; ``loop`` (:meth:`~ppl_vae.run.loop.Loop.state_dict`) and
     ``history`` (the rows of ``metrics.csv``) make it resumable."""
+    store, own = pyro.get_param_store(), {id(p) for p in module.parameters()}
+    on_gpu = any(t.is_cuda for t in (*module.parameters(), *module.buffers()))
     state = {
         "model": module.state_dict(),
-        "param_store": store_params(module),
+        "param_store": {name: store[name].detach().clone() for name in store  # constrained
+                        if id(store.get_param(name).unconstrained()) not in own},
         "store_values": store_values(module),
         "optimizer": None if optimizer is None else optimizer.state_dict(),
         "epoch": epoch,
         "config": config,
-        "rng": {"torch": torch.get_rng_state(), "cuda": _cuda_rng(module)},
+        "rng": {"torch": torch.get_rng_state(),  # (asking CUDA for a CPU module would start it)
+                "cuda": torch.cuda.get_rng_state_all() if on_gpu else []},
         "loop": loop,
         "history": history,
     }
     save_torch(path, state)
-
-
-def store_params(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Constrained values of the param store's entries that are not ``module``'s parameters."""
-    store = pyro.get_param_store()
-    own = {id(p) for p in module.parameters()}
-    return {name: store[name].detach().clone() for name in store
-            if id(store.get_param(name).unconstrained()) not in own}
 
 
 def store_values(module: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
@@ -70,12 +66,6 @@ def restore_params(state: dict[str, Any]) -> None:
         store[name] = value  # through the constraint the program registered it with
 
 
-def _cuda_rng(module: torch.nn.Module) -> list[torch.Tensor]:
-    """The CUDA RNG states, for a module on the GPU (asking otherwise would start CUDA)."""
-    on_gpu = any(t.is_cuda for t in (*module.parameters(), *module.buffers()))
-    return torch.cuda.get_rng_state_all() if on_gpu else []
-
-
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu"
                     ) -> dict[str, Any]:
     """The saved dict; :class:`UsageError` if the file is missing or not a checkpoint."""
@@ -91,9 +81,3 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         raise UsageError(f"{path!r} is not a ppl_vae checkpoint (no 'model' state)")
     return state
 
-
-def restore_rng(state: dict[str, Any]) -> None:
-    """Put the torch RNGs back where the checkpoint left them (to continue a run exactly)."""
-    torch.set_rng_state(state["rng"]["torch"].cpu())
-    if state["rng"]["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["rng"]["cuda"]])

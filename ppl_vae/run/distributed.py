@@ -1,16 +1,11 @@
-"""Data-parallel training on PyTorch's own engine: ``torch.distributed`` under ``torchrun``.
-
-``torchrun --nproc_per_node N -m ppl_vae train ...`` starts N processes with ``RANK``,
-``WORLD_SIZE`` and ``LOCAL_RANK`` in their environment; :func:`setup` joins them into one
-process group (gloo on the CPU, NCCL with ``--cuda``, one GPU per local rank). Without those
-variables everything here is the identity and a run is one process.
+"""Data-parallel training with ``torch.distributed`` under ``torchrun`` (:func:`setup`: gloo on
+the CPU, NCCL with ``--cuda``); without torchrun everything here is the identity.
 
 The objective is a sum over rows, ``L = sum_r L_r`` over the ranks' disjoint shards, so its
 gradient is the *sum* of the ranks' gradients. :func:`data_parallel_step` computes ``L_r``
-inside :class:`Objective` wrapped by :class:`~torch.nn.parallel.DistributedDataParallel`
-(Pyro's ``ELBOModule`` pattern), whose all-reduce during backward averages; backpropagating
-``W * L_r`` makes that average the sum. ``pyro.param`` tensors outside the module are summed
-by an explicit all-reduce.
+inside :class:`Objective` wrapped by :class:`~torch.nn.parallel.DistributedDataParallel`,
+whose all-reduce averages; backpropagating ``W * L_r`` makes that average the sum.
+``pyro.param`` tensors outside the module are summed by an explicit all-reduce.
 """
 
 from __future__ import annotations
@@ -100,18 +95,11 @@ def any_max(value: int, world: World) -> int:
     return int(t.item())
 
 
-def all_sum(t: Tensor, world: World) -> Tensor:
-    """``t`` summed over ranks (a new tensor)."""
+def all_sum(t: Tensor, world: World, op: str = "SUM") -> Tensor:
+    """``t`` summed (or reduced by ``op``, e.g. ``MIN``) over ranks (a new tensor)."""
     t = t.clone()
     if world.parallel:
-        dist.all_reduce(t)
-    return t
-
-
-def all_min(t: Tensor, world: World) -> Tensor:
-    t = t.clone()
-    if world.parallel:
-        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        dist.all_reduce(t, op=getattr(dist.ReduceOp, op))
     return t
 
 

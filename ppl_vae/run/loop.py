@@ -1,21 +1,14 @@
 """The training loop that can stop anywhere and continue exactly: epochs of shuffled steps,
 data-parallel across ranks, checkpointed, interruptible and watched for divergence.
 
-Each epoch draws its inputs (fresh Bernoulli pixels under dynamic binarization) from a
-*data* generator on the device and one permutation of the N rows from a *shuffle*
-generator on the CPU, both seeded by the run's seed and identical on every rank. Step i
-takes the rows ``perm[i*B*W:(i+1)*B*W]`` (``B`` the per-process ``batch_size``, ``W`` the
-number of processes) and rank r its contiguous share; with W > 1 the permutation is padded
-by wrapping around to a multiple of W, so every rank takes the same number of steps.
-
-:class:`LoopState` says where the loop stands (epoch, step within it, the summed loss so
-far, the generators' states at the epoch's start, early-stopping state); with every rank's
-torch RNG state it is what a checkpoint needs to continue the run exactly.
-
-Divergence: each step folds ``isfinite(loss)`` into a device-side "first bad step" tensor,
-read (one host sync) every ``check_every`` steps, before every checkpoint and at epoch end.
-A bad step is then replayed from the last good snapshot so ``diagnose`` can trace the
-batch that went non-finite, and :class:`Diverged` names the epoch, step and site.
+Each epoch draws its inputs from a *data* generator on the device and one permutation of
+the N rows from a *shuffle* generator on the CPU, both seeded by the run's seed and the same
+on every rank. Step i takes rows ``perm[i*B*W:(i+1)*B*W]`` (``B`` the per-process
+``batch_size``, ``W`` the processes), rank r its contiguous share; with W > 1 the permutation
+is padded by wrapping to a multiple of W. :class:`LoopState` plus every rank's RNG state is
+what a checkpoint needs to continue exactly. Each step folds ``isfinite(loss)`` into a
+device-side "first bad step", read every ``check_every`` steps; a bad step is replayed from
+the last snapshot so ``diagnose`` can name the site, and :class:`Diverged` is raised.
 """
 
 from __future__ import annotations
@@ -63,16 +56,11 @@ class LoopState:
 
 
 class Loop:
-    """Train ``module`` by ``step`` (a :data:`StepFn` with ``optimizer``, or a whole
-    :class:`TrainStep`) over ``inputs(generator)`` (the epoch's tensors, rows
-    first) for ``epochs`` epochs; see the module docstring.
-
-    ``validate()`` (a loss per row, lower is better) and ``on_epoch(epoch, train_loss,
-    seconds, val_loss)`` run after each epoch with the module in eval mode; with
-    ``patience > 0`` training stops after that many epochs without a better validation loss
-    and the module gets back its best weights. ``save(loop_state_dict)`` (every rank calls
-    it; it writes on rank 0) runs after each epoch and every ``checkpoint_every`` steps.
-    """
+    """Train ``module`` by ``step`` (a :data:`StepFn` with ``optimizer``, or a
+    :class:`TrainStep`) over ``inputs(generator)`` (rows first) for ``epochs`` epochs.
+    ``validate()`` (loss per row) and ``on_epoch(epoch, train_loss, seconds, val_loss)`` run
+    after each epoch in eval mode; ``patience > 0`` stops early and restores the best weights;
+    ``save(loop_state_dict)`` runs after each epoch and every ``checkpoint_every`` steps."""
 
     def __init__(
         self,
@@ -220,7 +208,8 @@ class Loop:
                 signum = dist.any_max(self.guard.requested, w)
                 if signum:
                     s.seconds = seconds + time.perf_counter() - start
-                    self._interrupt(signum)
+                    self._save()
+                    raise Interrupted(signum, f"interrupted at epoch {s.epoch}, step {s.step}")
                 self._take_step(s.step, batch(s.step))
                 s.step += 1
                 global_step = (s.epoch - 1) * steps + s.step
@@ -252,12 +241,6 @@ class Loop:
             self.saved = f"epoch {self.state.epoch}, step {self.state.step}"
         self._take_snapshot()
 
-    def _interrupt(self, signum: int) -> None:
-        self._save()
-        s = self.state
-        raise Interrupted(signum,
-                          f"interrupted at epoch {s.epoch}, step {s.step}")
-
     # -- divergence -----------------------------------------------------------------------
     def _take_snapshot(self) -> None:
         """What replaying from this step needs (kept in memory, not on disk)."""
@@ -271,7 +254,7 @@ class Loop:
             else None}
 
     def _check(self) -> None:
-        bad = int(dist.all_min(self.first_bad, self.world).item())
+        bad = int(dist.all_sum(self.first_bad, self.world, "MIN").item())
         if bad == NEVER:
             return
         s = self.state

@@ -1,17 +1,10 @@
 """Run directories: one directory, owned by one run at a time.
 
-:meth:`RunDir.open` locks ``<dir>/.lock`` (an ``flock``, so a killed run never blocks the
-directory), removes what a killed run left (atomic-write temporaries, staging and trash
-directories) and decides where the new run writes:
-
-* an empty (or new) directory, or ``resume``: in place;
-* a directory holding files, with ``overwrite``: a hidden staging directory inside it,
-  ``<dir>/.staging-XXXXXXXX``; the old run stays intact until :meth:`RunDir.commit` swaps the
-  staged files in and deletes every old one;
-* a directory holding files, with neither: :class:`UsageError`.
-
-:meth:`RunDir.close` releases the lock. A run that fails before :meth:`RunDir.commit`
-leaves the old run exactly as it was, and a directory that was new or empty as it was.
+:meth:`RunDir.open` locks ``<dir>/.lock`` (an ``flock``: a killed run never blocks it),
+removes what a killed run left, and writes in place into an empty (or new) directory or with
+``resume``; into a hidden ``<dir>/.staging-XXXXXXXX`` with ``overwrite``, swapped in by
+:meth:`RunDir.commit`; else :class:`UsageError`. A run that fails before the commit leaves
+the directory as it was.
 """
 
 from __future__ import annotations
@@ -39,13 +32,6 @@ def _cannot(verb: str, path: Path, e: OSError, setting: str) -> UsageError:
 
 def _timestamp() -> str:
     return time.strftime("%Y%m%d-%H%M%S")
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    else:
-        path.unlink(missing_ok=True)
 
 
 class DirLock:
@@ -127,12 +113,8 @@ class RunDir:
     @classmethod
     def open(cls, out: str | os.PathLike | None, stem: str, *, overwrite: bool = False,
              resume: bool = False, setting: str = "--out") -> RunDir:
-        """Lock and prepare ``out``, or a new ``runs/<stem>-<YYYYmmdd-HHMMSS>[-n]``.
-
-        ``out`` is created with its parents. If it holds files: ``resume`` writes in place,
-        else ``overwrite`` stages (see the module), else :class:`UsageError`. A file, a
-        directory that cannot be created, or one in use by another run is a
-        :class:`UsageError` naming ``setting``."""
+        """Lock and prepare ``out`` (created with its parents), or a new
+        ``runs/<stem>-<YYYYmmdd-HHMMSS>[-n]``; see the module. Errors name ``setting``."""
         final, created = _default_dir(stem, setting) if out is None else _make_dir(Path(out),
                                                                                   setting)
         try:
@@ -250,8 +232,10 @@ class RunDir:
                     self._staging = None
                 if self._fresh:
                     for p in list(self.final.iterdir()):
-                        if p.name != LOCK:
-                            _remove(p)
+                        if p.name != LOCK and p.is_dir() and not p.is_symlink():
+                            shutil.rmtree(p)
+                        elif p.name != LOCK:
+                            p.unlink(missing_ok=True)
         finally:
             self._closed = True
             if self._lock is not None:

@@ -1,17 +1,10 @@
-"""One training run from a :class:`~ppl_vae.config.TrainConfig` to files.
-
-data -> model (built from its options) -> the model's ``pretrain`` hook -> SVI epochs
-(:class:`~ppl_vae.run.loop.Loop`: data-parallel under torchrun, checkpointed,
-resumable, interruptible) -> evaluation and the model's ``metrics`` -> ``config.json``,
-``metrics.csv``, ``summary.json``, ``checkpoint.pt`` and figures (``elbo_curves.png`` and the
-model's ``figures`` hook) in the run directory. The trainer talks to the model only through
-the hooks of :mod:`ppl_vae.models.base`, and runs under one Pyro validation setting
-(``validate``) from the first probe of the program to the last figure.
-
-The run directory (:class:`~ppl_vae.run.rundir.RunDir`) is locked for the run; with
-``overwrite`` the old run is replaced only once the new one has written its first
-checkpoint, and a run that fails before that leaves nothing. Under torchrun only rank 0
-writes files; hooks on the other ranks see a private scratch directory.
+"""One training run from a :class:`~ppl_vae.config.TrainConfig` to files: data -> model
+(``from_options``) -> ``pretrain`` -> SVI epochs (:class:`~ppl_vae.run.loop.Loop`) ->
+evaluation and ``report`` -> ``config.json``, ``metrics.csv``, ``summary.json``,
+``checkpoint.pt`` and figures. The model is reached only through the hooks of
+:mod:`ppl_vae.models.base`, under one Pyro validation setting. The run directory
+(:class:`~ppl_vae.run.rundir.RunDir`) is locked for the run; under torchrun only rank 0
+writes files (hooks on other ranks see a scratch directory).
 """
 
 from __future__ import annotations
@@ -134,11 +127,11 @@ def score_split(module: nn.Module, split: Split, num_samples: int, iwae: bool = 
     if joint or n < world.size:
         scores = (score(module, *data_args(module, split), num_samples=num_samples, iwae=iwae,
                         info=info) if world.main else None)
-        scores = dist.broadcast(None if scores is None else _to_cpu(scores), world)
+        scores = dist.broadcast(None if scores is None else _to(scores, "cpu"), world)
         return _to(scores, split.x.device)
     part = score(module, *data_args(module, split, dist.shard(n, world)),
                  num_samples=num_samples, iwae=iwae, seed=world.rank, info=info)
-    parts = dist.gather(_to_cpu(part), world)
+    parts = dist.gather(_to(part, "cpu"), world)
     return _to(Scores(torch.cat([p.elbo for p in parts]),
                       None if part.iwae is None else torch.cat([p.iwae for p in parts]),
                       part.iwae_samples,
@@ -146,11 +139,7 @@ def score_split(module: nn.Module, split: Split, num_samples: int, iwae: bool = 
                split.x.device)
 
 
-def _to_cpu(s: Scores) -> Scores:
-    return _to(s, torch.device("cpu"))
-
-
-def _to(s: Scores, device: torch.device) -> Scores:
+def _to(s: Scores, device: torch.device | str) -> Scores:
     return replace(s, elbo=s.elbo.to(device), iwae=None if s.iwae is None else s.iwae.to(device))
 
 
@@ -214,15 +203,12 @@ def _default_out(config: TrainConfig) -> TrainConfig:
         return config
     run_id = os.environ.get("TORCHELASTIC_RUN_ID", "")
     if run_id and run_id != "none":
-        return replace(config, out=str(Path("runs") / f"{_stem(config)}-{run_id}"))
+        stem = config.model_name.replace(":", "-").replace("/", "-")
+        return replace(config, out=str(Path("runs") / f"{stem}-{run_id}"))
     if int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0):
         raise UsageError("torchrun --max-restarts needs --out (or --rdzv-id), so restarted "
                          "workers find the run they continue")
     return config
-
-
-def _stem(config: TrainConfig) -> str:
-    return config.model_name.replace(":", "-").replace("/", "-")
 
 
 def open_run_dir(config: TrainConfig, world: World, resume: bool):
@@ -283,13 +269,9 @@ def resume_config(run_dir: str | os.PathLike, given: dict | None = None) -> Trai
 
 def train_run(config: TrainConfig, data: Dataset | None = None, progress: bool | None = None,
               *, resume: bool = False) -> Run:
-    """Train one model by SVI and write its run directory. Clears Pyro's param store.
-
-    With ``config.early_stop`` a validation split is carved out of the training split, and
-    the run keeps the weights of its best validation ELBO. ``resume`` continues the run in
-    ``config.out`` from its checkpoint (see :func:`resume_config`); a worker that torchrun
-    restarted resumes by itself.
-    """
+    """Train one model by SVI and write its run directory (clears Pyro's param store).
+    ``resume`` continues the run in ``config.out`` from its checkpoint (a worker torchrun
+    restarted resumes by itself)."""
     world = dist.setup(config.cuda)
     if not world.main:
         progress = False
@@ -305,15 +287,18 @@ def train_run(config: TrainConfig, data: Dataset | None = None, progress: bool |
     ok = False
     try:
         config, device, data = prepare(config, data, world)
-        with pyro.validation_enabled(config.validate), signals() as guard:
-            run = _train(config, device, data, rundir, progress, world, guard, resume)
+        with pyro.validation_enabled(config.validate), signals() as guard, \
+                contextlib.ExitStack() as stack:  # hooks on ranks > 0 write into a scratch dir
+            out = rundir.path if world.main else Path(
+                stack.enter_context(tempfile.TemporaryDirectory(prefix="ppl_vae-rank")))
+            run = _train(config, device, data, rundir, out, progress, world, guard, resume)
         ok = True
         return run
     finally:
         rundir.close(ok)
 
 
-def _train(config: TrainConfig, device: torch.device, data: Dataset, rundir,
+def _train(config: TrainConfig, device: torch.device, data: Dataset, rundir, out: Path,
            progress: bool | None, world: World, guard: Guard, resume: bool) -> Run:
     state = load_checkpoint(rundir.final / "checkpoint.pt", map_location=device) \
         if resume else None
@@ -337,24 +322,7 @@ def _train(config: TrainConfig, device: torch.device, data: Dataset, rundir,
     step = (dist.data_parallel_step(loss, module, params, world) if loss is not None else
             dist.grads_all_reduced(elbo_step(elbo, module, terms, info), params, world))
     run = Run(config, module, data, rundir.final)
-
-    def take_for(optimizer: torch.optim.Optimizer, log) -> TrainStep:
-        eager = EagerStep(step, optimizer)
-        if not config.compile:
-            return eager
-        return CompiledStep(loss, module, optimizer, eager, world=world, log=log,
-                            estimator=f"--elbo {config.elbo}")
-
-    with contextlib.ExitStack() as stack:  # hooks on ranks > 0 write into a scratch dir
-        out = rundir.path if world.main else Path(
-            stack.enter_context(tempfile.TemporaryDirectory(prefix="ppl_vae-rank")))
-        ctx = context(config, module, data, out, progress, world, guard)
-        return _fit_and_evaluate(config, device, data, rundir, world, guard, state, module,
-                                 info, terms, params, take_for, run, ctx)
-
-
-def _fit_and_evaluate(config, device, data, rundir, world, guard, state, module, info, terms,
-                      params, take_for, run: Run, ctx: RunContext) -> Run:
+    ctx = context(config, module, data, out, progress, world, guard)
     if state is None:
         if world.main:
             write_json(rundir.path / "config.json", config.to_dict())
@@ -399,13 +367,12 @@ def _fit_and_evaluate(config, device, data, rundir, world, guard, state, module,
             write_csv(rundir.path / "metrics.csv", run.history)
 
     def diagnose(*args: Tensor) -> str | None:
-        for _, m, g in terms:
-            found = nonfinite_site(m, g, *args)
-            if found:
-                return found
-        return None
+        return next((f for _, m, g in terms if (f := nonfinite_site(m, g, *args))), None)
 
-    take = take_for(optimizer, ctx.log)
+    take: TrainStep = EagerStep(step, optimizer)
+    if config.compile:
+        take = CompiledStep(loss, module, optimizer, take, world=world, log=ctx.log,
+                            estimator=f"--elbo {config.elbo}")
     loop = Loop(take, optimizer, module, lambda g: train_args(module, data, g),
                 config.batch_size, config.epochs, seed=config.seed, device=device, world=world,
                 validate=validate if config.early_stop else None, patience=config.early_stop,
