@@ -1,5 +1,5 @@
 """The compiled SVI step (``--compile``) beside the eager Pyro step and a hand-written
-plain-PyTorch step of the same networks (``ppl_vae.models.reference``), in one process.
+plain-PyTorch step of the same networks (``benchmarks/reference.py``), in one process.
 
 Cases (``--cases``):
 
@@ -35,6 +35,7 @@ from pathlib import Path
 
 import pyro
 import torch
+from reference import cvae_reference_loss, reference_loss
 
 from ppl_vae.data import load_dataset
 from ppl_vae.inference.compiled import CompiledStep
@@ -42,7 +43,6 @@ from ppl_vae.inference.estimators import make_elbo
 from ppl_vae.inference.svi import EagerStep, backward_step, elbo_loss
 from ppl_vae.models import CVAE, VAE
 from ppl_vae.models.cvae import CVAEOptions
-from ppl_vae.models.reference import cvae_reference_loss, reference_loss
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 METHODS = ("plain", "mc", "analytic", "mc-compiled", "analytic-compiled")

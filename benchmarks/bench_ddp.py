@@ -1,6 +1,6 @@
 """Training throughput of ``python -m ppl_vae train`` in one process and under
 ``torchrun --nproc_per_node 2`` (DDP, gloo on the CPU; NCCL with ``--cuda``), beside the
-plain-PyTorch reference VAE (:mod:`ppl_vae.models.reference`) in one process.
+plain-PyTorch reference VAE (`benchmarks/reference.py`) in one process.
 
 Each setting runs ``--repeats`` times, alternating settings; throughput is training images
 per second from ``summary.json`` (``epochs * n_train / train_seconds``: the training loop
@@ -27,10 +27,10 @@ import time
 from pathlib import Path
 
 import torch
+from reference import reference_loss
 
 from ppl_vae.data import load_dataset
 from ppl_vae.models import VAE
-from ppl_vae.models.reference import reference_loss
 from ppl_vae.models.vae import VAEOptions
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"

@@ -1,5 +1,5 @@
 """Training throughput and test ELBO of the Pyro VAE against a plain-PyTorch VAE of the same
-networks (``ppl_vae.models.reference``), in the same process.
+networks (``benchmarks/reference.py``), in the same process.
 
 For every seed, each method trains its own copy of the same initial weights on the same
 in-memory data path (``ppl_vae.run.loop.Loop``, the trainer's loop: one tensor on the device,
@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pyro
 import torch
+from reference import reference_loss
 
 from ppl_vae.data import load_dataset
 from ppl_vae.inference.compiled import CompiledStep
@@ -33,7 +34,6 @@ from ppl_vae.inference.estimators import make_elbo
 from ppl_vae.inference.importance import score
 from ppl_vae.inference.svi import EagerStep, backward_step, elbo_loss, elbo_step
 from ppl_vae.models import VAE
-from ppl_vae.models.reference import reference_loss
 from ppl_vae.models.vae import ENCODER_SCALES, VAEOptions
 from ppl_vae.run.loop import Loop
 

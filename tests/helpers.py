@@ -2,7 +2,20 @@
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import torch
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def reference():
+    """``benchmarks/reference.py``: the plain-PyTorch losses the benchmarks measure against."""
+    spec = importlib.util.spec_from_file_location("reference", BENCHMARKS / "reference.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def assert_one_line_error(result, prog: str, *fragments: str, code: int = 2) -> None:

@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .cvae import CVAE
-from .vae import VAE, encoder_scale
+from ppl_vae.models.cvae import CVAE
+from ppl_vae.models.vae import VAE, encoder_scale
 
 
 def reference_loss(vae: VAE) -> Callable[[Tensor], Tensor]:
