@@ -54,11 +54,8 @@ class Split:
 
 @dataclass(frozen=True)
 class Dataset:
-    """Train and test splits plus what models and plots need to know about them.
-
-    With ``dynamic=True`` the training inputs are grey levels that :meth:`train_epoch`
-    turns into fresh Bernoulli pixels every epoch (dynamic binarization).
-    """
+    """Train and test splits plus what models and plots need to know about them; with
+    ``dynamic=True`` :meth:`train_epoch` redraws Bernoulli training pixels each epoch."""
 
     name: str
     train: Split

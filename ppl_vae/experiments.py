@@ -54,8 +54,11 @@ def cvae_quadrants(config: TrainConfig, quadrants: Sequence[int] = (1, 2, 3),
     runs: dict[str, Run] = {}
     for name, run_config in configs.items():
         where = Path(run_config.out)
-        if resume and _finished(where):
-            runs[name] = _read_back(where)
+        state = (load_checkpoint(where / "checkpoint.pt") if resume and has_checkpoint(where)
+                 and (where / "summary.json").is_file() else {})
+        if (state.get("loop") or {}).get("done"):  # finished: read back
+            runs[name] = Run(*load_run(where), where, list(state.get("history") or []),
+                             json.loads((where / "summary.json").read_text()))
         elif resume and has_checkpoint(where):
             runs[name] = train_run(resume_config(where), data, progress, resume=True)
         else:
@@ -90,17 +93,3 @@ EXPERIMENTS = {"cvae-quadrants": Experiment(
     "table (Sohn et al. 2015)",
     {"quadrants": dict(type=int, nargs="+", default=[1, 2, 3],
                        help="the observed-quadrant counts of the table, one run each")})}
-
-
-def _finished(run_dir: Path) -> bool:
-    """A run that got to its summary (its checkpoint says training is done)."""
-    if not (run_dir / "summary.json").is_file() or not has_checkpoint(run_dir):
-        return False
-    return bool((load_checkpoint(run_dir / "checkpoint.pt").get("loop") or {}).get("done"))
-
-
-def _read_back(run_dir: Path) -> Run:
-    config, module, data = load_run(run_dir)
-    state = load_checkpoint(run_dir / "checkpoint.pt")
-    summary = json.loads((run_dir / "summary.json").read_text())
-    return Run(config, module, data, run_dir, list(state.get("history") or []), summary)

@@ -70,13 +70,9 @@ def elbo_curves(rows: Sequence[dict], path: str | os.PathLike) -> Figure:
 def image_grid(rows: Sequence[Tensor], image_shape: Sequence[int], path: str | os.PathLike,
                title: str = "", row_labels: Sequence[str] = ()) -> Figure:
     """Each tensor in ``rows`` (n, C*H*W) becomes one row of images of ``image_shape``
-    (C, H, W), or (H, W) for grey images: in colour for C = 3, in grey for C = 1 (any other C:
-    its channels side by side, in grey). Values are pixels in [0, 1] (clipped), or uint8
-    levels 0..255 (divided by 255).
-
-    The grid has no numeric axes: the rows carry ``row_labels`` when given, and the x label
-    says what a column (a cell, without row labels) is: a sample when the title speaks of
-    samples, else an image."""
+    (C, H, W) or (H, W): colour for C = 3, grey for C = 1 (other C: channels side by side,
+    grey). Values are pixels in [0, 1] (clipped) or uint8 levels (divided by 255). No numeric
+    axes: rows carry ``row_labels``; the x label says a column is a sample or an image."""
     *channels, h, w = image_shape
     c = channels[0] if channels else 1
 

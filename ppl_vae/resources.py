@@ -62,11 +62,8 @@ def format_seconds(s: float) -> str:
 def where(device: torch.device | str) -> str:
     """``the CPU``, ``the GPU (cuda:0)``."""
     device = torch.device(device)
-    if device.type == "cpu":
-        return "the CPU"
-    if device.type == "cuda":
-        return f"the GPU ({device})"
-    return f"the {device.type} device"
+    return {"cpu": "the CPU", "cuda": f"the GPU ({device})"}.get(device.type,
+                                                                 f"the {device.type} device")
 
 
 # -- available memory --------------------------------------------------------------------------
@@ -188,10 +185,9 @@ def model_size(build: Callable[[], nn.Module]) -> ModelSize | None:
 def check_model_fits(build: Callable[[], nn.Module], device: torch.device | str = "cpu", *,
                      training: bool = True, early_stop: bool = False,
                      hint: str = MODEL_HINT) -> ModelSize | None:
-    """Refuse, before anything is allocated, a model whose parameters cannot fit: one copy
-    on the CPU where it is built, and on ``device`` the weights (with ``training``: the
-    :data:`TRAINING_COPIES` the loop keeps, one more with ``early_stop``). Returns the size,
-    or None when the model cannot be built on the meta device (then nothing is checked)."""
+    """Refuse, before allocating, a model that cannot fit: one copy on the CPU, and on
+    ``device`` the weights (``training``: :data:`TRAINING_COPIES`, one more with
+    ``early_stop``). Returns the size, or None if not buildable on meta (nothing checked)."""
     size = model_size(build)
     if size is None:
         return None
@@ -216,9 +212,8 @@ def check_model_fits(build: Callable[[], nn.Module], device: torch.device | str 
 
 @contextlib.contextmanager
 def allocation_guard(what: str, hint: str = MODEL_HINT) -> Iterator[None]:
-    """Turn an allocation failure inside the block (torch's out-of-memory errors, a
-    ``MemoryError``) into one :class:`UsageError` line: the fallback where no estimate was
-    possible."""
+    """Turn an allocation failure inside the block (torch's out-of-memory, ``MemoryError``)
+    into one :class:`UsageError` line: the fallback where no estimate was possible."""
     try:
         yield
     except MemoryError:
@@ -294,12 +289,9 @@ def step_cost(step_for: Callable[[int], Callable[..., Any]], args: Sequence[Any]
               device: torch.device | str = "cpu") -> Cost | None:
     """Bytes one SVI step keeps for backward per row x particle and per row, from forwards of
     ``step_for(k)(*args)`` on a few rows at k = 2 and 4 (RNGs kept); None if that fails."""
-    def measure(a: tuple, k: int) -> int:
-        return allocated_bytes(step_for(k), *a)
-
     with isolated([torch.device(device)]):
         try:
-            return fit_cost(measure, args)
+            return fit_cost(lambda a, k: allocated_bytes(step_for(k), *a), args)
         except UsageError:
             raise
         except Exception:
@@ -310,8 +302,7 @@ def check_step_fits(step_for: Callable[[int], Callable[..., Any]], args: Sequenc
                     rows: int, particles: int, device: torch.device | str = "cpu", *,
                     hint: str = STEP_HINT) -> Cost | None:
     """Refuse an SVI step of ``rows`` x ``particles`` whose autograd graph cannot fit on
-    ``device`` (see :func:`step_cost`; ``step_for(k)`` returns a callable running the
-    objective's forward, or forward and backward, with ``k`` particles on ``args``)."""
+    ``device`` (:func:`step_cost`); returns the cost, or None if it could not be measured."""
     cost = step_cost(step_for, args, device)
     if cost is not None:
         refuse_unless_fits(cost.bytes(rows, particles), device,
@@ -322,7 +313,6 @@ def check_step_fits(step_for: Callable[[int], Callable[..., Any]], args: Sequenc
 
 # -- evaluation --------------------------------------------------------------------------------
 def chunk_budget(device: torch.device | str) -> float:
-    """Bytes one evaluation chunk may take: half of what ``device`` has free (inf if
-    unknown)."""
+    """Bytes one evaluation chunk may take: half of ``device``'s free memory (inf: unknown)."""
     have = available_bytes(device)
     return math.inf if have is None else have / 2

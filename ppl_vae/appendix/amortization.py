@@ -156,15 +156,10 @@ Q_STAR = {"normal": "per-image diagonal Normal (loc, scale)",
 
 def gaps(vae: nn.Module, x: Tensor, iwae_samples: int = 5000, elbo_samples: int = 1000,
          steps: int = 500, psis_particles: int = 1000, seed: int = 0) -> dict:
-    """Per-image log p(x) (IWAE), ELBO(q*), ELBO(q_phi), the two gaps, and PSIS k-hat.
-
-    q* is of the guide's own family (:class:`LocalGuide`; ``q_star`` says which) and also
-    gives the IWAE proposal. For a flow guide the best diagonal Normal is fitted as well
-    (``elbo_optimal_normal``; for the Normal guide that is ``elbo_optimal`` itself).
-
-    The IWAE bound is itself below log p(x), so the approximation gap it gives is a lower
-    bound; the ordering log p(x) >= ELBO(q*) >= ELBO(q_phi) holds in expectation.
-    """
+    """Per-image log p(x) (IWAE), ELBO(q*), ELBO(q_phi), the two gaps, and PSIS k-hat (see
+    the module). q* is of the guide's own family (``q_star``) and is the IWAE proposal; for
+    a flow guide ``elbo_optimal_normal`` is the best diagonal Normal's (else ``elbo_optimal``).
+    log p(x) >= ELBO(q*) >= ELBO(q_phi) holds in expectation."""
     if getattr(vae, "beta", 1.0) != 1.0:  # PSIS and NUTS score the beta-scaled program
         raise UsageError("the posterior diagnostics need a VAE trained with beta = 1")
     vae.eval()

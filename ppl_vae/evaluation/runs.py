@@ -95,8 +95,18 @@ def evaluate_run(run_dir: str | os.PathLike, eval_iwae: int = 0, cuda: bool = Fa
         result.update(report(module, ctx))
     notes = [f"evaluation: {scores.method}"]
     summary, why = read_summary(summary_path)
-    if why is not None:  # never silently replaced: kept beside the new one
-        kept = set_aside(summary_path)
+    if why is not None:  # never silently replaced: renamed to a new <name>.unreadable-<time>
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        kept, n = summary_path.with_name(f"summary.json.unreadable-{stamp}"), 1
+        while kept.exists():
+            n += 1
+            kept = summary_path.with_name(f"summary.json.unreadable-{stamp}-{n}")
+        try:
+            os.replace(summary_path, kept)
+        except OSError as e:
+            raise UsageError(f"{str(summary_path)!r} is unreadable and cannot be moved aside "
+                             f"({e.strerror}); move it away yourself and evaluate again"
+                             ) from None
         notes.append(f"{str(summary_path)!r} was unreadable ({why}); kept it as {kept.name} "
                      "and wrote a new one")
     write_json(summary_path, {**summary, **result})
@@ -119,18 +129,3 @@ def read_summary(path: Path) -> tuple[dict, str | None]:
     if not isinstance(saved, dict):
         return {}, f"a JSON {type(saved).__name__}, not an object"
     return saved, None
-
-
-def set_aside(path: Path) -> Path:
-    """Rename ``path`` to ``<name>.unreadable-<time>`` (a new name) and return the new path."""
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    target, n = path.with_name(f"{path.name}.unreadable-{stamp}"), 1
-    while target.exists():
-        n += 1
-        target = path.with_name(f"{path.name}.unreadable-{stamp}-{n}")
-    try:
-        os.replace(path, target)
-    except OSError as e:
-        raise UsageError(f"{str(path)!r} is unreadable and cannot be moved aside "
-                         f"({e.strerror}); move it away yourself and evaluate again") from None
-    return target

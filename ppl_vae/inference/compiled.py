@@ -132,9 +132,8 @@ class _Call(nn.Module):
 
 @contextlib.contextmanager
 def _store_swapped(values: dict[str, Tensor]) -> Iterator[None]:
-    """Pyro's param store with ``values`` (unconstrained) in place of its tensors; a name the
-    program registers for the first time meanwhile is a :class:`Refused` dynamic structure.
-    (The store has no public way to swap a tensor; ``pyro.param`` reads ``_params``.)"""
+    """Pyro's param store with ``values`` (unconstrained) in its ``_params`` (no public way);
+    a name the program registers for the first time meanwhile is :class:`Refused`."""
     store = pyro.get_param_store()
     saved = (dict(store._params), dict(store._constraints), dict(store._param_to_name))
     store._params.update(values)
@@ -154,8 +153,7 @@ def _store_swapped(values: dict[str, Tensor]) -> Iterator[None]:
 @contextlib.contextmanager
 def _traced_code_paths() -> Iterator[None]:
     """The host-free code paths Pyro and ``torch.distributions`` keep for ``torch.jit.trace``
-    (no ``if not mask.all()``, ``x.item() == 0`` or assertions), taken under ``make_fx`` too:
-    ``torch._C._get_tracing_state()`` answers truthy."""
+    (no ``if not mask.all()``, ``.item()`` or assertions), taken under ``make_fx`` too."""
     real = torch._C._get_tracing_state
     torch._C._get_tracing_state = lambda: True
     try:
@@ -172,9 +170,8 @@ def _user_frame(frames: traceback.StackSummary) -> str:
 
 
 class _Operators(TorchDispatchMode):
-    """Records each operator with its arguments: Python values as they are, tensors as the
-    number of their first appearance with shape and dtype, and a constant tensor (data
-    the program holds) by its values."""
+    """Records each operator with its arguments: Python values as they are, tensors by first
+    appearance, shape and dtype, a constant tensor (data the program holds) by its values."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -248,10 +245,10 @@ class _Graph:
 class CompiledStep(TrainStep):
     """The training step of ``loss`` (``args -> -ELBO``) over ``module`` and ``optimizer``'s
     parameters, traced and compiled per batch shape, called like :class:`EagerStep`.
-    ``refused`` holds the reason once the step stays eager; ``log`` gets that line and notes.
-    ``world`` (:class:`ppl_vae.run.distributed.World`, default one process): under torchrun
-    the graph computes this rank's loss and gradients, one all-reduce sums them and
-    ``optimizer.step()`` runs eagerly; a refusal on one rank is a refusal on all."""
+    ``refused``: the reason once the step stays eager (a line to ``log``). ``world``
+    (:class:`ppl_vae.run.distributed.World`): under torchrun the graph computes this rank's
+    loss and gradients, one all-reduce sums them, ``optimizer.step()`` runs eagerly; a
+    refusal on one rank is one on all."""
 
     def __init__(self, loss: LossFn | None, module: nn.Module, optimizer: torch.optim.Optimizer,
                  eager: EagerStep, *, world: Any = None,
@@ -303,31 +300,25 @@ class CompiledStep(TrainStep):
             self.eager(i, args, total, first_bad)
             return
         graph = self.graphs[key]
-        if self._grads_only:
-            self._all_reduced_step(graph, i, args, total, first_bad)
+        if self._grads_only:  # gradients summed over the ranks in one flat all-reduce
+            self.optimizer.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                loss, *grads = graph.compiled(*self._inputs, *args)
+                flat = torch.cat([g.reshape(-1) for g in grads])
+                torch.distributed.all_reduce(flat)
+                for p, g in zip(self._trained_tensors, flat.split([g.numel() for g in grads]),
+                                strict=True):
+                    p.grad = g.view_as(p)
+                total += loss
+                first_bad.copy_(torch.where(torch.isfinite(loss), first_bad,
+                                            first_bad.clamp(max=i)))
+            self.optimizer.step()
             return
         if i != self._next_i:
             self.i_dev.fill_(i)
         with torch.no_grad():
             graph.compiled(*self._inputs, *args)
         self._next_i = i + 1
-
-    def _all_reduced_step(self, graph: _Graph, i: int, args: Sequence[Tensor], total: Tensor,
-                          first_bad: Tensor) -> None:
-        """Under torchrun: the graph's loss and gradients, the gradients summed over the
-        ranks (one all-reduce of them all, flattened), the bookkeeping, then the optimizer."""
-        self.optimizer.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            loss, *grads = graph.compiled(*self._inputs, *args)
-            flat = torch.cat([g.reshape(-1) for g in grads])
-            torch.distributed.all_reduce(flat)
-            for p, g in zip(self._trained_tensors, flat.split([g.numel() for g in grads]),
-                            strict=True):
-                p.grad = g.view_as(p)
-            total += loss
-            first_bad.copy_(torch.where(torch.isfinite(loss), first_bad,
-                                        first_bad.clamp(max=i)))
-        self.optimizer.step()
 
     @property
     def description(self) -> str:
@@ -345,9 +336,8 @@ class CompiledStep(TrainStep):
                    for g in self.optimizer.param_groups for p in g["params"])
 
     def _bind(self, total: Tensor, first_bad: Tensor) -> str | None:
-        """Fix the graph's inputs: every tensor of the module, the param store's values
-        that the optimizer trains, Adam's state, the bias corrections and the bookkeeping
-        (under torchrun: the tensors only). Returns the reason it cannot, or None."""
+        """Fix the graph's inputs (module tensors, trained store values, Adam's state, the
+        corrections, the bookkeeping; under torchrun the tensors only); why it cannot, or None."""
         module_tensors = dict(self.module.named_parameters())
         module_tensors.update(self.module.named_buffers())
         self._module_keys = list(module_tensors)
@@ -398,10 +388,9 @@ class CompiledStep(TrainStep):
         return None
 
     def _rebind(self) -> None:
-        """Point the graph at the optimizer's current state. ``load_state_dict`` replaces
-        the state tensors: their values are copied into the graph's, which go back into the
-        optimizer, so that addresses stay fixed (CUDA graphs replay on them). A state without
-        Adam's moments (loaded from before the first step) unbinds: the next step is eager."""
+        """Point the graph at the optimizer's state: loaded values are copied into the graph's
+        tensors, which go back into the optimizer (fixed addresses for CUDA graphs). A state
+        without Adam's moments (from before the first step) unbinds: the next step is eager."""
         if not self._bound or self._grads_only:
             return
         if self._hyperparameters() != getattr(self, "_hyper", None):
@@ -435,9 +424,8 @@ class CompiledStep(TrainStep):
         self._next_i = -1
 
     def _corrections(self, t: Tensor) -> Tensor:
-        """Adam's step size and bias correction of the second moment for the step after
-        ``t`` (a tensor), per parameter group: ``[lr / (1 - beta1^(t+1)),
-        sqrt(1 - beta2^(t+1))]``, in float64."""
+        """Per parameter group, for the step after ``t`` (a tensor), in float64:
+        ``[lr / (1 - beta1^(t+1)), sqrt(1 - beta2^(t+1))]``."""
         after = t.to(self.coef.device, torch.float64) + 1
         return torch.stack([torch.stack([g["lr"] / (1 - g["betas"][0] ** after),
                                          (1 - g["betas"][1] ** after).sqrt()])
@@ -509,10 +497,9 @@ class CompiledStep(TrainStep):
                 tuple(batch), strict=True)
 
     def _fingerprint(self, args: Sequence[Tensor]) -> tuple | None:
-        """The forward pass as the operators it runs on fake tensors -- each with its
-        Python arguments, the values of constant tensors and which earlier tensors it
-        reads -- and Adam's hyperparameters: what the graph holds of the program's Python
-        values, at a tenth of a trace's cost. None if it cannot be taken."""
+        """The forward's operators on fake tensors (:class:`_Operators`) and Adam's
+        hyperparameters: the program's Python values the graph holds, at a tenth of a
+        trace's cost. None if it cannot be taken."""
         from torch._subclasses.fake_tensor import FakeTensorMode
 
         record = _Operators()
@@ -533,9 +520,8 @@ class CompiledStep(TrainStep):
 
     def _trace(self, args: Sequence[Tensor], find_dynamic: bool = False
                ) -> torch.fx.GraphModule:
-        """The step traced on fake tensors; :class:`Refused` with the reason if it cannot be.
-        A shape that depends on values is traced again with ``find_dynamic``, which names
-        the operator and the program line."""
+        """The step traced on fake tensors, else :class:`Refused`; a value-dependent shape is
+        traced again with ``find_dynamic`` to name the operator and program line."""
         with warnings_quiet(), _traced_code_paths():
             try:
                 gm = make_fx(self._function(self._grads_only, find_dynamic), tracing_mode="fake",
@@ -572,10 +558,9 @@ class CompiledStep(TrainStep):
             for x, y in zip(a[1], b[1], strict=True))
 
     def _compile(self, gm: torch.fx.GraphModule, args: Sequence[Tensor]) -> Callable:
-        """Inductor's code for ``gm``. On the CPU straight from the FX graph (no guards to
-        evaluate per call: half the time of ``torch.compile`` on a small step); on a GPU
-        through ``torch.compile`` with every input but the batch at a static address, which
-        lets inductor replay the step as a CUDA graph."""
+        """Inductor's code for ``gm``: on the CPU from the FX graph (no per-call guards: half
+        ``torch.compile``'s time on a small step); on a GPU by ``torch.compile`` with every
+        input but the batch at a static address (replayed as a CUDA graph)."""
         options = {"fallback_random": True}
         try:
             with torch.no_grad(), warnings_quiet():
@@ -595,8 +580,7 @@ class CompiledStep(TrainStep):
             raise Refused(f"inductor could not compile the step ({_first_line(e)})") from None
 
     def _capture(self, key: tuple, args: Sequence[Tensor]) -> None:
-        """Trace (twice: the same graph, or a dynamic structure), compile, and check one
-        compiled step against one eager step with the same noise."""
+        """Trace twice (a differing graph: dynamic), compile, check against the eager step."""
         gm = self._trace(args)
         signature = self._signature(gm)
         if not self._same(signature, self._signature(self._trace(args))):
@@ -608,9 +592,8 @@ class CompiledStep(TrainStep):
         self.graphs[key] = graph
 
     def _retrace(self, key: tuple, args: Sequence[Tensor]) -> None:
-        """Look again at the program: the forward's operators (cheap), and only if they
-        changed the whole step; if the graph changed (a value the program reads from
-        Python did), compile anew when each shape is next met, and say so."""
+        """Compare the forward's operators (cheap), and if they changed the whole trace; a
+        changed graph is compiled anew when each shape is next met, and said so."""
         graph = self.graphs.get(key)
         if graph is None:
             return
@@ -628,10 +611,9 @@ class CompiledStep(TrainStep):
 
     # -- the capture check -----------------------------------------------------------------
     def _check(self, graph: _Graph, args: Sequence[Tensor]) -> None:
-        """One compiled step and the eager loss and gradient, with the same noise from the
-        same state, which is then put back (the RNG too): :class:`Refused` if they disagree
-        by more than float rounding (the loss, and the gradient: in Adam's new moments, or
-        as the graph returns it under torchrun)."""
+        """One compiled and one eager step, same state and noise (both put back):
+        :class:`Refused` if the loss or the gradient (in Adam's new moments, or as returned
+        under torchrun) differ by more than float rounding."""
         saved = [t.detach().clone() for t in self._inputs]
         devices = [self.device] if self.device.type == "cuda" else []
         with warnings_quiet(), torch.random.fork_rng(devices):

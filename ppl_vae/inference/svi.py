@@ -25,11 +25,9 @@ StepFn = Callable[..., Tensor]
 
 def registered(module: nn.Module, fn: Callable, name: str = "module",
                skip: frozenset[int] = frozenset()) -> Callable:
-    """``fn`` (a model or guide of ``module``), first registering the module's parameters in
-    Pyro's param store as ``name$$$<parameter name>`` (what ``pyro.module`` does): what
-    ``pyro.infer.SVI`` with ``pyro.optim``, the Jit ELBOs (which feed param-store tensors to
-    the compiled trace) and RenyiELBO need. Tensors whose ``id`` is in ``skip`` (those the
-    program registers itself) are left alone, so nothing is registered twice."""
+    """``fn`` (a model or guide of ``module``) that first registers the module's parameters
+    as ``name$$$<parameter name>`` (as ``pyro.module`` does), for ``pyro.infer.SVI``, the Jit
+    ELBOs and RenyiELBO; tensors whose ``id`` is in ``skip`` (the program's own) are not."""
     named = [(f"{name}$$${n}", p) for n, p in module.named_parameters() if id(p) not in skip]
 
     def program(*args, **kwargs):
@@ -49,9 +47,8 @@ def with_params(module: nn.Module, name: str = "module") -> tuple[Callable, Call
 def elbo_loss(elbo: pyro.infer.ELBO, module: nn.Module, terms: list[Program],
               info: ProgramInfo | None = None) -> LossFn | None:
     """``args -> -ELBO`` (summed over the batch, differentiable) for the weighted ``terms``
-    (weight, model, guide) of ``module``'s objective; None for an estimator without
-    ``differentiable_loss`` (RenyiELBO: see :func:`elbo_step`). ``info`` says which tensors
-    the program registers itself."""
+    (weight, model, guide); None for an estimator without ``differentiable_loss``
+    (RenyiELBO). ``info`` says which tensors the program registers itself."""
     if not hasattr(elbo, "differentiable_loss"):
         return None
     skip = frozenset() if info is None else info.registered
@@ -70,13 +67,8 @@ def elbo_loss(elbo: pyro.infer.ELBO, module: nn.Module, terms: list[Program],
 def elbo_step(elbo: pyro.infer.ELBO, module: nn.Module, terms: list[Program],
               info: ProgramInfo | None = None) -> StepFn:
     """``args -> -ELBO`` (summed over the batch, detached) after adding its gradient to the
-    parameters' ``.grad``.
-
-    Estimators with ``differentiable_loss`` (Trace_ELBO, TraceMeanField_ELBO, their Jit
-    variants) give a tensor we differentiate (:func:`elbo_loss`); RenyiELBO has only
-    ``loss_and_grads``, which differentiates its own surrogate and returns a float (one host
-    sync per step).
-    """
+    parameters' ``.grad``: :func:`elbo_loss` differentiated, or for RenyiELBO its
+    ``loss_and_grads`` (a float: one host sync per step)."""
     loss = elbo_loss(elbo, module, terms, info)
     if loss is not None:
         return backward_step(loss)
@@ -110,9 +102,8 @@ def collect_params(module: nn.Module, info: ProgramInfo) -> list[Tensor]:
 
 class TrainStep:
     """One whole training step ``(i, args, total, first_bad)``: the loss of the batch
-    ``args``, its gradient and the optimizer's update, with the loss added to the epoch's sum
-    ``total`` and ``first_bad`` lowered to ``i`` (the step's index in its epoch) if the loss
-    is not finite. ``total`` and ``first_bad`` are the loop's, updated in place."""
+    ``args``, its gradient and the update; the loss is added to the loop's ``total`` and
+    ``first_bad`` lowered to ``i`` (the step's index in its epoch) if it is not finite."""
 
     def __call__(self, i: int, args: tuple[Tensor, ...], total: Tensor, first_bad: Tensor
                  ) -> None:

@@ -1,31 +1,15 @@
 """The model contract: what the trainer, evaluation, comparison and CLI may ask of a model.
 
-A model is any ``nn.Module`` with Pyro ``model(*args)`` and ``guide(*args)`` methods. It may
-subclass :class:`Model` or not; the code outside ``ppl_vae.models`` calls its optional
-hooks only through :func:`hook`, which returns the model's own method where it defines one
-and the default below otherwise.
-
-=====================  =========================================  ==============================
-hook                   default                                    override when
-=====================  =========================================  ==============================
-``model``, ``guide``   (required)                                 --
-``data_args(x, y)``    ``(pixels(x),)``: 8-bit rows as float      model/guide take other inputs
-                       x / 255, others as they are                (a condition, labels), or
-                                                                  convert 8-bit rows per batch
-``programs()``         ``[(1.0, model, guide)]``                  the objective is a weighted
-                                                                  sum of several ELBOs
-``pretrain(ctx)``      nothing                                    a part is fit before SVI
-``report(ctx)``        no numbers; latent means,                  the summary needs numbers,
-                       reconstructions and samples drawn from     or the family has figures of
-                       the program (``encode``/``reconstruct``/   its own
-                       ``sample`` where defined)
-=====================  =========================================  ==============================
-
-``data_args(x, y)`` receives rows ``x`` (N, D) (uint8 for 8-bit sources) and labels ``y``
-(N,) or None (-1: hidden by ``--labelled``). ``from_options(options, data)`` builds the
-model (default: the constructor, ``input_dim``, ``image_shape`` and ``num_classes`` from the
-data). ``elbo_refused`` / ``elbo_notes`` map an ``--elbo`` name to why the family cannot
-train with it / a note the run prints.
+A model is any ``nn.Module`` with Pyro ``model(*args)`` and ``guide(*args)`` methods, a
+:class:`Model` subclass or not. Code outside ``ppl_vae.models`` calls its optional hooks
+through :func:`hook`: its own method, else the default here (the README's table says when to
+override each). Defaults: ``data_args(x, y)`` -> ``(pixels(x),)`` (``x`` (N, D) rows, uint8
+for 8-bit sources; ``y`` (N,) labels or None, -1 hidden by ``--labelled``); ``programs()``
+-> ``[(1.0, model, guide)]``; ``pretrain(ctx)``: nothing; ``report(ctx)``: no numbers, and
+latent means, reconstructions and samples (``encode``/``reconstruct``/``sample`` where
+defined); ``from_options(options, data)``: the constructor, with ``input_dim``,
+``image_shape`` and ``num_classes`` from the data. ``elbo_refused`` / ``elbo_notes`` map an
+``--elbo`` name to why the family cannot train with it / a note the run prints.
 """
 
 from __future__ import annotations

@@ -1,11 +1,9 @@
 """A model family's options: its own dataclass, or its constructor's keywords.
 
-A class that sets ``Options`` (a dataclass) has exactly those options, validated in the
-dataclass's ``__post_init__``. Any other class has the keywords of its constructor: the
-data-derived ones (:data:`DATA_OPTIONS`: ``input_dim``, ``image_shape``, ``num_classes``) are
-filled from the dataset, the others keep the class's own defaults unless set (``--z-dim 8``
-where the CLI could make a flag of it, ``--model-opt key=value`` for anything, or
-``model_options={...}`` from Python).
+A class that sets ``Options`` (a dataclass) has exactly those options, validated in its
+``__post_init__``. Any other class has its constructor's keywords: the data-derived ones
+(:data:`DATA_OPTIONS`) filled from the dataset, the others at the class's defaults unless set
+(a flag such as ``--z-dim 8``, ``--model-opt key=value``, or ``model_options={...}``).
 """
 
 from __future__ import annotations
@@ -63,10 +61,8 @@ class OptionSpec:
 
 @functools.cache
 def options_class(cls: type) -> type | None:
-    """The family's options dataclass, or None when its constructor is the option group.
-
-    A subclass whose constructor adds keywords to its family's (``components=10`` on a VAE
-    subclass) gets them as further fields, with its defaults: ``--model-opt components=5``."""
+    """The family's options dataclass (with the keywords a subclass's constructor adds, e.g.
+    ``components=10``, as further fields), or None when its constructor is the option group."""
     opts = getattr(cls, "Options", None)
     if not (isinstance(opts, type) and dataclasses.is_dataclass(opts)):
         return None
@@ -114,11 +110,9 @@ def option_specs(cls: type) -> list[OptionSpec]:
 
 
 def make_options(cls: type, given: Any = None) -> Any:
-    """Options for ``cls`` from a dict, an instance of its ``Options``, or None (defaults).
-
-    Returns an ``Options`` instance (validated by it) or, for a class without one, a dict of
-    the constructor keywords that were set. Raises :class:`UsageError` naming a bad key.
-    """
+    """Options for ``cls`` from a dict, its ``Options``, or None (defaults): an ``Options``
+    instance, or for a class without one a dict of the keywords set; :class:`UsageError`
+    names a bad key."""
     opts = options_class(cls)
     if opts is not None and isinstance(given, opts):
         return given

@@ -35,10 +35,8 @@ def _timestamp() -> str:
 
 
 class DirLock:
-    """An exclusive, non-blocking ``flock`` on ``<directory>/.lock``, which holds our pid.
-
-    The kernel drops it when the process dies, however it dies. Usable alone (a rank-0-only
-    caller); :class:`RunDir` takes one."""
+    """An exclusive, non-blocking ``flock`` on ``<directory>/.lock`` (holding our pid), which
+    the kernel drops when the process dies. Usable alone; :class:`RunDir` takes one."""
 
     def __init__(self, fd: int, path: Path):
         self._fd: int | None = fd
@@ -95,10 +93,8 @@ class DirLock:
 
 
 class RunDir:
-    """One run's directory, locked for the run's lifetime; open it with :meth:`open`.
-
-    ``path`` is where files go now (the staging directory before :meth:`commit` when
-    overwriting, else the directory itself); ``final`` is the directory itself."""
+    """One run's directory, locked for the run's lifetime (:meth:`open`). ``final`` is the
+    directory; ``path`` where files go now (the staging directory until :meth:`commit`)."""
 
     def __init__(self, final: Path, lock: DirLock | None, created: list[Path], setting: str):
         self.final = final
@@ -157,9 +153,8 @@ class RunDir:
 
     @classmethod
     def follow(cls, final: str | os.PathLike) -> RunDir:
-        """Another process's run directory (a torchrun rank > 0 beside rank 0, which owns
-        it): its final path (rank 0 may be writing to a staging directory meanwhile), no lock,
-        and commit and close do nothing."""
+        """Another process's run directory (a torchrun rank > 0; rank 0 owns it): its final
+        path, no lock; commit and close do nothing."""
         run = cls(Path(final), None, [], "--out")
         run._committed = True
         return run
@@ -185,9 +180,8 @@ class RunDir:
         return self._committed
 
     def commit(self) -> None:
-        """Make this run's files the directory's; idempotent; the lock stays held. When
-        staging: every old entry (but ``.lock``) goes, the staged ones move in, the staging
-        directory goes. Call it once the new run is worth keeping (its first checkpoint)."""
+        """Make this run's files the directory's (staged: the old entries but ``.lock`` go,
+        the staged move in); idempotent, the lock stays held. Call at the first checkpoint."""
         if self._committed:
             return
         if self._closed:
@@ -217,9 +211,8 @@ class RunDir:
         self._committed = True
 
     def close(self, ok: bool = True) -> None:
-        """Release the lock; idempotent. ``ok`` commits first if not yet committed.
-        Not ``ok`` and never committed: the staging directory goes, and if the directory was
-        new or empty, everything this run wrote goes too (directories open() made as well)."""
+        """Release the lock; idempotent. ``ok`` commits first; not ``ok`` and never committed:
+        the staging goes, and in a new or empty directory all this run wrote (and made)."""
         if self._closed:
             return
         discard = not ok and not self._committed
