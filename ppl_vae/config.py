@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import UsageError
+from .inference.estimators import ELBOS
 from .models import get_model, make_options, model_name, options_dict, options_of
 from .models.options import coerce, named_as_keys
 
-ELBOS = ("mc", "analytic", "iwae", "enum")
 BINARIZE = ("none", "static", "dynamic")
 
 
@@ -54,9 +54,12 @@ class TrainConfig:
                          "semi-supervised models (--model ssvae); 0: every label",
                          group="data")
     # inference
-    elbo: str = _opt("mc", "mc: Trace_ELBO, analytic: TraceMeanField_ELBO, iwae: "
-                     "RenyiELBO(alpha=0), enum: TraceEnum_ELBO (sums out the latents the "
-                     "guide marks with config_enumerate)", group="inference", choices=ELBOS)
+    elbo: str = _opt("mc", "mc: Trace_ELBO, analytic: TraceMeanField_ELBO, stl: Trace_ELBO "
+                     "with the path-derivative (sticking-the-landing) guide gradient, iwae: "
+                     "RenyiELBO(alpha=0), iwae-dreg: the IWAE bound with the doubly "
+                     "reparameterized guide gradient, enum: TraceEnum_ELBO (sums out the "
+                     "latents the guide marks with config_enumerate)", group="inference",
+                     choices=ELBOS)
     particles: int = _opt(1, "samples per data point (vectorized where the model allows)",
                           group="inference")
     jit: bool = _opt(False, "use Pyro's Jit* ELBO variants", group="inference")
@@ -153,12 +156,12 @@ class TrainConfig:
         if self.jit and self.compile:
             raise UsageError("--jit and --compile are two ways to compile the step; drop one "
                              "(--compile also compiles the backward pass and Adam)")
-        if self.jit and self.elbo in ("iwae", "enum"):
+        if self.jit and self.elbo not in ("mc", "analytic"):
             raise UsageError(f"--jit with --elbo {self.elbo} is not supported here; drop --jit "
                              "or use --elbo mc|analytic")
-        if self.elbo == "iwae" and self.particles < 2:
-            raise UsageError("--elbo iwae with one particle is the plain ELBO; give --particles "
-                             "K with K >= 2 (e.g. 5)")
+        if self.elbo in ("iwae", "iwae-dreg") and self.particles < 2:
+            raise UsageError(f"--elbo {self.elbo} with one particle is the plain ELBO; give "
+                             "--particles K with K >= 2 (e.g. 5)")
 
     def to_dict(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}

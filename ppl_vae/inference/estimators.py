@@ -18,6 +18,10 @@ For a data point x, guide q(z|x) and L reparameterized draws z_l ~ q(z|x):
 
       log 1/L sum_l p(x, z_l) / q(z_l|x)
 
+* ``stl`` -- ``mc``'s estimate with the path-derivative ("sticking the landing") gradient for
+  the guide (:mod:`.stl`); ``iwae-dreg`` -- ``iwae``'s bound with the doubly
+  reparameterized gradient (:mod:`.dreg`). Both need a reparameterized guide.
+
 * ``enum`` -- :class:`~pyro.infer.TraceEnum_ELBO`: discrete latents that the guide (or the
   model) marks for enumeration (``config_enumerate``, ``infer={"enumerate": "parallel"}``)
   are summed out exactly; the rest as ``mc``::
@@ -54,52 +58,13 @@ from torch import Tensor
 from torch.distributions import kl_divergence
 
 from ..errors import UsageError
+from .dreg import IWAE_DReG
+from .stl import STL_ELBO
+from .trace_elbo import Trace_ELBO, _not_reparameterized
 
+ELBOS = ("mc", "analytic", "stl", "iwae", "iwae-dreg", "enum")
+"""The ``--elbo`` names."""
 MAX_PLATE_NESTING = 1  # the data plate (the default; a probe of the program finds the real one)
-
-
-def _not_reparameterized(guide_trace) -> list[str]:
-    return [name for name, site in guide_trace.nodes.items()
-            if site["type"] == "sample" and not site["is_observed"]
-            and not site["fn"].has_rsample]
-
-
-def _log_prob_sum(trace) -> Tensor:
-    return sum(site["log_prob_sum"] for site in trace.nodes.values()
-               if site["type"] == "sample")
-
-
-class Trace_ELBO(pyro.infer.Trace_ELBO):
-    """Pyro's ``Trace_ELBO`` whose ``differentiable_loss`` keeps the loss on the device
-    (Pyro's calls ``.item()`` per site). With every latent site reparameterized the loss is
-    -(sum log p(x, z) - sum log q(z|x)); otherwise ``loss + (surrogate -
-    surrogate.detach())``: the loss's value with the score-function surrogate's gradient."""
-
-    def differentiable_loss(self, model, guide, *args, **kwargs):
-        loss = 0.0
-        for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
-            if not _not_reparameterized(guide_trace):
-                elbo = _log_prob_sum(model_trace) - _log_prob_sum(guide_trace)
-                loss = loss - elbo / self.num_particles
-                continue
-            with _items_kept_on_the_device():
-                value, surrogate = self._differentiable_loss_particle(model_trace, guide_trace)
-            loss = loss + (value.detach() + surrogate - surrogate.detach()) / self.num_particles
-        return loss
-
-
-@contextlib.contextmanager
-def _items_kept_on_the_device() -> Iterator[None]:
-    """Pyro's ``Trace_ELBO._differentiable_loss_particle`` with its ``torch_item`` (``.item()``)
-    the identity: the loss it returns is then a tensor (it looks the name up in its module
-    when called)."""
-    module = pyro.infer.trace_elbo
-    real = module.torch_item
-    module.torch_item = lambda x: x
-    try:
-        yield
-    finally:
-        module.torch_item = real
 
 
 class TraceMeanField_ELBO(pyro.infer.TraceMeanField_ELBO):
@@ -236,10 +201,15 @@ def make_elbo(name: str, particles: int = 1, jit: bool = False,
     after another (for models that cannot broadcast over a particle dimension)."""
     kw = dict(num_particles=particles, vectorize_particles=vectorize and particles > 1,
               max_plate_nesting=max_plate_nesting)
-    if jit and name in ("enum", "iwae"):  # (Pyro has no Jit RenyiELBO or TraceEnum here)
+    if jit and name not in ("mc", "analytic"):  # Pyro has Jit versions of those two only
         raise UsageError(f"--jit with --elbo {name} is not supported here; drop --jit")
     if name == "enum":
         return TraceEnum_ELBO(**kw)
+    if name == "stl":
+        return STL_ELBO(**kw)
+    if name == "iwae-dreg":
+        return IWAE_DReG(num_particles=particles, max_plate_nesting=max_plate_nesting,
+                         vectorize_particles=vectorize)
     if name == "iwae":
         with warnings.catch_warnings():  # RenyiELBO warns that alpha=0 is the IWAE bound
             warnings.simplefilter("ignore")
@@ -247,7 +217,7 @@ def make_elbo(name: str, particles: int = 1, jit: bool = False,
     classes = {"mc": (Trace_ELBO, JitTrace_ELBO),
                "analytic": (TraceMeanField_ELBO, JitTraceMeanField_ELBO)}
     if name not in classes:
-        raise UsageError(f"unknown --elbo {name!r}; use mc, analytic, iwae or enum")
+        raise UsageError(f"unknown --elbo {name!r}; use {', '.join(ELBOS)}")
     if jit:  # torch marks torch.jit.trace deprecated; the Jit ELBOs still work on it
         warnings.filterwarnings("ignore", message=r".*torch\.jit\.trace.*deprecated",
                                 category=FutureWarning)  # idempotent: no duplicate filters

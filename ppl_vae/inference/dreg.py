@@ -1,0 +1,90 @@
+"""The doubly reparameterized gradient of the IWAE bound (DReG; Tucker, Lawson, Gu & Maddison
+2019).
+
+For a data point x, K reparameterized draws z_k = g(eps_k; phi) from the guide, log weights
+``log w_k = log p(x, z_k) - log q(z_k; phi)`` and normalized weights ``w~_k = w_k / sum_j
+w_j``, the IWAE bound ``IWAE_K = E[log 1/K sum_k w_k]`` has the gradients::
+
+    d/dtheta IWAE_K = E[sum_k w~_k   d/dtheta log p(x, z_k)]                  (as IWAE's)
+    d/dphi   IWAE_K = E[sum_k w~_k^2 d/dphi   log w_k |path]                   (DReG)
+
+where ``|path`` differentiates through z_k only, with q's parameters held in log q (the
+score term, whose K-sample estimate makes IWAE's inference-network SNR fall like 1/sqrt(K),
+Rainforth et al. 2018, is replaced by its reparameterized equivalent). With q = p(z|x) every
+w_k is p(x) and every path derivative 0: the phi-gradient is 0 for every draw and every K.
+
+The surrogate, per data point (``sg``: stop-gradient)::
+
+    S = sum_k sg(w~_k^2) [log p(x, z_k) - log q(z_k) + log q(sg z_k) - sg log q(sg z_k)]
+      + sum_k sg(w~_k - w~_k^2) log p(x, sg z_k)
+
+Its theta-gradient is IWAE's (the two terms add to sum_k w~_k d log p); its phi-gradient is
+DReG's (the second term sees no phi). The second term is one more pass of the model at the
+detached draws. The loss is ``-IWAE_K``'s estimate (``logsumexp_k log w_k - log K``, summed
+over the data points) with ``-S``'s gradient.
+
+Assumes every latent guide site is reparameterized and the particles vectorize (one batched
+pass, a plate left of the model's); the per-point bound sums over the plates every site
+shares (as Pyro's ``RenyiELBO``). Refuses a guide site without ``rsample`` (use ``iwae``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from pyro import poutine
+from pyro.infer.util import get_dependent_plate_dims, torch_sum
+from torch import Tensor
+
+from ..errors import UsageError
+from .stl import refuse_unreparameterized
+from .trace_elbo import Trace_ELBO, direct_log_q, stop_gradient_delta
+
+
+def _log_prob(trace, dims) -> Tensor | float:
+    return sum((torch_sum(site["log_prob"], dims) for site in trace.nodes.values()
+                if site["type"] == "sample"), 0.0)
+
+
+class IWAE_DReG(Trace_ELBO):
+    """The IWAE bound with K = ``num_particles`` vectorized draws per data point and the
+    doubly reparameterized gradient for the guide."""
+
+    def __init__(self, num_particles: int = 2, max_plate_nesting: float = float("inf"),
+                 vectorize_particles: bool = True, **kwargs) -> None:
+        if num_particles < 2:
+            raise UsageError("--elbo iwae-dreg with one particle is the plain ELBO; give "
+                             "--particles K with K >= 2 (e.g. 5)")
+        if not vectorize_particles:
+            raise UsageError("--elbo iwae-dreg weighs K particles against each other and needs "
+                             "them vectorized, and this model cannot broadcast over a particle "
+                             "dimension; use --elbo iwae")
+        super().__init__(num_particles=num_particles, max_plate_nesting=max_plate_nesting,
+                         vectorize_particles=True, **kwargs)
+
+    def differentiable_loss(self, model, guide, *args, **kwargs) -> Tensor:
+        (model_trace, guide_trace), = self._get_traces(model, guide, args, kwargs)
+        refuse_unreparameterized(guide_trace, "iwae-dreg", "iwae")
+        dims = get_dependent_plate_dims(model_trace.nodes.values())
+        log_p = _log_prob(model_trace, dims)  # (K, *points)
+        log_w = log_p - _log_prob(guide_trace, dims)
+        weights = torch.softmax(log_w.detach(), dim=0)
+        path = log_w + stop_gradient_delta(direct_log_q(guide_trace, dims))
+        held = self._model_at_detached_draws(model, guide_trace, dims, args, kwargs)
+        surrogate = (weights ** 2 * path).sum() + ((weights - weights ** 2) * held).sum()
+        bound = (torch.logsumexp(log_w, dim=0) - math.log(self.num_particles)).sum()
+        return -bound.detach() - stop_gradient_delta(surrogate)
+
+    def _model_at_detached_draws(self, model, guide_trace, dims, args, kwargs
+                                 ) -> Tensor | float:
+        """log p(x, sg z_k) per particle and point: the model replayed on the guide's draws
+        with their gradient stopped (theta's gradient only)."""
+        fixed = poutine.Trace()
+        for name, site in guide_trace.nodes.items():
+            if site["type"] == "sample":
+                fixed.add_node(name, **{**site, "value": site["value"].detach()})
+        trace = poutine.trace(poutine.replay(self._vectorized_num_particles(model),
+                                             trace=fixed)).get_trace(*args, **kwargs)
+        trace.compute_log_prob()
+        return _log_prob(trace, dims)
