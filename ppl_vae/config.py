@@ -57,8 +57,10 @@ class TrainConfig:
     elbo: str = _opt("mc", "mc: Trace_ELBO, analytic: TraceMeanField_ELBO, stl: Trace_ELBO "
                      "with the path-derivative (sticking-the-landing) guide gradient, iwae: "
                      "RenyiELBO(alpha=0), iwae-dreg: the IWAE bound with the doubly "
-                     "reparameterized guide gradient, enum: TraceEnum_ELBO (sums out the "
-                     "latents the guide marks with config_enumerate)", group="inference",
+                     "reparameterized guide gradient, rws: reweighted wake-sleep (wake-phi), "
+                     "enum: TraceEnum_ELBO (sums out the latents the guide marks with "
+                     "config_enumerate), tracegraph: TraceGraph_ELBO (score terms with "
+                     "downstream costs and the guide's baselines)", group="inference",
                      choices=ELBOS)
     particles: int = _opt(1, "samples per data point (vectorized where the model allows)",
                           group="inference")
@@ -153,6 +155,9 @@ class TrainConfig:
         if self.eval_iwae < 0:
             raise UsageError(f"--eval-iwae must be 0 (off) or a number of samples, got "
                              f"{self.eval_iwae}")
+        if self.elbo == "rws" and self.particles < 2:
+            raise UsageError("--elbo rws weighs K particles against each other; give "
+                             "--particles K with K >= 2 (e.g. 5)")
         if self.jit and self.compile:
             raise UsageError("--jit and --compile are two ways to compile the step; drop one "
                              "(--compile also compiles the backward pass and Adam)")

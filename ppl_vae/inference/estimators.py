@@ -22,6 +22,11 @@ For a data point x, guide q(z|x) and L reparameterized draws z_l ~ q(z|x):
   the guide (:mod:`.stl`); ``iwae-dreg`` -- ``iwae``'s bound with the doubly
   reparameterized gradient (:mod:`.dreg`). Both need a reparameterized guide.
 
+* ``rws`` -- reweighted wake-sleep (:mod:`.rws`): the IWAE bound for the model, a
+  self-normalized estimate of the inclusive KL's gradient for the guide (any guide);
+  ``tracegraph`` -- :class:`~pyro.infer.TraceGraph_ELBO` (:mod:`.tracegraph`): ``mc`` with
+  Rao-Blackwellized score terms and the baselines guide sites declare.
+
 * ``enum`` -- :class:`~pyro.infer.TraceEnum_ELBO`: discrete latents that the guide (or the
   model) marks for enumeration (``config_enumerate``, ``infer={"enumerate": "parallel"}``)
   are summed out exactly; the rest as ``mc``::
@@ -59,10 +64,12 @@ from torch.distributions import kl_divergence
 
 from ..errors import UsageError
 from .dreg import IWAE_DReG
+from .rws import ReweightedWakeSleep
 from .stl import STL_ELBO
 from .trace_elbo import Trace_ELBO, _not_reparameterized
+from .tracegraph import TraceGraph_ELBO
 
-ELBOS = ("mc", "analytic", "stl", "iwae", "iwae-dreg", "enum")
+ELBOS = ("mc", "analytic", "stl", "iwae", "iwae-dreg", "rws", "enum", "tracegraph")
 """The ``--elbo`` names."""
 MAX_PLATE_NESTING = 1  # the data plate (the default; a probe of the program finds the real one)
 
@@ -207,6 +214,11 @@ def make_elbo(name: str, particles: int = 1, jit: bool = False,
         return TraceEnum_ELBO(**kw)
     if name == "stl":
         return STL_ELBO(**kw)
+    if name == "tracegraph":
+        return TraceGraph_ELBO(**kw)
+    if name == "rws":
+        return ReweightedWakeSleep(num_particles=particles, max_plate_nesting=max_plate_nesting,
+                                   vectorize_particles=vectorize)
     if name == "iwae-dreg":
         return IWAE_DReG(num_particles=particles, max_plate_nesting=max_plate_nesting,
                          vectorize_particles=vectorize)
