@@ -222,6 +222,10 @@ def train_parser(model: str | type = "vae", compare: bool = False) -> Parser:
                        help="skip the training race")
         g.add_argument("--target", type=float, default=None,
                        help="test ELBO the race times (default: the worst final one)")
+        g.add_argument("--snr-k", type=int, nargs="+", default=[],
+                       help="also measure the gradient SNR of iwae and iwae-dreg at these K "
+                            "(e.g. 1 3 10 30 100) and fit its log-log slope per parameter "
+                            "group (snr.png; needs a reparameterized guide)")
     return p
 
 
@@ -281,7 +285,8 @@ def _train(argv: Sequence[str] | None) -> int:
 COMPARE_DESCRIPTION = ("Compare ELBO estimators on one model: bound estimates, gradient "
                        "variance and signal-to-noise, and a training race. Runs in one "
                        "process.")
-COMPARE_ONLY = ("run", "warmup_epochs", "repeats", "iwae_samples", "eval_batch", "race", "target")
+COMPARE_ONLY = ("run", "warmup_epochs", "repeats", "iwae_samples", "eval_batch", "race", "target",
+                "snr_k")
 
 
 def _one_process(command: str) -> None:

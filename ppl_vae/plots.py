@@ -20,8 +20,9 @@ from .files import atomic_write
 
 # One colour per estimator in every comparison figure (bounds, gradients, race); particle
 # counts L are told apart by hatch / alpha (bars) or line style and marker (curves).
-ESTIMATOR_COLORS = {"mc": "C0", "analytic": "C1", "iwae": "C2", "enum": "C3"}
-_SPARE_COLORS = ("C4", "C5", "C6", "C8", "C9")  # C7 (grey) stays for zero markers
+ESTIMATOR_COLORS = {"mc": "C0", "analytic": "C1", "iwae": "C2", "enum": "C3", "stl": "C4",
+                    "iwae-dreg": "C5", "rws": "C6", "tracegraph": "C8"}
+_SPARE_COLORS = ("C9", "tab:olive", "tab:cyan", "navy", "maroon")  # C7 (grey): zero markers
 _HATCHES = ("", "//", "..", "xx", "\\\\", "oo", "--", "++")
 _LINESTYLES = ("-", "--", ":", "-.")
 _MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
@@ -236,5 +237,35 @@ def race_curves(race: Sequence[dict], path: str | os.PathLike) -> Figure:
     for ax in (by_epoch, by_time):
         ax.grid(alpha=0.3)
     legend_outside(by_time, title="estimator, particles", title_fontsize=8)
+    save(fig, path)
+    return fig
+
+
+def snr_against_k(rows: Sequence[dict], slopes: Sequence[dict], path: str | os.PathLike
+                  ) -> Figure:
+    """Gradient SNR against K on log-log axes, one panel per parameter group, one line per
+    estimator (its colour), with the fitted power law dashed and its slope in the legend."""
+    groups = sorted({r["group"] for r in rows})
+    fig = Figure(figsize=(3.6 * len(groups) + 1.6, 3.4), layout="constrained")
+    axes = fig.subplots(1, len(groups), squeeze=False)[0]
+    fits = {(r["estimator"], r["group"]): r for r in slopes}
+    for ax, group in zip(axes, groups, strict=True):
+        for e in sorted({r["estimator"] for r in rows}):
+            pts = sorted((r["particles"], r["snr"]) for r in rows
+                         if (r["estimator"], r["group"]) == (e, group) and r["snr"])
+            if not pts:
+                continue
+            ks, snr = zip(*pts, strict=True)
+            fit = fits.get((e, group))
+            label = e if fit is None else f"{e}: slope {fit['slope']:+.2f}"
+            ax.plot(ks, snr, "o-", color=estimator_color(e), label=label)
+            if fit is not None:
+                ax.plot(ks, [math.exp(fit["intercept"]) * k ** fit["slope"] for k in ks], "--",
+                        color=estimator_color(e), linewidth=1)
+        ax.set(xscale="log", yscale="log", xlabel="K (samples per data point)",
+               ylabel="gradient SNR", title=group)
+        ax.legend(fontsize=8, loc="best")
+    fig.suptitle("gradient signal-to-noise ratio against K (dashed: fitted power law)",
+                 fontsize=10)
     save(fig, path)
     return fig

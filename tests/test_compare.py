@@ -16,6 +16,7 @@ from ppl_vae.evaluation.comparison import (
     agreement,
     bound_estimates,
     gradient_stats,
+    snr_slopes,
     training_race,
 )
 
@@ -159,3 +160,33 @@ def test_package_compare_stays_the_function():
     import ppl_vae.evaluation.comparison
 
     assert ppl_vae.compare is ppl_vae.evaluation.comparison.compare
+
+
+def test_snr_slopes_fit_a_power_law_exactly():
+    rows = [{"estimator": e, "group": g, "particles": k, "snr": c * k ** a}
+            for e, g, c, a in (("iwae", "encoder", 3.0, -0.5), ("iwae", "decoder", 0.2, 0.5),
+                               ("iwae-dreg", "encoder", 1.5, 0.1))
+            for k in (1, 3, 10, 30)]
+    rows.append({"estimator": "iwae", "group": "encoder", "particles": 100, "snr": None})
+    fits = {(r["estimator"], r["group"]): r for r in snr_slopes(rows)}
+    assert fits[("iwae", "encoder")]["slope"] == pytest.approx(-0.5, abs=1e-12)
+    assert fits[("iwae", "decoder")]["slope"] == pytest.approx(0.5, abs=1e-12)
+    assert fits[("iwae-dreg", "encoder")]["intercept"] == pytest.approx(math.log(1.5))
+    assert fits[("iwae", "encoder")]["points"] == 4  # an exact gradient (no SNR) left out
+
+
+def test_compare_measures_snr_against_k(tmp_path, cli):
+    out = tmp_path / "cmp"
+    result = cli(compare_main, [*NET, "--repeats", "12", "--particles", "1", "--iwae-samples",
+                                "2", "--eval-batch", "32", "--no-race", "--snr-k", "1", "4",
+                                "16", "--out", out])
+    assert result.code == 0, result.err
+    results = json.loads((out / "results.json").read_text())
+    assert {(r["estimator"], r["particles"]) for r in results["snr"]} == {
+        (e, k) for e in ("iwae", "iwae-dreg") for k in (1, 4, 16)}
+    assert {(r["estimator"], r["group"]) for r in results["snr_slopes"]} == {
+        (e, g) for e in ("iwae", "iwae-dreg") for g in ("encoder", "decoder")}
+    assert (out / "snr.png").read_bytes().startswith(b"\x89PNG")
+    assert "## Gradient SNR against K" in (out / "summary.md").read_text()
+    bad = cli(compare_main, [*NET, "--snr-k", "4", "--out", tmp_path / "bad"])
+    assert bad.code == 2 and "--snr-k takes two or more" in bad.err

@@ -10,6 +10,10 @@ For a fixed evaluation batch of B data points:
   top-level children): total variance sum_j Var(g_j), mean norm E||g|| and SNR
   |E g_j| / sd(g_j) averaged over j (Rainforth et al. 2018), from float64 sums of g and g^2;
   a group with an exact gradient has variance 0 and no SNR.
+* **SNR against K** (``snr_k``, off by default). The gradient SNR per group for ``iwae`` and
+  ``iwae-dreg`` at each K, and the slope of log SNR on log K by least squares. Rainforth et
+  al. (2018): about -1/2 for IWAE's inference network, +1/2 for its generative network;
+  DReG's inference network keeps a slope >= 0.
 * **Training race.** ``mc``, ``analytic`` (one particle) and IWAE (K = the largest count)
   train copies of the same weights on the same batches; test ELBO per epoch and second, and
   the time to a target test ELBO.
@@ -66,8 +70,13 @@ class CompareConfig:
     eval_batch: int = 128
     race: bool = True
     target: float | None = None
+    snr_k: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
+        self.snr_k = tuple(int(k) for k in self.snr_k)
+        if self.snr_k and (min(self.snr_k) < 1 or len(set(self.snr_k)) < 2):
+            raise UsageError(f"--snr-k takes two or more different counts of at least 1, got "
+                             f"{list(self.snr_k)}")
         self.particles = tuple(int(k) for k in self.particles)
         self.iwae_samples = tuple(int(k) for k in self.iwae_samples)
         for name in ("repeats", "eval_batch"):
@@ -95,11 +104,14 @@ class Comparison:
     race_summary: list[dict]
     agreement: list[dict]
     meta: dict
+    snr: list[dict] = field(default_factory=list)
+    snr_slopes: list[dict] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return {"meta": self.meta, "bounds": self.bounds, "agreement": self.agreement,
                 "gradients": self.gradients, "race": self.race,
-                "race_summary": self.race_summary}
+                "race_summary": self.race_summary, "snr": self.snr,
+                "snr_slopes": self.snr_slopes}
 
 
 def _elbo(name: str, k: int, info: ProgramInfo | None):
@@ -151,13 +163,14 @@ def agreement(bounds: list[dict]) -> list[dict]:
 def gradient_stats(module: nn.Module, args: tuple[Tensor, ...], repeats: int,
                    particles: tuple[int, ...], progress: bool | None = None,
                    info: ProgramInfo | None = None,
-                   groups: dict[str, list[nn.Parameter]] | None = None) -> list[dict]:
+                   groups: dict[str, list[nn.Parameter]] | None = None,
+                   estimators: tuple[str, ...] = ESTIMATORS) -> list[dict]:
     """Variance, mean norm and SNR of R SVI gradient draws, per parameter group (``groups``,
-    default :func:`parameter_groups`)."""
+    default :func:`parameter_groups`), for each of ``estimators`` and particle count."""
     rows = []
     groups = groups or parameter_groups(module)
     terms = hook(module, "programs")()
-    for name, k in tqdm([(e, L) for e in ESTIMATORS for L in particles], desc="gradients",
+    for name, k in tqdm([(e, L) for e in estimators for L in particles], desc="gradients",
                         disable=hide_bar(progress)):
         step = elbo_step(_elbo(name, k, info), module, terms, info)
         sums: dict[str, list] = {}
@@ -191,6 +204,26 @@ def gradient_stats(module: nn.Module, args: tuple[Tensor, ...], repeats: int,
                          "snr": snr, "ms_per_step": 1e3 * seconds / repeats})
     module.zero_grad(set_to_none=True)
     return rows
+
+
+SNR_ESTIMATORS = ("iwae", "iwae-dreg")
+
+
+def snr_slopes(rows: list[dict]) -> list[dict]:
+    """Per estimator and group, the least-squares slope of log SNR on log K (and its
+    intercept): SNR ~ exp(intercept) K^slope."""
+    out = []
+    for e, g in sorted({(r["estimator"], r["group"]) for r in rows}):
+        pts = [(math.log(r["particles"]), math.log(r["snr"])) for r in rows
+               if (r["estimator"], r["group"]) == (e, g) and r["snr"]]
+        if len(pts) < 2:
+            continue
+        mx, my = (sum(c) / len(pts) for c in zip(*pts, strict=True))
+        sxx = sum((x - mx) ** 2 for x, _ in pts)
+        slope = sum((x - mx) * (y - my) for x, y in pts) / sxx
+        out.append({"estimator": e, "group": g, "slope": slope, "intercept": my - slope * mx,
+                    "points": len(pts)})
+    return out
 
 
 def parameter_groups(module: nn.Module) -> dict[str, list[nn.Parameter]]:
@@ -290,6 +323,8 @@ def compare(cc: CompareConfig, out: str | None = None, progress: bool | None = N
         bounds = bound_estimates(module, args, cc.repeats, cc.particles, cc.iwae_samples,
                                  progress, info)
         gradients = gradient_stats(module, args, cc.repeats, cc.particles, progress, info)
+        snr = gradient_stats(module, args, cc.repeats, cc.snr_k, progress, info,
+                             estimators=SNR_ESTIMATORS) if cc.snr_k else []
         race_rows, race_summary = [], []
         if cc.race:
             racers = [(e, 1) for e in ESTIMATORS]
@@ -304,7 +339,7 @@ def compare(cc: CompareConfig, out: str | None = None, progress: bool | None = N
                 "samples": "one vectorized pass" if info.vectorized else
                            f"one after another ({info.not_vectorized_because})"}
         result = Comparison(out_dir, bounds, gradients, race_rows, race_summary,
-                            agreement(bounds), meta)
+                            agreement(bounds), meta, snr, snr_slopes(snr))
         write_outputs(result)
     return replace(result, out=rundir.final)
 
@@ -332,6 +367,11 @@ def summary_markdown(c: Comparison) -> str:
               + ("∞ (analytic exact) |" if r["variance_ratio_mc_over_analytic"] is None
                  else f"{r['variance_ratio_mc_over_analytic']:.3f} |")
               for r in variance_ratios(c.gradients)]
+    if c.snr_slopes:
+        lines += ["", "## Gradient SNR against K (log-log slope)", "",
+                  "| estimator | group | slope | points |", "|---|---|---|---|"]
+        lines += [f"| {r['estimator']} | {r['group']} | {r['slope']:+.3f} | {r['points']} |"
+                  for r in c.snr_slopes]
     if c.race_summary:
         lines += ["", "## Training race", "",
                   "| estimator | L | final test ELBO | train seconds | seconds to target | "
@@ -353,6 +393,9 @@ def write_outputs(c: Comparison) -> None:
                                    for r in c.bounds])
     write_csv(out / "gradients.csv", c.gradients)
     write_csv(out / "variance_ratios.csv", variance_ratios(c.gradients))
+    if c.snr:
+        write_csv(out / "snr.csv", c.snr)
+        write_csv(out / "snr_slopes.csv", c.snr_slopes)
     if c.race:
         write_csv(out / "race.csv", c.race)
         write_csv(out / "race_summary.csv", c.race_summary)
@@ -361,5 +404,7 @@ def write_outputs(c: Comparison) -> None:
 
     plots.bound_distributions(c.bounds, out / "bounds.png")
     plots.gradient_variance(c.gradients, out / "gradients.png")
+    if c.snr_slopes:
+        plots.snr_against_k(c.snr, c.snr_slopes, out / "snr.png")
     if c.race:
         plots.race_curves(c.race, out / "race.png")

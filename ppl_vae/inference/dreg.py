@@ -26,6 +26,8 @@ over the data points) with ``-S``'s gradient.
 Assumes every latent guide site is reparameterized and the particles vectorize (one batched
 pass, a plate left of the model's); the per-point bound sums over the plates every site
 shares (as Pyro's ``RenyiELBO``). Refuses a guide site without ``rsample`` (use ``iwae``).
+With K = 1 every w~ is 1: the ELBO with ``stl``'s gradient (training refuses K = 1, as for
+``iwae``; the SNR-against-K experiment of ``compare`` starts there).
 """
 
 from __future__ import annotations
@@ -53,9 +55,6 @@ class IWAE_DReG(Trace_ELBO):
 
     def __init__(self, num_particles: int = 2, max_plate_nesting: float = float("inf"),
                  vectorize_particles: bool = True, **kwargs) -> None:
-        if num_particles < 2:
-            raise UsageError("--elbo iwae-dreg with one particle is the plain ELBO; give "
-                             "--particles K with K >= 2 (e.g. 5)")
         if not vectorize_particles:
             raise UsageError("--elbo iwae-dreg weighs K particles against each other and needs "
                              "them vectorized, and this model cannot broadcast over a particle "
@@ -68,10 +67,13 @@ class IWAE_DReG(Trace_ELBO):
         refuse_unreparameterized(guide_trace, "iwae-dreg", "iwae")
         dims = get_dependent_plate_dims(model_trace.nodes.values())
         log_p = _log_prob(model_trace, dims)  # (K, *points)
-        log_w = log_p - _log_prob(guide_trace, dims)
+        # (Pyro adds no particle dimension for K = 1: put one in front)
+        lift = (lambda t: t.unsqueeze(0) if torch.is_tensor(t) else t) \
+            if self.num_particles == 1 else (lambda t: t)
+        log_w = lift(log_p - _log_prob(guide_trace, dims))
         weights = torch.softmax(log_w.detach(), dim=0)
-        path = log_w + stop_gradient_delta(direct_log_q(guide_trace, dims))
-        held = self._model_at_detached_draws(model, guide_trace, dims, args, kwargs)
+        path = log_w + lift(stop_gradient_delta(direct_log_q(guide_trace, dims)))
+        held = lift(self._model_at_detached_draws(model, guide_trace, dims, args, kwargs))
         surrogate = (weights ** 2 * path).sum() + ((weights - weights ** 2) * held).sum()
         bound = (torch.logsumexp(log_w, dim=0) - math.log(self.num_particles)).sum()
         return -bound.detach() - stop_gradient_delta(surrogate)
