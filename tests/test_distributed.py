@@ -53,7 +53,9 @@ class StoreParamVAE(VAE):
             pyro.sample("x", pdist.Bernoulli(logits=logits).to_event(1), obs=x)
 
 
-CASES = {"mc": (VAE, "mc"), "analytic": (VAE, "analytic"), "store": (StoreParamVAE, "mc")}
+CASES = {"mc": (VAE, "mc", 1), "analytic": (VAE, "analytic", 1), "store": (StoreParamVAE, "mc", 1),
+         "stl": (VAE, "stl", 1), "iwae-dreg": (VAE, "iwae-dreg", 3), "rws": (VAE, "rws", 3),
+         "tracegraph": (VAE, "tracegraph", 1)}
 
 
 def _named_params(module, info) -> list[tuple[str, torch.Tensor]]:
@@ -64,14 +66,14 @@ def _named_params(module, info) -> list[tuple[str, torch.Tensor]]:
 
 
 def _case(name: str, world: dist.World) -> dict:
-    cls, estimator = CASES[name]
+    cls, estimator, particles = CASES[name]
     torch.manual_seed(0)
     pyro.clear_param_store()
     x = torch.bernoulli(torch.rand(ROWS, PIXELS))
     module = cls(PIXELS, z_dim=3, hidden=(5,))
     info = inspect_program(module.model, module.guide, x[:2])  # creates the pyro.params
     terms = hook(module, "programs")()
-    elbo = make_elbo(estimator, max_plate_nesting=info.max_plate_nesting)
+    elbo = make_elbo(estimator, particles, max_plate_nesting=info.max_plate_nesting)
 
     # one process: the gradient of shard 0's loss (noise s_0) plus shard 1's (noise s_1)
     reference = copy.deepcopy(module)
