@@ -222,6 +222,10 @@ def train_parser(model: str | type = "vae", compare: bool = False) -> Parser:
                        help="skip the training race")
         g.add_argument("--target", type=float, default=None,
                        help="test ELBO the race times (default: the worst final one)")
+        g.add_argument("--estimators", nargs="+", default=["mc", "analytic"],
+                       metavar="ELBO",
+                       help="the estimators whose bounds, gradients and race are compared "
+                            "(any --elbo name; iwae-dreg and rws at the --particles >= 2)")
         g.add_argument("--snr-k", type=int, nargs="+", default=[],
                        help="also measure the gradient SNR of iwae and iwae-dreg at these K "
                             "(e.g. 1 3 10 30 100) and fit its log-log slope per parameter "
@@ -286,7 +290,7 @@ COMPARE_DESCRIPTION = ("Compare ELBO estimators on one model: bound estimates, g
                        "variance and signal-to-noise, and a training race. Runs in one "
                        "process.")
 COMPARE_ONLY = ("run", "warmup_epochs", "repeats", "iwae_samples", "eval_batch", "race", "target",
-                "snr_k")
+                "snr_k", "estimators")
 
 
 def _one_process(command: str) -> None:

@@ -75,9 +75,10 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 
 
 def write_csv(path: str | os.PathLike, rows: Sequence[dict]) -> None:
-    """Rows of dicts with the same keys, the header from the first row."""
+    """Rows of dicts with the same keys, the header from the first row (no rows: an empty
+    file)."""
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else [], lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
     write_text(path, buf.getvalue())

@@ -190,3 +190,21 @@ def test_compare_measures_snr_against_k(tmp_path, cli):
     assert "## Gradient SNR against K" in (out / "summary.md").read_text()
     bad = cli(compare_main, [*NET, "--snr-k", "4", "--out", tmp_path / "bad"])
     assert bad.code == 2 and "--snr-k takes two or more" in bad.err
+
+
+def test_compare_any_estimators(tmp_path, cli):
+    out = tmp_path / "cmp"
+    result = cli(compare_main, [*NET, "--epochs", "1", "--repeats", "6", "--particles", "1", "3",
+                                "--iwae-samples", "2", "--eval-batch", "16", "--estimators",
+                                "mc", "stl", "iwae-dreg", "rws", "tracegraph", "--out", out])
+    assert result.code == 0, result.err
+    results = json.loads((out / "results.json").read_text())
+    expected = {("mc", 1), ("mc", 3), ("stl", 1), ("stl", 3), ("iwae-dreg", 3), ("rws", 3),
+                ("tracegraph", 1), ("tracegraph", 3)}
+    assert {(r["estimator"], r["particles"]) for r in results["bounds"]} == expected | {
+        ("iwae", 2)}
+    assert {(r["estimator"], r["particles"]) for r in results["gradients"]} == expected
+    assert {(r["estimator"], r["particles"]) for r in results["race_summary"]} == {
+        ("mc", 1), ("stl", 1), ("tracegraph", 1), ("iwae-dreg", 3), ("rws", 3), ("iwae", 3)}
+    bad = cli(compare_main, [*NET, "--estimators", "exact", "--out", tmp_path / "bad"])
+    assert bad.code == 2 and "--estimators takes names of" in bad.err

@@ -36,7 +36,7 @@ from ..config import TrainConfig
 from ..data import Dataset
 from ..errors import UsageError
 from ..files import write_csv, write_json, write_text
-from ..inference.estimators import make_elbo
+from ..inference.estimators import ELBOS, make_elbo
 from ..inference.program import ProgramInfo
 from ..inference.svi import collect_params, elbo_step, hide_bar
 from ..models import hook
@@ -55,6 +55,7 @@ from ..run.train import (
 from .runs import open_run
 
 ESTIMATORS = ("mc", "analytic")
+SNR_ESTIMATORS = ("iwae", "iwae-dreg")  # (at K = 1 too: there they are mc and stl)
 
 
 @dataclass
@@ -71,8 +72,14 @@ class CompareConfig:
     race: bool = True
     target: float | None = None
     snr_k: tuple[int, ...] = ()
+    estimators: tuple[str, ...] = ESTIMATORS
 
     def __post_init__(self) -> None:
+        self.estimators = tuple(self.estimators)
+        unknown = [e for e in self.estimators if e not in ELBOS]
+        if unknown or not self.estimators:
+            raise UsageError(f"--estimators takes names of {', '.join(ELBOS)}, got "
+                             f"{list(self.estimators) or 'none'}")
         self.snr_k = tuple(int(k) for k in self.snr_k)
         if self.snr_k and (min(self.snr_k) < 1 or len(set(self.snr_k)) < 2):
             raise UsageError(f"--snr-k takes two or more different counts of at least 1, got "
@@ -119,15 +126,23 @@ def _elbo(name: str, k: int, info: ProgramInfo | None):
                      vectorize=info is None or info.vectorized)
 
 
+def applicable(estimators: tuple[str, ...], particles: tuple[int, ...]
+               ) -> list[tuple[str, int]]:
+    """(estimator, L) pairs, those weighing particles (``iwae-dreg``, ``rws``) at L >= 2."""
+    return [(e, k) for e in estimators for k in particles
+            if k >= 2 or e not in ("iwae-dreg", "rws")]
+
+
 def bound_estimates(module: nn.Module, args: tuple[Tensor, ...], repeats: int,
                     particles: tuple[int, ...], iwae_samples: tuple[int, ...],
-                    progress: bool | None = None, info: ProgramInfo | None = None
-                    ) -> list[dict]:
-    """R estimates of the per-data-point bound for every estimator and sample count, with
-    the model's guide."""
+                    progress: bool | None = None, info: ProgramInfo | None = None,
+                    estimators: tuple[str, ...] = ESTIMATORS) -> list[dict]:
+    """R estimates of the per-data-point bound (the value each estimator reports: the ELBO,
+    or the IWAE bound for ``iwae-dreg`` and ``rws``) for every estimator and sample count,
+    with the model's guide; IWAE's at each of ``iwae_samples``."""
     model, guide = module.model, module.guide
     b = args[0].shape[0]
-    configs = [(e, L) for e in ESTIMATORS for L in particles]
+    configs = applicable(tuple(e for e in estimators if e != "iwae"), particles)
     configs += [("iwae", k) for k in iwae_samples]
     rows = []
     for name, k in tqdm(configs, desc="bounds", disable=hide_bar(progress)):
@@ -164,14 +179,16 @@ def gradient_stats(module: nn.Module, args: tuple[Tensor, ...], repeats: int,
                    particles: tuple[int, ...], progress: bool | None = None,
                    info: ProgramInfo | None = None,
                    groups: dict[str, list[nn.Parameter]] | None = None,
-                   estimators: tuple[str, ...] = ESTIMATORS) -> list[dict]:
+                   estimators: tuple[str, ...] = ESTIMATORS,
+                   pairs: list[tuple[str, int]] | None = None) -> list[dict]:
     """Variance, mean norm and SNR of R SVI gradient draws, per parameter group (``groups``,
-    default :func:`parameter_groups`), for each of ``estimators`` and particle count."""
+    default :func:`parameter_groups`), for each (estimator, particles) of ``pairs`` (default:
+    every one of ``estimators`` at every count)."""
     rows = []
     groups = groups or parameter_groups(module)
     terms = hook(module, "programs")()
-    for name, k in tqdm([(e, L) for e in estimators for L in particles], desc="gradients",
-                        disable=hide_bar(progress)):
+    pairs = pairs or [(e, k) for e in estimators for k in particles]
+    for name, k in tqdm(pairs, desc="gradients", disable=hide_bar(progress)):
         step = elbo_step(_elbo(name, k, info), module, terms, info)
         sums: dict[str, list] = {}
         seconds = 0.0
@@ -204,9 +221,6 @@ def gradient_stats(module: nn.Module, args: tuple[Tensor, ...], repeats: int,
                          "snr": snr, "ms_per_step": 1e3 * seconds / repeats})
     module.zero_grad(set_to_none=True)
     return rows
-
-
-SNR_ESTIMATORS = ("iwae", "iwae-dreg")
 
 
 def snr_slopes(rows: list[dict]) -> list[dict]:
@@ -321,13 +335,16 @@ def compare(cc: CompareConfig, out: str | None = None, progress: bool | None = N
         args = data_args(module, data.test, slice(0, cc.eval_batch))
         pyro.set_rng_seed(config.seed)
         bounds = bound_estimates(module, args, cc.repeats, cc.particles, cc.iwae_samples,
-                                 progress, info)
-        gradients = gradient_stats(module, args, cc.repeats, cc.particles, progress, info)
+                                 progress, info, cc.estimators)
+        gradients = gradient_stats(module, args, cc.repeats, cc.particles, progress, info,
+                                   pairs=applicable(cc.estimators, cc.particles))
         snr = gradient_stats(module, args, cc.repeats, cc.snr_k, progress, info,
                              estimators=SNR_ESTIMATORS) if cc.snr_k else []
         race_rows, race_summary = [], []
         if cc.race:
-            racers = [(e, 1) for e in ESTIMATORS]
+            racers = applicable(cc.estimators, (1, max(cc.particles)))
+            racers = [(e, k) for e, k in racers  # the particle weighers at the largest L
+                      if (k == 1 and e != "iwae") or (k > 1 and e in ("iwae-dreg", "rws"))]
             if max(cc.particles) > 1 and len(hook(module, "programs")()) == 1:
                 racers.append(("iwae", max(cc.particles)))  # IWAE trains one program
             race_rows, race_summary = training_race(module, data, config, racers, cc.target,
@@ -352,21 +369,24 @@ def summary_markdown(c: Comparison) -> str:
              "|---|---|---|---|---|---|"]
     lines += [f"| {r['estimator']} | {r['particles']} | {r['mean']:.3f} | {r['sd']:.3f} | "
               f"{r['se']:.3f} | {r['ms_per_estimate']:.2f} |" for r in c.bounds]
-    lines += ["", "mc vs analytic: " + "; ".join(
-        f"L={a['particles']}: difference {a['difference']:+.3f} ± {a['combined_se']:.3f} (se), "
-        + ("agree" if a["agree"] else "DISAGREE") for a in c.agreement), "",
-        "## Gradients", "",
+    if c.agreement:
+        lines += ["", "mc vs analytic: " + "; ".join(
+            f"L={a['particles']}: difference {a['difference']:+.3f} ± {a['combined_se']:.3f} "
+            "(se), " + ("agree" if a["agree"] else "DISAGREE") for a in c.agreement)]
+    lines += ["", "## Gradients", "",
         "| estimator | L | group | total variance | mean norm | SNR | ms / step |",
         "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['estimator']} | {r['particles']} | {r['group']} | "
               f"{r['total_variance']:.4g} | {r['mean_norm']:.4g} | "
               f"{'exact' if r['snr'] is None else format(r['snr'], '.3f')} | "
               f"{r['ms_per_step']:.2f} |" for r in c.gradients]
-    lines += ["", "| L | group | variance ratio mc / analytic |", "|---|---|---|"]
+    ratios = variance_ratios(c.gradients)
+    lines += ["", "| L | group | variance ratio mc / analytic |", "|---|---|---|"] if ratios \
+        else []
     lines += [f"| {r['particles']} | {r['group']} | "
               + ("∞ (analytic exact) |" if r["variance_ratio_mc_over_analytic"] is None
                  else f"{r['variance_ratio_mc_over_analytic']:.3f} |")
-              for r in variance_ratios(c.gradients)]
+              for r in ratios]
     if c.snr_slopes:
         lines += ["", "## Gradient SNR against K (log-log slope)", "",
                   "| estimator | group | slope | points |", "|---|---|---|---|"]

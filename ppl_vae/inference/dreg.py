@@ -62,6 +62,11 @@ class IWAE_DReG(Trace_ELBO):
         super().__init__(num_particles=num_particles, max_plate_nesting=max_plate_nesting,
                          vectorize_particles=True, **kwargs)
 
+    def loss(self, model, guide, *args, **kwargs) -> float:
+        """-IWAE_K's estimate, as ``RenyiELBO(alpha=0).loss`` gives it."""
+        with torch.no_grad():
+            return self.differentiable_loss(model, guide, *args, **kwargs).item()
+
     def differentiable_loss(self, model, guide, *args, **kwargs) -> Tensor:
         (model_trace, guide_trace), = self._get_traces(model, guide, args, kwargs)
         refuse_unreparameterized(guide_trace, "iwae-dreg", "iwae")

@@ -72,6 +72,11 @@ class ReweightedWakeSleep(pyro.infer.ReweightedWakeSleep):
             self.insomnia = insomnia
         return wake_theta, insomnia * wake_phi + (1 - insomnia) * sleep
 
+    def loss(self, model, guide, *args, **kwargs) -> float:
+        """-IWAE_K's estimate (wake-theta's value), as ``RenyiELBO(alpha=0).loss`` gives it."""
+        with torch.no_grad():
+            return self.differentiable_loss(model, guide, *args, **kwargs).item()
+
     def differentiable_loss(self, model, guide, *args, **kwargs) -> Tensor:
         wake_theta, phi = self._loss(model, guide, args, kwargs)
         both = wake_theta + phi
