@@ -66,7 +66,7 @@ from ..errors import UsageError
 from .dreg import IWAE_DReG
 from .rws import ReweightedWakeSleep
 from .stl import STL_ELBO
-from .trace_elbo import Trace_ELBO, _not_reparameterized
+from .trace_elbo import Trace_ELBO, not_reparameterized
 from .tracegraph import TraceGraph_ELBO
 
 ELBOS = ("mc", "analytic", "stl", "iwae", "iwae-dreg", "rws", "enum", "tracegraph")
@@ -87,7 +87,7 @@ class TraceMeanField_ELBO(pyro.infer.TraceMeanField_ELBO):
     def differentiable_loss(self, model, guide, *args, **kwargs):
         loss = 0.0
         for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
-            discrete = _not_reparameterized(guide_trace)
+            discrete = not_reparameterized(guide_trace)
             if discrete:  # no score-function term here: Trace_ELBO's estimate instead
                 warnings.warn(f"--elbo analytic: the guide's site(s) {', '.join(discrete)} are "
                               "not reparameterized, so this objective uses Trace_ELBO's Monte "

@@ -24,9 +24,9 @@ from torch import Tensor
 from ..errors import UsageError
 from .trace_elbo import (
     Trace_ELBO,
-    _log_prob_sum,
-    _not_reparameterized,
     direct_log_q,
+    log_prob_sum,
+    not_reparameterized,
     stop_gradient_delta,
 )
 
@@ -38,7 +38,7 @@ class STL_ELBO(Trace_ELBO):
         loss = 0.0
         for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
             refuse_unreparameterized(guide_trace, "stl", "mc (score function) or enum")
-            elbo = _log_prob_sum(model_trace) - _log_prob_sum(guide_trace)
+            elbo = log_prob_sum(model_trace) - log_prob_sum(guide_trace)
             direct = stop_gradient_delta(direct_log_q(guide_trace))
             loss = loss - (elbo + direct) / self.num_particles
         return loss
@@ -46,7 +46,7 @@ class STL_ELBO(Trace_ELBO):
 
 def refuse_unreparameterized(guide_trace, name: str, instead: str) -> None:
     """:class:`UsageError` naming the first latent guide site without ``rsample``."""
-    bad = _not_reparameterized(guide_trace)
+    bad = not_reparameterized(guide_trace)
     if bad:
         raise UsageError(f"--elbo {name} needs every latent guide site reparameterized, and "
                          f"site {bad[0]!r} ({type(guide_trace.nodes[bad[0]]['fn']).__name__}) "

@@ -14,7 +14,7 @@ from pyro.infer.util import torch_sum
 from torch import Tensor
 
 
-def _not_reparameterized(guide_trace) -> list[str]:
+def not_reparameterized(guide_trace) -> list[str]:
     return [name for name, site in guide_trace.nodes.items()
             if site["type"] == "sample" and not site["is_observed"]
             and not site["fn"].has_rsample]
@@ -38,7 +38,7 @@ def stop_gradient_delta(x: Tensor | float) -> Tensor | float:
     return x - x.detach() if torch.is_tensor(x) else 0.0
 
 
-def _log_prob_sum(trace) -> Tensor:
+def log_prob_sum(trace) -> Tensor:
     return sum(site["log_prob_sum"] for site in trace.nodes.values()
                if site["type"] == "sample")
 
@@ -52,8 +52,8 @@ class Trace_ELBO(pyro.infer.Trace_ELBO):
     def differentiable_loss(self, model, guide, *args, **kwargs):
         loss = 0.0
         for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
-            if not _not_reparameterized(guide_trace):
-                elbo = _log_prob_sum(model_trace) - _log_prob_sum(guide_trace)
+            if not not_reparameterized(guide_trace):
+                elbo = log_prob_sum(model_trace) - log_prob_sum(guide_trace)
                 loss = loss - elbo / self.num_particles
                 continue
             with _items_kept_on_the_device():
