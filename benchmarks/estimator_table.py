@@ -21,6 +21,8 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from ppl_vae.files import write_csv, write_text
+
 CONFIGS = [("mc", 1), ("analytic", 1), ("stl", 1), ("iwae", 5), ("iwae-dreg", 5),
            ("iwae", 50), ("iwae-dreg", 50)]
 
@@ -66,17 +68,13 @@ def main() -> None:
                       "test_iwae_sd": sd(iwae),
                       "epoch_seconds": statistics.median(r["epoch_seconds"] for r in mine)})
     out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "table.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(table[0]))
-        w.writeheader()
-        w.writerows(table)
-    lines = [f"| --elbo | K | test ELBO (mean ± sd, seeds {a.seeds}) | IWAE-{a.eval_iwae} bound "
-             "| s / epoch |", "|---|---|---|---|---|"]
+    write_csv(out / "table.csv", table)
+    lines = [f"| --elbo | K | test ELBO (mean ± sd, seeds {', '.join(map(str, a.seeds))}) | "
+             f"IWAE-{a.eval_iwae} bound | s / epoch |", "|---|---|---|---|---|"]
     lines += [f"| {r['elbo']} | {r['K']} | {r['test_elbo']:.2f} ± {r['test_elbo_sd']:.2f} | "
               f"{r['test_iwae']:.2f} ± {r['test_iwae_sd']:.2f} | {r['epoch_seconds']:.2f} |"
               for r in table]
-    (out / "table.md").write_text("\n".join(lines) + "\n")
+    write_text(out / "table.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -56,6 +56,7 @@ from .runs import open_run
 
 ESTIMATORS = ("mc", "analytic")
 SNR_ESTIMATORS = ("iwae", "iwae-dreg")  # (at K = 1 too: there they are mc and stl)
+WEIGHERS = ("iwae-dreg", "rws")  # estimators that weigh K >= 2 particles against each other
 
 
 @dataclass
@@ -129,8 +130,7 @@ def _elbo(name: str, k: int, info: ProgramInfo | None):
 def applicable(estimators: tuple[str, ...], particles: tuple[int, ...]
                ) -> list[tuple[str, int]]:
     """(estimator, L) pairs, those weighing particles (``iwae-dreg``, ``rws``) at L >= 2."""
-    return [(e, k) for e in estimators for k in particles
-            if k >= 2 or e not in ("iwae-dreg", "rws")]
+    return [(e, k) for e in estimators for k in particles if k >= 2 or e not in WEIGHERS]
 
 
 def bound_estimates(module: nn.Module, args: tuple[Tensor, ...], repeats: int,
@@ -342,11 +342,11 @@ def compare(cc: CompareConfig, out: str | None = None, progress: bool | None = N
                              estimators=SNR_ESTIMATORS) if cc.snr_k else []
         race_rows, race_summary = [], []
         if cc.race:
-            racers = applicable(cc.estimators, (1, max(cc.particles)))
-            racers = [(e, k) for e, k in racers  # the particle weighers at the largest L
-                      if (k == 1 and e != "iwae") or (k > 1 and e in ("iwae-dreg", "rws"))]
-            if max(cc.particles) > 1 and len(hook(module, "programs")()) == 1:
-                racers.append(("iwae", max(cc.particles)))  # IWAE trains one program
+            most = max(cc.particles)  # the weighers race with the most particles, the rest 1
+            racers = [(e, 1) for e in cc.estimators if e not in ("iwae", *WEIGHERS)]
+            racers += [(e, most) for e in cc.estimators if e in WEIGHERS and most > 1]
+            if most > 1 and len(hook(module, "programs")()) == 1:
+                racers.append(("iwae", most))  # IWAE trains one program
             race_rows, race_summary = training_race(module, data, config, racers, cc.target,
                                                     progress)
         meta = {"config": config.to_dict(), "run": cc.run, "warmup_epochs": cc.warmup_epochs,

@@ -49,7 +49,6 @@ import warnings
 from collections.abc import Iterator
 
 import pyro.infer
-import pyro.infer.trace_elbo
 import pyro.infer.traceenum_elbo
 import torch
 from opt_einsum import shared_intermediates
