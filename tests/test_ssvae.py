@@ -274,6 +274,10 @@ def test_mc_runs_with_a_note_and_analytic_is_refused(tmp_path, few_labels):
     with pytest.raises(UsageError, match="analytic"):
         train_run(TrainConfig(**common, elbo="analytic", out=str(tmp_path / "an")),
                   few_labels, progress=False)
+    for elbo in ("stl", "iwae-dreg"):  # the family's own line, which names enum
+        with pytest.raises(UsageError, match=f"{elbo} needs; use elbo enum"):
+            train_run(TrainConfig(**common, elbo=elbo, particles=3, out=str(tmp_path / elbo)),
+                      few_labels, progress=False)
 
 
 def test_cli(cli, tmp_path):

@@ -138,6 +138,9 @@ class SSVAE(Model):
                 "TraceMeanField_ELBO assumes a reparameterized guide and would drop the "
                 "gradient of q(y|x) on unlabelled rows; use --elbo enum (exact sum over y) or "
                 "mc")}
+            self.elbo_refused.update({name: (
+                f"the class y of unlabelled rows has no reparameterized draw, which {name} "
+                "needs; use --elbo enum (exact sum over y)") for name in ("stl", "iwae-dreg")})
             self.elbo_notes = {name: (
                 f"ssvae: --elbo {name} samples the class y of unlabelled rows from q(y|x) "
                 "(score-function gradient, high variance); --elbo enum sums it out exactly")
