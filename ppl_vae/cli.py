@@ -204,7 +204,7 @@ def train_parser(model: str | type = "vae", compare: bool = False) -> Parser:
     else:
         g = groups["inference"]
         g.add_argument("--particles", type=int, nargs="+", default=[1, 10],
-                       help="particle counts of the mc and analytic estimators to compare "
+                       help="particle counts of the estimators to compare "
                             "(the largest is also the K of the race's IWAE racer)")
         g = p.add_argument_group("comparison")
         g.add_argument("--run", default=None,
@@ -218,14 +218,16 @@ def train_parser(model: str | type = "vae", compare: bool = False) -> Parser:
                        help="K of the IWAE bound estimates")
         g.add_argument("--eval-batch", type=int, default=128,
                        help="test images in the fixed evaluation batch")
+        g.add_argument("--split", choices=("test", "train"), default="test",
+                       help="the split of the fixed batch (train: e.g. M2's unlabelled rows)")
         g.add_argument("--no-race", dest="race", action="store_false",
                        help="skip the training race")
         g.add_argument("--target", type=float, default=None,
                        help="test ELBO the race times (default: the worst final one)")
-        g.add_argument("--estimators", nargs="+", default=["mc", "analytic"],
-                       metavar="ELBO",
+        g.add_argument("--estimators", nargs="+", default=[], metavar="ELBO",
                        help="the estimators whose bounds, gradients and race are compared "
-                            "(any --elbo name; iwae-dreg and rws at the --particles >= 2)")
+                            "(any --elbo name; iwae-dreg and rws at the --particles >= 2; "
+                            "default: every one that fits the model)")
         g.add_argument("--snr-k", type=int, nargs="+", default=[],
                        help="also measure the gradient SNR of iwae and iwae-dreg at these K "
                             "(e.g. 1 3 10 30 100) and fit its log-log slope per parameter "
@@ -289,8 +291,8 @@ def _train(argv: Sequence[str] | None) -> int:
 COMPARE_DESCRIPTION = ("Compare ELBO estimators on one model: bound estimates, gradient "
                        "variance and signal-to-noise, and a training race. Runs in one "
                        "process.")
-COMPARE_ONLY = ("run", "warmup_epochs", "repeats", "iwae_samples", "eval_batch", "race", "target",
-                "snr_k", "estimators")
+COMPARE_ONLY = ("run", "warmup_epochs", "repeats", "iwae_samples", "eval_batch", "split", "race",
+                "target", "snr_k", "estimators")
 
 
 def _one_process(command: str) -> None:

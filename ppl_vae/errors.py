@@ -48,3 +48,8 @@ class UsageError(ValueError):
             return text
         text = _MODEL_OPT.sub(lambda m: f"model_options={{'{m[1]}': {m[2]}}}", text)
         return _FLAG.sub(_python_name, text)
+
+
+def either(names: list[str]) -> str:
+    """``a``, ``a or b``, ``a, b or c``: choices in a message."""
+    return " or ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names)

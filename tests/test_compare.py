@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -102,12 +103,15 @@ def test_compare_end_to_end(tmp_path, cli):
                  "race.png"):
         assert (out / name).is_file(), name
     results = json.loads((out / "results.json").read_text())
+    # by default every estimator that fits a Normal guide: the weighers at K >= 2 only
+    assert results["meta"]["estimators"] == ["mc", "analytic", "stl", "iwae", "iwae-dreg",
+                                             "rws"]
     keys = {(r["estimator"], r["particles"]) for r in results["bounds"]}
-    assert keys == {("mc", 1), ("mc", 3), ("analytic", 1), ("analytic", 3), ("iwae", 1),
-                    ("iwae", 5)}
+    assert keys == {("mc", 1), ("mc", 3), ("analytic", 1), ("analytic", 3), ("stl", 1),
+                    ("stl", 3), ("iwae-dreg", 3), ("rws", 3), ("iwae", 1), ("iwae", 5)}
     assert {r["group"] for r in results["gradients"]} == {"encoder", "decoder"}
     assert {(r["estimator"], r["particles"]) for r in results["race_summary"]} == {
-        ("mc", 1), ("analytic", 1), ("iwae", 3)}
+        ("mc", 1), ("analytic", 1), ("stl", 1), ("iwae-dreg", 3), ("rws", 3), ("iwae", 3)}
     assert "## Training race" in result.out
 
 
@@ -208,3 +212,57 @@ def test_compare_any_estimators(tmp_path, cli):
         ("mc", 1), ("stl", 1), ("tracegraph", 1), ("iwae-dreg", 3), ("rws", 3), ("iwae", 3)}
     bad = cli(compare_main, [*NET, "--estimators", "exact", "--out", tmp_path / "bad"])
     assert bad.code == 2 and "--estimators takes names of" in bad.err
+
+
+def test_suited_estimators_follow_the_program(digits):
+    """Which --elbo names fit is read off the program: reparameterized or not, closed-form KL,
+    enumeration, vectorizable particles, several programs; a family's refusals come off."""
+    from plugin_models import EnumMixtureVAE, PyroExampleCVAE
+
+    from ppl_vae import SSVAE, FlowVAE
+    from ppl_vae.inference.estimators import suited
+    from ppl_vae.inference.program import inspect_program
+
+    x = digits.test.x[:4]
+    vae = VAE(64, z_dim=2, hidden=(16,))
+    assert suited(inspect_program(vae.model, vae.guide, x)) == (
+        "mc", "analytic", "stl", "iwae", "iwae-dreg", "rws")
+    flow = FlowVAE(64, z_dim=2, hidden=(16,), flow="iaf")  # no closed-form KL: no analytic
+    assert suited(inspect_program(flow.model, flow.guide, x)) == (
+        "mc", "stl", "iwae", "iwae-dreg", "rws")
+    mix = EnumMixtureVAE(64)  # a discrete y, enumerated
+    assert suited(inspect_program(mix.model, mix.guide, x)) == (
+        "mc", "iwae", "rws", "enum", "tracegraph")
+    m2 = SSVAE(64, 10, hidden=(16,), z_dim=2)
+    labels = torch.tensor([0, -1, 3, -1])
+    infos = [inspect_program(m, g, x, labels) for _, m, g in m2.programs()]
+    union = {f: frozenset().union(*(getattr(i, f) for i in infos))
+             for f in ("score_sites", "enumerated", "closed_kl")}
+    info = replace(infos[0], **union)
+    assert suited(info, m2.elbo_refused, programs=3) == ("mc", "rws", "enum", "tracegraph")
+    # Pyro's CVAE indexes by a mask: no samples dimension, so no weighers
+    pyro_cvae = PyroExampleCVAE.from_options({"z_dim": 2, "hidden_1": 16, "hidden_2": 16}, None)
+    info = inspect_program(pyro_cvae.model, pyro_cvae.guide,
+                           *pyro_cvae.data_args(torch.rand(4, 784), None))
+    assert not info.vectorized and suited(info) == ("mc", "analytic", "stl", "iwae")
+
+
+def test_compare_m2_sums_out_y_with_less_gradient_noise(tmp_path, cli):
+    """M2 on its training rows (unlabelled ones among them): by default mc, rws, enum and
+    tracegraph; enum's exact sum over y leaves the classifier's gradient far less noisy than
+    mc's score function; the estimators M2 refuses are refused in one line."""
+    out = tmp_path / "cmp"
+    argv = ["--dataset", "digits", "--model", "ssvae", "--labelled", "50", "--hidden", "32",
+            "--z-dim", "2", "--repeats", "20", "--particles", "1", "--iwae-samples", "2",
+            "--eval-batch", "64", "--split", "train", "--no-race"]
+    result = cli(compare_main, [*argv, "--out", out])
+    assert result.code == 0, result.err
+    results = json.loads((out / "results.json").read_text())
+    assert results["meta"]["estimators"] == ["mc", "rws", "enum", "tracegraph"]
+    var = {r["estimator"]: r["total_variance"] for r in results["gradients"]
+           if r["group"] == "classifier"}
+    assert set(var) == {"mc", "enum", "tracegraph"}  # rws weighs K >= 2 only
+    assert var["enum"] < var["mc"] / 10
+    bad = cli(compare_main, [*argv, "--estimators", "stl", "--out", tmp_path / "bad"])
+    assert_one_line_error(bad, PROG, "--estimators stl: the class y of unlabelled rows has no "
+                               "reparameterized draw")

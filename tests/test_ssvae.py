@@ -278,6 +278,10 @@ def test_mc_runs_with_a_note_and_analytic_is_refused(tmp_path, few_labels):
         with pytest.raises(UsageError, match=f"{elbo} needs; use elbo enum"):
             train_run(TrainConfig(**common, elbo=elbo, particles=3, out=str(tmp_path / elbo)),
                       few_labels, progress=False)
+    # iwae (RenyiELBO) trains one pair of M2's three terms; the line names what M2 takes
+    with pytest.raises(UsageError, match="sums 3; use elbo mc, rws, enum or tracegraph$"):
+        train_run(TrainConfig(**common, elbo="iwae", particles=3, out=str(tmp_path / "iwae")),
+                  few_labels, progress=False)
 
 
 def test_cli(cli, tmp_path):

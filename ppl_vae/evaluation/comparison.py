@@ -36,7 +36,7 @@ from ..config import TrainConfig
 from ..data import Dataset
 from ..errors import UsageError
 from ..files import write_csv, write_json, write_text
-from ..inference.estimators import ELBOS, make_elbo
+from ..inference.estimators import ELBOS, make_elbo, suited
 from ..inference.program import ProgramInfo
 from ..inference.svi import collect_params, elbo_step, hide_bar
 from ..models import hook
@@ -70,17 +70,21 @@ class CompareConfig:
     particles: tuple[int, ...] = (1, 10)
     iwae_samples: tuple[int, ...] = (1, 10, 100)
     eval_batch: int = 128
+    split: str = "test"
+    """the split whose first ``eval_batch`` rows are the fixed batch (``train`` for a model
+    whose training rows differ in kind, e.g. M2's unlabelled rows)"""
     race: bool = True
     target: float | None = None
     snr_k: tuple[int, ...] = ()
-    estimators: tuple[str, ...] = ESTIMATORS
+    estimators: tuple[str, ...] = ()
+    """the ``--elbo`` names compared; empty: every one that fits the model (``suited``)"""
 
     def __post_init__(self) -> None:
         self.estimators = tuple(self.estimators)
         unknown = [e for e in self.estimators if e not in ELBOS]
-        if unknown or not self.estimators:
+        if unknown:
             raise UsageError(f"--estimators takes names of {', '.join(ELBOS)}, got "
-                             f"{list(self.estimators) or 'none'}")
+                             f"{list(self.estimators)}")
         self.snr_k = tuple(int(k) for k in self.snr_k)
         if self.snr_k and (min(self.snr_k) < 1 or len(set(self.snr_k)) < 2):
             raise UsageError(f"--snr-k takes two or more different counts of at least 1, got "
@@ -95,6 +99,8 @@ class CompareConfig:
             if not getattr(self, name) or min(getattr(self, name)) < 1:
                 raise UsageError(f"--{name.replace('_', '-')} takes counts of at least 1, got "
                                  f"{list(getattr(self, name))}")
+        if self.split not in ("test", "train"):
+            raise UsageError(f"--split takes test or train, got {self.split!r}")
         if self.warmup_epochs < 0:
             raise UsageError(f"--warmup-epochs must be >= 0, got {self.warmup_epochs}")
         if self.target is not None and not math.isfinite(self.target):
@@ -298,6 +304,24 @@ def training_race(module: nn.Module, data: Dataset, config: TrainConfig,
     return rows, summary
 
 
+def chosen(cc: CompareConfig, module: nn.Module, info: ProgramInfo
+           ) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The estimators compared (the user's, or every one that fits the model and its family
+    allows) and those of the SNR-against-K experiment; a choice the family refuses, or an
+    SNR experiment no estimator fits, is refused in one line."""
+    refused = getattr(module, "elbo_refused", {})
+    for e in cc.estimators:
+        if e in refused:
+            raise UsageError(f"--estimators {e}: {refused[e]}")
+    fits = suited(info, refused, len(hook(module, "programs")()))
+    snr = tuple(e for e in SNR_ESTIMATORS if e in fits)
+    if cc.snr_k and not snr:
+        raise UsageError(f"--snr-k measures {' and '.join(SNR_ESTIMATORS)}, and neither fits "
+                         "this model (its guide is not reparameterized or its particles do "
+                         "not vectorize); drop --snr-k")
+    return cc.estimators or fits, snr
+
+
 def compare(cc: CompareConfig, out: str | None = None, progress: bool | None = None
             ) -> Comparison:
     """Run the whole comparison and write ``results.json``, CSV tables, ``summary.md`` and
@@ -331,26 +355,29 @@ def compare(cc: CompareConfig, out: str | None = None, progress: bool | None = N
                  lambda g: train_args(module, data, g), config.batch_size, cc.warmup_epochs,
                  seed=config.seed, device=data.train.x.device, progress=progress,
                  desc="warm-up").run()
+        estimators, snr_estimators = chosen(cc, module, info)
         module.eval()
-        args = data_args(module, data.test, slice(0, cc.eval_batch))
+        args = data_args(module, getattr(data, cc.split), slice(0, cc.eval_batch))
         pyro.set_rng_seed(config.seed)
         bounds = bound_estimates(module, args, cc.repeats, cc.particles, cc.iwae_samples,
-                                 progress, info, cc.estimators)
+                                 progress, info, estimators)
         gradients = gradient_stats(module, args, cc.repeats, cc.particles, progress, info,
-                                   pairs=applicable(cc.estimators, cc.particles))
+                                   pairs=applicable(estimators, cc.particles))
         snr = gradient_stats(module, args, cc.repeats, cc.snr_k, progress, info,
-                             estimators=SNR_ESTIMATORS) if cc.snr_k else []
+                             estimators=snr_estimators) if cc.snr_k else []
         race_rows, race_summary = [], []
         if cc.race:
             most = max(cc.particles)  # the weighers race with the most particles, the rest 1
-            racers = [(e, 1) for e in cc.estimators if e not in ("iwae", *WEIGHERS)]
-            racers += [(e, most) for e in cc.estimators if e in WEIGHERS and most > 1]
+            racers = [(e, 1) for e in estimators if e not in ("iwae", *WEIGHERS)]
+            racers += [(e, most) for e in estimators if e in WEIGHERS and most > 1]
             if most > 1 and len(hook(module, "programs")()) == 1:
                 racers.append(("iwae", most))  # IWAE trains one program
             race_rows, race_summary = training_race(module, data, config, racers, cc.target,
                                                     progress)
         meta = {"config": config.to_dict(), "run": cc.run, "warmup_epochs": cc.warmup_epochs,
-                "repeats": cc.repeats, "eval_batch": args[0].shape[0], "dataset": data.name,
+                "estimators": list(estimators),
+                "repeats": cc.repeats, "eval_batch": args[0].shape[0], "split": cc.split,
+                "dataset": data.name,
                 "device": str(data.test.x.device), "torch": torch.__version__,
                 "pyro": pyro.__version__,
                 "samples": "one vectorized pass" if info.vectorized else
@@ -364,7 +391,8 @@ def compare(cc: CompareConfig, out: str | None = None, progress: bool | None = N
 def summary_markdown(c: Comparison) -> str:
     """The tables a reader wants first, in Markdown."""
     lines = ["## Bound estimates (nats per data point, R = "
-             f"{c.meta['repeats']}, batch of {c.meta['eval_batch']})", "",
+             f"{c.meta['repeats']}, {c.meta['eval_batch']} {c.meta.get('split', 'test')} rows)",
+             "",
              "| estimator | samples | mean | sd | se | ms / estimate |",
              "|---|---|---|---|---|---|"]
     lines += [f"| {r['estimator']} | {r['particles']} | {r['mean']:.3f} | {r['sd']:.3f} | "

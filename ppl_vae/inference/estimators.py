@@ -46,7 +46,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import pyro.infer
 import pyro.infer.traceenum_elbo
@@ -63,6 +63,7 @@ from torch.distributions import kl_divergence
 
 from ..errors import UsageError
 from .dreg import IWAE_DReG
+from .program import ProgramInfo
 from .rws import ReweightedWakeSleep
 from .stl import STL_ELBO
 from .trace_elbo import Trace_ELBO, not_reparameterized
@@ -198,6 +199,49 @@ class JitTraceMeanField_ELBO(pyro.infer.JitTraceMeanField_ELBO):
         if compiled is None:
             return super().differentiable_loss(model, guide, *args, **kwargs)
         return compiled(*args, _pyro_model_id=id(model), _pyro_guide_id=id(guide), **kwargs)
+
+
+def unsuited(name: str, info: ProgramInfo, programs: int = 1) -> str | None:
+    """Why ``--elbo name`` cannot train the program ``info`` describes (an objective summing
+    ``programs`` model/guide pairs), in a few words; None if it can:
+
+    * ``stl`` and ``iwae-dreg`` need every latent guide site reparameterized;
+    * ``iwae-dreg`` and ``rws`` weigh vectorized particles;
+    * ``iwae`` (Pyro's ``RenyiELBO``) trains one model/guide pair.
+    """
+    score = ", ".join(sorted(info.score_sites))
+    if name in ("stl", "iwae-dreg") and score:
+        return f"the guide's site(s) {score} are not reparameterized, which {name} needs"
+    if name in ("iwae-dreg", "rws") and not info.vectorized:
+        return (f"{name} weighs vectorized particles, and this model cannot take a samples "
+                f"dimension ({info.not_vectorized_because})")
+    if name == "iwae" and programs > 1:
+        return (f"iwae (RenyiELBO) trains one model/guide pair, and this objective sums "
+                f"{programs}")
+    return None
+
+
+def redundant(name: str, info: ProgramInfo) -> str | None:
+    """Why ``--elbo name`` is ``mc`` on the program ``info`` describes; None if it is not:
+    ``analytic`` without a site whose KL has a closed form (or with a score-function site,
+    where it falls back to ``mc``), ``tracegraph`` without a score-function site, ``enum``
+    with nothing marked for enumeration."""
+    if name == "analytic" and (info.score_sites or not info.closed_kl):
+        return "no reparameterized site's KL has a closed form"
+    if name == "tracegraph" and not info.score_sites:
+        return "every guide site is reparameterized"
+    if name == "enum" and not info.enumerated:
+        return "no site is marked for enumeration"
+    return None
+
+
+def suited(info: ProgramInfo, refused: Iterable[str] = (), programs: int = 1
+           ) -> tuple[str, ...]:
+    """The ``--elbo`` names that train the program ``info`` describes and are not ``mc`` in
+    disguise, less ``refused`` (a family's ``elbo_refused``), in the order of :data:`ELBOS`."""
+    refused = set(refused)
+    return tuple(e for e in ELBOS if e not in refused and unsuited(e, info, programs) is None
+                 and (e == "mc" or redundant(e, info) is None))
 
 
 def make_elbo(name: str, particles: int = 1, jit: bool = False,

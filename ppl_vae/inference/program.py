@@ -27,6 +27,12 @@ class ProgramInfo:
     registered: frozenset[int]
     params: tuple[Tensor, ...]
     auxiliary: frozenset[str] = frozenset()
+    score_sites: frozenset[str] = frozenset()
+    """latent guide sites without ``rsample`` (their gradient is a score function)"""
+    enumerated: frozenset[str] = frozenset()
+    """sites marked for enumeration (``infer={"enumerate": ...}``)"""
+    closed_kl: frozenset[str] = frozenset()
+    """latent sites whose KL(guide || model) torch knows in closed form"""
 
     def describe(self, num_samples: int) -> str:
         """One line: how ``num_samples`` samples per data point are drawn and scored."""
@@ -77,9 +83,23 @@ def inspect_program(model: Callable, guide: Callable, *args: Tensor) -> ProgramI
     unconstrained = tuple(getattr(v, "unconstrained", lambda v=v: v)() for v in values)
     vectorized, why = _try_vectorized(model, guide, nesting, args)
     auxiliary = {s["name"] for s in sites if s["infer"].get("is_auxiliary")}
+    guided = [s for s in _sample_sites(guide_trace) if not s["is_observed"]]
+    score = {s["name"] for s in guided if not s["fn"].has_rsample}
+    enumerated = {s["name"] for s in sites if s["infer"].get("enumerate")}
+    closed = {s["name"] for s in guided if s["name"] in model_trace.nodes
+              and _has_closed_kl(s["fn"], model_trace.nodes[s["name"]]["fn"])}
     return ProgramInfo(nesting, data_plate, frozenset(latent - local), vectorized, why,
                        frozenset(id(t) for t in unconstrained), unconstrained,
-                       frozenset(auxiliary))
+                       frozenset(auxiliary), frozenset(score), frozenset(enumerated),
+                       frozenset(closed))
+
+
+def _has_closed_kl(q, p) -> bool:
+    try:
+        torch.distributions.kl_divergence(q, p)
+    except Exception:  # no closed form (NotImplementedError), or shapes that do not pair
+        return False
+    return True
 
 
 PROBE_PARTICLES = 3  # not 2: a model that folds the samples into the rows (2) shows it

@@ -22,10 +22,10 @@ from torch import Tensor, nn
 from .. import plots, resources
 from ..config import TrainConfig
 from ..data import Dataset, Split, load_dataset
-from ..errors import UsageError
+from ..errors import UsageError, either
 from ..files import write_csv, write_json
 from ..inference.compiled import CompiledStep
-from ..inference.estimators import make_elbo
+from ..inference.estimators import make_elbo, suited, unsuited
 from ..inference.importance import Scores, score
 from ..inference.program import ProgramInfo, inspect_program, nonfinite_site
 from ..inference.svi import EagerStep, TrainStep, collect_params, elbo_loss, elbo_step
@@ -111,7 +111,9 @@ def probe(module: nn.Module, data: Dataset) -> ProgramInfo:
     return replace(first, max_plate_nesting=max(i.max_plate_nesting for i in infos),
                    vectorized=all(i.vectorized for i in infos),
                    registered=frozenset().union(*(i.registered for i in infos)),
-                   params=tuple({id(p): p for i in infos for p in i.params}.values()))
+                   params=tuple({id(p): p for i in infos for p in i.params}.values()),
+                   **{f: frozenset().union(*(getattr(i, f) for i in infos))
+                      for f in ("score_sites", "enumerated", "closed_kl")})
 
 
 def score_split(module: nn.Module, split: Split, num_samples: int, iwae: bool = False,
@@ -304,10 +306,14 @@ def _train(config: TrainConfig, device: torch.device, data: Dataset, rundir, out
         if resume else None
     pyro.set_rng_seed(config.seed)
     module, info = setup_model(config, data, device)
-    refused = getattr(module, "elbo_refused", {}).get(config.elbo)
-    if refused:
-        raise UsageError(f"--model {config.model_name} with --elbo {config.elbo}: {refused}")
     terms = hook(module, "programs")()
+    refused = getattr(module, "elbo_refused", {})
+    why = refused.get(config.elbo)
+    if not why and (why := unsuited(config.elbo, info, len(terms))):
+        fits = [e for e in suited(info, refused, len(terms)) if e != config.elbo]
+        why += f"; use --elbo {either(fits)}" if fits else ""
+    if why:
+        raise UsageError(f"--model {config.model_name} with --elbo {config.elbo}: {why}")
 
     def step_for(k: int):  # the objective with k particles, for the memory estimate
         e = make_elbo(config.elbo, k, False, info.max_plate_nesting, vectorize=info.vectorized)
