@@ -55,7 +55,9 @@ def interrupt_at(monkeypatch, epoch: int, step: int, signum: int = signal.SIGINT
 @pytest.mark.parametrize("options", [
     {},  # mid-epoch: the signal writes the checkpoint
     {"binarize": "dynamic", "early_stop": 2, "epochs": 5},  # data stream, best weights
-], ids=["plain", "dynamic-early-stop"])
+    *({"elbo": e, "particles": k} for e, k in (("stl", 1), ("iwae-dreg", 3), ("rws", 3),
+                                               ("tracegraph", 1))),  # each estimator's state
+], ids=["plain", "dynamic-early-stop", "stl", "iwae-dreg", "rws", "tracegraph"])
 def test_interrupted_then_resumed_equals_uninterrupted(digits, tmp_path, monkeypatch, options):
     whole = train_run(config(tmp_path / "whole", **options), progress=False)
 

@@ -5,6 +5,8 @@ exact posterior, and the enumerated (exact) ELBO gradient of a model with a disc
 
 from __future__ import annotations
 
+import math
+
 import pyro
 import pyro.distributions as dist
 import pytest
@@ -106,10 +108,13 @@ def test_tracegraph_estimates_the_exact_enumerated_gradient_and_baselines_cut_va
     assert (based[:, guide].var(0) < plain[:, guide].var(0)).all()
 
 
-@pytest.mark.parametrize("elbo", ["rws", "tracegraph"])
-def test_training_runs_with_each(digits, tmp_path, elbo):
-    run = train(TrainConfig(elbo=elbo, particles=3, epochs=2, batch_size=128,
+@pytest.mark.parametrize("elbo, compile_", [("rws", False), ("tracegraph", False),
+                                            ("rws", True), ("tracegraph", True)])
+def test_training_runs_with_each(digits, tmp_path, elbo, compile_):
+    run = train(TrainConfig(elbo=elbo, particles=3, epochs=2, batch_size=128, compile=compile_,
                             model_options={"hidden": (16,), "z_dim": 2}, eval_particles=2,
                             out=str(tmp_path / "r")), data=digits, progress=False)
     elbos = [row["test_elbo"] for row in run.history]
-    assert elbos[-1] > elbos[0], elbos
+    assert all(math.isfinite(e) for e in elbos) and elbos[-1] > elbos[0], elbos
+    step = run.summary.get("step", "eager")
+    assert step.startswith("compiled") == compile_, step
