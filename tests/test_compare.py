@@ -266,3 +266,18 @@ def test_compare_m2_sums_out_y_with_less_gradient_noise(tmp_path, cli):
     bad = cli(compare_main, [*argv, "--estimators", "stl", "--out", tmp_path / "bad"])
     assert_one_line_error(bad, PROG, "--estimators stl: the class y of unlabelled rows has no "
                                "reparameterized draw")
+
+
+def test_compare_a_flow_guide(tmp_path, cli):
+    """A flow guide has no closed-form KL: no analytic, the path estimators all run."""
+    out = tmp_path / "cmp"
+    result = cli(compare_main, [*NET, "--model", "flow-vae", "--flow", "iaf", "--repeats", "4",
+                                "--particles", "1", "2", "--iwae-samples", "2", "--eval-batch",
+                                "16", "--no-race", "--out", out])
+    assert result.code == 0, result.err
+    results = json.loads((out / "results.json").read_text())
+    assert results["meta"]["estimators"] == ["mc", "stl", "iwae", "iwae-dreg", "rws"]
+    assert {(r["estimator"], r["particles"]) for r in results["gradients"]} == {
+        ("mc", 1), ("mc", 2), ("stl", 1), ("stl", 2), ("iwae", 1), ("iwae", 2),
+        ("iwae-dreg", 2), ("rws", 2)}
+    assert all(math.isfinite(r["mean"]) for r in results["bounds"])
