@@ -5,8 +5,10 @@ same seeds, then scored the same way: test ELBO and the IWAE bound on log p(x).
         --epochs 10 --seeds 0 1 2 --eval-iwae 1000 --jobs 2
 
 Each (estimator, K, seed) is one ``python -m ppl_vae train`` run (``--jobs`` at a time, one
-thread each); the table (Markdown and CSV) has the mean ± sd over the seeds and the median
-seconds per epoch.
+thread each); a finished run in ``--out`` is not trained again, and one scored with another
+``--eval-iwae`` K is re-scored by ``python -m ppl_vae evaluate`` (whose test ELBO then uses
+the same K samples). The table (Markdown and CSV) has the mean ± sd over the seeds and the
+median seconds per epoch.
 """
 
 from __future__ import annotations
@@ -37,6 +39,11 @@ def run(a, elbo: str, k: int, seed: int) -> dict:
         subprocess.run(cmd, check=True, capture_output=True,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     s = json.loads((out / "summary.json").read_text())
+    if s.get("iwae_samples") != a.eval_iwae:  # a finished run, scored again with this K
+        subprocess.run([sys.executable, "-m", "ppl_vae", "evaluate", "--run", str(out),
+                        "--eval-iwae", str(a.eval_iwae)], check=True, capture_output=True,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+        s = json.loads((out / "summary.json").read_text())
     with open(out / "metrics.csv") as f:
         seconds = [float(r["train_seconds"]) for r in csv.DictReader(f)]
     return {"elbo": elbo, "particles": k, "seed": seed, "test_elbo": s["test_elbo"],

@@ -177,6 +177,8 @@ def train_parser(model: str | type = "vae", compare: bool = False) -> Parser:
                         "global batch is N times this")
         _add_option(g, f.name, default, helptext, f.metadata.get("choices"),
                     off_help=f.metadata.get("off_help"), type_=f.metadata.get("type"))
+        if f.name == "elbo":  # "" is the family's own, shown as the one this --model takes
+            p._option_string_actions["--elbo"].shown_default = getattr(cls, "default_elbo", "mc")
     # a model option named like a run option (lr, seed, ...) is set by --model-opt only
     reserved = {f.name for f in dataclasses.fields(TrainConfig)} | set(COMPARE_ONLY) | {
         "particles", "model_opt", "help"}
@@ -211,7 +213,7 @@ def train_parser(model: str | type = "vae", compare: bool = False) -> Parser:
                        help="start from this training run's checkpoint (default: a fresh model)")
         g.add_argument("--warmup-epochs", type=int, default=0,
                        help="without --run: pre-train the model (its pretrain hook) and train "
-                            "this many epochs (mc) before measuring")
+                            "this many epochs (the model's own estimator) before measuring")
         g.add_argument("--repeats", type=int, default=200,
                        help="repeated estimates and gradient draws")
         g.add_argument("--iwae-samples", type=int, nargs="+", default=[1, 10, 100],

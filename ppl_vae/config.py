@@ -54,7 +54,9 @@ class TrainConfig:
                          "semi-supervised models (--model ssvae); 0: every label",
                          group="data")
     # inference
-    elbo: str = _opt("mc", "mc: Trace_ELBO, analytic: TraceMeanField_ELBO, stl: Trace_ELBO "
+    elbo: str = _opt("", "the estimator; without it, the one the model is built for (its "
+                     "default_elbo: ssvae enum, the others mc). mc: Trace_ELBO, analytic: "
+                     "TraceMeanField_ELBO, stl: Trace_ELBO "
                      "with the path-derivative (sticking-the-landing) guide gradient, iwae: "
                      "RenyiELBO(alpha=0), iwae-dreg: the IWAE bound with the doubly "
                      "reparameterized guide gradient, rws: reweighted wake-sleep (wake-phi), "
@@ -101,6 +103,8 @@ class TrainConfig:
                            group="evaluation and output")
 
     def __post_init__(self) -> None:
+        if not self.elbo:  # the estimator the family is built for
+            self.elbo = getattr(self.model_class, "default_elbo", "mc")
         self.validate_options()
         with named_as_keys("model_options.", nested=True):
             self.model_options = make_options(self.model_class, self.model_options)

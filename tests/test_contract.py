@@ -576,3 +576,18 @@ def test_a_figure_that_fails_is_skipped_not_fatal(tmp_path, digits, monkeypatch)
 def test_the_contract_base_class_is_not_a_model():
     with pytest.raises(UsageError, match="lacks model and guide"):
         get_model(Model)
+
+
+def test_a_family_brings_its_own_default_estimator():
+    """Without --elbo a run takes the estimator the family declares (default_elbo), any
+    plug-in's too; one the user gives wins."""
+    from plugin_models import EnumMixtureVAE
+
+    assert TrainConfig().elbo == "mc" and TrainConfig(model="ssvae").elbo == "enum"
+    assert TrainConfig(model="ssvae", elbo="mc").elbo == "mc"
+
+    class Mine(EnumMixtureVAE):
+        default_elbo = "enum"
+
+    assert TrainConfig(model=Mine).elbo == "enum"
+    assert TrainConfig(model=EnumMixtureVAE).elbo == "mc"  # a class without the attribute

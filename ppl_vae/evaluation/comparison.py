@@ -349,7 +349,7 @@ def compare(cc: CompareConfig, out: str | None = None, progress: bool | None = N
             ctx = context(replace(config, epochs=cc.warmup_epochs), module, data, out_dir,
                           progress)
             hook(module, "pretrain")(ctx)
-            step = elbo_step(make_elbo("mc", 1, max_plate_nesting=info.max_plate_nesting),
+            step = elbo_step(make_elbo(config.elbo, 1, max_plate_nesting=info.max_plate_nesting),
                              module, hook(module, "programs")(), info)
             Loop(step, torch.optim.Adam(collect_params(module, info), lr=config.lr), module,
                  lambda g: train_args(module, data, g), config.batch_size, cc.warmup_epochs,

@@ -9,7 +9,8 @@ for 8-bit sources; ``y`` (N,) labels or None, -1 hidden by ``--labelled``); ``pr
 latent means, reconstructions and samples (``encode``/``reconstruct``/``sample`` where
 defined); ``from_options(options, data)``: the constructor, with ``input_dim``,
 ``image_shape`` and ``num_classes`` from the data. ``elbo_refused`` / ``elbo_notes`` map an
-``--elbo`` name to why the family cannot train with it / a note the run prints.
+``--elbo`` name to why the family cannot train with it / a note the run prints;
+``default_elbo`` is the estimator a run takes without ``--elbo``.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ class Model(nn.Module):
     Options: ClassVar[type | None] = None
     elbo_refused: ClassVar[dict[str, str]] = {}
     elbo_notes: ClassVar[dict[str, str]] = {}
+    default_elbo: ClassVar[str] = "mc"
 
     def model(self, *args: Any, **kwargs: Any) -> Any:
         raise NotImplementedError

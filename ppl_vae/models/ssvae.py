@@ -119,6 +119,7 @@ class SSVAE(Model):
     ``unlabelled_rows`` whether the training split has rows of each kind."""
 
     Options = SSVAEOptions
+    default_elbo = "enum"  # y summed out exactly; mc would sample it (a score function)
 
     def __init__(self, input_dim: int, num_classes: int, options: SSVAEOptions | None = None, *,
                  aux_weight: float = 1.0, labelled_rows: bool = True,
