@@ -53,6 +53,11 @@ class TrainConfig:
                          "draw seeded by --seed; the rest become unlabelled (-1), for "
                          "semi-supervised models (--model ssvae); 0: every label",
                          group="data")
+    labelled_share: float = _opt(0.0, "with --labelled: the share of each batch that is "
+                                 "labelled rows, cycled through the labelled set (each "
+                                 "unlabelled row once per epoch); 0: batches drawn from all "
+                                 "rows alike (measured on M2: no gain yet; README)",
+                                 group="data")
     # inference
     elbo: str = _opt("", "the estimator; without it, the one the model is built for (its "
                      "default_elbo: ssvae enum, the others mc). mc: Trace_ELBO, analytic: "
@@ -148,6 +153,8 @@ class TrainConfig:
                                  f"{getattr(self, name)!r}")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise UsageError(f"--lr must be a positive number, got {self.lr}")
+        if not 0 <= self.labelled_share < 1:
+            raise UsageError(f"--labelled-share must lie in [0, 1), got {self.labelled_share}")
         if self.early_stop < 0:
             raise UsageError(f"--early-stop takes a patience in epochs (0: off), got "
                              f"{self.early_stop}")

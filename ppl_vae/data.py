@@ -63,6 +63,9 @@ class Dataset:
     image_shape: tuple[int, int, int] | None
     dynamic: bool = False
     val: Split | None = None
+    labelled_share: float = 0.0
+    """with labelled and unlabelled training rows: the share of each batch that is labelled
+    (:meth:`epoch_order`; 0: batches drawn from all rows alike)"""
 
     @property
     def input_dim(self) -> int:
@@ -116,6 +119,30 @@ class Dataset:
             g = torch.Generator(device=val.x.device).manual_seed(SPLIT_SEED + 1)
             val = replace(val, x=torch.bernoulli(val.x, generator=g))
         return replace(self, train=train, val=val)
+
+    def epoch_order(self, batch_size: int, generator: torch.Generator) -> Tensor:
+        """The training rows of one epoch in batch order (consecutive ``batch_size`` rows are a
+        batch), drawn by ``generator`` on the CPU. Without hidden labels, or with
+        ``labelled_share`` 0: a permutation of all rows. Else every batch holds k = round(share
+        * B) labelled rows (at least 1, at most B - 1) and B - k unlabelled ones; each
+        unlabelled row comes once per epoch, and the labelled rows are cycled, each cycle in a
+        fresh order, so that every label is used before any repeats."""
+        y, n = self.train.y, len(self.train)
+        if y is None or self.labelled_share <= 0:
+            return torch.randperm(n, generator=generator)
+        seen = (y >= 0).cpu()
+        labelled, unlabelled = seen.nonzero().squeeze(1), (~seen).nonzero().squeeze(1)
+        if not len(labelled) or not len(unlabelled):
+            return torch.randperm(n, generator=generator)
+        k = min(max(1, round(self.labelled_share * batch_size)), batch_size - 1)
+        rest = batch_size - k
+        steps = math.ceil(len(unlabelled) / rest)
+        cycles = math.ceil(steps * k / len(labelled))
+        lab = torch.cat([labelled[torch.randperm(len(labelled), generator=generator)]
+                         for _ in range(cycles)])[:steps * k].view(steps, k)
+        unl = unlabelled[torch.randperm(len(unlabelled), generator=generator)]
+        batches = [torch.cat([lab[i], unl[i * rest:(i + 1) * rest]]) for i in range(steps)]
+        return torch.cat(batches)
 
     def train_epoch(self, generator: torch.Generator | None = None) -> Tensor:
         """Training inputs for one epoch: resampled pixels under dynamic binarization (drawn

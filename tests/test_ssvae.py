@@ -239,6 +239,8 @@ def test_train_run_with_few_labels(tmp_path):
         assert math.isfinite(s[key]), key
     # log p(x) >= log p(x, y): the unlabelled bound is the higher one (up to the z noise)
     assert s["test_elbo_unlabelled"] > s["test_elbo"] - 1.0
+    # alpha * B per batch: alpha N / N_labelled per labelled row (batches drawn alike)
+    assert config.labelled_share == 0
     assert s["classification_weight"] == pytest.approx(2.0 * len(run.data.train) / 50)
     for name in ("samples_by_class.png", "analogies.png", "elbo_curves.png"):
         assert (run.out / name).read_bytes()[:8] == PNG, name
@@ -294,3 +296,84 @@ def test_cli(cli, tmp_path):
     assert summary["labelled"] == 30
     config = json.loads((out / "config.json").read_text())
     assert config["labelled"] == 30 and config["model_options"]["alpha"] == 0.5
+
+
+# -- the batch composition: a share of labelled rows in every batch, the labels cycled -------
+@pytest.mark.parametrize("share, batch_size", [(0.5, 64), (0.1, 64), (0.25, 30)])
+def test_every_batch_holds_its_share_of_labelled_rows_and_the_labels_cycle(
+        few_labels, share, batch_size):
+    from dataclasses import replace
+
+    data = replace(few_labels, labelled_share=share)
+    y = data.train.y
+    order = data.epoch_order(batch_size, torch.Generator().manual_seed(1))
+    k = round(share * batch_size)
+    batches = order.split(batch_size)
+    assert all(int((y[b] >= 0).sum()) == k for b in batches)  # the last batch too
+    unlabelled = order[y[order] < 0]
+    assert sorted(unlabelled.tolist()) == (y < 0).nonzero().squeeze(1).tolist()  # each once
+    labelled = order[y[order] >= 0]
+    everyone = sorted((y >= 0).nonzero().squeeze(1).tolist())
+    assert len(labelled) >= len(everyone)
+    for start in range(0, len(labelled) - len(everyone) + 1, len(everyone)):  # whole cycles
+        assert sorted(labelled[start:start + len(everyone)].tolist()) == everyone
+    again = data.epoch_order(batch_size, torch.Generator().manual_seed(1))
+    assert torch.equal(order, again)  # drawn by the generator alone: resume replays it
+
+
+def test_without_a_share_or_hidden_labels_an_epoch_is_a_permutation(few_labels, digits):
+    from dataclasses import replace
+
+    for data in (replace(few_labels, labelled_share=0.0), replace(digits, labelled_share=0.5)):
+        order = data.epoch_order(64, torch.Generator().manual_seed(0))
+        assert sorted(order.tolist()) == list(range(len(data.train)))
+
+
+def test_the_classification_weight_is_alpha_b_per_batch(few_labels):
+    """a = alpha / share per labelled row with composed batches, alpha N / N_labelled
+    without: alpha * B per batch of B rows either way."""
+    from dataclasses import replace
+
+    options = SSVAEOptions(hidden=(8,), z_dim=2, alpha=0.3)
+    composed = SSVAE.from_options(options, replace(few_labels, labelled_share=0.25))
+    assert composed.aux_weight == pytest.approx(0.3 / 0.25)
+    drawn = SSVAE.from_options(options, replace(few_labels, labelled_share=0.0))
+    assert drawn.aux_weight == pytest.approx(0.3 * len(few_labels.train) / 50)
+
+
+def test_training_batches_are_composed(few_labels, tmp_path, monkeypatch):
+    """The trainer takes the data's order: every training batch M2 sees holds its share."""
+    from ppl_vae.run.loop import Loop
+
+    seen = []
+    take = Loop._take_step
+
+    def record(self, i, args):
+        if self.desc == "ssvae":
+            seen.append(int((args[1] >= 0).sum()))
+        return take(self, i, args)
+
+    monkeypatch.setattr(Loop, "_take_step", record)
+    train_run(TrainConfig(model="ssvae", model_options=SMALL, epochs=2, batch_size=40,
+                          labelled_share=0.25, eval_particles=2, out=str(tmp_path / "r")),
+              few_labels, progress=False)
+    assert seen and set(seen) == {10}
+    with pytest.raises(UsageError, match="labelled.share must lie in"):
+        TrainConfig(labelled_share=1.0)
+
+
+def test_under_torchrun_every_rank_s_batch_holds_the_share(few_labels):
+    """The order is built per process (batch B): a step's B * W rows are W batches, and rank
+    r's contiguous share is one of them, with its k labelled rows."""
+    from dataclasses import replace
+
+    from ppl_vae.run.distributed import World, shard
+
+    data, b, w = replace(few_labels, labelled_share=0.25), 32, 2
+    y = data.train.y
+    order = data.epoch_order(b, torch.Generator().manual_seed(2))
+    for start in range(0, len(order) - b * w + 1, b * w):  # the whole steps
+        chunk = order[start:start + b * w]
+        for rank in range(w):
+            rows = chunk[shard(len(chunk), World(rank=rank, size=w))]
+            assert int((y[rows] >= 0).sum()) == 8

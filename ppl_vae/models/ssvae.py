@@ -24,9 +24,10 @@ the encoder as a learned vector per class). ``-1`` marks an unlabelled row
   y for parallel enumeration, so ``--elbo enum`` sums the K classes exactly, ``--elbo mc``
   samples y (score function); ``--elbo analytic`` is refused (``TraceMeanField_ELBO`` would
   drop the gradient of q(y|x)), and ``--elbo iwae`` trains one program only;
-* labelled rows: ``a * log q(y|x)`` (Pyro's ``y_aux`` site) with ``a = alpha * N /
-  N_labelled`` per row (``--alpha``, default 2.0: 20 times the paper's alpha, for short
-  training).
+* labelled rows: ``a * log q(y|x)`` (Pyro's ``y_aux`` site) with ``a = alpha / s`` per row
+  when every batch holds a share s of labelled rows (``--labelled-share``, the data's
+  :meth:`~ppl_vae.data.Dataset.epoch_order`), ``a = alpha * N / N_labelled`` when batches
+  are drawn from all rows alike: alpha * B per batch of B rows either way (``--alpha``).
 
 So the loss is ``-(sum_labelled [L + a log q(y|x)] + sum_unlabelled U)``; a term without rows
 in the training split is left out of ``programs()``. For evaluation ``model``/``guide`` are
@@ -77,9 +78,10 @@ class SSVAEOptions(NetworkOptions):
         "help": "hidden layer widths of the classifier and the encoder (the decoder mirrors "
                 "them; Pyro's example: 500)"})
     alpha: float = field(default=2.0, metadata={
-        "help": "weight of the classification term: alpha * N_train / N_labelled per labelled "
-                "row times log q(y|x) (the paper's alpha N on the labelled mean has alpha "
-                "0.1; Pyro's 46 per row)"})
+        "help": "weight of the classification term log q(y|x): alpha * B per batch of B "
+                "rows, i.e. alpha / --labelled-share per labelled row (alpha * N_train / "
+                "N_labelled with --labelled-share 0; the paper's alpha is 0.1, Pyro's example "
+                "46 per row)"})
     classes: int = field(default=0, metadata={
         "help": "number of classes K (0: from the data's labels)"})
 
@@ -166,7 +168,11 @@ class SSVAE(Model):
         check_range(data, options.likelihood)
         n = len(data.train)
         labelled = data.labelled or 0
-        aux = options.alpha * n / labelled if labelled else 0.0
+        share = getattr(data, "labelled_share", 0.0) if 0 < labelled < n else 0.0
+        # a per labelled row: alpha * B per batch, whether k = share * B labelled rows are in
+        # every batch (Dataset.epoch_order) or B * N_labelled / N on average
+        aux = options.alpha / share if share else options.alpha * n / labelled if labelled \
+            else 0.0
         return build_by_signature(cls, options, data, num_classes=classes, aux_weight=aux,
                                   labelled_rows=labelled > 0, unlabelled_rows=labelled < n)
 

@@ -1,9 +1,10 @@
 """The training loop that can stop anywhere and continue exactly: epochs of shuffled steps,
 data-parallel across ranks, checkpointed, interruptible and watched for divergence.
 
-Each epoch draws its inputs from a *data* generator on the device and one permutation of
-the N rows from a *shuffle* generator on the CPU, both seeded by the run's seed and the same
-on every rank. Step i takes rows ``perm[i*B*W:(i+1)*B*W]`` (``B`` the per-process
+Each epoch draws its inputs from a *data* generator on the device and its row order ``perm``
+(a permutation of the N rows, or the data's composed batches) from a *shuffle* generator on
+the CPU, both seeded by the run's seed and the same on every rank. Step i takes rows
+``perm[i*B*W:(i+1)*B*W]`` (``B`` the per-process
 ``batch_size``, ``W`` the processes), rank r its contiguous share; with W > 1 the permutation
 is padded by wrapping to a multiple of W. :class:`LoopState` plus every rank's RNG state is
 what a checkpoint needs to continue exactly. Each step folds ``isfinite(loss)`` into a
@@ -60,7 +61,8 @@ class Loop:
     :class:`TrainStep`) over ``inputs(generator)`` (rows first) for ``epochs`` epochs.
     ``validate()`` (loss per row) and ``on_epoch(epoch, train_loss, seconds, val_loss)`` run
     after each epoch in eval mode; ``patience > 0`` stops early and restores the best weights;
-    ``save(loop_state_dict)`` runs after each epoch and every ``checkpoint_every`` steps."""
+    ``save(loop_state_dict)`` runs after each epoch and every ``checkpoint_every`` steps;
+    ``order(n, generator)`` gives an epoch's rows in batch order (default: a permutation)."""
 
     def __init__(
         self,
@@ -84,6 +86,7 @@ class Loop:
         diagnose: Callable[..., str | None] | None = None,
         progress: bool | None = None,
         desc: str = "epochs",
+        order: Callable[[int, torch.Generator], Tensor] | None = None,
     ) -> None:
         if patience and validate is None:
             raise ValueError("early stopping needs a validate function")
@@ -96,6 +99,7 @@ class Loop:
         self.guard, self.diagnose = guard or Guard(), diagnose
         self.progress = progress if world.main else False
         self.desc = desc
+        self.order = order or (lambda n, g: torch.randperm(n, generator=g))
         self.shuffle = torch.Generator().manual_seed(seed)
         self.data = torch.Generator(device=device).manual_seed(seed)
         self.state = LoopState(streams=self._streams())
@@ -181,10 +185,9 @@ class Loop:
         self.shuffle.set_state(s.streams["shuffle"])
         self.data.set_state(s.streams["data"])
         inputs = self.inputs(self.data)
-        n = inputs[0].shape[0]
-        perm = torch.randperm(n, generator=self.shuffle)
-        if w.parallel and n % w.size:
-            perm = torch.cat([perm, perm[: w.size - n % w.size]])
+        perm = self.order(inputs[0].shape[0], self.shuffle)
+        if w.parallel and len(perm) % w.size:
+            perm = torch.cat([perm, perm[: w.size - len(perm) % w.size]])
         perm = perm.to(self.device)
         self._rows = len(perm)
         per_step = self.batch_size * w.size

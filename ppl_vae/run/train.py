@@ -60,8 +60,9 @@ def device_for(cuda: bool) -> torch.device:
 
 
 def load_data(config: TrainConfig) -> Dataset:
-    return load_dataset(config.dataset, config.data_dir, config.download, config.binarize,
+    data = load_dataset(config.dataset, config.data_dir, config.download, config.binarize,
                         labelled=config.labelled, seed=config.seed)
+    return replace(data, labelled_share=config.labelled_share)  # the batch composition
 
 
 def build_model(config: TrainConfig, data: Dataset) -> nn.Module:
@@ -192,7 +193,8 @@ def prepare(config: TrainConfig, data: Dataset | None = None, world: World = dis
     device = device_for(config.cuda)
     if device.type == "cuda" and world.parallel:
         device = torch.device("cuda", world.local_rank)
-    data = data if data is not None else load_data(config)
+    data = replace(data, labelled_share=config.labelled_share) if data is not None else \
+        load_data(config)
     if config.early_stop:
         data = data.with_validation(config.val_fraction)
     return config, device, data.to(device)
@@ -384,7 +386,8 @@ def _train(config: TrainConfig, device: torch.device, data: Dataset, rundir, out
                 validate=validate if config.early_stop else None, patience=config.early_stop,
                 on_epoch=on_epoch, save=save, checkpoint_every=config.checkpoint_every_steps,
                 check_every=config.check_every_steps, guard=guard, diagnose=diagnose,
-                progress=ctx.progress, desc=config.model_name)
+                progress=ctx.progress, desc=config.model_name,
+                order=lambda n, g: data.epoch_order(config.batch_size, g))
     if state is not None:
         loop.load_state_dict(state["loop"])  # last: it restores this rank's RNG
         if world.main and run.history:
