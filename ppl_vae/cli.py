@@ -253,12 +253,15 @@ def _parse(argv: Sequence[str] | None, compare: bool = False, model: str | None 
     ``given_only``, just those the command line gives)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = train_parser(model or _peek(argv, "--model", "vae"), compare)
-    unset = argparse.Namespace(**{k: _UNSET for k in vars(parser.parse_args([]))})
+    appended = {a.dest for a in parser._actions if isinstance(a, argparse._AppendAction)}
+    unset = argparse.Namespace(**{k: None if k in appended else _UNSET  # (append needs None)
+                                  for k in vars(parser.parse_args([]))})
     args = vars(parser.parse_args(argv, namespace=unset if given_only else None))
     if given_only:
-        args = {k: v for k, v in args.items() if v is not _UNSET}
+        args = {k: v for k, v in args.items()
+                if v is not _UNSET and not (v is None and k in appended)}
     options = {name: args.pop(name) for name in parser.model_flags if name in args}
-    options.update(parse_model_opts(args.pop("model_opt", [])))
+    options.update(parse_model_opts(args.pop("model_opt", None) or []))
     args["model_options"] = options
     return args
 

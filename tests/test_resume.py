@@ -18,7 +18,7 @@ from conftest import REPO, SMALL_MODEL
 from helpers import assert_one_line_error
 
 from ppl_vae import TrainConfig
-from ppl_vae.cli import train_main
+from ppl_vae.cli import evaluate_main, train_main
 from ppl_vae.errors import UsageError
 from ppl_vae.interrupt import Interrupted
 from ppl_vae.run.checkpoint import load_checkpoint
@@ -99,9 +99,60 @@ def test_resume_refuses_contradicting_options(tmp_path, cli):
     assert again["test_elbo"] == first["test_elbo"]
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert_one_line_error(cli(train_main, ["--resume", empty]), PROG, "no checkpoint")
+    assert_one_line_error(cli(train_main, ["--resume", empty]), PROG, "no checkpoint.pt there",
+                          "train without --resume")
     with pytest.raises(UsageError, match="no checkpoint"):
         resume_config(empty)
+    # a model option given again, agreeing or not (argparse's append once crashed here)
+    assert cli(train_main, ["--resume", out, "--model-opt", "hidden=(16,)"]).code == 0
+    assert_one_line_error(cli(train_main, ["--resume", out, "--model-opt", "z_dim=7"]), PROG,
+                          "--model-opt z_dim=7 contradicts")
+    # --out elsewhere is not dropped silently
+    assert_one_line_error(cli(train_main, ["--resume", out, "--out", tmp_path / "other"]),
+                          PROG, "drop --out")
+    assert not (tmp_path / "other").exists()
+
+
+def test_resume_checks_the_run_s_records(tmp_path, cli):
+    """config.json must agree with the checkpoint (an edited one is named, a missing one put
+    back); a corrupt checkpoint is named as corrupt and nothing is written; data that moved
+    is found with --data-dir."""
+    out = tmp_path / "run"
+    assert cli(train_main, ["--epochs", "1", "--hidden", "16", "--out", out]).code == 0
+    saved = (out / "config.json").read_text()
+    (out / "config.json").write_text(saved.replace('"lr": 0.001', '"lr": 0.01'))
+    assert_one_line_error(cli(train_main, ["--resume", out]), PROG, "config.json",
+                          "differs from the checkpoint's options (lr)")
+    (out / "config.json").unlink()
+    assert cli(train_main, ["--resume", out]).code == 0
+    assert json.loads((out / "config.json").read_text()) == json.loads(saved)
+    moved = cli(train_main, ["--resume", out, "--data-dir", tmp_path / "elsewhere"])
+    assert moved.code == 0, moved.err  # digits need no files; the new place is kept
+    assert json.loads((out / "config.json").read_text())["data_dir"] == str(
+        tmp_path / "elsewhere")
+    assert cli(train_main, ["--resume", out]).code == 0  # and agrees with the checkpoint
+
+    summary = (out / "summary.json").read_bytes()
+    corrupt_a_tensor(out / "checkpoint.pt")
+    for main, argv in ((train_main, ["--resume", out]), (evaluate_main, ["--run", out])):
+        result = cli(main, argv)
+        assert result.code == 2 and "is corrupt" in result.err and "CRC-32" in result.err
+        assert "\n" not in result.err.strip() and "Traceback" not in result.err
+    assert (out / "summary.json").read_bytes() == summary  # the good result is kept
+
+
+def corrupt_a_tensor(path: Path) -> None:
+    """Flip one bit inside a stored tensor: torch.load reads the file without complaint."""
+    import struct
+    import zipfile
+
+    with zipfile.ZipFile(path) as z:
+        record = next(i for i in z.infolist() if "/data/" in i.filename and i.file_size > 64)
+    data = bytearray(path.read_bytes())
+    name, extra = struct.unpack("<HH", data[record.header_offset + 26:record.header_offset + 30])
+    data[record.header_offset + 30 + name + extra + 17] ^= 0x40
+    path.write_bytes(bytes(data))
+    torch.load(path, weights_only=True)  # (still loads: the check must be ours)
 
 
 def _start(out: Path, *extra: str) -> subprocess.Popen:

@@ -10,6 +10,7 @@ writes files (hooks on other ranks see a scratch directory).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 from dataclasses import dataclass, field, replace
@@ -239,33 +240,61 @@ def has_checkpoint(out: str | os.PathLike | None) -> bool:
     return out is not None and (Path(out) / "checkpoint.pt").is_file()
 
 
+NOT_THE_MATH = ("checkpoint_every_steps", "check_every_steps", "data_dir")
+"""Options a resume may change (how often it saves, where the data now lie)."""
+
+
 def resume_config(run_dir: str | os.PathLike, given: dict | None = None) -> TrainConfig:
     """The stored config of the run in ``run_dir`` (from its checkpoint), checked against the
     options ``given`` now: one that contradicts it is a :class:`UsageError`."""
     path = Path(run_dir)
     if not path.is_dir():
         raise UsageError(f"--resume {str(path)!r} is not a run directory")
+    if not (path / "checkpoint.pt").is_file():
+        raise UsageError(f"--resume {str(path)!r}: no checkpoint.pt there, so nothing to "
+                         "resume; train without --resume (--out DIR) to start a run")
+    given = dict(given or {})
+    out = given.pop("out", None)
+    if out is not None and os.path.abspath(out) != os.path.abspath(path):
+        raise UsageError(f"--resume continues the run in {str(path)!r} and writes there; drop "
+                         f"--out {out!r} (to continue a copy, copy the directory and resume it)")
     state = load_checkpoint(path / "checkpoint.pt")
     if state.get("loop") is None:
         raise UsageError(f"{str(path)!r} holds a checkpoint from a version that cannot "
                          "resume; start a new run")
     stored = TrainConfig.from_dict(state["config"])
     mine = stored.to_dict()
-    for key, value in (given or {}).items():
-        if key in ("out", "overwrite", "model_options") or key not in mine:
+    saved = path / "config.json"
+    if saved.is_file():  # the run's two records must agree
+        try:
+            on_disk = json.loads(saved.read_text())
+        except (OSError, ValueError) as e:
+            raise UsageError(f"{str(saved)!r} is not readable JSON ({type(e).__name__}); "
+                             "delete it to resume from the checkpoint's own copy") from None
+        plain = json.loads(json.dumps(mine))  # as config.json was written (tuples: lists)
+        on_disk = on_disk if isinstance(on_disk, dict) else {}
+        differ = sorted(k for k in set(plain) | set(on_disk)
+                        if k not in NOT_THE_MATH and on_disk.get(k) != plain.get(k))
+        if differ:
+            raise UsageError(f"{str(saved)!r} differs from the checkpoint's options ("
+                             f"{', '.join(differ[:3])}); restore it, or delete it to resume "
+                             "with the checkpoint's, or start a new run")
+        stored = replace(stored, **{k: on_disk[k] for k in NOT_THE_MATH if k in on_disk})
+    for key, value in given.items():
+        if key in ("overwrite", "model_options") or key not in mine:
             continue
-        if key in ("checkpoint_every_steps", "check_every_steps"):  # not the run's math
+        if key in NOT_THE_MATH:
             stored = replace(stored, **{key: value})
             continue
-        if value != mine[key] and not (key == "data_dir" and
-                                       os.path.abspath(value) == mine[key]):
+        if value != mine[key]:
             flag = "--" + key.replace("_", "-")
             raise UsageError(f"--resume: {flag} {value!r} contradicts the run's {mine[key]!r}; "
                              f"drop {flag} to continue the run, or start a new one")
-    options = (given or {}).get("model_options") or {}
+    options = given.get("model_options") or {}
     stored_options = mine["model_options"]
     for key, value in (options.items() if isinstance(options, dict) else ()):
-        if key in stored_options and value != stored_options[key]:
+        if key in stored_options and \
+                json.loads(json.dumps(value)) != json.loads(json.dumps(stored_options[key])):
             raise UsageError(f"--resume: --model-opt {key}={value!r} contradicts the run's "
                              f"{stored_options[key]!r}; drop it to continue the run")
     return replace(stored, out=str(Path(run_dir)), overwrite=False)
@@ -331,9 +360,9 @@ def _train(config: TrainConfig, device: torch.device, data: Dataset, rundir, out
             dist.grads_all_reduced(elbo_step(elbo, module, terms, info), params, world))
     run = Run(config, module, data, rundir.final)
     ctx = context(config, module, data, out, progress, world, guard)
+    if world.main:  # (a resume writes what it checked: the checkpoint's, data moved or not)
+        write_json(rundir.path / "config.json", config.to_dict())
     if state is None:
-        if world.main:
-            write_json(rundir.path / "config.json", config.to_dict())
         note = getattr(module, "elbo_notes", {}).get(config.elbo)
         if note:
             ctx.log(note)
