@@ -343,6 +343,14 @@ def _npz_labels(arrays: dict, n: int, where: str) -> Tensor | None:
     if y.shape != (n,) or not np.issubdtype(y.dtype, np.integer) or y.min() < 0:
         raise UsageError(f"{where}: 'y' must be {n} non-negative integers (one label "
                          f"per row of 'x'), got dtype {y.dtype} shape {y.shape}")
+    present = np.unique(y)
+    if len(present) < int(y.max()) + 1:  # class K-1 implies classes 0..K-1: a model per class
+        missing = sorted(set(range(min(int(y.max()) + 1, 10**6))) - set(present.tolist()))
+        shown = ", ".join(map(str, present[:6])) + (", ..." if len(present) > 6 else "")
+        raise UsageError(f"{where}: the labels ({shown}) skip class "
+                         f"{', '.join(map(str, missing[:3]))}{', ...' if len(missing) > 3 else ''}"
+                         f"; labels must be 0..K-1 with every class present: save "
+                         "y=numpy.unique(y, return_inverse=True)[1]")
     return torch.as_tensor(y, dtype=torch.long)
 
 

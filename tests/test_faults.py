@@ -280,7 +280,26 @@ def test_sparse_cvae_labels_are_one_line(capsys, tmp_path):
     code, _, err = run(capsys, train_main, ["--dataset", npz(tmp_path, "labels", x, y), *SMALL,
                                             "--model", "cvae", "--condition", "label",
                                             "--out", tmp_path / "r"])
-    one_line(code, err, "1,000,000,001 classes", "renumber")
+    one_line(code, err, "the labels (0, 1000000000) skip class 1, 2, 3", "numpy.unique")
+
+
+@pytest.mark.parametrize("labels", [[0, 3, 7], [0, 1, 2, 10**9]])
+def test_labels_with_gaps_are_named_for_ssvae(capsys, tmp_path, labels):
+    """A class-balanced draw over labels {0, 3, 7} once asked for fewer labels, and a stray
+    1e9 for a 49-billion-parameter model: the gap is the problem, and the line says so."""
+    x = np.random.default_rng(0).random((40, 16), dtype=np.float32)
+    y = np.resize(np.array(labels, dtype=np.int64), 40)
+    code, _, err = run(capsys, train_main, ["--dataset", npz(tmp_path, "gaps", x, y), *SMALL,
+                                            "--model", "ssvae", "--labelled", "10",
+                                            "--out", tmp_path / "r"])
+    one_line(code, err, "skip class", "labels must be 0..K-1")
+    assert not (tmp_path / "r").exists()
+
+
+def test_an_out_name_the_file_system_refuses_is_one_line(capsys, tmp_path):
+    code, _, err = run(capsys, train_main, ["--dataset", "digits", *SMALL,
+                                            "--out", tmp_path / ("x" * 300)])
+    one_line(code, err, "cannot create --out", "File name too long")
 
 
 @pytest.mark.parametrize("extra, fragments", [
@@ -407,3 +426,12 @@ def test_warnings_of_a_run_that_crashes_are_still_shown():
 
     with pytest.warns(UserWarning, match="a clue"), pytest.raises(RuntimeError, match="a bug"):
         main_wrapper("prog", crashes)([])
+
+
+def test_a_loss_that_explodes_finitely_is_a_divergence(capsys, tmp_path):
+    """--lr 1e6 once trained to a test ELBO of -1.7e32 and exited 0: a loss per data point a
+    million times its first value is reported like a non-finite one (exit 3)."""
+    code, _, err = run(capsys, train_main, ["--dataset", "digits", "--lr", "1e6", "--epochs",
+                                            "2", "--out", tmp_path / "r"])
+    one_line(code, err, "training diverged at epoch 1", "times its first value",
+             "lower --lr", codes=(3,))

@@ -35,6 +35,10 @@ from .distributed import World
 NEVER = 2**62
 
 
+EXPLODED = 1e6
+"""A finite loss per data point this many times the run's first is a divergence."""
+
+
 class Diverged(UsageError):
     """A non-finite loss: the CLI prints the line and exits with status 3."""
 
@@ -54,6 +58,7 @@ class LoopState:
     bad: int = 0
     best_state: dict[str, Tensor] | None = None
     done: bool = False
+    first_loss: float | None = None  # the run's first step, per data point (divergence)
 
 
 class Loop:
@@ -106,6 +111,7 @@ class Loop:
         self.total = torch.zeros((), device=device)  # this rank's loss summed over the epoch
         self.first_bad = torch.full((), NEVER, device=device, dtype=torch.long)
         self.steps_per_epoch = 0
+        self._rows = 0  # rows in the epoch's order
         self._snapshot: dict[str, Any] | None = None
         self.saved = ""  # where the last checkpoint stands ("" before the first)
 
@@ -236,6 +242,10 @@ class Loop:
 
     def _take_step(self, i: int, args: tuple[Tensor, ...]) -> None:
         self.take(i, args, self.total, self.first_bad)
+        if self.state.first_loss is None:  # one host read per run: the divergence reference
+            loss = float(dist.all_sum(self.total, self.world)) / (args[0].shape[0]
+                                                                 * self.world.size)
+            self.state.first_loss = loss if math.isfinite(loss) else None
 
     def _save(self) -> None:
         self._check()
@@ -259,6 +269,7 @@ class Loop:
     def _check(self) -> None:
         bad = int(dist.all_sum(self.first_bad, self.world, "MIN").item())
         if bad == NEVER:
+            self._check_growth()
             return
         s = self.state
         site = self._replay(bad)
@@ -268,6 +279,24 @@ class Loop:
         raise Diverged(f"training diverged at epoch {s.epoch}, step {bad + 1} of "
                        f"{self.steps_per_epoch} (the loss is not finite{where}); {kept}; lower "
                        "--lr or check the data")
+
+    def _check_growth(self) -> None:
+        """A finite loss that exploded: the epoch's mean loss per data point so far more than
+        ``EXPLODED`` times the run's first (or 1 nat, if that was smaller). Losses that fall,
+        or rise by less than six orders of magnitude, never trip it."""
+        s, first = self.state, self.state.first_loss
+        seen = min(s.step * self.batch_size * self.world.size, self._rows)
+        if first is None or not seen:
+            return
+        mean = float(dist.all_sum(self.total, self.world)) / seen
+        if abs(mean) <= EXPLODED * max(1.0, abs(first)):
+            return
+        kept = (f"the last good checkpoint ({self.saved}) is kept" if self.saved else
+                "no checkpoint was written" if self.save is not None else "nothing is kept")
+        raise Diverged(f"training diverged at epoch {s.epoch}, by step {s.step} of "
+                       f"{self.steps_per_epoch}: the loss reached {mean:.3g} per data point, "
+                       f"over {EXPLODED:.0e} times its first value ({first:.3g}); {kept}; "
+                       "lower --lr or check the data")
 
     def _replay(self, bad: int) -> str | None:
         """Re-run the steps from the last snapshot up to the bad one, then ``diagnose`` its

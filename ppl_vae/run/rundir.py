@@ -258,10 +258,10 @@ def _rmdirs(created: list[Path]) -> None:
 
 
 def _make_dir(path: Path, setting: str) -> tuple[Path, list[Path]]:
-    if path.exists() and not path.is_dir():
-        raise UsageError(f"{setting} {str(path)!r} is a file; give a directory")
-    created = _missing(path)
-    try:
+    try:  # (exists() itself raises for a name the file system refuses, e.g. too long)
+        if path.exists() and not path.is_dir():
+            raise UsageError(f"{setting} {str(path)!r} is a file; give a directory")
+        created = _missing(path)
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise _cannot("create", path, e, setting) from e
