@@ -200,8 +200,10 @@ def _torchvision(name: str, root: str, download: bool) -> Dataset:
         splits = [_tv_split(cls, name, root, train, download) for train in (True, False)]
     except Exception as e:  # torchvision raises RuntimeError / URLError / OSError here
         how = "and could not be downloaded" if download else "and --no-download was given"
+        said = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
         raise UsageError(
-            f"{name} is not in {os.path.abspath(root)!r} {how} ({type(e).__name__}); put "
+            f"{name} is not in {os.path.abspath(root)!r} {how} ({type(e).__name__}"
+            f"{': ' + said if said else ''}); put "
             f"torchvision's {cls.__name__} files there (--data-dir), or run offline with "
             f"--dataset digits, --dataset sample-patches or --dataset npz:PATH"
         ) from None
