@@ -123,8 +123,37 @@ def test_evaluate_cli_reproduces_the_summary(trained_run, tmp_path, run_module):
     assert "evaluation: 10 samples per data point in one vectorized pass" in proc.stdout
     summary = read_json(run_dir / "summary.json")
     assert summary["test_elbo"] == original["test_elbo"]
+    kept = summary.pop("at_training")  # the training run's numbers stay beside evaluate's
+    assert kept["test_elbo"] == 0.0 and kept["eval_method"] == original["eval_method"]
     assert summary == {**original, "eval_particles": trained_run.config.eval_particles}
     assert summary["eval_method"] == "10 samples per data point in one vectorized pass"
+    proc = run_module("ppl_vae.evaluate", "--run", run_dir, "--eval-iwae", "20", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert read_json(run_dir / "summary.json")["at_training"] == kept  # the first, for good
+
+
+def test_evaluate_respects_the_run_s_lock_and_says_when_it_is_unfinished(
+        trained_run, tmp_path, cli, monkeypatch):
+    from ppl_vae.run.rundir import DirLock
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained_run.out, run_dir)
+    before = (run_dir / "summary.json").read_bytes()
+    lock = DirLock.acquire(run_dir)  # as a training run holds it
+    try:
+        result = cli(evaluate_main, ["--run", run_dir])
+    finally:
+        lock.release()
+    assert_one_line_error(result, EVAL_PROG, "is in use by another run")
+    assert (run_dir / "summary.json").read_bytes() == before
+
+    state = torch.load(run_dir / "checkpoint.pt", weights_only=True)  # stopped in epoch 2
+    state["loop"] = {**state["loop"], "done": False, "epoch": 2}
+    torch.save(state, run_dir / "checkpoint.pt")
+    result = cli(evaluate_main, ["--run", run_dir])
+    assert result.code == 0, result.err
+    assert "stopped during epoch 2 of 3 (not finished)" in result.out
+    assert read_json(run_dir / "summary.json")["stopped_during_epoch"] == "2 of 3"
 
 
 def test_evaluate_reproduces_the_iwae_estimate(cli_run, tmp_path, cli):

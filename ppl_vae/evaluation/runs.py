@@ -18,6 +18,7 @@ from ..errors import UsageError
 from ..files import write_json
 from ..inference.program import ProgramInfo
 from ..run.checkpoint import load_checkpoint, restore_params
+from ..run.rundir import DirLock
 from ..run.train import context, device_for, load_data, report, score_split, setup_model
 
 
@@ -84,7 +85,24 @@ def evaluate_run(run_dir: str | os.PathLike, eval_iwae: int = 0, cuda: bool = Fa
         kind = "a directory" if summary_path.is_dir() else "not a regular file"
         raise UsageError(f"{str(summary_path)!r} is {kind}; move it away so that evaluate can "
                          "write the run's summary there")
+    if run_dir.is_dir() and not os.access(run_dir, os.W_OK):
+        raise UsageError(f"--run {str(run_dir)!r} is read-only, so its summary.json cannot be "
+                         "updated; copy the run directory somewhere writable and evaluate the "
+                         "copy")
+    if not run_dir.is_dir():
+        open_run(run_dir, cuda, data_dir, model)  # (its one line: no such run)
+    lock = DirLock.acquire(run_dir, "--run")  # not while the run trains, nor two at once
+    try:
+        return _evaluate(run_dir, summary_path, eval_iwae, cuda, data_dir, eval_particles,
+                         model)
+    finally:
+        lock.release()
+
+
+def _evaluate(run_dir: Path, summary_path: Path, eval_iwae: int, cuda: bool,
+              data_dir: str | None, eval_particles: int | None, model: type | None) -> dict:
     config, module, data, info = open_run(run_dir, cuda, data_dir, model)
+    loop = load_checkpoint(run_dir / "checkpoint.pt").get("loop") or {}
     k = eval_iwae or eval_particles or config.eval_particles
     ctx = context(config, module, data, run_dir, progress=False)
     ctx.figures = False  # the numbers again; the run's figures stay as they are
@@ -94,6 +112,10 @@ def evaluate_run(run_dir: str | os.PathLike, eval_iwae: int = 0, cuda: bool = Fa
         ctx.summary = dict(result)  # the report derives from it, not a second evaluation
         result.update(report(module, ctx))
     notes = [f"evaluation: {scores.method}"]
+    if loop and not loop.get("done", True):
+        result["stopped_during_epoch"] = f"{loop['epoch']} of {config.epochs}"
+        notes.append(f"the run stopped during epoch {loop['epoch']} of {config.epochs} (not "
+                     "finished): these are the numbers of its last checkpoint")
     summary, why = read_summary(summary_path)
     if why is not None:  # never silently replaced: renamed to a new <name>.unreadable-<time>
         stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -109,6 +131,8 @@ def evaluate_run(run_dir: str | os.PathLike, eval_iwae: int = 0, cuda: bool = Fa
                              ) from None
         notes.append(f"{str(summary_path)!r} was unreadable ({why}); kept it as {kept.name} "
                      "and wrote a new one")
+    if "at_training" not in summary:  # the training run's own numbers, kept beside these
+        summary["at_training"] = {k: summary[k] for k in result if k in summary}
     write_json(summary_path, {**summary, **result})
     return {**result, "notes": [*notes, *ctx.notes]}
 
