@@ -122,3 +122,48 @@ def test_a_class_itself_is_a_model(digits, tmp_path):
     assert type(run.module) is Unregistered
     saved = json.loads((run.out / "config.json").read_text())
     assert saved["model"] == config.model_name
+
+
+BROKEN = '''
+import pyro, pyro.distributions as dist, torch, torch.nn as nn
+
+
+class Broken(nn.Module):
+    def __init__(self, input_dim, z_dim=2, extra=0, wrong_outputs=0):
+        super().__init__()
+        self.dec = nn.Linear(z_dim + extra, input_dim + wrong_outputs)
+        self.enc = nn.Linear(input_dim, 2 * z_dim)
+
+    def model(self, x):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(torch.zeros(x.shape[0], 2), 1.0).to_event(1))
+            logits = self.dec(z)
+            pyro.sample("x", dist.Bernoulli(logits=logits).to_event(1), obs=x)
+
+    def guide(self, x):
+        with pyro.plate("data", x.shape[0]):
+            loc, s = self.enc(x).chunk(2, -1)
+            pyro.sample("z", dist.Normal(loc, s.exp()).to_event(1))
+'''
+
+
+@pytest.mark.parametrize("option, fragments", [
+    ("extra=1", ["Broken.model((2, 64)) raised RuntimeError: mat1 and mat2",
+                 "broken_models.py:14 in model: logits = self.dec(z)"]),
+    ("wrong_outputs=1", ["Broken.model((2, 64)): the log-density of site 'x' raised "
+                         "RuntimeError"]),
+])
+def test_a_plugin_that_raises_shows_its_own_frames_and_trace_shapes(tmp_path, monkeypatch, cli,
+                                                                    option, fragments):
+    (tmp_path / "broken_models.py").write_text(BROKEN)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    result = cli(train_main, ["--model", "broken_models:Broken", "--dataset", "digits",
+                              "--model-opt", option, "--epochs", "1", "--out", tmp_path / "r"])
+    assert result.code == 2, result.err
+    lines = result.err.strip().splitlines()
+    assert lines[0].startswith("python -m ppl_vae train: error: Broken.model((2, 64))")
+    assert "Traceback" not in result.err and "ppl_vae/" not in result.err  # not our internals
+    assert "Trace Shapes:" in result.err and "Sample Sites:" in result.err
+    for fragment in fragments:
+        assert fragment in result.err, (fragment, result.err)
+    assert not (tmp_path / "r").exists()

@@ -7,14 +7,20 @@ and ``registered`` (tensors the program puts in Pyro's param store itself).
 
 from __future__ import annotations
 
+import contextlib
+import sysconfig
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import pyro
 import torch
 from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 from torch import Tensor
+
+from ..errors import UsageError
 
 
 @dataclass(frozen=True)
@@ -58,13 +64,67 @@ def _frames(site: dict) -> list:
     return [f for f in site["cond_indep_stack"] if f.vectorized and f.dim is not None]
 
 
+class ProgramError(UsageError):
+    """A model's or guide's own exception on its first run: one headline naming the call, the
+    frames in the user's files and Pyro's trace shapes so far."""
+
+
+_OURS = (str(Path(__file__).resolve().parents[1]), sysconfig.get_paths()["stdlib"],
+         sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"])
+
+
+def _run_first(model: Callable, guide: Callable, args: tuple) -> tuple:
+    """The guide's and the replayed model's traces with every log-density computed; what
+    they raise becomes a :class:`ProgramError`."""
+    guide_tracer, model_tracer, fn = poutine.trace(), poutine.trace(), guide
+    try:
+        with guide_tracer:
+            guide(*args)
+        fn = model
+        with model_tracer:
+            poutine.replay(model, trace=guide_tracer.trace)(*args)
+    except UsageError:
+        raise
+    except Exception as e:
+        raise ProgramError(_explain(e, fn, args, (guide_tracer, model_tracer))) from None
+    for fn, tracer in ((guide, guide_tracer), (model, model_tracer)):
+        for site in _sample_sites(tracer.trace):
+            try:
+                site["fn"].log_prob(site["value"])
+            except Exception as e:
+                raise ProgramError(_explain(e, fn, args, (guide_tracer, model_tracer),
+                                            f"the log-density of site {site['name']!r}")
+                                   ) from None
+    return guide_tracer.trace, model_tracer.trace
+
+
+def _explain(e: Exception, fn: Callable, args: tuple, tracers: tuple, what: str = "") -> str:
+    owner = getattr(fn, "__self__", None)
+    name = f"{type(owner).__name__}.{fn.__name__}" if owner is not None else \
+        getattr(fn, "__qualname__", repr(fn))
+    shapes = ", ".join(f"{tuple(a.shape)}" if torch.is_tensor(a) else type(a).__name__
+                       for a in args)
+    said = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    lines = [f"{name}({shapes}){': ' + what if what else ''} raised {type(e).__name__}"
+             f"{': ' + said if said else ''}"]
+    theirs = [f for f in traceback.extract_tb(e.__traceback__)
+              if not f.filename.startswith(("<", *_OURS))]
+    lines += [f"  {f.filename}:{f.lineno} in {f.name}: {f.line}" for f in theirs[-6:]]
+    for tracer in tracers:
+        trace = getattr(tracer, "trace", None)
+        if trace is not None and any(s["type"] == "sample" for s in trace.nodes.values()):
+            with contextlib.suppress(Exception):  # (a table is a help, not a must)
+                lines.append(trace.format_shapes())
+    return "\n".join(lines)
+
+
 @torch.no_grad()
 def inspect_program(model: Callable, guide: Callable, *args: Tensor) -> ProgramInfo:
     """Run ``guide`` and ``model`` (replayed) once on ``args`` (two or more rows, so the data
-    plate can be told apart), then once more with a samples plate of size 2."""
+    plate can be told apart), then once more with a samples plate of size 2. What the user's
+    program raises on that first run is a :class:`ProgramError`."""
     with poutine.trace(param_only=True) as params:
-        guide_trace = poutine.trace(guide).get_trace(*args)
-        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args)
+        guide_trace, model_trace = _run_first(model, guide, args)
     sites = _sample_sites(guide_trace) + _sample_sites(model_trace)
     nesting = max([-f.dim for s in sites for f in _frames(s)], default=0)
     rows = args[0].shape[0] if args and torch.is_tensor(args[0]) and args[0].dim() else 1
