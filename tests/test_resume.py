@@ -281,3 +281,46 @@ def test_overwrite_keeps_the_old_run_until_the_new_one_checkpoints(tmp_path, cli
     assert sorted(p.name for p in out.iterdir()) == sorted(
         ["checkpoint.pt", "config.json", "elbo_curves.png", "latent.png", "metrics.csv",
          "reconstructions.png", "samples.png", "summary.json"])
+
+
+def _signal_in(monkeypatch, module, name: str, calls: int = 1) -> None:
+    """SIGTERM ourselves inside the ``calls``-th call of ``module.name``."""
+    real, seen = getattr(module, name), []
+
+    def wrapped(*args, **kwargs):
+        seen.append(1)
+        if len(seen) == calls:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, wrapped)
+
+
+@pytest.mark.parametrize("where, calls, fragments, kept", [
+    # the second epoch's evaluation: epoch 1's checkpoint is there
+    ("score_split", 2, ["interrupted by SIGTERM in epoch 2, outside its steps",
+                        "the checkpoint at epoch 2, step 0 is kept", "continue with --resume"],
+     True),
+    # the first epoch's evaluation: nothing was saved yet, and the message says so
+    ("score_split", 1, ["in epoch 1, outside its steps (evaluation or saving), before the "
+                        "first checkpoint",
+                        "nothing to resume"], False),
+    # the figures after training: the run is checkpointed and finishes on --resume
+    ("report", 1, ["after training, in its evaluation or figures", "--resume"], True),
+])
+def test_a_signal_outside_the_steps_says_what_is_kept(tmp_path, monkeypatch, where, calls,
+                                                      fragments, kept):
+    from ppl_vae.run import train as train_module
+
+    out = tmp_path / "run"
+    _signal_in(monkeypatch, train_module, where, calls)
+    with pytest.raises(Interrupted) as stopped:
+        train_run(config(out, epochs=2, checkpoint_every_steps=0), progress=False)
+    assert stopped.value.status == 143
+    for fragment in fragments:
+        assert fragment in stopped.value.message, (fragment, stopped.value.message)
+    assert (out / "checkpoint.pt").is_file() == kept
+    if kept:
+        monkeypatch.undo()
+        resumed = train_run(resume_config(out), progress=False, resume=True)
+        assert (out / "summary.json").is_file() and len(resumed.history) == 2

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -423,18 +424,32 @@ def _train(config: TrainConfig, device: torch.device, data: Dataset, rundir, out
             write_csv(rundir.path / "metrics.csv", run.history)
     try:
         best_epoch = loop.run()
+    except Interrupted as e:  # at a step (checkpointed), or in an epoch's evaluation
+        what = e.message or (f"interrupted by {signal.Signals(e.signum).name} in epoch "
+                             f"{loop.state.epoch}, outside its steps (evaluation or saving)")
+        if not loop.saved:
+            raise Interrupted(e.signum, f"{what}, before the first checkpoint; nothing to "
+                              "resume, run it again") from None
+        kept = "" if e.message else f"; the checkpoint at {loop.saved} is kept"
+        raise Interrupted(e.signum, f"{what}{kept}; continue with --resume {rundir.final}"
+                          ) from None
+    try:  # training is done and checkpointed: a signal stops the rest at once
+        return _finish(config, module, data, info, world, run, ctx, rundir, take, best_epoch,
+                       device)
     except Interrupted as e:
-        raise Interrupted(e.signum, f"{e.message}; continue with --resume {rundir.final}"
+        raise Interrupted(e.signum, f"interrupted by {signal.Signals(e.signum).name} after "
+                          f"training, in its evaluation or figures (training is done and "
+                          f"checkpointed); continue with --resume {rundir.final} to finish"
                           ) from None
 
+
+def _finish(config: TrainConfig, module: nn.Module, data: Dataset, info: ProgramInfo,
+            world: World, run: Run, ctx: RunContext, rundir: RunDir, take: TrainStep,
+            best_epoch: int, device: torch.device) -> Run:
+    """The final evaluation, the summary and the figures of a trained run."""
     k = config.eval_iwae or config.eval_particles
-    with guard.deferred():
-        scores = score_split(module, data.test, k, iwae=config.eval_iwae > 0, world=world,
-                             info=info)
-    signum = dist.any_max(guard.requested, world)
-    if signum:
-        raise Interrupted(signum, f"interrupted in the final evaluation (training is done); "
-                          f"continue with --resume {rundir.final}")
+    scores = score_split(module, data.test, k, iwae=config.eval_iwae > 0, world=world,
+                         info=info)
     ctx.log(f"evaluation: {scores.method}")
     run.summary = {
         **scores.summary(),
