@@ -6,7 +6,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from .cli import PROG, compare_main, evaluate_main, experiment_main, train_main
+from .cli import PROG, closed_pipe_is_fine, compare_main, evaluate_main, experiment_main, train_main
 
 
 def appendix_main(argv: Sequence[str] | None = None) -> int:
@@ -19,6 +19,7 @@ COMMANDS = {"train": train_main, "evaluate": evaluate_main, "compare": compare_m
             "appendix": appendix_main, "experiment": experiment_main}
 
 
+@closed_pipe_is_fine
 def main(argv: Sequence[str] | None = None) -> int:
     """``ppl-vae COMMAND [options]``: the entry point of ``python -m ppl_vae``."""
     argv = list(sys.argv[1:] if argv is None else argv)

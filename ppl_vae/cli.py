@@ -8,7 +8,9 @@ from :class:`~ppl_vae.config.TrainConfig` and the chosen model's option group.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import functools
 import os
 import sys
 import warnings
@@ -64,6 +66,21 @@ def _show(held: Sequence[warnings.WarningMessage]) -> None:
         warnings.showwarning(w.message, w.category, w.filename, w.lineno, w.file, w.line)
 
 
+def closed_pipe_is_fine(main: Callable[..., int]) -> Callable[..., int]:
+    """A reader that stops early (``--help | head``) is no error: stop writing, exit 0."""
+
+    @functools.wraps(main)
+    def wrapped(*args: Any, **kwargs: Any) -> int:
+        try:
+            return main(*args, **kwargs)
+        except BrokenPipeError:
+            with contextlib.suppress(OSError):  # (Python's own flush at exit would fail too)
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 0
+
+    return wrapped
+
+
 def main_wrapper(prog: str, run: Callable[[Sequence[str] | None], int]
                  ) -> Callable[[Sequence[str] | None], int]:
     """Turn :class:`UsageError` into ``prog: error: message`` on stderr and exit status 2.
@@ -72,6 +89,7 @@ def main_wrapper(prog: str, run: Callable[[Sequence[str] | None], int]
     it has finished: after its output when it succeeds (or fails with a traceback), never
     when it ends in the one error line or an interruption."""
 
+    @closed_pipe_is_fine
     def main(argv: Sequence[str] | None = None) -> int:
         held: list[warnings.WarningMessage] = []
         try:

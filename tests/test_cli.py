@@ -9,7 +9,11 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pyro
@@ -20,6 +24,8 @@ from helpers import assert_one_line_error
 from ppl_vae import TrainConfig, score
 from ppl_vae.cli import evaluate_main, train_main
 from ppl_vae.run.train import build_model, load_data
+
+REPO = Path(__file__).resolve().parents[1]
 
 NET = ["--hidden", "32", "--z-dim", "2", "--batch-size", "128", "--eval-particles", "3"]
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -451,3 +457,14 @@ def test_relative_npz_path_still_evaluates(tmp_path, cli, monkeypatch):
     monkeypatch.chdir(tmp_path / "b")
     result = cli(evaluate_main, ["--run", tmp_path / "run"])
     assert result.code == 0, result.err
+
+
+@pytest.mark.parametrize("command", [[], ["train"]])
+def test_help_into_a_reader_that_stops_early_is_no_error(command):
+    """``ppl-vae --help | head -1``: the reader closes the pipe; no BrokenPipeError."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "ppl_vae", *command, "--help"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    proc.stdout.close()  # before it writes: every write meets a closed pipe
+    err = proc.stderr.read().decode()
+    assert proc.wait() == 0 and "Traceback" not in err and "BrokenPipe" not in err, err
