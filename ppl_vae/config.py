@@ -39,7 +39,8 @@ class TrainConfig:
     """
 
     # what
-    model: Any = _opt("vae", "registered model name (vae, cvae, ...) or module:Class")
+    model: Any = _opt("vae", "registered model name (vae, cvae, ...) or module:Class",
+                      group="model")
     model_options: Any = _opt(dict, "the model's own options")
     dataset: str = _opt("digits", "mnist, fashion-mnist, cifar10, svhn, celeba (64x64), digits "
                         "or sample-patches (offline, colour) or npz:PATH", group="data")

@@ -17,8 +17,10 @@ become -1).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import time
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -196,9 +198,11 @@ def _torchvision(name: str, root: str, download: bool) -> Dataset:
 
     cls_name, shape, eight_bit = TORCHVISION[name]
     cls = getattr(datasets, cls_name)
+    started = time.time()
     try:
         splits = [_tv_split(cls, name, root, train, download) for train in (True, False)]
     except Exception as e:  # torchvision raises RuntimeError / URLError / OSError here
+        _remove_empty_dirs(root, since=started)  # a failed download leaves no empty folders
         how = "and could not be downloaded" if download else "and --no-download was given"
         said = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
         raise UsageError(
@@ -212,6 +216,16 @@ def _torchvision(name: str, root: str, download: bool) -> Dataset:
     else:
         train, test = (Split(x.reshape(len(x), -1).float() / 255, y) for x, y in splits)
     return Dataset(name, train, test, image_shape=shape)
+
+
+def _remove_empty_dirs(root: str, since: float) -> None:
+    """Remove the empty directories under (and including) ``root`` made after ``since``."""
+    if not os.path.isdir(root):
+        return
+    for path, _, _ in sorted(os.walk(root), key=lambda w: -len(w[0])):  # deepest first
+        with contextlib.suppress(OSError):
+            if os.stat(path).st_ctime >= since - 1 and not os.listdir(path):
+                os.rmdir(path)
 
 
 def _tv_split(cls: type, name: str, root: str, train: bool, download: bool

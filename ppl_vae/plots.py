@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from matplotlib.transforms import blended_transform_factory
 from torch import Tensor
 from torchvision.utils import make_grid
@@ -62,6 +63,7 @@ def elbo_curves(rows: Sequence[dict], path: str | os.PathLike) -> Figure:
     if "val_elbo" in rows[0]:
         ax.plot(epochs, [r["val_elbo"] for r in rows], "^-", label="validation ELBO")
     ax.set(xlabel="epoch", ylabel="nats / image", title="ELBO, higher is better")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # no epoch 1.5 on short runs
     ax.grid(alpha=0.3)
     legend_outside(ax)
     save(fig, path)

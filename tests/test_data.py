@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import pytest
@@ -325,3 +326,22 @@ def test_label_conditioned_cvae_refuses_hidden_labels(digits):
 def test_missing_colour_datasets_are_one_line_offline(tmp_path, name):
     with pytest.raises(UsageError, match=f"{name} is not in .*sample-patches"):
         load_dataset(name, str(tmp_path), download=False)
+
+
+def test_a_failed_download_leaves_no_empty_folders(tmp_path, monkeypatch):
+    from torchvision import datasets
+
+    def fail(self):
+        os.makedirs(self.raw_folder, exist_ok=True)  # as torchvision does before fetching
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz")
+
+    monkeypatch.setattr(datasets.MNIST, "download", fail)
+    kept = tmp_path / "data" / "mine.txt"
+    kept.parent.mkdir()
+    kept.write_text("a user's file")
+    with pytest.raises(UsageError, match="could not be downloaded .RuntimeError: Error downloa"):
+        load_dataset("mnist", str(tmp_path / "data"), download=True)
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["mine.txt"]
+    with pytest.raises(UsageError):
+        load_dataset("mnist", str(tmp_path / "fresh"), download=True)
+    assert not (tmp_path / "fresh").exists()
