@@ -29,6 +29,10 @@ def command_line() -> Iterator[None]:
 
 
 _MODEL_OPT = re.compile(r"--model-opt (\w+)=(\S+)")
+_NAMED = re.compile(  # a flag and one of its string values: dataset='digits'
+    r"--(dataset) (mnist|fashion-mnist|cifar10|svhn|celeba|digits|sample-patches|npz:[^\s,;)]+)"
+    r"|--(model) (vae|cvae|ssvae|conv-vae|flow-vae)\b|--(likelihood) (bernoulli|gaussian)\b"
+    r"|--(binarize) (none|static|dynamic)\b|--(condition) (quadrants|label)\b")
 
 
 def _python_name(match: re.Match) -> str:
@@ -47,6 +51,7 @@ class UsageError(ValueError):
         if _CLI.get():
             return text
         text = _MODEL_OPT.sub(lambda m: f"model_options={{'{m[1]}': {m[2]}}}", text)
+        text = _NAMED.sub(lambda m: "{}={!r}".format(*(g for g in m.groups() if g)), text)
         return _FLAG.sub(_python_name, text)
 
 

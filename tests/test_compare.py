@@ -243,7 +243,7 @@ def test_suited_estimators_follow_the_program(digits):
     # Pyro's CVAE indexes by a mask: no samples dimension, so no weighers
     pyro_cvae = PyroExampleCVAE.from_options({"z_dim": 2, "hidden_1": 16, "hidden_2": 16}, None)
     info = inspect_program(pyro_cvae.model, pyro_cvae.guide,
-                           *pyro_cvae.data_args(torch.rand(4, 784), None))
+                           *pyro_cvae.data_args(torch.rand(4, 784).round(), None))
     assert not info.vectorized and suited(info) == ("mc", "analytic", "stl", "iwae")
 
 

@@ -708,7 +708,7 @@ def test_the_quadrant_table_from_python_and_resumed(digits, tmp_path):
                         out=str(tmp_path / "label"), **common)
     run = ppl_vae.train(label, data=digits, progress=False)
     assert isinstance(run, Run) and set(run.summary["cll"]) == {"label"}
-    with pytest.raises(UsageError, match="a CVAE with condition quadrants"):
+    with pytest.raises(UsageError, match="a CVAE with condition='quadrants'"):
         cvae_quadrants(label, (1,), data=digits)
 
 

@@ -60,7 +60,7 @@ def test_missing_mnist_names_the_directory(tmp_path):
     with pytest.raises(UsageError) as e:
         load_dataset("mnist", str(tmp_path), download=False)
     message = str(e.value)
-    assert str(tmp_path) in message and "dataset digits" in message
+    assert str(tmp_path) in message and "dataset='digits'" in message
     assert "download=False" in message and "--" not in message
     assert "\n" not in message
 
@@ -164,7 +164,7 @@ def test_npz_uint8_rows_are_8_bit_pixels(tmp_path):
 def test_npz_pixels_beyond_1_need_rescaling_for_bernoulli_only(tmp_path):
     x = np.arange(40, dtype=np.float32).reshape(10, 4) * 6
     name = save(tmp_path, x=x)
-    with pytest.raises(UsageError, match=r"lies in \[0, 234\].*x / 255.*likelihood gaussian"):
+    with pytest.raises(UsageError, match=r"lies in \[0, 234\].*x / 255.*likelihood='gaussian'"):
         load_dataset(name, likelihood="bernoulli")
     # without a likelihood the data load as they are; the model checks the range when built
     data = load_dataset(name)
@@ -172,7 +172,7 @@ def test_npz_pixels_beyond_1_need_rescaling_for_bernoulli_only(tmp_path):
     bernoulli = TrainConfig(dataset=name, model_options=dict(hidden=(4,), z_dim=2))
     with pytest.raises(UsageError, match=r"the data lie in \[0, 234\] but the Bernoulli "
                                          r"likelihood needs \[0, 1\].*x / 255.*"
-                                         r"use likelihood gaussian"):
+                                         r"use likelihood='gaussian'"):
         build_model(bernoulli, data)
     gaussian = TrainConfig(dataset=name,
                            model_options=dict(hidden=(4,), z_dim=2, likelihood="gaussian"))
@@ -318,7 +318,7 @@ def test_validation_under_hidden_labels_keeps_every_label_for_training(digits):
 
 def test_label_conditioned_cvae_refuses_hidden_labels(digits):
     cfg = TrainConfig(model="cvae", model_options=dict(condition="label", hidden=(8,), z_dim=2))
-    with pytest.raises(UsageError, match="are hidden .*labelled.*model ssvae"):
+    with pytest.raises(UsageError, match="are hidden .*labelled.*model='ssvae'"):
         build_model(cfg, hide_labels(digits, 100))
 
 
