@@ -93,6 +93,10 @@ class TrainConfig:
                                group="inference")
     validate: bool = _opt(False, "Pyro validation (distribution arguments and supports) for "
                           "the whole run; slower", group="inference")
+    threads: int = _opt(0, "CPU threads per process (torch.set_num_threads); 0: the free "
+                        "cores (the cores less the 1-minute load average, at least 1) shared "
+                        "among the processes, or OMP_NUM_THREADS where set (README: why)",
+                        group="inference")
     checkpoint_every_steps: int = _opt(0, "also write the checkpoint every K steps within "
                                        "epochs (0: at epoch ends only)", group="inference")
     check_every_steps: int = _opt(50, "read the device-side divergence flag every K steps "
@@ -147,7 +151,8 @@ class TrainConfig:
                                  f"{', '.join(allowed)}")
         for name, least in (("particles", 1), ("epochs", 1), ("batch_size", 1),
                             ("eval_particles", 1), ("checkpoint_every_steps", 0),
-                            ("check_every_steps", 0), ("labelled", 0)):  # (coerced: ints)
+                            ("check_every_steps", 0), ("labelled", 0),
+                            ("threads", 0)):  # (coerced: ints)
             if getattr(self, name) < least:
                 raise UsageError(f"--{name.replace('_', '-')} must be a whole number "
                                  f"{'of at least 1' if least else '>= 0'}, got "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import warnings
 
@@ -246,3 +247,29 @@ def test_unlabelled_latent_figure_does_not_warn(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         plots.latent_scatter(torch.randn(50, 2), None, tmp_path / "latent.png")
+
+
+def test_threads_default_to_the_free_cores(monkeypatch):
+    """--threads 0: the cores less the load average (at least 1), shared among processes;
+    OMP_NUM_THREADS set by the user stands; --threads N is N."""
+    from ppl_vae.run.train import use_threads
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        monkeypatch.setattr(os, "getloadavg", lambda: (0.1, 0.1, 0.1))
+        assert use_threads() == 8 and torch.get_num_threads() == 8
+        assert use_threads(processes=2) == 4
+        monkeypatch.setattr(os, "getloadavg", lambda: (6.8, 5.0, 4.0))  # other jobs: 1 free
+        assert use_threads() == 1
+        monkeypatch.setattr(os, "getloadavg", lambda: (20.0, 20.0, 20.0))
+        assert use_threads() == 1
+        assert use_threads(3) == 3 and torch.get_num_threads() == 3
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        torch.set_num_threads(2)
+        assert use_threads() == 2
+        with pytest.raises(UsageError, match="threads must be a whole number >= 0"):
+            TrainConfig(threads=-1)
+    finally:
+        torch.set_num_threads(before)

@@ -51,6 +51,7 @@ from ..run.train import (
     score_split,
     setup_model,
     train_args,
+    use_threads,
 )
 from .runs import open_run
 
@@ -338,6 +339,7 @@ def compare(cc: CompareConfig, out: str | None = None, progress: bool | None = N
             "lr", "epochs", "batch_size", "seed", "eval_particles", "cuda", "overwrite")})
     else:
         device = device_for(config.cuda)
+        use_threads(config.threads)
         data = load_data(config).to(device)
         pyro.set_rng_seed(config.seed)
         with pyro.validation_enabled(config.validate):

@@ -19,7 +19,15 @@ from ..files import write_json
 from ..inference.program import ProgramInfo
 from ..run.checkpoint import load_checkpoint, restore_params
 from ..run.rundir import DirLock
-from ..run.train import context, device_for, load_data, report, score_split, setup_model
+from ..run.train import (
+    context,
+    device_for,
+    load_data,
+    report,
+    score_split,
+    setup_model,
+    use_threads,
+)
 
 
 def read_config(run_dir: Path, model: type | None = None) -> TrainConfig:
@@ -58,6 +66,7 @@ def open_run(run_dir: str | os.PathLike, cuda: bool = False, data_dir: str | Non
     config = read_config(run_dir, model)
     config = replace(config, cuda=cuda, data_dir=data_dir or config.data_dir)
     device = device_for(cuda)
+    use_threads()
     state = load_checkpoint(run_dir / "checkpoint.pt", map_location=device)
     data = load_data(config).to(device)
     with pyro.validation_enabled(config.validate):  # a guide's lazy parameters exist now

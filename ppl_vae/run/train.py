@@ -61,6 +61,22 @@ def device_for(cuda: bool) -> torch.device:
     return torch.device("cuda" if cuda else "cpu")
 
 
+def use_threads(threads: int = 0, processes: int = 1) -> int:
+    """Set torch's CPU threads: ``threads``, or with 0 the free cores (the cores less the
+    1-minute load average, at least 1) shared among ``processes``: a thread that waits for a
+    core other jobs hold stalls every parallel op. With ``OMP_NUM_THREADS`` set and
+    ``threads`` 0, torch's own choice stands. Returns the count."""
+    if not threads:
+        if os.environ.get("OMP_NUM_THREADS"):
+            return torch.get_num_threads()
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \
+            (os.cpu_count() or 1)
+        busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+        threads = max(1, round(cores - busy) // max(1, processes))  # the free cores
+    torch.set_num_threads(threads)
+    return threads
+
+
 def load_data(config: TrainConfig) -> Dataset:
     data = load_dataset(config.dataset, config.data_dir, config.download, config.binarize,
                         labelled=config.labelled, seed=config.seed)
@@ -193,6 +209,7 @@ def prepare(config: TrainConfig, data: Dataset | None = None, world: World = dis
     if config.dataset.startswith("npz:"):
         config = replace(config, dataset="npz:" + os.path.abspath(config.dataset[4:]))
     device = device_for(config.cuda)
+    use_threads(config.threads, world.size)
     if device.type == "cuda" and world.parallel:
         device = torch.device("cuda", world.local_rank)
     data = replace(data, labelled_share=config.labelled_share) if data is not None else \
@@ -241,7 +258,7 @@ def has_checkpoint(out: str | os.PathLike | None) -> bool:
     return out is not None and (Path(out) / "checkpoint.pt").is_file()
 
 
-NOT_THE_MATH = ("checkpoint_every_steps", "check_every_steps", "data_dir")
+NOT_THE_MATH = ("checkpoint_every_steps", "check_every_steps", "data_dir", "threads")
 """Options a resume may change (how often it saves, where the data now lie)."""
 
 
