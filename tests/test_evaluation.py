@@ -99,6 +99,12 @@ def test_exact_log_weights_survive_chunking(ppca, monkeypatch):
     assert s.elbo.shape == s.iwae.shape == (37,)
     assert torch.allclose(s.iwae, ppca.log_px(x), atol=1e-9)
     assert torch.allclose(s.elbo, ppca.log_px(x), atol=1e-9)
+    # the evaluation line says what happened: no "one vectorized pass" for 37 or more passes
+    assert s.method.startswith("13 samples per data point, vectorized, in ")
+    assert s.method.endswith(" passes over the rows")
+    monkeypatch.undo()
+    assert score(ppca.vae, x, num_samples=13).method == \
+        "13 samples per data point in one vectorized pass"
 
 
 @pytest.fixture

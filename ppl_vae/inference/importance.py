@@ -290,7 +290,8 @@ def score(module, *inputs: Tensor, num_samples: int = 10, iwae: bool = False,
             bound = (joint_bound / n).expand(n).clone()
         else:
             bound = lse - math.log(num_samples)
-    return Scores(elbo, bound, num_samples if iwae else 0, info.describe(num_samples))
+    return Scores(elbo, bound, num_samples if iwae else 0, info.describe(num_samples,
+                                                                         plan.passes))
 
 
 def _announce(plan: Plan, began: float, device: torch.device, progress: bool | None) -> None:

@@ -40,10 +40,13 @@ class ProgramInfo:
     closed_kl: frozenset[str] = frozenset()
     """latent sites whose KL(guide || model) torch knows in closed form"""
 
-    def describe(self, num_samples: int) -> str:
-        """One line: how ``num_samples`` samples per data point are drawn and scored."""
-        how = (f"{num_samples} samples per data point in one vectorized pass"
-               if self.vectorized else
+    def describe(self, num_samples: int, passes: int = 1) -> str:
+        """One line: how ``num_samples`` samples per data point are drawn and scored (in
+        ``passes`` passes over the rows)."""
+        how = (f"{num_samples:,} samples per data point in one vectorized pass" if
+               self.vectorized and passes == 1 else
+               f"{num_samples:,} samples per data point, vectorized, in {passes:,} passes over "
+               "the rows" if self.vectorized else
                f"{num_samples} samples per data point drawn one after another (the model "
                f"cannot take a samples dimension: {self.not_vectorized_because})")
         if self.data_plate is None:
