@@ -227,7 +227,7 @@ def train_parser(model: str | type = "vae", compare: bool = False) -> Parser:
                        help="particle counts of the estimators to compare "
                             "(the largest is also the K of the race's IWAE racer)")
         g = p.add_argument_group("comparison")
-        g.add_argument("--run", default=None,
+        g.add_argument("--run", "--run-dir", dest="run", default=None,
                        help="start from this training run's checkpoint (default: a fresh model)")
         g.add_argument("--warmup-epochs", type=int, default=0,
                        help="without --run: pre-train the model (its pretrain hook) and train "
@@ -346,7 +346,9 @@ def evaluate_parser() -> Parser:
     p = Parser(prog=f"{PROG} evaluate", formatter_class=HelpFormatter,
                description="Re-evaluate a saved run: test ELBO, log p(x) by the IWAE bound, "
                            "and the model's own metrics. Runs in one process.")
-    p.add_argument("--run", required=True, help="run directory written by train")
+    p.add_argument("--run", "--run-dir", dest="run", required=True,
+                   help="run directory written by train (--run-dir: the same, a spelling "
+                        "torchrun's own --run-path does not swallow)")
     p.add_argument("--eval-iwae", type=int, default=0, metavar="K",
                    help="IWAE log-likelihood bound with K samples per image (0: off)")
     p.add_argument("--eval-particles", type=int, default=None,

@@ -468,3 +468,17 @@ def test_help_into_a_reader_that_stops_early_is_no_error(command):
     proc.stdout.close()  # before it writes: every write meets a closed pipe
     err = proc.stderr.read().decode()
     assert proc.wait() == 0 and "Traceback" not in err and "BrokenPipe" not in err, err
+
+
+def test_run_dir_is_a_spelling_torchrun_passes_through(trained_run, tmp_path, cli):
+    """torchrun's parser takes --run as an abbreviation of its own --run-path; --run-dir
+    reaches ppl_vae."""
+    from torch.distributed.run import get_args_parser
+
+    parsed = get_args_parser().parse_args(["--nproc_per_node", "1", "-m", "ppl_vae",
+                                           "evaluate", "--run-dir", "X"])
+    assert parsed.training_script_args == ["evaluate", "--run-dir", "X"]
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained_run.out, run_dir)
+    result = cli(evaluate_main, ["--run-dir", run_dir])
+    assert result.code == 0, result.err
