@@ -65,6 +65,8 @@ class Dataset:
     image_shape: tuple[int, int, int] | None
     dynamic: bool = False
     val: Split | None = None
+    label_name: str = "label"
+    """what a label says (figure legends): ``digit``, ``photograph (0 china, 1 flower)``"""
     labelled_share: float = 0.0
     """with labelled and unlabelled training rows: the share of each batch that is labelled
     (:meth:`epoch_order`; 0: batches drawn from all rows alike)"""
@@ -190,6 +192,7 @@ TORCHVISION = {  # name: (class, image shape, 8-bit rows)
     "svhn": ("SVHN", (3, 32, 32), True),
     "celeba": ("CelebA", (3, 64, 64), True),
 }
+LABEL_NAMES = {"mnist": "digit", "svhn": "digit", "celeba": "male (attribute 20)"}
 CELEBA_CROP = 148  # the central square of CelebA's 178x218 images, resized to 64x64
 
 
@@ -215,7 +218,8 @@ def _torchvision(name: str, root: str, download: bool) -> Dataset:
         train, test = (Split(x.reshape(len(x), -1).contiguous(), y) for x, y in splits)
     else:
         train, test = (Split(x.reshape(len(x), -1).float() / 255, y) for x, y in splits)
-    return Dataset(name, train, test, image_shape=shape)
+    return Dataset(name, train, test, image_shape=shape,
+                   label_name=LABEL_NAMES.get(name, "class"))
 
 
 def _remove_empty_dirs(root: str, since: float) -> None:
@@ -270,7 +274,7 @@ def _digits() -> Dataset:
     x = torch.as_tensor(bunch.data, dtype=torch.float32) / 16.0
     y = torch.as_tensor(bunch.target, dtype=torch.long)
     train, test = _split(x, y)
-    return Dataset("digits", train, test, image_shape=(1, 8, 8))
+    return Dataset("digits", train, test, image_shape=(1, 8, 8), label_name="digit")
 
 
 PATCH = 32
@@ -292,7 +296,8 @@ def _sample_patches() -> Dataset:
         xs.append(tiles)
         ys.append(torch.full((len(tiles),), label, dtype=torch.long))
     train, test = _split(torch.cat(xs).contiguous(), torch.cat(ys))
-    return Dataset("sample-patches", train, test, image_shape=(3, PATCH, PATCH))
+    return Dataset("sample-patches", train, test, image_shape=(3, PATCH, PATCH),
+                   label_name="photograph (0 china, 1 flower)")
 
 
 def _npz(path: str, likelihood: str | None) -> Dataset:

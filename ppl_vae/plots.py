@@ -109,8 +109,10 @@ def image_grid(rows: Sequence[Tensor], image_shape: Sequence[int], path: str | o
     return fig
 
 
-def latent_scatter(z: Tensor, labels: Tensor | None, path: str | os.PathLike) -> Figure:
-    """Posterior means mu(x) in 2-D: the first two principal components when d > 2."""
+def latent_scatter(z: Tensor, labels: Tensor | None, path: str | os.PathLike,
+                   label_name: str = "label") -> Figure:
+    """Posterior means mu(x) in 2-D: the first two principal components when d > 2; up to
+    ten classes get a colour each and a legend titled ``label_name``, more a colour bar."""
     z = z.detach().float().cpu()
     one_d = z.shape[1] == 1
     if z.shape[1] > 2:
@@ -127,10 +129,16 @@ def latent_scatter(z: Tensor, labels: Tensor | None, path: str | os.PathLike) ->
     ax = fig.subplots()
     if labels is None:
         ax.scatter(z[:, 0], z[:, 1], s=4, alpha=0.7)
+    elif len(classes := labels.unique()) <= 10:
+        labels = labels.cpu()
+        for c in classes.tolist():
+            ax.scatter(z[labels == c, 0], z[labels == c, 1], s=4, alpha=0.7,
+                       color=f"C{c % 10}", label=str(c))
+        legend_outside(ax, title=label_name, title_fontsize=8, markerscale=3)
     else:
-        points = ax.scatter(z[:, 0], z[:, 1], c=labels.cpu().numpy(), cmap="tab10", s=4,
+        points = ax.scatter(z[:, 0], z[:, 1], c=labels.cpu().numpy(), cmap="viridis", s=4,
                             alpha=0.7)
-        fig.colorbar(points, ax=ax, label="label")
+        fig.colorbar(points, ax=ax, label=label_name)
     ax.set(xlabel=xlabel, ylabel=ylabel, title="q(z|x) means of test images")
     if one_d:
         ax.set_yticks([])
@@ -163,6 +171,7 @@ def bound_distributions(bounds: Sequence[dict], path: str | os.PathLike) -> Figu
         ax.set(title=f"{k} sample{'s' * (k > 1)} per data point", xlabel="nats per data point",
                ylabel="density")
         ax.tick_params(labelsize=9)  # ArviZ's own tick labels dwarf the axis labels
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=4))  # long values: few ticks, no overlap
         legend_outside(ax, title="estimator (sd)", title_fontsize=8)
     fig.suptitle("repeated bound estimates on one batch")
     save(fig, path)

@@ -290,3 +290,16 @@ def test_all_zero_or_missing_variances_still_draw(tmp_path):
     assert len(zero_markers(ax)) == 1
     assert sum("0" in t.get_text() for t in ax.texts) == 1
     assert (tmp_path / "g.png").read_bytes().startswith(PNG)
+
+
+def test_latent_scatter_names_its_classes(tmp_path):
+    """A few classes get a legend titled with what the label says (not a continuous colour
+    bar); many get a colour bar with that name."""
+    z = torch.randn(40, 2)
+    fig = plots.latent_scatter(z, torch.arange(40) % 2, tmp_path / "two.png",
+                               "photograph (0 china, 1 flower)")
+    legend = fig.axes[0].get_legend()
+    assert len(fig.axes) == 1 and legend.get_title().get_text().startswith("photograph")
+    assert [t.get_text() for t in legend.get_texts()] == ["0", "1"]
+    fig = plots.latent_scatter(z, torch.arange(40) % 20, tmp_path / "many.png", "class")
+    assert len(fig.axes) == 2 and fig.axes[1].get_ylabel() == "class"  # the colour bar

@@ -291,7 +291,7 @@ class CVAE(Model):
             rows += [complete(p) for p in self.predict(c, num_samples=3)]
             plots.image_grid(rows, shape, out / "completions.png",
                              "quadrant completion: observed + predicted missing pixels",
-                             ["input", "truth", "NN", "CVAE", "CVAE", "CVAE"])
+                             ["input", "truth", "NN", *(f"CVAE draw {i}" for i in (1, 2, 3))])
 
         if self.condition == "label":
             draw_or_skip(ctx, "samples_by_label.png", by_label)

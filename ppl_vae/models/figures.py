@@ -50,7 +50,8 @@ def default_figures(module: nn.Module, ctx: RunContext, data_args: Callable,
             return "the latent means are not all finite"
         with warnings.catch_warnings():  # PCA of identical means (a collapsed posterior)
             warnings.simplefilter("ignore", RuntimeWarning)
-            plots.latent_scatter(z, labels, out / "latent.png")
+            plots.latent_scatter(z, labels, out / "latent.png",
+                                 getattr(ctx.data, "label_name", "label"))
         return None
 
     def recon() -> str | None:
