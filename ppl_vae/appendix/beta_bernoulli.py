@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pyro
 import pyro.distributions as dist
 import torch
@@ -19,7 +20,7 @@ from matplotlib.figure import Figure
 from pyro import poutine
 from torch import Tensor
 
-from ..plots import save
+from ..plots import legend_outside, save
 from .inference import fit_delta, nuts, summary
 
 
@@ -55,11 +56,12 @@ def coin(data: Tensor, alpha: float = 2.0, beta: float = 2.0, nuts_samples: int 
         "posterior_nuts": {c: float(table.loc["p", c]) for c in table.columns},
     }
     if out is not None:
-        _figure(result, data, Path(out) / "coin.png")
+        _figure(result, data, Path(out) / "coin.png",
+                np.asarray(idata.posterior["p"]).ravel())
     return result
 
 
-def _figure(r: dict, data: Tensor, path: Path) -> Figure:
+def _figure(r: dict, data: Tensor, path: Path, draws: np.ndarray) -> Figure:
     grid = torch.linspace(1e-3, 1 - 1e-3, 400, dtype=torch.float64)
     n, k = r["n"], r["k"]
     prior = dist.Beta(torch.tensor(r["alpha"]), torch.tensor(r["beta"])).log_prob(grid).exp()
@@ -72,10 +74,12 @@ def _figure(r: dict, data: Tensor, path: Path) -> Figure:
     ax = fig.subplots()
     ax.plot(grid, prior, label=f"prior Beta({r['alpha']:g}, {r['beta']:g})")
     ax.plot(grid, lik, label="likelihood (normalized)")
+    ax.hist(draws, bins=40, density=True, color="C2", alpha=0.3,
+            label=f"NUTS draws ({len(draws):,})")
     ax.plot(grid, post, label="posterior (exact)")
     ax.axvline(r["mle"], color="k", ls="--", label=f"MLE {r['mle']:.3f}")
     ax.axvline(r["map"], color="C3", ls=":", label=f"MAP {r['map']:.3f}")
     ax.set(xlabel="p", ylabel="density", title=f"coin: {int(k)} heads in {int(n)} tosses")
-    ax.legend(fontsize=8)
+    legend_outside(ax)
     save(fig, path)
     return fig
