@@ -124,6 +124,33 @@ class Dataset:
             val = replace(val, x=torch.bernoulli(val.x, generator=g))
         return replace(self, train=train, val=val)
 
+    def signature(self) -> dict:
+        """What building a model needs to know of the data (checkpoints keep it), for
+        :meth:`stand_in`."""
+        return {"name": self.name, "input_dim": self.input_dim,
+                "image_shape": None if self.image_shape is None else list(self.image_shape),
+                "eight_bit": self.eight_bit, "num_classes": self.num_classes,
+                "partly_labelled": self.labelled is not None and
+                0 < self.labelled < len(self.train),
+                "label_name": self.label_name, "labelled_share": self.labelled_share}
+
+    @classmethod
+    def stand_in(cls, sig: dict) -> Dataset:
+        """A dataset of the :meth:`signature`'s shapes with a row per class (and an unlabelled
+        one), zeros: enough to build and probe a model, nothing to train or evaluate on."""
+        k = sig.get("num_classes")
+        rows = max(2, (k or 0) + bool(sig.get("partly_labelled")))
+        x = torch.zeros(rows, sig["input_dim"],
+                        dtype=torch.uint8 if sig.get("eight_bit") else torch.float32)
+        y = None if k is None else torch.cat([torch.arange(rows - bool(
+            sig.get("partly_labelled"))) % k, torch.full((int(bool(
+                sig.get("partly_labelled"))),), -1)])
+        split = Split(x, y)
+        shape = sig.get("image_shape")
+        return cls(sig["name"], split, split, None if shape is None else tuple(shape),
+                   label_name=sig.get("label_name", "label"),
+                   labelled_share=sig.get("labelled_share", 0.0))
+
     def epoch_order(self, batch_size: int, generator: torch.Generator) -> Tensor:
         """The training rows of one epoch in batch order (consecutive ``batch_size`` rows are a
         batch), drawn by ``generator`` on the CPU. Without hidden labels, or with

@@ -273,3 +273,30 @@ def test_threads_default_to_the_free_cores(monkeypatch):
             TrainConfig(threads=-1)
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("model, extra", [("vae", {}), ("ssvae", {"labelled": 50}),
+                                          ("cvae", {})])
+def test_a_run_loads_without_its_dataset(tmp_path, monkeypatch, model, extra):
+    """load_run(dir, data=False): the checkpoint knows the data's shapes; the module is the
+    trained one, ready to sample, encode and reconstruct, and no dataset is read."""
+    from ppl_vae import load_run
+    from ppl_vae.run import train as train_module
+
+    run = train_run(TrainConfig(model=model, dataset="digits", epochs=1, eval_particles=2,
+                                model_options={"hidden": (16,), "z_dim": 2},
+                                out=str(tmp_path / "r"), **extra), progress=False)
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("the dataset was read")
+
+    monkeypatch.setattr(train_module, "load_dataset", no_data)
+    config, module, data = load_run(tmp_path / "r", data=False)
+    assert data is None and config.model_name == model
+    for key, value in run.module.state_dict().items():
+        assert torch.equal(module.state_dict()[key], value), key
+    if model == "vae":
+        x = torch.rand(3, 64)
+        assert module.sample(4).shape == (4, 64)
+        assert torch.equal(module.encode(x)[0], run.module.encode(x)[0])
+        assert module.reconstruct(x).shape == (3, 64)

@@ -53,9 +53,35 @@ def read_config(run_dir: Path, model: type | None = None) -> TrainConfig:
 
 
 def load_run(run_dir: str | os.PathLike, cuda: bool = False, data_dir: str | None = None,
-             model: type | None = None) -> tuple[TrainConfig, nn.Module, Dataset]:
-    """The config, trained module (in eval mode) and data of a saved run directory."""
-    return open_run(run_dir, cuda, data_dir, model)[:3]
+             model: type | None = None, data: bool = True
+             ) -> tuple[TrainConfig, nn.Module, Dataset | None]:
+    """The config, trained module (in eval mode) and data of a saved run directory; with
+    ``data=False`` no dataset is read (the checkpoint knows its shapes) and the module is
+    ready to ``sample``, ``encode`` and ``reconstruct``."""
+    if data:
+        return open_run(run_dir, cuda, data_dir, model)[:3]
+    run_dir = Path(run_dir)
+    config = read_config(run_dir, model)
+    device = device_for(cuda)
+    state = load_checkpoint(run_dir / "checkpoint.pt", map_location=device)
+    if not state.get("data"):
+        raise UsageError(f"the checkpoint in {str(run_dir)!r} predates loading without the "
+                         "data; load it with its data (data=True)")
+    with pyro.validation_enabled(config.validate):
+        module, _ = setup_model(config, Dataset.stand_in(state["data"]), device,
+                                training=False)
+    _load_state(module, state, run_dir)
+    return config, module, None
+
+
+def _load_state(module: nn.Module, state: dict, run_dir: Path) -> None:
+    try:
+        module.load_state_dict(state["model"])
+    except RuntimeError:
+        raise UsageError(f"the checkpoint in {str(run_dir)!r} does not fit the model its "
+                         "config.json describes; was one of them replaced?") from None
+    restore_params(state)
+    module.eval()
 
 
 def open_run(run_dir: str | os.PathLike, cuda: bool = False, data_dir: str | None = None,
@@ -71,13 +97,7 @@ def open_run(run_dir: str | os.PathLike, cuda: bool = False, data_dir: str | Non
     data = load_data(config).to(device)
     with pyro.validation_enabled(config.validate):  # a guide's lazy parameters exist now
         module, info = setup_model(config, data, device, training=False)
-    try:
-        module.load_state_dict(state["model"])
-    except RuntimeError:
-        raise UsageError(f"the checkpoint in {str(run_dir)!r} does not fit the model its "
-                         "config.json describes; was one of them replaced?") from None
-    restore_params(state)
-    module.eval()
+    _load_state(module, state, run_dir)
     return config, module, data, info
 
 

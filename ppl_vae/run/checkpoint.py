@@ -21,9 +21,10 @@ from ..files import save_torch
 def save_checkpoint(path: str | os.PathLike, module: torch.nn.Module,
                     optimizer: torch.optim.Optimizer | None, epoch: int,
                     config: dict[str, Any], loop: dict[str, Any] | None = None,
-                    history: list[dict] | None = None) -> None:
+                    history: list[dict] | None = None, data: dict | None = None) -> None:
     """Write the checkpoint; ``loop`` (:meth:`~ppl_vae.run.loop.Loop.state_dict`) and
-    ``history`` (the rows of ``metrics.csv``) make it resumable."""
+    ``history`` (the rows of ``metrics.csv``) make it resumable, ``data`` (the data's
+    :meth:`~ppl_vae.data.Dataset.signature`) loadable without the dataset."""
     store, own = pyro.get_param_store(), {id(p) for p in module.parameters()}
     on_gpu = any(t.is_cuda for t in (*module.parameters(), *module.buffers()))
     state = {
@@ -38,6 +39,7 @@ def save_checkpoint(path: str | os.PathLike, module: torch.nn.Module,
                 "cuda": torch.cuda.get_rng_state_all() if on_gpu else []},
         "loop": loop,
         "history": history,
+        "data": data,
     }
     save_torch(path, state)
 

@@ -415,7 +415,7 @@ def _train(config: TrainConfig, device: torch.device, data: Dataset, rundir, out
         if not world.main:
             return
         save_checkpoint(rundir.path / "checkpoint.pt", module, optimizer, len(run.history),
-                        config.to_dict(), loop_state, run.history)
+                        config.to_dict(), loop_state, run.history, data.signature())
         rundir.commit()  # the first checkpoint: now this run replaces an overwritten one
         ctx.out = rundir.path
         if run.history:  # after the checkpoint: metrics.csv is never ahead of it
