@@ -292,7 +292,8 @@ def resume_config(run_dir: str | os.PathLike, given: dict | None = None) -> Trai
         plain = json.loads(json.dumps(mine))  # as config.json was written (tuples: lists)
         on_disk = on_disk if isinstance(on_disk, dict) else {}
         differ = sorted(k for k in set(plain) | set(on_disk)
-                        if k not in NOT_THE_MATH and on_disk.get(k) != plain.get(k))
+                        if k not in (*NOT_THE_MATH, "overwrite")
+                        and on_disk.get(k) != plain.get(k))
         if differ:
             raise UsageError(f"{str(saved)!r} differs from the checkpoint's options ("
                              f"{', '.join(differ[:3])}); restore it, or delete it to resume "
@@ -378,8 +379,14 @@ def _train(config: TrainConfig, device: torch.device, data: Dataset, rundir, out
             dist.grads_all_reduced(elbo_step(elbo, module, terms, info), params, world))
     run = Run(config, module, data, rundir.final)
     ctx = context(config, module, data, out, progress, world, guard)
-    if world.main:  # (a resume writes what it checked: the checkpoint's, data moved or not)
-        write_json(rundir.path / "config.json", config.to_dict())
+    saved = rundir.path / "config.json"  # a resume rewrites it only where it differs
+
+    def plain(d: dict) -> dict:  # (data that moved; how a run was opened is not its record)
+        return {k: v for k, v in json.loads(json.dumps(d)).items() if k != "overwrite"}
+
+    if world.main and (state is None or not saved.is_file()
+                       or plain(json.loads(saved.read_text())) != plain(config.to_dict())):
+        write_json(saved, config.to_dict())
     if state is None:
         note = getattr(module, "elbo_notes", {}).get(config.elbo)
         if note:
