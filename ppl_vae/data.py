@@ -138,13 +138,12 @@ class Dataset:
     def stand_in(cls, sig: dict) -> Dataset:
         """A dataset of the :meth:`signature`'s shapes with a row per class (and an unlabelled
         one), zeros: enough to build and probe a model, nothing to train or evaluate on."""
-        k = sig.get("num_classes")
-        rows = max(2, (k or 0) + bool(sig.get("partly_labelled")))
+        k, hidden = sig.get("num_classes"), int(bool(sig.get("partly_labelled")))
+        rows = max(2, (k or 0) + hidden)
         x = torch.zeros(rows, sig["input_dim"],
                         dtype=torch.uint8 if sig.get("eight_bit") else torch.float32)
-        y = None if k is None else torch.cat([torch.arange(rows - bool(
-            sig.get("partly_labelled"))) % k, torch.full((int(bool(
-                sig.get("partly_labelled"))),), -1)])
+        y = None if k is None else \
+            torch.cat([torch.arange(rows - hidden) % k, torch.full((hidden,), -1)])
         split = Split(x, y)
         shape = sig.get("image_shape")
         return cls(sig["name"], split, split, None if shape is None else tuple(shape),
