@@ -262,6 +262,12 @@ NOT_THE_MATH = ("checkpoint_every_steps", "check_every_steps", "data_dir", "thre
 """Options a resume may change (how often it saves, where the data now lie)."""
 
 
+def as_recorded(config: dict) -> dict:
+    """A config dict as ``config.json`` holds it (JSON types: tuples are lists), less how the
+    run was opened (``overwrite``), which is not part of the run's record."""
+    return {k: v for k, v in json.loads(json.dumps(config)).items() if k != "overwrite"}
+
+
 def resume_config(run_dir: str | os.PathLike, given: dict | None = None) -> TrainConfig:
     """The stored config of the run in ``run_dir`` (from its checkpoint), checked against the
     options ``given`` now: one that contradicts it is a :class:`UsageError`."""
@@ -289,11 +295,10 @@ def resume_config(run_dir: str | os.PathLike, given: dict | None = None) -> Trai
         except (OSError, ValueError) as e:
             raise UsageError(f"{str(saved)!r} is not readable JSON ({type(e).__name__}); "
                              "delete it to resume from the checkpoint's own copy") from None
-        plain = json.loads(json.dumps(mine))  # as config.json was written (tuples: lists)
-        on_disk = on_disk if isinstance(on_disk, dict) else {}
+        plain = as_recorded(mine)
+        on_disk = as_recorded(on_disk) if isinstance(on_disk, dict) else {}
         differ = sorted(k for k in set(plain) | set(on_disk)
-                        if k not in (*NOT_THE_MATH, "overwrite")
-                        and on_disk.get(k) != plain.get(k))
+                        if k not in NOT_THE_MATH and on_disk.get(k) != plain.get(k))
         if differ:
             raise UsageError(f"{str(saved)!r} differs from the checkpoint's options ("
                              f"{', '.join(differ[:3])}); restore it, or delete it to resume "
@@ -380,12 +385,8 @@ def _train(config: TrainConfig, device: torch.device, data: Dataset, rundir, out
     run = Run(config, module, data, rundir.final)
     ctx = context(config, module, data, out, progress, world, guard)
     saved = rundir.path / "config.json"  # a resume rewrites it only where it differs
-
-    def plain(d: dict) -> dict:  # (data that moved; how a run was opened is not its record)
-        return {k: v for k, v in json.loads(json.dumps(d)).items() if k != "overwrite"}
-
-    if world.main and (state is None or not saved.is_file()
-                       or plain(json.loads(saved.read_text())) != plain(config.to_dict())):
+    if world.main and (state is None or not saved.is_file() or  # (data that moved)
+                       as_recorded(json.loads(saved.read_text())) != as_recorded(config.to_dict())):
         write_json(saved, config.to_dict())
     if state is None:
         note = getattr(module, "elbo_notes", {}).get(config.elbo)
@@ -457,47 +458,45 @@ def _train(config: TrainConfig, device: torch.device, data: Dataset, rundir, out
         kept = "" if e.message else f"; the checkpoint at {loop.saved} is kept"
         raise Interrupted(e.signum, f"{what}{kept}; continue with --resume {rundir.final}"
                           ) from None
-    try:  # training is done and checkpointed: a signal stops the rest at once
-        return _finish(config, module, data, info, world, run, ctx, rundir, take, best_epoch,
-                       device)
+    with _after_training(rundir.final):  # (checkpointed: a signal stops the rest at once)
+        k = config.eval_iwae or config.eval_particles
+        scores = score_split(module, data.test, k, iwae=config.eval_iwae > 0, world=world,
+                             info=info)
+        ctx.log(f"evaluation: {scores.method}")
+        run.summary = {
+            **scores.summary(),
+            "eval_particles": k,
+            "train_elbo": run.history[-1]["train_elbo"],
+            "epochs": len(run.history),
+            "best_epoch": best_epoch,
+            "train_seconds": sum(r["train_seconds"] for r in run.history),
+            "device": str(device),
+            "processes": world.size,
+            **({"step": take.description, "compile_seconds": take.compile_seconds}
+               if isinstance(take, CompiledStep) else {}),
+            "dataset": data.name,
+            "n_train": len(data.train),
+            "n_val": 0 if data.val is None else len(data.val),
+            "n_test": len(data.test),
+        }
+        if world.main:
+            ctx.summary = dict(run.summary)  # the report derives from it, not a second evaluation
+            plots.elbo_curves(run.history, ctx.out / "elbo_curves.png")
+            run.summary.update(report(module, ctx))
+            write_json(rundir.path / "summary.json", run.summary)
+        run.summary, run.notes = dist.broadcast((run.summary, ctx.notes), world)
+    return run
+
+
+@contextlib.contextmanager
+def _after_training(final: Path):
+    """The final evaluation and figures: an interruption says the run is checkpointed."""
+    try:
+        yield
     except Interrupted as e:
         raise Interrupted(e.signum, f"interrupted by {signal.Signals(e.signum).name} after "
                           f"training, in its evaluation or figures (training is done and "
-                          f"checkpointed); continue with --resume {rundir.final} to finish"
-                          ) from None
-
-
-def _finish(config: TrainConfig, module: nn.Module, data: Dataset, info: ProgramInfo,
-            world: World, run: Run, ctx: RunContext, rundir: RunDir, take: TrainStep,
-            best_epoch: int, device: torch.device) -> Run:
-    """The final evaluation, the summary and the figures of a trained run."""
-    k = config.eval_iwae or config.eval_particles
-    scores = score_split(module, data.test, k, iwae=config.eval_iwae > 0, world=world,
-                         info=info)
-    ctx.log(f"evaluation: {scores.method}")
-    run.summary = {
-        **scores.summary(),
-        "eval_particles": k,
-        "train_elbo": run.history[-1]["train_elbo"],
-        "epochs": len(run.history),
-        "best_epoch": best_epoch,
-        "train_seconds": sum(r["train_seconds"] for r in run.history),
-        "device": str(device),
-        "processes": world.size,
-        **({"step": take.description, "compile_seconds": take.compile_seconds}
-           if isinstance(take, CompiledStep) else {}),
-        "dataset": data.name,
-        "n_train": len(data.train),
-        "n_val": 0 if data.val is None else len(data.val),
-        "n_test": len(data.test),
-    }
-    if world.main:
-        ctx.summary = dict(run.summary)  # the report derives from it, not a second evaluation
-        plots.elbo_curves(run.history, ctx.out / "elbo_curves.png")
-        run.summary.update(report(module, ctx))
-        write_json(rundir.path / "summary.json", run.summary)
-    run.summary, run.notes = dist.broadcast((run.summary, ctx.notes), world)
-    return run
+                          f"checkpointed); continue with --resume {final} to finish") from None
 
 
 def report(module: nn.Module, ctx: RunContext) -> dict:
