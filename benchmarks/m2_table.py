@@ -1,28 +1,35 @@
-"""The semi-supervised M2 table (Kingma, Rezende, Mohamed & Welling 2014, table 1): test
-accuracy of M2's classifier q(y|x) after training with N labelled images and the rest of the
-training split unlabelled, beside the same MLP trained as a plain classifier on the N
-labelled images only, and the paper's M2 errors on full MNIST for context.
+"""The semi-supervised table (Kingma, Rezende, Mohamed & Welling 2014, table 1): test accuracy
+of M1+M2 and of M2 (``--model ssvae`` with ``--m1 50`` / ``--m1 0``) trained with N labelled
+images and the rest of the training split unlabelled, beside the same classifier MLP trained
+on the N labelled images only, paired by seed; the paper's full-MNIST errors for context.
 
-Each M2 run is ``ppl_vae.train_run`` with ``--model ssvae --labelled N --elbo enum --seed S``
-(the model's defaults: hidden 500, z 50, alpha 2.0; Adam 1e-3, batch 128, ``--epochs``
-epochs, no early stopping). The baseline is plain PyTorch: the classifier MLP of q(y|x)
-(784-500-10, ReLU), cross-entropy, Adam 1e-3, batch 64, a fixed ``--baseline-steps`` steps
-on the same seeded, class-balanced labelled subset (``load_dataset(..., labelled=N,
-seed=S)``), no early stopping (there is no labelled validation data to stop on), evaluated
-once at the end.
+Every method sees the same data: a fixed 10% of the training split is held out (labels
+kept) for early stopping, and the same seeded class-balanced N labels of the rest
+(``hide_labels``). The model runs are ``ppl_vae.train_run`` with the family's defaults unless
+given here (``--elbo`` enum, Adam 1e-3, batch 128), ``--epochs`` epochs and
+``--early-stop P`` (the package's: validation ELBO, best weights restored). The classifier
+is plain PyTorch: the network of q(y|x) (``D -> hidden -> K``, ReLU) on the pixels,
+cross-entropy, Adam 1e-3, batch 64 of the labelled rows, as many steps per epoch as a model
+epoch and as many epochs, early stopping on its held-out accuracy with the same patience
+(best weights kept). Runs go ``--jobs`` at a time, one thread each.
 
-    OMP_NUM_THREADS=1 python benchmarks/m2_table.py --out /tmp/m2      # MNIST-10k split
-    python benchmarks/m2_table.py --dataset digits --labels 50 100 --epochs 3   # seconds
+    python benchmarks/m2_table.py --out /tmp/m2                 # MNIST-10k split, ~1 h
+    python benchmarks/m2_table.py --dataset digits --labels 50 --epochs 5   # seconds
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
+import copy
 import csv
+import math
 import statistics
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
 from pathlib import Path
 
 import torch
@@ -30,41 +37,147 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ppl_vae import TrainConfig, load_dataset, train_run
-from ppl_vae.data import pixels
+from ppl_vae.data import Dataset, hide_labels, pixels
 from ppl_vae.models.nets import mlp
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-PAPER_M2_ERROR = {100: 11.97, 600: 4.94, 1000: 3.60, 3000: 3.92}
-"""M2's test error (%) on full MNIST (50,000 training images), Kingma et al. 2014, table 1."""
+PAPER_ERROR = {"m2": {100: 11.97, 600: 4.94, 1000: 3.60, 3000: 3.92},
+               "m1+m2": {100: 3.33, 600: 2.59, 1000: 2.40, 3000: 2.18}}
+"""Test error (%) on full MNIST (50,000 training images), Kingma et al. 2014, table 1."""
+METHODS = {"m1+m2": 50, "m2": 0}  # method -> --m1
 
 
-def baseline_accuracy(data, hidden: tuple[int, ...], steps: int, seed: int,
-                      batch_size: int = 64, lr: float = 1e-3) -> float:
-    """Test accuracy of the MLP ``D -> hidden -> K`` trained by cross-entropy on the labelled
-    training rows only, for ``steps`` Adam steps (reshuffled epochs)."""
+def held_out(dataset: str, data_dir: str, labels: int, seed: int, fraction: float) -> Dataset:
+    """The data every method of one (labels, seed) cell sees: a fixed held-out share of the
+    training split (labelled) and ``labels`` labels of the rest."""
+    data = load_dataset(dataset, data_dir, download=False).with_validation(fraction)
+    return hide_labels(data, labels, seed)
+
+
+def accuracy(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    with torch.no_grad():
+        guess = torch.cat([net(pixels(c)).argmax(-1) for c in x.split(4096)])
+    return (guess == y).double().mean().item()
+
+
+def classifier(data: Dataset, hidden: tuple[int, ...], epochs: int, steps_per_epoch: int,
+               patience: int, seed: int, batch_size: int = 64, lr: float = 1e-3) -> dict:
+    """The MLP ``D -> hidden -> K`` trained by cross-entropy on the labelled training rows
+    only; after each epoch of ``steps_per_epoch`` steps its held-out accuracy decides early
+    stopping. Test accuracy of the best epoch's weights."""
     torch.manual_seed(seed)
-    y = data.train.y
-    rows = (y >= 0).nonzero().squeeze(1)
-    x, y = pixels(data.train.x[rows]), y[rows]
+    rows = (data.train.y >= 0).nonzero().squeeze(1)
+    x, y = pixels(data.train.x[rows]), data.train.y[rows]
     net = mlp([data.input_dim, *hidden, data.num_classes])
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     g = torch.Generator().manual_seed(seed)
-    done = 0
-    while done < steps:
-        for idx in torch.randperm(len(x), generator=g).split(batch_size):
+    order = torch.empty(0, dtype=torch.long)
+    best, best_epoch, best_state = -1.0, 0, None
+    for epoch in range(1, epochs + 1):
+        for _ in range(steps_per_epoch):
+            if len(order) < min(batch_size, len(x)):
+                order = torch.cat([order, torch.randperm(len(x), generator=g)])
+            idx, order = order[:batch_size], order[batch_size:]
             opt.zero_grad()
             F.cross_entropy(net(x[idx]), y[idx]).backward()
             opt.step()
-            done += 1
-            if done == steps:
-                break
-    with torch.no_grad():
-        guess = torch.cat([net(c).argmax(-1) for c in pixels(data.test.x).split(4096)])
-    return (guess == data.test.y).double().mean().item()
+        val = accuracy(net, data.val.x, data.val.y)
+        if val > best:
+            best, best_epoch, best_state = val, epoch, copy.deepcopy(net.state_dict())
+        elif patience and epoch - best_epoch >= patience:
+            break
+    net.load_state_dict(best_state)
+    return {"accuracy": accuracy(net, data.test.x, data.test.y), "epoch": best_epoch}
+
+
+def model_opts(pairs: list[str]) -> dict:
+    """``["gaussian_scale=0.5"]`` -> ``{"gaussian_scale": 0.5}`` (numbers and tuples read)."""
+    opts = {}
+    for pair in pairs:
+        key, value = pair.split("=", 1)
+        try:
+            opts[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            opts[key] = value
+    return opts
+
+
+def one_cell(a: argparse.Namespace, labels: int, seed: int) -> list[dict]:
+    """Every method on one (labels, seed): the rows of ``m2_runs.csv``."""
+    torch.set_num_threads(1)
+    data = held_out(a.dataset, a.data_dir, labels, seed, a.val_fraction)
+    steps = math.ceil(len(data.train) / 128)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for method in a.methods:
+            start = time.perf_counter()
+            config = TrainConfig(model="ssvae", dataset=a.dataset, data_dir=a.data_dir,
+                                 download=False, labelled=labels, seed=seed, epochs=a.epochs,
+                                 early_stop=a.early_stop, threads=1,
+                                 labelled_share=a.labelled_share,
+                                 model_options={"m1": METHODS[method], "alpha": a.alpha,
+                                                **model_opts(a.model_opt)},
+                                 out=f"{tmp}/{method}")
+            run = train_run(config, data, progress=False)
+            rows.append({"labels": labels, "seed": seed, "method": method,
+                         "accuracy": run.summary["test_accuracy"],
+                         "epochs": len(run.history), "seconds": time.perf_counter() - start})
+        start = time.perf_counter()
+        base = classifier(data, (500,), a.epochs, steps, a.early_stop, seed)
+        rows.append({"labels": labels, "seed": seed, "method": "mlp",
+                     "accuracy": base["accuracy"], "epochs": base["epoch"],
+                     "seconds": time.perf_counter() - start})
+    return rows
 
 
 def mean_sd(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def table(runs: list[dict], a: argparse.Namespace, wall: float) -> tuple[str, list[dict]]:
+    """The Markdown table (one row per label count) and its CSV rows."""
+    out, md = [], []
+    head = ["labels", "MLP (labelled only)"]
+    for method in a.methods:
+        head += [f"{method.upper()}", f"{method.upper()} − MLP (paired)",
+                 f"paper {method.upper()} (full MNIST)"]
+    md += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for n in a.labels:
+        acc = {m: {r["seed"]: 100 * r["accuracy"] for r in runs
+                   if r["labels"] == n and r["method"] == m} for m in ["mlp", *a.methods]}
+        seeds = sorted(acc["mlp"])
+        mlp_mean, mlp_sd = mean_sd([acc["mlp"][s] for s in seeds])
+        row = {"labels": n, "mlp_mean": round(mlp_mean, 2), "mlp_sd": round(mlp_sd, 2),
+               "mlp_per_seed": " ".join(f"{acc['mlp'][s]:.2f}" for s in seeds)}
+        cells = [str(n), f"{mlp_mean:.2f} ± {mlp_sd:.2f}"]
+        for m in a.methods:
+            mean, sd = mean_sd([acc[m][s] for s in seeds])
+            diff = [acc[m][s] - acc["mlp"][s] for s in seeds]
+            d, d_sd = mean_sd(diff)
+            paper = PAPER_ERROR[m].get(n)
+            row.update({f"{m}_mean": round(mean, 2), f"{m}_sd": round(sd, 2),
+                        f"{m}_minus_mlp": round(d, 2), f"{m}_minus_mlp_sd": round(d_sd, 2),
+                        f"{m}_per_seed": " ".join(f"{acc[m][s]:.2f}" for s in seeds),
+                        f"{m}_seconds_mean": round(statistics.fmean(
+                            r["seconds"] for r in runs if r["labels"] == n and r["method"] == m
+                        ), 1),
+                        f"paper_{m}_accuracy_full_mnist": "" if paper is None else 100 - paper})
+            cells += [f"{mean:.2f} ± {sd:.2f}",
+                      f"{d:+.2f} ± {d_sd:.2f} ({' '.join(f'{v:+.1f}' for v in diff)})",
+                      "–" if paper is None else f"{100 - paper:.2f}"]
+        out.append(row)
+        md.append("| " + " | ".join(cells) + " |")
+    seconds = {m: statistics.fmean(r["seconds"] for r in runs if r["method"] == m)
+               for m in ["mlp", *a.methods]}
+    caption = (f"Test accuracy (%) on the {a.dataset} test split, mean ± sd over seeds "
+               f"{', '.join(map(str, a.seeds))}; the paired difference per seed in brackets. "
+               f"{a.epochs} epochs, early stopping with patience {a.early_stop} on the same "
+               f"held-out {a.val_fraction:.0%} of the training split; alpha {a.alpha}, "
+               f"--labelled-share {a.labelled_share}. Seconds per run (one thread): "
+               + ", ".join(f"{m} {s:.0f}" for m, s in seconds.items())
+               + f". Wall time {wall / 60:.1f} min with {a.jobs} job(s). Paper: Kingma et "
+               "al. 2014, full MNIST (50,000 training images).")
+    return caption + "\n\n" + "\n".join(md) + "\n", out
 
 
 def main() -> int:
@@ -73,81 +186,38 @@ def main() -> int:
     p.add_argument("--data-dir", default=str(SHARED))
     p.add_argument("--labels", type=int, nargs="+", default=[100, 600, 1000, 3000])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--epochs", type=int, default=15, help="M2 training epochs")
-    p.add_argument("--hidden", type=int, nargs="+", default=[500])
-    p.add_argument("--z-dim", type=int, default=50)
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--early-stop", type=int, default=10, help="patience in epochs (0: off)")
+    p.add_argument("--val-fraction", type=float, default=0.1)
     p.add_argument("--alpha", type=float, default=2.0)
-    p.add_argument("--baseline-steps", type=int, default=1000)
+    p.add_argument("--labelled-share", type=float, default=0.0)
+    p.add_argument("--model-opt", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="more ssvae options for both methods (gaussian_scale=0.5)")
+    p.add_argument("--jobs", type=int, default=2, help="runs at a time (one thread each)")
     p.add_argument("--out", help="write m2_table.csv, m2_runs.csv and m2_table.md here")
     a = p.parse_args()
-    torch.set_num_threads(torch.get_num_threads())  # OMP_NUM_THREADS decides
-    hidden = tuple(a.hidden)
-    runs = []
+    cells = [(n, s) for n in a.labels for s in a.seeds]
+    runs: list[dict] = []
     began = time.perf_counter()
-    bar = tqdm(total=len(a.labels) * len(a.seeds), desc="M2 table", unit="run")
-    with tempfile.TemporaryDirectory() as tmp:
-        for n in a.labels:
-            for seed in a.seeds:
-                start = time.perf_counter()
-                data = load_dataset(a.dataset, a.data_dir, download=False, labelled=n,
-                                    seed=seed)
-                config = TrainConfig(model="ssvae", dataset=a.dataset, data_dir=a.data_dir,
-                                     download=False, labelled=n, seed=seed, elbo="enum",
-                                     epochs=a.epochs,
-                                     model_options={"hidden": hidden, "z_dim": a.z_dim,
-                                                    "alpha": a.alpha},
-                                     out=f"{tmp}/m2-{n}-{seed}")
-                s = train_run(config, data, progress=False).summary
-                m2_seconds = time.perf_counter() - start
-                base = baseline_accuracy(data, hidden, a.baseline_steps, seed)
-                runs.append({"labels": n, "seed": seed, "m2_accuracy": s["test_accuracy"],
-                             "mlp_accuracy": base, "m2_test_elbo": s["test_elbo"],
-                             "m2_test_elbo_unlabelled": s["test_elbo_unlabelled"],
-                             "m2_seconds": round(m2_seconds, 1)})
-                bar.set_postfix(labels=n, seed=seed, m2=f"{s['test_accuracy']:.3f}",
-                                mlp=f"{base:.3f}")
-                bar.update()
-                tqdm.write(f"labels {n} seed {seed}: M2 {s['test_accuracy']:.4f}, MLP "
-                           f"{base:.4f} ({m2_seconds:.0f} s)")
-    bar.close()
-    wall = time.perf_counter() - began
-    rows = []
-    for n in a.labels:
-        mine = [r for r in runs if r["labels"] == n]
-        m2, m2_sd = mean_sd([100 * r["m2_accuracy"] for r in mine])
-        base, base_sd = mean_sd([100 * r["mlp_accuracy"] for r in mine])
-        rows.append({"labels": n, "m2_accuracy_mean": round(m2, 2), "m2_accuracy_sd":
-                     round(m2_sd, 2), "m2_error_mean": round(100 - m2, 2),
-                     "mlp_accuracy_mean": round(base, 2), "mlp_accuracy_sd": round(base_sd, 2),
-                     "paper_m2_error_full_mnist": PAPER_M2_ERROR.get(n, ""),
-                     "m2_per_seed": " ".join(f"{100 * r['m2_accuracy']:.2f}" for r in mine),
-                     "mlp_per_seed": " ".join(f"{100 * r['mlp_accuracy']:.2f}" for r in mine)})
-    seeds = ", ".join(map(str, a.seeds))
-    caption = (f"Test accuracy (%) on the {a.dataset} test split, mean ± sd over seeds {seeds}. "
-               f"M2: --model ssvae --elbo enum, hidden {list(hidden)}, z {a.z_dim}, alpha "
-               f"{a.alpha}, Adam 1e-3, batch 128, {a.epochs} epochs. MLP: the same network as "
-               f"q(y|x), cross-entropy on the labelled images only, {a.baseline_steps} Adam "
-               "steps of batch 64. Paper: M2's error on full MNIST (Kingma et al. 2014). "
-               f"Wall time {wall / 60:.1f} min ({torch.get_num_threads()} thread(s)).")
-    md = ["| labels | M2 accuracy | M2 error | MLP on labelled only | paper M2 error (full "
-          "MNIST) | M2 per seed | MLP per seed |", "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        paper = f"{r['paper_m2_error_full_mnist']:.2f}%" if r["paper_m2_error_full_mnist"] \
-            != "" else "–"
-        md.append(f"| {r['labels']} | {r['m2_accuracy_mean']:.2f} ± {r['m2_accuracy_sd']:.2f} "
-                  f"| {r['m2_error_mean']:.2f}% | {r['mlp_accuracy_mean']:.2f} ± "
-                  f"{r['mlp_accuracy_sd']:.2f} | {paper} | {r['m2_per_seed']} | "
-                  f"{r['mlp_per_seed']} |")
-    text = caption + "\n\n" + "\n".join(md) + "\n"
+    with ProcessPoolExecutor(a.jobs, mp_context=get_context("spawn")) as pool, \
+            tqdm(total=len(cells), desc="M2 table", unit="cell") as bar:
+        for rows in pool.map(one_cell, [a] * len(cells), [n for n, _ in cells],
+                             [s for _, s in cells]):
+            runs += rows
+            bar.update()
+            tqdm.write(f"labels {rows[0]['labels']} seed {rows[0]['seed']}: " + ", ".join(
+                f"{r['method']} {100 * r['accuracy']:.2f} ({r['seconds']:.0f} s)" for r in rows))
+    text, rows = table(runs, a, time.perf_counter() - began)
     print("\n" + text)
     if a.out:
         out = Path(a.out)
         out.mkdir(parents=True, exist_ok=True)
-        for name, table in (("m2_table.csv", rows), ("m2_runs.csv", runs)):
+        for name, data in (("m2_table.csv", rows), ("m2_runs.csv", runs)):
             with open(out / name, "w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=list(table[0]))
+                writer = csv.DictWriter(f, fieldnames=list(data[0]))
                 writer.writeheader()
-                writer.writerows(table)
+                writer.writerows(data)
         (out / "m2_table.md").write_text(text)
     return 0
 

@@ -21,6 +21,7 @@ from .models import get_model, make_options, model_name, options_dict, options_o
 from .models.options import coerce, named_as_keys
 
 BINARIZE = ("none", "static", "dynamic")
+DEFAULT_EPOCHS = 10  # the epochs of a family that does not declare default_epochs
 
 
 def _opt(default: Any, help: str, **meta: Any) -> Any:
@@ -81,7 +82,9 @@ class TrainConfig:
                          "step with one line saying why where capture cannot be exact",
                          group="inference")
     lr: float = _opt(1e-3, "Adam learning rate", group="inference")
-    epochs: int = _opt(10, "training epochs", group="inference")
+    epochs: int | None = _opt(None, "training epochs (default: the model's own, its "
+                              "default_epochs: ssvae 50, the others 10)", group="inference",
+                              type=int)
     batch_size: int = _opt(128, "images per SVI step and process (under torchrun the global "
                            "batch is this times the number of processes)", group="inference")
     seed: int = _opt(0, "seed of the weights, the latent noise and the batches",
@@ -115,6 +118,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if not self.elbo:  # the estimator the family is built for
             self.elbo = getattr(self.model_class, "default_elbo", "mc")
+        if self.epochs is None:  # and the epochs its recipe needs
+            self.epochs = getattr(self.model_class, "default_epochs", DEFAULT_EPOCHS)
         self.validate_options()
         with named_as_keys("model_options.", nested=True):
             self.model_options = make_options(self.model_class, self.model_options)
@@ -138,6 +143,8 @@ class TrainConfig:
             if isinstance(value, os.PathLike) and isinstance(default, str | None) and \
                     f.name != "dataset":
                 continue  # a directory given as a Path
+            if default is None and f.metadata.get("type", str) is not str:
+                default = f.metadata["type"]()  # a number the model decides: epochs
             if default is None:  # out: a path, or None for the default
                 if value is not None and not isinstance(value, str):
                     raise UsageError(f"--{f.name.replace('_', '-')} takes a path, got "

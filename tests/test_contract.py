@@ -591,3 +591,22 @@ def test_a_family_brings_its_own_default_estimator():
 
     assert TrainConfig(model=Mine).elbo == "enum"
     assert TrainConfig(model=EnumMixtureVAE).elbo == "mc"  # a class without the attribute
+
+
+def test_a_family_brings_its_own_default_epochs(cli, tmp_path):
+    """Without --epochs a run takes the family's default_epochs (M2's recipe: 50), any
+    plug-in's too; one the user gives wins, and 0 stays an error."""
+    from plugin_models import EnumMixtureVAE
+
+    from ppl_vae.cli import train_main
+
+    assert TrainConfig().epochs == 10 and TrainConfig(model="ssvae").epochs == 50
+    assert TrainConfig(model="ssvae", epochs=3).epochs == 3
+
+    class Mine(EnumMixtureVAE):
+        default_epochs = 2
+
+    assert TrainConfig(model=Mine).epochs == 2
+    with pytest.raises(UsageError, match="epochs must be a whole number of at least 1"):
+        TrainConfig(model="ssvae", epochs=0)
+    assert "default_epochs: ssvae 50" in cli(train_main, ["--model", "ssvae", "--help"]).out

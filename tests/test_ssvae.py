@@ -377,3 +377,73 @@ def test_under_torchrun_every_rank_s_batch_holds_the_share(few_labels):
         for rank in range(w):
             rows = chunk[shard(len(chunk), World(rank=rank, size=w))]
             assert int((y[rows] >= 0).sum()) == 8
+
+
+# -- M1+M2: M2 on the standardized means of a VAE trained first -------------------------------
+@pytest.fixture(scope="module")
+def stacked(few_labels, tmp_path_factory):
+    config = TrainConfig(model="ssvae", model_options={**SMALL, "m1": 3, "m1_hidden": (16,)},
+                         epochs=2, batch_size=64, eval_particles=2,
+                         out=str(tmp_path_factory.mktemp("m1") / "run"))
+    return train_run(config, few_labels, progress=False)
+
+
+def test_m1_is_trained_first_and_its_means_standardized(stacked):
+    m, data = stacked.module, stacked.data
+    assert m.m1 is not None and m.classifier[0].in_features == 3
+    lines = (stacked.out / "m1_metrics.csv").read_text().splitlines()
+    assert lines[0].startswith("epoch,train_m1_loss,test_m1_loss") and len(lines) == 3
+    v = m.features(data.train.x)
+    assert v.shape == (len(data.train), 3)
+    torch.testing.assert_close(v.mean(0), torch.zeros(3), atol=1e-5, rtol=0)
+    torch.testing.assert_close(v.std(0), torch.ones(3), atol=1e-5, rtol=0)
+    s = stacked.summary
+    assert math.isfinite(s["m1_test_elbo"]) and 0 <= s["test_accuracy"] <= 1
+    # the M1 test ELBO (64 pixels) is not M2's (3 features): the report says which is which
+    assert any("M2's ELBOs are of those, not of pixels" in n for n in stacked.notes)
+    for name in ("samples_by_class.png", "analogies.png"):
+        assert (stacked.out / name).read_bytes()[:8] == PNG, name
+
+
+def test_m1_is_held_fixed_while_m2_trains(stacked):
+    """No term of M2's objective sends a gradient into M1."""
+    m, data = stacked.module, stacked.data
+    x, y = m.data_args(data.train.x[:40], data.train.y[:40])
+    m.zero_grad(set_to_none=True)
+    for weight, model, guide in m.programs():
+        (weight * TraceEnum_ELBO(max_plate_nesting=1).differentiable_loss(model, guide, x, y)
+         ).backward()
+    assert all(p.grad is None for p in m.m1.parameters())
+    assert all(p.grad is not None for p in m.classifier.parameters())
+
+
+def test_m1_samples_are_pixels_and_a_reload_gives_the_same_classifier(stacked):
+    from ppl_vae import load_run
+
+    m, data = stacked.module, stacked.data
+    z = torch.randn(5, Z * 2)
+    pix = m.decode(z, torch.arange(5))
+    assert pix.shape == (5, data.input_dim) and bool(((pix >= 0) & (pix <= 1)).all())
+    _, again, _ = load_run(stacked.out, data=False)
+    torch.testing.assert_close(again.m1_shift, m.m1_shift)
+    assert torch.equal(again.predict(data.test.x), m.predict(data.test.x))
+
+
+def test_m1_options_are_checked():
+    with pytest.raises(UsageError, match="m1 takes M1's latent dimension .0: no M1., got -1"):
+        SSVAEOptions(m1=-1)
+    with pytest.raises(UsageError, match="m1.hidden widths must be at least 1"):
+        SSVAEOptions(m1_hidden=(0,))
+
+
+def test_a_callers_own_validation_split_is_kept(few_labels, tmp_path):
+    """Early stopping validates on the split the data bring (the M2 table's held-out rows,
+    labelled) instead of carving another one out of the training rows."""
+    from ppl_vae.data import hide_labels
+
+    data = hide_labels(load_dataset("digits").with_validation(0.2), 50, seed=0)
+    run = train_run(TrainConfig(model="ssvae", model_options=SMALL, epochs=1, early_stop=1,
+                                eval_particles=2, out=str(tmp_path / "r")), data,
+                    progress=False)
+    assert len(run.data.train) == len(data.train) and torch.equal(run.data.val.y, data.val.y)
+    assert bool((data.val.y >= 0).all())

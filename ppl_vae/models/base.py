@@ -10,7 +10,8 @@ latent means, reconstructions and samples (``encode``/``reconstruct``/``sample``
 defined); ``from_options(options, data)``: the constructor, with ``input_dim``,
 ``image_shape`` and ``num_classes`` from the data. ``elbo_refused`` / ``elbo_notes`` map an
 ``--elbo`` name to why the family cannot train with it / a note the run prints;
-``default_elbo`` is the estimator a run takes without ``--elbo``.
+``default_elbo`` is the estimator a run takes without ``--elbo``, ``default_epochs`` the
+epochs without ``--epochs``.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ class Model(nn.Module):
     elbo_refused: ClassVar[dict[str, str]] = {}
     elbo_notes: ClassVar[dict[str, str]] = {}
     default_elbo: ClassVar[str] = "mc"
+    default_epochs: ClassVar[int] = 10
 
     def model(self, *args: Any, **kwargs: Any) -> Any:
         raise NotImplementedError

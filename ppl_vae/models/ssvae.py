@@ -34,6 +34,14 @@ in the training split is left out of ``programs()``. For evaluation ``model``/``
 one program over all rows (``obs_mask``: y observed where labelled); ``report`` adds
 ``test_elbo_unlabelled`` (U(x), exact over y), ``test_accuracy`` and the figures
 ``samples_by_class.png`` and ``analogies.png``.
+
+**M1+M2** (``--model-opt m1=d1``, the paper's stacked model): x above is then not the pixels
+but v(x) = (mu1(x) - m) / s, the means of an M1 VAE's q(z1|x) (``d1`` values, a VAE
+``D -> m1_hidden -> 2 d1``, Normal prior, ``--likelihood`` pixels) standardized by their
+training-split mean m and sd s, modelled by ``Normal(f(z, y), sigma^2 I)`` (sigma:
+``--gaussian-scale``). ``pretrain`` fits M1 first (``TraceMeanField_ELBO``, the run's
+epochs and learning rate) and holds it fixed; M2's ELBOs are then of v(x), not of pixels, and
+its class-conditional samples are decoded to pixels by M1's decoder.
 """
 
 from __future__ import annotations
@@ -49,18 +57,20 @@ import pyro.distributions as dist
 import torch
 import torch.nn.functional as F
 from pyro import poutine
+from pyro.infer import TraceMeanField_ELBO
 from torch import Tensor, nn
 
 from .. import plots
 from ..data import UNLABELLED, pixels
 from ..errors import UsageError
+from ..files import write_csv
 from .base import Model, Program, RunContext
 from .figures import draw_or_skip
 from .likelihoods import check_range, pixel_likelihood, pixel_mean
 from .nets import ACTIVATIONS, NetworkOptions, mlp
 from .options import build_by_signature, with_changes
 from .registry import register_model
-from .vae import encoder_scale
+from .vae import VAE, encoder_scale
 
 if TYPE_CHECKING:
     from ..data import Dataset
@@ -84,6 +94,12 @@ class SSVAEOptions(NetworkOptions):
                 "46 per row)"})
     classes: int = field(default=0, metadata={
         "help": "number of classes K (0: from the data's labels)"})
+    m1: int = field(default=0, metadata={
+        "help": "M1+M2: stack M2 on the standardized encoder means of an M1 VAE with this "
+                "latent dimension, trained first for --epochs epochs (the paper: 50); 0: M2 "
+                "on the pixels"})
+    m1_hidden: tuple[int, ...] = field(default=(500,), metadata={
+        "help": "hidden layer widths of M1's encoder (its decoder mirrors them)"})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -91,6 +107,11 @@ class SSVAEOptions(NetworkOptions):
             raise UsageError(f"--alpha must be a number >= 0, got {self.alpha}")
         if self.classes < 0 or self.classes == 1:
             raise UsageError(f"--classes takes K >= 2 (0: from the labels), got {self.classes}")
+        self.m1_hidden = tuple(int(h) for h in self.m1_hidden)
+        if self.m1 < 0:
+            raise UsageError(f"--m1 takes M1's latent dimension (0: no M1), got {self.m1}")
+        if any(h < 1 for h in self.m1_hidden):
+            raise UsageError(f"--m1-hidden widths must be at least 1, got {list(self.m1_hidden)}")
 
 
 class LabelledMLP(nn.Module):
@@ -122,6 +143,7 @@ class SSVAE(Model):
 
     Options = SSVAEOptions
     default_elbo = "enum"  # y summed out exactly; mc would sample it (a score function)
+    default_epochs = 50  # M1+M2 at 100 labels: 30 epochs fall short (README's table)
 
     def __init__(self, input_dim: int, num_classes: int, options: SSVAEOptions | None = None, *,
                  aux_weight: float = 1.0, labelled_rows: bool = True,
@@ -148,9 +170,17 @@ class SSVAE(Model):
                 f"ssvae: --elbo {name} samples the class y of unlabelled rows from q(y|x) "
                 "(score-function gradient, high variance); --elbo enum sums it out exactly")
                 for name in ("mc", "iwae")}
-        self.classifier = mlp([input_dim, *hidden, num_classes], activation)
-        self.encoder = LabelledMLP(input_dim, num_classes, [*hidden, 2 * z_dim], activation)
-        self.decoder = LabelledMLP(z_dim, num_classes, [*reversed(hidden), input_dim], activation)
+        # with M1, M2 models its d1 standardized features v(x) (a Gaussian likelihood)
+        self.m1 = VAE(input_dim, z_dim=o.m1, hidden=o.m1_hidden, activation=activation,
+                      likelihood=o.likelihood, gaussian_scale=o.gaussian_scale) if o.m1 else None
+        self.modelled = "gaussian" if o.m1 else o.likelihood  # M2's likelihood of v(x)
+        v_dim = o.m1 or input_dim
+        if o.m1:  # m and s of the features, set by pretrain
+            self.register_buffer("m1_shift", torch.zeros(o.m1))
+            self.register_buffer("m1_spread", torch.ones(o.m1))
+        self.classifier = mlp([v_dim, *hidden, num_classes], activation)
+        self.encoder = LabelledMLP(v_dim, num_classes, [*hidden, 2 * z_dim], activation)
+        self.decoder = LabelledMLP(z_dim, num_classes, [*reversed(hidden), v_dim], activation)
         self.register_buffer("log_scale", torch.tensor(math.log(o.gaussian_scale)))
 
     @classmethod
@@ -185,40 +215,56 @@ class SSVAE(Model):
         return x, y.long()
 
     # -- networks ------------------------------------------------------------------------------
+    def features(self, x: Tensor) -> Tensor:
+        """v(x), what M2 models: the pixels, or with M1 its standardized encoder means (M1
+        held fixed: no gradient)."""
+        x = pixels(x)
+        if self.m1 is None:
+            return x
+        with torch.no_grad():
+            return (self.m1.encode(x)[0] - self.m1_shift) / self.m1_spread
+
     def classify_logits(self, x: Tensor) -> Tensor:
         """Logits of q(y|x), shape (..., K)."""
-        return self.classifier(x)
+        return self.classifier(self.features(x))
 
     def encode(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """Location and scale of q(z|x,y) (softplus scale head); ``y`` may carry enumerated
         or sample dims on the left of ``x``'s rows."""
-        loc, h = self.encoder(x, y).chunk(2, dim=-1)
+        return self._encode(self.features(x), y)
+
+    def _encode(self, v: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        loc, h = self.encoder(v, y).chunk(2, dim=-1)
         return loc, encoder_scale(h, "softplus")
 
     def decode(self, z: Tensor, y: Tensor) -> Tensor:
-        """E[x|y,z]: pixel probabilities (Bernoulli) or means (Gaussian)."""
-        return pixel_mean(self.decoder(z, y), self.likelihood)
+        """E[x|y,z]: pixel probabilities (Bernoulli) or means (Gaussian); with M1, its
+        decoder's pixels at the un-standardized E[v|y,z]."""
+        out = self.decoder(z, y)
+        if self.m1 is None:
+            return pixel_mean(out, self.likelihood)
+        return self.m1.decode(out * self.m1_spread + self.m1_shift)
 
     @torch.no_grad()
     def predict(self, x: Tensor) -> Tensor:
         """argmax_y q(y|x), in chunks of rows."""
-        return torch.cat([self.classifier(pixels(c)).argmax(-1) for c in x.split(4096)])
+        return torch.cat([self.classify_logits(c).argmax(-1) for c in x.split(4096)])
 
     # -- pieces of the programs ----------------------------------------------------------------
     def _prior_y(self, x: Tensor) -> dist.Categorical:
         return dist.Categorical(logits=x.new_zeros(x.shape[0], self.classes))
 
-    def _z_and_x(self, x: Tensor, y: Tensor) -> None:
-        """z ~ p(z), x ~ p(x|y,z) (inside the data plate)."""
-        zeros = x.new_zeros(x.shape[0], self.z_dim)
+    def _z_and_x(self, v: Tensor, y: Tensor) -> None:
+        """z ~ p(z), v ~ p(v|y,z) (inside the data plate)."""
+        zeros = v.new_zeros(v.shape[0], self.z_dim)
         with poutine.scale(scale=self.beta):
             z = pyro.sample("z", dist.Normal(zeros, torch.ones_like(zeros)).to_event(1))
-        pyro.sample("x", pixel_likelihood(self.decoder(z, y), self.likelihood, self.log_scale),
-                    obs=x)
+        pyro.sample("x", pixel_likelihood(self.decoder(z, y), self.modelled, self.log_scale),
+                    obs=v)
 
-    def _z_guide(self, x: Tensor, y: Tensor) -> None:
-        """z ~ q(z|x,y) (inside the data plate)."""
-        loc, scale = self.encode(x, y)
+    def _z_guide(self, v: Tensor, y: Tensor) -> None:
+        """z ~ q(z|v,y) (inside the data plate)."""
+        loc, scale = self._encode(v, y)
         with poutine.scale(scale=self.beta):
             pyro.sample("z", dist.Normal(loc, scale).to_event(1))
 
@@ -226,19 +272,18 @@ class SSVAE(Model):
     def model(self, x: Tensor, y: Tensor) -> None:
         """p(y) p(z) p(x|y,z) with y observed where ``y >= 0`` (``y_observed``) and latent
         elsewhere (``y_unobserved``)."""
-        labelled = y >= 0
+        labelled, v = y >= 0, self.features(x)
         with pyro.plate("data", x.shape[0], device=x.device):
             value = pyro.sample("y", self._prior_y(x), obs=y.clamp(min=0), obs_mask=labelled)
-            self._z_and_x(x, value)
+            self._z_and_x(v, value)
 
     def guide(self, x: Tensor, y: Tensor) -> None:
         """q(y|x) for the unlabelled rows (``y_unobserved``), then q(z|x,y)."""
-        labelled = y >= 0
+        labelled, v = y >= 0, self.features(x)
         with pyro.plate("data", x.shape[0], device=x.device):
             with poutine.mask(mask=~labelled):
-                guess = pyro.sample("y_unobserved",
-                                    dist.Categorical(logits=self.classify_logits(x)))
-            self._z_guide(x, torch.where(labelled, y.clamp(min=0), guess))
+                guess = pyro.sample("y_unobserved", dist.Categorical(logits=self.classifier(v)))
+            self._z_guide(v, torch.where(labelled, y.clamp(min=0), guess))
 
     # -- the training objective: three masked terms --------------------------------------------
     def model_labelled(self, x: Tensor, y: Tensor) -> None:
@@ -246,25 +291,26 @@ class SSVAE(Model):
         with pyro.plate("data", x.shape[0], device=x.device), poutine.mask(mask=y >= 0):
             label = y.clamp(min=0)
             pyro.sample("y", self._prior_y(x), obs=label)
-            self._z_and_x(x, label)
+            self._z_and_x(self.features(x), label)
 
     def guide_labelled(self, x: Tensor, y: Tensor) -> None:
         """q(z|x,y) on the labelled rows."""
         with pyro.plate("data", x.shape[0], device=x.device), poutine.mask(mask=y >= 0):
-            self._z_guide(x, y.clamp(min=0))
+            self._z_guide(self.features(x), y.clamp(min=0))
 
     def model_unlabelled(self, x: Tensor, y: Tensor) -> None:
         """U(x) on the unlabelled rows: p(y) p(z) p(x|y,z), y latent."""
         with pyro.plate("data", x.shape[0], device=x.device), poutine.mask(mask=y < 0):
-            self._z_and_x(x, pyro.sample("y", self._prior_y(x)))
+            self._z_and_x(self.features(x), pyro.sample("y", self._prior_y(x)))
 
     def guide_unlabelled(self, x: Tensor, y: Tensor) -> None:
         """q(y|x) q(z|x,y) on the unlabelled rows, y marked for parallel enumeration (summed
         out by ``TraceEnum_ELBO``, sampled by the other estimators)."""
+        v = self.features(x)
         with pyro.plate("data", x.shape[0], device=x.device), poutine.mask(mask=y < 0):
-            guess = pyro.sample("y", dist.Categorical(logits=self.classify_logits(x)),
+            guess = pyro.sample("y", dist.Categorical(logits=self.classifier(v)),
                                 infer={"enumerate": "parallel"})
-            self._z_guide(x, guess)
+            self._z_guide(v, guess)
 
     def model_classify(self, x: Tensor, y: Tensor) -> None:
         """log q(y|x) of the labelled rows as an observed site (weighted by ``aux_weight``
@@ -292,6 +338,28 @@ class SSVAE(Model):
         return terms
 
     # -- hooks of the model contract -----------------------------------------------------------
+    def pretrain(self, ctx: RunContext) -> None:
+        """With M1: fit it by its ELBO (``m1_metrics.csv``), then fix v(x)'s standardization
+        (m, s) on the training split."""
+        if self.m1 is None:
+            return
+        elbo = TraceMeanField_ELBO()
+        m1 = self.m1
+
+        def m1_loss(x: Tensor, y: Tensor) -> Tensor:  # -ELBO of M1, summed over the rows
+            return elbo.differentiable_loss(m1.model, m1.guide, x)
+
+        history = ctx.fit(m1_loss, m1, name="m1_loss", desc="M1 VAE")
+        write_csv(ctx.out / "m1_metrics.csv", history)
+        with torch.no_grad():
+            means = torch.cat([m1.encode(pixels(c))[0] for c in ctx.data.train.x.split(4096)])
+            self.m1_shift.copy_(means.mean(0))
+            self.m1_spread.copy_(means.std(0).clamp(min=1e-6))
+        if history:
+            ctx.log(f"M1: test ELBO {-history[-1]['test_m1_loss']:.2f} nats per image (one "
+                    f"sample) after {len(history)} epochs; M2 models its {m1.z_dim} "
+                    "standardized encoder means, so M2's ELBOs are of those, not of pixels")
+
     def report(self, ctx: RunContext) -> dict:
         """``labelled``, ``test_accuracy``, ``test_elbo_unlabelled`` (U(x): test labels hidden)
         and ``classification_weight``; ``samples_by_class.png`` (a row per class, z fixed per
@@ -307,6 +375,10 @@ class SSVAE(Model):
         particles = getattr(ctx.config, "eval_particles", 10)
         out["test_elbo_unlabelled"] = unlabelled_bound(self, x, ctx.score, particles
                                                        ).mean().item()
+        if self.m1 is not None:  # M2's ELBOs are of v(x); M1's is of the pixels
+            out["m1_test_elbo"] = ctx.score(self.m1, x, num_samples=particles).elbo.mean().item()
+            ctx.log(f"M1: test ELBO {out['m1_test_elbo']:.2f} nats per image ({particles} "
+                    "samples)")
         ctx.log(f"ssvae: test accuracy {out.get('test_accuracy', float('nan')):.4f}, test "
                 f"ELBO with labels hidden {out['test_elbo_unlabelled']:.2f}")
         self._figures(ctx)

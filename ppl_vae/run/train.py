@@ -204,7 +204,7 @@ def prepare(config: TrainConfig, data: Dataset | None = None, world: World = dis
             ) -> tuple[TrainConfig, torch.device, Dataset]:
     """Absolute paths in ``config`` (so a run can be re-read from anywhere), the device
     (this rank's GPU under torchrun) and the data on it (with a validation split under
-    early stopping)."""
+    early stopping, unless the data bring their own)."""
     config = replace(config, data_dir=os.path.abspath(config.data_dir))
     if config.dataset.startswith("npz:"):
         config = replace(config, dataset="npz:" + os.path.abspath(config.dataset[4:]))
@@ -214,7 +214,7 @@ def prepare(config: TrainConfig, data: Dataset | None = None, world: World = dis
         device = torch.device("cuda", world.local_rank)
     data = replace(data, labelled_share=config.labelled_share) if data is not None else \
         load_data(config)
-    if config.early_stop:
+    if config.early_stop and data.val is None:  # a caller's own validation split is kept
         data = data.with_validation(config.val_fraction)
     return config, device, data.to(device)
 
