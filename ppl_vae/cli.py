@@ -57,8 +57,15 @@ class HelpFormatter(argparse.HelpFormatter):
 
 
 def _is_main_process() -> bool:
-    """Not a non-zero torchrun rank (rank 0 alone prints the one error line)."""
+    """Not a non-zero torchrun rank (rank 0 alone prints an interruption's line)."""
     return os.environ.get("RANK", "0") == "0"
+
+
+def _reports() -> bool:
+    """This process prints the error line: under torchrun the first rank to fail."""
+    from .run.distributed import first_to_report
+
+    return first_to_report()
 
 
 def _show(held: Sequence[warnings.WarningMessage]) -> None:
@@ -110,10 +117,20 @@ def main_wrapper(prog: str, run: Callable[[Sequence[str] | None], int]
             with command_line():
                 return run(argv)
         except UsageError as e:  # exit 2; a diverged run 3
-            if _is_main_process():
+            if _reports():
                 with command_line():
                     print(f"{prog}: error: {e}", file=sys.stderr)
             return getattr(e, "exit_status", 2)
+        except RuntimeError as e:  # under torchrun: another process failed first
+            from .run.distributed import lost_a_peer
+
+            if not lost_a_peer(e):
+                raise
+            if _reports():  # none said why (it was killed): say so, once
+                print(f"{prog}: error: another process of this torchrun job died (torchrun's "
+                      "report below names it); continue with --resume RUN_DIR where the run "
+                      "has a checkpoint", file=sys.stderr)
+            return 1
         except Interrupted as e:  # a run that checkpointed on SIGINT/SIGTERM: 130/143
             if _is_main_process():
                 text = e.message or "interrupted before the first checkpoint; nothing to resume"

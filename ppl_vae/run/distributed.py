@@ -47,6 +47,7 @@ class World:
 
 SINGLE = World()
 _control: Any = None  # a gloo group for small CPU messages (stop flags) beside NCCL
+_store: Any = None  # the group's key-value store: who reports a failure (first_to_report)
 
 
 def launched() -> bool:
@@ -62,7 +63,7 @@ def restart_count() -> int:
 def setup(cuda: bool) -> World:
     """Join the process group torchrun describes (once per process); :data:`SINGLE` when
     not launched by torchrun."""
-    global _control
+    global _control, _store
     if not launched():
         return SINGLE
     world = World(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]),
@@ -79,10 +80,40 @@ def setup(cuda: bool) -> World:
                 timeout=timeout))
             dist.init_process_group(backend, store=store, rank=world.rank,
                                     world_size=world.size, timeout=timeout)
+            _store = store
         else:
             dist.init_process_group(backend, timeout=timeout)
+            try:
+                _store = dist.distributed_c10d._get_default_store()
+            except (AttributeError, RuntimeError, ValueError):  # (a private accessor)
+                _store = None
         _control = dist.new_group(backend="gloo") if cuda else dist.group.WORLD
     return world
+
+
+def first_to_report() -> bool:
+    """Whether this process is the one to print a failure's line: the first of the torchrun
+    group to fail, whichever rank that is (one line per failed run, also when one rank alone
+    meets the error); rank 0 before the group exists (every rank meets the same error then);
+    True without torchrun."""
+    if not launched():
+        return True
+    if _store is None:
+        return os.environ.get("RANK", "0") == "0"
+    try:
+        return _store.add("ppl_vae/failed", 1) == 1
+    except Exception:  # noqa: BLE001 - the store's host is gone: this process speaks
+        return True
+
+
+def lost_a_peer(error: BaseException) -> bool:
+    """A collective failed because another process of the group died (gloo: "Connection
+    closed by peer"; NCCL: a DistBackendError)."""
+    if not launched() or not isinstance(error, RuntimeError):
+        return False
+    text = str(error)
+    return isinstance(error, dist.DistBackendError) or any(
+        s in text for s in ("closed by peer", "Connection reset by peer", "Broken pipe"))
 
 
 def any_max(value: int, world: World) -> int:
