@@ -54,7 +54,8 @@ def save(fig: Figure, path: str | os.PathLike) -> None:
 
 
 def elbo_curves(rows: Sequence[dict], path: str | os.PathLike) -> Figure:
-    """Train and test ELBO (nats per image) against epoch."""
+    """The training objective and test ELBO (nats per image) against epoch, and a test
+    accuracy (a family's ``epoch_metrics``) on a second axis where the rows have one."""
     fig = Figure(figsize=(6, 3.5), layout="constrained")
     ax = fig.subplots()
     epochs = [r["epoch"] for r in rows]
@@ -65,7 +66,19 @@ def elbo_curves(rows: Sequence[dict], path: str | os.PathLike) -> Figure:
     ax.set(xlabel="epoch", ylabel="nats / image", title="ELBO, higher is better")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # no epoch 1.5 on short runs
     ax.grid(alpha=0.3)
-    legend_outside(ax)
+    handles, labels = ax.get_legend_handles_labels()
+    if all("test_accuracy" in r for r in rows):
+        right = ax.twinx()
+        right.plot(epochs, [100 * r["test_accuracy"] for r in rows], "d--", color="C3",
+                   label="test accuracy (right)")
+        right.set(xlabel="epoch", ylabel="test accuracy (%)")  # (its x axis is ax's)
+        ax.set_title("ELBO and test accuracy, higher is better")
+        more = right.get_legend_handles_labels()
+        handles, labels = handles + more[0], labels + more[1]
+        legend_outside(ax, handles=handles, labels=labels, loc="upper center",  # below:
+                       bbox_to_anchor=(0.5, -0.2), ncol=2)  # the right axis has the side
+    else:
+        legend_outside(ax)
     save(fig, path)
     return fig
 

@@ -182,8 +182,23 @@ def test_regression_legend_lies_outside_the_axes(tmp_path):
                            expected=1)
 
 
+def accuracy_rows() -> list[dict]:
+    return [{**r, "test_accuracy": 0.5 + 0.05 * r["epoch"]} for r in history_rows()]
+
+
+def test_a_family_s_accuracy_gets_its_own_labelled_axis(tmp_path):
+    """M2's epoch_metrics (test accuracy, a share) are not nats: a right-hand axis in %."""
+    fig = plots.elbo_curves(accuracy_rows(), tmp_path / "elbo.png")
+    assert_labelled(fig)
+    left, right = fig.axes
+    assert right.get_ylabel() == "test accuracy (%)"
+    assert list(right.get_lines()[0].get_ydata()) == pytest.approx([55, 60, 65, 70, 75])
+    assert "test accuracy (right)" in [t.get_text() for t in left.get_legend().get_texts()]
+
+
 @pytest.mark.parametrize("draw, expected", [
     (lambda p: plots.elbo_curves(history_rows(), p), 1),
+    (lambda p: plots.elbo_curves(accuracy_rows(), p), 1),
     (lambda p: plots.bound_distributions(bounds_rows(), p), 2),
     (lambda p: plots.race_curves(race_rows(), p), 1),
     (lambda p: amortization.gaps_figure(GAPS, p), 1),

@@ -246,6 +246,11 @@ def test_train_run_with_few_labels(tmp_path):
         assert (run.out / name).read_bytes()[:8] == PNG, name
     saved = json.loads((run.out / "summary.json").read_text())
     assert saved["test_accuracy"] == s["test_accuracy"]
+    # the family's epoch_metrics: the accuracy epoch by epoch, the last one the summary's
+    rows = (run.out / "metrics.csv").read_text().splitlines()
+    column = rows[0].split(",").index("test_accuracy")
+    accuracy = [float(r.split(",")[column]) for r in rows[1:]]
+    assert len(accuracy) == 2 and accuracy[-1] == pytest.approx(s["test_accuracy"])
     assert any("50 of" in n for n in run.notes)
 
 

@@ -360,6 +360,13 @@ class SSVAE(Model):
                     f"sample) after {len(history)} epochs; M2 models its {m1.z_dim} "
                     "standardized encoder means, so M2's ELBOs are of those, not of pixels")
 
+    def epoch_metrics(self, ctx: RunContext) -> dict:
+        """``test_accuracy`` after each epoch (argmax q(y|x), one pass over the test split)."""
+        test = ctx.data.test
+        if test.y is None or not bool((test.y >= 0).all()):
+            return {}
+        return {"test_accuracy": (self.predict(test.x) == test.y).double().mean().item()}
+
     def report(self, ctx: RunContext) -> dict:
         """``labelled``, ``test_accuracy``, ``test_elbo_unlabelled`` (U(x): test labels hidden)
         and ``classification_weight``; ``samples_by_class.png`` (a row per class, z fixed per

@@ -417,6 +417,7 @@ def _train(config: TrainConfig, device: torch.device, data: Dataset, rundir, out
                "train_seconds": seconds}
         if val is not None:
             row["val_elbo"] = -val
+        row.update(hook(module, "epoch_metrics")(ctx))  # the family's own: M2's accuracy
         run.history.append(row)
 
     def save(loop_state: dict) -> None:
