@@ -29,13 +29,13 @@ F64 = torch.float64
 K = 10
 PIXELS = 5
 Z = 2
-SMALL = dict(hidden=(32,), z_dim=4)
+SMALL = dict(hidden=(32,), z_dim=4, m1=0)  # M2 alone (M1+M2: the tests at the end)
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
 def tiny(aux_weight: float = 0.7, **kw) -> SSVAE:
     """5 pixels, 10 classes, z of 2, float64 (seeded by the autouse fixture)."""
-    return SSVAE(PIXELS, K, z_dim=Z, hidden=(7,), aux_weight=aux_weight, **kw).to(F64)
+    return SSVAE(PIXELS, K, z_dim=Z, hidden=(7,), m1=0, aux_weight=aux_weight, **kw).to(F64)
 
 
 def batch(n: int = 6, labels=(3, -1, 0, -1, -1, 9)):
@@ -83,7 +83,7 @@ def unlabelled_term(m: SSVAE):
 def test_registered_with_options():
     assert get_model("ssvae") is SSVAE
     opts = SSVAEOptions()
-    assert (opts.hidden, opts.z_dim, opts.alpha) == ((500,), 50, 2.0)
+    assert (opts.hidden, opts.z_dim, opts.alpha, opts.m1) == ((500,), 50, 4.0, 50)  # M1+M2
     with pytest.raises(UsageError, match="alpha must be"):
         SSVAEOptions(alpha=-1.0)
     with pytest.raises(UsageError, match="classes takes"):
@@ -241,7 +241,7 @@ def test_train_run_with_few_labels(tmp_path):
     assert s["test_elbo_unlabelled"] > s["test_elbo"] - 1.0
     # alpha * B per batch: alpha N / N_labelled per labelled row (batches drawn alike)
     assert config.labelled_share == 0
-    assert s["classification_weight"] == pytest.approx(2.0 * len(run.data.train) / 50)
+    assert s["classification_weight"] == pytest.approx(4.0 * len(run.data.train) / 50)
     for name in ("samples_by_class.png", "analogies.png", "elbo_curves.png"):
         assert (run.out / name).read_bytes()[:8] == PNG, name
     saved = json.loads((run.out / "summary.json").read_text())

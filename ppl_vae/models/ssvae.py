@@ -87,17 +87,17 @@ class SSVAEOptions(NetworkOptions):
     hidden: tuple[int, ...] = field(default=(500,), metadata={
         "help": "hidden layer widths of the classifier and the encoder (the decoder mirrors "
                 "them; Pyro's example: 500)"})
-    alpha: float = field(default=2.0, metadata={
+    alpha: float = field(default=4.0, metadata={
         "help": "weight of the classification term log q(y|x): alpha * B per batch of B "
                 "rows, i.e. alpha / --labelled-share per labelled row (alpha * N_train / "
                 "N_labelled with --labelled-share 0; the paper's alpha is 0.1, Pyro's example "
                 "46 per row)"})
     classes: int = field(default=0, metadata={
         "help": "number of classes K (0: from the data's labels)"})
-    m1: int = field(default=0, metadata={
-        "help": "M1+M2: stack M2 on the standardized encoder means of an M1 VAE with this "
-                "latent dimension, trained first for --epochs epochs (the paper: 50); 0: M2 "
-                "on the pixels"})
+    m1: int = field(default=50, metadata={
+        "help": "M1+M2 (the default recipe, as in the paper): stack M2 on the standardized "
+                "encoder means of an M1 VAE with this latent dimension, trained first for "
+                "--epochs epochs; 0: M2 alone, on the pixels"})
     m1_hidden: tuple[int, ...] = field(default=(500,), metadata={
         "help": "hidden layer widths of M1's encoder (its decoder mirrors them)"})
 
