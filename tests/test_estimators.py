@@ -333,7 +333,8 @@ def enum_case(digits):
     from ppl_vae.models import SSVAE
 
     data = hide_labels(digits, 200, 0)
-    m2 = SSVAE(64, 10, z_dim=3, hidden=(16,), labelled_rows=True, unlabelled_rows=True).double()
+    m2 = SSVAE(64, 10, z_dim=3, hidden=(16,), m1=0, labelled_rows=True,
+               unlabelled_rows=True).double()
     x, y = m2.data_args(data.train.x[:40].double(), data.train.y[:40])
     return m2, (x, y)
 

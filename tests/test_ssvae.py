@@ -475,3 +475,14 @@ def test_m1_m2_beats_the_same_classifier_on_digits(tmp_path):
     run = train_run(config, data, progress=False)
     mlp = table.classifier(data, (500,), 40, math.ceil(len(data.train) / 128), 10, seed=0)
     assert run.summary["test_accuracy"] > mlp["accuracy"], (run.summary["test_accuracy"], mlp)
+
+
+def test_an_m1_never_fitted_is_said_so(few_labels, tmp_path):
+    """A loop of one's own that skips pretrain leaves M1 random: the report says so."""
+    from ppl_vae.models.context import RunContext
+
+    m = SSVAE(64, 10, hidden=(16,), z_dim=2, m1=3, m1_hidden=(8,))
+    ctx = RunContext(TrainConfig(model="ssvae", eval_particles=2), m.options, few_labels,
+                     tmp_path, score=score, figures=False)
+    m.report(ctx)
+    assert any("M1 was never fitted" in n for n in ctx.notes)

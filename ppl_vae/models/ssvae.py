@@ -138,8 +138,10 @@ class LabelledMLP(nn.Module):
 @register_model("ssvae")
 class SSVAE(Model):
     """M2: classifier ``D -> hidden -> K``, encoder ``(D, y) -> hidden -> 2d`` and decoder
-    ``(d, y) -> reversed(hidden) -> D``; ``aux_weight`` is a, ``labelled_rows`` and
-    ``unlabelled_rows`` whether the training split has rows of each kind."""
+    ``(d, y) -> reversed(hidden) -> D``, with D the pixels or, with ``m1`` (M1+M2), M1's
+    features; ``aux_weight`` is a, ``labelled_rows`` and ``unlabelled_rows`` whether the
+    training split has rows of each kind. M1 is fitted by :meth:`pretrain` (``train_run``
+    calls it; a loop of one's own must too)."""
 
     Options = SSVAEOptions
     default_elbo = "enum"  # y summed out exactly; mc would sample it (a score function)
@@ -375,6 +377,9 @@ class SSVAE(Model):
         x, _ = self.data_args(test.x, None)
         out: dict = {"labelled": ctx.data.labelled or 0,
                      "classification_weight": self.aux_weight}
+        if self.m1 is not None and not bool(self.m1_shift.any()):
+            ctx.log("ssvae: M1 was never fitted (pretrain did not run): M2 saw the features "
+                    "of a random M1")
         ctx.log(f"ssvae: {out['labelled']} of {len(ctx.data.train)} training rows labelled; "
                 f"classification weight a = {self.aux_weight:.4g} per labelled row")
         if test.y is not None and bool((test.y >= 0).all()):
