@@ -407,6 +407,7 @@ class SSVAE(Model):
         shown = min(self.classes, MAX_CLASS_ROWS)
         more = f" (the first {shown} of {self.classes})" if shown < self.classes else ""
         names = [str(k) for k in range(shown)]
+        through = " via M1's decoder" if self.m1 is not None else ""
         device = self.log_scale.device
 
         def samples() -> None:
@@ -415,8 +416,8 @@ class SSVAE(Model):
             ys = torch.arange(shown, device=device)[:, None]
             rows = self.decode(z.to(self.log_scale.dtype), ys)  # (classes, columns, D)
             plots.image_grid(list(rows), shape, out / "samples_by_class.png",
-                             f"samples E[x|y,z]: one row per class y{more}, the same "
-                             "z ~ p(z) down each column", names)
+                             f"samples E[x|y,z]{through}: one row per class y{more}, the "
+                             "same z ~ p(z) down each column", names)
 
         def analogies() -> str | None:
             test = data.test
