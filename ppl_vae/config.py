@@ -24,6 +24,16 @@ BINARIZE = ("none", "static", "dynamic")
 DEFAULT_EPOCHS = 10  # the epochs of a family that does not declare default_epochs
 
 
+def absent_meant(model: type) -> dict[str, Any]:
+    """The options of ``model``'s ``Options`` that declare ``metadata["absent"]``: the value
+    a record written before the option existed meant (M2's ``m1``: 0, M2 alone)."""
+    options = getattr(model, "Options", None)
+    if not dataclasses.is_dataclass(options):
+        return {}
+    return {f.name: f.metadata["absent"] for f in dataclasses.fields(options)
+            if "absent" in f.metadata}
+
+
 def _opt(default: Any, help: str, **meta: Any) -> Any:
     if callable(default):
         return field(default_factory=default, metadata={"help": help, **meta})
@@ -214,8 +224,10 @@ class TrainConfig:
             raise UsageError(f"key 'model_options' takes an object of the model's options, "
                              f"got {kwargs['model_options']!r}")
         with named_as_keys(""):
+            model = get_model(kwargs.get("model", "vae"))
             if "model_options" not in d:
-                model = get_model(kwargs.get("model", "vae"))
                 flat = {k: v for k, v in d.items() if k in options_of(model)}
                 kwargs["model_options"] = make_options(model, flat)
+            else:  # an option added since the record was written: what its absence meant
+                kwargs["model_options"] = {**absent_meant(model), **kwargs["model_options"]}
             return cls(**kwargs)

@@ -486,3 +486,12 @@ def test_an_m1_never_fitted_is_said_so(few_labels, tmp_path):
                      tmp_path, score=score, figures=False)
     m.report(ctx)
     assert any("M1 was never fitted" in n for n in ctx.notes)
+
+
+def test_a_run_recorded_before_m1_existed_reads_as_m2_alone():
+    """An option added later declares what its absence meant (metadata "absent"): an old
+    M2 record without ``m1`` is M2 alone, not the new default M1+M2."""
+    record = TrainConfig(model="ssvae", model_options={"m1": 0}).to_dict()
+    del record["model_options"]["m1"], record["model_options"]["m1_hidden"]
+    assert TrainConfig.from_dict(record).model_options.m1 == 0
+    assert TrainConfig.from_dict(TrainConfig(model="ssvae").to_dict()).model_options.m1 == 50

@@ -97,7 +97,8 @@ class SSVAEOptions(NetworkOptions):
     m1: int = field(default=50, metadata={
         "help": "M1+M2 (the default recipe, as in the paper): stack M2 on the standardized "
                 "encoder means of an M1 VAE with this latent dimension, trained first for "
-                "--epochs epochs; 0: M2 alone, on the pixels"})
+                "--epochs epochs; 0: M2 alone, on the pixels",
+        "absent": 0})  # a run recorded before M1+M2 existed was M2 alone
     m1_hidden: tuple[int, ...] = field(default=(500,), metadata={
         "help": "hidden layer widths of M1's encoder (its decoder mirrors them)"})
 
