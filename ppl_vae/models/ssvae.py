@@ -41,7 +41,9 @@ but v(x) = (mu1(x) - m) / s, the means of an M1 VAE's q(z1|x) (``d1`` values, a 
 training-split mean m and sd s, modelled by ``Normal(f(z, y), sigma^2 I)`` (sigma:
 ``--gaussian-scale``). ``pretrain`` fits M1 first (``TraceMeanField_ELBO``, the run's
 epochs and learning rate) and holds it fixed; M2's ELBOs are then of v(x), not of pixels, and
-its class-conditional samples are decoded to pixels by M1's decoder.
+its class-conditional samples are decoded to pixels by M1's decoder. ``data_args`` computes v(x)
+once per batch, so the programs take v (``classify_logits``, ``encode`` and ``predict`` take
+pixels).
 """
 
 from __future__ import annotations
@@ -210,12 +212,13 @@ class SSVAE(Model):
                                   labelled_rows=labelled > 0, unlabelled_rows=labelled < n)
 
     def data_args(self, x: Tensor, y: Tensor | None) -> tuple[Tensor, Tensor]:
-        """(x, y): float pixels and labels, -1 where unlabelled (all of them when ``y`` is
-        None)."""
-        x = pixels(x)
+        """(v, y): what M2 models, v(x) (:meth:`features`: the float pixels, or M1's
+        features, computed once per batch), and the labels, -1 where unlabelled (all of them
+        when ``y`` is None)."""
+        v = self.features(x)
         if y is None:
-            return x, torch.full((x.shape[0],), UNLABELLED, dtype=torch.long, device=x.device)
-        return x, y.long()
+            return v, torch.full((v.shape[0],), UNLABELLED, dtype=torch.long, device=v.device)
+        return v, y.long()
 
     # -- networks ------------------------------------------------------------------------------
     def features(self, x: Tensor) -> Tensor:
@@ -275,18 +278,18 @@ class SSVAE(Model):
     def model(self, x: Tensor, y: Tensor) -> None:
         """p(y) p(z) p(x|y,z) with y observed where ``y >= 0`` (``y_observed``) and latent
         elsewhere (``y_unobserved``)."""
-        labelled, v = y >= 0, self.features(x)
+        labelled = y >= 0
         with pyro.plate("data", x.shape[0], device=x.device):
             value = pyro.sample("y", self._prior_y(x), obs=y.clamp(min=0), obs_mask=labelled)
-            self._z_and_x(v, value)
+            self._z_and_x(x, value)
 
     def guide(self, x: Tensor, y: Tensor) -> None:
         """q(y|x) for the unlabelled rows (``y_unobserved``), then q(z|x,y)."""
-        labelled, v = y >= 0, self.features(x)
+        labelled = y >= 0
         with pyro.plate("data", x.shape[0], device=x.device):
             with poutine.mask(mask=~labelled):
-                guess = pyro.sample("y_unobserved", dist.Categorical(logits=self.classifier(v)))
-            self._z_guide(v, torch.where(labelled, y.clamp(min=0), guess))
+                guess = pyro.sample("y_unobserved", dist.Categorical(logits=self.classifier(x)))
+            self._z_guide(x, torch.where(labelled, y.clamp(min=0), guess))
 
     # -- the training objective: three masked terms --------------------------------------------
     def model_labelled(self, x: Tensor, y: Tensor) -> None:
@@ -294,32 +297,31 @@ class SSVAE(Model):
         with pyro.plate("data", x.shape[0], device=x.device), poutine.mask(mask=y >= 0):
             label = y.clamp(min=0)
             pyro.sample("y", self._prior_y(x), obs=label)
-            self._z_and_x(self.features(x), label)
+            self._z_and_x(x, label)
 
     def guide_labelled(self, x: Tensor, y: Tensor) -> None:
         """q(z|x,y) on the labelled rows."""
         with pyro.plate("data", x.shape[0], device=x.device), poutine.mask(mask=y >= 0):
-            self._z_guide(self.features(x), y.clamp(min=0))
+            self._z_guide(x, y.clamp(min=0))
 
     def model_unlabelled(self, x: Tensor, y: Tensor) -> None:
         """U(x) on the unlabelled rows: p(y) p(z) p(x|y,z), y latent."""
         with pyro.plate("data", x.shape[0], device=x.device), poutine.mask(mask=y < 0):
-            self._z_and_x(self.features(x), pyro.sample("y", self._prior_y(x)))
+            self._z_and_x(x, pyro.sample("y", self._prior_y(x)))
 
     def guide_unlabelled(self, x: Tensor, y: Tensor) -> None:
         """q(y|x) q(z|x,y) on the unlabelled rows, y marked for parallel enumeration (summed
         out by ``TraceEnum_ELBO``, sampled by the other estimators)."""
-        v = self.features(x)
         with pyro.plate("data", x.shape[0], device=x.device), poutine.mask(mask=y < 0):
-            guess = pyro.sample("y", dist.Categorical(logits=self.classifier(v)),
+            guess = pyro.sample("y", dist.Categorical(logits=self.classifier(x)),
                                 infer={"enumerate": "parallel"})
-            self._z_guide(v, guess)
+            self._z_guide(x, guess)
 
     def model_classify(self, x: Tensor, y: Tensor) -> None:
         """log q(y|x) of the labelled rows as an observed site (weighted by ``aux_weight``
         in :meth:`programs`)."""
         with pyro.plate("data", x.shape[0], device=x.device), poutine.mask(mask=y >= 0):
-            pyro.sample("y_aux", dist.Categorical(logits=self.classify_logits(x)),
+            pyro.sample("y_aux", dist.Categorical(logits=self.classifier(x)),
                         obs=y.clamp(min=0))
 
     def guide_classify(self, x: Tensor, y: Tensor) -> None:
@@ -352,7 +354,8 @@ class SSVAE(Model):
         def m1_loss(x: Tensor, y: Tensor) -> Tensor:  # -ELBO of M1, summed over the rows
             return elbo.differentiable_loss(m1.model, m1.guide, x)
 
-        history = ctx.fit(m1_loss, m1, name="m1_loss", desc="M1 VAE")
+        history = ctx.fit(m1_loss, m1, name="m1_loss", desc="M1 VAE",
+                          inputs=lambda x, y: (pixels(x), y))
         write_csv(ctx.out / "m1_metrics.csv", history)
         with torch.no_grad():
             means = torch.cat([m1.encode(pixels(c))[0] for c in ctx.data.train.x.split(4096)])
@@ -375,7 +378,7 @@ class SSVAE(Model):
         and ``classification_weight``; ``samples_by_class.png`` (a row per class, z fixed per
         column) and ``analogies.png`` (test images' z decoded with every class)."""
         test = ctx.data.test
-        x, _ = self.data_args(test.x, None)
+        v, _ = self.data_args(test.x, None)
         out: dict = {"labelled": ctx.data.labelled or 0,
                      "classification_weight": self.aux_weight}
         if self.m1 is not None and not bool(self.m1_shift.any()):
@@ -384,12 +387,13 @@ class SSVAE(Model):
         ctx.log(f"ssvae: {out['labelled']} of {len(ctx.data.train)} training rows labelled; "
                 f"classification weight a = {self.aux_weight:.4g} per labelled row")
         if test.y is not None and bool((test.y >= 0).all()):
-            out["test_accuracy"] = (self.predict(x) == test.y).double().mean().item()
+            out["test_accuracy"] = (self.predict(test.x) == test.y).double().mean().item()
         particles = getattr(ctx.config, "eval_particles", 10)
-        out["test_elbo_unlabelled"] = unlabelled_bound(self, x, ctx.score, particles
+        out["test_elbo_unlabelled"] = unlabelled_bound(self, v, ctx.score, particles
                                                        ).mean().item()
         if self.m1 is not None:  # M2's ELBOs are of v(x); M1's is of the pixels
-            out["m1_test_elbo"] = ctx.score(self.m1, x, num_samples=particles).elbo.mean().item()
+            out["m1_test_elbo"] = ctx.score(self.m1, pixels(test.x), num_samples=particles
+                                            ).elbo.mean().item()
             ctx.log(f"M1: test ELBO {out['m1_test_elbo']:.2f} nats per image ({particles} "
                     "samples)")
         ctx.log(f"ssvae: test accuracy {out.get('test_accuracy', float('nan')):.4f}, test "
@@ -439,10 +443,11 @@ class SSVAE(Model):
 
 @torch.no_grad()
 def unlabelled_bound(module: SSVAE, x: Tensor, score, particles: int = 10) -> Tensor:
-    """U(x) = sum_y q(y|x) [L(x, y) - log q(y|x)] per row of ``x``: exact over the K classes,
-    each L(x, y) (which includes log p(y)) by ``score`` (:func:`ppl_vae.inference.importance.score`)
-    with ``particles`` draws of z ~ q(z|x,y)."""
-    log_q = torch.cat([F.log_softmax(module.classify_logits(c), -1) for c in x.split(4096)])
+    """U(x) = sum_y q(y|x) [L(x, y) - log q(y|x)] per row of ``x`` (``data_args``'s first
+    output: v(x)): exact over the K classes, each L(x, y) (which includes log p(y)) by
+    ``score`` (:func:`ppl_vae.inference.importance.score`) with ``particles`` draws of
+    z ~ q(z|x,y)."""
+    log_q = torch.cat([F.log_softmax(module.classifier(c), -1) for c in x.split(4096)])
     bound = torch.zeros(x.shape[0], dtype=log_q.dtype, device=x.device)
     for k in range(module.classes):
         y = torch.full((x.shape[0],), k, dtype=torch.long, device=x.device)

@@ -14,6 +14,7 @@ import json
 import os
 import signal
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -93,19 +94,21 @@ def build_model(config: TrainConfig, data: Dataset) -> nn.Module:
     return module
 
 
-def data_args(module: nn.Module, split: Split, rows: slice | None = None) -> tuple[Tensor, ...]:
-    """The arguments of ``module.model``/``guide`` for (some rows of) ``split``."""
+def data_args(module: nn.Module, split: Split, rows: slice | None = None,
+              inputs: Callable | None = None) -> tuple[Tensor, ...]:
+    """The arguments of ``module.model``/``guide`` (or of ``inputs(x, y)``) for (some rows
+    of) ``split``."""
     x, y = split.x, split.y
     if rows is not None:
         x, y = x[rows], None if y is None else y[rows]
-    return hook(module, "data_args")(x, y)
+    return (inputs or hook(module, "data_args"))(x, y)
 
 
-def train_args(module: nn.Module, data: Dataset, generator: torch.Generator | None = None
-               ) -> tuple[Tensor, ...]:
-    """The arguments of ``module.model``/``guide`` for one epoch of training rows (freshly
-    binarized under dynamic binarization, drawn by ``generator``)."""
-    return hook(module, "data_args")(data.train_epoch(generator), data.train.y)
+def train_args(module: nn.Module, data: Dataset, generator: torch.Generator | None = None,
+               inputs: Callable | None = None) -> tuple[Tensor, ...]:
+    """The arguments of ``module.model``/``guide`` (or of ``inputs(x, y)``) for one epoch of
+    training rows (freshly binarized under dynamic binarization, drawn by ``generator``)."""
+    return (inputs or hook(module, "data_args"))(data.train_epoch(generator), data.train.y)
 
 
 def setup_model(config: TrainConfig, data: Dataset, device: torch.device,
@@ -171,13 +174,13 @@ def context(config: TrainConfig, module: nn.Module, data: Dataset, out: Path,
     the same data-parallel loop as SVI, not checkpointed)."""
     device = data.train.x.device
 
-    def fit_part(loss, part: nn.Module, name: str = "loss", desc: str = "pretrain"
-                 ) -> list[dict]:
+    def fit_part(loss, part: nn.Module, name: str = "loss", desc: str = "pretrain",
+                 inputs: Callable | None = None) -> list[dict]:
         history: list[dict] = []
 
         def per_row(split: Split) -> float:
             with torch.no_grad():
-                total = sum(loss(*data_args(module, split, slice(i, i + 4096))).item()
+                total = sum(loss(*data_args(module, split, slice(i, i + 4096), inputs)).item()
                             for i in range(0, len(split), 4096))
             return total / len(split)
 
@@ -189,7 +192,7 @@ def context(config: TrainConfig, module: nn.Module, data: Dataset, out: Path,
         params = list(part.parameters())
         Loop(dist.data_parallel_step(loss, part, params, world),
              torch.optim.Adam(params, lr=config.lr), part,
-             lambda g: train_args(module, data, g), config.batch_size, config.epochs,
+             lambda g: train_args(module, data, g, inputs), config.batch_size, config.epochs,
              seed=config.seed, device=device, world=world,
              validate=(lambda: per_row(data.val)) if config.early_stop else None,
              patience=config.early_stop, on_epoch=on_epoch, guard=guard,
