@@ -14,10 +14,13 @@ its pre-trained baseline network and its -1-masked inputs, which no trainer can 
 * ``GlobalLatentVAE``: a VAE whose decoder output weights are a global latent with a prior
   (``PyroSample``), guided by an ``AutoNormal`` part beside the amortized encoder.
 * ``EnumMixtureVAE``: a class label y ~ Categorical(1/K) beside z, summed out by
-  ``TraceEnum_ELBO`` (the guide's y is ``config_enumerate``-d), as in Pyro's ss-vae example.
+  ``TraceEnum_ELBO`` (the guide's y is ``config_enumerate``-d), as in Pyro's ss-vae example;
+  ``RankOneFails``, the same raising on torchrun's rank 1 only.
 """
 
 from __future__ import annotations
+
+import os
 
 import pyro
 import pyro.distributions as dist
@@ -315,3 +318,13 @@ class EnumMixtureVAE(nn.Module):
             loc, log_scale = self.encode(self._cat(x, F.one_hot(y, self.k).to(x.dtype))
                                          ).chunk(2, -1)
             pyro.sample("z", dist.Normal(loc, log_scale.exp()).to_event(1))
+
+
+class RankOneFails(EnumMixtureVAE):
+    """``EnumMixtureVAE`` whose model raises on torchrun's rank 1 alone, once training starts
+    (an error only one process meets)."""
+
+    def model(self, x):
+        if os.environ.get("RANK") == "1" and self.training:
+            raise ValueError("only rank one meets this")
+        super().model(x)

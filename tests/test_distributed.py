@@ -342,45 +342,15 @@ def test_the_cvae_quadrant_table_under_torchrun(tmp_path):
     assert result.stdout.count("runs written to") == 1, result.stdout
 
 
-RANK_ONE_FAILS = '''
-import os
-
-import pyro
-import pyro.distributions as dist
-from torch import nn
-
-
-class RankOneFails(nn.Module):
-    """A plug-in whose model raises on torchrun's rank 1 only, once training starts."""
-
-    def __init__(self, input_dim: int):
-        super().__init__()
-        self.enc, self.dec = nn.Linear(input_dim, 4), nn.Linear(2, input_dim)
-
-    def model(self, x):
-        if os.environ.get("RANK") == "1" and self.training:
-            raise ValueError("only rank one meets this")
-        with pyro.plate("data", x.shape[0]):
-            z = pyro.sample("z", dist.Normal(x.new_zeros(x.shape[0], 2), 1.0).to_event(1))
-            pyro.sample("x", dist.Bernoulli(logits=self.dec(z), validate_args=False)
-                        .to_event(1), obs=x)
-
-    def guide(self, x):
-        with pyro.plate("data", x.shape[0]):
-            loc, log_scale = self.enc(x).chunk(2, -1)
-            pyro.sample("z", dist.Normal(loc, log_scale.exp()).to_event(1))
-'''
-
-
 @pytest.mark.slow
 @needs_torchrun
 def test_an_error_on_one_rank_alone_is_the_line_the_user_sees(tmp_path):
     """Rank 1's own error (rank 0 is fine) is printed once, before torchrun's banner; rank
     0, whose collective then fails, prints no traceback of its own."""
-    (tmp_path / "rank_plugin.py").write_text(RANK_ONE_FAILS)
-    agent = _start("--model", "rank_plugin:RankOneFails", "--dataset", "digits", "--epochs", "1",
-                   "--out", tmp_path / "run", cwd=tmp_path,
-                   env={"PYTHONPATH": os.pathsep.join([str(tmp_path), _env()["PYTHONPATH"]])})
+    tests = str(Path(__file__).resolve().parent)  # plugin_models
+    agent = _start("--model", "plugin_models:RankOneFails", "--dataset", "digits", "--epochs",
+                   "1", "--out", tmp_path / "run", cwd=tmp_path,
+                   env={"PYTHONPATH": os.pathsep.join([tests, _env()["PYTHONPATH"]])})
     _, stderr = _finish(agent)
     assert agent.returncode != 0
     lines = [line for line in stderr.splitlines() if "python -m ppl_vae train:" in line]

@@ -361,10 +361,6 @@ class SSVAE(Model):
             means = torch.cat([m1.encode(pixels(c))[0] for c in ctx.data.train.x.split(4096)])
             self.m1_shift.copy_(means.mean(0))
             self.m1_spread.copy_(means.std(0).clamp(min=1e-6))
-        if history:
-            ctx.log(f"M1: test ELBO {-history[-1]['test_m1_loss']:.2f} nats per image (one "
-                    f"sample) after {len(history)} epochs; M2 models its {m1.z_dim} "
-                    "standardized encoder means, so M2's ELBOs are of those, not of pixels")
 
     def epoch_metrics(self, ctx: RunContext) -> dict:
         """``test_accuracy`` after each epoch (argmax q(y|x), one pass over the test split)."""
@@ -386,8 +382,7 @@ class SSVAE(Model):
                     "of a random M1")
         ctx.log(f"ssvae: {out['labelled']} of {len(ctx.data.train)} training rows labelled; "
                 f"classification weight a = {self.aux_weight:.4g} per labelled row")
-        if test.y is not None and bool((test.y >= 0).all()):
-            out["test_accuracy"] = (self.predict(test.x) == test.y).double().mean().item()
+        out.update(self.epoch_metrics(ctx))  # test_accuracy
         particles = getattr(ctx.config, "eval_particles", 10)
         out["test_elbo_unlabelled"] = unlabelled_bound(self, v, ctx.score, particles
                                                        ).mean().item()
@@ -395,7 +390,8 @@ class SSVAE(Model):
             out["m1_test_elbo"] = ctx.score(self.m1, pixels(test.x), num_samples=particles
                                             ).elbo.mean().item()
             ctx.log(f"M1: test ELBO {out['m1_test_elbo']:.2f} nats per image ({particles} "
-                    "samples)")
+                    f"samples); M2 models its {self.m1.z_dim} standardized encoder means, so "
+                    "M2's ELBOs are of those, not of pixels")
         ctx.log(f"ssvae: test accuracy {out.get('test_accuracy', float('nan')):.4f}, test "
                 f"ELBO with labels hidden {out['test_elbo_unlabelled']:.2f}")
         self._figures(ctx)
