@@ -479,6 +479,7 @@ def test_the_readme_third_party_model_trains_from_the_cli(tmp_path, monkeypatch,
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.chdir(tmp_path)
     argv = command.split()[4:]  # after "python -m ppl_vae train"
+    sys.modules.pop("my_models", None)  # this file's, not another test's module of that name
     try:
         result = cli(train_main, [*argv, "--epochs", "1"])
     finally:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import textwrap
 
 import pytest
@@ -53,7 +54,8 @@ PLUGIN = textwrap.dedent('''
 def plugin_dir(tmp_path, monkeypatch):
     (tmp_path / "my_models.py").write_text(PLUGIN)
     monkeypatch.syspath_prepend(str(tmp_path))
-    return tmp_path
+    yield tmp_path
+    sys.modules.pop("my_models", None)  # imported in-process: other tests write their own
 
 
 @pytest.mark.slow
