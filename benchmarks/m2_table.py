@@ -90,7 +90,7 @@ def classifier(data: Dataset, hidden: tuple[int, ...], epochs: int, steps_per_ep
     return {"accuracy": accuracy(net, data.test.x, data.test.y), "epoch": best_epoch}
 
 
-def model_opts(pairs: list[str]) -> dict:
+def key_values(pairs: list[str]) -> dict:
     """``["gaussian_scale=0.5"]`` -> ``{"gaussian_scale": 0.5}`` (numbers and tuples read)."""
     opts = {}
     for pair in pairs:
@@ -116,7 +116,8 @@ def one_cell(a: argparse.Namespace, labels: int, seed: int) -> list[dict]:
                                  early_stop=a.early_stop, threads=1,
                                  labelled_share=a.labelled_share,
                                  model_options={"m1": METHODS[method],
-                                                **model_opts(a.model_opt)},
+                                                **key_values(a.model_opt)},
+                                 **key_values(a.run_opt),
                                  out=f"{tmp}/{method}")
             run = train_run(config, data, progress=False)
             rows.append({"labels": labels, "seed": seed, "method": method,
@@ -173,7 +174,7 @@ def table(runs: list[dict], a: argparse.Namespace, wall: float) -> tuple[str, li
                f"{', '.join(map(str, a.seeds))}; the paired difference per seed in brackets. "
                f"{a.epochs} epochs, early stopping with patience {a.early_stop} on the same "
                f"held-out {a.val_fraction:.0%} of the training split; "
-               f"{' '.join(a.model_opt) or 'the family defaults'}, "
+               f"{' '.join(a.model_opt + a.run_opt) or 'the family defaults'}, "
                f"--labelled-share {a.labelled_share}. Seconds per run (one thread): "
                + ", ".join(f"{m} {s:.0f}" for m, s in seconds.items())
                + f". Wall time {wall / 60:.1f} min with {a.jobs} job(s). Paper: Kingma et "
@@ -194,6 +195,9 @@ def main() -> int:
     p.add_argument("--labelled-share", type=float, default=0.0)
     p.add_argument("--model-opt", nargs="*", default=[], metavar="KEY=VALUE",
                    help="ssvae options for both methods (alpha=2); else its defaults")
+    p.add_argument("--run-opt", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="a run option of the models (TrainConfig), e.g. beta1=0.5 or lr=3e-4; "
+                        "the classifier keeps Adam's defaults")
     p.add_argument("--jobs", type=int, default=2, help="runs at a time (one thread each)")
     p.add_argument("--out", help="write m2_table.csv, m2_runs.csv and m2_table.md here")
     a = p.parse_args()

@@ -92,6 +92,9 @@ class TrainConfig:
                          "step with one line saying why where capture cannot be exact",
                          group="inference")
     lr: float = _opt(1e-3, "Adam learning rate", group="inference")
+    beta1: float = _opt(0.9, "Adam's beta1, the decay of its running mean of the gradient "
+                        "(beta2 stays 0.999; Pyro's ss_vae example runs 0.95)",
+                        group="inference")
     epochs: int | None = _opt(None, "training epochs (default: the model's own, its "
                               "default_epochs: ssvae 50, the others 10)", group="inference",
                               type=int)
@@ -176,6 +179,8 @@ class TrainConfig:
                                  f"{getattr(self, name)!r}")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise UsageError(f"--lr must be a positive number, got {self.lr}")
+        if not 0 <= self.beta1 < 1:
+            raise UsageError(f"--beta1 must lie in [0, 1), got {self.beta1}")
         if not 0 <= self.labelled_share < 1:
             raise UsageError(f"--labelled-share must lie in [0, 1), got {self.labelled_share}")
         if self.early_stop < 0:

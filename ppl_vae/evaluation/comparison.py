@@ -43,6 +43,7 @@ from ..models import hook
 from ..run.loop import Loop
 from ..run.rundir import RunDir
 from ..run.train import (
+    adam,
     context,
     data_args,
     device_for,
@@ -279,7 +280,7 @@ def training_race(module: nn.Module, data: Dataset, config: TrainConfig,
         pyro.set_rng_seed(config.seed)
         info = probe(racer, data)
         step = elbo_step(_elbo(name, k, info), racer, hook(racer, "programs")(), info)
-        opt = torch.optim.Adam(collect_params(racer, info), lr=config.lr)
+        opt = adam(collect_params(racer, info), config)
         elapsed = [0.0]
 
         def on_epoch(epoch: int, loss: float, seconds: float, val, name=name, k=k,
@@ -336,7 +337,7 @@ def compare(cc: CompareConfig, out: str | None = None, progress: bool | None = N
             cc.run, config.cuda, config.data_dir if config.data_dir != "data" else None)
         # the run's model and data; this comparison's training settings for the race
         config = replace(saved, **{k: getattr(config, k) for k in (
-            "lr", "epochs", "batch_size", "seed", "eval_particles", "cuda", "overwrite")})
+            "lr", "beta1", "epochs", "batch_size", "seed", "eval_particles", "cuda", "overwrite")})
     else:
         device = device_for(config.cuda)
         use_threads(config.threads)
@@ -353,7 +354,7 @@ def compare(cc: CompareConfig, out: str | None = None, progress: bool | None = N
             hook(module, "pretrain")(ctx)
             step = elbo_step(make_elbo(config.elbo, 1, max_plate_nesting=info.max_plate_nesting),
                              module, hook(module, "programs")(), info)
-            Loop(step, torch.optim.Adam(collect_params(module, info), lr=config.lr), module,
+            Loop(step, adam(collect_params(module, info), config), module,
                  lambda g: train_args(module, data, g), config.batch_size, cc.warmup_epochs,
                  seed=config.seed, device=data.train.x.device, progress=progress,
                  desc="warm-up").run()

@@ -78,6 +78,11 @@ def use_threads(threads: int = 0, processes: int = 1) -> int:
     return threads
 
 
+def adam(params: list[Tensor], config: TrainConfig) -> torch.optim.Adam:
+    """Adam over ``params`` with the run's learning rate and beta1 (beta2 0.999)."""
+    return torch.optim.Adam(params, lr=config.lr, betas=(config.beta1, 0.999))
+
+
 def load_data(config: TrainConfig) -> Dataset:
     data = load_dataset(config.dataset, config.data_dir, config.download, config.binarize,
                         labelled=config.labelled, seed=config.seed)
@@ -191,7 +196,7 @@ def context(config: TrainConfig, module: nn.Module, data: Dataset, out: Path,
 
         params = list(part.parameters())
         Loop(dist.data_parallel_step(loss, part, params, world),
-             torch.optim.Adam(params, lr=config.lr), part,
+             adam(params, config), part,
              lambda g: train_args(module, data, g, inputs), config.batch_size, config.epochs,
              seed=config.seed, device=device, world=world,
              validate=(lambda: per_row(data.val)) if config.early_stop else None,
@@ -404,7 +409,7 @@ def _train(config: TrainConfig, device: torch.device, data: Dataset, rundir, out
         module.load_state_dict(state["model"])
         load_store_values(state.get("store_values") or {})
         run.history = list(state["history"] or [])
-    optimizer = torch.optim.Adam(params, lr=config.lr)
+    optimizer = adam(params, config)
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
     elif world.parallel and world.rank:  # each rank its own latent noise
