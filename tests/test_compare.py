@@ -92,6 +92,21 @@ def test_race_gives_every_racer_the_same_batches(digits, vae_and_batch):
     assert summary[0]["epochs_to_target"] == 2
 
 
+def test_each_racer_follows_the_family_s_schedule(digits, monkeypatch):
+    """The race trains through the contract: each racer's start_epoch runs before each of its
+    epochs, with the context it is given."""
+    calls = []
+    monkeypatch.setattr(VAE, "start_epoch", lambda self, ctx, epoch: calls.append(
+        (self, ctx, epoch)), raising=False)
+    vae = VAE(64, z_dim=2, hidden=(16,))
+    config = TrainConfig(dataset="digits", epochs=2, batch_size=256, eval_particles=2)
+    training_race(vae, digits, config, [("mc", 1), ("analytic", 1)], None, ctx="ctx")
+    assert [(c, e) for _, c, e in calls] == [("ctx", 1), ("ctx", 2)] * 2
+    racers = [m for m, _, _ in calls]  # two copies, each trained by its own hook calls
+    assert racers[0] is racers[1] and racers[2] is racers[3] and racers[0] is not racers[2]
+    assert all(m is not vae for m in racers)
+
+
 def test_compare_end_to_end(tmp_path, cli):
     out = tmp_path / "cmp"
     result = cli(compare_main, [*NET, "--epochs", "2", "--repeats", "10", "--particles", "1",

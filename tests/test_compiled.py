@@ -410,6 +410,37 @@ def test_a_changed_python_value_recompiles_at_the_next_epoch_start(change, digit
             assert gap(compiled_state[1]["state"][index][key], value) < 1e-11, (index, key)
 
 
+@pytest.mark.slow
+def test_a_schedule_held_in_a_buffer_is_read_without_compiling_again(digits):
+    """M2's alpha schedule sets a buffer in place at each epoch start (start_epoch): the
+    graph takes buffers as inputs, so the next epoch's step reads the new weight with no
+    new compilation, and equals the eager step with the same weight, state and noise."""
+    _, data, elbo, k = case("ssvae-enum", digits)
+    s = Setup(family("ssvae", data, hidden=(16,), z_dim=3, m1=0, alpha_decay=0.25), data, elbo, k)
+    hook(s.module, "start_epoch")(None, 1)
+    s.step(1, s.args, s.total, s.first_bad)
+    assert s.step.refused is None and s.step.graphs
+    hook(s.module, "start_epoch")(None, 3)  # the classification term at 1/16 of its weight
+    start = copy.deepcopy((s.module.state_dict(), s.optimizer.state_dict(),
+                           torch.get_rng_state()))
+    s.step(0, s.args, s.total, s.first_bad)  # an epoch start: nothing changed in the graph
+    assert s.lines == [] and s.step.refused is None
+    compiled_state = copy.deepcopy((s.module.state_dict(), s.optimizer.state_dict()))
+    s.module.load_state_dict(start[0])
+    s.optimizer.load_state_dict(start[1])
+    torch.set_rng_state(start[2])
+    s.eager(0, s.args, s.total, s.first_bad)
+    for index, state in s.optimizer.state_dict()["state"].items():
+        assert gap(compiled_state[1]["state"][index]["exp_avg"], state["exp_avg"]) < 1e-11
+    hook(s.module, "start_epoch")(None, 1)  # (the weight does move the gradient)
+    s.module.load_state_dict(start[0])
+    s.optimizer.load_state_dict(start[1])
+    torch.set_rng_state(start[2])
+    s.eager(0, s.args, s.total, s.first_bad)
+    assert max(gap(compiled_state[1]["state"][i]["exp_avg"], state["exp_avg"])
+               for i, state in s.optimizer.state_dict()["state"].items()) > 1e-6
+
+
 def test_the_divergence_flag_and_loss_sum_live_in_the_graph(digits):
     module, data = small(VAE, digits)
     s = Setup(module, data)

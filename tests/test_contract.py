@@ -350,6 +350,7 @@ def test_hooks_default_for_plain_modules_and_subclasses():
     assert hook(plain, "data_args")(x, None) == (x,)
     assert hook(plain, "programs")() == [(1.0, plain.model, plain.guide)]
     assert hook(plain, "pretrain")(None) is None
+    assert hook(plain, "start_epoch")(None, 1) is None
     assert hook(plain, "epoch_metrics")(None) == {}
     with pytest.raises(AttributeError, match="not a hook"):
         hook(plain, "proposal")

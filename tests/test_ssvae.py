@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pyro
@@ -22,7 +23,7 @@ from ppl_vae import Dataset, Split, TrainConfig, UsageError, load_dataset, make_
 from ppl_vae.cli import train_main
 from ppl_vae.inference.program import inspect_program
 from ppl_vae.inference.svi import elbo_loss
-from ppl_vae.models import SSVAE, get_model
+from ppl_vae.models import SSVAE, get_model, hook
 from ppl_vae.models.ssvae import SSVAEOptions, unlabelled_bound
 from ppl_vae.run.train import train_run
 
@@ -345,6 +346,62 @@ def test_the_classification_weight_is_alpha_b_per_batch(few_labels):
     assert composed.aux_weight == pytest.approx(0.3 / 0.25)
     drawn = SSVAE.from_options(options, replace(few_labels, labelled_share=0.0))
     assert drawn.aux_weight == pytest.approx(0.3 * len(few_labels.train) / 50)
+
+
+def test_alpha_s_schedule_weighs_the_classification_term_epoch_by_epoch(few_labels):
+    """With alpha_decay r, the trainer's loss of the classification program in epoch e is
+    -a r^(e-1) sum_labelled log q(y|x), exactly (no latent: a deterministic term)."""
+    model = SSVAE.from_options(SSVAEOptions(**SMALL, alpha=0.3, alpha_decay=0.5), few_labels)
+    v, y = model.data_args(few_labels.train.x[:64], few_labels.train.y[:64])
+    assert int((y >= 0).sum()) > 0
+    classify = [t for t in model.programs() if t[1] == model.model_classify]
+    loss = elbo_loss(make_elbo("enum", 1, max_plate_nesting=1), model, classify)
+    with torch.no_grad():
+        log_q = torch.log_softmax(model.classifier(v), -1)
+        nll = -log_q[y >= 0].gather(1, y[y >= 0, None]).sum()
+    for epoch in (1, 2, 4):
+        hook(model, "start_epoch")(None, epoch)
+        expected = model.aux_weight * 0.5 ** (epoch - 1) * nll
+        assert loss(v, y).item() == pytest.approx(expected.item(), rel=1e-6), epoch
+    assert "aux_factor" not in model.state_dict()  # the epoch decides it: old runs load
+    with pytest.raises(UsageError, match="alpha.decay must be a number > 0"):
+        SSVAEOptions(alpha_decay=0.0)
+
+
+def test_a_run_applies_the_schedule_each_epoch_and_on_resume(few_labels, tmp_path,
+                                                            monkeypatch):
+    """start_epoch runs before every epoch (also the epoch a resumed run re-enters), so an
+    interrupted and resumed run with a schedule equals the uninterrupted one."""
+    from test_resume import interrupt_at, without_clock
+
+    from ppl_vae.interrupt import Interrupted
+    from ppl_vae.run.loop import Loop
+    from ppl_vae.run.train import resume_config
+
+    seen, take = [], Loop._take_step
+    start = SSVAE.start_epoch
+    monkeypatch.setattr(SSVAE, "start_epoch",
+                        lambda self, ctx, epoch: (seen.append(epoch), start(self, ctx, epoch)))
+
+    def config(out):
+        return TrainConfig(model="ssvae", model_options={**SMALL, "alpha_decay": 0.3},
+                           epochs=3, batch_size=64, beta1=0.5, eval_particles=2, seed=1,
+                           checkpoint_every_steps=5, out=str(tmp_path / out))
+
+    whole = train_run(config("whole"), few_labels, progress=False)
+    assert seen == [1, 2, 3]
+    constant = train_run(replace(config("constant"), model_options=SMALL), few_labels,
+                         progress=False)  # (the schedule changes the run)
+    assert constant.history[1]["train_elbo"] != whole.history[1]["train_elbo"]
+    interrupt_at(monkeypatch, epoch=2, step=7)
+    with pytest.raises(Interrupted):
+        train_run(config("cut"), few_labels, progress=False)
+    seen.clear()
+    monkeypatch.setattr(Loop, "_take_step", take)
+    resumed = train_run(resume_config(tmp_path / "cut"), few_labels, progress=False,
+                        resume=True)
+    assert seen == [2, 3]
+    assert without_clock(resumed.history) == without_clock(whole.history)
 
 
 def test_training_batches_are_composed(few_labels, tmp_path, monkeypatch):

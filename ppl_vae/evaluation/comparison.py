@@ -39,7 +39,7 @@ from ..files import write_csv, write_json, write_text
 from ..inference.estimators import ELBOS, make_elbo, suited
 from ..inference.program import ProgramInfo
 from ..inference.svi import collect_params, elbo_step, hide_bar
-from ..models import hook
+from ..models import RunContext, hook
 from ..run.loop import Loop
 from ..run.rundir import RunDir
 from ..run.train import (
@@ -268,9 +268,11 @@ def variance_ratios(gradients: list[dict]) -> list[dict]:
 
 def training_race(module: nn.Module, data: Dataset, config: TrainConfig,
                   racers: list[tuple[str, int]], target: float | None,
-                  progress: bool | None = None) -> tuple[list[dict], list[dict]]:
+                  progress: bool | None = None, ctx: RunContext | None = None
+                  ) -> tuple[list[dict], list[dict]]:
     """Train a copy of ``module`` per (estimator, particles) on the same batches; return the
-    per-epoch rows and a summary with final test ELBO and time to ``target``."""
+    per-epoch rows and a summary with final test ELBO and time to ``target``. Each racer's
+    ``start_epoch(ctx, epoch)`` hook runs before each of its epochs."""
     start_state = copy.deepcopy(module.state_dict())
     device = data.train.x.device
     rows: list[dict] = []
@@ -290,9 +292,13 @@ def training_race(module: nn.Module, data: Dataset, config: TrainConfig,
             rows.append({"estimator": name, "particles": k, "epoch": epoch,
                          "train_objective": -loss, "test_elbo": test, "seconds": elapsed[0]})
 
+        def on_start(epoch: int, racer=racer) -> None:
+            hook(racer, "start_epoch")(ctx, epoch)
+
         Loop(step, opt, racer, lambda g, racer=racer: train_args(racer, data, g),
              config.batch_size, config.epochs, seed=config.seed, device=device,
-             on_epoch=on_epoch, progress=progress, desc=f"race {name} x{k}").run()
+             on_epoch=on_epoch, on_start=on_start, progress=progress,
+             desc=f"race {name} x{k}").run()
     finals = {(r["estimator"], r["particles"]): r for r in rows if r["epoch"] == config.epochs}
     goal = target if target is not None else min(r["test_elbo"] for r in finals.values())
     summary = []
@@ -357,6 +363,7 @@ def compare(cc: CompareConfig, out: str | None = None, progress: bool | None = N
             Loop(step, adam(collect_params(module, info), config), module,
                  lambda g: train_args(module, data, g), config.batch_size, cc.warmup_epochs,
                  seed=config.seed, device=data.train.x.device, progress=progress,
+                 on_start=lambda epoch: hook(module, "start_epoch")(ctx, epoch),
                  desc="warm-up").run()
         estimators, snr_estimators = chosen(cc, module, info)
         module.eval()
@@ -375,8 +382,9 @@ def compare(cc: CompareConfig, out: str | None = None, progress: bool | None = N
             racers += [(e, most) for e in estimators if e in WEIGHERS and most > 1]
             if most > 1 and len(hook(module, "programs")()) == 1:
                 racers.append(("iwae", most))  # IWAE trains one program
-            race_rows, race_summary = training_race(module, data, config, racers, cc.target,
-                                                    progress)
+            race_rows, race_summary = training_race(
+                module, data, config, racers, cc.target, progress,
+                context(config, module, data, out_dir, progress))
         meta = {"config": config.to_dict(), "run": cc.run, "warmup_epochs": cc.warmup_epochs,
                 "estimators": list(estimators),
                 "repeats": cc.repeats, "eval_batch": args[0].shape[0], "split": cc.split,

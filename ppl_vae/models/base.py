@@ -5,10 +5,11 @@ A model is any ``nn.Module`` with Pyro ``model(*args)`` and ``guide(*args)`` met
 through :func:`hook`: its own method, else the default here (the README's table says when to
 override each). Defaults: ``data_args(x, y)`` -> ``(pixels(x),)`` (``x`` (N, D) rows, uint8
 for 8-bit sources; ``y`` (N,) labels or None, -1 hidden by ``--labelled``); ``programs()``
--> ``[(1.0, model, guide)]``; ``pretrain(ctx)``: nothing; ``epoch_metrics(ctx)``: no
-numbers for an epoch's row of ``metrics.csv``; ``report(ctx)``: no numbers, and
-latent means, reconstructions and samples (``encode``/``reconstruct``/``sample`` where
-defined); ``from_options(options, data)``: the constructor, with ``input_dim``,
+-> ``[(1.0, model, guide)]``; ``pretrain(ctx)``: nothing; ``start_epoch(ctx, epoch)``:
+nothing (a schedule sets what the epoch's steps read, as a function of the 1-based epoch);
+``epoch_metrics(ctx)``: no numbers for an epoch's row of ``metrics.csv``; ``report(ctx)``:
+no numbers, and latent means, reconstructions and samples (``encode``/``reconstruct``/
+``sample`` where defined); ``from_options(options, data)``: the constructor, with ``input_dim``,
 ``image_shape`` and ``num_classes`` from the data. ``elbo_refused`` / ``elbo_notes`` map an
 ``--elbo`` name to why the family cannot train with it / a note the run prints;
 ``default_elbo`` is the estimator a run takes without ``--elbo``, ``default_epochs`` the
@@ -59,6 +60,9 @@ class Model(nn.Module):
     def pretrain(self, ctx: RunContext) -> None:
         return None
 
+    def start_epoch(self, ctx: RunContext, epoch: int) -> None:
+        return None
+
     def epoch_metrics(self, ctx: RunContext) -> dict:
         return {}
 
@@ -69,7 +73,8 @@ class Model(nn.Module):
         return {}
 
 
-HOOKS = ("from_options", "data_args", "programs", "pretrain", "epoch_metrics", "report")
+HOOKS = ("from_options", "data_args", "programs", "pretrain", "start_epoch", "epoch_metrics",
+         "report")
 
 
 def hook(obj: Any, name: str) -> Callable:

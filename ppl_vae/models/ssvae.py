@@ -27,7 +27,9 @@ the encoder as a learned vector per class). ``-1`` marks an unlabelled row
 * labelled rows: ``a * log q(y|x)`` (Pyro's ``y_aux`` site) with ``a = alpha / s`` per row
   when every batch holds a share s of labelled rows (``--labelled-share``, the data's
   :meth:`~ppl_vae.data.Dataset.epoch_order`), ``a = alpha * N / N_labelled`` when batches
-  are drawn from all rows alike: alpha * B per batch of B rows either way (``--alpha``).
+  are drawn from all rows alike: alpha * B per batch of B rows either way (``--alpha``);
+  ``alpha_decay`` makes it a schedule, ``a * alpha_decay ** (e - 1)`` in epoch e (set by the
+  ``start_epoch`` hook; a ``poutine.scale`` of the site).
 
 So the loss is ``-(sum_labelled [L + a log q(y|x)] + sum_unlabelled U)``; a term without rows
 in the training split is left out of ``programs()``. For evaluation ``model``/``guide`` are
@@ -94,6 +96,9 @@ class SSVAEOptions(NetworkOptions):
                 "rows, i.e. alpha / --labelled-share per labelled row (alpha * N_train / "
                 "N_labelled with --labelled-share 0; the paper's alpha is 0.1, Pyro's example "
                 "46 per row)"})
+    alpha_decay: float = field(default=1.0, metadata={
+        "help": "alpha's schedule: epoch e trains with alpha * alpha_decay ** (e - 1) (1: "
+                "constant; below 1 the classification term fades, above 1 it grows)"})
     classes: int = field(default=0, metadata={
         "help": "number of classes K (0: from the data's labels)"})
     m1: int = field(default=50, metadata={
@@ -108,6 +113,8 @@ class SSVAEOptions(NetworkOptions):
         super().__post_init__()
         if not (math.isfinite(self.alpha) and self.alpha >= 0):
             raise UsageError(f"--alpha must be a number >= 0, got {self.alpha}")
+        if not (math.isfinite(self.alpha_decay) and self.alpha_decay > 0):
+            raise UsageError(f"--alpha-decay must be a number > 0, got {self.alpha_decay}")
         if self.classes < 0 or self.classes == 1:
             raise UsageError(f"--classes takes K >= 2 (0: from the labels), got {self.classes}")
         self.m1_hidden = tuple(int(h) for h in self.m1_hidden)
@@ -187,6 +194,9 @@ class SSVAE(Model):
         self.encoder = LabelledMLP(v_dim, num_classes, [*hidden, 2 * z_dim], activation)
         self.decoder = LabelledMLP(z_dim, num_classes, [*reversed(hidden), v_dim], activation)
         self.register_buffer("log_scale", torch.tensor(math.log(o.gaussian_scale)))
+        # alpha's schedule: this epoch's factor on aux_weight (start_epoch sets it in place,
+        # so a compiled step reads it as an input; not saved: the epoch decides it)
+        self.register_buffer("aux_factor", torch.ones(()), persistent=False)
 
     @classmethod
     def from_options(cls, options: SSVAEOptions, data: Dataset) -> SSVAE:
@@ -320,7 +330,8 @@ class SSVAE(Model):
     def model_classify(self, x: Tensor, y: Tensor) -> None:
         """log q(y|x) of the labelled rows as an observed site (weighted by ``aux_weight``
         in :meth:`programs`)."""
-        with pyro.plate("data", x.shape[0], device=x.device), poutine.mask(mask=y >= 0):
+        with pyro.plate("data", x.shape[0], device=x.device), poutine.mask(mask=y >= 0), \
+                poutine.scale(scale=self.aux_factor):
             pyro.sample("y_aux", dist.Categorical(logits=self.classifier(x)),
                         obs=y.clamp(min=0))
 
@@ -362,6 +373,11 @@ class SSVAE(Model):
             self.m1_shift.copy_(means.mean(0))
             self.m1_spread.copy_(means.std(0).clamp(min=1e-6))
 
+    def start_epoch(self, ctx: RunContext, epoch: int) -> None:
+        """alpha's schedule: the classification term of epoch ``epoch`` is weighted by
+        ``alpha_decay ** (epoch - 1)`` times ``aux_weight``."""
+        self.aux_factor.fill_(self.options.alpha_decay ** (epoch - 1))
+
     def epoch_metrics(self, ctx: RunContext) -> dict:
         """``test_accuracy`` after each epoch (argmax q(y|x), one pass over the test split)."""
         test = ctx.data.test
@@ -380,8 +396,10 @@ class SSVAE(Model):
         if self.m1 is not None and not bool(self.m1_shift.any()):
             ctx.log("ssvae: M1 was never fitted (pretrain did not run): M2 saw the features "
                     "of a random M1")
+        decay = self.options.alpha_decay
         ctx.log(f"ssvae: {out['labelled']} of {len(ctx.data.train)} training rows labelled; "
-                f"classification weight a = {self.aux_weight:.4g} per labelled row")
+                f"classification weight a = {self.aux_weight:.4g} per labelled row"
+                + (f" in epoch 1, times {decay:g} each epoch after" if decay != 1 else ""))
         out.update(self.epoch_metrics(ctx))  # test_accuracy
         particles = getattr(ctx.config, "eval_particles", 10)
         out["test_elbo_unlabelled"] = unlabelled_bound(self, v, ctx.score, particles

@@ -64,8 +64,10 @@ class LoopState:
 class Loop:
     """Train ``module`` by ``step`` (a :data:`StepFn` with ``optimizer``, or a
     :class:`TrainStep`) over ``inputs(generator)`` (rows first) for ``epochs`` epochs.
-    ``validate()`` (loss per row) and ``on_epoch(epoch, train_loss, seconds, val_loss)`` run
-    after each epoch in eval mode; ``patience > 0`` stops early and restores the best weights;
+    ``on_start(epoch)`` runs before each epoch's first step (again when a resumed run
+    re-enters an epoch: schedules are functions of the epoch); ``validate()`` (loss per row)
+    and ``on_epoch(epoch, train_loss, seconds, val_loss)`` run after each epoch in eval mode;
+    ``patience > 0`` stops early and restores the best weights;
     ``save(loop_state_dict)`` runs after each epoch and every ``checkpoint_every`` steps;
     ``order(n, generator)`` gives an epoch's rows in batch order (default: a permutation)."""
 
@@ -84,6 +86,7 @@ class Loop:
         validate: Callable[[], float] | None = None,
         patience: int = 0,
         on_epoch: Callable[[int, float, float, float | None], None] | None = None,
+        on_start: Callable[[int], None] | None = None,
         save: Callable[[dict], None] | None = None,
         checkpoint_every: int = 0,
         check_every: int = 50,
@@ -100,6 +103,7 @@ class Loop:
         self.inputs, self.batch_size, self.epochs = inputs, batch_size, epochs
         self.device, self.world = device, world
         self.validate, self.patience, self.on_epoch, self.save = validate, patience, on_epoch, save
+        self.on_start = on_start
         self.checkpoint_every, self.check_every = checkpoint_every, check_every
         self.guard, self.diagnose = guard or Guard(), diagnose
         self.progress = progress if world.main else False
@@ -160,6 +164,8 @@ class Loop:
         """One epoch, its validation, ``on_epoch``, early stopping and checkpoint: (the mean
         loss per row, the epoch's training seconds, the validation loss or None)."""
         s = self.state
+        if self.on_start is not None:
+            self.on_start(s.epoch)
         self.module.train()
         self._epoch()
         loss = (dist.all_sum(self.total, self.world) / self._rows).item()

@@ -448,7 +448,8 @@ def _train(config: TrainConfig, device: torch.device, data: Dataset, rundir, out
     loop = Loop(take, optimizer, module, lambda g: train_args(module, data, g),
                 config.batch_size, config.epochs, seed=config.seed, device=device, world=world,
                 validate=validate if config.early_stop else None, patience=config.early_stop,
-                on_epoch=on_epoch, save=save, checkpoint_every=config.checkpoint_every_steps,
+                on_epoch=on_epoch, on_start=lambda epoch: hook(module, "start_epoch")(ctx, epoch),
+                save=save, checkpoint_every=config.checkpoint_every_steps,
                 check_every=config.check_every_steps, guard=guard, diagnose=diagnose,
                 progress=ctx.progress, desc=config.model_name,
                 order=lambda n, g: data.epoch_order(config.batch_size, g))
