@@ -6,7 +6,8 @@ on the N labelled images only, paired by seed; the paper's full-MNIST errors for
 Every method sees the same data: a fixed 10% of the training split is held out (labels
 kept) for early stopping, and the same seeded class-balanced N labels of the rest
 (``hide_labels``). The model runs are ``ppl_vae.train_run`` with the family's defaults (enum,
-its 50 epochs, alpha 4, Adam 1e-3, batch 128) unless ``--epochs`` or ``--model-opt`` say
+its 50 epochs, alpha 4, Adam 1e-3 with beta1 0.9, batch 128) unless ``--epochs``,
+``--model-opt`` (the family's options) or ``--run-opt`` (run options: ``beta1=0.5``) say
 otherwise, and ``--early-stop P`` (the package's: validation ELBO, best weights restored).
 The classifier is plain PyTorch: the network of q(y|x) (``D -> hidden -> K``, ReLU) on the
 pixels, cross-entropy, Adam 1e-3, batch 64 of the labelled rows, as many steps per epoch as
