@@ -11,7 +11,10 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import re
-from collections.abc import Iterator
+import sysconfig
+import traceback
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 _CLI = contextvars.ContextVar("ppl_vae_cli", default=False)
 FLAGS = ("overwrite", "cuda", "jit", "compile", "validate")  # run switches: "pass overwrite=True"
@@ -58,3 +61,36 @@ class UsageError(ValueError):
 def either(names: list[str]) -> str:
     """``a``, ``a or b``, ``a, b or c``: choices in a message."""
     return " or ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names)
+
+
+PACKAGE = str(Path(__file__).resolve().parent)
+_LIBRARIES = (PACKAGE, sysconfig.get_paths()["stdlib"], sysconfig.get_paths()["purelib"],
+              sysconfig.get_paths()["platlib"])
+
+
+class PluginError(UsageError):
+    """A user's own code (the model, guide or a hook of a class outside this package) raised:
+    a headline naming the call and the exception, then the frames in the user's files."""
+
+
+def explain(e: BaseException, name: str, args: Sequence = (), what: str = "") -> str:
+    """``Name(shapes): what raised Type: first line`` and the user's frames (the last six
+    outside this package, the standard library and installed packages)."""
+    shapes = ", ".join(f"{tuple(a.shape)}" if hasattr(a, "shape") else type(a).__name__
+                       for a in args)
+    said = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    lines = [f"{name}({shapes}){': ' + what if what else ''} raised {type(e).__name__}"
+             f"{': ' + said if said else ''}"]
+    theirs = [f for f in traceback.extract_tb(e.__traceback__)
+              if not f.filename.startswith(("<", *_LIBRARIES))]
+    lines += [f"  {f.filename}:{f.lineno} in {f.name}: {f.line}" for f in theirs[-6:]]
+    return "\n".join(lines)
+
+
+def from_our_code(e: BaseException) -> bool:
+    """Whether ``e`` was raised in this package's code below the user's last frame (a user's
+    hook that called back into the package: ``ctx.fit``'s loop, a collective), which reports
+    its own errors; an error of the user's code (or of torch, Pyro below it) is not."""
+    frames = traceback.extract_tb(e.__traceback__)
+    users = [i for i, f in enumerate(frames) if not f.filename.startswith(("<", *_LIBRARIES))]
+    return bool(users) and any(f.filename.startswith(PACKAGE) for f in frames[users[-1]:])

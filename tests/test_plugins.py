@@ -10,7 +10,7 @@ import pytest
 import torch
 from helpers import assert_one_line_error
 
-from ppl_vae import Run, TrainConfig, register_model, train
+from ppl_vae import Run, TrainConfig, register_model, train, train_run
 from ppl_vae.cli import train_main
 from ppl_vae.models import MODELS, VAE, model_name
 
@@ -169,3 +169,88 @@ def test_a_plugin_that_raises_shows_its_own_frames_and_trace_shapes(tmp_path, mo
     for fragment in fragments:
         assert fragment in result.err, (fragment, result.err)
     assert not (tmp_path / "r").exists()
+
+
+
+HOOKED = '''
+import pyro, pyro.distributions as dist, torch, torch.nn as nn
+
+
+class Hooked(nn.Module):
+    def __init__(self, input_dim, fail_in=""):
+        super().__init__()
+        self.dec, self.enc, self.fail_in = nn.Linear(2, input_dim), nn.Linear(input_dim, 4), fail_in
+
+    def model(self, x):
+        pyro.module("hooked", self)
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(x.new_zeros(2), 1.0).to_event(1))
+            pyro.sample("x", dist.Bernoulli(logits=self.dec(z)).to_event(1), obs=x)
+
+    def guide(self, x):
+        pyro.module("hooked", self)
+        loc, s = self.enc(x).chunk(2, -1)
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(loc, s.exp()).to_event(1))
+
+    def pretrain(self, ctx):
+        def loss(x):
+            raise ArithmeticError("bad loss")
+
+        if self.fail_in == "fit":
+            ctx.fit(loss, self.enc)
+        elif self.fail_in == "fit-nothing":
+            ctx.fit(loss, nn.Module())
+
+    def start_epoch(self, ctx, epoch):
+        if self.fail_in == "start_epoch" and epoch == 2:
+            raise KeyError("no schedule for epoch 2")
+
+    def report(self, ctx):
+        return {"ratio": 1 / 0} if self.fail_in == "report" else {}
+'''
+
+
+@pytest.fixture
+def hooked(tmp_path, monkeypatch):
+    (tmp_path / "hooked_models.py").write_text(HOOKED)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "hooked_models", raising=False)
+    yield "hooked_models:Hooked"
+    sys.modules.pop("hooked_models", None)
+
+
+@pytest.mark.parametrize("fail_in, headline, frame", [
+    ("start_epoch", "Hooked.start_epoch(RunContext, int) raised KeyError: 'no schedule for "
+     "epoch 2'", "in start_epoch: raise KeyError("),
+    ("report", "Hooked.report(RunContext) raised ZeroDivisionError: division by zero",
+     "in report: return {\"ratio\": 1 / 0}"),
+    ("fit", "Hooked.pretrain(RunContext) raised ArithmeticError: bad loss",
+     "in loss: raise ArithmeticError("),
+])
+def test_a_plugin_hook_that_raises_is_one_headline_and_its_frames(hooked, tmp_path, cli,
+                                                                   fail_in, headline, frame):
+    """A user's hook raising, also in code of theirs a package loop called back (ctx.fit's
+    loss): the hook and the user's frames, exit 2, no traceback; a finished epoch's
+    checkpoint stays."""
+    result = cli(train_main, ["--model", hooked, "--dataset", "digits", "--model-opt",
+                              f"fail_in={fail_in}", "--epochs", "2", "--out", tmp_path / "r"])
+    assert result.code == 2, result.err
+    lines = result.err.strip().splitlines()
+    assert lines[0] == f"python -m ppl_vae train: error: {headline}", result.err
+    assert lines[1].startswith(f"  {tmp_path / 'hooked_models.py'}:") and frame in result.err
+    assert "Traceback" not in result.err and "ppl_vae/" not in result.err
+    assert (tmp_path / "r" / "checkpoint.pt").is_file() == (fail_in != "fit")
+
+
+def test_what_the_package_raises_below_a_user_hook_is_not_the_plugin_s(hooked, digits,
+                                                                        tmp_path):
+    """An error raised by the package's code below the user's last frame (ctx.fit given a
+    part without parameters: torch's Adam refuses it inside the package's fit) is not
+    relabelled as the plug-in's own."""
+    from ppl_vae.errors import PluginError
+
+    with pytest.raises(ValueError, match="empty parameter list") as raised:
+        train_run(TrainConfig(model=hooked, model_options={"fail_in": "fit-nothing"},
+                              epochs=1, out=str(tmp_path / "fit")), digits, progress=False)
+    assert not isinstance(raised.value, PluginError)

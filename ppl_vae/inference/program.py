@@ -8,11 +8,8 @@ and ``registered`` (tensors the program puts in Pyro's param store itself).
 from __future__ import annotations
 
 import contextlib
-import sysconfig
-import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import pyro
 import torch
@@ -20,7 +17,7 @@ from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 from torch import Tensor
 
-from ..errors import UsageError
+from ..errors import PluginError, UsageError, explain
 
 
 @dataclass(frozen=True)
@@ -67,13 +64,9 @@ def _frames(site: dict) -> list:
     return [f for f in site["cond_indep_stack"] if f.vectorized and f.dim is not None]
 
 
-class ProgramError(UsageError):
+class ProgramError(PluginError):
     """A model's or guide's own exception on its first run: one headline naming the call, the
     frames in the user's files and Pyro's trace shapes so far."""
-
-
-_OURS = (str(Path(__file__).resolve().parents[1]), sysconfig.get_paths()["stdlib"],
-         sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"])
 
 
 def _run_first(model: Callable, guide: Callable, args: tuple) -> tuple:
@@ -105,14 +98,7 @@ def _explain(e: Exception, fn: Callable, args: tuple, tracers: tuple, what: str 
     owner = getattr(fn, "__self__", None)
     name = f"{type(owner).__name__}.{fn.__name__}" if owner is not None else \
         getattr(fn, "__qualname__", repr(fn))
-    shapes = ", ".join(f"{tuple(a.shape)}" if torch.is_tensor(a) else type(a).__name__
-                       for a in args)
-    said = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    lines = [f"{name}({shapes}){': ' + what if what else ''} raised {type(e).__name__}"
-             f"{': ' + said if said else ''}"]
-    theirs = [f for f in traceback.extract_tb(e.__traceback__)
-              if not f.filename.startswith(("<", *_OURS))]
-    lines += [f"  {f.filename}:{f.lineno} in {f.name}: {f.line}" for f in theirs[-6:]]
+    lines = [explain(e, name, args, what)]
     for tracer in tracers:
         trace = getattr(tracer, "trace", None)
         if trace is not None and any(s["type"] == "sample" for s in trace.nodes.values()):

@@ -18,11 +18,13 @@ epochs without ``--epochs``.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
+from ..errors import PACKAGE, PluginError, UsageError, explain, from_our_code
 from .context import RunContext
 from .options import build_by_signature
 
@@ -84,9 +86,31 @@ def hook(obj: Any, name: str) -> Callable:
         raise AttributeError(f"{name!r} is not a hook of the model contract")
     own = getattr(obj, name, None)
     if callable(own):
-        return own
+        return own if _ours(own) else _explained(own, obj, name)
     default = Model.__dict__[name]
     if isinstance(default, classmethod):
         cls = obj if isinstance(obj, type) else type(obj)
         return default.__func__.__get__(cls)
     return default.__get__(obj)
+
+
+def _ours(fn: Callable) -> bool:
+    code = getattr(getattr(fn, "__func__", fn), "__code__", None)
+    return code is None or code.co_filename.startswith(PACKAGE)
+
+
+def _explained(fn: Callable, obj: Any, name: str) -> Callable:
+    """A user's hook whose own exception becomes a :class:`PluginError`: the call and the
+    user's frames, not a traceback (what the package raised below it passes unchanged)."""
+    owner = obj.__name__ if isinstance(obj, type) else type(obj).__name__
+
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:
+            if isinstance(e, UsageError) or from_our_code(e):
+                raise
+            raise PluginError(explain(e, f"{owner}.{name}", args)) from None
+
+    return call
