@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import os
 import re
 import sysconfig
 import traceback
@@ -63,7 +64,7 @@ def either(names: list[str]) -> str:
     return " or ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names)
 
 
-PACKAGE = str(Path(__file__).resolve().parent)
+PACKAGE = str(Path(__file__).resolve().parent) + os.sep  # (not a sibling named ppl_vae_x)
 _LIBRARIES = (PACKAGE, sysconfig.get_paths()["stdlib"], sysconfig.get_paths()["purelib"],
               sysconfig.get_paths()["platlib"])
 
