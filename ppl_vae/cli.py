@@ -17,7 +17,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .config import DEFAULT_EPOCHS, TrainConfig
+from .config import DEFAULT_EPOCHS, DEFAULT_LR, TrainConfig
 from .errors import UsageError, command_line
 from .interrupt import Interrupted
 from .models import MODELS, get_model, option_specs, parse_model_opts
@@ -217,6 +217,9 @@ def train_parser(model: str | type = "vae", compare: bool = False) -> Parser:
         if f.name == "epochs":  # None: the family's own, likewise
             p._option_string_actions["--epochs"].shown_default = getattr(
                 cls, "default_epochs", DEFAULT_EPOCHS)
+        if f.name == "lr":
+            p._option_string_actions["--lr"].shown_default = getattr(
+                cls, "default_lr", DEFAULT_LR)
     # a model option named like a run option (lr, seed, ...) is set by --model-opt only
     reserved = {f.name for f in dataclasses.fields(TrainConfig)} | set(COMPARE_ONLY) | {
         "particles", "model_opt", "help"}

@@ -22,6 +22,7 @@ from .models.options import coerce, named_as_keys
 
 BINARIZE = ("none", "static", "dynamic")
 DEFAULT_EPOCHS = 10  # the epochs of a family that does not declare default_epochs
+DEFAULT_LR = 1e-3  # Adam's learning rate for a family that does not declare default_lr
 
 
 def absent_meant(model: type) -> dict[str, Any]:
@@ -91,7 +92,9 @@ class TrainConfig:
                          "seconds to compile, so it pays on long runs; falls back to the eager "
                          "step with one line saying why where capture cannot be exact",
                          group="inference")
-    lr: float = _opt(1e-3, "Adam learning rate", group="inference")
+    lr: float | None = _opt(None, "Adam learning rate (default: the model's own, its "
+                            "default_lr: ssvae 3e-3, the others 1e-3)", group="inference",
+                            type=float)
     beta1: float = _opt(0.9, "Adam's beta1, the decay of its running mean of the gradient "
                         "(beta2 stays 0.999; Pyro's ss_vae example runs 0.95)",
                         group="inference")
@@ -133,6 +136,8 @@ class TrainConfig:
             self.elbo = getattr(self.model_class, "default_elbo", "mc")
         if self.epochs is None:  # and the epochs its recipe needs
             self.epochs = getattr(self.model_class, "default_epochs", DEFAULT_EPOCHS)
+        if self.lr is None:  # and its learning rate
+            self.lr = getattr(self.model_class, "default_lr", DEFAULT_LR)
         self.validate_options()
         with named_as_keys("model_options.", nested=True):
             self.model_options = make_options(self.model_class, self.model_options)

@@ -613,3 +613,23 @@ def test_a_family_brings_its_own_default_epochs(cli, tmp_path):
     with pytest.raises(UsageError, match="epochs must be a whole number of at least 1"):
         TrainConfig(model="ssvae", epochs=0)
     assert "default_epochs: ssvae 50" in cli(train_main, ["--model", "ssvae", "--help"]).out
+
+
+def test_a_family_brings_its_own_learning_rate():
+    """Without --lr a run takes the family's default_lr (M2's recipe: 3e-3), 1e-3 for a
+    class without one; the user's wins, and a run records the rate it trained with."""
+    from plugin_models import EnumMixtureVAE
+
+    assert TrainConfig().lr == 1e-3 and TrainConfig(model="ssvae").lr == 3e-3
+    assert TrainConfig(model="ssvae", lr=1e-4).lr == 1e-4
+    assert TrainConfig(model=EnumMixtureVAE).lr == 1e-3
+
+    class Mine(EnumMixtureVAE):
+        default_lr = 0.02
+
+    assert TrainConfig(model=Mine).lr == 0.02
+    assert TrainConfig(model="ssvae").to_dict()["lr"] == 3e-3
+    record = TrainConfig(model="ssvae").to_dict() | {"lr": 1e-3}  # a run from before
+    assert TrainConfig.from_dict(record).lr == 1e-3
+    with pytest.raises(UsageError, match="lr must be a positive number"):
+        TrainConfig(model="ssvae", lr=0)

@@ -13,7 +13,7 @@ no numbers, and latent means, reconstructions and samples (``encode``/``reconstr
 ``image_shape`` and ``num_classes`` from the data. ``elbo_refused`` / ``elbo_notes`` map an
 ``--elbo`` name to why the family cannot train with it / a note the run prints;
 ``default_elbo`` is the estimator a run takes without ``--elbo``, ``default_epochs`` the
-epochs without ``--epochs``.
+epochs without ``--epochs``, ``default_lr`` Adam's learning rate without ``--lr``.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ class Model(nn.Module):
     elbo_notes: ClassVar[dict[str, str]] = {}
     default_elbo: ClassVar[str] = "mc"
     default_epochs: ClassVar[int] = 10
+    default_lr: ClassVar[float] = 1e-3
 
     def model(self, *args: Any, **kwargs: Any) -> Any:
         raise NotImplementedError
