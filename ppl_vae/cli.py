@@ -17,7 +17,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .config import DEFAULT_EPOCHS, DEFAULT_LR, TrainConfig
+from .config import FAMILY_DEFAULTS, TrainConfig, family_default
 from .errors import UsageError, command_line
 from .interrupt import Interrupted
 from .models import MODELS, get_model, option_specs, parse_model_opts
@@ -212,14 +212,9 @@ def train_parser(model: str | type = "vae", compare: bool = False) -> Parser:
                         "global batch is N times this")
         _add_option(g, f.name, default, helptext, f.metadata.get("choices"),
                     off_help=f.metadata.get("off_help"), type_=f.metadata.get("type"))
-        if f.name == "elbo":  # "" is the family's own, shown as the one this --model takes
-            p._option_string_actions["--elbo"].shown_default = getattr(cls, "default_elbo", "mc")
-        if f.name == "epochs":  # None: the family's own, likewise
-            p._option_string_actions["--epochs"].shown_default = getattr(
-                cls, "default_epochs", DEFAULT_EPOCHS)
-        if f.name == "lr":
-            p._option_string_actions["--lr"].shown_default = getattr(
-                cls, "default_lr", DEFAULT_LR)
+        if f.name in FAMILY_DEFAULTS:  # not given: the family's own, shown for this --model
+            p._option_string_actions[f"--{f.name.replace('_', '-')}"].shown_default = \
+                family_default(cls, f.name)
     # a model option named like a run option (lr, seed, ...) is set by --model-opt only
     reserved = {f.name for f in dataclasses.fields(TrainConfig)} | set(COMPARE_ONLY) | {
         "particles", "model_opt", "help"}

@@ -21,8 +21,16 @@ from .models import get_model, make_options, model_name, options_dict, options_o
 from .models.options import coerce, named_as_keys
 
 BINARIZE = ("none", "static", "dynamic")
-DEFAULT_EPOCHS = 10  # the epochs of a family that does not declare default_epochs
-DEFAULT_LR = 1e-3  # Adam's learning rate for a family that does not declare default_lr
+FAMILY_DEFAULTS = {"elbo": "mc", "epochs": 10, "lr": 1e-3, "early_stop": 0}
+"""Run options a model family may choose for its recipe (a ``default_<name>`` class attribute:
+M2's ``default_lr = 3e-3``), taken where the user gives none, and their value for a family
+that does not."""
+
+
+def family_default(model_class: type, name: str):
+    """The value of run option ``name`` that ``model_class``'s recipe takes."""
+    return getattr(model_class, f"default_{name}", FAMILY_DEFAULTS[name])
+
 
 
 def absent_meant(model: type) -> dict[str, Any]:
@@ -106,8 +114,10 @@ class TrainConfig:
     seed: int = _opt(0, "seed of the weights, the latent noise and the batches",
                      group="inference")
     cuda: bool = _opt(False, "train and evaluate on the GPU", group="inference")
-    early_stop: int = _opt(0, "stop after this many epochs without a better validation ELBO "
-                           "(0: off)", group="inference")
+    early_stop: int | None = _opt(None, "stop after this many epochs without a better "
+                                  "validation ELBO and keep the best epoch's weights, 0: off "
+                                  "(default: the model's own, its default_early_stop: ssvae "
+                                  "10, the others 0)", group="inference", type=int)
     val_fraction: float = _opt(0.1, "share of the training split held out for early stopping",
                                group="inference")
     validate: bool = _opt(False, "Pyro validation (distribution arguments and supports) for "
@@ -132,12 +142,9 @@ class TrainConfig:
                            group="evaluation and output")
 
     def __post_init__(self) -> None:
-        if not self.elbo:  # the estimator the family is built for
-            self.elbo = getattr(self.model_class, "default_elbo", "mc")
-        if self.epochs is None:  # and the epochs its recipe needs
-            self.epochs = getattr(self.model_class, "default_epochs", DEFAULT_EPOCHS)
-        if self.lr is None:  # and its learning rate
-            self.lr = getattr(self.model_class, "default_lr", DEFAULT_LR)
+        for name in FAMILY_DEFAULTS:  # not given: what the family's recipe takes
+            if getattr(self, name) in (None, ""):
+                setattr(self, name, family_default(self.model_class, name))
         self.validate_options()
         with named_as_keys("model_options.", nested=True):
             self.model_options = make_options(self.model_class, self.model_options)

@@ -615,21 +615,30 @@ def test_a_family_brings_its_own_default_epochs(cli, tmp_path):
     assert "default_epochs: ssvae 50" in cli(train_main, ["--model", "ssvae", "--help"]).out
 
 
-def test_a_family_brings_its_own_learning_rate():
-    """Without --lr a run takes the family's default_lr (M2's recipe: 3e-3), 1e-3 for a
-    class without one; the user's wins, and a run records the rate it trained with."""
+def test_a_family_brings_its_own_learning_rate_and_early_stopping(cli):
+    """Without --lr / --early-stop a run takes the family's default_lr / default_early_stop
+    (M2's recipe: 3e-3, patience 10), 1e-3 / off for a class without them; the user's win
+    (0 turns early stopping off), and a run records what it trained with."""
     from plugin_models import EnumMixtureVAE
 
-    assert TrainConfig().lr == 1e-3 and TrainConfig(model="ssvae").lr == 3e-3
-    assert TrainConfig(model="ssvae", lr=1e-4).lr == 1e-4
-    assert TrainConfig(model=EnumMixtureVAE).lr == 1e-3
+    from ppl_vae.cli import train_main
+
+    assert (TrainConfig().lr, TrainConfig().early_stop) == (1e-3, 0)
+    assert (TrainConfig(model="ssvae").lr, TrainConfig(model="ssvae").early_stop) == (3e-3, 10)
+    assert TrainConfig(model="ssvae", lr=1e-4, early_stop=0).to_dict()["lr"] == 1e-4
+    assert TrainConfig(model="ssvae", early_stop=0).early_stop == 0
+    assert (TrainConfig(model=EnumMixtureVAE).lr, TrainConfig(model=EnumMixtureVAE).early_stop
+            ) == (1e-3, 0)
 
     class Mine(EnumMixtureVAE):
-        default_lr = 0.02
+        default_lr, default_early_stop = 0.02, 3
 
-    assert TrainConfig(model=Mine).lr == 0.02
+    assert (TrainConfig(model=Mine).lr, TrainConfig(model=Mine).early_stop) == (0.02, 3)
     assert TrainConfig(model="ssvae").to_dict()["lr"] == 3e-3
-    record = TrainConfig(model="ssvae").to_dict() | {"lr": 1e-3}  # a run from before
-    assert TrainConfig.from_dict(record).lr == 1e-3
+    record = TrainConfig(model="ssvae").to_dict() | {"lr": 1e-3, "early_stop": 0}  # before
+    assert (TrainConfig.from_dict(record).lr, TrainConfig.from_dict(record).early_stop) == \
+        (1e-3, 0)
     with pytest.raises(UsageError, match="lr must be a positive number"):
         TrainConfig(model="ssvae", lr=0)
+    shown = cli(train_main, ["--model", "ssvae", "--help"]).out
+    assert "default_lr: ssvae 3e-3" in shown and "default_early_stop: ssvae 10" in shown

@@ -265,7 +265,8 @@ def test_every_label_and_no_label(tmp_path, digits):
                      progress=False)
     assert [t[1].__name__ for t in full.module.programs()] == ["model_labelled",
                                                                "model_classify"]
-    assert full.summary["labelled"] == len(digits.train)
+    assert full.summary["labelled"] == len(full.data.train)  # (less the recipe's val split)
+    assert len(full.data.train) + len(full.data.val) == len(digits.train)
     bare = Dataset("bare", Split(digits.train.x), digits.test, digits.image_shape)
     none = train_run(TrainConfig(**common, elbo="enum", out=str(tmp_path / "none")), bare,
                      progress=False)

@@ -12,8 +12,8 @@ no numbers, and latent means, reconstructions and samples (``encode``/``reconstr
 ``sample`` where defined); ``from_options(options, data)``: the constructor, with ``input_dim``,
 ``image_shape`` and ``num_classes`` from the data. ``elbo_refused`` / ``elbo_notes`` map an
 ``--elbo`` name to why the family cannot train with it / a note the run prints;
-``default_elbo`` is the estimator a run takes without ``--elbo``, ``default_epochs`` the
-epochs without ``--epochs``, ``default_lr`` Adam's learning rate without ``--lr``.
+``default_elbo``, ``default_epochs``, ``default_lr`` and ``default_early_stop`` are the family's
+recipe: what a run takes without ``--elbo``, ``--epochs``, ``--lr`` and ``--early-stop``.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ class Model(nn.Module):
     default_elbo: ClassVar[str] = "mc"
     default_epochs: ClassVar[int] = 10
     default_lr: ClassVar[float] = 1e-3
+    default_early_stop: ClassVar[int] = 0
 
     def model(self, *args: Any, **kwargs: Any) -> Any:
         raise NotImplementedError
