@@ -32,7 +32,6 @@ def family_default(model_class: type, name: str):
     return getattr(model_class, f"default_{name}", FAMILY_DEFAULTS[name])
 
 
-
 def absent_meant(model: type) -> dict[str, Any]:
     """The options of ``model``'s ``Options`` that declare ``metadata["absent"]``: the value
     a record written before the option existed meant (M2's ``m1``: 0, M2 alone)."""
