@@ -125,8 +125,7 @@ def one_cell(a: argparse.Namespace, labels: int, seed: int) -> list[dict]:
                          "accuracy": run.summary["test_accuracy"],
                          "epochs": len(run.history), "seconds": time.perf_counter() - start})
         start = time.perf_counter()
-        lr = TrainConfig(model="ssvae", **key_values(a.run_opt)).lr  # the models' learning rate
-        base = classifier(data, (500,), a.epochs, steps, a.early_stop, seed, lr=lr)
+        base = classifier(data, (500,), a.epochs, steps, a.early_stop, seed, lr=a.lr)
         rows.append({"labels": labels, "seed": seed, "method": "mlp",
                      "accuracy": base["accuracy"], "epochs": base["epoch"],
                      "seconds": time.perf_counter() - start})
@@ -178,7 +177,7 @@ def table(runs: list[dict], a: argparse.Namespace, wall: float) -> tuple[str, li
                f"held-out {a.val_fraction:.0%} of the training split; "
                f"{' '.join(a.model_opt + a.run_opt) or 'the family defaults'}, "
                f"--labelled-share {a.labelled_share}; Adam's learning rate "
-               f"{TrainConfig(model='ssvae', **key_values(a.run_opt)).lr:g} for the models "
+               f"{a.lr:g} for the models "
                "and the classifier. Seconds per run (one thread): "
                + ", ".join(f"{m} {s:.0f}" for m, s in seconds.items())
                + f". Wall time {wall / 60:.1f} min with {a.jobs} job(s). Paper: Kingma et "
@@ -206,6 +205,7 @@ def main() -> int:
     p.add_argument("--out", help="write m2_table.csv, m2_runs.csv and m2_table.md here")
     a = p.parse_args()
     a.epochs = TrainConfig(model="ssvae", epochs=a.epochs).epochs  # the classifier's too
+    a.lr = TrainConfig(model="ssvae", **key_values(a.run_opt)).lr  # and its learning rate
     cells = [(n, s) for n in a.labels for s in a.seeds]
     runs: list[dict] = []
     began = time.perf_counter()
