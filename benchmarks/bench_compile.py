@@ -40,7 +40,7 @@ from reference import cvae_reference_loss, reference_loss
 from ppl_vae.data import load_dataset
 from ppl_vae.inference.compiled import CompiledStep
 from ppl_vae.inference.estimators import make_elbo
-from ppl_vae.inference.svi import EagerStep, backward_step, elbo_loss
+from ppl_vae.inference.svi import Step
 from ppl_vae.models import CVAE, VAE
 from ppl_vae.models.cvae import CVAEOptions
 
@@ -49,17 +49,18 @@ METHODS = ("plain", "mc", "analytic", "mc-compiled", "analytic-compiled")
 
 
 def steps_for(init: torch.nn.Module, reference, methods, lr: float = 1e-3) -> dict:
-    """One TrainStep per method, each over its own copy of ``init``."""
+    """One Step per method, each over its own copy of ``init``."""
     out = {}
     for m in methods:
         module = copy.deepcopy(init)
-        opt = torch.optim.Adam(module.parameters(), lr=lr)
+        params = list(module.parameters())
+        opt = torch.optim.Adam(params, lr=lr)
         if m == "plain":
-            out[m] = EagerStep(backward_step(reference(module)), opt)
+            out[m] = Step(params, opt, reference(module))
             continue
-        loss = elbo_loss(make_elbo(m.split("-")[0]), module, module.programs())
-        eager = EagerStep(backward_step(loss), opt)
-        out[m] = CompiledStep(loss, module, opt, eager) if m.endswith("compiled") else eager
+        eager = Step.of_elbo(make_elbo(m.split("-")[0]), module, module.programs(),
+                             optimizer=opt)
+        out[m] = CompiledStep(eager, module) if m.endswith("compiled") else eager
     return out
 
 
@@ -126,15 +127,14 @@ COMPILE_ONCE = """
 import sys, torch, pyro
 from ppl_vae.inference.compiled import CompiledStep
 from ppl_vae.inference.estimators import make_elbo
-from ppl_vae.inference.svi import EagerStep, backward_step, elbo_loss
+from ppl_vae.inference.svi import Step
 from ppl_vae.models import VAE
 pyro.enable_validation(False)
 device = torch.device(sys.argv[1])
 vae = VAE(784, z_dim=20, hidden=(400,)).to(device)
 x = torch.rand(128, 784, device=device).bernoulli()
 opt = torch.optim.Adam(vae.parameters(), lr=1e-3)
-loss = elbo_loss(make_elbo("mc"), vae, vae.programs())
-step = CompiledStep(loss, vae, opt, EagerStep(backward_step(loss), opt))
+step = CompiledStep(Step.of_elbo(make_elbo("mc"), vae, vae.programs(), optimizer=opt), vae)
 total, bad = torch.zeros((), device=device), torch.zeros((), dtype=torch.long, device=device)
 for i in range(2):
     step(i, (x,), total, bad)

@@ -28,12 +28,12 @@ import pyro
 import torch
 from reference import reference_loss
 
+from ppl_vae import Session, TrainConfig
 from ppl_vae.data import load_dataset
 from ppl_vae.inference.compiled import CompiledStep
 from ppl_vae.inference.estimators import make_elbo
 from ppl_vae.inference.importance import score
-from ppl_vae.inference.svi import EagerStep, backward_step, elbo_loss, elbo_step
-from ppl_vae.models import VAE
+from ppl_vae.inference.svi import Step
 from ppl_vae.models.vae import ENCODER_SCALES, VAEOptions
 from ppl_vae.run.loop import Loop
 
@@ -85,20 +85,22 @@ def main() -> int:
     speed = {m: [] for m in a.methods}
     elbo = {m: [] for m in a.methods}
     for seed in a.seeds:
-        pyro.set_rng_seed(seed)
-        init = VAE.from_options(options, data).to(device)
+        session = Session(TrainConfig(dataset=a.dataset, data_dir=a.data_dir, model_options=options,
+                                      batch_size=a.batch_size, epochs=a.epochs, seed=seed,
+                                      lr=a.lr, cuda=a.cuda), data, progress=False)
+        init = session.module  # (seeded: every method starts from these weights)
         runs = {}
         for m in a.methods:
             vae = copy.deepcopy(init)
-            opt = torch.optim.Adam(vae.parameters(), lr=a.lr)
-            step = (backward_step(reference_loss(vae)) if m == "plain"
-                    else elbo_step(make_elbo(m.split("-")[0], a.particles), vae,
-                                   vae.programs()))
+            params = list(vae.parameters())
+            opt = torch.optim.Adam(params, lr=a.lr)
+            step = (Step(params, opt, reference_loss(vae)) if m == "plain" else
+                    Step.of_elbo(make_elbo(m.split("-")[0], a.particles), vae, vae.programs(),
+                                 optimizer=opt))
             if m.endswith("-compiled"):  # the whole step as one graph (--compile)
-                loss = elbo_loss(make_elbo(m.split("-")[0], a.particles), vae, vae.programs())
-                step = CompiledStep(loss, vae, opt, EagerStep(step, opt))
-            runs[m] = Loop(step, opt, vae, lambda g: (data.train_epoch(g),), a.batch_size,
-                           a.epochs, seed=seed, device=device, progress=False)
+                step = CompiledStep(step, vae)
+            runs[m] = Loop(session, step, module=vae,
+                           inputs=lambda g: (data.train_epoch(g),))
         train_epochs(a, data, runs, speed)
         for m, loop in runs.items():
             if isinstance(loop.take, CompiledStep) and loop.take.refused:

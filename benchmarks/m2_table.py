@@ -40,6 +40,7 @@ from tqdm import tqdm
 from ppl_vae import TrainConfig, load_dataset, train_run
 from ppl_vae.data import Dataset, hide_labels, pixels
 from ppl_vae.models.nets import mlp
+from ppl_vae.run.session import resolve
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 PAPER_ERROR = {"m2": {100: 11.97, 600: 4.94, 1000: 3.60, 3000: 3.92},
@@ -192,7 +193,7 @@ def main() -> int:
     p.add_argument("--labels", type=int, nargs="+", default=[100, 600, 1000, 3000])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    p.add_argument("--epochs", type=int, help="default: the family's default_epochs")
+    p.add_argument("--epochs", type=int, help="default: the family's recipe")
     p.add_argument("--early-stop", type=int, default=10, help="patience in epochs (0: off)")
     p.add_argument("--val-fraction", type=float, default=0.1)
     p.add_argument("--labelled-share", type=float, default=0.0)
@@ -204,8 +205,8 @@ def main() -> int:
     p.add_argument("--jobs", type=int, default=2, help="runs at a time (one thread each)")
     p.add_argument("--out", help="write m2_table.csv, m2_runs.csv and m2_table.md here")
     a = p.parse_args()
-    a.epochs = TrainConfig(model="ssvae", epochs=a.epochs).epochs  # the classifier's too
-    a.lr = TrainConfig(model="ssvae", **key_values(a.run_opt)).lr  # and its learning rate
+    recipe = resolve(TrainConfig(model="ssvae", epochs=a.epochs, **key_values(a.run_opt)))[0]
+    a.epochs, a.lr = recipe.epochs, recipe.lr  # the classifier's too
     cells = [(n, s) for n in a.labels for s in a.seeds]
     runs: list[dict] = []
     began = time.perf_counter()

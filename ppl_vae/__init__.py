@@ -1,7 +1,7 @@
 """ppl_vae: variational autoencoders as Pyro probabilistic programs, trained by SVI.
 
 The public API (README): ``load_dataset``; ``Model`` and the families ``VAE``, ``CVAE``,
-``ConvVAE``, ``SSVAE``, ``FlowVAE``, ``register_model``; ``TrainConfig``; ``train``,
+``ConvVAE``, ``SSVAE``, ``FlowVAE``, ``register_model``; ``TrainConfig``; ``Session``; ``train``,
 ``evaluate``, ``compare``; ``score`` and ``log_weights``; ``ppl_vae.appendix`` and
 ``ppl_vae.plots``.
 """
@@ -26,6 +26,7 @@ from .models import (
     get_model,
     register_model,
 )
+from .run.session import Session
 from .run.train import Run, train_run
 
 evaluate = evaluate_run
@@ -34,7 +35,7 @@ train = train_run
 __all__ = [
     "CVAE", "MODELS", "SSVAE", "VAE", "CompareConfig", "Comparison", "ConvVAE", "Dataset",
     "FlowVAE", "Model", "Run",
-    "RunContext", "Scores", "Split", "TrainConfig", "UsageError", "appendix",
+    "RunContext", "Scores", "Session", "Split", "TrainConfig", "UsageError", "appendix",
     "compare", "evaluate", "evaluate_run", "get_model", "load_dataset", "load_run",
     "log_weights", "make_elbo", "plots", "register_model", "score", "train", "train_run",
 ]

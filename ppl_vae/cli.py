@@ -1,8 +1,10 @@
 """The command lines ``train``, ``evaluate``, ``compare`` and ``experiment``
 (:mod:`ppl_vae.__main__`) and what they are made of: a parser whose errors are one line, a
-help formatter that shows every default, and the wrapper that turns :class:`UsageError`
-into ``prog: error: ...`` and exit status 2. The options of ``train`` and ``compare`` come
-from :class:`~ppl_vae.config.TrainConfig` and the chosen model's option group.
+help formatter that shows every default, parsers built from the option dataclasses
+(:func:`add_options`: :class:`~ppl_vae.config.TrainConfig`, the chosen model's options,
+:class:`~ppl_vae.evaluation.comparison.CompareConfig`, ``EvaluateOptions``, an experiment's
+options), and the wrapper that turns :class:`UsageError` into ``prog: error: ...`` and exit
+status 2.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .config import FAMILY_DEFAULTS, TrainConfig, family_default
+from .config import RECIPE, TrainConfig, field_default, flag
 from .errors import UsageError, command_line
 from .interrupt import Interrupted
 from .models import MODELS, get_model, option_specs, parse_model_opts
@@ -56,14 +58,9 @@ class HelpFormatter(argparse.HelpFormatter):
         return f"{text} (default: {'none' if shown is None else shown})"
 
 
-def _is_main_process() -> bool:
-    """Not a non-zero torchrun rank (rank 0 alone prints an interruption's line)."""
-    return os.environ.get("RANK", "0") == "0"
-
-
 def _reports() -> bool:
     """This process prints the error line: under torchrun the first rank to fail."""
-    from .run.distributed import first_to_report
+    from .distributed import first_to_report
 
     return first_to_report()
 
@@ -122,7 +119,7 @@ def main_wrapper(prog: str, run: Callable[[Sequence[str] | None], int]
                     print(f"{prog}: error: {e}", file=sys.stderr)
             return getattr(e, "exit_status", 2)
         except RuntimeError as e:  # under torchrun: another process failed first
-            from .run.distributed import lost_a_peer
+            from .distributed import lost_a_peer
 
             if not lost_a_peer(e):
                 raise
@@ -132,7 +129,7 @@ def main_wrapper(prog: str, run: Callable[[Sequence[str] | None], int]
                       "has a checkpoint", file=sys.stderr)
             return 1
         except Interrupted as e:  # a run that checkpointed on SIGINT/SIGTERM: 130/143
-            if _is_main_process():
+            if _main_rank():
                 text = e.message or "interrupted before the first checkpoint; nothing to resume"
                 print(f"{prog}: {text}", file=sys.stderr)
             return e.status
@@ -143,29 +140,32 @@ def main_wrapper(prog: str, run: Callable[[Sequence[str] | None], int]
     return main
 
 
-# -- building parsers from option dataclasses ------------------------------------------------
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
+def _main_rank() -> bool:
+    """Not a non-zero torchrun rank (rank 0 alone prints an interruption's line and results)."""
+    return os.environ.get("RANK", "0") == "0"
 
 
-def _add_option(group, name: str, default: Any, help: str, choices=None, *,
-                suppress: bool = False, off_help: str | None = None,
-                type_: type | None = None) -> bool:
+# -- parsers built from option dataclasses ----------------------------------------------------
+def _add_option(group, name: str, default: Any, help: str, *, choices=None,
+                suppress: bool = False, off_help: str | None = None, type_: type | None = None,
+                aliases: Sequence[str] = (), required: bool = False, metavar: str | None = None
+                ) -> bool:
     """Add ``--name`` typed by ``type_`` or its default (``--no-name`` for an option that is
-    on by default, with ``off_help``); False when the type has no flag form."""
+    on by default, with ``off_help``; a tuple takes one or more values); False when the type
+    has no flag form."""
     kw: dict[str, Any] = {"help": help or name}
     if isinstance(default, bool):
         if default:
             kw["help"] = off_help or f"set {name} off ({help})"
-        action = group.add_argument("--no-" + name.replace("_", "-") if default else _flag(name),
+        action = group.add_argument("--no-" + name.replace("_", "-") if default else flag(name),
                                     dest=name, action="store_false" if default else "store_true",
                                     **kw)
         if suppress:  # only options the user gives reach the model
             action.default = argparse.SUPPRESS
         return True
     if isinstance(default, tuple | list):
-        types = {type(v) for v in default}
-        if not default or len(types) != 1 or not types <= {int, float, str}:
+        types = {type(v) for v in default} or ({type_} if type_ else set())
+        if len(types) != 1 or not types <= {int, float, str}:
             return False
         kw.update(nargs="+", type=types.pop())
     elif isinstance(default, int | float | str):
@@ -174,12 +174,34 @@ def _add_option(group, name: str, default: Any, help: str, choices=None, *,
         kw["type"] = type_
     else:
         return False
-    if choices:
-        kw["choices"] = choices
-    action = group.add_argument(_flag(name), dest=name, default=argparse.SUPPRESS
+    kw.update({k: v for k, v in (("choices", choices), ("metavar", metavar)) if v})
+    if required:
+        kw["required"] = True
+    action = group.add_argument(flag(name), *aliases, dest=name, default=argparse.SUPPRESS
                                 if suppress else default, **kw)
     action.shown_default = default
     return True
+
+
+def add_options(parser: argparse.ArgumentParser, options: type, *, skip: Sequence[str] = (),
+                default_group: str | None = None, groups: dict | None = None) -> dict:
+    """The fields of dataclass ``options`` as flags (their metadata: ``help``, ``group``,
+    ``choices``, ``type``, ``off_help``, ``aliases``, ``metavar``, ``required``), in
+    argument groups by ``group`` (else ``default_group``, else the parser's own); returns the
+    groups, by name."""
+    groups = {} if groups is None else groups
+    for f in dataclasses.fields(options):
+        meta = f.metadata
+        if f.name in skip or "help" not in meta:
+            continue
+        name = meta.get("group", default_group)
+        g = parser if name is None else groups.get(name) or groups.setdefault(
+            name, parser.add_argument_group(name))
+        _add_option(g, f.name, field_default(f), meta["help"], choices=meta.get("choices"),
+                    off_help=meta.get("off_help"), type_=meta.get("type"),
+                    aliases=meta.get("aliases", ()), required=meta.get("required", False),
+                    metavar=meta.get("metavar"))
+    return groups
 
 
 TRAIN_ONLY = ("elbo", "particles", "jit", "compile", "early_stop", "val_fraction", "eval_iwae",
@@ -188,43 +210,29 @@ TRAIN_ONLY = ("elbo", "particles", "jit", "compile", "early_stop", "val_fraction
 
 def train_parser(model: str | type = "vae", compare: bool = False) -> Parser:
     """The parser of ``train`` (or ``compare``) with ``model``'s option group."""
+    from .evaluation.comparison import CompareConfig
+
     cls = get_model(model)
-    name = "compare" if compare else "train"
-    p = Parser(prog=f"{PROG} {name}", formatter_class=HelpFormatter,
+    p = Parser(prog=f"{PROG} {'compare' if compare else 'train'}", formatter_class=HelpFormatter,
                description=COMPARE_DESCRIPTION if compare else
                "Train a VAE (or any Pyro model/guide pair) by SVI.",
                epilog=f"registered models: {', '.join(sorted(MODELS))}; "
                       "--model NAME --help lists that model's options")
-    groups: dict[str, Any] = {}
-    for f in dataclasses.fields(TrainConfig):
-        if f.name == "model_options" or (compare and f.name in TRAIN_ONLY):
-            continue
-        group_name = f.metadata.get("group", "data")
-        g = groups.setdefault(group_name, p.add_argument_group(group_name))
-        if f.name == "model":
-            g.add_argument("--model", default="vae", help="registered model name ("
-                           + ", ".join(sorted(MODELS)) + ") or module:Class for your own")
-            continue
-        default = f.default_factory() if callable(f.default_factory) else f.default
-        helptext = f.metadata["help"]
-        if f.name == "batch_size":
-            helptext = ("rows per SVI step and process; under torchrun --nproc_per_node N the "
-                        "global batch is N times this")
-        _add_option(g, f.name, default, helptext, f.metadata.get("choices"),
-                    off_help=f.metadata.get("off_help"), type_=f.metadata.get("type"))
-        if f.name in FAMILY_DEFAULTS:  # not given: the family's own, shown for this --model
-            p._option_string_actions[f"--{f.name.replace('_', '-')}"].shown_default = \
-                family_default(cls, f.name)
+    groups = add_options(p, TrainConfig, skip=("model_options", *(TRAIN_ONLY if compare else ())))
+    recipe = {**RECIPE, **getattr(cls, "recipe", {})}
+    for name, value in recipe.items():  # not given: the family's recipe, shown for this --model
+        if not (compare and name in TRAIN_ONLY):
+            p._option_string_actions[flag(name)].shown_default = value
     # a model option named like a run option (lr, seed, ...) is set by --model-opt only
-    reserved = {f.name for f in dataclasses.fields(TrainConfig)} | set(COMPARE_ONLY) | {
-        "particles", "model_opt", "help"}
+    reserved = {f.name for f in (*dataclasses.fields(TrainConfig),
+                                 *dataclasses.fields(CompareConfig))} | {"model_opt", "help"}
     g = p.add_argument_group(f"model options ({cls.__name__})")
     p.model_flags, only_opt, required = [], [], []
     for spec in option_specs(cls):
         if spec.required:
             required.append(spec.name)
         elif spec.name not in reserved and _add_option(
-                g, spec.name, spec.default, spec.help, spec.choices, suppress=True,
+                g, spec.name, spec.default, spec.help, choices=spec.choices, suppress=True,
                 off_help=spec.off_help):
             p.model_flags.append(spec.name)
         else:
@@ -234,50 +242,22 @@ def train_parser(model: str | type = "vae", compare: bool = False) -> Parser:
     g.add_argument("--model-opt", action="append", default=[], metavar="KEY=VALUE",
                    help="set any option of the model by name, value a Python literal "
                         "(repeatable)" + "".join(f"; {n}" for n in notes))
-    if not compare:
+    if compare:
+        add_options(p, CompareConfig, skip=("train",), default_group="comparison",
+                    groups=groups)
+    else:
         groups["evaluation and output"].add_argument(
             "--resume", metavar="RUN_DIR", default=None,
             help="continue the run in RUN_DIR exactly from its last checkpoint (its stored "
                  "options; any option given must agree with them)")
-    else:
-        g = groups["inference"]
-        g.add_argument("--particles", type=int, nargs="+", default=[1, 10],
-                       help="particle counts of the estimators to compare "
-                            "(the largest is also the K of the race's IWAE racer)")
-        g = p.add_argument_group("comparison")
-        g.add_argument("--run", "--run-dir", dest="run", default=None,
-                       help="start from this training run's checkpoint (default: a fresh model)")
-        g.add_argument("--warmup-epochs", type=int, default=0,
-                       help="without --run: pre-train the model (its pretrain hook) and train "
-                            "this many epochs (the model's own estimator) before measuring")
-        g.add_argument("--repeats", type=int, default=200,
-                       help="repeated estimates and gradient draws")
-        g.add_argument("--iwae-samples", type=int, nargs="+", default=[1, 10, 100],
-                       help="K of the IWAE bound estimates")
-        g.add_argument("--eval-batch", type=int, default=128,
-                       help="test images in the fixed evaluation batch")
-        g.add_argument("--split", choices=("test", "train"), default="test",
-                       help="the split of the fixed batch (train: e.g. M2's unlabelled rows)")
-        g.add_argument("--no-race", dest="race", action="store_false",
-                       help="skip the training race")
-        g.add_argument("--target", type=float, default=None,
-                       help="test ELBO the race times (default: the worst final one)")
-        g.add_argument("--estimators", nargs="+", default=[], metavar="ELBO",
-                       help="the estimators whose bounds, gradients and race are compared "
-                            "(any --elbo name; iwae-dreg and rws at the --particles >= 2; "
-                            "default: every one that fits the model)")
-        g.add_argument("--snr-k", type=int, nargs="+", default=[],
-                       help="also measure the gradient SNR of iwae and iwae-dreg at these K "
-                            "(e.g. 1 3 10 30 100) and fit its log-log slope per parameter "
-                            "group (snr.png; needs a reparameterized guide)")
     return p
 
 
-def _peek(argv: Sequence[str] | None, flag: str, default: str | None = None) -> str | None:
-    """The value of ``flag`` in ``argv``, before the full parser exists."""
+def _peek(argv: Sequence[str] | None, flag_: str, default: str | None = None) -> str | None:
+    """The value of ``flag_`` in ``argv``, before the full parser exists."""
     pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument(flag, default=default)
-    return vars(pre.parse_known_args(argv)[0])[flag[2:]]
+    pre.add_argument(flag_, default=default)
+    return vars(pre.parse_known_args(argv)[0])[flag_[2:]]
 
 
 _UNSET = object()
@@ -311,33 +291,35 @@ def _train(argv: Sequence[str] | None) -> int:
         args.pop("resume")
         result = train_run(TrainConfig(**args))
     else:  # the stored options, checked against those given
-        given = _parse(argv, model=resume_config(run_dir).model_name, given_only=True)
+        given = _parse(argv, model=resume_config(run_dir).model, given_only=True)
         given.pop("resume")
         result = train_run(resume_config(run_dir, given), resume=True)
-    if os.environ.get("RANK", "0") != "0":
+    if not _main_rank():
         return 0  # under torchrun rank 0 reports
     s = result.summary
     print(f"test ELBO {s['test_elbo']:.2f} nats/image ({s['eval_particles']} samples per image, "
           f"{s['n_test']} test images), train ELBO {s['train_elbo']:.2f}, "
           f"{s['train_seconds']:.1f} s of training on {s['device']}")
-    if "test_log_likelihood_iwae" in s:
-        print(f"log p(x) >= {s['test_log_likelihood_iwae']:.2f} nats/image "
-              f"(IWAE, K={s['iwae_samples']})")
+    _print_iwae(s)
     for note in result.notes:
         print(note)
     print(f"run written to {result.out}")
     return 0
 
 
+def _print_iwae(s: dict) -> None:
+    if "test_log_likelihood_iwae" in s:
+        print(f"log p(x) >= {s['test_log_likelihood_iwae']:.2f} nats/image "
+              f"(IWAE, K={s['iwae_samples']})")
+
+
 COMPARE_DESCRIPTION = ("Compare ELBO estimators on one model: bound estimates, gradient "
                        "variance and signal-to-noise, and a training race. Runs in one "
                        "process.")
-COMPARE_ONLY = ("run", "warmup_epochs", "repeats", "iwae_samples", "eval_batch", "split", "race",
-                "target", "snr_k", "estimators")
 
 
 def _one_process(command: str) -> None:
-    from .run.distributed import launched
+    from .distributed import launched
 
     if launched():
         raise UsageError(f"{command} runs in one process; run it with python -m ppl_vae "
@@ -349,11 +331,10 @@ def _compare(argv: Sequence[str] | None) -> int:
 
     _one_process("compare")
     args = _parse(argv, compare=True)
-    extra = {k: args.pop(k) for k in COMPARE_ONLY}
-    particles = args.pop("particles")
+    own = {f.name: args.pop(f.name) for f in dataclasses.fields(CompareConfig)
+           if f.name in args}
     out = args.pop("out")
-    config = TrainConfig(**args)
-    result = compare(CompareConfig(train=config, particles=tuple(particles), **extra), out)
+    result = compare(CompareConfig(train=TrainConfig(**args), **own), out)
     print((result.out / "summary.md").read_text())
     print(f"samples per data point: {result.meta['samples']}")
     print(f"comparison written to {result.out}")
@@ -361,42 +342,30 @@ def _compare(argv: Sequence[str] | None) -> int:
 
 
 def evaluate_parser() -> Parser:
+    from .evaluation.runs import EvaluateOptions
+
     p = Parser(prog=f"{PROG} evaluate", formatter_class=HelpFormatter,
                description="Re-evaluate a saved run: test ELBO, log p(x) by the IWAE bound, "
                            "and the model's own metrics. Runs in one process.")
-    p.add_argument("--run", "--run-dir", dest="run", required=True,
-                   help="run directory written by train (--run-dir: the same, a spelling "
-                        "torchrun's own --run-path does not swallow)")
-    p.add_argument("--eval-iwae", type=int, default=0, metavar="K",
-                   help="IWAE log-likelihood bound with K samples per image (0: off)")
-    p.add_argument("--eval-particles", type=int, default=None,
-                   help="samples per image for the test ELBO (default: the run's; with "
-                        "--eval-iwae the ELBO uses the same K samples)")
-    p.add_argument("--data-dir", default=None, help="dataset root, if it moved (default: the "
-                                                     "run's)")
-    p.add_argument("--cuda", action="store_true", help="evaluate on the GPU")
+    add_options(p, EvaluateOptions)
     return p
 
 
 def _evaluate(argv: Sequence[str] | None) -> int:
-    from .evaluation.runs import evaluate_run
+    from .evaluation.runs import EvaluateOptions, evaluate_run
 
-    a = evaluate_parser().parse_args(argv)
+    o = EvaluateOptions(**vars(evaluate_parser().parse_args(argv)))
     _one_process("evaluate")
-    if a.eval_iwae < 0 or (a.eval_particles is not None and a.eval_particles < 1):
-        raise UsageError("--eval-iwae must be >= 0 and --eval-particles >= 1")
-    r = evaluate_run(a.run, a.eval_iwae, a.cuda, a.data_dir, a.eval_particles)
+    r = evaluate_run(o.run, o.eval_iwae, o.cuda, o.data_dir, o.eval_particles)
     print(f"test ELBO {r['test_elbo']:.2f} nats/image ({r['eval_particles']} samples per image)")
-    if "test_log_likelihood_iwae" in r:
-        print(f"log p(x) >= {r['test_log_likelihood_iwae']:.2f} nats/image "
-              f"(IWAE, K={r['iwae_samples']})")
+    _print_iwae(r)
     for note in r["notes"]:
         print(note)
     return 0
 
 
 def _experiment(argv: Sequence[str] | None) -> int:
-    """``experiment NAME [its arguments] [--resume] [train's options for its model]``."""
+    """``experiment NAME [its options] [--resume] [train's options for its model]``."""
     from .experiments import EXPERIMENTS
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -405,14 +374,12 @@ def _experiment(argv: Sequence[str] | None) -> int:
                              "in its own directory under --out.")
     pre.add_argument("name", choices=list(EXPERIMENTS), help="; ".join(
         f"{k}: {e.help}" for k, e in EXPERIMENTS.items()))
-    pre.add_argument("--resume", action="store_true", help="continue the table in --out: "
-                     "finished runs are read back, an interrupted one resumes")
     if argv[:1] not in ([], ["-h"], ["--help"]) and argv[0] not in EXPERIMENTS:
         raise UsageError(f"unknown experiment {argv[0]!r}; use one of "
                          f"{', '.join(EXPERIMENTS)}")
     chosen = EXPERIMENTS.get(argv[0]) if argv else None
-    for name, kw in (chosen.arguments if chosen else {}).items():
-        pre.add_argument(_flag(name), **kw)
+    if chosen is not None:
+        add_options(pre, chosen.options)
     if chosen is None or argv[1:2] in (["-h"], ["--help"]):
         pre.print_help()
         if chosen is not None:
@@ -421,9 +388,9 @@ def _experiment(argv: Sequence[str] | None) -> int:
     known, rest = pre.parse_known_args(argv)
     args = _parse(["--model", chosen.model, *rest])
     args.pop("resume")
-    table = chosen.run(TrainConfig(**args), resume=known.resume,
-                       **{k: getattr(known, k) for k in chosen.arguments})
-    if os.environ.get("RANK", "0") != "0":
+    own = {f.name: getattr(known, f.name) for f in dataclasses.fields(chosen.options)}
+    table = chosen.run(TrainConfig(**args), **own)
+    if not _main_rank():
         return 0
     for name, run in table.runs.items():
         for note in run.notes:  # first lines: the table follows

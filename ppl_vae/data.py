@@ -238,7 +238,7 @@ def _torchvision(name: str, root: str, download: bool) -> Dataset:
             f"{name} is not in {os.path.abspath(root)!r} {how} ({type(e).__name__}"
             f"{': ' + said if said else ''}); put "
             f"torchvision's {cls.__name__} files there (--data-dir), or run offline with "
-            f"--dataset digits, --dataset sample-patches or --dataset npz:PATH"
+            f"--dataset 'digits', --dataset 'sample-patches' or --dataset 'npz:PATH'"
         ) from None
     if eight_bit:
         train, test = (Split(x.reshape(len(x), -1).contiguous(), y) for x, y in splits)
@@ -361,7 +361,7 @@ def _npz(path: str, likelihood: str | None) -> Dataset:
         if likelihood == "bernoulli" and (x.min() < 0 or x.max() > 1):
             raise UsageError(
                 f"{where}: 'x' lies in [{x.min():g}, {x.max():g}] but the Bernoulli likelihood "
-                "needs [0, 1]; rescale it (e.g. x / 255) or use --likelihood gaussian"
+                "needs [0, 1]; rescale it (e.g. x / 255) or use --likelihood 'gaussian'"
             )
     train, test = _split(torch.as_tensor(np.ascontiguousarray(x.reshape(len(x), -1))), y)
     return Dataset(where, train, test, image_shape=shape)
@@ -474,7 +474,7 @@ def _binarize(data: Dataset, how: str) -> Dataset:
                        test=replace(data.test, x=pixels(data.test.x)))
     if data.train.x.min() < 0 or data.train.x.max() > 1:
         raise UsageError("--binarize needs inputs in [0, 1]; rescale the data or use "
-                         "--binarize none")
+                         "--binarize 'none'")
     g = torch.Generator().manual_seed(SPLIT_SEED)
     test = replace(data.test, x=torch.bernoulli(data.test.x, generator=g))
     if how == "dynamic":

@@ -3,7 +3,8 @@
 Library code raises :class:`UsageError` with one line that names the problem and the fix;
 the command-line tools print that line and exit with status 2, never a traceback. Messages
 name options as flags (``--overwrite``); raised to a Python caller they name the Python
-setting instead (``overwrite=True``), outside :func:`command_line`.
+setting instead (``overwrite=True``, ``dataset='digits'`` for ``--dataset 'digits'``: a
+value is quoted), outside :func:`command_line`.
 """
 
 from __future__ import annotations
@@ -33,10 +34,7 @@ def command_line() -> Iterator[None]:
 
 
 _MODEL_OPT = re.compile(r"--model-opt (\w+)=(\S+)")
-_NAMED = re.compile(  # a flag and one of its string values: dataset='digits'
-    r"--(dataset) (mnist|fashion-mnist|cifar10|svhn|celeba|digits|sample-patches|npz:[^\s,;)]+)"
-    r"|--(model) (vae|cvae|ssvae|conv-vae|flow-vae)\b|--(likelihood) (bernoulli|gaussian)\b"
-    r"|--(binarize) (none|static|dynamic)\b|--(condition) (quadrants|label)\b")
+_VALUE = re.compile(r"(?<![\w-])--([a-z][a-z0-9-]*) ('[^']*')")  # a flag and a quoted value
 
 
 def _python_name(match: re.Match) -> str:
@@ -55,7 +53,7 @@ class UsageError(ValueError):
         if _CLI.get():
             return text
         text = _MODEL_OPT.sub(lambda m: f"model_options={{'{m[1]}': {m[2]}}}", text)
-        text = _NAMED.sub(lambda m: "{}={!r}".format(*(g for g in m.groups() if g)), text)
+        text = _VALUE.sub(lambda m: f"{m[1].replace('-', '_')}={m[2]}", text)
         return _FLAG.sub(_python_name, text)
 
 

@@ -9,18 +9,17 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .config import TrainConfig
+from . import distributed as dist
+from .config import TrainConfig, option
 from .data import Dataset
 from .errors import UsageError
-from .evaluation.runs import load_run
 from .files import write_json
 from .models.cvae import cll_key, write_cll_table
-from .run import distributed as dist
-from .run.checkpoint import load_checkpoint
-from .run.train import Run, has_checkpoint, load_data, resume_config, train_run
+from .run.session import Session, load_data, resolve
+from .run.train import Run, has_checkpoint, resume_config, train_run
 
 
 @dataclass
@@ -38,8 +37,9 @@ def cvae_quadrants(config: TrainConfig, quadrants: Sequence[int] = (1, 2, 3),
                    resume: bool = False) -> Table:
     """One CVAE run per count in ``quadrants`` (``config``'s other options) in
     ``config.out/quadrants-K`` and their conditional log-likelihood table; see the module."""
+    config, _ = resolve(config)
     if getattr(config.model_options, "condition", None) != "quadrants":
-        raise UsageError("the cvae-quadrants table trains a CVAE with --condition quadrants")
+        raise UsageError("the cvae-quadrants table trains a CVAE with --condition 'quadrants'")
     if not quadrants or len(set(quadrants)) != len(quadrants):
         raise UsageError(f"--quadrants lists the counts of the table once each, got "
                          f"{list(quadrants)}")
@@ -54,10 +54,11 @@ def cvae_quadrants(config: TrainConfig, quadrants: Sequence[int] = (1, 2, 3),
     runs: dict[str, Run] = {}
     for name, run_config in configs.items():
         where = Path(run_config.out)
-        state = (load_checkpoint(where / "checkpoint.pt") if resume and has_checkpoint(where)
-                 and (where / "summary.json").is_file() else {})
-        if (state.get("loop") or {}).get("done"):  # finished: read back
-            runs[name] = Run(*load_run(where), where, list(state.get("history") or []),
+        finished = resume and has_checkpoint(where) and (where / "summary.json").is_file()
+        session = Session.from_dir(where, cuda=config.cuda) if finished else None
+        if session is not None and (session.state.get("loop") or {}).get("done"):
+            runs[name] = Run(session.config, session.module, session.data, where,
+                             list(session.state.get("history") or []),
                              json.loads((where / "summary.json").read_text()))
         elif resume and has_checkpoint(where):
             runs[name] = train_run(resume_config(where), data, progress, resume=True)
@@ -77,19 +78,28 @@ def cvae_quadrants(config: TrainConfig, quadrants: Sequence[int] = (1, 2, 3),
     return Table(out, runs, table, seconds)
 
 
+@dataclass
+class QuadrantsOptions:
+    """The options of ``experiment cvae-quadrants`` (its runs take ``train``'s)."""
+
+    quadrants: tuple[int, ...] = option((1, 2, 3), "the observed-quadrant counts of the table, "
+                                        "one run each")
+    resume: bool = option(False, "continue the table in --out: finished runs are read back, "
+                          "an interrupted one resumes")
+
+
 @dataclass(frozen=True)
 class Experiment:
-    """An experiment as the command line offers it: the function (``config, **arguments``),
-    the model its runs train, a help line, and its own arguments (argparse keywords)."""
+    """An experiment as the command line offers it: the function (``config, **options``),
+    the model its runs train, a help line, and its options (a dataclass of fields made with
+    :func:`ppl_vae.config.option`)."""
 
     run: Callable[..., Table]
     model: str
     help: str
-    arguments: dict[str, dict] = field(default_factory=dict)
+    options: type
 
 
 EXPERIMENTS = {"cvae-quadrants": Experiment(
     cvae_quadrants, "cvae", "one CVAE per number of observed quadrants and their -log p(y|c) "
-    "table (Sohn et al. 2015)",
-    {"quadrants": dict(type=int, nargs="+", default=[1, 2, 3],
-                       help="the observed-quadrant counts of the table, one run each")})}
+    "table (Sohn et al. 2015)", QuadrantsOptions)}

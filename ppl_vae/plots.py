@@ -55,7 +55,7 @@ def save(fig: Figure, path: str | os.PathLike) -> None:
 
 def elbo_curves(rows: Sequence[dict], path: str | os.PathLike) -> Figure:
     """The training objective and test ELBO (nats per image) against epoch, and a test
-    accuracy (a family's ``epoch_metrics``) on a second axis where the rows have one."""
+    accuracy (a family's ``on_epoch`` numbers) on a second axis where the rows have one."""
     fig = Figure(figsize=(6, 3.5), layout="constrained")
     ax = fig.subplots()
     epochs = [r["epoch"] for r in rows]

@@ -37,3 +37,29 @@ def encoder_scale_inverse(sigma, kind: str):
     if kind == "logscale":
         return sigma.log()
     return torch.expm1(sigma).log()
+
+
+def build_model(config, data):
+    """The model ``config`` describes, built for ``data`` (its family's ``from_options``), as
+    a run's session builds it."""
+    from ppl_vae.models import hook
+    from ppl_vae.run.session import resolve
+
+    config, cls = resolve(config)
+    return hook(cls, "from_options")(config.model_options, data)
+
+
+def loop_session(module, x, batch_size: int = 10, epochs: int = 5, patience: int = 0,
+                 **config):
+    """What :class:`ppl_vae.run.loop.Loop` reads of a session, for a bare ``module`` trained
+    on rows ``x`` (its ``train_args`` give ``(x,)``) in one process."""
+    from types import SimpleNamespace
+
+    from ppl_vae.data import Dataset, Split
+    from ppl_vae.distributed import SINGLE
+
+    settings = dict(batch_size=batch_size, epochs=epochs, seed=0, early_stop=patience,
+                    checkpoint_every_steps=0, check_every_steps=50, **config)
+    return SimpleNamespace(config=SimpleNamespace(**settings), world=SINGLE, device=x.device,
+                           data=Dataset("rows", Split(x), Split(x), None), guard=None,
+                           progress=False, module=module, train_args=lambda g=None: (x,))

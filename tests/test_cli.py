@@ -19,11 +19,11 @@ import numpy as np
 import pyro
 import pytest
 import torch
-from helpers import assert_one_line_error
+from helpers import assert_one_line_error, build_model
 
-from ppl_vae import TrainConfig, score
+from ppl_vae import score
 from ppl_vae.cli import evaluate_main, train_main
-from ppl_vae.run.train import build_model, load_data
+from ppl_vae.run.session import from_record, load_data
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -52,7 +52,7 @@ def assert_run_files(out, image_figures: bool = True) -> None:
 
 def initial_test_elbo(out) -> float:
     """Mean test ELBO of the model a run started from (``train`` seeds, then builds)."""
-    config = TrainConfig.from_dict(read_json(out / "config.json"))
+    config = from_record(read_json(out / "config.json"))[0]
     data = load_data(config)
     pyro.set_rng_seed(config.seed)
     module = build_model(config, data)
@@ -110,10 +110,10 @@ def test_train_cli_writes_every_promised_file(cli_run):
     assert options["hidden"] == [32] and options["z_dim"] == 2 and config["epochs"] == 2
     assert options["encoder_scale"] == "softplus"  # the default, written out
     assert "hidden" not in config and "z_dim" not in config  # model options live apart
-    assert TrainConfig.from_dict(config).to_dict() == config
+    assert from_record(config)[0].to_dict() == config
     # an older, flat config.json (model options beside the rest) reads back the same
     flat = {**{k: v for k, v in config.items() if k != "model_options"}, **options}
-    assert TrainConfig.from_dict(flat).to_dict() == config
+    assert from_record(flat)[0].to_dict() == config
 
 
 @pytest.mark.slow
@@ -285,7 +285,7 @@ BAD_DATASETS = {
     "npz-no-x": (npz(images=np.zeros((4, 4))), ["no 'x'"]),
     "npz-ndim": (npz(x=np.zeros(8)), ["'x' has shape (8,)"]),
     "npz-nan": (npz(x=np.array([[0.1, np.nan], [0.2, 0.3]])), ["NaN"]),
-    "npz-range": (npz(x=np.full((4, 4), 255.0)), ["[0, 1]", "--likelihood gaussian"]),
+    "npz-range": (npz(x=np.full((4, 4), 255.0)), ["[0, 1]", "--likelihood 'gaussian'"]),
     "npz-y-length": (npz(x=np.zeros((4, 4)), y=np.arange(5)), ["'y' must be 4"]),
     "npz-y-float": (npz(x=np.zeros((4, 4)), y=np.zeros(4)), ["'y'", "float64"]),
 }
@@ -305,7 +305,7 @@ def test_missing_mnist(tmp_path, cli):
     empty.mkdir()
     result = cli(train_main, ["--dataset", "mnist", "--data-dir", empty, "--no-download",
                               "--out", tmp_path / "run"])
-    assert_one_line_error(result, TRAIN_PROG, str(empty), "--dataset digits", "--no-download")
+    assert_one_line_error(result, TRAIN_PROG, str(empty), "--dataset 'digits'", "--no-download")
 
 
 BAD_OPTIONS = {
@@ -325,9 +325,9 @@ BAD_OPTIONS = {
     "gaussian-scale": (["--gaussian-scale", "0"], ["--gaussian-scale must be a positive number"]),
     "jit-iwae": (["--jit", "--elbo", "iwae"], ["--jit with --elbo iwae is not supported"]),
     "compile-jit": (["--compile", "--jit"], ["--jit and --compile", "drop one"]),
-    "learn-scale-bernoulli": (["--learn-scale"], ["--learn-scale", "--likelihood gaussian"]),
+    "learn-scale-bernoulli": (["--learn-scale"], ["--learn-scale", "--likelihood 'gaussian'"]),
     "model": (["--model", "transformer"], ["unknown --model 'transformer'", "vae"]),
-    "elbo-choice": (["--elbo", "exact"], ["--elbo", "exact", "(see --help)"]),
+    "elbo-choice": (["--elbo", "exact"], ["--elbo 'exact' is not one of", "tracegraph"]),
     "int-type": (["--epochs", "two"], ["--epochs", "'two'"]),
     "unknown-flag": (["--epoch", "3", "--frobnicate"], ["--frobnicate"]),
     "encoder-scale": (["--encoder-scale", "exp"], ["--encoder-scale", "'exp'", "(see --help)"]),
@@ -374,7 +374,7 @@ def test_bad_input_in_a_real_subprocess(tmp_path, run_module):
     assert not (tmp_path / "runs").exists()
     proc = run_module("ppl_vae.evaluate", "--run", tmp_path / "nowhere", cwd=tmp_path)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1 and "no config.json" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "no run directory" in proc.stderr
 
 
 @pytest.fixture
@@ -387,7 +387,7 @@ def run_without_checkpoint(trained_run, tmp_path):
 
 def test_evaluate_bad_runs(tmp_path, cli, run_without_checkpoint):
     result = cli(evaluate_main, ["--run", tmp_path / "missing"])
-    assert_one_line_error(result, EVAL_PROG, "no config.json", "missing")
+    assert_one_line_error(result, EVAL_PROG, "no run directory", "missing")
     result = cli(evaluate_main, ["--run", run_without_checkpoint])
     assert_one_line_error(result, EVAL_PROG, "no checkpoint", "checkpoint.pt")
     (run_without_checkpoint / "checkpoint.pt").write_bytes(b"\x00corrupt" * 100)

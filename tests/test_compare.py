@@ -20,6 +20,7 @@ from ppl_vae.evaluation.comparison import (
     snr_slopes,
     training_race,
 )
+from ppl_vae.run.session import Session
 
 PROG = "python -m ppl_vae compare: error: "
 NET = ["--dataset", "digits", "--hidden", "32", "--z-dim", "2", "--eval-particles", "3"]
@@ -81,11 +82,15 @@ def test_gradient_groups_default_to_the_child_modules(digits):
     assert {r["group"] for r in rows} == {"everything"}
 
 
-def test_race_gives_every_racer_the_same_batches(digits, vae_and_batch):
+def race_session(digits, **config) -> Session:
+    return Session(TrainConfig(dataset="digits", **config), digits, progress=False)
+
+
+def test_race_gives_every_racer_the_same_batches(digits):
     """Two racers with the same estimator trace the same curve: same start, same batches."""
-    vae, _ = vae_and_batch
-    config = TrainConfig(dataset="digits", epochs=2, batch_size=64, eval_particles=3)
-    rows, summary = training_race(vae, digits, config, [("mc", 1), ("mc", 1)], None)
+    session = race_session(digits, epochs=2, batch_size=64, eval_particles=3,
+                           model_options={"z_dim": 3, "hidden": (32,)})
+    rows, summary = training_race(session, [("mc", 1), ("mc", 1)], None)
     assert len(rows) == 4 and len(summary) == 1  # the duplicate racer shares a key
     first, second = rows[:2], rows[2:]
     assert [r["test_elbo"] for r in first] == [r["test_elbo"] for r in second]
@@ -93,18 +98,18 @@ def test_race_gives_every_racer_the_same_batches(digits, vae_and_batch):
 
 
 def test_each_racer_follows_the_family_s_schedule(digits, monkeypatch):
-    """The race trains through the contract: each racer's start_epoch runs before each of its
-    epochs, with the context it is given."""
+    """The race trains through the contract: each racer's on_epoch runs before its first
+    epoch (0) and after each, with the session's context."""
     calls = []
-    monkeypatch.setattr(VAE, "start_epoch", lambda self, ctx, epoch: calls.append(
-        (self, ctx, epoch)), raising=False)
-    vae = VAE(64, z_dim=2, hidden=(16,))
-    config = TrainConfig(dataset="digits", epochs=2, batch_size=256, eval_particles=2)
-    training_race(vae, digits, config, [("mc", 1), ("analytic", 1)], None, ctx="ctx")
-    assert [(c, e) for _, c, e in calls] == [("ctx", 1), ("ctx", 2)] * 2
+    monkeypatch.setattr(VAE, "on_epoch", lambda self, ctx, epoch: calls.append(
+        (self, ctx, epoch)))
+    session = race_session(digits, epochs=2, batch_size=256, eval_particles=2,
+                           model_options={"z_dim": 2, "hidden": (16,)})
+    training_race(session, [("mc", 1), ("analytic", 1)], None)
+    assert [(c, e) for _, c, e in calls] == [(session.ctx, e) for e in (0, 1, 2)] * 2
     racers = [m for m, _, _ in calls]  # two copies, each trained by its own hook calls
-    assert racers[0] is racers[1] and racers[2] is racers[3] and racers[0] is not racers[2]
-    assert all(m is not vae for m in racers)
+    assert racers[0] is racers[1] is racers[2] and racers[3] is racers[5]
+    assert racers[0] is not racers[3] and all(m is not session.module for m in racers)
 
 
 def test_compare_end_to_end(tmp_path, cli):
@@ -254,7 +259,8 @@ def test_suited_estimators_follow_the_program(digits):
     union = {f: frozenset().union(*(getattr(i, f) for i in infos))
              for f in ("score_sites", "enumerated", "closed_kl")}
     info = replace(infos[0], **union)
-    assert suited(info, m2.elbo_refused, programs=3) == ("mc", "rws", "enum", "tracegraph")
+    refused = [name for name, (kind, _) in m2.estimators.items() if kind == "refuse"]
+    assert suited(info, refused, programs=3) == ("mc", "rws", "enum", "tracegraph")
     # Pyro's CVAE indexes by a mask: no samples dimension, so no weighers
     pyro_cvae = PyroExampleCVAE.from_options({"z_dim": 2, "hidden_1": 16, "hidden_2": 16}, None)
     info = inspect_program(pyro_cvae.model, pyro_cvae.guide,

@@ -11,11 +11,13 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import replace
+from types import SimpleNamespace
 
 import pyro
 import pytest
 import torch
 from conftest import SMALL_MODEL
+from helpers import build_model
 from plugin_models import GlobalLatentVAE, PyroExampleVAE
 from torch import nn
 
@@ -23,10 +25,11 @@ from ppl_vae import TrainConfig
 from ppl_vae.data import Dataset, Split
 from ppl_vae.inference.compiled import CompiledStep
 from ppl_vae.inference.estimators import make_elbo
-from ppl_vae.inference.svi import EagerStep, backward_step, collect_params, elbo_loss, elbo_step
+from ppl_vae.inference.program import inspect_objective
+from ppl_vae.inference.svi import Step
 from ppl_vae.models import VAE, hook
 from ppl_vae.run.loop import NEVER
-from ppl_vae.run.train import build_model, data_args, probe, train_run
+from ppl_vae.run.train import train_run
 
 ROWS = 6
 
@@ -59,17 +62,17 @@ class Setup:
                  lr: float = 1e-3, optimizer=None, **compile_kw) -> None:
         pyro.clear_param_store()
         self.module = module.double()
-        self.args = data_args(self.module, data.train, slice(0, ROWS))
-        info = probe(self.module, data)
+        args = hook(self.module, "data_args")
+        self.args = args(data.train.x[:ROWS], None if data.train.y is None else
+                         data.train.y[:ROWS])
+        terms = hook(self.module, "programs")()
+        info = inspect_objective(terms, *(a[:2] for a in self.args))
         e = make_elbo(elbo, particles, max_plate_nesting=info.max_plate_nesting,
                       vectorize=info.vectorized)
-        terms = hook(self.module, "programs")()
-        self.loss = elbo_loss(e, self.module, terms, info)
-        self.params = collect_params(self.module, info)
-        self.optimizer = optimizer(self.params) if optimizer else torch.optim.Adam(self.params,
-                                                                                   lr=lr)
-        self.eager = EagerStep(backward_step(self.loss) if self.loss else
-                               elbo_step(e, self.module, terms, info), self.optimizer)
+        self.eager = Step.of_elbo(e, self.module, terms, info)
+        self.loss, self.params = self.eager.loss, self.eager.params
+        self.optimizer = self.eager.optimizer = (
+            optimizer(self.params) if optimizer else torch.optim.Adam(self.params, lr=lr))
         self.total = torch.zeros((), dtype=torch.float64)
         self.first_bad = torch.full((), NEVER, dtype=torch.long)
         self.eager(0, self.args, self.total, self.first_bad)
@@ -78,8 +81,7 @@ class Setup:
                 t.zero_()
         self.total.zero_()
         self.lines: list[str] = []
-        self.step = CompiledStep(self.loss, self.module, self.optimizer, self.eager,
-                                 log=self.lines.append, **compile_kw)
+        self.step = CompiledStep(self.eager, self.module, log=self.lines.append, **compile_kw)
 
     def eager_loss_and_grads(self) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
         loss = self.loss(*self.args)
@@ -412,15 +414,15 @@ def test_a_changed_python_value_recompiles_at_the_next_epoch_start(change, digit
 
 @pytest.mark.slow
 def test_a_schedule_held_in_a_buffer_is_read_without_compiling_again(digits):
-    """M2's alpha schedule sets a buffer in place at each epoch start (start_epoch): the
+    """M2's alpha schedule sets a buffer in place after each epoch (on_epoch): the
     graph takes buffers as inputs, so the next epoch's step reads the new weight with no
     new compilation, and equals the eager step with the same weight, state and noise."""
     _, data, elbo, k = case("ssvae-enum", digits)
     s = Setup(family("ssvae", data, hidden=(16,), z_dim=3, m1=0, alpha_decay=0.25), data, elbo, k)
-    hook(s.module, "start_epoch")(None, 1)
+    hook(s.module, "on_epoch")(None, 0)
     s.step(1, s.args, s.total, s.first_bad)
     assert s.step.refused is None and s.step.graphs
-    hook(s.module, "start_epoch")(None, 3)  # the classification term at 1/16 of its weight
+    hook(s.module, "on_epoch")(SimpleNamespace(data=data), 2)  # the term at 1/16 of its weight
     start = copy.deepcopy((s.module.state_dict(), s.optimizer.state_dict(),
                            torch.get_rng_state()))
     s.step(0, s.args, s.total, s.first_bad)  # an epoch start: nothing changed in the graph
@@ -432,7 +434,7 @@ def test_a_schedule_held_in_a_buffer_is_read_without_compiling_again(digits):
     s.eager(0, s.args, s.total, s.first_bad)
     for index, state in s.optimizer.state_dict()["state"].items():
         assert gap(compiled_state[1]["state"][index]["exp_avg"], state["exp_avg"]) < 1e-11
-    hook(s.module, "start_epoch")(None, 1)  # (the weight does move the gradient)
+    hook(s.module, "on_epoch")(None, 0)  # (the weight does move the gradient)
     s.module.load_state_dict(start[0])
     s.optimizer.load_state_dict(start[1])
     torch.set_rng_state(start[2])

@@ -39,6 +39,7 @@ from ppl_vae.cli import compare_main, evaluate_main, train_main
 from ppl_vae.inference import importance
 from ppl_vae.inference.estimators import make_elbo
 from ppl_vae.models import MODELS, Model, get_model, hook, register_model
+from ppl_vae.run.session import resolve
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = "plugin_models"
@@ -336,7 +337,7 @@ def test_classes_are_accepted_everywhere():
     try:
         register_model(PyroModuleVAE)
         assert MODELS["pyromodulevae"] is PyroModuleVAE
-        assert TrainConfig(model="pyromodulevae").model_name == "pyromodulevae"
+        assert resolve(TrainConfig(model=PyroModuleVAE))[0].model == "pyromodulevae"
     finally:
         MODELS.pop("pyromodulevae", None)
     config = TrainConfig(model=PyroModuleVAE, model_options={"hidden": 8})
@@ -350,8 +351,7 @@ def test_hooks_default_for_plain_modules_and_subclasses():
     assert hook(plain, "data_args")(x, None) == (x,)
     assert hook(plain, "programs")() == [(1.0, plain.model, plain.guide)]
     assert hook(plain, "pretrain")(None) is None
-    assert hook(plain, "start_epoch")(None, 1) is None
-    assert hook(plain, "epoch_metrics")(None) == {}
+    assert hook(plain, "on_epoch")(None, 1) == {}
     with pytest.raises(AttributeError, match="not a hook"):
         hook(plain, "proposal")
 
@@ -377,7 +377,7 @@ def test_python_callers_see_python_settings(tmp_path):
         train(TrainConfig(out=str(tmp_path / "full")))
     assert "overwrite=True" in str(e.value) and "--overwrite" not in str(e.value)
     with pytest.raises(UsageError, match="z_dim must be"):
-        TrainConfig(model_options={"z_dim": 0})
+        resolve(TrainConfig(model_options={"z_dim": 0}))
 
 
 # -- the architecture and the help ------------------------------------------------------------
@@ -581,64 +581,55 @@ def test_the_contract_base_class_is_not_a_model():
         get_model(Model)
 
 
-def test_a_family_brings_its_own_default_estimator():
-    """Without --elbo a run takes the estimator the family declares (default_elbo), any
-    plug-in's too; one the user gives wins."""
-    from plugin_models import EnumMixtureVAE
-
-    assert TrainConfig().elbo == "mc" and TrainConfig(model="ssvae").elbo == "enum"
-    assert TrainConfig(model="ssvae", elbo="mc").elbo == "mc"
-
-    class Mine(EnumMixtureVAE):
-        default_elbo = "enum"
-
-    assert TrainConfig(model=Mine).elbo == "enum"
-    assert TrainConfig(model=EnumMixtureVAE).elbo == "mc"  # a class without the attribute
-
-
-def test_a_family_brings_its_own_default_epochs(cli, tmp_path):
-    """Without --epochs a run takes the family's default_epochs (M2's recipe: 50), any
-    plug-in's too; one the user gives wins, and 0 stays an error."""
+def test_a_family_s_recipe_fills_what_the_user_leaves_out(cli):
+    """Without --elbo, --epochs, --lr and --early-stop a run takes the family's recipe (M2's:
+    enum, 50 epochs, 3e-3, patience 10), any plug-in's too, and RECIPE for a class without
+    one; the user's values win (0 turns early stopping off); a record keeps what its run
+    trained with; --help shows the chosen model's."""
     from plugin_models import EnumMixtureVAE
 
     from ppl_vae.cli import train_main
+    from ppl_vae.config import RECIPE
+    from ppl_vae.run.session import from_record, resolve
 
-    assert TrainConfig().epochs == 10 and TrainConfig(model="ssvae").epochs == 50
-    assert TrainConfig(model="ssvae", epochs=3).epochs == 3
+    def recipe(**kw) -> list:
+        config = resolve(TrainConfig(**kw))[0]
+        return [getattr(config, name) for name in RECIPE]
+
+    assert recipe() == ["mc", 10, 1e-3, 0] == list(RECIPE.values())
+    assert recipe(model="ssvae") == ["enum", 50, 3e-3, 10]
+    assert recipe(model="ssvae", elbo="mc", epochs=3, lr=1e-4, early_stop=0) == \
+        ["mc", 3, 1e-4, 0]
+    assert recipe(model=EnumMixtureVAE) == list(RECIPE.values())  # a class without one
 
     class Mine(EnumMixtureVAE):
-        default_epochs = 2
+        recipe = {"elbo": "enum", "epochs": 2, "lr": 0.02}
 
-    assert TrainConfig(model=Mine).epochs == 2
+    assert recipe(model=Mine) == ["enum", 2, 0.02, 0]
+    assert resolve(TrainConfig(model="ssvae"))[0].to_dict()["lr"] == 3e-3
+    record = resolve(TrainConfig(model="ssvae"))[0].to_dict() | {"lr": 1e-3, "early_stop": 0}
+    assert (from_record(record)[0].lr, from_record(record)[0].early_stop) == (1e-3, 0)
     with pytest.raises(UsageError, match="epochs must be a whole number of at least 1"):
         TrainConfig(model="ssvae", epochs=0)
-    assert "default_epochs: ssvae 50" in cli(train_main, ["--model", "ssvae", "--help"]).out
-
-
-def test_a_family_brings_its_own_learning_rate_and_early_stopping(cli):
-    """Without --lr / --early-stop a run takes the family's default_lr / default_early_stop
-    (M2's recipe: 3e-3, patience 10), 1e-3 / off for a class without them; the user's win
-    (0 turns early stopping off), and a run records what it trained with."""
-    from plugin_models import EnumMixtureVAE
-
-    from ppl_vae.cli import train_main
-
-    assert (TrainConfig().lr, TrainConfig().early_stop) == (1e-3, 0)
-    assert (TrainConfig(model="ssvae").lr, TrainConfig(model="ssvae").early_stop) == (3e-3, 10)
-    assert TrainConfig(model="ssvae", lr=1e-4, early_stop=0).to_dict()["lr"] == 1e-4
-    assert TrainConfig(model="ssvae", early_stop=0).early_stop == 0
-    assert (TrainConfig(model=EnumMixtureVAE).lr, TrainConfig(model=EnumMixtureVAE).early_stop
-            ) == (1e-3, 0)
-
-    class Mine(EnumMixtureVAE):
-        default_lr, default_early_stop = 0.02, 3
-
-    assert (TrainConfig(model=Mine).lr, TrainConfig(model=Mine).early_stop) == (0.02, 3)
-    assert TrainConfig(model="ssvae").to_dict()["lr"] == 3e-3
-    record = TrainConfig(model="ssvae").to_dict() | {"lr": 1e-3, "early_stop": 0}  # before
-    assert (TrainConfig.from_dict(record).lr, TrainConfig.from_dict(record).early_stop) == \
-        (1e-3, 0)
     with pytest.raises(UsageError, match="lr must be a positive number"):
         TrainConfig(model="ssvae", lr=0)
     shown = cli(train_main, ["--model", "ssvae", "--help"]).out
-    assert "default_lr: ssvae 3e-3" in shown and "default_early_stop: ssvae 10" in shown
+    blocks = {b.split()[0]: " ".join(b.split()) for b in re.split(r"\n(?=  --)", shown)[1:]}
+    for flag, value in (("--elbo", "enum"), ("--epochs", "50"), ("--lr", "0.003"),
+                        ("--early-stop", "10")):
+        assert blocks[flag].endswith(f"(default: {value})"), blocks[flag]
+
+
+@pytest.mark.parametrize("old, new", [("start_epoch", "on_epoch"), ("epoch_metrics", "on_epoch"),
+                                      ("default_epochs", "recipe"), ("elbo_refused", "estimators")])
+def test_a_class_declaring_a_retired_contract_name_is_refused(old, new):
+    """A name of the contract's earlier versions would be ignored silently (a schedule never
+    applied, a recipe never taken): one line names it and its replacement."""
+    from plugin_models import EnumMixtureVAE
+
+    from ppl_vae.run.session import resolve
+
+    Old = type("Old", (EnumMixtureVAE,), {old: (lambda self, *a: None) if "epoch_" in old
+                                          or old == "start_epoch" else {"x": 1}})
+    with pytest.raises(UsageError, match=f"Old declares {old}, which .* replaced by {new}"):
+        resolve(TrainConfig(model=Old))

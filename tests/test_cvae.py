@@ -23,7 +23,7 @@ import pyro
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_one_line_error
+from helpers import assert_one_line_error, build_model, loop_session
 from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 from torch import nn
@@ -39,13 +39,13 @@ from ppl_vae import (
     make_elbo,
     score,
 )
-from ppl_vae.cli import experiment_main, train_main
+from ppl_vae.cli import evaluate_main, experiment_main, train_main
 from ppl_vae.inference.program import inspect_program
-from ppl_vae.inference.svi import backward_step, collect_params, elbo_step
+from ppl_vae.inference.svi import Step, collect_params
 from ppl_vae.models import hook
 from ppl_vae.models.cvae import CVAE, CVAEOptions, conditional_scores, observed_quadrants
 from ppl_vae.run.loop import Loop
-from ppl_vae.run.train import build_model, load_data
+from ppl_vae.run.session import from_record, load_data
 
 F64 = torch.float64
 IMAGE = (8, 8)
@@ -91,7 +91,7 @@ def svi_step(cvae: CVAE, c, y, elbo=None):
     it was built with (from two rows, as the trainer probes)."""
     info = inspect_program(cvae.model, cvae.guide, c[:2], y[:2])
     terms = hook(cvae, "programs")()
-    return elbo_step(elbo or make_elbo("mc"), cvae, terms, info), info
+    return Step.of_elbo(elbo or make_elbo("mc"), cvae, terms, info).gradient, info
 
 
 def read_json(path):
@@ -526,16 +526,17 @@ def test_one_step_trains_the_right_networks(digits, objective):
 def _fit(validate, patience, epochs=5):
     net = nn.Linear(3, 1)
     x = torch.randn(40, 3)
-    step = backward_step(lambda xb: (net(xb) - 1).pow(2).sum())
+    loss = lambda xb: (net(xb) - 1).pow(2).sum()  # noqa: E731
     saved, seen = {}, []
 
     def on_epoch(epoch, loss, seconds, val):
         saved[epoch] = copy.deepcopy(net.state_dict())
         seen.append((epoch, val))
 
-    best = Loop(step, torch.optim.Adam(net.parameters(), lr=0.1), net, lambda g: (x,), 10,
-                epochs, seed=0, device=x.device, validate=validate, patience=patience,
-                on_epoch=on_epoch, progress=False).run()
+    params = list(net.parameters())
+    best = Loop(loop_session(net, x, epochs=epochs, patience=patience),
+                Step(params, torch.optim.Adam(params, lr=0.1), loss), validate=validate,
+                on_epoch=on_epoch).run()
     return best, net, saved, seen
 
 
@@ -559,8 +560,6 @@ def test_fit_without_patience_runs_every_epoch():
     assert [e for e, _ in seen] == [1, 2, 3, 4, 5] and seen[2] == (3, 2.5)
     assert best == 5
     assert _same(net.state_dict(), saved[5])
-    with pytest.raises(ValueError, match="validate"):
-        _fit(None, patience=2)
 
 
 def test_fit_survives_a_non_finite_first_validation_loss():
@@ -572,9 +571,9 @@ def test_fit_survives_a_non_finite_first_validation_loss():
 # -- 8. the command line end to end -------------------------------------------------------------
 
 @pytest.mark.slow
-def test_quadrant_table_end_to_end(tmp_path, monkeypatch, cli, run_module):
+def test_quadrant_table_end_to_end(tmp_path, monkeypatch, cli):
     """Two CVAEs (1 and 3 observed quadrants) with early stopping, their table, and
-    ``python -m ppl_vae.evaluate`` reproducing one run's numbers."""
+    ``evaluate`` reproducing one run's numbers."""
     monkeypatch.chdir(tmp_path)
     result = cli(experiment_main, ["cvae-quadrants", "--quadrants", "1", "3", *CVAE_NET,
                                    "--early-stop", "1", "--out", "out"])
@@ -644,17 +643,16 @@ def test_quadrant_table_end_to_end(tmp_path, monkeypatch, cli, run_module):
         assert state["epoch"] == summary["best_epoch"]
         assert int(state["model"]["target"].sum()) == {"1": 48, "3": 16}[k]
 
-    # re-evaluation in a real subprocess gives that run's numbers again, exactly
+    # re-evaluation gives that run's numbers again, exactly
     run = out / "quadrants-1"
     original = read_json(run / "summary.json")
     tampered = {**original, "test_elbo": 0.0, "cll": {"1": dict.fromkeys(CLL_FIELDS, 0.0)}}
     (run / "summary.json").write_text(json.dumps(tampered))
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # as here: the same sums in the same order
-    proc = run_module("ppl_vae.evaluate", "--run", "out/quadrants-1", cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    assert f"test ELBO {original['test_elbo']:.2f}" in proc.stdout
-    assert "evaluation: 3 samples per data point in one vectorized pass" in proc.stdout
-    assert "| CVAE (IS) |" in proc.stdout  # the model's metrics note: its table
+    result = cli(evaluate_main, ["--run", "out/quadrants-1"])
+    assert result.code == 0, result.err
+    assert f"test ELBO {original['test_elbo']:.2f}" in result.out
+    assert "evaluation: 3 samples per data point in one vectorized pass" in result.out
+    assert "| CVAE (IS) |" in result.out  # the model's metrics note: its table
     summary = read_json(run / "summary.json")
     assert summary["test_elbo"] == original["test_elbo"]
     assert summary["cll"] == original["cll"]
@@ -732,7 +730,7 @@ def test_cvae_options_train(tmp_path, cli, sem, name):
     assert result.code == 0, result.err
     run = out
     assert {*RUN_FILES, "completions.png"} <= {p.name for p in run.iterdir()}
-    config = TrainConfig.from_dict(read_json(run / "config.json"))
+    config = from_record(read_json(run / "config.json"))[0]
     options = config.model_options
     assert isinstance(options, CVAEOptions) and options.quadrants == 2
     expected = {"gsnn-analytic": ("gsnn", "analytic", 1, True),

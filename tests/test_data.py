@@ -8,11 +8,11 @@ import os
 import numpy as np
 import pytest
 import torch
+from helpers import build_model
 from sklearn.datasets import load_digits
 
 from ppl_vae import TrainConfig, UsageError, load_dataset
 from ppl_vae.data import hide_labels, pixels
-from ppl_vae.run.train import build_model
 
 
 def rows_sorted(x: torch.Tensor) -> np.ndarray:
@@ -52,7 +52,7 @@ def test_digits_split_ignores_the_global_seed(digits):
 
 def test_unknown_dataset():
     # raised to a Python caller, the message names the Python setting, not the flag
-    with pytest.raises(UsageError, match="unknown dataset 'cifar'.*digits"):
+    with pytest.raises(UsageError, match="unknown dataset='cifar'.*digits"):
         load_dataset("cifar")
 
 
@@ -105,7 +105,7 @@ def test_no_binarization_returns_the_grey_levels(digits):
 
 
 def test_binarize_rejects_bad_requests(tmp_path):
-    with pytest.raises(UsageError, match="binarize 'half'"):
+    with pytest.raises(UsageError, match="binarize='half'"):
         load_dataset("digits", binarize="half")
     path = tmp_path / "wide.npz"
     np.savez(path, x=np.linspace(-2, 2, 40).reshape(10, 4))

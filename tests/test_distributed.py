@@ -22,12 +22,12 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from ppl_vae import distributed as dist
 from ppl_vae.inference.estimators import make_elbo
 from ppl_vae.inference.program import inspect_program
-from ppl_vae.inference.svi import collect_params, elbo_loss
+from ppl_vae.inference.svi import Step, collect_params, elbo_loss
 from ppl_vae.models import hook
 from ppl_vae.models.vae import VAE
-from ppl_vae.run import distributed as dist
 
 REPO = Path(__file__).resolve().parents[1]
 TORCHRUN = shutil.which("torchrun", path=os.pathsep.join(
@@ -41,7 +41,7 @@ SEEDS = (11, 23)  # the latent noise of rank 0's rows and of rank 1's
 # -- gradients: two gloo processes against one ----------------------------------------------
 class StoreParamVAE(VAE):
     """A VAE whose likelihood adds a logit bias and a positive temperature kept in Pyro's
-    param store, outside the module (``data_parallel_step``'s ``extra`` tensors)."""
+    param store, outside the module (summed over the ranks like the module's own)."""
 
     def model(self, x):
         bias = pyro.param("logit_bias", 0.1 * torch.arange(float(x.shape[-1])))
@@ -90,10 +90,9 @@ def _case(name: str, world: dist.World) -> dict:
         p.grad = None
 
     params = _named_params(module, info)
-    step = dist.data_parallel_step(elbo_loss(elbo, module, terms, info), module,
-                                   [p for _, p in params], world)
+    step = Step.of_elbo(elbo, module, terms, info, world=world)
     pyro.set_rng_seed(SEEDS[world.rank])
-    value = step(x[dist.shard(ROWS, world)]).item()
+    value = step.gradient(x[dist.shard(ROWS, world)]).item()
     got = {n: p.grad.clone() for n, p in params}
     gathered = dist.gather((value, got), world)
     return {

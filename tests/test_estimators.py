@@ -80,7 +80,7 @@ def test_make_elbo_plate_nesting_and_vectorization(particles):
 def test_make_elbo_rejects_bad_requests():
     # raised to a Python caller, the message names Python settings, not flags
     with pytest.raises(UsageError,
-                       match="unknown elbo 'exact'; use mc, analytic, stl, iwae, iwae-dreg, rws, "
+                       match="unknown elbo='exact'; use mc, analytic, stl, iwae, iwae-dreg, rws, "
                              "enum, tracegraph"):
         make_elbo("exact")
     with pytest.raises(UsageError, match="jit=True"):

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 import pyro
 import pytest
 import torch
+from helpers import build_model
 from plugin_models import EnumMixtureVAE, PyroExampleVAE, PyroModuleVAE
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorDeviceMismatchError, FakeTensorMode
@@ -29,10 +30,9 @@ from ppl_vae.inference.compiled import CompiledStep
 from ppl_vae.inference.estimators import make_elbo
 from ppl_vae.inference.importance import score
 from ppl_vae.inference.program import inspect_program
-from ppl_vae.inference.svi import EagerStep, backward_step, collect_params, elbo_loss
+from ppl_vae.inference.svi import Step, elbo_loss
 from ppl_vae.models import hook
 from ppl_vae.run.checkpoint import load_checkpoint, save_checkpoint
-from ppl_vae.run.train import build_model
 
 
 @pytest.fixture(autouse=True)
@@ -149,15 +149,13 @@ def test_a_training_step_and_the_compiled_trace_stay_on_the_device(name, digits,
     module, data, estimators = prepared(name, digits)
     with fake(monkeypatch):
         module, args, terms, info = moved(module, data, "meta")
-        loss = elbo_loss(make_elbo(estimators[0], max_plate_nesting=info.max_plate_nesting),
-                         module, terms, info)
-        params = collect_params(module, info)
-        optimizer = torch.optim.Adam(params, lr=1e-3)
+        eager = Step.of_elbo(make_elbo(estimators[0], max_plate_nesting=info.max_plate_nesting),
+                             module, terms, info)
+        optimizer = eager.optimizer = torch.optim.Adam(eager.params, lr=1e-3)
         total = torch.zeros((), device="meta")
         first_bad = torch.zeros((), dtype=torch.long, device="meta")
-        eager = EagerStep(backward_step(loss), optimizer)
         eager(0, args, total, first_bad)
-        step = CompiledStep(loss, module, optimizer, eager, log=pytest.fail)
+        step = CompiledStep(eager, module, log=pytest.fail)
         assert step._bind(total, first_bad) is None and step.refused is None
         for state in optimizer.state.values():  # the step count moved to the device
             assert on("meta", *state.values())
@@ -210,8 +208,7 @@ def test_a_cpu_checkpoint_loads_onto_the_gpu_and_the_compiled_step_binds(digits,
         loss = elbo_loss(make_elbo("mc"), gpu, gpu.programs())
         total = torch.zeros((), device="cuda")
         first_bad = torch.zeros((), dtype=torch.long, device="cuda")
-        step = CompiledStep(loss, gpu, opt, EagerStep(backward_step(loss), opt),
-                            log=pytest.fail)
+        step = CompiledStep(Step(list(gpu.parameters()), opt, loss), gpu, log=pytest.fail)
         assert step._bind(total, first_bad) is None
         assert step.refused is None and step._cudagraphs
         assert on("cuda", *step._inputs)

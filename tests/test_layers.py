@@ -3,11 +3,11 @@ no modules import each other in a circle.
 
     the command lines (cli, __main__, the ``python -m`` shims, appendix/__main__.py)
     evaluation/, appendix/, experiments   saved runs, the comparison, the tables
-    run/                                  running it: setup, train_run, the loop, processes
-    config                                a run's options
+    run/                                  running it: the session, train_run, the loop
     inference/                            Pyro math: estimators, programs, importance, steps
     models/                               the contract and the families
-    data, plots, resources, interrupt
+    data, plots, resources, interrupt, distributed
+    config                                a run's options: a plain value
     errors, files
 """
 
@@ -19,10 +19,10 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "ppl_vae"
 LAYERS = [
     ("errors", "files"),
-    ("data", "plots", "resources", "interrupt"),
+    ("config",),
+    ("data", "plots", "resources", "interrupt", "distributed"),
     ("models",),
     ("inference",),
-    ("config",),
     ("run",),
     ("evaluation", "appendix", "experiments"),
     ("cli", "__main__", "train", "evaluate", "compare", "appendix.__main__",

@@ -10,14 +10,14 @@ import pyro
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import encoder_scale_inverse
+from helpers import build_model, encoder_scale_inverse
 from pyro import poutine
 from torch import nn
 
 from ppl_vae import MODELS, VAE, TrainConfig, UsageError, get_model, register_model
 from ppl_vae.models import model_name
 from ppl_vae.models.vae import VAEOptions
-from ppl_vae.run.train import build_model
+from ppl_vae.run.session import resolve
 
 D, Z, B = 64, 3, 5
 
@@ -187,14 +187,14 @@ def test_encoder_scale_head(x, kind, sigma):
 def test_encoder_scale_default_is_softplus():
     assert VAEOptions().encoder_scale == "softplus"  # the measured best (README)
     assert VAE(D, z_dim=Z).scale_head == "softplus"
-    with pytest.raises(UsageError, match="encoder_scale 'exp' is not one of logvar, logscale"):
+    with pytest.raises(UsageError, match="encoder_scale='exp' is not one of logvar, logscale"):
         VAEOptions(encoder_scale="exp")
 
 
 def test_from_options_uses_every_model_option(digits):
-    config = TrainConfig(model_options=dict(
+    config = resolve(TrainConfig(model_options=dict(
         z_dim=5, hidden=(24,), activation="elu", likelihood="gaussian", gaussian_scale=0.7,
-        learn_scale=True, beta=0.25, encoder_scale="logscale"))
+        learn_scale=True, beta=0.25, encoder_scale="logscale")))[0]
     assert isinstance(config.model_options, VAEOptions)
     vae = build_model(config, digits)
     assert isinstance(vae, VAE)
@@ -232,15 +232,15 @@ def test_options_whole_or_by_keyword_build_the_same_model():
 
 def test_model_options_are_validated():
     with pytest.raises(UsageError, match="VAE has no option 'batch_size'"):
-        TrainConfig(model_options=dict(batch_size=3))
+        resolve(TrainConfig(model_options=dict(batch_size=3)))
     with pytest.raises(UsageError, match="z_dim must be a whole number of at least 1"):
-        TrainConfig(model_options=dict(z_dim=0))
+        resolve(TrainConfig(model_options=dict(z_dim=0)))
 
 
 def test_registry():
     assert get_model("vae") is VAE and MODELS["vae"] is VAE
     assert get_model(VAE) is VAE and model_name(VAE) == "vae"
-    with pytest.raises(UsageError, match="unknown model 'nope'.*vae"):
+    with pytest.raises(UsageError, match="unknown model='nope'.*vae"):
         get_model("nope")
     with pytest.raises(TypeError, match="guide"):
         register_model("broken")(type("Broken", (), {"model": None, "from_options": None}))

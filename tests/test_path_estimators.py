@@ -192,7 +192,7 @@ def test_dreg_refuses_what_it_cannot_weigh():
     with pytest.raises(UsageError, match="needs them vectorized.*use elbo iwae"):
         make_elbo("iwae-dreg", 3, vectorize=False)
     with pytest.raises(UsageError, match="one particle is the plain ELBO"):
-        TrainConfig(elbo="iwae-dreg")
+        TrainConfig(elbo="iwae-dreg").with_recipe({})
 
 
 @pytest.mark.parametrize("elbo, compile_", [("stl", False), ("iwae-dreg", False),

@@ -13,6 +13,7 @@ from helpers import assert_one_line_error
 from ppl_vae import Run, TrainConfig, register_model, train, train_run
 from ppl_vae.cli import train_main
 from ppl_vae.models import MODELS, VAE, model_name
+from ppl_vae.run.session import resolve
 
 PLUGIN = textwrap.dedent('''
     import pyro
@@ -117,13 +118,14 @@ def test_a_class_itself_is_a_model(digits, tmp_path):
 
     config = TrainConfig(model=Unregistered, model_options=dict(hidden=(16,), z_dim=2),
                          epochs=1, out=str(tmp_path / "r"))
-    assert config.model_class is Unregistered
-    assert config.model_name == model_name(Unregistered) == (
+    resolved, cls = resolve(config)
+    assert cls is Unregistered
+    assert resolved.model == model_name(Unregistered) == config.to_dict()["model"] == (
         f"{__name__}:test_a_class_itself_is_a_model.<locals>.Unregistered")
     run = train(config, data=digits, progress=False)
     assert type(run.module) is Unregistered
     saved = json.loads((run.out / "config.json").read_text())
-    assert saved["model"] == config.model_name
+    assert saved["model"] == resolved.model
 
 
 BROKEN = '''
@@ -202,8 +204,8 @@ class Hooked(nn.Module):
         elif self.fail_in == "fit-nothing":
             ctx.fit(loss, nn.Module())
 
-    def start_epoch(self, ctx, epoch):
-        if self.fail_in == "start_epoch" and epoch == 2:
+    def on_epoch(self, ctx, epoch):
+        if self.fail_in == "on_epoch" and epoch == 2:
             raise KeyError("no schedule for epoch 2")
 
     def report(self, ctx):
@@ -221,8 +223,8 @@ def hooked(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("fail_in, headline, frame", [
-    ("start_epoch", "Hooked.start_epoch(RunContext, int) raised KeyError: 'no schedule for "
-     "epoch 2'", "in start_epoch: raise KeyError("),
+    ("on_epoch", "Hooked.on_epoch(RunContext, int) raised KeyError: 'no schedule for "
+     "epoch 2'", "in on_epoch: raise KeyError("),
     ("report", "Hooked.report(RunContext) raised ZeroDivisionError: division by zero",
      "in report: return {\"ratio\": 1 / 0}"),
     ("fit", "Hooked.pretrain(RunContext) raised ArithmeticError: bad loss",

@@ -298,11 +298,11 @@ def _signal_in(monkeypatch, module, name: str, calls: int = 1) -> None:
 
 @pytest.mark.parametrize("where, calls, fragments, kept", [
     # the second epoch's evaluation: epoch 1's checkpoint is there
-    ("score_split", 2, ["interrupted by SIGTERM in epoch 2, outside its steps",
+    ("score", 2, ["interrupted by SIGTERM in epoch 2, outside its steps",
                         "the checkpoint at epoch 2, step 0 is kept", "continue with --resume"],
      True),
     # the first epoch's evaluation: nothing was saved yet, and the message says so
-    ("score_split", 1, ["in epoch 1, outside its steps (evaluation or saving), before the "
+    ("score", 1, ["in epoch 1, outside its steps (evaluation or saving), before the "
                         "first checkpoint",
                         "nothing to resume"], False),
     # the figures after training: the run is checkpointed and finishes on --resume
@@ -310,10 +310,10 @@ def _signal_in(monkeypatch, module, name: str, calls: int = 1) -> None:
 ])
 def test_a_signal_outside_the_steps_says_what_is_kept(tmp_path, monkeypatch, where, calls,
                                                       fragments, kept):
-    from ppl_vae.run import train as train_module
+    from ppl_vae.run.session import Session
 
     out = tmp_path / "run"
-    _signal_in(monkeypatch, train_module, where, calls)
+    _signal_in(monkeypatch, Session, where, calls)
     with pytest.raises(Interrupted) as stopped:
         train_run(config(out, epochs=2, checkpoint_every_steps=0), progress=False)
     assert stopped.value.status == 143

@@ -106,7 +106,7 @@ def test_read_only_disk_is_a_usage_error_naming_the_path(tmp_path, monkeypatch):
         write_json(tmp_path / "r.json", {})
     monkeypatch.setattr(Path, "mkdir", read_only)
     out = tmp_path / "new" / "run"
-    with pytest.raises(UsageError, match=re.escape(f"cannot create out {str(out)!r}: Read-only "
+    with pytest.raises(UsageError, match=re.escape(f"cannot create out={str(out)!r}: Read-only "
                                                    "file system; choose another directory")):
         RunDir.open(str(out), "vae")
 
@@ -148,7 +148,7 @@ def test_fresh_directory_is_written_in_place_and_the_lock_goes_at_close(tmp_path
 
 def test_a_file_or_a_directory_holding_files_is_refused(tmp_path):
     (tmp_path / "f").write_text("x")
-    with pytest.raises(UsageError, match=r"^out '.*/f' is a file; give a directory$"):
+    with pytest.raises(UsageError, match=r"^out='.*/f' is a file; give a directory$"):
         RunDir.open(str(tmp_path / "f"), "vae", setting="--out")
     before = old_run(tmp_path / "run")
     with pytest.raises(UsageError) as e:
@@ -327,7 +327,7 @@ def test_a_follower_shares_the_paths_and_owns_nothing(tmp_path):
 def test_overwrite_never_empties_the_working_directory(tmp_path, monkeypatch):
     old_run(tmp_path)
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(UsageError, match=r"^out '\.' is the working, home or root directory, "
+    with pytest.raises(UsageError, match=r"^out='\.' is the working, home or root directory, "
                                          "which overwrite=True would empty"):
         RunDir.open(".", "vae", overwrite=True)
     assert (tmp_path / "cll_table.csv").exists() and not (tmp_path / ".lock").exists()

@@ -44,7 +44,7 @@ def test_rws_guide_gradient_has_mean_zero_at_the_exact_posterior():
 
 def test_rws_refuses_one_particle_and_sleep_without_observations():
     with pytest.raises(UsageError, match="rws weighs K particles"):
-        TrainConfig(elbo="rws")
+        TrainConfig(elbo="rws").with_recipe({})
     with pytest.raises(UsageError, match="rws weighs K particles"):
         make_elbo("rws", 1)
     m = LinearGaussian()

@@ -13,12 +13,13 @@ import numpy as np
 import pyro
 import pytest
 import torch
+from helpers import build_model
 from pyro.poutine.util import is_validation_enabled
 
 from ppl_vae import VAE, Run, TrainConfig, UsageError, plots, score, train_run
 from ppl_vae.evaluation.runs import evaluate_run, load_run
 from ppl_vae.run.checkpoint import load_checkpoint
-from ppl_vae.run.train import build_model
+from ppl_vae.run.session import from_record
 
 TINY_MODEL = dict(hidden=(16,), z_dim=2)
 TINY_TRAIN = dict(batch_size=128, lr=3e-3, eval_particles=2)
@@ -97,7 +98,7 @@ def test_every_parameter_is_trained(digits, tmp_path, model_options, options):
 def test_checkpoint_round_trip(trained_run):
     run = trained_run
     path = run.out / "checkpoint.pt"
-    config = TrainConfig.from_dict(json.loads((run.out / "config.json").read_text()))
+    config = from_record(json.loads((run.out / "config.json").read_text()))[0]
     assert config == run.config
     fresh = build_model(config, run.data)
     fresh.load_state_dict(load_checkpoint(path)["model"])
@@ -252,7 +253,7 @@ def test_unlabelled_latent_figure_does_not_warn(tmp_path):
 def test_threads_default_to_the_free_cores(monkeypatch):
     """--threads 0: the cores less the load average (at least 1), shared among processes;
     OMP_NUM_THREADS set by the user stands; --threads N is N."""
-    from ppl_vae.run.train import use_threads
+    from ppl_vae.run.session import use_threads
 
     before = torch.get_num_threads()
     try:
@@ -281,7 +282,7 @@ def test_a_run_loads_without_its_dataset(tmp_path, monkeypatch, model, extra):
     """load_run(dir, data=False): the checkpoint knows the data's shapes; the module is the
     trained one, ready to sample, encode and reconstruct, and no dataset is read."""
     from ppl_vae import load_run
-    from ppl_vae.run import train as train_module
+    from ppl_vae.run import session as session_module
 
     run = train_run(TrainConfig(model=model, dataset="digits", epochs=1, eval_particles=2,
                                 model_options={"hidden": (16,), "z_dim": 2},
@@ -290,9 +291,9 @@ def test_a_run_loads_without_its_dataset(tmp_path, monkeypatch, model, extra):
     def no_data(*args, **kwargs):
         raise AssertionError("the dataset was read")
 
-    monkeypatch.setattr(train_module, "load_dataset", no_data)
+    monkeypatch.setattr(session_module, "load_dataset", no_data)
     config, module, data = load_run(tmp_path / "r", data=False)
-    assert data is None and config.model_name == model
+    assert data is None and config.model == model
     for key, value in run.module.state_dict().items():
         assert torch.equal(module.state_dict()[key], value), key
     if model == "vae":

@@ -32,10 +32,9 @@ from ..data import Dataset
 from ..inference.estimators import make_elbo
 from ..inference.importance import score
 from ..inference.program import inspect_program
-from ..inference.svi import backward_step, collect_params, elbo_step
+from ..inference.svi import Step, collect_params
 from ..models.nets import mlp
 from ..models.vae import VAE
-from ..run.loop import Loop
 
 
 class DecoderMAPVAE(PyroModule):
@@ -146,19 +145,20 @@ def map_vs_weight_decay(data: Dataset, epochs: int = 10, batch_size: int = 128,
         pyro.set_rng_seed(seed)
         if name == "svi_map":
             info = inspect_program(m.model, m.guide, first)
-            step = elbo_step(make_elbo("mc"), m, [(1.0, m.model, m.guide)], info)
-            opt = torch.optim.Adam(collect_params(m, info), lr=lr)
+            step = Step.of_elbo(make_elbo("mc"), m, [(1.0, m.model, m.guide)], info,
+                                torch.optim.Adam(collect_params(m, info), lr=lr))
         else:
-            step = backward_step(lambda xb: make_elbo("mc").differentiable_loss(
-                vae.model, vae.guide, xb))
-            opt = torch.optim.Adam([
+            step = Step(list(vae.parameters()), torch.optim.Adam([
                 {"params": vae.encoder.parameters()},
                 {"params": vae.decoder.parameters(),
-                 "weight_decay": batch_size / (n * prior_scale**2)}], lr=lr)
+                 "weight_decay": batch_size / (n * prior_scale**2)}], lr=lr),
+                lambda xb: make_elbo("mc").differentiable_loss(vae.model, vae.guide, xb))
+        order = torch.Generator().manual_seed(seed)  # the same batches for both
+        total, first_bad = torch.zeros(()), torch.zeros((), dtype=torch.long)
         with pyro.validation_enabled(False):
-            Loop(step, opt, m if name == "svi_map" else vae, lambda g: (data.train.x,),
-                 batch_size, epochs, seed=seed, device=data.train.x.device,
-                 progress=False).run()
+            for _ in range(epochs):
+                for i, rows in enumerate(torch.randperm(n, generator=order).split(batch_size)):
+                    step(i, (data.train.x[rows],), total, first_bad)
         trained = m.plain_vae() if name == "svi_map" else vae
         trained.eval()
         results[name] = {

@@ -32,29 +32,16 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm  # text bars everywhere (tqdm.auto wants ipywidgets in Jupyter)
 
-from ..config import TrainConfig
-from ..data import Dataset
+from ..config import TrainConfig, option
 from ..errors import UsageError
 from ..files import write_csv, write_json, write_text
 from ..inference.estimators import ELBOS, make_elbo, suited
 from ..inference.program import ProgramInfo
-from ..inference.svi import collect_params, elbo_step, hide_bar
-from ..models import RunContext, hook
+from ..inference.svi import Step, collect_params, hide_bar
+from ..models import hook
 from ..run.loop import Loop
 from ..run.rundir import RunDir
-from ..run.train import (
-    adam,
-    context,
-    data_args,
-    device_for,
-    load_data,
-    probe,
-    score_split,
-    setup_model,
-    train_args,
-    use_threads,
-)
-from .runs import open_run
+from ..run.session import Session
 
 ESTIMATORS = ("mc", "analytic")
 SNR_ESTIMATORS = ("iwae", "iwae-dreg")  # (at K = 1 too: there they are mc and stl)
@@ -63,23 +50,34 @@ WEIGHERS = ("iwae-dreg", "rws")  # estimators that weigh K >= 2 particles agains
 
 @dataclass
 class CompareConfig:
-    """What ``python -m ppl_vae compare`` measures (model and data options: ``train``)."""
+    """What ``python -m ppl_vae compare`` measures (model and data options: ``train``); its
+    command line is built from these fields."""
 
     train: TrainConfig = field(default_factory=TrainConfig)
-    run: str | None = None
-    warmup_epochs: int = 0
-    repeats: int = 200
-    particles: tuple[int, ...] = (1, 10)
-    iwae_samples: tuple[int, ...] = (1, 10, 100)
-    eval_batch: int = 128
-    split: str = "test"
-    """the split whose first ``eval_batch`` rows are the fixed batch (``train`` for a model
-    whose training rows differ in kind, e.g. M2's unlabelled rows)"""
-    race: bool = True
-    target: float | None = None
-    snr_k: tuple[int, ...] = ()
-    estimators: tuple[str, ...] = ()
-    """the ``--elbo`` names compared; empty: every one that fits the model (``suited``)"""
+    particles: tuple[int, ...] = option((1, 10), "particle counts of the estimators to compare "
+                                        "(the largest is also the K of the race's IWAE racer)",
+                                        group="inference")
+    run: str | None = option(None, "start from this training run's checkpoint (default: a "
+                             "fresh model)", type=str, aliases=("--run-dir",))
+    warmup_epochs: int = option(0, "without --run: pre-train the model (its pretrain hook) and "
+                                "train this many epochs (the model's own estimator) before "
+                                "measuring")
+    repeats: int = option(200, "repeated estimates and gradient draws")
+    iwae_samples: tuple[int, ...] = option((1, 10, 100), "K of the IWAE bound estimates")
+    eval_batch: int = option(128, "test images in the fixed evaluation batch")
+    split: str = option("test", "the split of the fixed batch (train: e.g. M2's unlabelled "
+                        "rows)", choices=("test", "train"))
+    race: bool = option(True, "the training race", off_help="skip the training race")
+    target: float | None = option(None, "test ELBO the race times (default: the worst final "
+                                  "one)", type=float)
+    snr_k: tuple[int, ...] = option((), "also measure the gradient SNR of iwae and iwae-dreg at "
+                                    "these K (e.g. 1 3 10 30 100) and fit its log-log slope per "
+                                    "parameter group (snr.png; needs a reparameterized guide)",
+                                    type=int)
+    estimators: tuple[str, ...] = option((), "the estimators whose bounds, gradients and race "
+                                         "are compared (any --elbo name; iwae-dreg and rws at "
+                                         "the --particles >= 2; default: every one that fits "
+                                         "the model)", type=str, metavar="ELBO")
 
     def __post_init__(self) -> None:
         self.estimators = tuple(self.estimators)
@@ -197,13 +195,13 @@ def gradient_stats(module: nn.Module, args: tuple[Tensor, ...], repeats: int,
     terms = hook(module, "programs")()
     pairs = pairs or [(e, k) for e in estimators for k in particles]
     for name, k in tqdm(pairs, desc="gradients", disable=hide_bar(progress)):
-        step = elbo_step(_elbo(name, k, info), module, terms, info)
+        step = Step.of_elbo(_elbo(name, k, info), module, terms, info)
         sums: dict[str, list] = {}
         seconds = 0.0
         for r in range(repeats + 1):
             module.zero_grad(set_to_none=True)
             start = time.perf_counter()
-            step(*args)
+            step.gradient(*args)
             if args[0].is_cuda:
                 torch.cuda.synchronize(args[0].device)
             if r == 0:
@@ -266,39 +264,36 @@ def variance_ratios(gradients: list[dict]) -> list[dict]:
             for (e, k, g), r in by.items() if e == "mc" and ("analytic", k, g) in by]
 
 
-def training_race(module: nn.Module, data: Dataset, config: TrainConfig,
-                  racers: list[tuple[str, int]], target: float | None,
-                  progress: bool | None = None, ctx: RunContext | None = None
+def training_race(session: Session, racers: list[tuple[str, int]], target: float | None
                   ) -> tuple[list[dict], list[dict]]:
-    """Train a copy of ``module`` per (estimator, particles) on the same batches; return the
-    per-epoch rows and a summary with final test ELBO and time to ``target``. Each racer's
-    ``start_epoch(ctx, epoch)`` hook runs before each of its epochs."""
+    """Train a copy of the session's model per (estimator, particles) on the same batches;
+    return the per-epoch rows and a summary with final test ELBO and time to ``target``. Each
+    racer's ``on_epoch`` hook runs as in training."""
+    config, module = session.config, session.module
     start_state = copy.deepcopy(module.state_dict())
-    device = data.train.x.device
     rows: list[dict] = []
     for name, k in racers:
         racer = copy.deepcopy(module)
         racer.load_state_dict(start_state)
         pyro.set_rng_seed(config.seed)
-        info = probe(racer, data)
-        step = elbo_step(_elbo(name, k, info), racer, hook(racer, "programs")(), info)
-        opt = adam(collect_params(racer, info), config)
+        info = session.probe(racer)
+        step = Step.of_elbo(_elbo(name, k, info), racer, hook(racer, "programs")(), info,
+                            session.adam(collect_params(racer, info)))
         elapsed = [0.0]
 
         def on_epoch(epoch: int, loss: float, seconds: float, val, name=name, k=k,
                      racer=racer, elapsed=elapsed) -> None:
             elapsed[0] += seconds
-            test = score_split(racer, data.test, config.eval_particles).elbo.mean().item()
+            test = session.score(session.data.test, config.eval_particles, module=racer)
             rows.append({"estimator": name, "particles": k, "epoch": epoch,
-                         "train_objective": -loss, "test_elbo": test, "seconds": elapsed[0]})
+                         "train_objective": -loss, "test_elbo": test.elbo.mean().item(),
+                         "seconds": elapsed[0]})
+            session.on_epoch(epoch, racer)
 
-        def on_start(epoch: int, racer=racer) -> None:
-            hook(racer, "start_epoch")(ctx, epoch)
-
-        Loop(step, opt, racer, lambda g, racer=racer: train_args(racer, data, g),
-             config.batch_size, config.epochs, seed=config.seed, device=device,
-             on_epoch=on_epoch, on_start=on_start, progress=progress,
-             desc=f"race {name} x{k}").run()
+        session.on_epoch(0, racer)
+        Loop(session, step, module=racer,
+             inputs=lambda g, racer=racer: session.train_args(g, module=racer),
+             on_epoch=on_epoch, desc=f"race {name} x{k}").run()
     finals = {(r["estimator"], r["particles"]): r for r in rows if r["epoch"] == config.epochs}
     goal = target if target is not None else min(r["test_elbo"] for r in finals.values())
     summary = []
@@ -312,22 +307,26 @@ def training_race(module: nn.Module, data: Dataset, config: TrainConfig,
     return rows, summary
 
 
-def chosen(cc: CompareConfig, module: nn.Module, info: ProgramInfo
-           ) -> tuple[tuple[str, ...], tuple[str, ...]]:
+def chosen(cc: CompareConfig, session: Session) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """The estimators compared (the user's, or every one that fits the model and its family
     allows) and those of the SNR-against-K experiment; a choice the family refuses, or an
     SNR experiment no estimator fits, is refused in one line."""
-    refused = getattr(module, "elbo_refused", {})
+    refused = session.estimators("refuse")
     for e in cc.estimators:
         if e in refused:
             raise UsageError(f"--estimators {e}: {refused[e]}")
-    fits = suited(info, refused, len(hook(module, "programs")()))
+    fits = suited(session.info, refused, len(session.terms))
     snr = tuple(e for e in SNR_ESTIMATORS if e in fits)
     if cc.snr_k and not snr:
         raise UsageError(f"--snr-k measures {' and '.join(SNR_ESTIMATORS)}, and neither fits "
                          "this model (its guide is not reparameterized or its particles do "
                          "not vectorize); drop --snr-k")
     return cc.estimators or fits, snr
+
+
+RACE_SETTINGS = ("lr", "beta1", "epochs", "batch_size", "seed", "eval_particles", "overwrite")
+"""What a comparison of a saved ``--run`` takes from its own options (given ones: the race's
+learning rate and epochs default to the run's)."""
 
 
 def compare(cc: CompareConfig, out: str | None = None, progress: bool | None = None
@@ -339,35 +338,30 @@ def compare(cc: CompareConfig, out: str | None = None, progress: bool | None = N
     if cc.run is not None:
         if cc.warmup_epochs:
             raise UsageError("--warmup-epochs trains a fresh model; a --run is trained already")
-        saved, module, data, info = open_run(
-            cc.run, config.cuda, config.data_dir if config.data_dir != "data" else None)
-        # the run's model and data; this comparison's training settings for the race
-        config = replace(saved, **{k: getattr(config, k) for k in (
-            "lr", "beta1", "epochs", "batch_size", "seed", "eval_particles", "cuda", "overwrite")})
+        session = Session.from_dir(cc.run, cuda=config.cuda, data_dir=config.data_dir
+                                   if config.data_dir != TrainConfig().data_dir else None)
+        session.config = replace(session.config, **{
+            k: getattr(config, k) for k in RACE_SETTINGS if getattr(config, k) is not None})
     else:
-        device = device_for(config.cuda)
-        use_threads(config.threads)
-        data = load_data(config).to(device)
-        pyro.set_rng_seed(config.seed)
-        with pyro.validation_enabled(config.validate):
-            module, info = setup_model(config, data, device)
-    with RunDir.open(out, f"compare-{config.model_name}", overwrite=config.overwrite) as rundir, \
-            pyro.validation_enabled(config.validate):
-        out_dir = rundir.path
+        session = Session(config, progress=progress)
+    session.progress = progress
+    config, module, info = session.config, session.module, session.info
+    with RunDir.open(out, f"compare-{config.model}", overwrite=config.overwrite) as rundir, \
+            session.validation():
+        out_dir = session.ctx.out = rundir.path
         if cc.run is None and cc.warmup_epochs:  # pre-training too runs for the warm-up
-            ctx = context(replace(config, epochs=cc.warmup_epochs), module, data, out_dir,
-                          progress)
-            hook(module, "pretrain")(ctx)
-            step = elbo_step(make_elbo(config.elbo, 1, max_plate_nesting=info.max_plate_nesting),
-                             module, hook(module, "programs")(), info)
-            Loop(step, adam(collect_params(module, info), config), module,
-                 lambda g: train_args(module, data, g), config.batch_size, cc.warmup_epochs,
-                 seed=config.seed, device=data.train.x.device, progress=progress,
-                 on_start=lambda epoch: hook(module, "start_epoch")(ctx, epoch),
+            session.config = session.ctx.config = replace(config, epochs=cc.warmup_epochs)
+            hook(module, "pretrain")(session.ctx)
+            step = Step.of_elbo(make_elbo(config.elbo, 1, max_plate_nesting=info.max_plate_nesting),
+                                module, session.terms, info,
+                                session.adam(collect_params(module, info)))
+            session.on_epoch(0)
+            Loop(session, step, on_epoch=lambda epoch, *_: session.on_epoch(epoch),
                  desc="warm-up").run()
-        estimators, snr_estimators = chosen(cc, module, info)
+            session.config = session.ctx.config = config
+        estimators, snr_estimators = chosen(cc, session)
         module.eval()
-        args = data_args(module, getattr(data, cc.split), slice(0, cc.eval_batch))
+        args = session.args(getattr(session.data, cc.split), slice(0, cc.eval_batch))
         pyro.set_rng_seed(config.seed)
         bounds = bound_estimates(module, args, cc.repeats, cc.particles, cc.iwae_samples,
                                  progress, info, estimators)
@@ -380,11 +374,10 @@ def compare(cc: CompareConfig, out: str | None = None, progress: bool | None = N
             most = max(cc.particles)  # the weighers race with the most particles, the rest 1
             racers = [(e, 1) for e in estimators if e not in ("iwae", *WEIGHERS)]
             racers += [(e, most) for e in estimators if e in WEIGHERS and most > 1]
-            if most > 1 and len(hook(module, "programs")()) == 1:
+            if most > 1 and len(session.terms) == 1:
                 racers.append(("iwae", most))  # IWAE trains one program
-            race_rows, race_summary = training_race(
-                module, data, config, racers, cc.target, progress,
-                context(config, module, data, out_dir, progress))
+            race_rows, race_summary = training_race(session, racers, cc.target)
+        data = session.data
         meta = {"config": config.to_dict(), "run": cc.run, "warmup_epochs": cc.warmup_epochs,
                 "estimators": list(estimators),
                 "repeats": cc.repeats, "eval_batch": args[0].shape[0], "split": cc.split,

@@ -5,100 +5,52 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import replace
+from dataclasses import dataclass
 from pathlib import Path
 
-import pyro
 import torch
 from torch import nn
 
-from ..config import TrainConfig
+from ..config import TrainConfig, coerce_fields, option
 from ..data import Dataset
 from ..errors import UsageError
 from ..files import write_json
-from ..inference.program import ProgramInfo
-from ..run.checkpoint import load_checkpoint, restore_params
 from ..run.rundir import DirLock
-from ..run.train import (
-    context,
-    device_for,
-    load_data,
-    report,
-    score_split,
-    setup_model,
-    use_threads,
-)
-
-
-def read_config(run_dir: Path, model: type | None = None) -> TrainConfig:
-    """The run's ``config.json`` as a :class:`TrainConfig` (``model`` overrides the class it
-    names, for a class defined in a notebook)."""
-    config_path = run_dir / "config.json"
-    if not config_path.is_file():
-        parts = sorted(p.name for p in run_dir.glob("*") if (p / "config.json").is_file())
-        hint = (f"it holds several runs: give one of them, e.g. --run "
-                f"{str(run_dir / parts[0])!r}" if parts else
-                "give --run the directory a training run wrote")
-        raise UsageError(f"no config.json in {str(run_dir)!r}; {hint}")
-    try:
-        saved = json.loads(config_path.read_text())
-        if not isinstance(saved, dict):
-            raise TypeError("not a JSON object")
-        if model is not None:
-            saved["model"] = model
-        return TrainConfig.from_dict(saved)
-    except (ValueError, TypeError, AttributeError) as e:  # bad JSON or bad option values
-        raise UsageError(f"{os.fspath(config_path)!r} is not a readable run config ({e})"
-                         ) from None
+from ..run.session import Session
 
 
 def load_run(run_dir: str | os.PathLike, cuda: bool = False, data_dir: str | None = None,
              model: type | None = None, data: bool = True
              ) -> tuple[TrainConfig, nn.Module, Dataset | None]:
-    """The config, trained module (in eval mode) and data of a saved run directory; with
-    ``data=False`` no dataset is read (the checkpoint knows its shapes) and the module is
-    ready to ``sample``, ``encode`` and ``reconstruct``."""
-    if data:
-        return open_run(run_dir, cuda, data_dir, model)[:3]
-    run_dir = Path(run_dir)
-    config = read_config(run_dir, model)
-    device = device_for(cuda)
-    state = load_checkpoint(run_dir / "checkpoint.pt", map_location=device)
-    if not state.get("data"):
-        raise UsageError(f"the checkpoint in {str(run_dir)!r} predates loading without the "
-                         "data; load it with its data (data=True)")
-    with pyro.validation_enabled(config.validate):
-        module, _ = setup_model(config, Dataset.stand_in(state["data"]), device,
-                                training=False)
-    _load_state(module, state, run_dir)
-    return config, module, None
+    """The config, trained module (in eval mode) and data of a saved run directory
+    (``model``: the class, for one defined in a notebook); with ``data=False`` no dataset is
+    read (the checkpoint knows its shapes) and the module is ready to ``sample``, ``encode``
+    and ``reconstruct``."""
+    session = Session.from_dir(run_dir, cuda=cuda, data_dir=data_dir, model=model, data=data)
+    session.module.eval()
+    return session.config, session.module, session.data if data else None
 
 
-def _load_state(module: nn.Module, state: dict, run_dir: Path) -> None:
-    try:
-        module.load_state_dict(state["model"])
-    except RuntimeError:
-        raise UsageError(f"the checkpoint in {str(run_dir)!r} does not fit the model its "
-                         "config.json describes; was one of them replaced?") from None
-    restore_params(state)
-    module.eval()
+@dataclass
+class EvaluateOptions:
+    """The options of ``python -m ppl_vae evaluate`` (:func:`evaluate_run`'s)."""
 
+    run: str = option(None, "run directory written by train (--run-dir: the same, a spelling "
+                      "torchrun's own --run-path does not swallow)", type=str, required=True,
+                      aliases=("--run-dir",))
+    eval_iwae: int = option(0, "IWAE log-likelihood bound with K samples per image (0: off)",
+                            metavar="K")
+    eval_particles: int | None = option(None, "samples per image for the test ELBO (default: "
+                                        "the run's; with --eval-iwae the ELBO uses the same K "
+                                        "samples)", type=int)
+    data_dir: str | None = option(None, "dataset root, if it moved (default: the run's)",
+                                  type=str)
+    cuda: bool = option(False, "evaluate on the GPU")
 
-def open_run(run_dir: str | os.PathLike, cuda: bool = False, data_dir: str | None = None,
-             model: type | None = None
-             ) -> tuple[TrainConfig, nn.Module, Dataset, ProgramInfo]:
-    """:func:`load_run` and what the probe of the module's program found."""
-    run_dir = Path(run_dir)
-    config = read_config(run_dir, model)
-    config = replace(config, cuda=cuda, data_dir=data_dir or config.data_dir)
-    device = device_for(cuda)
-    use_threads()
-    state = load_checkpoint(run_dir / "checkpoint.pt", map_location=device)
-    data = load_data(config).to(device)
-    with pyro.validation_enabled(config.validate):  # a guide's lazy parameters exist now
-        module, info = setup_model(config, data, device, training=False)
-    _load_state(module, state, run_dir)
-    return config, module, data, info
+    def __post_init__(self) -> None:
+        coerce_fields(self)
+        if self.eval_iwae < 0 or (self.eval_particles is not None and self.eval_particles < 1):
+            raise UsageError("--eval-iwae must be >= 0 and --eval-particles >= 1")
 
 
 def evaluate_run(run_dir: str | os.PathLike, eval_iwae: int = 0, cuda: bool = False,
@@ -108,38 +60,40 @@ def evaluate_run(run_dir: str | os.PathLike, eval_iwae: int = 0, cuda: bool = Fa
     the IWAE bound with ``eval_iwae`` samples, and the numbers of the model's ``report``);
     update its ``summary.json`` (atomically) and return the new numbers (``notes``: what it
     reports)."""
+    EvaluateOptions(os.fspath(run_dir), eval_iwae, eval_particles, data_dir, cuda)
     run_dir = Path(run_dir)
     summary_path = run_dir / "summary.json"
     if summary_path.exists() and not summary_path.is_file():  # before the long part
         kind = "a directory" if summary_path.is_dir() else "not a regular file"
         raise UsageError(f"{str(summary_path)!r} is {kind}; move it away so that evaluate can "
                          "write the run's summary there")
-    if run_dir.is_dir() and not os.access(run_dir, os.W_OK):
+    if not run_dir.is_dir():
+        raise UsageError(f"no run directory {str(run_dir)!r}; give the directory a training "
+                         "run wrote")
+    if not os.access(run_dir, os.W_OK):
         raise UsageError(f"--run {str(run_dir)!r} is read-only, so its summary.json cannot be "
                          "updated; copy the run directory somewhere writable and evaluate the "
                          "copy")
-    if not run_dir.is_dir():
-        open_run(run_dir, cuda, data_dir, model)  # (its one line: no such run)
     lock = DirLock.acquire(run_dir, "--run")  # not while the run trains, nor two at once
     try:
-        return _evaluate(run_dir, summary_path, eval_iwae, cuda, data_dir, eval_particles,
-                         model)
+        session = Session.from_dir(run_dir, cuda=cuda, data_dir=data_dir, model=model)
+        return _evaluate(session, summary_path, eval_iwae, eval_particles)
     finally:
         lock.release()
 
 
-def _evaluate(run_dir: Path, summary_path: Path, eval_iwae: int, cuda: bool,
-              data_dir: str | None, eval_particles: int | None, model: type | None) -> dict:
-    config, module, data, info = open_run(run_dir, cuda, data_dir, model)
-    loop = load_checkpoint(run_dir / "checkpoint.pt").get("loop") or {}
+def _evaluate(session: Session, summary_path: Path, eval_iwae: int,
+              eval_particles: int | None) -> dict:
+    config, ctx = session.config, session.ctx
+    loop = session.state.get("loop") or {}
     k = eval_iwae or eval_particles or config.eval_particles
-    ctx = context(config, module, data, run_dir, progress=False)
     ctx.figures = False  # the numbers again; the run's figures stay as they are
-    with pyro.validation_enabled(config.validate), torch.no_grad():
-        scores = score_split(module, data.test, k, iwae=eval_iwae > 0, info=info)
+    session.module.eval()
+    with session.validation(), torch.no_grad():
+        scores = session.score(session.data.test, k, iwae=eval_iwae > 0)
         result = {**scores.summary(), "eval_particles": k}
         ctx.summary = dict(result)  # the report derives from it, not a second evaluation
-        result.update(report(module, ctx))
+        result.update(session.report())
     notes = [f"evaluation: {scores.method}"]
     if loop and not loop.get("done", True):
         result["stopped_during_epoch"] = f"{loop['epoch']} of {config.epochs}"

@@ -39,7 +39,6 @@ import traceback
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import pyro
 import torch
@@ -50,22 +49,15 @@ from torch._subclasses.fake_tensor import FakeTensor, is_fake, unset_fake_tempor
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .svi import EagerStep, TrainStep
+from ..distributed import sum_grads
+from .svi import LossFn, Step
 
-LossFn = Callable[..., Tensor]
 TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4}
 """The capture check's relative tolerance by dtype (float16/bfloat16: 1e-2)."""
 
 
 class Refused(Exception):
     """Capture cannot be exact: the message is the one-line reason."""
-
-
-class _OneProcess:
-    parallel, main = False, True
-
-    def gather(self, obj: Any) -> list[Any]:
-        return [obj]
 
 
 # -- what can be refused before tracing -------------------------------------------------------
@@ -233,6 +225,22 @@ def _reason(e: Exception) -> str:
     return f"tracing failed{where} ({_first_line(e)})"
 
 
+@torch.no_grad()
+def adam(p: Tensor, grad: Tensor, m: Tensor, v: Tensor, t: Tensor, group: dict,
+         coef: Tensor) -> None:
+    """``torch.optim.Adam``'s update of one tensor in place (the module's formula), with the
+    bias corrections ``coef = [lr / (1 - beta1^t), sqrt(1 - beta2^t)]`` of its step t given:
+    what the graph runs and what its capture check recomputes."""
+    beta1, beta2 = group["betas"]
+    if group["weight_decay"]:
+        grad = grad.add(p, alpha=group["weight_decay"])
+    t.add_(1)
+    m.lerp_(grad, 1 - beta1)
+    v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    denom = (v.sqrt() / coef[1].to(v.dtype)).add_(group["eps"])
+    p.sub_(coef[0].to(p.dtype) * m / denom)
+
+
 @dataclass
 class _Graph:
     """One traced and compiled step for one shape of the batch."""
@@ -242,20 +250,19 @@ class _Graph:
     fingerprint: tuple | None = None  # the forward's operators (see _fingerprint)
 
 
-class CompiledStep(TrainStep):
-    """The training step of ``loss`` (``args -> -ELBO``) over ``module`` and ``optimizer``'s
-    parameters, traced and compiled per batch shape, called like :class:`EagerStep`.
-    ``refused``: the reason once the step stays eager (a line to ``log``). ``world``
-    (:class:`ppl_vae.run.distributed.World`): under torchrun the graph computes this rank's
-    loss and gradients, one all-reduce sums them, ``optimizer.step()`` runs eagerly; a
-    refusal on one rank is one on all."""
+class CompiledStep(Step):
+    """The training step ``eager`` (a :class:`~ppl_vae.inference.svi.Step` over ``module``),
+    traced and compiled per batch shape, called like it. ``refused``: the reason once the
+    step stays eager (a line to ``log``). Under torchrun the graph computes this rank's loss
+    and gradients, :func:`~ppl_vae.distributed.sum_grads` sums them as the eager step does,
+    and ``optimizer.step()`` runs eagerly; a refusal on one rank is one on all."""
 
-    def __init__(self, loss: LossFn | None, module: nn.Module, optimizer: torch.optim.Optimizer,
-                 eager: EagerStep, *, world: Any = None,
+    def __init__(self, eager: Step, module: nn.Module, *,
                  log: Callable[[str], None] | None = None, estimator: str = "the estimator"
                  ) -> None:
-        self.loss, self.module, self.optimizer, self.eager = loss, module, optimizer, eager
-        self.world = world or _OneProcess()
+        super().__init__(eager.params, eager.optimizer, eager.loss, backward=eager._backward,
+                         world=eager.world, terms=eager.terms)
+        self.module, optimizer = module, eager.optimizer
         self.log = log or (lambda text: warnings.warn(text, CompileNote, stacklevel=3))
         trained = (p for g in optimizer.param_groups for p in g["params"])
         self.device = next(trained, next(module.parameters(), torch.zeros(()))).device
@@ -268,7 +275,7 @@ class CompiledStep(TrainStep):
         self._next_i = -1
         self._calls = 0
         self._hook = optimizer.register_load_state_dict_post_hook(lambda opt: self._rebind())
-        self._refuse(self._agree(precheck(loss, None if self._grads_only else optimizer,
+        self._refuse(self._agree(precheck(self.loss, None if self._grads_only else optimizer,
                                           self.device, estimator)))
 
     # -- what the Loop calls -------------------------------------------------------------------
@@ -278,7 +285,7 @@ class CompiledStep(TrainStep):
         if self.refused is None and not self._bound and self._ready():
             self._refuse(self._agree(self._bind(total, first_bad)))
         if self.refused is not None or not self._bound:
-            self.eager(i, args, total, first_bad)
+            super().__call__(i, args, total, first_bad)
             return
         assert total is self.total and first_bad is self.first_bad, "one loop per step"
         key = tuple((tuple(a.shape), a.dtype) for a in args)
@@ -297,18 +304,16 @@ class CompiledStep(TrainStep):
             reason = self._agree(reason)
         if reason is not None:
             self._refuse(reason)
-            self.eager(i, args, total, first_bad)
+            super().__call__(i, args, total, first_bad)
             return
         graph = self.graphs[key]
-        if self._grads_only:  # gradients summed over the ranks in one flat all-reduce
+        if self._grads_only:  # this rank's gradients; summed over the ranks as eager ones are
             self.optimizer.zero_grad(set_to_none=True)
             with torch.no_grad():
                 loss, *grads = graph.compiled(*self._inputs, *args)
-                flat = torch.cat([g.reshape(-1) for g in grads])
-                torch.distributed.all_reduce(flat)
-                for p, g in zip(self._trained_tensors, flat.split([g.numel() for g in grads]),
-                                strict=True):
-                    p.grad = g.view_as(p)
+                for p, g in zip(self._trained_tensors, grads, strict=True):
+                    p.grad = g
+                sum_grads(self.params, self.world)
                 total += loss
                 first_bad.copy_(torch.where(torch.isfinite(loss), first_bad,
                                             first_bad.clamp(max=i)))
@@ -459,22 +464,13 @@ class CompiledStep(TrainStep):
             with torch.no_grad():
                 k, counted = 0, None
                 for g_index, (group, updated) in enumerate(self._groups):
-                    beta1, beta2 = group["betas"]
-                    step_size, bc2_sqrt = coef[g_index, 0], coef[g_index, 1]
                     for _ in updated:
-                        p, grad = trained[k], grads[k]
-                        m, v, t = moments[k], moments[n_tr + k], moments[2 * n_tr + k]
+                        t = moments[2 * n_tr + k]
+                        if grads[k] is not None:  # (unused by the loss: Adam leaves it alone)
+                            adam(trained[k], grads[k], moments[k], moments[n_tr + k], t, group,
+                                 coef[g_index])
+                            counted = t if counted is None else counted
                         k += 1
-                        if grad is None:  # unused by the loss: Adam leaves it alone
-                            continue
-                        if group["weight_decay"]:
-                            grad = grad.add(p, alpha=group["weight_decay"])
-                        t.add_(1)
-                        m.lerp_(grad, 1 - beta1)
-                        v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-                        denom = (v.sqrt() / bc2_sqrt.to(v.dtype)).add_(group["eps"])
-                        p.sub_(step_size.to(p.dtype) * m / denom)
-                        counted = t if counted is None else counted
                 if counted is not None:  # the next step's corrections, once, not per tensor
                     coef.copy_(self._corrections(counted))
                 total.add_(loss)
@@ -628,21 +624,20 @@ class CompiledStep(TrainStep):
             checks += [("the gradient", c, e, e.abs()) for c, e in zip(grads_c, grads_e,
                                                                        strict=True)
                        if e is not None]
-        else:
+        else:  # Adam's new moments from the eager gradient, by the graph's own update
             n_in, n_tr, k = len(self._tensors), len(self._trained), 0
-            for group, updated in self._groups:
-                beta1, beta2 = group["betas"]
+            for g_index, (group, updated) in enumerate(self._groups):
                 for _ in updated:
                     g = grads_e[k]
                     if g is not None:
-                        if group["weight_decay"]:
-                            g = g + group["weight_decay"] * saved[self._trained[k]]
+                        p, m, v, t = (saved[j].clone() for j in (
+                            self._trained[k], n_in + k, n_in + n_tr + k, n_in + 2 * n_tr + k))
+                        adam(p, g, m, v, t, group, saved[n_in + 3 * n_tr][g_index])
                         m0, v0 = saved[n_in + k], saved[n_in + n_tr + k]
-                        checks += [
-                            ("Adam's m (the gradient)", self._moments[k], m0.lerp(g, 1 - beta1),
-                             m0.abs() + (1 - beta1) * g.abs()),
-                            ("Adam's v (the gradient)", self._moments[n_tr + k],
-                             v0 * beta2 + (1 - beta2) * g * g, v0 + (1 - beta2) * g * g)]
+                        checks += [("Adam's m (the gradient)", self._moments[k], m,
+                                    m0.abs() + (m - group["betas"][0] * m0).abs()),
+                                   ("Adam's v (the gradient)", self._moments[n_tr + k], v,
+                                    v0 + v)]
                     k += 1
         worst, what = max((_relative_error(c, e, scale), what) for what, c, e, scale in checks)
         self._restore(saved)

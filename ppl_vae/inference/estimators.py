@@ -238,7 +238,8 @@ def redundant(name: str, info: ProgramInfo) -> str | None:
 def suited(info: ProgramInfo, refused: Iterable[str] = (), programs: int = 1
            ) -> tuple[str, ...]:
     """The ``--elbo`` names that train the program ``info`` describes and are not ``mc`` in
-    disguise, less ``refused`` (a family's ``elbo_refused``), in the order of :data:`ELBOS`."""
+    disguise, less ``refused`` (those a family's ``estimators`` refuse), in the order of
+    :data:`ELBOS`."""
     refused = set(refused)
     return tuple(e for e in ELBOS if e not in refused and unsuited(e, info, programs) is None
                  and (e == "mc" or redundant(e, info) is None))

@@ -8,8 +8,8 @@ and ``registered`` (tensors the program puts in Pyro's param store itself).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 
 import pyro
 import torch
@@ -141,6 +141,21 @@ def inspect_program(model: Callable, guide: Callable, *args: Tensor) -> ProgramI
                        frozenset(id(t) for t in unconstrained), unconstrained,
                        frozenset(auxiliary), frozenset(score), frozenset(enumerated),
                        frozenset(closed))
+
+
+def inspect_objective(terms: Sequence[tuple[float, Callable, Callable]], *args: Tensor
+                      ) -> ProgramInfo:
+    """:func:`inspect_program` of every (weight, model, guide) term of an objective on the
+    same ``args``, merged: the deepest plates, vectorized only if every term is, and the
+    union of the sites and parameters found (this also creates parameters that a guide
+    makes lazily, e.g. an autoguide's)."""
+    infos = [inspect_program(m, g, *args) for _, m, g in terms]
+    return replace(infos[0], max_plate_nesting=max(i.max_plate_nesting for i in infos),
+                   vectorized=all(i.vectorized for i in infos),
+                   registered=frozenset().union(*(i.registered for i in infos)),
+                   params=tuple({id(p): p for i in infos for p in i.params}.values()),
+                   **{f: frozenset().union(*(getattr(i, f) for i in infos))
+                      for f in ("score_sites", "enumerated", "closed_kl")})
 
 
 def _has_closed_kl(q, p) -> bool:

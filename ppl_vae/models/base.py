@@ -3,17 +3,19 @@
 A model is any ``nn.Module`` with Pyro ``model(*args)`` and ``guide(*args)`` methods, a
 :class:`Model` subclass or not. Code outside ``ppl_vae.models`` calls its optional hooks
 through :func:`hook`: its own method, else the default here (the README's table says when to
-override each). Defaults: ``data_args(x, y)`` -> ``(pixels(x),)`` (``x`` (N, D) rows, uint8
-for 8-bit sources; ``y`` (N,) labels or None, -1 hidden by ``--labelled``); ``programs()``
--> ``[(1.0, model, guide)]``; ``pretrain(ctx)``: nothing; ``start_epoch(ctx, epoch)``:
-nothing (a schedule sets what the epoch's steps read, as a function of the 1-based epoch);
-``epoch_metrics(ctx)``: no numbers for an epoch's row of ``metrics.csv``; ``report(ctx)``:
-no numbers, and latent means, reconstructions and samples (``encode``/``reconstruct``/
-``sample`` where defined); ``from_options(options, data)``: the constructor, with ``input_dim``,
-``image_shape`` and ``num_classes`` from the data. ``elbo_refused`` / ``elbo_notes`` map an
-``--elbo`` name to why the family cannot train with it / a note the run prints;
-``default_elbo``, ``default_epochs``, ``default_lr`` and ``default_early_stop`` are the family's
-recipe: what a run takes without ``--elbo``, ``--epochs``, ``--lr`` and ``--early-stop``.
+override each). Six hooks: ``from_options(options, data)``: the constructor, with
+``input_dim``, ``image_shape`` and ``num_classes`` from the data; ``data_args(x, y)`` ->
+``(pixels(x),)`` (``x`` (N, D) rows, uint8 for 8-bit sources; ``y`` (N,) labels or None, -1
+hidden by ``--labelled``); ``programs()`` -> ``[(1.0, model, guide)]``; ``pretrain(ctx)``:
+nothing; ``on_epoch(ctx, epoch)``: after ``epoch`` epochs (0: before the first; again for the
+epoch a resumed run re-enters), sets what the next epoch's steps read (a schedule, a
+function of ``epoch``) and returns numbers for that epoch's row of ``metrics.csv``; default
+nothing; ``report(ctx)``: no numbers, and latent means, reconstructions and samples
+(``encode``/``reconstruct``/``sample`` where defined). Three declared attributes: ``Options``
+(the family's options dataclass), ``recipe`` (run options taken where the user gives none:
+``elbo``, ``epochs``, ``lr``, ``early_stop``) and ``estimators`` (``{name: ("refuse", why)}``
+or ``{name: ("note", text)}``: an ``--elbo`` the family cannot train with, or a note the run
+prints).
 """
 
 from __future__ import annotations
@@ -36,12 +38,8 @@ class Model(nn.Module):
     """Base class with every hook at its default (subclassing it is optional)."""
 
     Options: ClassVar[type | None] = None
-    elbo_refused: ClassVar[dict[str, str]] = {}
-    elbo_notes: ClassVar[dict[str, str]] = {}
-    default_elbo: ClassVar[str] = "mc"
-    default_epochs: ClassVar[int] = 10
-    default_lr: ClassVar[float] = 1e-3
-    default_early_stop: ClassVar[int] = 0
+    recipe: ClassVar[dict[str, Any]] = {}
+    estimators: ClassVar[dict[str, tuple[str, str]]] = {}
 
     def model(self, *args: Any, **kwargs: Any) -> Any:
         raise NotImplementedError
@@ -64,10 +62,7 @@ class Model(nn.Module):
     def pretrain(self, ctx: RunContext) -> None:
         return None
 
-    def start_epoch(self, ctx: RunContext, epoch: int) -> None:
-        return None
-
-    def epoch_metrics(self, ctx: RunContext) -> dict:
+    def on_epoch(self, ctx: RunContext, epoch: int) -> dict:
         return {}
 
     def report(self, ctx: RunContext) -> dict:
@@ -77,8 +72,7 @@ class Model(nn.Module):
         return {}
 
 
-HOOKS = ("from_options", "data_args", "programs", "pretrain", "start_epoch", "epoch_metrics",
-         "report")
+HOOKS = ("from_options", "data_args", "programs", "pretrain", "on_epoch", "report")
 
 
 def hook(obj: Any, name: str) -> Callable:

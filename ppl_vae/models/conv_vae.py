@@ -166,8 +166,8 @@ class ConvVAE(GaussianLatentVAE):
     @classmethod
     def from_options(cls, options: ConvVAEOptions, data: Dataset) -> ConvVAE:
         if data.image_shape is None:
-            raise UsageError(f"--model conv-vae needs images, and the rows of {data.name} have "
-                             "no image shape; use --model vae")
+            raise UsageError(f"--model 'conv-vae' needs images, and the rows of {data.name} "
+                             "have no image shape; use --model 'vae'")
         shape = image_chw(data.image_shape)
         if math.prod(shape) != data.input_dim:
             raise UsageError(f"{data.name}: image shape {shape} holds {math.prod(shape)} "

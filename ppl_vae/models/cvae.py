@@ -139,17 +139,17 @@ class CVAE(Model):
         if options.condition == "label":
             if data.num_classes is None:
                 raise UsageError(f"--condition label needs class labels, and {data.name} has "
-                                 "none; use --condition quadrants or data with labels 'y'")
+                                 "none; use --condition 'quadrants' or data with labels 'y'")
             cond_dim, target = data.num_classes, None
             check_labels(data)
             if data.labelled is not None and data.labelled < len(data.train):
-                raise UsageError(f"--condition label conditions on every training label, and "
+                raise UsageError(f"--condition 'label' conditions on every training label, and "
                                  f"{len(data.train) - data.labelled} are hidden (--labelled); "
-                                 "drop --labelled (semi-supervised: --model ssvae)")
+                                 "drop --labelled (semi-supervised: --model 'ssvae')")
         else:
             if data.image_shape is None:
                 raise UsageError(f"--condition quadrants needs images, and {data.name} rows are "
-                                 "not square; use --condition label")
+                                 "not square; use --condition 'label'")
             cond_dim = data.input_dim
             target = ~observed_quadrants(data.image_shape, options.quadrants)
         check_range(data, options.likelihood)

@@ -16,7 +16,7 @@ autoregressive flow (Kingma et al. 2016), ``z_k = s * z_{k-1} + (1 - s) * m`` wi
 8 bins on [-3, 3], two hidden layers of 10 d units. Layers are separated by a reversal of z.
 ``log q`` is exact (a draw's density from the transforms' cache). ``--elbo analytic`` has no
 closed-form KL for a flow: it uses ``log q - log p`` at the sampled z, as ``mc`` does (the
-run says so, ``elbo_notes``).
+run says so, ``estimators``).
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ class FlowVAE(VAE):
                  **changes: Any) -> None:
         super().__init__(input_dim, options, **changes)
         self.flow, self.flow_layers = self.options.flow, self.options.flow_layers
-        self.elbo_notes = {"analytic": ANALYTIC_NOTE.format(flow=self.flow)}
+        self.estimators = {"analytic": ("note", ANALYTIC_NOTE.format(flow=self.flow))}
         context_dim = self.encoder[-1].in_features  # the last hidden layer's width
         self.flows = nn.ModuleList(flow_layer(self.flow, self.z_dim, context_dim)
                                    for _ in range(self.flow_layers))

@@ -144,10 +144,10 @@ def check_range(data, likelihood: str) -> None:
         if likelihood == "bernoulli":
             raise UsageError(f"{data.name}: the data lie in [{lo:g}, {hi:g}] but the Bernoulli "
                              "likelihood needs [0, 1]; rescale them (e.g. x / 255) or use "
-                             "--likelihood gaussian")
+                             "--likelihood 'gaussian'")
         raise UsageError(f"{data.name}: the data lie in [{lo:g}, {hi:g}] but the discretized "
                          "logistic likelihood needs 8-bit levels (uint8) or pixels in [0, 1]; "
-                         "rescale them (e.g. x / 255) or use --likelihood gaussian")
+                         "rescale them (e.g. x / 255) or use --likelihood 'gaussian'")
 
 
 def bits_per_dim(log_likelihood: float, dims: int, offset: float = 0.0) -> float:

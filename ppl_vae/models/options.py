@@ -9,17 +9,16 @@ A class that sets ``Options`` (a dataclass) has exactly those options, validated
 from __future__ import annotations
 
 import ast
-import contextlib
-import contextvars
 import dataclasses
 import functools
 import inspect
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from ..config import coerce, field_default, flag, options_dict
 from ..errors import UsageError
 
 DATA_OPTIONS: dict[str, Callable[[Any], Any]] = {
@@ -28,24 +27,6 @@ DATA_OPTIONS: dict[str, Callable[[Any], Any]] = {
     "num_classes": lambda data: data.num_classes,
 }
 """Constructor keywords filled from the :class:`~ppl_vae.data.Dataset`, never options."""
-
-_KEYS: contextvars.ContextVar[str | None] = contextvars.ContextVar("ppl_vae_keys", default=None)
-
-
-@contextlib.contextmanager
-def named_as_keys(prefix: str, nested: bool = False) -> Iterator[None]:
-    """Within this block :func:`coerce` names an option as a key of a file, ``prefix +
-    name`` (``nested``: only inside an enclosing block, after its prefix), not as a flag."""
-    outer = _KEYS.get()
-    if nested and outer is None:
-        yield
-        return
-    token = _KEYS.set((outer or "") + prefix if nested else prefix)
-    try:
-        yield
-    finally:
-        _KEYS.reset(token)
-
 
 @dataclass(frozen=True)
 class OptionSpec:
@@ -96,7 +77,7 @@ def option_specs(cls: type) -> list[OptionSpec]:
     metadata), else its constructor's keywords other than :data:`DATA_OPTIONS`."""
     opts = options_class(cls)
     if opts is not None:
-        return [OptionSpec(f.name, _field_default(f), f.metadata.get("help", ""),
+        return [OptionSpec(f.name, field_default(f), f.metadata.get("help", ""),
                            f.metadata.get("choices"), off_help=f.metadata.get("off_help"))
                 for f in dataclasses.fields(opts)]
     specs = []
@@ -109,10 +90,10 @@ def option_specs(cls: type) -> list[OptionSpec]:
     return specs
 
 
-def make_options(cls: type, given: Any = None) -> Any:
+def make_options(cls: type, given: Any = None, keys: str | None = None) -> Any:
     """Options for ``cls`` from a dict, its ``Options``, or None (defaults): an ``Options``
     instance, or for a class without one a dict of the keywords set; :class:`UsageError`
-    names a bad key."""
+    names a bad one as a flag (or as ``keys + name``, a key of a file)."""
     opts = options_class(cls)
     if opts is not None and isinstance(given, opts):
         return given
@@ -130,17 +111,11 @@ def make_options(cls: type, given: Any = None) -> Any:
     if unknown:
         raise UsageError(f"{cls.__name__} has no option {', '.join(map(repr, unknown))}; its "
                          f"options are {', '.join(sorted(known)) or 'none'}")
-    defaults = ({f.name: _field_default(f) for f in dataclasses.fields(opts)} if opts else
+    defaults = ({f.name: field_default(f) for f in dataclasses.fields(opts)} if opts else
                 {s.name: s.default for s in option_specs(cls) if not s.required})
-    given = {k: coerce(k, v, defaults[k]) if defaults.get(k) is not None else v
-             for k, v in given.items()}
+    given = {k: coerce(v, defaults[k], flag(k) if keys is None else f"key {keys + k!r}")
+             if defaults.get(k) is not None else v for k, v in given.items()}
     return given if opts is None else opts(**given)
-
-
-def options_dict(options: Any) -> dict[str, Any]:
-    """The options as JSON-ready values (tuples as lists), for ``config.json``."""
-    d = dataclasses.asdict(options) if dataclasses.is_dataclass(options) else dict(options)
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
 
 def build_by_signature(cls: type, options: Any, data: Any, **known: Any) -> Any:
@@ -179,40 +154,6 @@ def build_by_signature(cls: type, options: Any, data: Any, **known: Any) -> Any:
                          f"{type(e).__name__}: {first}") from None
 
 
-def coerce(name: str, value: Any, default: Any) -> Any:
-    """``value`` as the type of the option's ``default`` (a list or a single value for a
-    tuple), or :class:`UsageError` naming the option (its flag, or its key in a file within
-    :func:`named_as_keys`) and the type it takes. The one place options are coerced."""
-    keys = _KEYS.get()
-    flag = "--" + name.replace("_", "-") if keys is None else f"key {keys + name!r}"
-
-    def bad(kind: str) -> UsageError:
-        return UsageError(f"{flag} takes {kind}, got {value!r}")
-
-    if isinstance(default, bool):
-        if not isinstance(value, bool):
-            raise bad("True or False")
-        return value
-    if isinstance(default, int):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise bad("a whole number")
-        return value
-    if isinstance(default, float):
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise bad("a number")
-        return float(value)
-    if isinstance(default, str):
-        if not isinstance(value, str):
-            raise bad("a string")
-        return value
-    if isinstance(default, tuple):
-        items = tuple(value) if isinstance(value, list | tuple) else (value,)
-        if default:
-            items = tuple(coerce(name, v, default[0]) for v in items)
-        return items
-    return value
-
-
 def parse_model_opts(items: list[str] | None) -> dict[str, Any]:
     """``["k=v", ...]`` from ``--model-opt`` as a dict; values are Python literals
     (``10``, ``0.5``, ``(400, 200)``, ``True``) or else strings."""
@@ -235,14 +176,6 @@ def _parameters(cls: type) -> list[inspect.Parameter]:
     except (TypeError, ValueError):
         return []
     return list(sig.parameters.values())
-
-
-def _field_default(f: dataclasses.Field) -> Any:
-    if f.default is not dataclasses.MISSING:
-        return f.default
-    if f.default_factory is not dataclasses.MISSING:
-        return f.default_factory()
-    return None
 
 
 def _show(kwargs: Mapping[str, Any]) -> str:

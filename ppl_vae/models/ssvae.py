@@ -29,7 +29,7 @@ the encoder as a learned vector per class). ``-1`` marks an unlabelled row
   :meth:`~ppl_vae.data.Dataset.epoch_order`), ``a = alpha * N / N_labelled`` when batches
   are drawn from all rows alike: alpha * B per batch of B rows either way (``--alpha``);
   ``alpha_decay`` makes it a schedule, ``a * alpha_decay ** (e - 1)`` in epoch e (set by the
-  ``start_epoch`` hook; a ``poutine.scale`` of the site).
+  ``on_epoch`` hook; a ``poutine.scale`` of the site).
 
 So the loss is ``-(sum_labelled [L + a log q(y|x)] + sum_unlabelled U)``; a term without rows
 in the training split is left out of ``programs()``. For evaluation ``model``/``guide`` are
@@ -154,10 +154,10 @@ class SSVAE(Model):
     calls it; a loop of one's own must too)."""
 
     Options = SSVAEOptions
-    default_elbo = "enum"  # y summed out exactly; mc would sample it (a score function)
-    default_epochs = 50  # M1+M2 at 100 labels: 30 epochs fall short (README's table)
-    default_lr = 3e-3  # M1+M2 at 100 labels: +4 points over 1e-3, paired (README)
-    default_early_stop = 10  # (the table's): 3e-3 has late spikes, the best epoch is kept
+    recipe = {"elbo": "enum",  # y summed out exactly; mc would sample it (a score function)
+              "epochs": 50,  # M1+M2 at 100 labels: 30 epochs fall short (README's table)
+              "lr": 3e-3,  # M1+M2 at 100 labels: +4 points over 1e-3, paired (README)
+              "early_stop": 10}  # (the table's): 3e-3 has late spikes, the best epoch is kept
 
     def __init__(self, input_dim: int, num_classes: int, options: SSVAEOptions | None = None, *,
                  aux_weight: float = 1.0, labelled_rows: bool = True,
@@ -173,17 +173,17 @@ class SSVAE(Model):
         self.likelihood, self.beta, self.aux_weight = o.likelihood, o.beta, aux_weight
         self.labelled_rows, self.unlabelled_rows = labelled_rows, unlabelled_rows
         if unlabelled_rows:  # what the estimators do with the unlabelled rows' class y
-            self.elbo_refused = {"analytic": (
+            self.estimators = {"analytic": ("refuse", (
                 "TraceMeanField_ELBO assumes a reparameterized guide and would drop the "
                 "gradient of q(y|x) on unlabelled rows; use --elbo enum (exact sum over y) or "
-                "mc")}
-            self.elbo_refused.update({name: (
+                "mc"))}
+            self.estimators.update({name: ("refuse", (
                 f"the class y of unlabelled rows has no reparameterized draw, which {name} "
-                "needs; use --elbo enum (exact sum over y)") for name in ("stl", "iwae-dreg")})
-            self.elbo_notes = {name: (
+                "needs; use --elbo enum (exact sum over y)")) for name in ("stl", "iwae-dreg")})
+            self.estimators.update({name: ("note", (
                 f"ssvae: --elbo {name} samples the class y of unlabelled rows from q(y|x) "
-                "(score-function gradient, high variance); --elbo enum sums it out exactly")
-                for name in ("mc", "iwae")}
+                "(score-function gradient, high variance); --elbo enum sums it out exactly"))
+                for name in ("mc", "iwae")})
         # with M1, M2 models its d1 standardized features v(x) (a Gaussian likelihood)
         self.m1 = VAE(input_dim, z_dim=o.m1, hidden=o.m1_hidden, activation=activation,
                       likelihood=o.likelihood, gaussian_scale=o.gaussian_scale) if o.m1 else None
@@ -196,7 +196,7 @@ class SSVAE(Model):
         self.encoder = LabelledMLP(v_dim, num_classes, [*hidden, 2 * z_dim], activation)
         self.decoder = LabelledMLP(z_dim, num_classes, [*reversed(hidden), v_dim], activation)
         self.register_buffer("log_scale", torch.tensor(math.log(o.gaussian_scale)))
-        # alpha's schedule: this epoch's factor on aux_weight (start_epoch sets it in place,
+        # alpha's schedule: this epoch's factor on aux_weight (on_epoch sets it in place,
         # so a compiled step reads it as an input; not saved: the epoch decides it)
         self.register_buffer("aux_factor", torch.ones(()), persistent=False)
 
@@ -204,13 +204,13 @@ class SSVAE(Model):
     def from_options(cls, options: SSVAEOptions, data: Dataset) -> SSVAE:
         classes = options.classes or data.num_classes
         if classes is None:
-            raise UsageError(f"--model ssvae needs the number of classes, and {data.name} has "
+            raise UsageError(f"--model 'ssvae' needs the number of classes, and {data.name} has "
                              "no labels; give --model-opt classes=K (every row unlabelled)")
         if data.num_classes is not None and data.num_classes > classes:
             raise UsageError(f"--classes {classes}: {data.name} has labels up to "
                              f"{data.num_classes - 1}")
         if classes < 2:
-            raise UsageError(f"--model ssvae needs at least 2 classes; {data.name} has "
+            raise UsageError(f"--model 'ssvae' needs at least 2 classes; {data.name} has "
                              f"{classes}")
         check_range(data, options.likelihood)
         n = len(data.train)
@@ -375,14 +375,16 @@ class SSVAE(Model):
             self.m1_shift.copy_(means.mean(0))
             self.m1_spread.copy_(means.std(0).clamp(min=1e-6))
 
-    def start_epoch(self, ctx: RunContext, epoch: int) -> None:
-        """alpha's schedule: the classification term of epoch ``epoch`` is weighted by
-        ``alpha_decay ** (epoch - 1)`` times ``aux_weight``."""
-        self.aux_factor.fill_(self.options.alpha_decay ** (epoch - 1))
+    def on_epoch(self, ctx: RunContext, epoch: int) -> dict:
+        """alpha's schedule: after ``epoch`` epochs the classification term is weighted by
+        ``alpha_decay ** epoch`` times ``aux_weight``; and each epoch's ``test_accuracy``
+        (argmax q(y|x), one pass over the test split)."""
+        self.aux_factor.fill_(self.options.alpha_decay ** epoch)
+        return self.accuracy(ctx.data.test) if epoch else {}
 
-    def epoch_metrics(self, ctx: RunContext) -> dict:
-        """``test_accuracy`` after each epoch (argmax q(y|x), one pass over the test split)."""
-        test = ctx.data.test
+    @torch.no_grad()
+    def accuracy(self, test: Any) -> dict:
+        """``{"test_accuracy": ...}`` on a labelled split, else {}."""
         if test.y is None or not bool((test.y >= 0).all()):
             return {}
         return {"test_accuracy": (self.predict(test.x) == test.y).double().mean().item()}
@@ -402,7 +404,7 @@ class SSVAE(Model):
         ctx.log(f"ssvae: {out['labelled']} of {len(ctx.data.train)} training rows labelled; "
                 f"classification weight a = {self.aux_weight:.4g} per labelled row"
                 + (f" in epoch 1, times {decay:g} each epoch after" if decay != 1 else ""))
-        out.update(self.epoch_metrics(ctx))  # test_accuracy
+        out.update(self.accuracy(test))
         particles = getattr(ctx.config, "eval_particles", 10)
         out["test_elbo_unlabelled"] = unlabelled_bound(self, v, ctx.score, particles
                                                        ).mean().item()

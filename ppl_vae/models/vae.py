@@ -67,7 +67,7 @@ class ScaleOptions(LatentOptions):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.learn_scale and self.likelihood != "gaussian":
-            raise UsageError("--learn-scale learns the sigma of --likelihood gaussian; add that "
+            raise UsageError("--learn-scale learns the sigma of --likelihood 'gaussian'; add that "
                              "or drop --learn-scale")
 
 

@@ -7,6 +7,7 @@ saved as constrained values and put back by :func:`restore_params`."""
 
 from __future__ import annotations
 
+import io
 import os
 import zipfile
 from typing import Any
@@ -75,21 +76,22 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise UsageError(f"no checkpoint at {path!r}; give the --run directory of a training run")
-    try:  # torch's reader skips the zip's CRC-32s: a flipped byte would load as bad weights
-        with zipfile.ZipFile(path) as archive:
-            broken = archive.testzip()
+    try:  # read once; torch's reader skips the zip's CRC-32s: a flipped byte would load as
+        with open(path, "rb") as f:  # bad weights, so the archive is tested first
+            data = io.BytesIO(f.read())
+        broken = zipfile.ZipFile(data).testzip()
     except (zipfile.BadZipFile, OSError) as e:
         raise UsageError(f"{path!r} is not a readable ppl_vae checkpoint ({type(e).__name__}); "
                          "retrain or point to another run") from None
     if broken is not None:
         raise UsageError(f"{path!r} is corrupt: its record {broken!r} fails its CRC-32 check; "
                          "restore the file from a backup or retrain (nothing was changed)")
+    data.seek(0)
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        state = torch.load(data, map_location=map_location, weights_only=True)
     except Exception as e:
         raise UsageError(f"{path!r} is not a readable ppl_vae checkpoint ({type(e).__name__}); "
                          "retrain or point to another run") from None
     if not isinstance(state, dict) or "model" not in state:
         raise UsageError(f"{path!r} is not a ppl_vae checkpoint (no 'model' state)")
     return state
-

@@ -25,12 +25,11 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from .. import distributed as dist
 from ..errors import UsageError
-from ..inference.svi import EagerStep, StepFn, TrainStep, hide_bar
+from ..inference.svi import Step, hide_bar
 from ..interrupt import Guard, Interrupted
-from . import distributed as dist
 from .checkpoint import load_store_values, store_values
-from .distributed import World
 
 NEVER = 2**62
 
@@ -62,58 +61,38 @@ class LoopState:
 
 
 class Loop:
-    """Train ``module`` by ``step`` (a :data:`StepFn` with ``optimizer``, or a
-    :class:`TrainStep`) over ``inputs(generator)`` (rows first) for ``epochs`` epochs.
-    ``on_start(epoch)`` runs before each epoch's first step (again when a resumed run
-    re-enters an epoch: schedules are functions of the epoch); ``validate()`` (loss per row)
-    and ``on_epoch(epoch, train_loss, seconds, val_loss)`` run after each epoch in eval mode;
-    ``patience > 0`` stops early and restores the best weights;
-    ``save(loop_state_dict)`` runs after each epoch and every ``checkpoint_every`` steps;
-    ``order(n, generator)`` gives an epoch's rows in batch order (default: a permutation)."""
+    """Train ``module`` (default: the session's model) by ``step`` (a
+    :class:`~ppl_vae.inference.svi.Step`) over ``inputs(generator)`` (default: the session's
+    training rows through the model's ``data_args``), in the session's batches, for its
+    ``config.epochs`` epochs (or :meth:`run`'s ``epochs``), on its device and processes.
+    ``validate()`` (loss per row) and ``on_epoch(epoch, train_loss, seconds, val_loss)`` run
+    after each epoch in eval mode; with ``validate`` the session's ``early_stop`` patience
+    stops early and restores the best weights; ``save(loop_state_dict)`` runs after each
+    epoch and every ``checkpoint_every_steps`` steps."""
 
-    def __init__(
-        self,
-        step: StepFn | TrainStep,
-        optimizer: torch.optim.Optimizer,
-        module: nn.Module,
-        inputs: Callable[[torch.Generator], tuple[Tensor, ...]],
-        batch_size: int,
-        epochs: int,
-        *,
-        seed: int,
-        device: torch.device,
-        world: World = dist.SINGLE,
-        validate: Callable[[], float] | None = None,
-        patience: int = 0,
-        on_epoch: Callable[[int, float, float, float | None], None] | None = None,
-        on_start: Callable[[int], None] | None = None,
-        save: Callable[[dict], None] | None = None,
-        checkpoint_every: int = 0,
-        check_every: int = 50,
-        guard: Guard | None = None,
-        diagnose: Callable[..., str | None] | None = None,
-        progress: bool | None = None,
-        desc: str = "epochs",
-        order: Callable[[int, torch.Generator], Tensor] | None = None,
-    ) -> None:
-        if patience and validate is None:
-            raise ValueError("early stopping needs a validate function")
-        self.take = step if isinstance(step, TrainStep) else EagerStep(step, optimizer)
-        self.optimizer, self.module = optimizer, module
-        self.inputs, self.batch_size, self.epochs = inputs, batch_size, epochs
-        self.device, self.world = device, world
-        self.validate, self.patience, self.on_epoch, self.save = validate, patience, on_epoch, save
-        self.on_start = on_start
-        self.checkpoint_every, self.check_every = checkpoint_every, check_every
-        self.guard, self.diagnose = guard or Guard(), diagnose
-        self.progress = progress if world.main else False
+    def __init__(self, session: Any, step: Step, *, module: nn.Module | None = None,
+                 inputs: Callable[[torch.Generator], tuple[Tensor, ...]] | None = None,
+                 validate: Callable[[], float] | None = None,
+                 on_epoch: Callable[[int, float, float, float | None], None] | None = None,
+                 save: Callable[[dict], None] | None = None, desc: str = "epochs") -> None:
+        config, world = session.config, session.world
+        self.take, self.optimizer = step, step.optimizer
+        self.module = session.module if module is None else module
+        self.inputs = inputs or session.train_args
+        self.batch_size, self.epochs = config.batch_size, config.epochs
+        self.device, self.world, self.data = session.device, world, session.data
+        self.validate, self.on_epoch, self.save = validate, on_epoch, save
+        self.patience = config.early_stop if validate is not None else 0
+        self.checkpoint_every, self.check_every = (config.checkpoint_every_steps,
+                                                   config.check_every_steps)
+        self.guard = session.guard or Guard()
+        self.progress = session.progress if world.main else False
         self.desc = desc
-        self.order = order or (lambda n, g: torch.randperm(n, generator=g))
-        self.shuffle = torch.Generator().manual_seed(seed)
-        self.data = torch.Generator(device=device).manual_seed(seed)
+        self.shuffle = torch.Generator().manual_seed(config.seed)
+        self.data_rng = torch.Generator(device=self.device).manual_seed(config.seed)
         self.state = LoopState(streams=self._streams())
-        self.total = torch.zeros((), device=device)  # this rank's loss summed over the epoch
-        self.first_bad = torch.full((), NEVER, device=device, dtype=torch.long)
+        self.total = torch.zeros((), device=self.device)  # this rank's loss over the epoch
+        self.first_bad = torch.full((), NEVER, device=self.device, dtype=torch.long)
         self.steps_per_epoch = 0
         self._rows = 0  # rows in the epoch's order
         self._snapshot: dict[str, Any] | None = None
@@ -144,13 +123,14 @@ class Loop:
             torch.cuda.set_rng_state(mine["cuda"], self.device)
 
     def _streams(self) -> dict[str, Tensor]:
-        return {"shuffle": self.shuffle.get_state(), "data": self.data.get_state()}
+        return {"shuffle": self.shuffle.get_state(), "data": self.data_rng.get_state()}
 
     # -- the loop -------------------------------------------------------------------------
-    def run(self) -> int:
-        """Train to the end (or early stop); returns the best epoch (the last without
-        early stopping). Raises :class:`Interrupted` after checkpointing on a signal and
-        :class:`Diverged` on a non-finite loss."""
+    def run(self, epochs: int | None = None) -> int:
+        """Train to the end (``epochs``, default the session's; or early stop); returns the
+        best epoch (the last without early stopping). Raises :class:`Interrupted` after
+        checkpointing on a signal and :class:`Diverged` on a non-finite loss."""
+        self.epochs = epochs or self.epochs
         bar = tqdm(total=self.epochs, initial=self.state.epoch - 1, desc=self.desc,
                    unit="epoch", disable=hide_bar(self.progress))
         while not self.state.done:
@@ -164,8 +144,6 @@ class Loop:
         """One epoch, its validation, ``on_epoch``, early stopping and checkpoint: (the mean
         loss per row, the epoch's training seconds, the validation loss or None)."""
         s = self.state
-        if self.on_start is not None:
-            self.on_start(s.epoch)
         self.module.train()
         self._epoch()
         loss = (dist.all_sum(self.total, self.world) / self._rows).item()
@@ -195,9 +173,9 @@ class Loop:
     def _epoch(self) -> None:
         s, w = self.state, self.world
         self.shuffle.set_state(s.streams["shuffle"])
-        self.data.set_state(s.streams["data"])
-        inputs = self.inputs(self.data)
-        perm = self.order(inputs[0].shape[0], self.shuffle)
+        self.data_rng.set_state(s.streams["data"])
+        inputs = self.inputs(self.data_rng)
+        perm = self.data.epoch_order(self.batch_size, self.shuffle)
         if w.parallel and len(perm) % w.size:
             perm = torch.cat([perm, perm[: w.size - len(perm) % w.size]])
         perm = perm.to(self.device)
@@ -308,7 +286,7 @@ class Loop:
         """Re-run the steps from the last snapshot up to the bad one, then ``diagnose`` its
         batch (every rank; the first rank's finding is reported)."""
         snap = self._snapshot
-        if self.diagnose is None or snap is None or snap["at"][0] != self.state.epoch \
+        if snap is None or snap["at"][0] != self.state.epoch \
                 or snap["step"] > bad:
             return None
         self.module.load_state_dict(snap["module"])
@@ -319,5 +297,5 @@ class Loop:
             torch.cuda.set_rng_state(snap["cuda"], self.device)
         for i in range(snap["step"], bad):
             self._take_step(i, self._batch(i))
-        found = [f for f in dist.gather(self.diagnose(*self._batch(bad)), self.world) if f]
+        found = [f for f in dist.gather(self.take.diagnose(*self._batch(bad)), self.world) if f]
         return found[0] if found else None

@@ -1,26 +1,19 @@
-"""Data-parallel training with ``torch.distributed`` under ``torchrun`` (:func:`setup`: gloo on
-the CPU, NCCL with ``--cuda``); without torchrun everything here is the identity.
-
-The objective is a sum over rows, ``L = sum_r L_r`` over the ranks' disjoint shards, so its
-gradient is the *sum* of the ranks' gradients. :func:`data_parallel_step` computes ``L_r``
-inside :class:`Objective` wrapped by :class:`~torch.nn.parallel.DistributedDataParallel`,
-whose all-reduce averages; backpropagating ``W * L_r`` makes that average the sum.
-``pyro.param`` tensors outside the module are summed by an explicit all-reduce.
-"""
+"""The processes of a data-parallel run under ``torchrun`` (:func:`setup`: gloo on the CPU,
+NCCL with ``--cuda``): where this one stands (:class:`World`) and the few collectives the run
+needs; without torchrun each is the identity. Each rank takes a disjoint shard of every batch
+(:func:`shard`) and the gradients are summed over the ranks (:func:`sum_grads`)."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import Tensor, nn
-
-from ..inference.svi import backward_step
+from torch import Tensor
 
 
 @dataclass(frozen=True)
@@ -159,61 +152,14 @@ def shard(n: int, world: World) -> slice:
     return slice(start, start + base + (world.rank < extra))
 
 
-class Objective(nn.Module):
-    """``loss(*args)`` as the forward of a module that holds the trained networks, so that
-    :class:`~torch.nn.parallel.DistributedDataParallel` can wrap it.
-
-    Every trainable parameter enters the loss (times zero, one element each): a part the
-    loss does not use (a network trained before and held fixed) then gets a zero gradient
-    instead of none, which is what DDP's reducer needs on every rank and every step."""
-
-    def __init__(self, module: nn.Module, loss: Callable[..., Tensor]) -> None:
-        super().__init__()
-        self.module = module
-        self.loss = loss
-
-    def forward(self, *args: Tensor) -> Tensor:
-        touch = [p.reshape(-1)[0] for p in self.module.parameters() if p.requires_grad]
-        return self.loss(*args) + 0.0 * torch.stack(touch).sum()
-
-
-def data_parallel_step(loss: Callable[..., Tensor], module: nn.Module,
-                       params: Sequence[Tensor], world: World) -> Callable[..., Tensor]:
-    """``args -> loss`` (this rank's, detached) after putting the gradient of the *summed*
-    loss over all ranks into every tensor of ``params``' ``.grad``."""
+def sum_grads(params: Sequence[Tensor], world: World) -> None:
+    """Every ``p.grad`` of ``params`` summed over the ranks, in place (a missing one counts as
+    zeros): one flat all-reduce. The objective is a sum over rows, ``L = sum_r L_r`` over the
+    ranks' disjoint shards, so its gradient is the sum of the ranks' gradients."""
     if not world.parallel:
-        return backward_step(loss)
-    own = {id(p) for p in module.parameters()}
-    extra = [p for p in params if id(p) not in own]
-    device_ids = [world.local_rank] if next(module.parameters()).is_cuda else None
-    ddp = nn.parallel.DistributedDataParallel(Objective(module, loss), device_ids=device_ids)
-
-    def step(*args: Tensor) -> Tensor:
-        value = ddp(*args)
-        (value * world.size).backward()  # DDP averages: W * mean_r grad L_r = sum_r grad L_r
-        for p in extra:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            dist.all_reduce(p.grad)
-            p.grad /= world.size
-        return value.detach()
-
-    return step
-
-
-def grads_all_reduced(step: Callable[..., Tensor], params: Sequence[Tensor], world: World
-                      ) -> Callable[..., Tensor]:
-    """For an estimator that runs its own backward (RenyiELBO's ``loss_and_grads``): sum
-    every gradient over ranks after the step."""
-    if not world.parallel:
-        return step
-
-    def summed(*args: Tensor) -> Tensor:
-        value = step(*args)
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            dist.all_reduce(p.grad)
-        return value
-
-    return summed
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    for p, g in zip(params, flat.split([g.numel() for g in grads]), strict=True):
+        p.grad = g.view_as(p)

@@ -1,0 +1,359 @@
+"""One process's run, built once: the config resolved (the family's recipe, class and
+options), the device and threads, the data on the device, the model built and probed, and
+the context its hooks see. Train, evaluate, compare, the experiments and ``load_run`` all
+start from a :class:`Session`; :meth:`Session.from_dir` reads a run directory's
+``config.json`` and ``checkpoint.pt`` once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pyro
+import torch
+from torch import Tensor, nn
+
+from .. import distributed as dist
+from .. import resources
+from ..config import TrainConfig
+from ..data import Dataset, Split, load_dataset
+from ..distributed import SINGLE, World
+from ..errors import UsageError, either
+from ..inference.compiled import CompiledStep
+from ..inference.estimators import ELBOS, make_elbo, suited, unsuited
+from ..inference.importance import Scores, score
+from ..inference.program import ProgramInfo, inspect_objective
+from ..inference.svi import Step, collect_params
+from ..models import RunContext, get_model, hook, make_options, model_name, option_specs
+from .checkpoint import load_checkpoint, load_store_values, restore_params
+
+RETIRED = {"start_epoch": "on_epoch(ctx, epoch)", "epoch_metrics": "on_epoch(ctx, epoch)",
+           **{f"default_{k}": f"recipe = {{'{k}': ...}}" for k in ("elbo", "epochs", "lr",
+                                                                  "early_stop")},
+           "elbo_refused": "estimators = {name: ('refuse', why)}",
+           "elbo_notes": "estimators = {name: ('note', text)}"}
+"""Contract names of earlier versions and what replaced them: a class that still declares
+one is refused in one line (its schedule or recipe would otherwise be silently ignored)."""
+
+
+def _retired(obj: Any) -> None:
+    owner = obj.__name__ if isinstance(obj, type) else type(obj).__name__
+    for old, new in RETIRED.items():
+        if getattr(obj, old, None) is not None:
+            raise UsageError(f"{owner} declares {old}, which the model contract replaced by "
+                             f"{new}; rename it (README: the contract)")
+
+
+def resolve(config: TrainConfig, model: type | None = None) -> tuple[TrainConfig, type]:
+    """The config a run takes, and its model class (``model``, or the class ``config.model``
+    names): the family's recipe where the user gave nothing, its options made and checked,
+    the estimator known, paths absolute (so a run can be re-read from anywhere)."""
+    cls = model or get_model(config.model)
+    _retired(cls)
+    config = replace(config, model=model_name(cls),
+                     model_options=make_options(cls, config.model_options),
+                     data_dir=os.path.abspath(config.data_dir))
+    if config.dataset.startswith("npz:"):
+        config = replace(config, dataset="npz:" + os.path.abspath(config.dataset[4:]))
+    config = config.with_recipe(getattr(cls, "recipe", {}))
+    if config.elbo not in ELBOS:
+        raise UsageError(f"--elbo {config.elbo!r} is not one of {', '.join(ELBOS)}")
+    return config, cls
+
+
+def from_record(record: Any, model: type | None = None) -> tuple[TrainConfig, type]:
+    """:func:`resolve` a run's record (``config.json``, or the checkpoint's copy): a bad
+    value is named by its key; an option added since the record was written takes what its
+    absence meant (its field's ``metadata["absent"]``: M2's ``m1`` 0); a flat record, as older
+    versions wrote, has its model's options picked out by name."""
+    config = TrainConfig.from_dict(record)
+    cls = model or get_model(config.model)
+    given, keys = config.model_options, "model_options."
+    if "model_options" not in record:  # flat: its keys are the options' names
+        names, keys = {s.name for s in option_specs(cls)}, ""
+        given = {k: v for k, v in given.items() if k in names}
+    else:
+        options = getattr(cls, "Options", None)
+        absent = {f.name: f.metadata["absent"] for f in dataclasses.fields(options)
+                  if "absent" in f.metadata} if dataclasses.is_dataclass(options) else {}
+        given = {**absent, **given}
+    return resolve(replace(config, model_options=make_options(cls, given, keys=keys)), cls)
+
+
+def device_for(cuda: bool, world: World = SINGLE) -> torch.device:
+    """The CPU, or the GPU (this rank's under torchrun)."""
+    if cuda and not torch.cuda.is_available():
+        raise UsageError("--cuda was given but no CUDA device is available to torch; "
+                         "drop --cuda to run on the CPU")
+    if not cuda:
+        return torch.device("cpu")
+    return torch.device("cuda", world.local_rank) if world.parallel else torch.device("cuda")
+
+
+def use_threads(threads: int = 0, processes: int = 1) -> int:
+    """Set torch's CPU threads: ``threads``, or with 0 the free cores (the cores less the
+    1-minute load average, at least 1) shared among ``processes``: a thread that waits for a
+    core other jobs hold stalls every parallel op. With ``OMP_NUM_THREADS`` set and
+    ``threads`` 0, torch's own choice stands. Returns the count."""
+    if not threads:
+        if os.environ.get("OMP_NUM_THREADS"):
+            return torch.get_num_threads()
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \
+            (os.cpu_count() or 1)
+        busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+        threads = max(1, round(cores - busy) // max(1, processes))  # the free cores
+    torch.set_num_threads(threads)
+    return threads
+
+
+def load_data(config: TrainConfig) -> Dataset:
+    """The dataset ``config`` names, with its batch composition (``labelled_share``)."""
+    data = load_dataset(config.dataset, config.data_dir, config.download, config.binarize,
+                        labelled=config.labelled, seed=config.seed)
+    return replace(data, labelled_share=config.labelled_share)
+
+
+def read_config(run_dir: Path, model: type | None = None) -> tuple[TrainConfig, type]:
+    """A run directory's ``config.json``, :func:`from_record`."""
+    path = run_dir / "config.json"
+    if not path.is_file():
+        parts = sorted(p.name for p in run_dir.glob("*") if (p / "config.json").is_file())
+        hint = (f"it holds several runs: give one of them, e.g. --run "
+                f"{str(run_dir / parts[0])!r}" if parts else
+                "give the directory a training run wrote")
+        raise UsageError(f"no config.json in {str(run_dir)!r}; {hint}")
+    try:
+        return from_record(json.loads(path.read_text()), model)
+    except ValueError as e:  # bad JSON or bad option values (UsageError is a ValueError)
+        raise UsageError(f"{os.fspath(path)!r} is not a readable run config ({e})") from None
+
+
+class Session:
+    """What one process needs for one run of ``config``, built once: the config resolved
+    (:func:`resolve`; ``model_class`` given: resolved already, with that class), ``device``
+    (this rank's), ``data`` on it (with a validation split under early stopping when
+    ``training``), ``module`` built from an empty param store and probed (``info``,
+    ``terms``), a checkpoint's ``state`` loaded into it, and ``ctx``, the
+    :class:`RunContext` its hooks see (files go to ``out``)."""
+
+    def __init__(self, config: TrainConfig, data: Dataset | None = None, *,
+                 model_class: type | None = None, world: World = SINGLE,
+                 out: Path | None = None, progress: bool | None = None,
+                 state: dict | None = None, training: bool = True) -> None:
+        config, cls = (config, model_class) if model_class else resolve(config)
+        self.config, self.cls, self.world, self.state = config, cls, world, state
+        self.progress = progress if world.main else False
+        self.out, self.guard = out or Path("."), None  # (a Guard while train_run runs)
+        self.device = device_for(config.cuda, world)
+        use_threads(config.threads, world.size)
+        data = load_data(config) if data is None else \
+            replace(data, labelled_share=config.labelled_share)
+        if training and config.early_stop and data.val is None:  # a caller's split is kept
+            data = data.with_validation(config.val_fraction)
+        self.data = data.to(self.device)
+        pyro.set_rng_seed(config.seed)
+        pyro.clear_param_store()
+        resources.check_model_fits(self._build, self.device, training=training,
+                                   early_stop=training and config.early_stop > 0)
+        with self.validation(), resources.allocation_guard("building the model"):
+            self.module = self._build().to(self.device)
+            _retired(self.module)
+            self.terms = hook(self.module, "programs")()
+            self.info = self.probe(self.module)
+        if state is not None:
+            self.load(state)
+        self.ctx = RunContext(config, config.model_options, self.data, self.out,
+                              fit=self.fit, score=score, progress=self.progress)
+
+    @classmethod
+    def from_dir(cls, run_dir: str | os.PathLike, *, cuda: bool = False,
+                 data_dir: str | None = None, model: type | None = None, data: bool = True
+                 ) -> Session:
+        """The session of a saved run, for evaluation (its ``state``: the checkpoint, read
+        once); ``data=False`` reads no dataset (a stand-in of the checkpoint's shapes)."""
+        run_dir = Path(run_dir)
+        config, model_class = read_config(run_dir, model)
+        config = replace(config, cuda=cuda, data_dir=data_dir or config.data_dir, threads=0)
+        state = load_checkpoint(run_dir / "checkpoint.pt", map_location=device_for(cuda))
+        stand_in = None
+        if not data:
+            if not state.get("data"):
+                raise UsageError(f"the checkpoint in {str(run_dir)!r} predates loading without "
+                                 "the data; load it with its data (data=True)")
+            stand_in = Dataset.stand_in(state["data"])
+        return cls(config, stand_in, model_class=model_class, out=run_dir, progress=False,
+                   state=state, training=False)
+
+    def validation(self) -> contextlib.AbstractContextManager:
+        """Pyro validation as the run sets it (off unless ``--validate``)."""
+        return pyro.validation_enabled(self.config.validate)
+
+    # -- the model ----------------------------------------------------------------------------
+    def _build(self) -> nn.Module:
+        module = hook(self.cls, "from_options")(self.config.model_options, self.data)
+        if not isinstance(module, nn.Module):
+            raise UsageError(f"--model {self.config.model!r} built a {type(module).__name__}, "
+                             "not a torch.nn.Module; keep the networks in an nn.Module")
+        return module
+
+    def probe(self, module: nn.Module) -> ProgramInfo:
+        """:func:`inspect_objective` of ``module``'s terms on two training rows."""
+        return inspect_objective(hook(module, "programs")(),
+                                 *self.args(self.data.train, slice(0, 2), module=module))
+
+    def load(self, state: dict) -> None:
+        """The checkpoint's weights and ``pyro.param`` values, into the built module."""
+        try:
+            self.module.load_state_dict(state["model"])
+        except RuntimeError:
+            raise UsageError(f"the checkpoint in {str(self.out)!r} does not fit the model "
+                             "its config.json describes; was one of them replaced?") from None
+        if state.get("store_values"):  # in place: the tensors an optimizer will hold
+            load_store_values(state["store_values"])
+        else:  # (a checkpoint from before store_values)
+            restore_params(state)
+
+    def estimators(self, verdict: str) -> dict[str, str]:
+        """The family's ``estimators`` with ``verdict`` ("refuse" or "note"): name -> text."""
+        declared = getattr(self.module, "estimators", None) or {}
+        return {name: text for name, (kind, text) in declared.items() if kind == verdict}
+
+    def check_estimator(self, name: str) -> None:
+        """Refuse, in one line naming the ones that fit, an estimator that cannot train this
+        model (its family refuses it, or the program does not suit it)."""
+        refused = self.estimators("refuse")
+        why = refused.get(name)
+        if not why and (why := unsuited(name, self.info, len(self.terms))):
+            fits = [e for e in suited(self.info, refused, len(self.terms)) if e != name]
+            why += f"; use --elbo {either(fits)}" if fits else ""
+        if why:
+            raise UsageError(f"--model {self.config.model!r} with --elbo {name}: {why}")
+
+    # -- data ---------------------------------------------------------------------------------
+    def args(self, split: Split, rows: slice | None = None, inputs: Callable | None = None,
+             module: nn.Module | None = None) -> tuple[Tensor, ...]:
+        """The arguments of the model and guide (``data_args``, or ``inputs(x, y)``) for
+        (some ``rows`` of) ``split``."""
+        x, y = split.x, split.y
+        if rows is not None:
+            x, y = x[rows], None if y is None else y[rows]
+        return (inputs or hook(module or self.module, "data_args"))(x, y)
+
+    def train_args(self, generator: torch.Generator | None = None,
+                   inputs: Callable | None = None, module: nn.Module | None = None
+                   ) -> tuple[Tensor, ...]:
+        """One epoch's training arguments (freshly binarized under dynamic binarization,
+        drawn by ``generator``)."""
+        return (inputs or hook(module or self.module, "data_args"))(
+            self.data.train_epoch(generator), self.data.train.y)
+
+    def score(self, split: Split, num_samples: int, iwae: bool = False,
+              module: nn.Module | None = None) -> Scores:
+        """Per-row ELBO (and IWAE bound) of ``module`` (the session's) on ``split``. Under
+        torchrun the rows are sharded over the ranks and gathered (every rank gets all rows),
+        unless the program shares global latents across rows (then rank 0 scores them all)."""
+        module, world, n = module or self.module, self.world, len(split)
+        info = self.info if module is self.module else None
+        if not world.parallel:
+            return score(module, *self.args(split, module=module), num_samples=num_samples,
+                         iwae=iwae, info=info)
+        if info is None or info.data_plate is None or info.global_sites or n < world.size:
+            scores = (score(module, *self.args(split, module=module), num_samples=num_samples,
+                            iwae=iwae, info=info) if world.main else None)
+            return _to(dist.broadcast(None if scores is None else _to(scores, "cpu"), world),
+                       split.x.device)
+        part = score(module, *self.args(split, dist.shard(n, world), module=module),
+                     num_samples=num_samples, iwae=iwae, seed=world.rank, info=info)
+        parts = dist.gather(_to(part, "cpu"), world)
+        return _to(Scores(torch.cat([p.elbo for p in parts]),
+                          None if part.iwae is None else torch.cat([p.iwae for p in parts]),
+                          part.iwae_samples,
+                          f"{part.method}; rows sharded over {world.size} processes"),
+                   split.x.device)
+
+    # -- training -----------------------------------------------------------------------------
+    def adam(self, params: list[Tensor]) -> torch.optim.Adam:
+        """Adam over ``params`` with the run's learning rate and beta1 (beta2 0.999)."""
+        return torch.optim.Adam(params, lr=self.config.lr, betas=(self.config.beta1, 0.999))
+
+    def step(self, log: Callable[[str], None] | None = None) -> Step:
+        """The run's SVI step: its estimator and particles, Adam over the module's parameters
+        and ``pyro.param`` sites, gradients summed over the ranks; compiled with
+        ``--compile`` (refusals said through ``log``). Refuses an estimator that cannot train
+        the model, or a step that cannot fit in memory, before anything is allocated."""
+        config, info = self.config, self.info
+        self.check_estimator(config.elbo)
+
+        def gradient_with(k: int) -> Callable[..., Tensor]:  # (for the memory estimate)
+            e = make_elbo(config.elbo, k, False, info.max_plate_nesting,
+                          vectorize=info.vectorized)
+            return Step.of_elbo(e, self.module, self.terms, info).gradient
+
+        resources.check_step_fits(gradient_with, self.args(self.data.train, slice(0, 2)),
+                                  min(config.batch_size, len(self.data.train)),
+                                  config.particles, self.device)
+        elbo = make_elbo(config.elbo, config.particles, config.jit, info.max_plate_nesting,
+                         vectorize=info.vectorized)
+        step = Step.of_elbo(elbo, self.module, self.terms, info,
+                            self.adam(collect_params(self.module, info)), self.world)
+        if config.compile:
+            step = CompiledStep(step, self.module, log=log, estimator=f"--elbo {config.elbo}")
+        return step
+
+    def fit(self, loss: Callable[..., Tensor], part: nn.Module, name: str = "loss",
+            desc: str = "pretrain", inputs: Callable | None = None) -> list[dict]:
+        """Train ``part`` on ``loss(*data_args)`` (or on ``loss(*inputs(x, y))``) with the run's
+        settings, by the same data-parallel loop as SVI (not checkpointed); one row per epoch
+        (``ctx.fit``, for a family's ``pretrain``)."""
+        from .loop import Loop
+
+        history: list[dict] = []
+
+        def per_row(split: Split) -> float:
+            with torch.no_grad():
+                total = sum(loss(*self.args(split, slice(i, i + 4096), inputs)).item()
+                            for i in range(0, len(split), 4096))
+            return total / len(split)
+
+        def on_epoch(epoch: int, train: float, seconds: float, val: float | None) -> None:
+            history.append({"epoch": epoch, f"train_{name}": train,
+                            f"test_{name}": per_row(self.data.test), "train_seconds": seconds,
+                            **({} if val is None else {f"val_{name}": val})})
+
+        params = list(part.parameters())
+        Loop(self, Step(params, self.adam(params), loss, world=self.world), module=part,
+             inputs=lambda g: self.train_args(g, inputs),
+             validate=(lambda: per_row(self.data.val)) if self.config.early_stop else None,
+             on_epoch=on_epoch, desc=desc).run()
+        return history
+
+    def on_epoch(self, epoch: int, module: nn.Module | None = None) -> dict:
+        """The model's ``on_epoch(ctx, epoch)`` hook after ``epoch`` epochs (0: before the
+        first), in eval mode: the numbers it returns for that epoch's row."""
+        return dict(hook(module or self.module, "on_epoch")(self.ctx, epoch) or {})
+
+    def report(self) -> dict:
+        """The model's ``report`` hook: its numbers (and, where ``ctx.figures``, its
+        figures). A hook that fails is logged and gives no numbers: a finished run is never
+        lost to it."""
+        try:
+            with torch.no_grad():
+                return dict(hook(self.module, "report")(self.ctx) or {})
+        except UsageError:
+            raise
+        except Exception as e:  # the user's hook failed on the finished run
+            first = (str(e).strip().splitlines() or [""])[0]
+            self.ctx.log(f"the model's report hook skipped: it raised {type(e).__name__}: "
+                         f"{first}"[:300])
+            return {}
+
+
+def _to(s: Scores, device: torch.device | str) -> Scores:
+    return replace(s, elbo=s.elbo.to(device), iwae=None if s.iwae is None else s.iwae.to(device))
