@@ -75,21 +75,53 @@ def field_default(f: dataclasses.Field) -> Any:
     return None
 
 
-def coerce_fields(obj: Any, keys: str | None = None, skip: tuple[str, ...] = ()) -> None:
-    """Coerce each field of dataclass ``obj`` to the type of its default (or its metadata
-    ``type`` where the default is None), naming a bad one as a flag, or as ``keys + name``
-    (a key of a file)."""
+def check_fields(obj: Any, keys: str | None = None, skip: tuple[str, ...] = ()) -> None:
+    """Coerce each field of dataclass ``obj`` to the type of its default (or of its metadata
+    ``type``), and check its metadata's ``choices`` and bounds (``least``: >=, ``above``: >,
+    ``below``: <, ``most``: <=, each value of a tuple): the one check of every options
+    dataclass. A bad value is named as a flag, or as ``keys + name`` (a key of a file)."""
     for f in dataclasses.fields(obj):
-        value = getattr(obj, f.name)
-        default = field_default(f)
+        value, meta, default = getattr(obj, f.name), f.metadata, field_default(f)
         if f.name in skip or value is None:
             continue
         if default is None:
-            default = f.metadata.get("type", str)()
+            default = meta["type"]()
+        elif default == () and "type" in meta:  # (each value of this type)
+            default = (meta["type"](),)
         if isinstance(value, os.PathLike) and isinstance(default, str):
             value = os.fspath(value)
         what = flag(f.name) if keys is None else f"key {keys + f.name!r}"
-        setattr(obj, f.name, coerce(value, default, what))
+        value = coerce(value, default, what)
+        setattr(obj, f.name, value)
+        values = value if isinstance(value, tuple) else (value,)
+        if "choices" in meta and not all(v in meta["choices"] for v in values):
+            raise UsageError(f"{what} {value!r} is not one of "
+                             f"{', '.join(map(str, meta['choices']))}")
+        bounds = {k: meta[k] for k in ("least", "above", "below", "most") if k in meta}
+        if bounds and not all(_within(v, **bounds) for v in values):
+            rule = _rule(values[0], **bounds)
+            if isinstance(value, tuple):  # (a rule for each value)
+                rule, value = rule.replace("a ", "", 1).replace("number", "numbers", 1), list(value)
+            raise UsageError(f"{what} must be {rule}, got {value!r}")
+
+
+def _within(v: Any, least: float | None = None, above: float | None = None,
+            below: float | None = None, most: float | None = None) -> bool:
+    return (not isinstance(v, float) or math.isfinite(v)) and \
+        (least is None or v >= least) and (above is None or v > above) and \
+        (below is None or v < below) and (most is None or v <= most)
+
+
+def _rule(v: Any, least: float | None = None, above: float | None = None,
+          below: float | None = None, most: float | None = None) -> str:
+    if below is None and most is None:
+        if isinstance(v, int):
+            return f"a whole number {'>= 0' if least == 0 else f'of at least {least}'}"
+        return "a positive number" if above == 0 else \
+            f"a number >= {least}" if least is not None else f"a number > {above}"
+    kind = "a whole number" if isinstance(v, int) else "a number"
+    left = f"[{least}" if least is not None else f"({above}"
+    return f"{kind} in {left}, {below})" if most is None else f"{kind} in {left}, {most}]"
 
 
 @dataclass
@@ -117,12 +149,12 @@ class TrainConfig:
     labelled: int = option(0, "keep the labels of this many training images, a class-balanced "
                            "draw seeded by --seed; the rest become unlabelled (-1), for "
                            "semi-supervised models (--model ssvae); 0: every label",
-                           group="data")
+                           group="data", least=0)
     labelled_share: float = option(0.0, "with --labelled: the share of each batch that is "
                                    "labelled rows, cycled through the labelled set (each "
                                    "unlabelled row once per epoch); 0: batches drawn from all "
                                    "rows alike (measured on M2: no gain yet; README)",
-                                   group="data")
+                                   group="data", least=0, below=1)
     # inference
     elbo: str | None = option(None, "the estimator (not given: the model's recipe). mc: "
                               "Trace_ELBO, analytic: TraceMeanField_ELBO, stl: Trace_ELBO with "
@@ -134,7 +166,7 @@ class TrainConfig:
                               "terms with downstream costs and the guide's baselines)",
                               group="inference", type=str)
     particles: int = option(1, "samples per data point (vectorized where the model allows)",
-                            group="inference")
+                            group="inference", least=1)
     jit: bool = option(False, "use Pyro's Jit* ELBO variants", group="inference")
     compile: bool = option(False, "trace the whole SVI step (guide, model, ELBO, backward, Adam) "
                            "once per batch shape and replay it compiled by inductor (as a CUDA "
@@ -144,39 +176,40 @@ class TrainConfig:
                            "eager step with one line saying why where capture cannot be exact",
                            group="inference")
     lr: float | None = option(None, "Adam learning rate (not given: the model's recipe)",
-                              group="inference", type=float)
+                              group="inference", type=float, above=0)
     beta1: float = option(0.9, "Adam's beta1, the decay of its running mean of the gradient "
                           "(beta2 stays 0.999; Pyro's ss_vae example runs 0.95)",
-                          group="inference")
+                          group="inference", least=0, below=1)
     epochs: int | None = option(None, "training epochs (not given: the model's recipe)",
-                                group="inference", type=int)
+                                group="inference", type=int, least=1)
     batch_size: int = option(128, "rows per SVI step and process; under torchrun "
                              "--nproc_per_node N the global batch is N times this",
-                             group="inference")
+                             group="inference", least=1)
     seed: int = option(0, "seed of the weights, the latent noise and the batches",
-                       group="inference")
+                       group="inference", least=0, below=2**32)
     cuda: bool = option(False, "train and evaluate on the GPU", group="inference")
     early_stop: int | None = option(None, "stop after this many epochs without a better "
                                     "validation ELBO and keep the best epoch's weights, 0: off "
                                     "(not given: the model's recipe)",
-                                    group="inference", type=int)
+                                    group="inference", type=int, least=0)
     val_fraction: float = option(0.1, "share of the training split held out for early "
-                                 "stopping", group="inference")
+                                 "stopping", group="inference", above=0, below=1)
     validate: bool = option(False, "Pyro validation (distribution arguments and supports) for "
                             "the whole run; slower", group="inference")
     threads: int = option(0, "CPU threads per process (torch.set_num_threads); 0: the free "
                           "cores (the cores less the 1-minute load average, at least 1) shared "
                           "among the processes, or OMP_NUM_THREADS where set (README: why)",
-                          group="inference")
+                          group="inference", least=0)
     checkpoint_every_steps: int = option(0, "also write the checkpoint every K steps within "
-                                         "epochs (0: at epoch ends only)", group="inference")
+                                         "epochs (0: at epoch ends only)", group="inference",
+                                         least=0)
     check_every_steps: int = option(50, "read the device-side divergence flag every K steps "
-                                    "(and at every checkpoint)", group="inference")
+                                    "(and at every checkpoint)", group="inference", least=0)
     # evaluation
     eval_particles: int = option(10, "samples per test image for the test ELBO",
-                                 group="evaluation and output")
+                                 group="evaluation and output", least=1)
     eval_iwae: int = option(0, "also estimate log p(x) by the IWAE bound with K samples "
-                            "(0: off)", group="evaluation and output")
+                            "(0: off)", group="evaluation and output", least=0)
     # output
     out: str | None = option(None, "run directory (default: runs/<model>-<time>)",
                              group="evaluation and output", type=str)
@@ -190,37 +223,13 @@ class TrainConfig:
         """Coerce each option to its type and check its range; :class:`UsageError` names the
         first bad one (as a flag, or as ``keys + name``, a key of a file)."""
         if not isinstance(self.model, str | type):
-            raise UsageError(f"{self._name('model', keys)} takes a registered model name, "
-                             f"module:Class or a class, got {self.model!r}")
-        coerce_fields(self, keys, skip=("model", "model_options"))
-        if self.binarize not in BINARIZE:
-            raise UsageError(f"--binarize {self.binarize!r} is not one of {', '.join(BINARIZE)}")
-        for name, least in (("particles", 1), ("epochs", 1), ("batch_size", 1),
-                            ("eval_particles", 1), ("checkpoint_every_steps", 0),
-                            ("check_every_steps", 0), ("labelled", 0), ("threads", 0),
-                            ("early_stop", 0), ("eval_iwae", 0)):
-            value = getattr(self, name)
-            if value is not None and value < least:
-                raise UsageError(f"{flag(name)} must be a whole number "
-                                 f"{'of at least 1' if least else '>= 0'}, got {value!r}")
-        if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
-            raise UsageError(f"--lr must be a positive number, got {self.lr}")
-        if not 0 <= self.beta1 < 1:
-            raise UsageError(f"--beta1 must lie in [0, 1), got {self.beta1}")
-        if not 0 <= self.labelled_share < 1:
-            raise UsageError(f"--labelled-share must lie in [0, 1), got {self.labelled_share}")
-        if not 0 < self.val_fraction < 1:
-            raise UsageError(f"--val-fraction must lie strictly between 0 and 1, got "
-                             f"{self.val_fraction}")
-        if not 0 <= self.seed < 2**32:
-            raise UsageError(f"--seed must lie in [0, 2**32), got {self.seed}")
+            what = flag("model") if keys is None else f"key {keys + 'model'!r}"
+            raise UsageError(f"{what} takes a registered model name, module:Class or a class, "
+                             f"got {self.model!r}")
+        check_fields(self, keys, skip=("model", "model_options"))
         if self.jit and self.compile:
             raise UsageError("--jit and --compile are two ways to compile the step; drop one "
                              "(--compile also compiles the backward pass and Adam)")
-
-    @staticmethod
-    def _name(name: str, keys: str | None) -> str:
-        return flag(name) if keys is None else f"key {keys + name!r}"
 
     def with_recipe(self, recipe: Mapping[str, Any]) -> TrainConfig:
         """This config with what the user left at None taken from the family's ``recipe``

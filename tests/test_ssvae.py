@@ -372,7 +372,7 @@ def test_alpha_s_schedule_weighs_the_classification_term_epoch_by_epoch(few_labe
         expected = model.aux_weight * 0.5 ** (epoch - 1) * nll
         assert loss(v, y).item() == pytest.approx(expected.item(), rel=1e-6), epoch
     assert "aux_factor" not in model.state_dict()  # the epoch decides it: old runs load
-    with pytest.raises(UsageError, match="alpha.decay must be a number > 0"):
+    with pytest.raises(UsageError, match="alpha.decay must be a positive number"):
         SSVAEOptions(alpha_decay=0.0)
 
 
@@ -432,7 +432,7 @@ def test_training_batches_are_composed(few_labels, tmp_path, monkeypatch):
                           labelled_share=0.25, eval_particles=2, out=str(tmp_path / "r")),
               few_labels, progress=False)
     assert seen and set(seen) == {10}
-    with pytest.raises(UsageError, match="labelled.share must lie in"):
+    with pytest.raises(UsageError, match="labelled.share must be a number in \\[0, 1\\)"):
         TrainConfig(labelled_share=1.0)
 
 
@@ -504,9 +504,9 @@ def test_m1_samples_are_pixels_and_a_reload_gives_the_same_classifier(stacked):
 
 
 def test_m1_options_are_checked():
-    with pytest.raises(UsageError, match="m1 takes M1's latent dimension .0: no M1., got -1"):
+    with pytest.raises(UsageError, match="m1 must be a whole number >= 0, got -1"):
         SSVAEOptions(m1=-1)
-    with pytest.raises(UsageError, match="m1.hidden widths must be at least 1"):
+    with pytest.raises(UsageError, match="m1.hidden must be whole numbers of at least 1"):
         SSVAEOptions(m1_hidden=(0,))
 
 

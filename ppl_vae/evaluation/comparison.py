@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm  # text bars everywhere (tqdm.auto wants ipywidgets in Jupyter)
 
-from ..config import TrainConfig, option
+from ..config import TrainConfig, check_fields, option
 from ..errors import UsageError
 from ..files import write_csv, write_json, write_text
 from ..inference.estimators import ELBOS, make_elbo, suited
@@ -56,15 +56,15 @@ class CompareConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     particles: tuple[int, ...] = option((1, 10), "particle counts of the estimators to compare "
                                         "(the largest is also the K of the race's IWAE racer)",
-                                        group="inference")
+                                        group="inference", least=1)
     run: str | None = option(None, "start from this training run's checkpoint (default: a "
                              "fresh model)", type=str, aliases=("--run-dir",))
     warmup_epochs: int = option(0, "without --run: pre-train the model (its pretrain hook) and "
                                 "train this many epochs (the model's own estimator) before "
-                                "measuring")
-    repeats: int = option(200, "repeated estimates and gradient draws")
-    iwae_samples: tuple[int, ...] = option((1, 10, 100), "K of the IWAE bound estimates")
-    eval_batch: int = option(128, "test images in the fixed evaluation batch")
+                                "measuring", least=0)
+    repeats: int = option(200, "repeated estimates and gradient draws", least=2)
+    iwae_samples: tuple[int, ...] = option((1, 10, 100), "K of the IWAE bound estimates", least=1)
+    eval_batch: int = option(128, "test images in the fixed evaluation batch", least=2)
     split: str = option("test", "the split of the fixed batch (train: e.g. M2's unlabelled "
                         "rows)", choices=("test", "train"))
     race: bool = option(True, "the training race", off_help="skip the training race")
@@ -73,36 +73,19 @@ class CompareConfig:
     snr_k: tuple[int, ...] = option((), "also measure the gradient SNR of iwae and iwae-dreg at "
                                     "these K (e.g. 1 3 10 30 100) and fit its log-log slope per "
                                     "parameter group (snr.png; needs a reparameterized guide)",
-                                    type=int)
+                                    type=int, least=1)
     estimators: tuple[str, ...] = option((), "the estimators whose bounds, gradients and race "
                                          "are compared (any --elbo name; iwae-dreg and rws at "
                                          "the --particles >= 2; default: every one that fits "
-                                         "the model)", type=str, metavar="ELBO")
+                                         "the model)", type=str, metavar="ELBO", choices=ELBOS)
 
     def __post_init__(self) -> None:
-        self.estimators = tuple(self.estimators)
-        unknown = [e for e in self.estimators if e not in ELBOS]
-        if unknown:
-            raise UsageError(f"--estimators takes names of {', '.join(ELBOS)}, got "
-                             f"{list(self.estimators)}")
-        self.snr_k = tuple(int(k) for k in self.snr_k)
-        if self.snr_k and (min(self.snr_k) < 1 or len(set(self.snr_k)) < 2):
-            raise UsageError(f"--snr-k takes two or more different counts of at least 1, got "
+        check_fields(self, skip=("train",))
+        if not self.particles or not self.iwae_samples:
+            raise UsageError("--particles and --iwae-samples take one or more counts")
+        if self.snr_k and len(set(self.snr_k)) < 2:
+            raise UsageError(f"--snr-k takes two or more different counts, got "
                              f"{list(self.snr_k)}")
-        self.particles = tuple(int(k) for k in self.particles)
-        self.iwae_samples = tuple(int(k) for k in self.iwae_samples)
-        for name in ("repeats", "eval_batch"):
-            if getattr(self, name) < 2:
-                raise UsageError(f"--{name.replace('_', '-')} must be at least 2, got "
-                                 f"{getattr(self, name)}")
-        for name in ("particles", "iwae_samples"):
-            if not getattr(self, name) or min(getattr(self, name)) < 1:
-                raise UsageError(f"--{name.replace('_', '-')} takes counts of at least 1, got "
-                                 f"{list(getattr(self, name))}")
-        if self.split not in ("test", "train"):
-            raise UsageError(f"--split takes test or train, got {self.split!r}")
-        if self.warmup_epochs < 0:
-            raise UsageError(f"--warmup-epochs must be >= 0, got {self.warmup_epochs}")
         if self.target is not None and not math.isfinite(self.target):
             raise UsageError(f"--target must be a finite ELBO in nats, got {self.target}")
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..config import TrainConfig, coerce_fields, option
+from ..config import TrainConfig, check_fields, option
 from ..data import Dataset
 from ..errors import UsageError
 from ..files import write_json
@@ -39,18 +39,16 @@ class EvaluateOptions:
                       "torchrun's own --run-path does not swallow)", type=str, required=True,
                       aliases=("--run-dir",))
     eval_iwae: int = option(0, "IWAE log-likelihood bound with K samples per image (0: off)",
-                            metavar="K")
+                            metavar="K", least=0)
     eval_particles: int | None = option(None, "samples per image for the test ELBO (default: "
                                         "the run's; with --eval-iwae the ELBO uses the same K "
-                                        "samples)", type=int)
+                                        "samples)", type=int, least=1)
     data_dir: str | None = option(None, "dataset root, if it moved (default: the run's)",
                                   type=str)
     cuda: bool = option(False, "evaluate on the GPU")
 
     def __post_init__(self) -> None:
-        coerce_fields(self)
-        if self.eval_iwae < 0 or (self.eval_particles is not None and self.eval_particles < 1):
-            raise UsageError("--eval-iwae must be >= 0 and --eval-particles >= 1")
+        check_fields(self)
 
 
 def evaluate_run(run_dir: str | os.PathLike, eval_iwae: int = 0, cuda: bool = False,

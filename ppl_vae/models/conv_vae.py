@@ -95,21 +95,20 @@ def image_chw(image_shape: Sequence[int]) -> tuple[int, int, int]:
 class ConvVAEOptions(ScaleOptions):
     """The convolutional VAE's options (``--model conv-vae``)."""
 
-    z_dim: int = field(default=32, metadata={"help": "latent dimension d"})
+    z_dim: int = field(default=32, metadata={"help": "latent dimension d", "least": 1})
     channels: tuple[int, ...] = field(default=(32, 64, 128, 256), metadata={
         "help": "channels of the encoder's stride-2 convolutions, one per halving of the "
                 "image (as many as its size allows, down to about 4x4; a shorter list repeats "
-                "its last); the decoder mirrors them"})
+                "its last); the decoder mirrors them", "least": 1})
     likelihood: str = field(default=AUTO, metadata={
         "help": "the likelihood of each subpixel: logistic is the discretized logistic on 256 "
                 "levels (8-bit images; reports bits/dim); auto: logistic for 8-bit data, "
                 "bernoulli otherwise", "choices": (AUTO, *CONV_LIKELIHOODS)})
 
     def __post_init__(self) -> None:
-        self.channels = tuple(int(c) for c in self.channels)
         super().__post_init__()
-        if not self.channels or any(c < 1 for c in self.channels):
-            raise UsageError(f"--channels must be at least 1 each, got {list(self.channels)}")
+        if not self.channels:
+            raise UsageError("--channels takes one or more channel counts")
 
 
 @register_model("conv-vae")

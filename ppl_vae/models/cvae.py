@@ -94,16 +94,9 @@ class CVAEOptions(NetworkOptions):
         "help": "cvae: the ELBO; gsnn: E_p(z|c) log p(y|c,z); hybrid: a weighted sum",
         "choices": OBJECTIVES})
     hybrid_alpha: float = field(default=0.5, metadata={
-        "help": "weight of the CVAE term in the hybrid objective"})
+        "help": "weight of the CVAE term in the hybrid objective", "least": 0, "most": 1})
     cll_samples: int = field(default=100, metadata={
-        "help": "importance samples per test image for -log p(y|c)"})
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.cll_samples < 1:
-            raise UsageError(f"--cll-samples must be at least 1, got {self.cll_samples}")
-        if not 0 <= self.hybrid_alpha <= 1:
-            raise UsageError(f"--hybrid-alpha must lie in [0, 1], got {self.hybrid_alpha}")
+        "help": "importance samples per test image for -log p(y|c)", "least": 1})
 
 
 @register_model("cvae")

@@ -32,7 +32,6 @@ from pyro import poutine
 from pyro.nn import ConditionalAutoRegressiveNN
 from torch import Tensor, nn
 
-from ..errors import UsageError
 from .registry import register_model
 from .vae import VAE, VAEOptions, encoder_scale
 
@@ -69,13 +68,7 @@ class FlowVAEOptions(VAEOptions):
                 "hidden layer: iaf (inverse autoregressive, Kingma et al. 2016), spline "
                 "(rational-quadratic autoregressive spline)", "choices": FLOWS})
     flow_layers: int = field(default=2, metadata={
-        "help": "transforms in the flow (reversing z between them)"})
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.flow_layers < 1 or self.flow_layers != int(self.flow_layers):
-            raise UsageError(f"--flow-layers must be a whole number of at least 1, got "
-                             f"{self.flow_layers}")
+        "help": "transforms in the flow (reversing z between them)", "least": 1})
 
 
 @register_model("flow-vae")

@@ -87,41 +87,33 @@ FIGURE_COLUMNS = 10  # Columns of the figures: z draws (samples), test images (a
 class SSVAEOptions(NetworkOptions):
     """The M2 model's options (``--model ssvae``; ``--labelled N`` is a run option)."""
 
-    z_dim: int = field(default=50, metadata={"help": "latent dimension d (Pyro's example: 50)"})
+    z_dim: int = field(default=50, metadata={"help": "latent dimension d (Pyro's example: 50)",
+                                             "least": 1})
     hidden: tuple[int, ...] = field(default=(500,), metadata={
         "help": "hidden layer widths of the classifier and the encoder (the decoder mirrors "
-                "them; Pyro's example: 500)"})
+                "them; Pyro's example: 500)", "least": 1})
     alpha: float = field(default=4.0, metadata={
         "help": "weight of the classification term log q(y|x): alpha * B per batch of B "
                 "rows, i.e. alpha / --labelled-share per labelled row (alpha * N_train / "
                 "N_labelled with --labelled-share 0; the paper's alpha is 0.1, Pyro's example "
-                "46 per row)"})
+                "46 per row)", "least": 0})
     alpha_decay: float = field(default=1.0, metadata={
         "help": "alpha's schedule: epoch e trains with alpha * alpha_decay ** (e - 1) (1: "
-                "constant; below 1 the classification term fades, above 1 it grows)"})
+                "constant; below 1 the classification term fades, above 1 it grows)", "above": 0})
     classes: int = field(default=0, metadata={
-        "help": "number of classes K (0: from the data's labels)"})
+        "help": "number of classes K (0: from the data's labels)", "least": 0})
     m1: int = field(default=50, metadata={
         "help": "M1+M2 (the default recipe, as in the paper): stack M2 on the standardized "
                 "encoder means of an M1 VAE with this latent dimension, trained first for "
                 "--epochs epochs; 0: M2 alone, on the pixels",
-        "absent": 0})  # a run recorded before M1+M2 existed was M2 alone
+        "absent": 0, "least": 0})  # a run recorded before M1+M2 existed was M2 alone
     m1_hidden: tuple[int, ...] = field(default=(500,), metadata={
-        "help": "hidden layer widths of M1's encoder (its decoder mirrors them)"})
+        "help": "hidden layer widths of M1's encoder (its decoder mirrors them)", "least": 1})
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not (math.isfinite(self.alpha) and self.alpha >= 0):
-            raise UsageError(f"--alpha must be a number >= 0, got {self.alpha}")
-        if not (math.isfinite(self.alpha_decay) and self.alpha_decay > 0):
-            raise UsageError(f"--alpha-decay must be a number > 0, got {self.alpha_decay}")
-        if self.classes < 0 or self.classes == 1:
-            raise UsageError(f"--classes takes K >= 2 (0: from the labels), got {self.classes}")
-        self.m1_hidden = tuple(int(h) for h in self.m1_hidden)
-        if self.m1 < 0:
-            raise UsageError(f"--m1 takes M1's latent dimension (0: no M1), got {self.m1}")
-        if any(h < 1 for h in self.m1_hidden):
-            raise UsageError(f"--m1-hidden widths must be at least 1, got {list(self.m1_hidden)}")
+        if self.classes == 1:
+            raise UsageError("--classes takes K >= 2 (0: from the labels), got 1")
 
 
 class LabelledMLP(nn.Module):
