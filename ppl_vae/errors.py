@@ -57,6 +57,11 @@ class UsageError(ValueError):
         return _FLAG.sub(_python_name, text)
 
 
+def first_line(e: BaseException, limit: int = 160) -> str:
+    """The first line of ``e``'s message (at most ``limit`` characters; "" if none)."""
+    return (str(e).strip().splitlines() or [""])[0][:limit]
+
+
 def either(names: list[str]) -> str:
     """``a``, ``a or b``, ``a, b or c``: choices in a message."""
     return " or ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names)
@@ -77,7 +82,7 @@ def explain(e: BaseException, name: str, args: Sequence = (), what: str = "") ->
     outside this package, the standard library and installed packages)."""
     shapes = ", ".join(f"{tuple(a.shape)}" if hasattr(a, "shape") else type(a).__name__
                        for a in args)
-    said = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    said = first_line(e, 10_000)
     lines = [f"{name}({shapes}){': ' + what if what else ''} raised {type(e).__name__}"
              f"{': ' + said if said else ''}"]
     theirs = [f for f in traceback.extract_tb(e.__traceback__)

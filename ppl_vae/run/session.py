@@ -25,7 +25,7 @@ from .. import resources
 from ..config import TrainConfig
 from ..data import Dataset, Split, load_dataset
 from ..distributed import SINGLE, World
-from ..errors import UsageError, either
+from ..errors import UsageError, either, first_line
 from ..inference.compiled import CompiledStep
 from ..inference.estimators import ELBOS, make_elbo, suited, unsuited
 from ..inference.importance import Scores, score
@@ -283,26 +283,29 @@ class Session:
         """Adam over ``params`` with the run's learning rate and beta1 (beta2 0.999)."""
         return torch.optim.Adam(params, lr=self.config.lr, betas=(self.config.beta1, 0.999))
 
+    def svi_step(self, elbo: str, particles: int = 1, module: nn.Module | None = None,
+                 optimizer: bool = True) -> Step:
+        """The SVI step of estimator ``elbo`` with ``particles`` over ``module`` (default the
+        session's): Adam over its parameters and ``pyro.param`` sites with the run's settings
+        (``optimizer=False``: gradients only), gradients summed over the ranks."""
+        module = module or self.module
+        info = self.info if module is self.module else self.probe(module)
+        e = make_elbo(elbo, particles, self.config.jit and optimizer, info.max_plate_nesting,
+                      vectorize=info.vectorized)
+        adam = self.adam(collect_params(module, info)) if optimizer else None
+        return Step.of_elbo(e, module, hook(module, "programs")(), info, adam, self.world)
+
     def step(self, log: Callable[[str], None] | None = None) -> Step:
-        """The run's SVI step: its estimator and particles, Adam over the module's parameters
-        and ``pyro.param`` sites, gradients summed over the ranks; compiled with
-        ``--compile`` (refusals said through ``log``). Refuses an estimator that cannot train
-        the model, or a step that cannot fit in memory, before anything is allocated."""
-        config, info = self.config, self.info
+        """The run's SVI step (:meth:`svi_step` of its estimator and particles), compiled
+        with ``--compile`` (refusals said through ``log``). Refuses an estimator that cannot
+        train the model, or a step that cannot fit in memory, before anything is allocated."""
+        config = self.config
         self.check_estimator(config.elbo)
-
-        def gradient_with(k: int) -> Callable[..., Tensor]:  # (for the memory estimate)
-            e = make_elbo(config.elbo, k, False, info.max_plate_nesting,
-                          vectorize=info.vectorized)
-            return Step.of_elbo(e, self.module, self.terms, info).gradient
-
-        resources.check_step_fits(gradient_with, self.args(self.data.train, slice(0, 2)),
-                                  min(config.batch_size, len(self.data.train)),
-                                  config.particles, self.device)
-        elbo = make_elbo(config.elbo, config.particles, config.jit, info.max_plate_nesting,
-                         vectorize=info.vectorized)
-        step = Step.of_elbo(elbo, self.module, self.terms, info,
-                            self.adam(collect_params(self.module, info)), self.world)
+        resources.check_step_fits(
+            lambda k: self.svi_step(config.elbo, k, optimizer=False).gradient,
+            self.args(self.data.train, slice(0, 2)), min(config.batch_size, len(self.data.train)),
+            config.particles, self.device)
+        step = self.svi_step(config.elbo, config.particles)
         if config.compile:
             step = CompiledStep(step, self.module, log=log, estimator=f"--elbo {config.elbo}")
         return step
@@ -349,9 +352,8 @@ class Session:
         except UsageError:
             raise
         except Exception as e:  # the user's hook failed on the finished run
-            first = (str(e).strip().splitlines() or [""])[0]
             self.ctx.log(f"the model's report hook skipped: it raised {type(e).__name__}: "
-                         f"{first}"[:300])
+                         f"{first_line(e, 240)}")
             return {}
 
 
