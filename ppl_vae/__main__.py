@@ -15,8 +15,11 @@ def appendix_main(argv: Sequence[str] | None = None) -> int:
     return appendix(argv)
 
 
-COMMANDS = {"train": train_main, "evaluate": evaluate_main, "compare": compare_main,
-            "appendix": appendix_main, "experiment": experiment_main}
+COMMANDS = {"train": (train_main, "train a model by SVI"),
+            "evaluate": (evaluate_main, "re-evaluate a saved run"),
+            "compare": (compare_main, "compare ELBO estimators on one model"),
+            "appendix": (appendix_main, "MLE/MAP with AutoDelta, NUTS and the amortization gaps"),
+            "experiment": (experiment_main, "tables of several runs (cvae-quadrants)")}
 
 
 @closed_pipe_is_fine
@@ -25,19 +28,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in COMMANDS:
         if argv and argv[0] in ("-h", "--help"):
-            print(f"usage: {PROG} {{{','.join(COMMANDS)}}} [options]\n\n"
-                  "train     train a model by SVI\n"
-                  "evaluate  re-evaluate a saved run\n"
-                  "compare   compare ELBO estimators on one model\n"
-                  "appendix  MLE/MAP with AutoDelta, NUTS and the amortization gaps\n"
-                  "experiment  tables of several runs (cvae-quadrants)\n\n"
-                  f"{PROG} COMMAND --help lists a command's options")
+            print(f"usage: {PROG} {{{','.join(COMMANDS)}}} [options]\n", *(
+                f"{name:<8}  {text}" for name, (_, text) in COMMANDS.items()),
+                f"\n{PROG} COMMAND --help lists a command's options", sep="\n")
             return 0
         got = f"unknown command {argv[0]!r}" if argv else "no command given"
         print(f"{PROG}: error: {got}; use one of {', '.join(COMMANDS)} (see --help)",
               file=sys.stderr)
         return 2
-    return COMMANDS[argv[0]](argv[1:])
+    return COMMANDS[argv[0]][0](argv[1:])
 
 
 if __name__ == "__main__":

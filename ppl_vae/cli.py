@@ -22,7 +22,7 @@ from typing import Any
 from .config import RECIPE, TrainConfig, field_default, flag
 from .errors import UsageError, command_line
 from .interrupt import Interrupted
-from .models import MODELS, get_model, option_specs, parse_model_opts
+from .models import MODELS, get_model, options_class, parse_model_opts
 
 PROG = "python -m ppl_vae"
 
@@ -146,61 +146,39 @@ def _main_rank() -> bool:
 
 
 # -- parsers built from option dataclasses ----------------------------------------------------
-def _add_option(group, name: str, default: Any, help: str, *, choices=None,
-                suppress: bool = False, off_help: str | None = None, type_: type | None = None,
-                aliases: Sequence[str] = (), required: bool = False, metavar: str | None = None
-                ) -> bool:
-    """Add ``--name`` typed by ``type_`` or its default (``--no-name`` for an option that is
-    on by default, with ``off_help``; a tuple takes one or more values); False when the type
-    has no flag form."""
-    kw: dict[str, Any] = {"help": help or name}
-    if isinstance(default, bool):
-        if default:
-            kw["help"] = off_help or f"set {name} off ({help})"
-        action = group.add_argument("--no-" + name.replace("_", "-") if default else flag(name),
-                                    dest=name, action="store_false" if default else "store_true",
-                                    **kw)
-        if suppress:  # only options the user gives reach the model
-            action.default = argparse.SUPPRESS
-        return True
-    if isinstance(default, tuple | list):
-        types = {type(v) for v in default} or ({type_} if type_ else set())
-        if len(types) != 1 or not types <= {int, float, str}:
-            return False
-        kw.update(nargs="+", type=types.pop())
-    elif isinstance(default, int | float | str):
-        kw["type"] = type(default)
-    elif type_ is not None:
-        kw["type"] = type_
-    else:
-        return False
-    kw.update({k: v for k, v in (("choices", choices), ("metavar", metavar)) if v})
-    if required:
-        kw["required"] = True
-    action = group.add_argument(flag(name), *aliases, dest=name, default=argparse.SUPPRESS
-                                if suppress else default, **kw)
-    action.shown_default = default
-    return True
-
-
 def add_options(parser: argparse.ArgumentParser, options: type, *, skip: Sequence[str] = (),
-                default_group: str | None = None, groups: dict | None = None) -> dict:
-    """The fields of dataclass ``options`` as flags (their metadata: ``help``, ``group``,
-    ``choices``, ``type``, ``off_help``, ``aliases``, ``metavar``, ``required``), in
-    argument groups by ``group`` (else ``default_group``, else the parser's own); returns the
-    groups, by name."""
+                default_group: str | None = None, groups: dict | None = None,
+                suppress: bool = False) -> dict:
+    """The fields of dataclass ``options`` as flags ``--name``, typed by their default (else
+    their metadata's ``type``: int, float or str; other fields are left out; a bool on by
+    default is ``--no-name``, with ``off_help``; a tuple takes one or more values), with the
+    metadata's ``help``, ``choices``, ``aliases``, ``metavar``, ``required``, ``action`` and
+    ``nargs``, in argument groups by ``group`` (else ``default_group``, else the parser's own).
+    With ``suppress`` only the options given are parsed. Returns the groups, by name."""
     groups = {} if groups is None else groups
     for f in dataclasses.fields(options):
-        meta = f.metadata
-        if f.name in skip or "help" not in meta:
+        meta, name, default = f.metadata, f.name, field_default(f)
+        if name in skip:
             continue
-        name = meta.get("group", default_group)
-        g = parser if name is None else groups.get(name) or groups.setdefault(
-            name, parser.add_argument_group(name))
-        _add_option(g, f.name, field_default(f), meta["help"], choices=meta.get("choices"),
-                    off_help=meta.get("off_help"), type_=meta.get("type"),
-                    aliases=meta.get("aliases", ()), required=meta.get("required", False),
-                    metavar=meta.get("metavar"))
+        group = meta.get("group", default_group)
+        g = parser if group is None else groups.get(group) or groups.setdefault(
+            group, parser.add_argument_group(group))
+        text, flags = meta.get("help", ""), [flag(name), *meta.get("aliases", ())]
+        if isinstance(default, bool):
+            flags = ["--no-" + name.replace("_", "-") if default else flag(name)]
+            kw = {"action": "store_false" if default else "store_true", "help": (
+                meta.get("off_help") or f"set {name} off ({text})") if default else text or name}
+        else:
+            many = isinstance(default, tuple | list)
+            types = {type(v) for v in (default if many else [default]) if v is not None} or \
+                {meta.get("type")}
+            if len(types) != 1 or not types <= {int, float, str}:
+                continue
+            kw = {"help": text or name, "type": types.pop(), **{k: meta[k] for k in (
+                "choices", "metavar", "required", "action") if meta.get(k)}}
+            kw.update({"nargs": meta.get("nargs", "+")} if many else {})
+        g.add_argument(*flags, dest=name, default=argparse.SUPPRESS if suppress else default,
+                       **kw).shown_default = default
     return groups
 
 
@@ -226,17 +204,13 @@ def train_parser(model: str | type = "vae", compare: bool = False) -> Parser:
     # a model option named like a run option (lr, seed, ...) is set by --model-opt only
     reserved = {f.name for f in (*dataclasses.fields(TrainConfig),
                                  *dataclasses.fields(CompareConfig))} | {"model_opt", "help"}
-    g = p.add_argument_group(f"model options ({cls.__name__})")
-    p.model_flags, only_opt, required = [], [], []
-    for spec in option_specs(cls):
-        if spec.required:
-            required.append(spec.name)
-        elif spec.name not in reserved and _add_option(
-                g, spec.name, spec.default, spec.help, choices=spec.choices, suppress=True,
-                off_help=spec.off_help):
-            p.model_flags.append(spec.name)
-        else:
-            only_opt.append(spec.name)
+    title, fields = f"model options ({cls.__name__})", dataclasses.fields(options_class(cls))
+    required = [f.name for f in fields if f.metadata.get("required")]
+    g, before = groups.setdefault(title, p.add_argument_group(title)), len(p._actions)
+    add_options(p, options_class(cls), skip={*reserved, *required}, default_group=title,
+                groups=groups, suppress=True)
+    p.model_flags = [a.dest for a in p._actions[before:]]
+    only_opt = [f.name for f in fields if f.name not in {*p.model_flags, *required}]
     notes = [f"required: {', '.join(required)}"] if required else []
     notes += [f"the only way for: {', '.join(only_opt)}"] if only_opt else []
     g.add_argument("--model-opt", action="append", default=[], metavar="KEY=VALUE",
@@ -260,24 +234,18 @@ def _peek(argv: Sequence[str] | None, flag_: str, default: str | None = None) ->
     return vars(pre.parse_known_args(argv)[0])[flag_[2:]]
 
 
-_UNSET = object()
-
-
 def _parse(argv: Sequence[str] | None, compare: bool = False, model: str | None = None,
            given_only: bool = False) -> dict[str, Any]:
     """Parsed options: TrainConfig's fields, ``model_options``, and compare's own (with
-    ``given_only``, just those the command line gives)."""
+    ``given_only``, just those the command line gives; ``--resume`` is read by :func:`_peek`)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = train_parser(model or _peek(argv, "--model", "vae"), compare)
-    appended = {a.dest for a in parser._actions if isinstance(a, argparse._AppendAction)}
-    unset = argparse.Namespace(**{k: None if k in appended else _UNSET  # (append needs None)
-                                  for k in vars(parser.parse_args([]))})
-    args = vars(parser.parse_args(argv, namespace=unset if given_only else None))
-    if given_only:
-        args = {k: v for k, v in args.items()
-                if v is not _UNSET and not (v is None and k in appended)}
+    for action in parser._actions if given_only else ():
+        action.default = argparse.SUPPRESS
+    args = vars(parser.parse_args(argv))
     options = {name: args.pop(name) for name in parser.model_flags if name in args}
     options.update(parse_model_opts(args.pop("model_opt", None) or []))
+    args.pop("resume", None)
     args["model_options"] = options
     return args
 
@@ -287,30 +255,29 @@ def _train(argv: Sequence[str] | None) -> int:
 
     run_dir = _peek(argv, "--resume")
     if run_dir is None:
-        args = _parse(argv)
-        args.pop("resume")
-        result = train_run(TrainConfig(**args))
+        result = train_run(TrainConfig(**_parse(argv)))
     else:  # the stored options, checked against those given
         given = _parse(argv, model=resume_config(run_dir).model, given_only=True)
-        given.pop("resume")
         result = train_run(resume_config(run_dir, given), resume=True)
     if not _main_rank():
         return 0  # under torchrun rank 0 reports
     s = result.summary
-    print(f"test ELBO {s['test_elbo']:.2f} nats/image ({s['eval_particles']} samples per image, "
-          f"{s['n_test']} test images), train ELBO {s['train_elbo']:.2f}, "
-          f"{s['train_seconds']:.1f} s of training on {s['device']}")
-    _print_iwae(s)
-    for note in result.notes:
-        print(note)
+    _report(s, result.notes, f", {s['n_test']} test images), train ELBO {s['train_elbo']:.2f}, "
+            f"{s['train_seconds']:.1f} s of training on {s['device']}")
     print(f"run written to {result.out}")
     return 0
 
 
-def _print_iwae(s: dict) -> None:
+def _report(s: dict, notes: Sequence[str], more: str = ")") -> None:
+    """The result lines of ``train`` and ``evaluate``: the test ELBO (``more`` ends its line),
+    log p(x) by the IWAE bound where measured, then the notes."""
+    print(f"test ELBO {s['test_elbo']:.2f} nats/image ({s['eval_particles']} samples per "
+          f"image{more}")
     if "test_log_likelihood_iwae" in s:
         print(f"log p(x) >= {s['test_log_likelihood_iwae']:.2f} nats/image "
               f"(IWAE, K={s['iwae_samples']})")
+    for note in notes:
+        print(note)
 
 
 COMPARE_DESCRIPTION = ("Compare ELBO estimators on one model: bound estimates, gradient "
@@ -357,10 +324,7 @@ def _evaluate(argv: Sequence[str] | None) -> int:
     o = EvaluateOptions(**vars(evaluate_parser().parse_args(argv)))
     _one_process("evaluate")
     r = evaluate_run(o.run, o.eval_iwae, o.cuda, o.data_dir, o.eval_particles)
-    print(f"test ELBO {r['test_elbo']:.2f} nats/image ({r['eval_particles']} samples per image)")
-    _print_iwae(r)
-    for note in r["notes"]:
-        print(note)
+    _report(r, r["notes"])
     return 0
 
 
@@ -373,23 +337,21 @@ def _experiment(argv: Sequence[str] | None) -> int:
                  description="Tables made of several training runs, each an ordinary run "
                              "in its own directory under --out.")
     pre.add_argument("name", choices=list(EXPERIMENTS), help="; ".join(
-        f"{k}: {e.help}" for k, e in EXPERIMENTS.items()))
+        f"{k}: {e[3]}" for k, e in EXPERIMENTS.items()))
     if argv[:1] not in ([], ["-h"], ["--help"]) and argv[0] not in EXPERIMENTS:
         raise UsageError(f"unknown experiment {argv[0]!r}; use one of "
                          f"{', '.join(EXPERIMENTS)}")
-    chosen = EXPERIMENTS.get(argv[0]) if argv else None
-    if chosen is not None:
-        add_options(pre, chosen.options)
-    if chosen is None or argv[1:2] in (["-h"], ["--help"]):
+    run, model, options, _ = EXPERIMENTS.get(argv[0] if argv else "", (None,) * 4)
+    if run is not None:
+        add_options(pre, options)
+    if run is None or argv[1:2] in (["-h"], ["--help"]):
         pre.print_help()
-        if chosen is not None:
-            print(f"\nits runs take {PROG} train --model {chosen.model}'s options")
+        if run is not None:
+            print(f"\nits runs take {PROG} train --model {model}'s options")
         return 0
     known, rest = pre.parse_known_args(argv)
-    args = _parse(["--model", chosen.model, *rest])
-    args.pop("resume")
-    own = {f.name: getattr(known, f.name) for f in dataclasses.fields(chosen.options)}
-    table = chosen.run(TrainConfig(**args), **own)
+    own = {f.name: getattr(known, f.name) for f in dataclasses.fields(options)}
+    table = run(TrainConfig(**_parse(["--model", model, *rest])), **own)
     if not _main_rank():
         return 0
     for name, run in table.runs.items():

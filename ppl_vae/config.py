@@ -20,6 +20,10 @@ from typing import Any
 from .errors import UsageError
 
 BINARIZE = ("none", "static", "dynamic")
+MOST_THREADS = 4 * (os.cpu_count() or 1)
+"""``--threads`` at most: more threads than this machine's cores only wait for them."""
+MOST_SAMPLES = 2**31
+"""Samples per data point at most (``--particles``, ``--eval-particles``, ``--eval-iwae``)."""
 RECIPE = {"elbo": "mc", "epochs": 10, "lr": 1e-3, "early_stop": 0}
 """The run options a model family's ``recipe`` may choose (M2's ``{"lr": 3e-3, ...}``),
 taken where the user gives none, and their value for a family whose recipe does not."""
@@ -166,7 +170,7 @@ class TrainConfig:
                               "terms with downstream costs and the guide's baselines)",
                               group="inference", type=str)
     particles: int = option(1, "samples per data point (vectorized where the model allows)",
-                            group="inference", least=1)
+                            group="inference", least=1, most=MOST_SAMPLES)
     jit: bool = option(False, "use Pyro's Jit* ELBO variants", group="inference")
     compile: bool = option(False, "trace the whole SVI step (guide, model, ELBO, backward, Adam) "
                            "once per batch shape and replay it compiled by inductor (as a CUDA "
@@ -199,7 +203,7 @@ class TrainConfig:
     threads: int = option(0, "CPU threads per process (torch.set_num_threads); 0: the free "
                           "cores (the cores less the 1-minute load average, at least 1) shared "
                           "among the processes, or OMP_NUM_THREADS where set (README: why)",
-                          group="inference", least=0)
+                          group="inference", least=0, most=MOST_THREADS)
     checkpoint_every_steps: int = option(0, "also write the checkpoint every K steps within "
                                          "epochs (0: at epoch ends only)", group="inference",
                                          least=0)
@@ -207,9 +211,9 @@ class TrainConfig:
                                     "(and at every checkpoint)", group="inference", least=0)
     # evaluation
     eval_particles: int = option(10, "samples per test image for the test ELBO",
-                                 group="evaluation and output", least=1)
+                                 group="evaluation and output", least=1, most=MOST_SAMPLES)
     eval_iwae: int = option(0, "also estimate log p(x) by the IWAE bound with K samples "
-                            "(0: off)", group="evaluation and output", least=0)
+                            "(0: off)", group="evaluation and output", least=0, most=MOST_SAMPLES)
     # output
     out: str | None = option(None, "run directory (default: runs/<model>-<time>)",
                              group="evaluation and output", type=str)

@@ -126,25 +126,33 @@ class Dataset:
 
     def signature(self) -> dict:
         """What building a model needs to know of the data (checkpoints keep it), for
-        :meth:`stand_in`."""
+        :meth:`stand_in`: shapes, classes and the training split's counts."""
         return {"name": self.name, "input_dim": self.input_dim,
                 "image_shape": None if self.image_shape is None else list(self.image_shape),
                 "eight_bit": self.eight_bit, "num_classes": self.num_classes,
                 "partly_labelled": self.labelled is not None and
-                0 < self.labelled < len(self.train),
+                0 < self.labelled < len(self.train), "n_train": len(self.train),
+                "labelled": self.labelled,
                 "label_name": self.label_name, "labelled_share": self.labelled_share}
 
     @classmethod
     def stand_in(cls, sig: dict) -> Dataset:
-        """A dataset of the :meth:`signature`'s shapes with a row per class (and an unlabelled
-        one), zeros: enough to build and probe a model, nothing to train or evaluate on."""
+        """A dataset of the :meth:`signature`'s shapes and counts, zeros (one row repeated,
+        no memory per row): a model built from it derives what it derives from the data's
+        shapes and counts exactly as from the data (M2's classification weight), so what it
+        derives from the data's values must be saved with its weights (buffers). Enough to
+        build and probe a model, nothing to train or evaluate on. (A signature without
+        counts, from an older checkpoint, gives a row per class and an unlabelled one.)"""
         k, hidden = sig.get("num_classes"), int(bool(sig.get("partly_labelled")))
-        rows = max(2, (k or 0) + hidden)
-        x = torch.zeros(rows, sig["input_dim"],
+        rows = sig.get("n_train") or max(2, (k or 0) + hidden)
+        labelled = sig.get("labelled") if sig.get("n_train") else rows - hidden
+        x = torch.zeros(1, sig["input_dim"],
                         dtype=torch.uint8 if sig.get("eight_bit") else torch.float32)
-        y = None if k is None else \
-            torch.cat([torch.arange(rows - hidden) % k, torch.full((hidden,), -1)])
-        split = Split(x, y)
+        y = None
+        if k is not None:
+            y = torch.full((rows,), UNLABELLED)
+            y[:labelled] = torch.arange(labelled) % k
+        split = Split(x.expand(rows, -1), y)
         shape = sig.get("image_shape")
         return cls(sig["name"], split, split, None if shape is None else tuple(shape),
                    label_name=sig.get("label_name", "label"),

@@ -72,6 +72,16 @@ _LIBRARIES = (PACKAGE, sysconfig.get_paths()["stdlib"], sysconfig.get_paths()["p
               sysconfig.get_paths()["platlib"])
 
 
+def users_frames(frames: Sequence[traceback.FrameSummary], keep: str | None = None
+                 ) -> list[traceback.FrameSummary]:
+    """The frames in the user's files: outside this package (but its folder ``keep``, e.g.
+    ``"models"``: the shipped families are programs too), the standard library and installed
+    packages."""
+    kept = PACKAGE + keep + os.sep if keep else "\0"
+    return [f for f in frames if f.filename.startswith(kept)
+            or not f.filename.startswith(("<", *_LIBRARIES))]
+
+
 class PluginError(UsageError):
     """A user's own code (the model, guide or a hook of a class outside this package) raised:
     a headline naming the call and the exception, then the frames in the user's files."""
@@ -85,8 +95,7 @@ def explain(e: BaseException, name: str, args: Sequence = (), what: str = "") ->
     said = first_line(e, 10_000)
     lines = [f"{name}({shapes}){': ' + what if what else ''} raised {type(e).__name__}"
              f"{': ' + said if said else ''}"]
-    theirs = [f for f in traceback.extract_tb(e.__traceback__)
-              if not f.filename.startswith(("<", *_LIBRARIES))]
+    theirs = users_frames(traceback.extract_tb(e.__traceback__))
     lines += [f"  {f.filename}:{f.lineno} in {f.name}: {f.line}" for f in theirs[-6:]]
     return "\n".join(lines)
 
@@ -96,5 +105,6 @@ def from_our_code(e: BaseException) -> bool:
     hook that called back into the package: ``ctx.fit``'s loop, a collective), which reports
     its own errors; an error of the user's code (or of torch, Pyro below it) is not."""
     frames = traceback.extract_tb(e.__traceback__)
-    users = [i for i, f in enumerate(frames) if not f.filename.startswith(("<", *_LIBRARIES))]
-    return bool(users) and any(f.filename.startswith(PACKAGE) for f in frames[users[-1]:])
+    theirs = {id(f) for f in users_frames(frames)}
+    last = max((i for i, f in enumerate(frames) if id(f) in theirs), default=None)
+    return last is not None and any(f.filename.startswith(PACKAGE) for f in frames[last:])

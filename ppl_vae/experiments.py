@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -88,18 +88,7 @@ class QuadrantsOptions:
                           "an interrupted one resumes")
 
 
-@dataclass(frozen=True)
-class Experiment:
-    """An experiment as the command line offers it: the function (``config, **options``),
-    the model its runs train, a help line, and its options (a dataclass of fields made with
-    :func:`ppl_vae.config.option`)."""
-
-    run: Callable[..., Table]
-    model: str
-    help: str
-    options: type
-
-
-EXPERIMENTS = {"cvae-quadrants": Experiment(
-    cvae_quadrants, "cvae", "one CVAE per number of observed quadrants and their -log p(y|c) "
-    "table (Sohn et al. 2015)", QuadrantsOptions)}
+EXPERIMENTS = {"cvae-quadrants": (cvae_quadrants, "cvae", QuadrantsOptions, "one CVAE per number "
+                                  "of observed quadrants and their -log p(y|c) table (Sohn et al. "
+                                  "2015)")}
+"""name: (function ``(config, **options)``, the model its runs train, its options, help)."""

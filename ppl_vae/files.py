@@ -12,7 +12,7 @@ import json
 import os
 import re
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -75,13 +75,21 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 
 
 def write_csv(path: str | os.PathLike, rows: Sequence[dict]) -> None:
-    """Rows of dicts with the same keys, the header from the first row (no rows: an empty
-    file)."""
+    """Rows of dicts; the header is every key in order of first appearance (a row without
+    one leaves its cell empty; no rows: an empty file)."""
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else [], lineterminator="\n")
+    fields = list(dict.fromkeys(k for row in rows for k in row))
+    writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
     write_text(path, buf.getvalue())
+
+
+def markdown_table(head: Sequence, rows: Iterable[Sequence]) -> list[str]:
+    """The lines of a Markdown table: ``head``, its rule, one line per row (an empty cell as
+    ``| |``)."""
+    lines = ["|" + "|".join(f" {c} " if str(c) else " " for c in r) + "|" for r in (head, *rows)]
+    return [lines[0], "|" + "---|" * len(head), *lines[1:]]
 
 
 def save_torch(path: str | os.PathLike, obj: Any) -> None:

@@ -114,13 +114,14 @@ def available_bytes(device: torch.device | str = "cpu") -> int | None:
     return None
 
 
-def refuse_unless_fits(need: float, device: torch.device | str, what: str, hint: str) -> None:
+def refuse_unless_fits(need: float, device: torch.device | str, what: str, hint: str,
+                       shown: str | None = None) -> None:
     """:class:`UsageError` ``"<what> need(s) N but M is available on <device>; <hint>"``
-    when ``need`` bytes exceed what ``device`` has free."""
+    when ``need`` bytes exceed what ``device`` has free (N: ``need``, or the text ``shown``)."""
     have = available_bytes(device)
     if have is not None and need > have:
-        raise UsageError(f"{what} {format_bytes(need)} but {format_bytes(have)} is available "
-                         f"on {where(device)}; {hint}")
+        raise UsageError(f"{what} {shown or format_bytes(need)} but {format_bytes(have)} is "
+                         f"available on {where(device)}; {hint}")
 
 
 # -- parameters --------------------------------------------------------------------------------
@@ -203,10 +204,7 @@ def check_model_fits(build: Callable[[], nn.Module], device: torch.device | str 
     checks.append((device, need, f" ({format_bytes(need)} to train: weights, gradients, "
                                  "Adam's moments and the loop's copies)" if training else ""))
     for place, n, extra in checks:
-        have = available_bytes(place)
-        if have is not None and n > have:
-            raise UsageError(f"{what} {format_bytes(size.bytes)}{extra} but "
-                             f"{format_bytes(have)} is available on {where(place)}; {hint}")
+        refuse_unless_fits(n, place, what, hint, format_bytes(size.bytes) + extra)
     return size
 
 

@@ -112,7 +112,7 @@ def test_tiny_npz_trains_and_skips_what_it_cannot_draw(capsys, tmp_path, rows, m
 
 def test_latent_scatter_of_collapsed_means_draws_quietly(tmp_path):
     from ppl_vae.data import Dataset, Split
-    from ppl_vae.models.context import RunContext
+    from ppl_vae.models import RunContext
     from ppl_vae.models.figures import default_figures
 
     class Collapsed(VAE):

@@ -286,13 +286,13 @@ def test_mc_runs_with_a_note_and_analytic_is_refused(tmp_path, few_labels):
                   eval_particles=2)
     run = train_run(TrainConfig(**common, elbo="mc", out=str(tmp_path / "mc")), few_labels,
                     progress=False)
-    assert any("--elbo enum sums it out exactly" in n for n in run.notes)
+    assert any("enum sums it out exactly" in n for n in run.notes)
     assert math.isfinite(run.summary["test_elbo"])
     with pytest.raises(UsageError, match="analytic"):
         train_run(TrainConfig(**common, elbo="analytic", out=str(tmp_path / "an")),
                   few_labels, progress=False)
     for elbo in ("stl", "iwae-dreg"):  # the family's own line, which names enum
-        with pytest.raises(UsageError, match=f"{elbo} needs; use elbo enum"):
+        with pytest.raises(UsageError, match=f"{elbo} needs; use enum"):
             train_run(TrainConfig(**common, elbo=elbo, particles=3, out=str(tmp_path / elbo)),
                       few_labels, progress=False)
     # iwae (RenyiELBO) trains one pair of M2's three terms; the line names what M2 takes
@@ -548,7 +548,7 @@ def test_the_m2_table_s_pieces_run_on_digits(tmp_path):
 
 def test_an_m1_never_fitted_is_said_so(few_labels, tmp_path):
     """A loop of one's own that skips pretrain leaves M1 random: the report says so."""
-    from ppl_vae.models.context import RunContext
+    from ppl_vae.models import RunContext
 
     m = SSVAE(64, 10, hidden=(16,), z_dim=2, m1=3, m1_hidden=(8,))
     ctx = RunContext(TrainConfig(model="ssvae", eval_particles=2), m.options, few_labels,

@@ -24,9 +24,10 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 import pyro
 import torch
 from torch import Tensor, nn
@@ -34,10 +35,10 @@ from tqdm import tqdm  # text bars everywhere (tqdm.auto wants ipywidgets in Jup
 
 from ..config import TrainConfig, check_fields, option
 from ..errors import UsageError
-from ..files import write_csv, write_json, write_text
+from ..files import markdown_table, write_csv, write_json, write_text
 from ..inference.estimators import ELBOS, make_elbo, suited
 from ..inference.program import ProgramInfo
-from ..inference.svi import Step, collect_params, hide_bar
+from ..inference.svi import Step, hide_bar
 from ..models import hook
 from ..run.loop import Loop
 from ..run.rundir import RunDir
@@ -92,23 +93,17 @@ class CompareConfig:
 
 @dataclass
 class Comparison:
-    """Every number of a comparison, as written to ``results.json``."""
+    """Every number of a comparison, as written to ``results.json`` (all but ``out``)."""
 
     out: Path
+    meta: dict
     bounds: list[dict]
+    agreement: list[dict]
     gradients: list[dict]
     race: list[dict]
     race_summary: list[dict]
-    agreement: list[dict]
-    meta: dict
     snr: list[dict] = field(default_factory=list)
     snr_slopes: list[dict] = field(default_factory=list)
-
-    def to_dict(self) -> dict:
-        return {"meta": self.meta, "bounds": self.bounds, "agreement": self.agreement,
-                "gradients": self.gradients, "race": self.race,
-                "race_summary": self.race_summary, "snr": self.snr,
-                "snr_slopes": self.snr_slopes}
 
 
 def _elbo(name: str, k: int, info: ProgramInfo | None):
@@ -221,10 +216,8 @@ def snr_slopes(rows: list[dict]) -> list[dict]:
                if (r["estimator"], r["group"]) == (e, g) and r["snr"]]
         if len(pts) < 2:
             continue
-        mx, my = (sum(c) / len(pts) for c in zip(*pts, strict=True))
-        sxx = sum((x - mx) ** 2 for x, _ in pts)
-        slope = sum((x - mx) * (y - my) for x, y in pts) / sxx
-        out.append({"estimator": e, "group": g, "slope": slope, "intercept": my - slope * mx,
+        slope, intercept = np.polyfit(*zip(*pts, strict=True), 1).tolist()
+        out.append({"estimator": e, "group": g, "slope": slope, "intercept": intercept,
                     "points": len(pts)})
     return out
 
@@ -259,9 +252,7 @@ def training_race(session: Session, racers: list[tuple[str, int]], target: float
         racer = copy.deepcopy(module)
         racer.load_state_dict(start_state)
         pyro.set_rng_seed(config.seed)
-        info = session.probe(racer)
-        step = Step.of_elbo(_elbo(name, k, info), racer, hook(racer, "programs")(), info,
-                            session.adam(collect_params(racer, info)))
+        step = session.svi_step(name, k, module=racer)
         elapsed = [0.0]
 
         def on_epoch(epoch: int, loss: float, seconds: float, val, name=name, k=k,
@@ -295,9 +286,8 @@ def chosen(cc: CompareConfig, session: Session) -> tuple[tuple[str, ...], tuple[
     allows) and those of the SNR-against-K experiment; a choice the family refuses, or an
     SNR experiment no estimator fits, is refused in one line."""
     refused = session.estimators("refuse")
-    for e in cc.estimators:
-        if e in refused:
-            raise UsageError(f"--estimators {e}: {refused[e]}")
+    if bad := [e for e in cc.estimators if e in refused]:
+        raise UsageError(f"--estimators {bad[0]}: {refused[bad[0]]}")
     fits = suited(session.info, refused, len(session.terms))
     snr = tuple(e for e in SNR_ESTIMATORS if e in fits)
     if cc.snr_k and not snr:
@@ -329,19 +319,18 @@ def compare(cc: CompareConfig, out: str | None = None, progress: bool | None = N
         session = Session(config, progress=progress)
     session.progress = progress
     config, module, info = session.config, session.module, session.info
+    eager = session.config = replace(config, jit=False)  # (its SVI steps are never jit-compiled)
     with RunDir.open(out, f"compare-{config.model}", overwrite=config.overwrite) as rundir, \
             session.validation():
         out_dir = session.ctx.out = rundir.path
         if cc.run is None and cc.warmup_epochs:  # pre-training too runs for the warm-up
-            session.config = session.ctx.config = replace(config, epochs=cc.warmup_epochs)
+            session.config = session.ctx.config = replace(eager, epochs=cc.warmup_epochs)
             hook(module, "pretrain")(session.ctx)
-            step = Step.of_elbo(make_elbo(config.elbo, 1, max_plate_nesting=info.max_plate_nesting),
-                                module, session.terms, info,
-                                session.adam(collect_params(module, info)))
+            step = session.svi_step(config.elbo)
             session.on_epoch(0)
             Loop(session, step, on_epoch=lambda epoch, *_: session.on_epoch(epoch),
                  desc="warm-up").run()
-            session.config = session.ctx.config = config
+            session.config, session.ctx.config = eager, config
         estimators, snr_estimators = chosen(cc, session)
         module.eval()
         args = session.args(getattr(session.data, cc.split), slice(0, cc.eval_batch))
@@ -369,60 +358,53 @@ def compare(cc: CompareConfig, out: str | None = None, progress: bool | None = N
                 "pyro": pyro.__version__,
                 "samples": "one vectorized pass" if info.vectorized else
                            f"one after another ({info.not_vectorized_because})"}
-        result = Comparison(out_dir, bounds, gradients, race_rows, race_summary,
-                            agreement(bounds), meta, snr, snr_slopes(snr))
+        result = Comparison(out_dir, meta, bounds, agreement(bounds), gradients, race_rows,
+                            race_summary, snr, snr_slopes(snr))
         write_outputs(result)
     return replace(result, out=rundir.final)
 
 
 def summary_markdown(c: Comparison) -> str:
     """The tables a reader wants first, in Markdown."""
-    lines = ["## Bound estimates (nats per data point, R = "
-             f"{c.meta['repeats']}, {c.meta['eval_batch']} {c.meta.get('split', 'test')} rows)",
-             "",
-             "| estimator | samples | mean | sd | se | ms / estimate |",
-             "|---|---|---|---|---|---|"]
-    lines += [f"| {r['estimator']} | {r['particles']} | {r['mean']:.3f} | {r['sd']:.3f} | "
-              f"{r['se']:.3f} | {r['ms_per_estimate']:.2f} |" for r in c.bounds]
+    lines = [f"## Bound estimates (nats per data point, R = {c.meta['repeats']}, "
+             f"{c.meta['eval_batch']} {c.meta.get('split', 'test')} rows)", "",
+             *markdown_table(["estimator", "samples", "mean", "sd", "se", "ms / estimate"],
+                             [[r["estimator"], r["particles"], f"{r['mean']:.3f}",
+                               f"{r['sd']:.3f}", f"{r['se']:.3f}", f"{r['ms_per_estimate']:.2f}"]
+                              for r in c.bounds])]
     if c.agreement:
         lines += ["", "mc vs analytic: " + "; ".join(
             f"L={a['particles']}: difference {a['difference']:+.3f} ± {a['combined_se']:.3f} "
             "(se), " + ("agree" if a["agree"] else "DISAGREE") for a in c.agreement)]
-    lines += ["", "## Gradients", "",
-        "| estimator | L | group | total variance | mean norm | SNR | ms / step |",
-        "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['estimator']} | {r['particles']} | {r['group']} | "
-              f"{r['total_variance']:.4g} | {r['mean_norm']:.4g} | "
-              f"{'exact' if r['snr'] is None else format(r['snr'], '.3f')} | "
-              f"{r['ms_per_step']:.2f} |" for r in c.gradients]
-    ratios = variance_ratios(c.gradients)
-    lines += ["", "| L | group | variance ratio mc / analytic |", "|---|---|---|"] if ratios \
-        else []
-    lines += [f"| {r['particles']} | {r['group']} | "
-              + ("∞ (analytic exact) |" if r["variance_ratio_mc_over_analytic"] is None
-                 else f"{r['variance_ratio_mc_over_analytic']:.3f} |")
-              for r in ratios]
+    lines += ["", "## Gradients", "", *markdown_table(
+        ["estimator", "L", "group", "total variance", "mean norm", "SNR", "ms / step"],
+        [[r["estimator"], r["particles"], r["group"], f"{r['total_variance']:.4g}",
+          f"{r['mean_norm']:.4g}", "exact" if r["snr"] is None else f"{r['snr']:.3f}",
+          f"{r['ms_per_step']:.2f}"] for r in c.gradients])]
+    if ratios := variance_ratios(c.gradients):
+        lines += ["", *markdown_table(["L", "group", "variance ratio mc / analytic"], [
+            [r["particles"], r["group"], "∞ (analytic exact)" if (v := r[
+                "variance_ratio_mc_over_analytic"]) is None else f"{v:.3f}"] for r in ratios])]
     if c.snr_slopes:
-        lines += ["", "## Gradient SNR against K (log-log slope)", "",
-                  "| estimator | group | slope | points |", "|---|---|---|---|"]
-        lines += [f"| {r['estimator']} | {r['group']} | {r['slope']:+.3f} | {r['points']} |"
-                  for r in c.snr_slopes]
+        lines += ["", "## Gradient SNR against K (log-log slope)", "", *markdown_table(
+            ["estimator", "group", "slope", "points"],
+            [[r["estimator"], r["group"], f"{r['slope']:+.3f}", r["points"]]
+             for r in c.snr_slopes])]
     if c.race_summary:
-        lines += ["", "## Training race", "",
-                  "| estimator | L | final test ELBO | train seconds | seconds to target | "
-                  "epochs to target |", "|---|---|---|---|---|---|"]
-        for r in c.race_summary:
-            t = "-" if r["seconds_to_target"] is None else f"{r['seconds_to_target']:.2f}"
-            e = "-" if r["epochs_to_target"] is None else str(r["epochs_to_target"])
-            lines.append(f"| {r['estimator']} | {r['particles']} | {r['final_test_elbo']:.2f} | "
-                         f"{r['train_seconds']:.2f} | {t} | {e} |")
-        lines.append(f"\ntarget: test ELBO {c.race_summary[0]['target']:.2f}")
+        lines += ["", "## Training race", "", *markdown_table(
+            ["estimator", "L", "final test ELBO", "train seconds", "seconds to target",
+             "epochs to target"],
+            [[r["estimator"], r["particles"], f"{r['final_test_elbo']:.2f}",
+              f"{r['train_seconds']:.2f}", "-" if r["seconds_to_target"] is None else
+              f"{r['seconds_to_target']:.2f}", "-" if r["epochs_to_target"] is None else
+              r["epochs_to_target"]] for r in c.race_summary]),
+            f"\ntarget: test ELBO {c.race_summary[0]['target']:.2f}"]
     return "\n".join(lines) + "\n"
 
 
 def write_outputs(c: Comparison) -> None:
     out = c.out
-    write_json(out / "results.json", {**c.to_dict(),
+    write_json(out / "results.json", {**{k: v for k, v in asdict(c).items() if k != "out"},
                                       "variance_ratios": variance_ratios(c.gradients)})
     write_csv(out / "bounds.csv", [{k: v for k, v in r.items() if k != "values"}
                                    for r in c.bounds])

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..config import TrainConfig, check_fields, option
+from ..config import MOST_SAMPLES, TrainConfig, check_fields, option
 from ..data import Dataset
 from ..errors import UsageError
 from ..files import write_json
@@ -39,10 +39,10 @@ class EvaluateOptions:
                       "torchrun's own --run-path does not swallow)", type=str, required=True,
                       aliases=("--run-dir",))
     eval_iwae: int = option(0, "IWAE log-likelihood bound with K samples per image (0: off)",
-                            metavar="K", least=0)
+                            metavar="K", least=0, most=MOST_SAMPLES)
     eval_particles: int | None = option(None, "samples per image for the test ELBO (default: "
                                         "the run's; with --eval-iwae the ELBO uses the same K "
-                                        "samples)", type=int, least=1)
+                                        "samples)", type=int, least=1, most=MOST_SAMPLES)
     data_dir: str | None = option(None, "dataset root, if it moved (default: the run's)",
                                   type=str)
     cuda: bool = option(False, "evaluate on the GPU")

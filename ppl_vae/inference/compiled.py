@@ -33,12 +33,15 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
+import re
 import shutil
 import time
 import traceback
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from unittest.mock import patch
 
 import pyro
 import torch
@@ -50,6 +53,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..distributed import sum_grads
+from ..errors import first_line, users_frames
 from .svi import LossFn, Step
 
 TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4}
@@ -142,23 +146,21 @@ def _store_swapped(values: dict[str, Tensor]) -> Iterator[None]:
                       f"({', '.join(created[:3])}) after its first step")
 
 
-@contextlib.contextmanager
-def _traced_code_paths() -> Iterator[None]:
+def _traced_code_paths() -> contextlib.AbstractContextManager:
     """The host-free code paths Pyro and ``torch.distributions`` keep for ``torch.jit.trace``
     (no ``if not mask.all()``, ``.item()`` or assertions), taken under ``make_fx`` too."""
-    real = torch._C._get_tracing_state
-    torch._C._get_tracing_state = lambda: True
-    try:
-        yield
-    finally:
-        torch._C._get_tracing_state = real
+    return patch.object(torch._C, "_get_tracing_state", lambda: True)
 
 
 def _user_frame(frames: traceback.StackSummary) -> str:
-    """`` at file:line`` of the innermost frame outside torch, pyro and this module."""
-    skip = ("/torch/", "/pyro/", "/contextlib.py", __file__)
-    mine = [f for f in frames if not any(s in f.filename for s in skip)]
-    return f" at {mine[-1].filename.rsplit('/', 1)[-1]}:{mine[-1].lineno}" if mine else ""
+    """`` at file:line`` of the innermost frame of the program (the user's files or a shipped
+    family's), else `` in Pyro's <module>`` where Pyro's code met it."""
+    mine = users_frames(frames, keep="models")
+    if mine:
+        return f" at {mine[-1].filename.rsplit('/', 1)[-1]}:{mine[-1].lineno}"
+    pyro_frames = [f.filename for f in frames if f"{os.sep}pyro{os.sep}" in f.filename]
+    return f" in Pyro's {pyro_frames[-1].rsplit(os.sep + 'pyro' + os.sep, 1)[1]}" \
+        if pyro_frames else ""
 
 
 class _Operators(TorchDispatchMode):
@@ -222,6 +224,10 @@ def _reason(e: Exception) -> str:
         return f"a dynamic structure: the shape of {e.func} depends on tensor values{where}"
     if isinstance(e, DataDependentOutputException | GuardOnDataDependentSymNode):
         return f"the program reads a tensor's value in Python{where}"
+    wrapped = re.search(r"new Tensor subclass (\w+)", str(e))
+    if wrapped:  # (pyro.ops.provenance: TraceGraph_ELBO's dependencies of score-function sites)
+        return (f"Pyro wraps the program's tensors in a {wrapped[1]}{where}, which a trace on "
+                "fake tensors cannot carry")
     return f"tracing failed{where} ({_first_line(e)})"
 
 
@@ -269,7 +275,7 @@ class CompiledStep(Step):
         self.graphs: dict[tuple, _Graph] = {}
         self.compile_seconds = 0.0
         self.refused: str | None = None
-        self._bound, self._moments = False, None
+        self._bound, self._moments, self._graph = False, None, None
         self._cudagraphs = self.device.type == "cuda"
         self._grads_only = self.world.parallel
         self._next_i = -1
@@ -282,6 +288,11 @@ class CompiledStep(Step):
     def __call__(self, i: int, args: Sequence[Tensor], total: Tensor, first_bad: Tensor
                  ) -> None:
         self._calls += 1
+        if self._bound and i == 0 and (name := self._rebound()) is not None:
+            self.log(f"--compile: {name} is another tensor object since the step was compiled "
+                     "(rebound, not filled in place); binding and compiling the step again")
+            self._bound = False
+            self.graphs.clear()
         if self.refused is None and not self._bound and self._ready():
             self._refuse(self._agree(self._bind(total, first_bad)))
         if self.refused is not None or not self._bound:
@@ -304,26 +315,29 @@ class CompiledStep(Step):
             reason = self._agree(reason)
         if reason is not None:
             self._refuse(reason)
-            super().__call__(i, args, total, first_bad)
-            return
-        graph = self.graphs[key]
-        if self._grads_only:  # this rank's gradients; summed over the ranks as eager ones are
-            self.optimizer.zero_grad(set_to_none=True)
+        elif self._grads_only:  # the base step, this rank's loss and gradients from the graph
+            self._graph = self.graphs[key]
+        else:
+            if i != self._next_i:
+                self.i_dev.fill_(i)
             with torch.no_grad():
-                loss, *grads = graph.compiled(*self._inputs, *args)
-                for p, g in zip(self._trained_tensors, grads, strict=True):
-                    p.grad = g
-                sum_grads(self.params, self.world)
-                total += loss
-                first_bad.copy_(torch.where(torch.isfinite(loss), first_bad,
-                                            first_bad.clamp(max=i)))
-            self.optimizer.step()
+                self.graphs[key].compiled(*self._inputs, *args)
+            self._next_i = i + 1
             return
-        if i != self._next_i:
-            self.i_dev.fill_(i)
+        super().__call__(i, args, total, first_bad)
+
+    def gradient(self, *args: Tensor) -> Tensor:
+        """Under torchrun, with the graph :meth:`__call__` chose: this rank's loss and gradients
+        from it, summed over the ranks as eager ones are; else the eager step's."""
+        graph, self._graph = self._graph, None
+        if graph is None:
+            return super().gradient(*args)
         with torch.no_grad():
-            graph.compiled(*self._inputs, *args)
-        self._next_i = i + 1
+            loss, *grads = graph.compiled(*self._inputs, *args)
+            for p, g in zip(self._trained_tensors, grads, strict=True):
+                p.grad = g
+            sum_grads(self.params, self.world)
+        return loss
 
     @property
     def description(self) -> str:
@@ -391,6 +405,19 @@ class CompiledStep(Step):
             return None
         self._rebind()
         return None
+
+    def _rebound(self) -> str | None:
+        """The first of the module's tensors (or of the param store's trained ones) that is
+        not the object the graph was bound to: what the epoch-start look compares, beside the
+        values (a buffer rebound by ``self.temp = torch.tensor(...)``), or None."""
+        now = dict(self.module.named_parameters())
+        now.update(self.module.named_buffers())
+        store = pyro.get_param_store()._params
+        now.update({f"pyro.param {k!r}": store.get(k) for k in self._store_keys})
+        keys = [*self._module_keys, *(f"pyro.param {k!r}" for k in self._store_keys)]
+        bound = dict(zip(keys, self._tensors, strict=True))
+        return next((f"the module's {k!r}" if not k.startswith("pyro.") else k
+                     for k in (*bound, *now) if now.get(k) is not bound.get(k)), None)
 
     def _rebind(self) -> None:
         """Point the graph at the optimizer's state: loaded values are copied into the graph's
@@ -607,9 +634,8 @@ class CompiledStep(Step):
 
     # -- the capture check -----------------------------------------------------------------
     def _check(self, graph: _Graph, args: Sequence[Tensor]) -> None:
-        """One compiled and one eager step, same state and noise (both put back):
-        :class:`Refused` if the loss or the gradient (in Adam's new moments, or as returned
-        under torchrun) differ by more than float rounding."""
+        """The capture check (see the module): :class:`Refused` if the loss or the gradient (in
+        Adam's new moments, or as returned under torchrun) differ by more than float rounding."""
         saved = [t.detach().clone() for t in self._inputs]
         devices = [self.device] if self.device.type == "cuda" else []
         with warnings_quiet(), torch.random.fork_rng(devices):
@@ -670,7 +696,7 @@ class CompiledStep(Step):
 
 
 def _first_line(e: BaseException) -> str:
-    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:160]}"
+    return f"{type(e).__name__}: {first_line(e)}"
 
 
 def _relative_error(new: Tensor, expected: Tensor, scale: Tensor) -> float:

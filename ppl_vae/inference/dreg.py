@@ -36,17 +36,18 @@ import math
 
 import torch
 from pyro import poutine
-from pyro.infer.util import get_dependent_plate_dims, torch_sum
+from pyro.infer.util import get_dependent_plate_dims
 from torch import Tensor
 
 from ..errors import UsageError
-from .stl import refuse_unreparameterized
-from .trace_elbo import Trace_ELBO, direct_log_q, stop_gradient_delta
-
-
-def _log_prob(trace, dims) -> Tensor | float:
-    return sum((torch_sum(site["log_prob"], dims) for site in trace.nodes.values()
-                if site["type"] == "sample"), 0.0)
+from .trace_elbo import (
+    Trace_ELBO,
+    direct_log_q,
+    iwae_loss,
+    log_prob_sum,
+    refuse_unreparameterized,
+    stop_gradient_delta,
+)
 
 
 class IWAE_DReG(Trace_ELBO):
@@ -62,20 +63,17 @@ class IWAE_DReG(Trace_ELBO):
         super().__init__(num_particles=num_particles, max_plate_nesting=max_plate_nesting,
                          vectorize_particles=True, **kwargs)
 
-    def loss(self, model, guide, *args, **kwargs) -> float:
-        """-IWAE_K's estimate, as ``RenyiELBO(alpha=0).loss`` gives it."""
-        with torch.no_grad():
-            return self.differentiable_loss(model, guide, *args, **kwargs).item()
+    loss = iwae_loss
 
     def differentiable_loss(self, model, guide, *args, **kwargs) -> Tensor:
         (model_trace, guide_trace), = self._get_traces(model, guide, args, kwargs)
         refuse_unreparameterized(guide_trace, "iwae-dreg", "iwae")
         dims = get_dependent_plate_dims(model_trace.nodes.values())
-        log_p = _log_prob(model_trace, dims)  # (K, *points)
+        log_p = log_prob_sum(model_trace, dims)  # (K, *points)
         # (Pyro adds no particle dimension for K = 1: put one in front)
         lift = (lambda t: t.unsqueeze(0) if torch.is_tensor(t) else t) \
             if self.num_particles == 1 else (lambda t: t)
-        log_w = lift(log_p - _log_prob(guide_trace, dims))
+        log_w = lift(log_p - log_prob_sum(guide_trace, dims))
         weights = torch.softmax(log_w.detach(), dim=0)
         path = log_w + lift(stop_gradient_delta(direct_log_q(guide_trace, dims)))
         held = lift(self._model_at_detached_draws(model, guide_trace, dims, args, kwargs))
@@ -94,4 +92,4 @@ class IWAE_DReG(Trace_ELBO):
         trace = poutine.trace(poutine.replay(self._vectorized_num_particles(model),
                                              trace=fixed)).get_trace(*args, **kwargs)
         trace.compute_log_prob()
-        return _log_prob(trace, dims)
+        return log_prob_sum(trace, dims)

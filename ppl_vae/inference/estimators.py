@@ -19,12 +19,12 @@ For a data point x, guide q(z|x) and L reparameterized draws z_l ~ q(z|x):
       log 1/L sum_l p(x, z_l) / q(z_l|x)
 
 * ``stl`` -- ``mc``'s estimate with the path-derivative ("sticking the landing") gradient for
-  the guide (:mod:`.stl`); ``iwae-dreg`` -- ``iwae``'s bound with the doubly
+  the guide (:mod:`.trace_elbo`); ``iwae-dreg`` -- ``iwae``'s bound with the doubly
   reparameterized gradient (:mod:`.dreg`). Both need a reparameterized guide.
 
 * ``rws`` -- reweighted wake-sleep (:mod:`.rws`): the IWAE bound for the model, a
   self-normalized estimate of the inclusive KL's gradient for the guide (any guide);
-  ``tracegraph`` -- :class:`~pyro.infer.TraceGraph_ELBO` (:mod:`.tracegraph`): ``mc`` with
+  ``tracegraph`` -- :class:`~pyro.infer.TraceGraph_ELBO` (:mod:`.trace_elbo`): ``mc`` with
   Rao-Blackwellized score terms and the baselines guide sites declare.
 
 * ``enum`` -- :class:`~pyro.infer.TraceEnum_ELBO`: discrete latents that the guide (or the
@@ -43,10 +43,10 @@ L > 1 and the model broadcasts over that dimension, else drawn one after another
 
 from __future__ import annotations
 
-import contextlib
 import math
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
+from unittest.mock import patch
 
 import pyro.infer
 import pyro.infer.traceenum_elbo
@@ -65,9 +65,7 @@ from ..errors import UsageError
 from .dreg import IWAE_DReG
 from .program import ProgramInfo
 from .rws import ReweightedWakeSleep
-from .stl import STL_ELBO
-from .trace_elbo import Trace_ELBO, not_reparameterized
-from .tracegraph import TraceGraph_ELBO
+from .trace_elbo import STL_ELBO, Trace_ELBO, TraceGraph_ELBO, not_reparameterized
 
 ELBOS = ("mc", "analytic", "stl", "iwae", "iwae-dreg", "rws", "enum", "tracegraph")
 """The ``--elbo`` names."""
@@ -75,14 +73,12 @@ MAX_PLATE_NESTING = 1  # the data plate (the default; a probe of the program fin
 
 
 class TraceMeanField_ELBO(pyro.infer.TraceMeanField_ELBO):
-    """Pyro's ``TraceMeanField_ELBO`` whose ``differentiable_loss`` keeps the loss on the
-    device (Pyro's reads it on the host once per particle). Per particle::
+    """Host-free (Pyro's reads the loss once per particle). Per particle::
 
         -ELBO = -sum_observed log p(x|z) + sum_latent KL(q || p)
 
-    with each KL in closed form where ``torch.distributions.kl_divergence`` knows it and
-    ``log q(z) - log p(z)`` at the sampled z where it does not, as in Pyro.
-    """
+    each KL in closed form where ``kl_divergence`` knows it, else ``log q(z) - log p(z)`` at
+    the sampled z, as in Pyro."""
 
     def differentiable_loss(self, model, guide, *args, **kwargs):
         loss = 0.0
@@ -160,27 +156,15 @@ class _HostFreeDice(Dice):
         return expected_cost
 
 
-@contextlib.contextmanager
-def _host_free_dice() -> Iterator[None]:
-    """Pyro's ``_compute_dice_elbo`` with :class:`_HostFreeDice` (it looks ``Dice`` up in its
-    module when called)."""
-    module = pyro.infer.traceenum_elbo
-    module.Dice = _HostFreeDice
-    try:
-        yield
-    finally:
-        module.Dice = Dice
-
-
 class TraceEnum_ELBO(pyro.infer.TraceEnum_ELBO):
-    """Pyro's ``TraceEnum_ELBO`` whose ``differentiable_loss`` never reads the host. Pyro's
-    reads it twice per step: Dice's ``mask.all()`` (see :class:`_HostFreeDice`) and
-    ``warn_if_nan`` on the loss and, by a hook, its gradient. The loop's divergence guard
-    watches the loss on the device instead, and names the site that went non-finite."""
+    """Host-free; Pyro's reads the host twice per step: Dice's ``mask.all()`` (see
+    :class:`_HostFreeDice`) and ``warn_if_nan`` on the loss and, by a hook, its gradient (the
+    loop's divergence guard watches the loss on the device, and names the non-finite site)."""
 
     def differentiable_loss(self, model, guide, *args, **kwargs):
         elbo = 0.0
-        with _host_free_dice():
+        # Pyro's _compute_dice_elbo with _HostFreeDice (it looks Dice up in its module)
+        with patch.object(pyro.infer.traceenum_elbo, "Dice", _HostFreeDice):
             for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
                 elbo = elbo + pyro.infer.traceenum_elbo._compute_dice_elbo(model_trace,
                                                                            guide_trace)
@@ -248,8 +232,7 @@ def suited(info: ProgramInfo, refused: Iterable[str] = (), programs: int = 1
 def make_elbo(name: str, particles: int = 1, jit: bool = False,
               max_plate_nesting: int = MAX_PLATE_NESTING, vectorize: bool = True) -> ELBO:
     """The Pyro ELBO for ``--elbo name`` with ``particles`` samples per data point, for a
-    program with ``max_plate_nesting`` plates; ``vectorize=False`` draws the particles one
-    after another (for models that cannot broadcast over a particle dimension)."""
+    program with ``max_plate_nesting`` plates; ``vectorize=False`` draws them one by one."""
     kw = dict(num_particles=particles, vectorize_particles=vectorize and particles > 1,
               max_plate_nesting=max_plate_nesting)
     if jit and name not in ("mc", "analytic"):  # Pyro has Jit versions of those two only

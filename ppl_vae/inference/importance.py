@@ -42,13 +42,10 @@ from tqdm import tqdm
 from ..resources import (
     EVAL_HINT,
     MODEL_HINT,
-    Cost,
-    allocated_bytes,
     chunk_budget,
-    fit_cost,
     format_seconds,
-    isolated,
     refuse_unless_fits,
+    step_cost,
 )
 from .program import ProgramInfo, inspect_program
 
@@ -176,22 +173,6 @@ class Plan:
         return math.ceil(self.n / self.rows) * math.ceil(self.num_samples / self.k_chunk)
 
 
-def _pass_cost(model: Callable, guide: Callable, inputs: tuple[Tensor, ...],
-               info: ProgramInfo) -> Cost | None:
-    """Bytes one pass allocates per row x sample and per row, measured on two rows."""
-    n = inputs[0].shape[0]
-    small = tuple(t[: min(n, 2)] for t in inputs)
-
-    def measure(args: tuple, k: int) -> int:
-        return allocated_bytes(lambda: _pass(model, guide, args, info, k))
-
-    with isolated([inputs[0].device]):
-        try:
-            return fit_cost(measure, small)
-        except Exception:  # the pass itself will say what is wrong
-            return None
-
-
 def plan_score(module, *inputs: Tensor, num_samples: int, guide: Callable | None = None,
                info: ProgramInfo | None = None) -> Plan:
     """The passes :func:`score` makes: at most :data:`MAX_ELEMENTS` data-sized floats per
@@ -203,14 +184,16 @@ def plan_score(module, *inputs: Tensor, num_samples: int, guide: Callable | None
     n = inputs[0].shape[0]
     d = max(1, sum(t[:1].numel() for t in inputs))
     device = inputs[0].device
-    info = info or inspect_program(model, guide, *(t[: min(n, 2)] for t in inputs))
+    small = tuple(t[: min(n, 2)] for t in inputs)
+    info = info or inspect_program(model, guide, *small)
     k_max = num_samples if info.vectorized else 1
     rows = max(1, min(n, MAX_ELEMENTS // (k_max * d)))
     if info.data_plate is None:  # no plate over the rows: they are one joint draw
         rows = n
     k_chunk = max(1, min(k_max, MAX_ELEMENTS // (rows * d)))
     joint = bool(info.global_sites) or info.data_plate is None
-    cost = _pass_cost(model, guide, inputs, info)
+    # the bytes one pass allocates per row x sample and per row, measured on two rows
+    cost = step_cost(lambda k: lambda *a: _pass(model, guide, a, info, k), small, device)
     chunk_bytes = None
     if cost is not None:
         budget = chunk_budget(device)

@@ -17,7 +17,7 @@ from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 from torch import Tensor
 
-from ..errors import PluginError, UsageError, explain
+from ..errors import PluginError, UsageError, explain, first_line
 
 
 @dataclass(frozen=True)
@@ -191,8 +191,7 @@ def _try_vectorized(model: Callable, guide: Callable, nesting: int, args: tuple
         if not seen:
             return False, "no site's log-probability has the samples dimension"
     except Exception as e:  # anything the user's program raises on a samples dimension
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        return False, f"{type(e).__name__}: {first}"[:200]
+        return False, f"{type(e).__name__}: {first_line(e, 200)}"[:200]
     return True, ""
 
 

@@ -23,13 +23,15 @@ from __future__ import annotations
 
 import inspect
 import math
+from unittest.mock import patch
 
 import pyro.infer
 import torch
-from pyro.infer.util import get_dependent_plate_dims, torch_sum
+from pyro.infer.util import get_dependent_plate_dims
 from torch import Tensor
 
 from ..errors import UsageError
+from .trace_elbo import iwae_loss, log_prob_sum
 
 
 class ReweightedWakeSleep(pyro.infer.ReweightedWakeSleep):
@@ -56,26 +58,18 @@ class ReweightedWakeSleep(pyro.infer.ReweightedWakeSleep):
                              "no such argument: use insomnia=1 (wake-phi)")
         (model_trace, guide_trace), = self._get_traces(model, guide, args, kwargs)
         dims = get_dependent_plate_dims(model_trace.nodes.values())
-        log_p = sum(torch_sum(s["log_prob"], dims) for s in model_trace.nodes.values()
-                    if s["type"] == "sample")
-        log_q = sum((torch_sum(s["log_prob"], dims) for s in guide_trace.nodes.values()
-                     if s["type"] == "sample"), torch.zeros_like(log_p))  # (none: a likelihood)
+        log_p = log_prob_sum(model_trace, dims)
+        log_q = log_prob_sum(guide_trace, dims) + torch.zeros_like(log_p)  # (none: a likelihood)
         log_w = log_p - log_q.detach()
         wake_theta = -(torch.logsumexp(log_w, 0) - math.log(self.num_particles)).sum()
         wake_phi = -(torch.softmax(log_w.detach(), 0) * log_q).sum()
         if self.insomnia == 1:
             return wake_theta, wake_phi
-        insomnia, self.insomnia = self.insomnia, 0.0
-        try:  # Pyro's pure sleep-phi term (insomnia 0)
+        with patch.object(self, "insomnia", 0.0):  # Pyro's pure sleep-phi term (insomnia 0)
             _, sleep = super()._loss(model, guide, args, kwargs)
-        finally:
-            self.insomnia = insomnia
-        return wake_theta, insomnia * wake_phi + (1 - insomnia) * sleep
+        return wake_theta, self.insomnia * wake_phi + (1 - self.insomnia) * sleep
 
-    def loss(self, model, guide, *args, **kwargs) -> float:
-        """-IWAE_K's estimate (wake-theta's value), as ``RenyiELBO(alpha=0).loss`` gives it."""
-        with torch.no_grad():
-            return self.differentiable_loss(model, guide, *args, **kwargs).item()
+    loss = iwae_loss  # (wake-theta's value)
 
     def differentiable_loss(self, model, guide, *args, **kwargs) -> Tensor:
         wake_theta, phi = self._loss(model, guide, args, kwargs)

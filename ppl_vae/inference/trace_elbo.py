@@ -1,10 +1,37 @@
-"""Pyro's ``Trace_ELBO`` without host reads, and the pieces the path-derivative estimators
-(:mod:`.stl`, :mod:`.dreg`) share with it."""
+"""Pyro's ``Trace_ELBO`` without host reads; the pieces the path-derivative estimators
+(:class:`STL_ELBO`, :mod:`.dreg`) share with it; and ``TraceGraph_ELBO``.
+
+**Sticking the landing** (Roeder, Wu & Duvenaud 2017): the ELBO's path-derivative gradient.
+For a reparameterized guide z = g(eps; phi), eps ~ p(eps), the total derivative of the ELBO
+term ``log p(x, z) - log q(z; phi)`` splits into a path part (through z) and the direct
+score ``-d/dphi log q(z; phi)`` at fixed z, whose expectation is zero. STL drops the score::
+
+    grad_STL = d/dphi [log p(x, g(eps; phi)) - log q(g(eps; phi); phi')]   at phi' = phi held
+
+an unbiased estimate of the ELBO's gradient (the dropped term has mean zero) whose variance
+vanishes as q approaches the posterior: with q = p(z|x), ``log p(x, z) - log q(z)`` is
+log p(x) for every z, so its path derivative is zero for every draw. The model's parameters
+get the ordinary gradient. The value is the ELBO's estimate, unchanged.
+
+Here, per particle: ``loss = -(log p(x, z) - log q(z)) - (log q(sg z) - sg log q(sg z))``,
+``sg`` stop-gradient; the last term (value 0) cancels the direct score, whatever the
+guide's distributions are (a flow's log q at a detached z inverts the flow exactly).
+Assumes every latent guide site is reparameterized; refuses a guide with another.
+
+**TraceGraph_ELBO**: score-function gradients with Rao-Blackwellization and baselines for
+guides with non-reparameterized sites that are not enumerated (Schulman et al. 2015; Mnih &
+Gregor 2014). For a guide site y ~ q(y; phi) without ``rsample``, the ELBO's gradient has the
+score term ``E_q[d/dphi log q(y) * (C_y - b_y)]`` where C_y is the *downstream* cost of y only
+(the log densities that y's value can influence, by the dependency graph Pyro records, instead
+of the whole ELBO: Rao-Blackwellization) and b_y a baseline the site declares in
+``infer={"baseline": {...}}`` (a decaying average, a network, or a value), which lowers the
+variance without bias. Reparameterized sites get the path gradient as in ``Trace_ELBO``.
+The value is the ELBO's estimate; baselines' own losses train their networks.
+"""
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
+from unittest.mock import patch
 
 import pyro.infer
 import pyro.infer.trace_elbo
@@ -13,11 +40,22 @@ from pyro.distributions.util import scale_and_mask
 from pyro.infer.util import torch_sum
 from torch import Tensor
 
+from ..errors import UsageError
+
 
 def not_reparameterized(guide_trace) -> list[str]:
     return [name for name, site in guide_trace.nodes.items()
             if site["type"] == "sample" and not site["is_observed"]
             and not site["fn"].has_rsample]
+
+
+def refuse_unreparameterized(guide_trace, name: str, instead: str) -> None:
+    """:class:`UsageError` naming the first latent guide site without ``rsample``."""
+    bad = not_reparameterized(guide_trace)
+    if bad:
+        raise UsageError(f"--elbo {name} needs every latent guide site reparameterized, and "
+                         f"site {bad[0]!r} ({type(guide_trace.nodes[bad[0]]['fn']).__name__}) "
+                         f"is not; use --elbo {instead}")
 
 
 def direct_log_q(guide_trace, dims: set | None = None) -> Tensor | float:
@@ -38,9 +76,17 @@ def stop_gradient_delta(x: Tensor | float) -> Tensor | float:
     return x - x.detach() if torch.is_tensor(x) else 0.0
 
 
-def log_prob_sum(trace) -> Tensor:
-    return sum(site["log_prob_sum"] for site in trace.nodes.values()
-               if site["type"] == "sample")
+def log_prob_sum(trace, dims: set | None = None) -> Tensor | float:
+    """The log-densities of the trace's sample sites, summed (over ``dims`` only, when given)."""
+    return sum((site["log_prob_sum"] if dims is None else torch_sum(site["log_prob"], dims)
+                for site in trace.nodes.values() if site["type"] == "sample"), 0.0)
+
+
+def iwae_loss(self, model, guide, *args, **kwargs) -> float:
+    """-IWAE_K's estimate (``differentiable_loss``'s value), as ``RenyiELBO(alpha=0).loss``
+    gives it: the ``loss`` of the IWAE-valued estimators."""
+    with torch.no_grad():
+        return self.differentiable_loss(model, guide, *args, **kwargs).item()
 
 
 class Trace_ELBO(pyro.infer.Trace_ELBO):
@@ -56,21 +102,30 @@ class Trace_ELBO(pyro.infer.Trace_ELBO):
                 elbo = log_prob_sum(model_trace) - log_prob_sum(guide_trace)
                 loss = loss - elbo / self.num_particles
                 continue
-            with _items_kept_on_the_device():
+            # Pyro's torch_item (.item(), looked up when called) the identity: a device tensor
+            with patch.object(pyro.infer.trace_elbo, "torch_item", lambda x: x):
                 value, surrogate = self._differentiable_loss_particle(model_trace, guide_trace)
             loss = loss + (value.detach() + surrogate - surrogate.detach()) / self.num_particles
         return loss
 
 
-@contextlib.contextmanager
-def _items_kept_on_the_device() -> Iterator[None]:
-    """Pyro's ``Trace_ELBO._differentiable_loss_particle`` with its ``torch_item`` (``.item()``)
-    the identity: the loss it returns is then a tensor (it looks the name up in its module
-    when called)."""
-    module = pyro.infer.trace_elbo
-    real = module.torch_item
-    module.torch_item = lambda x: x
-    try:
-        yield
-    finally:
-        module.torch_item = real
+class STL_ELBO(Trace_ELBO):
+    """``Trace_ELBO`` with the path-derivative (sticking-the-landing) gradient for the guide."""
+
+    def differentiable_loss(self, model, guide, *args, **kwargs) -> Tensor:
+        loss = 0.0
+        for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
+            refuse_unreparameterized(guide_trace, "stl", "mc (score function) or enum")
+            elbo = log_prob_sum(model_trace) - log_prob_sum(guide_trace)
+            direct = stop_gradient_delta(direct_log_q(guide_trace))
+            loss = loss - (elbo + direct) / self.num_particles
+        return loss
+
+
+class TraceGraph_ELBO(pyro.infer.TraceGraph_ELBO):
+    """Pyro's ``TraceGraph_ELBO`` with a ``differentiable_loss``: the loss is -ELBO's estimate
+    and its gradient the surrogate's (score terms with downstream costs and baselines)."""
+
+    def differentiable_loss(self, model, guide, *args, **kwargs) -> Tensor:
+        elbo, surrogate = self._loss_and_surrogate_loss(model, guide, args, kwargs)
+        return -elbo.detach() + surrogate - surrogate.detach()

@@ -46,7 +46,7 @@ from torch import Tensor
 from .. import plots
 from ..data import pixels
 from ..errors import UsageError
-from ..files import write_csv, write_text
+from ..files import markdown_table, write_csv, write_text
 from .base import Model, Program, RunContext
 from .figures import draw_or_skip
 from .likelihoods import check_range, pixel_likelihood, pixel_mean
@@ -107,10 +107,9 @@ class CVAE(Model):
 
     def __init__(self, cond_dim: int, out_dim: int, target: Tensor | None = None,
                  options: CVAEOptions | None = None, **changes: Any) -> None:
-        """A CVAE of conditions of ``cond_dim`` and outputs of ``out_dim`` values, of which the
-        mask ``target`` are scored (None: all), with ``options`` (default: the defaults), some
-        set by keyword: ``CVAE(784, 784, target, z_dim=8)``. ``options.quadrants`` is not
-        read here: ``target`` says which pixels are missing."""
+        """Conditions of ``cond_dim`` and outputs of ``out_dim`` values, of which the mask
+        ``target`` are scored (None: all; it, not ``options.quadrants``, says which are
+        missing); options set by keyword too: ``CVAE(784, 784, target, z_dim=8)``."""
         super().__init__()
         o = self.options = with_changes(self.Options, options, changes)
         self.cond_dim, self.out_dim, self.z_dim = cond_dim, out_dim, o.z_dim
@@ -118,7 +117,6 @@ class CVAE(Model):
         self.objective, self.hybrid_alpha = o.cvae_objective, o.hybrid_alpha
         self.condition = o.condition
         z_dim, hidden, activation = o.z_dim, o.hidden, o.activation
-        # target: the pixels of y that are scored (None: all of them)
         self.register_buffer("target", target)
         self.register_buffer("log_scale", torch.tensor(o.gaussian_scale).log())
         self.baseline = mlp([cond_dim, *hidden, out_dim], activation)
@@ -200,8 +198,7 @@ class CVAE(Model):
         self.guide(c, None)
 
     def programs(self) -> list[Program]:
-        """(weight, model, guide) terms of the training objective (``--cvae-objective``; a
-        GSNN's guide is the prior network)."""
+        """(weight, model, guide) terms of ``--cvae-objective``."""
         if self.objective == "hybrid":
             a = self.hybrid_alpha
             return [(a, self.model, self.guide), (1.0 - a, self.model, self.prior_guide)]
@@ -227,16 +224,14 @@ class CVAE(Model):
 
     # -- hooks of the model contract -----------------------------------------------------------
     def pretrain(self, ctx: RunContext) -> None:
-        """Fit the deterministic baseline NN by its BCE on the target pixels (early stopping
-        when asked) before the CVAE; it is then held fixed."""
+        """Fit the baseline NN (its BCE on the target pixels) before the CVAE, then hold it."""
         history = ctx.fit(self.baseline_loss, self.baseline, name="nll", desc="baseline NN")
         write_csv(ctx.out / "baseline_metrics.csv", history)
 
     def report(self, ctx: RunContext) -> dict:
-        """The conditional log-likelihood table of the test split (``cll_table.csv``/``.md``)
-        and its figure: for quadrants, inputs, truth, the NN's and three CVAE completions of
-        test digits (Sohn et al.'s figure); for labels, one row of prior samples per class,
-        and a note when the samples of a class do not vary (an unused latent)."""
+        """The test split's CLL table and its figure: for quadrants, inputs, truth, the NN's
+        and three CVAE completions (Sohn et al.'s figure); for labels, a row of prior samples
+        per class, with a note when a class's samples do not vary (an unused latent)."""
         test = ctx.data.test
         c, y = self.data_args(test.x, test.y)
         cll = {cll_key(ctx.options): conditional_scores(self, c, y, ctx.score,
@@ -344,31 +339,16 @@ TABLE_ROWS = (("nn_baseline", "NN baseline"), ("cvae_is", "CVAE (IS)"),
               ("cvae_neg_elbo", "CVAE (−ELBO)"), ("gap", "gap (NN − IS)"))
 
 
-def _title(key: str) -> str:
-    return "label" if key == "label" else f"{key} quadrant" + ("s" if key != "1" else "")
-
-
-def cll_rows(cll: dict[str, dict[str, float]]) -> list[dict[str, str | float]]:
-    """One row per estimate, one column per condition (quadrant count or ``label``)."""
-    keys = sorted(cll)
-    return [{"estimate": name, **{_title(k): round(cll[k][key], 2) for k in keys}}
-            for key, name in TABLE_ROWS]
-
-
-def cll_markdown(cll: dict[str, dict[str, float]]) -> str:
-    """-log p(y|c) in nats per image (lower is better) as a Markdown table."""
-    rows = cll_rows(cll)
-    head = list(rows[0])
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(f"{r[h]:.2f}" if isinstance(r[h], float) else str(r[h])
-                                for h in head) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
-
-
 def write_cll_table(out: str | os.PathLike, cll: dict[str, dict[str, float]]) -> str:
-    """Write ``cll_table.csv`` and ``cll_table.md`` into ``out``; return the Markdown."""
-    md = cll_markdown(cll)
-    write_csv(Path(out) / "cll_table.csv", cll_rows(cll))
+    """Write ``cll_table.csv`` and ``cll_table.md`` into ``out``, one row per estimate and one
+    column per condition (quadrant count or ``label``); return the Markdown table."""
+    titles = {k: "label" if k == "label" else f"{k} quadrant" + "s" * (k != "1")
+              for k in sorted(cll)}
+    rows = [{"estimate": name, **{t: round(cll[k][key], 2) for k, t in titles.items()}}
+            for key, name in TABLE_ROWS]
+    md = "\n".join(markdown_table(list(rows[0]), [[f"{v:.2f}" if isinstance(v, float) else v
+                                                   for v in r.values()] for r in rows])) + "\n"
+    write_csv(Path(out) / "cll_table.csv", rows)
     write_text(Path(out) / "cll_table.md",
                "Negative conditional log-likelihood -log p(y|c), nats per image "
                "(lower is better)\n\n" + md)

@@ -22,7 +22,7 @@ from .. import plots
 from ..data import pixels
 
 if TYPE_CHECKING:
-    from .context import RunContext
+    from .base import RunContext
 
 
 @torch.no_grad()

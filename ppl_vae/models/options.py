@@ -13,7 +13,7 @@ import dataclasses
 import functools
 import inspect
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import Any
 
 import torch
@@ -28,37 +28,35 @@ DATA_OPTIONS: dict[str, Callable[[Any], Any]] = {
 }
 """Constructor keywords filled from the :class:`~ppl_vae.data.Dataset`, never options."""
 
-@dataclass(frozen=True)
-class OptionSpec:
-    """One option as the CLI shows it: name, default, help line and allowed values."""
 
-    name: str
-    default: Any
-    help: str
-    choices: tuple | None = None
-    required: bool = False
-    off_help: str | None = None
+def declared(cls: type) -> type | None:
+    """The family's own ``Options`` dataclass, or None (its constructor is the option group)."""
+    opts = getattr(cls, "Options", None)
+    return opts if isinstance(opts, type) and dataclasses.is_dataclass(opts) else None
 
 
 @functools.cache
-def options_class(cls: type) -> type | None:
-    """The family's options dataclass (with the keywords a subclass's constructor adds, e.g.
-    ``components=10``, as further fields), or None when its constructor is the option group."""
-    opts = getattr(cls, "Options", None)
-    if not (isinstance(opts, type) and dataclasses.is_dataclass(opts)):
-        return None
-    owner = next(c for c in cls.__mro__ if c.__dict__.get("Options") is opts)
-    inherited = {p.name for p in _parameters(owner)}
-    known = {f.name for f in dataclasses.fields(opts)}
-    extra = [(p.name, Any, field(default=p.default, metadata={
-                 "help": f"{cls.__name__}({p.name}=...)"}))
-             for p in _parameters(cls)
-             if p.name not in inherited | known | set(DATA_OPTIONS)
-             and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-             and p.default is not inspect.Parameter.empty]
-    if not extra:
+def options_class(cls: type) -> type:
+    """The options of ``cls`` as a dataclass: its ``Options`` with the keywords a subclass's
+    constructor adds (e.g. ``components=10``) as further fields, else one field per
+    constructor keyword but :data:`DATA_OPTIONS` (metadata ``required`` where it has no
+    default; None stands in)."""
+    opts, known, fields = declared(cls), set(DATA_OPTIONS), []
+    if opts:  # (what its owner's constructor takes is in the Options)
+        owner = next(c for c in cls.__mro__ if c.__dict__.get("Options") is opts)
+        known |= {p.name for p in _parameters(owner)} | {f.name for f in dataclasses.fields(opts)}
+    for p in _parameters(cls):
+        need = p.default is p.empty
+        if p.name in known or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or \
+                opts and (need or p.kind is p.POSITIONAL_ONLY):
+            continue
+        meta = {"help": f"{cls.__name__}({p.name}=...)", **({"required": True} if need else {})}
+        fields.append((p.name, Any, field(default_factory=lambda v=None if need else p.default: v,
+                                          metadata=meta)))
+    if opts and not fields:
         return opts
-    return dataclasses.make_dataclass(f"{cls.__name__}Options", extra, bases=(opts,))
+    return dataclasses.make_dataclass(f"{cls.__name__}Options", fields, bases=(opts,) if opts
+                                      else ())
 
 
 def with_changes(options_cls: type, options: Any, changes: Mapping[str, Any]) -> Any:
@@ -72,30 +70,12 @@ def with_changes(options_cls: type, options: Any, changes: Mapping[str, Any]) ->
     return dataclasses.replace(options, **changes) if changes else options
 
 
-def option_specs(cls: type) -> list[OptionSpec]:
-    """The options of ``cls``: its ``Options`` fields (help and choices from the field
-    metadata), else its constructor's keywords other than :data:`DATA_OPTIONS`."""
-    opts = options_class(cls)
-    if opts is not None:
-        return [OptionSpec(f.name, field_default(f), f.metadata.get("help", ""),
-                           f.metadata.get("choices"), off_help=f.metadata.get("off_help"))
-                for f in dataclasses.fields(opts)]
-    specs = []
-    for p in _parameters(cls):
-        if p.name in DATA_OPTIONS or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
-            continue
-        required = p.default is inspect.Parameter.empty
-        specs.append(OptionSpec(p.name, None if required else p.default,
-                                f"{cls.__name__}({p.name}=...)", required=required))
-    return specs
-
-
 def make_options(cls: type, given: Any = None, keys: str | None = None) -> Any:
     """Options for ``cls`` from a dict, its ``Options``, or None (defaults): an ``Options``
     instance, or for a class without one a dict of the keywords set; :class:`UsageError`
     names a bad one as a flag (or as ``keys + name``, a key of a file)."""
-    opts = options_class(cls)
-    if opts is not None and isinstance(given, opts):
+    opts, own = options_class(cls), declared(cls)
+    if own and isinstance(given, opts):
         return given
     if given is None:
         given = {}
@@ -105,17 +85,15 @@ def make_options(cls: type, given: Any = None, keys: str | None = None) -> Any:
         raise UsageError(f"model options for {cls.__name__} must be a dict or "
                          f"{cls.__name__}.Options, got {type(given).__name__}")
     given = dict(given)
-    known = {s.name for s in option_specs(cls)}
-    takes_any = opts is None and any(p.kind is p.VAR_KEYWORD for p in _parameters(cls))
-    unknown = sorted(set(given) - known) if not takes_any else []
+    defaults = {f.name: field_default(f) for f in dataclasses.fields(opts)}
+    takes_any = not own and any(p.kind is p.VAR_KEYWORD for p in _parameters(cls))
+    unknown = sorted(set(given) - set(defaults)) if not takes_any else []
     if unknown:
         raise UsageError(f"{cls.__name__} has no option {', '.join(map(repr, unknown))}; its "
-                         f"options are {', '.join(sorted(known)) or 'none'}")
-    defaults = ({f.name: field_default(f) for f in dataclasses.fields(opts)} if opts else
-                {s.name: s.default for s in option_specs(cls) if not s.required})
+                         f"options are {', '.join(sorted(defaults)) or 'none'}")
     given = {k: coerce(v, defaults[k], flag(k) if keys is None else f"key {keys + k!r}")
              if defaults.get(k) is not None else v for k, v in given.items()}
-    return given if opts is None else opts(**given)
+    return opts(**given) if own else given
 
 
 def build_by_signature(cls: type, options: Any, data: Any, **known: Any) -> Any:
@@ -150,8 +128,9 @@ def build_by_signature(cls: type, options: Any, data: Any, **known: Any) -> Any:
         if torch.get_default_device().type == "meta":
             raise  # a trial build without storage (resources.model_size): not the user's
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise UsageError(f"cannot build {cls.__name__}({_show(kwargs)}): "
-                         f"{type(e).__name__}: {first}") from None
+        shown = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+        raise UsageError(f"cannot build {cls.__name__}({shown}): {type(e).__name__}: {first}"
+                         ) from None
 
 
 def parse_model_opts(items: list[str] | None) -> dict[str, Any]:
@@ -176,7 +155,3 @@ def _parameters(cls: type) -> list[inspect.Parameter]:
     except (TypeError, ValueError):
         return []
     return list(sig.parameters.values())
-
-
-def _show(kwargs: Mapping[str, Any]) -> str:
-    return ", ".join(f"{k}={v!r}" for k, v in kwargs.items())

@@ -167,14 +167,13 @@ class SSVAE(Model):
         if unlabelled_rows:  # what the estimators do with the unlabelled rows' class y
             self.estimators = {"analytic": ("refuse", (
                 "TraceMeanField_ELBO assumes a reparameterized guide and would drop the "
-                "gradient of q(y|x) on unlabelled rows; use --elbo enum (exact sum over y) or "
-                "mc"))}
+                "gradient of q(y|x) on unlabelled rows; use enum (an exact sum over y) or mc"))}
             self.estimators.update({name: ("refuse", (
                 f"the class y of unlabelled rows has no reparameterized draw, which {name} "
-                "needs; use --elbo enum (exact sum over y)")) for name in ("stl", "iwae-dreg")})
+                "needs; use enum (an exact sum over y)")) for name in ("stl", "iwae-dreg")})
             self.estimators.update({name: ("note", (
-                f"ssvae: --elbo {name} samples the class y of unlabelled rows from q(y|x) "
-                "(score-function gradient, high variance); --elbo enum sums it out exactly"))
+                f"ssvae: {name} samples the class y of unlabelled rows from q(y|x) "
+                "(a score-function gradient, high variance); enum sums it out exactly"))
                 for name in ("mc", "iwae")})
         # with M1, M2 models its d1 standardized features v(x) (a Gaussian likelihood)
         self.m1 = VAE(input_dim, z_dim=o.m1, hidden=o.m1_hidden, activation=activation,
@@ -371,7 +370,16 @@ class SSVAE(Model):
         """alpha's schedule: after ``epoch`` epochs the classification term is weighted by
         ``alpha_decay ** epoch`` times ``aux_weight``; and each epoch's ``test_accuracy``
         (argmax q(y|x), one pass over the test split)."""
-        self.aux_factor.fill_(self.options.alpha_decay ** epoch)
+        decay = self.options.alpha_decay
+        try:
+            factor = decay ** epoch
+        except OverflowError:  # past a Python float's range
+            factor = math.inf
+        if not factor * self.aux_weight < torch.finfo(self.aux_factor.dtype).max:
+            raise UsageError(f"--alpha-decay {decay:g}: the classification weight a * "
+                             f"{decay:g}**{epoch} overflows {self.aux_factor.dtype} after epoch "
+                             f"{epoch}; choose a decay nearer 1 or fewer epochs")
+        self.aux_factor.fill_(factor)
         return self.accuracy(ctx.data.test) if epoch else {}
 
     @torch.no_grad()

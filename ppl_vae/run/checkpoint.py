@@ -1,5 +1,6 @@
-"""Checkpoints: model, optimizer and RNG state in one file, written atomically and loadable
-with ``torch.load(..., weights_only=True)`` (tensors, numbers, strings and containers only).
+"""Checkpoints: model, optimizer and the loop's state (every rank's RNG) in one file, written
+atomically and loadable with ``torch.load(..., weights_only=True)`` (tensors, numbers,
+strings and containers only).
 
 The model state is ``module.state_dict()``, plus the values of Pyro's global param store
 that are not the module's own parameters (``pyro.param`` sites a program makes itself),
@@ -22,12 +23,13 @@ from ..files import save_torch
 def save_checkpoint(path: str | os.PathLike, module: torch.nn.Module,
                     optimizer: torch.optim.Optimizer | None, epoch: int,
                     config: dict[str, Any], loop: dict[str, Any] | None = None,
-                    history: list[dict] | None = None, data: dict | None = None) -> None:
+                    history: list[dict] | None = None, data: dict | None = None,
+                    fits: dict[str, dict] | None = None) -> None:
     """Write the checkpoint; ``loop`` (:meth:`~ppl_vae.run.loop.Loop.state_dict`) and
-    ``history`` (the rows of ``metrics.csv``) make it resumable, ``data`` (the data's
+    ``history`` (the rows of ``metrics.csv``) make it resumable, ``fits`` too while a part is
+    pre-trained (:meth:`~ppl_vae.run.session.Session.fit`), ``data`` (the data's
     :meth:`~ppl_vae.data.Dataset.signature`) loadable without the dataset."""
     store, own = pyro.get_param_store(), {id(p) for p in module.parameters()}
-    on_gpu = any(t.is_cuda for t in (*module.parameters(), *module.buffers()))
     state = {
         "model": module.state_dict(),
         "param_store": {name: store[name].detach().clone() for name in store  # constrained
@@ -36,11 +38,10 @@ def save_checkpoint(path: str | os.PathLike, module: torch.nn.Module,
         "optimizer": None if optimizer is None else optimizer.state_dict(),
         "epoch": epoch,
         "config": config,
-        "rng": {"torch": torch.get_rng_state(),  # (asking CUDA for a CPU module would start it)
-                "cuda": torch.cuda.get_rng_state_all() if on_gpu else []},
         "loop": loop,
         "history": history,
         "data": data,
+        "fits": fits or {},
     }
     save_torch(path, state)
 

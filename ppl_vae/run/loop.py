@@ -29,6 +29,7 @@ from .. import distributed as dist
 from ..errors import UsageError
 from ..inference.svi import Step, hide_bar
 from ..interrupt import Guard, Interrupted
+from ..models import Model
 from .checkpoint import load_store_values, store_values
 
 NEVER = 2**62
@@ -101,9 +102,7 @@ class Loop:
     # -- checkpoint state -----------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """The loop's state and every rank's (gathered: a collective call)."""
-        mine = {"total": self.total.cpu(), "rng": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda"
-                else torch.empty(0, dtype=torch.uint8)}
+        mine = {"total": self.total.cpu(), **self._rng()}
         return {**asdict(self.state), "world_size": self.world.size,
                 "ranks": dist.gather(mine, self.world)}
 
@@ -118,9 +117,17 @@ class Loop:
         mine = state["ranks"][self.world.rank]
         self.total.copy_(mine["total"])
         self.saved = f"epoch {self.state.epoch}, step {self.state.step}"
-        torch.set_rng_state(mine["rng"])
-        if self.device.type == "cuda" and mine["cuda"].numel():
-            torch.cuda.set_rng_state(mine["cuda"], self.device)
+        self._set_rng(mine)
+
+    def _rng(self) -> dict[str, Tensor]:
+        """This process's random state: torch's, and CUDA's on a GPU."""
+        return {"rng": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(self.device)
+                if self.device.type == "cuda" else torch.empty(0, dtype=torch.uint8)}
+
+    def _set_rng(self, state: dict[str, Tensor]) -> None:
+        torch.set_rng_state(state["rng"])
+        if self.device.type == "cuda" and state["cuda"].numel():
+            torch.cuda.set_rng_state(state["cuda"], self.device)
 
     def _streams(self) -> dict[str, Tensor]:
         return {"shuffle": self.shuffle.get_state(), "data": self.data_rng.get_state()}
@@ -245,10 +252,7 @@ class Loop:
             "at": (self.state.epoch, self.state.step), "step": self.state.step,
             "module": copy.deepcopy(self.module.state_dict()),
             "optimizer": copy.deepcopy(self.optimizer.state_dict()),
-            "store": store_values(),
-            "rng": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda"
-            else None}
+            "store": store_values(), **self._rng()}
 
     def _check(self) -> None:
         bad = int(dist.all_sum(self.first_bad, self.world, "MIN").item())
@@ -258,11 +262,9 @@ class Loop:
         s = self.state
         site = self._replay(bad)
         where = f"; non-finite: {site}" if site else ""
-        kept = (f"the last good checkpoint ({self.saved}) is kept" if self.saved else
-                "no checkpoint was written" if self.save is not None else "nothing is kept")
         raise Diverged(f"training diverged at epoch {s.epoch}, step {bad + 1} of "
-                       f"{self.steps_per_epoch} (the loss is not finite{where}); {kept}; lower "
-                       "--lr or check the data")
+                       f"{self.steps_per_epoch} (the loss is not finite{where}); {self._kept}; "
+                       f"{self._advice}")
 
     def _check_growth(self) -> None:
         """A finite loss that exploded: the epoch's mean loss per data point so far more than
@@ -275,26 +277,35 @@ class Loop:
         mean = float(dist.all_sum(self.total, self.world)) / seen
         if abs(mean) <= EXPLODED * max(1.0, abs(first)):
             return
-        kept = (f"the last good checkpoint ({self.saved}) is kept" if self.saved else
-                "no checkpoint was written" if self.save is not None else "nothing is kept")
         raise Diverged(f"training diverged at epoch {s.epoch}, by step {s.step} of "
                        f"{self.steps_per_epoch}: the loss reached {mean:.3g} per data point, "
-                       f"over {EXPLODED:.0e} times its first value ({first:.3g}); {kept}; "
-                       "lower --lr or check the data")
+                       f"over {EXPLODED:.0e} times its first value ({first:.3g}); {self._kept}; "
+                       f"{self._advice}")
+
+    @property
+    def _advice(self) -> str:
+        """What to change: with a schedule of the model's own (its ``on_epoch``), that first."""
+        own = getattr(type(self.module), "on_epoch", None)
+        if own is None or own is Model.on_epoch:
+            return "lower --lr or check the data"
+        return (f"check the schedule {type(self.module).__name__}.on_epoch sets (the options "
+                "it reads), lower --lr, or check the data")
+
+    @property
+    def _kept(self) -> str:
+        return (f"the last good checkpoint ({self.saved}) is kept" if self.saved else
+                "no checkpoint was written" if self.save is not None else "nothing is kept")
 
     def _replay(self, bad: int) -> str | None:
         """Re-run the steps from the last snapshot up to the bad one, then ``diagnose`` its
         batch (every rank; the first rank's finding is reported)."""
         snap = self._snapshot
-        if snap is None or snap["at"][0] != self.state.epoch \
-                or snap["step"] > bad:
+        if snap is None or snap["at"][0] != self.state.epoch or snap["step"] > bad:
             return None
         self.module.load_state_dict(snap["module"])
         self.optimizer.load_state_dict(snap["optimizer"])
         load_store_values(snap["store"])
-        torch.set_rng_state(snap["rng"])
-        if snap["cuda"] is not None:
-            torch.cuda.set_rng_state(snap["cuda"], self.device)
+        self._set_rng(snap)
         for i in range(snap["step"], bad):
             self._take_step(i, self._batch(i))
         found = [f for f in dist.gather(self.take.diagnose(*self._batch(bad)), self.world) if f]

@@ -242,11 +242,7 @@ class RunDir:
 
 def _missing(path: Path) -> list[Path]:
     """``path`` and its ancestors that do not exist, outermost first."""
-    missing = []
-    while not path.exists() and path != path.parent:
-        missing.append(path)
-        path = path.parent
-    return missing[::-1]
+    return [p for p in reversed((path, *path.parents)) if not p.exists()]
 
 
 def _rmdirs(created: list[Path]) -> None:

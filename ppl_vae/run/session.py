@@ -10,8 +10,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -31,9 +32,11 @@ from ..inference.estimators import ELBOS, make_elbo, suited, unsuited
 from ..inference.importance import Scores, score
 from ..inference.program import ProgramInfo, inspect_objective
 from ..inference.svi import Step, collect_params
-from ..models import RunContext, get_model, hook, make_options, model_name, option_specs
+from ..models import RunContext, get_model, hook, make_options, model_name, options_class
 from .checkpoint import load_checkpoint, load_store_values, restore_params
 
+COLUMNS = ("epoch", "train_elbo", "test_elbo", "val_elbo", "train_seconds")
+"""The run's own columns of ``metrics.csv`` (a model's ``on_epoch`` numbers join them)."""
 RETIRED = {"start_epoch": "on_epoch(ctx, epoch)", "epoch_metrics": "on_epoch(ctx, epoch)",
            **{f"default_{k}": f"recipe = {{'{k}': ...}}" for k in ("elbo", "epochs", "lr",
                                                                   "early_stop")},
@@ -77,7 +80,7 @@ def from_record(record: Any, model: type | None = None) -> tuple[TrainConfig, ty
     cls = model or get_model(config.model)
     given, keys = config.model_options, "model_options."
     if "model_options" not in record:  # flat: its keys are the options' names
-        names, keys = {s.name for s in option_specs(cls)}, ""
+        names, keys = {f.name for f in dataclasses.fields(options_class(cls))}, ""
         given = {k: v for k, v in given.items() if k in names}
     else:
         options = getattr(cls, "Options", None)
@@ -114,10 +117,21 @@ def use_threads(threads: int = 0, processes: int = 1) -> int:
 
 
 def load_data(config: TrainConfig) -> Dataset:
-    """The dataset ``config`` names, with its batch composition (``labelled_share``)."""
+    """The dataset ``config`` names, with its batch composition: each batch of B rows holds
+    k = round(``labelled_share`` B) labelled rows, at least 1 and at most B - 1, so the share
+    it takes is k / B."""
     data = load_dataset(config.dataset, config.data_dir, config.download, config.binarize,
                         labelled=config.labelled, seed=config.seed)
-    return replace(data, labelled_share=config.labelled_share)
+    return composed(data, config)
+
+
+def composed(data: Dataset, config: TrainConfig) -> Dataset:
+    """``data`` with the share of labelled rows each batch takes (see :func:`load_data`)."""
+    share, b = config.labelled_share, config.batch_size
+    if share and b < 2:
+        raise UsageError("--labelled-share puts labelled and unlabelled rows in every batch, "
+                         f"which needs --batch-size 2 or more, got {b}")
+    return replace(data, labelled_share=min(max(1, round(share * b)), b - 1) / b if share else 0)
 
 
 def read_config(run_dir: Path, model: type | None = None) -> tuple[TrainConfig, type]:
@@ -151,10 +165,11 @@ class Session:
         self.config, self.cls, self.world, self.state = config, cls, world, state
         self.progress = progress if world.main else False
         self.out, self.guard = out or Path("."), None  # (a Guard while train_run runs)
+        self.fits: dict[str, dict] = dict((state or {}).get("fits") or {})  # (see fit)
+        self.checkpoint: Callable[[], None] | None = None  # writes the run's checkpoint
         self.device = device_for(config.cuda, world)
         use_threads(config.threads, world.size)
-        data = load_data(config) if data is None else \
-            replace(data, labelled_share=config.labelled_share)
+        data = load_data(config) if data is None else composed(data, config)
         if training and config.early_stop and data.val is None:  # a caller's split is kept
             data = data.with_validation(config.val_fraction)
         self.data = data.to(self.device)
@@ -251,8 +266,8 @@ class Session:
                    ) -> tuple[Tensor, ...]:
         """One epoch's training arguments (freshly binarized under dynamic binarization,
         drawn by ``generator``)."""
-        return (inputs or hook(module or self.module, "data_args"))(
-            self.data.train_epoch(generator), self.data.train.y)
+        epoch = Split(self.data.train_epoch(generator), self.data.train.y)
+        return self.args(epoch, inputs=inputs, module=module)
 
     def score(self, split: Split, num_samples: int, iwae: bool = False,
               module: nn.Module | None = None) -> Scores:
@@ -261,16 +276,16 @@ class Session:
         unless the program shares global latents across rows (then rank 0 scores them all)."""
         module, world, n = module or self.module, self.world, len(split)
         info = self.info if module is self.module else None
+        whole = not world.parallel or info is None or info.data_plate is None or \
+            bool(info.global_sites) or n < world.size  # one process scores every row
+        part = None if whole and not world.main else score(
+            module, *self.args(split, None if whole else dist.shard(n, world), module=module),
+            num_samples=num_samples, iwae=iwae, seed=world.rank, info=info)
         if not world.parallel:
-            return score(module, *self.args(split, module=module), num_samples=num_samples,
-                         iwae=iwae, info=info)
-        if info is None or info.data_plate is None or info.global_sites or n < world.size:
-            scores = (score(module, *self.args(split, module=module), num_samples=num_samples,
-                            iwae=iwae, info=info) if world.main else None)
-            return _to(dist.broadcast(None if scores is None else _to(scores, "cpu"), world),
+            return part
+        if whole:  # rank 0's, on every rank
+            return _to(dist.broadcast(None if part is None else _to(part, "cpu"), world),
                        split.x.device)
-        part = score(module, *self.args(split, dist.shard(n, world), module=module),
-                     num_samples=num_samples, iwae=iwae, seed=world.rank, info=info)
         parts = dist.gather(_to(part, "cpu"), world)
         return _to(Scores(torch.cat([p.elbo for p in parts]),
                           None if part.iwae is None else torch.cat([p.iwae for p in parts]),
@@ -313,11 +328,16 @@ class Session:
     def fit(self, loss: Callable[..., Tensor], part: nn.Module, name: str = "loss",
             desc: str = "pretrain", inputs: Callable | None = None) -> list[dict]:
         """Train ``part`` on ``loss(*data_args)`` (or on ``loss(*inputs(x, y))``) with the run's
-        settings, by the same data-parallel loop as SVI (not checkpointed); one row per epoch
-        (``ctx.fit``, for a family's ``pretrain``)."""
+        settings, by the same data-parallel loop as SVI; one row per epoch (``ctx.fit``, for a
+        family's ``pretrain``). Its state goes into ``fits[desc]`` and, where the run saves
+        (``checkpoint``), into the run's checkpoint like an SVI epoch's: a resumed run
+        continues a fit where it stopped and skips a finished one."""
         from .loop import Loop
 
-        history: list[dict] = []
+        saved = self.fits.get(desc) or {}
+        if saved.get("done"):
+            return list(saved["history"])
+        history: list[dict] = list(saved.get("history") or [])
 
         def per_row(split: Split) -> float:
             with torch.no_grad():
@@ -330,17 +350,58 @@ class Session:
                             f"test_{name}": per_row(self.data.test), "train_seconds": seconds,
                             **({} if val is None else {f"val_{name}": val})})
 
+        def save(loop_state: dict) -> None:
+            self.fits[desc] = {"loop": loop_state, "optimizer": step.optimizer.state_dict(),
+                               "history": list(history), "done": loop_state["done"]}
+            if self.checkpoint is not None:
+                self.checkpoint()
+
         params = list(part.parameters())
-        Loop(self, Step(params, self.adam(params), loss, world=self.world), module=part,
-             inputs=lambda g: self.train_args(g, inputs),
-             validate=(lambda: per_row(self.data.val)) if self.config.early_stop else None,
-             on_epoch=on_epoch, desc=desc).run()
+        step = Step(params, self.adam(params), loss, world=self.world)
+        loop = Loop(self, step, module=part, inputs=lambda g: self.train_args(g, inputs),
+                    validate=(lambda: per_row(self.data.val)) if self.config.early_stop else None,
+                    on_epoch=on_epoch, save=save, desc=desc)
+        if saved:
+            step.optimizer.load_state_dict(saved["optimizer"])
+            loop.load_state_dict(saved["loop"])  # last: it restores this rank's RNG
+        loop.run()
         return history
 
-    def on_epoch(self, epoch: int, module: nn.Module | None = None) -> dict:
+    def on_epoch(self, epoch: int, module: nn.Module | None = None) -> dict[str, float]:
         """The model's ``on_epoch(ctx, epoch)`` hook after ``epoch`` epochs (0: before the
-        first), in eval mode: the numbers it returns for that epoch's row."""
-        return dict(hook(module or self.module, "on_epoch")(self.ctx, epoch) or {})
+        first), in eval mode: the numbers it returns for that epoch's row, finite reals under
+        names other than the run's own :data:`COLUMNS` (None: no numbers). A hook that
+        returns anything else, or replaces or reshapes a trained parameter (the optimizer
+        would go on training the old one), is refused in one line."""
+        module = module or self.module
+        owner = f"{type(module).__name__}.on_epoch(ctx, {epoch})"
+        before = {n: (id(p), p.shape) for n, p in module.named_parameters()}
+        got = hook(module, "on_epoch")(self.ctx, epoch)
+        after = {n: (id(p), p.shape) for n, p in module.named_parameters()}
+        if changed := sorted(set(before.items()) ^ set(after.items())):
+            raise UsageError(f"{owner} replaced or reshaped the parameter "
+                             f"{changed[0][0]!r}, which the optimizer would not follow; change "
+                             "values in place (with torch.no_grad(): p.copy_(...))")
+        if got is None:
+            return {}
+        if not isinstance(got, Mapping):
+            raise UsageError(f"{owner} returned {type(got).__name__} {_short(got)}; return a "
+                             "dict of numbers for metrics.csv, or None")
+        row = {}
+        for key, value in got.items():
+            if key in COLUMNS or not isinstance(key, str):
+                raise UsageError(f"{owner} returned the key {key!r}, which is "
+                                 + ("the run's own column" if key in COLUMNS else "not a name")
+                                 + " in metrics.csv; name its numbers otherwise")
+            try:
+                row[key] = float(value.item() if hasattr(value, "item") else value)
+            except (TypeError, ValueError, RuntimeError):
+                row[key] = math.nan
+            if isinstance(value, bool | str) or not math.isfinite(row[key]):
+                raise UsageError(f"{owner} returned {key!r}: {_short(value)}, not a finite "
+                                 "real number; return floats (numpy and torch scalars are "
+                                 "taken)")
+        return row
 
     def report(self) -> dict:
         """The model's ``report`` hook: its numbers (and, where ``ctx.figures``, its
@@ -355,6 +416,11 @@ class Session:
             self.ctx.log(f"the model's report hook skipped: it raised {type(e).__name__}: "
                          f"{first_line(e, 240)}")
             return {}
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _to(s: Scores, device: torch.device | str) -> Scores:

@@ -107,7 +107,7 @@ def _resumable(config: TrainConfig, cls: type, path: Path, device: torch.device)
     """The checkpoint of the run being resumed (read once), which must agree with ``config``
     (but for :data:`NOT_THE_MATH`) and with the directory's ``config.json``."""
     state = load_checkpoint(path / "checkpoint.pt", map_location=device)
-    if state.get("loop") is None:
+    if state.get("loop") is None and not state.get("fits"):
         raise UsageError(f"{str(path)!r} holds a checkpoint from a version that cannot "
                          "resume; start a new run")
     stored = as_recorded(from_record(state["config"], cls)[0].to_dict())
@@ -200,19 +200,37 @@ def _train(session: Session, rundir: RunDir, state: dict | None) -> Run:
     if world.main and (state is None or not saved.is_file() or  # (data that moved)
                        as_recorded(json.loads(saved.read_text())) != as_recorded(config.to_dict())):
         write_json(saved, config.to_dict())
-    if state is None:
+
+    def save(loop_state: dict | None) -> None:  # (None: pre-training, before the SVI loop)
+        if not world.main:
+            return
+        save_checkpoint(rundir.path / "checkpoint.pt", module,
+                        None if loop_state is None else step.optimizer,
+                        len(run.history), config.to_dict(), loop_state, run.history,
+                        session.data.signature(), session.fits)
+        rundir.commit()  # the first checkpoint: now this run replaces an overwritten one
+        ctx.out = rundir.path
+        if run.history:  # after the checkpoint: metrics.csv is never ahead of it
+            write_csv(rundir.path / "metrics.csv", run.history)
+
+    svi = state if state is not None and state.get("loop") is not None else None
+    if svi is None:  # a new run, or a resume within pre-training (session.fits)
         note = session.estimators("note").get(config.elbo)
-        if note:
+        if note and state is None:
             ctx.log(note)
+        session.checkpoint = lambda: save(None)
         try:
             hook(module, "pretrain")(ctx)
         except Interrupted as e:
-            raise Interrupted(e.signum, f"{e.message or 'interrupted'} of pre-training, before "
-                              "the first checkpoint; nothing to resume, run it again") from None
+            written = (rundir.final / "checkpoint.pt").is_file() and session.fits
+            raise Interrupted(e.signum, f"{e.message or 'interrupted'} of pre-training" + (
+                f"; continue with --resume {rundir.final}" if written else
+                ", before the first checkpoint; nothing to resume, run it again")) from None
+        session.checkpoint = None
     else:
-        run.history = list(state["history"] or [])
-        step.optimizer.load_state_dict(state["optimizer"])
-    if state is None and world.parallel and world.rank:  # each rank its own latent noise
+        run.history = list(svi["history"] or [])
+        step.optimizer.load_state_dict(svi["optimizer"])
+    if svi is None and world.parallel and world.rank:  # each rank its own latent noise
         torch.manual_seed((config.seed * 1_000_003 + world.rank) % 2**63)
 
     def validate() -> float:
@@ -227,21 +245,10 @@ def _train(session: Session, rundir: RunDir, state: dict | None) -> Run:
         row.update(session.on_epoch(epoch))  # the family's own: M2's accuracy
         run.history.append(row)
 
-    def save(loop_state: dict) -> None:
-        if not world.main:
-            return
-        save_checkpoint(rundir.path / "checkpoint.pt", module, step.optimizer,
-                        len(run.history), config.to_dict(), loop_state, run.history,
-                        session.data.signature())
-        rundir.commit()  # the first checkpoint: now this run replaces an overwritten one
-        ctx.out = rundir.path
-        if run.history:  # after the checkpoint: metrics.csv is never ahead of it
-            write_csv(rundir.path / "metrics.csv", run.history)
-
     loop = Loop(session, step, validate=validate if config.early_stop else None,
                 on_epoch=on_epoch, save=save, desc=config.model)
-    if state is not None:
-        loop.load_state_dict(state["loop"])  # last: it restores this rank's RNG
+    if svi is not None:
+        loop.load_state_dict(svi["loop"])  # last: it restores this rank's RNG
         if world.main and run.history:
             write_csv(rundir.path / "metrics.csv", run.history)
     module.eval()

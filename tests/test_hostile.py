@@ -1,0 +1,273 @@
+"""The fourth round of hostile use: a plug-in's per-epoch hook, M2's options and load_run,
+pre-training interrupted, copied run directories, integer options out of range. Each bad
+input is one line (exit 2 from the command line) and loses nothing; each legitimate one
+trains."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import signal
+from pathlib import Path
+
+import numpy as np
+import pyro
+import pytest
+import torch
+from conftest import SMALL_MODEL
+from helpers import assert_one_line_error
+from test_resume import without_clock
+
+from ppl_vae import VAE, TrainConfig, UsageError, evaluate_run, load_run, train_run
+from ppl_vae.cli import train_main
+from ppl_vae.interrupt import Interrupted
+from ppl_vae.run.checkpoint import load_checkpoint
+from ppl_vae.run.loop import Loop
+from ppl_vae.run.train import resume_config
+
+PROG = "python -m ppl_vae train"
+M2 = {"hidden": (16,), "z_dim": 2, "m1": 3, "m1_hidden": (8,)}
+
+
+def small(out: Path, model=VAE, **kw) -> TrainConfig:
+    settings = dict(model_options=SMALL_MODEL, dataset="digits", epochs=2, batch_size=128,
+                    eval_particles=2)
+    return TrainConfig(model=model, out=str(out), **{**settings, **kw})
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+class Hooked(VAE):
+    """A VAE whose on_epoch returns (or does) what ``RETURNS`` says for ``epoch``."""
+
+    returns: object = None
+
+    def on_epoch(self, ctx, epoch):
+        what = type(self).returns
+        return what(self, epoch) if callable(what) else what
+
+
+def hooked(returns) -> type:
+    return type("Hooked", (Hooked,), {"returns": staticmethod(returns) if callable(returns)
+                                      else returns})
+
+
+# -- the per-epoch hook's numbers ------------------------------------------------------------
+@pytest.mark.parametrize("returns, fragment", [
+    ({"test_elbo": 0.0}, "'test_elbo', which is the run's own column"),
+    ({"train_elbo": 1.0}, "'train_elbo', which is the run's own column"),
+    ({"train_seconds": 1.0}, "'train_seconds', which is the run's own column"),
+    ({"acc": float("nan")}, "'acc': nan, not a finite real number"),
+    ({"acc": "high"}, "'acc': 'high', not a finite real number"),
+    ({"acc": object()}, "not a finite real number"),
+    ({"acc": torch.ones(3)}, "not a finite real number"),
+    ({"acc": True}, "not a finite real number"),
+    ({1: 0.5}, "the key 1, which is not a name"),
+    ([0.5], "returned list [0.5]; return a dict of numbers"),
+    (0.5, "returned float 0.5; return a dict of numbers"),
+])
+def test_a_hook_s_bad_numbers_are_one_line_and_lose_nothing(tmp_path, returns, fragment):
+    with pytest.raises(UsageError) as e:
+        train_run(small(tmp_path / "r", hooked(returns)), progress=False)
+    assert fragment in str(e.value) and "Hooked.on_epoch(ctx, " in str(e.value), str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_a_hook_s_numpy_and_torch_scalars_are_numbers_and_the_run_reads_back(tmp_path):
+    """Scalars of numpy and torch are converted to floats: metrics.csv has them, and the
+    checkpoint stays readable (weights_only) by evaluate and load_run."""
+    cls = hooked(lambda self, epoch: {"a": np.float32(0.25), "b": torch.tensor(0.5),
+                                      "c": np.int64(3)} if epoch else None)
+    run = train_run(small(tmp_path / "r", cls), progress=False)
+    rows = read_csv(run.out / "metrics.csv")
+    assert [(r["a"], r["b"], r["c"]) for r in rows] == [("0.25", "0.5", "3.0")] * 2
+    assert all(isinstance(v, float) for row in run.history for v in row.values()
+               if not isinstance(v, int))
+    load_checkpoint(run.out / "checkpoint.pt")
+    assert evaluate_run(run.out, model=cls)["test_elbo"] == pytest.approx(
+        run.summary["test_elbo"])
+    assert load_run(run.out, model=cls, data=False)[1] is not None
+
+
+def test_numbers_that_come_and_go_between_epochs_keep_metrics_csv_whole(tmp_path):
+    cls = hooked(lambda self, epoch: {f"n{epoch}": float(epoch)} if epoch else {})
+    run = train_run(small(tmp_path / "r", cls, epochs=3), progress=False)
+    rows = read_csv(run.out / "metrics.csv")
+    assert [r["n1"] for r in rows] == ["1.0", "", ""] and rows[2]["n3"] == "3.0"
+
+
+@pytest.mark.parametrize("change", ["replace", "reshape"])
+def test_a_hook_that_replaces_a_trained_layer_is_refused(tmp_path, change):
+    """The optimizer holds the parameters it was built with: a new layer would never train
+    (and a reshaped one breaks Adam's state). One line, and epoch 1's checkpoint stays."""
+    def act(self, epoch):
+        if epoch == 1 and change == "replace":
+            self.decoder[0] = torch.nn.Linear(*self.decoder[0].weight.shape[::-1])
+        elif epoch == 1:
+            self.decoder[0].bias.data = torch.zeros(3)
+
+    with pytest.raises(UsageError, match=r"Hooked.on_epoch\(ctx, 1\) replaced or reshaped the "
+                                         r"parameter 'decoder.0.(weight|bias)'"):
+        train_run(small(tmp_path / "r", hooked(act), checkpoint_every_steps=5),
+                  progress=False)
+    assert (tmp_path / "r" / "checkpoint.pt").is_file()
+
+
+def test_a_schedule_that_makes_the_loss_explode_is_named(tmp_path):
+    """A model with a schedule of its own (on_epoch) that diverges: the advice names the
+    schedule before the learning rate."""
+    def act(self, epoch):
+        with torch.no_grad():
+            self.decoder[-1].bias.fill_(1e30 * epoch)
+
+    with pytest.raises(UsageError, match=r"check the schedule Hooked.on_epoch sets .*, lower "
+                                         r"(--)?lr, or check the data") as e:
+        train_run(small(tmp_path / "r", hooked(act), epochs=3), progress=False)
+    assert getattr(e.value, "exit_status", 2) == 3
+
+
+# -- M2: its weight, load_run, batches, schedules, pre-training ------------------------------
+@pytest.fixture(scope="module")
+def m2_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("m2") / "r"
+    return train_run(TrainConfig(model="ssvae", model_options=M2, dataset="digits",
+                                 labelled=50, epochs=1, batch_size=64, eval_particles=2,
+                                 out=str(out)), progress=False)
+
+
+def test_load_run_without_data_rebuilds_m2_s_trained_objective(m2_run):
+    """The checkpoint's data signature keeps the training split's counts, so M2's
+    classification weight (derived from them) is the trained one, and so is the loss."""
+    config, module, data = load_run(m2_run.out, data=False)
+    assert data is None and module.aux_weight == m2_run.module.aux_weight > 40
+    args = m2_run.module.data_args(m2_run.data.train.x[:64], m2_run.data.train.y[:64])
+    from ppl_vae.inference.estimators import make_elbo
+    from ppl_vae.inference.svi import elbo_loss
+
+    losses = []
+    for m in (m2_run.module, module):
+        pyro.set_rng_seed(0)
+        losses.append(elbo_loss(make_elbo("enum"), m, m.programs())(*args).item())
+    assert losses[0] == losses[1]
+
+
+@pytest.mark.parametrize("share", [0.001, 0.25])
+def test_the_classification_weight_is_alpha_b_per_batch_at_any_share(share):
+    """A share that rounds to k labelled rows per batch of B takes k / B: the weight per
+    labelled row is alpha B / k, so the classification term of a batch is alpha B."""
+    from ppl_vae.run.session import Session
+
+    session = Session(TrainConfig(model="ssvae", model_options={**M2, "m1": 0, "alpha": 4.0},
+                                  labelled=50, labelled_share=share, batch_size=128),
+                      progress=False)
+    k = max(1, round(share * 128))
+    assert session.data.labelled_share == k / 128
+    assert session.module.aux_weight == pytest.approx(4.0 * 128 / k)
+    order = session.data.epoch_order(128, torch.Generator().manual_seed(0))
+    y = session.data.train.y[order[:128]]
+    assert int((y >= 0).sum()) == k
+
+
+def test_a_share_with_batches_of_one_row_is_one_line(cli, tmp_path):
+    result = cli(train_main, ["--model", "ssvae", "--labelled", "50", "--labelled-share", "0.5",
+                              "--batch-size", "1", "--out", tmp_path / "r"])
+    assert_one_line_error(result, PROG, "--labelled-share", "--batch-size 2 or more")
+
+
+def test_an_alpha_decay_that_overflows_is_one_line(tmp_path):
+    with pytest.raises(UsageError, match=r"alpha.decay 1e\+37: the classification weight .* "
+                                         r"overflows torch.float32 after epoch 1"):
+        train_run(TrainConfig(model="ssvae", model_options={**M2, "m1": 0,
+                                                            "alpha_decay": 1e37},
+                              dataset="digits", labelled=50, epochs=3, batch_size=256,
+                              eval_particles=2, out=str(tmp_path / "r")), progress=False)
+
+
+def test_pre_training_interrupted_resumes_where_it_stopped(tmp_path, monkeypatch):
+    """SIGINT in M1's second epoch: the pre-training checkpoint is kept, and --resume ends
+    where the uninterrupted run ends (M1's rows and M2's)."""
+    def config(out):
+        return TrainConfig(model="ssvae", model_options=M2, dataset="digits", labelled=50,
+                           epochs=3, batch_size=64, eval_particles=2, checkpoint_every_steps=7,
+                           out=str(tmp_path / out))
+
+    whole = train_run(config("whole"), progress=False)
+    take = Loop._take_step
+
+    def signal_in_m1(self, i, args):
+        if self.desc == "M1 VAE" and (self.state.epoch, i) == (2, 3):
+            os.kill(os.getpid(), signal.SIGINT)
+        return take(self, i, args)
+
+    monkeypatch.setattr(Loop, "_take_step", signal_in_m1)
+    with pytest.raises(Interrupted) as stopped:
+        train_run(config("cut"), progress=False)
+    assert "of pre-training; continue with --resume" in stopped.value.message
+    monkeypatch.undo()
+    resumed = train_run(resume_config(tmp_path / "cut"), progress=False, resume=True)
+    assert without_clock(resumed.history) == without_clock(whole.history)
+    m1 = [read_csv(tmp_path / d / "m1_metrics.csv") for d in ("cut", "whole")]
+    assert without_clock(m1[0]) == without_clock(m1[1]) and len(m1[0]) == 3
+
+
+# -- run directories and integer options ----------------------------------------------------
+def test_a_copied_run_directory_resumes_twice(tmp_path, cli):
+    first = tmp_path / "first"
+    assert cli(train_main, ["--epochs", "1", "--hidden", "16", "--out", first]).code == 0
+    copy = tmp_path / "copy"
+    shutil.copytree(first, copy)
+    for _ in range(2):
+        result = cli(train_main, ["--resume", copy])
+        assert result.code == 0, result.err
+    assert json.loads((copy / "config.json").read_text())["out"] == str(copy)
+
+
+@pytest.mark.parametrize("value", ["100000", str(2**40), "-1"])
+def test_threads_are_bounded(cli, tmp_path, value):
+    result = cli(train_main, ["--threads", value, "--out", tmp_path / "r"])
+    assert_one_line_error(result, PROG, "--threads must be a whole number in [0, ")
+    assert not (tmp_path / "r").exists()
+
+
+def test_load_run_names_python_arguments(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UsageError, match="no config.json in .*; give the directory a "
+                                         "training run wrote") as e:
+        load_run(tmp_path / "empty")
+    assert "--run" not in str(e.value) and " run the directory" not in str(e.value)
+
+
+
+# -- --compile and what a schedule rebinds -----------------------------------------------------
+class Tempered(VAE):
+    """A schedule that rebinds its buffer (``self.temp = torch.tensor(...)``) instead of
+    filling it in place."""
+
+    def __init__(self, input_dim, options=None, **changes):
+        super().__init__(input_dim, options, **changes)
+        self.register_buffer("temp", torch.ones(()))
+
+    def on_epoch(self, ctx, epoch):
+        self.temp = torch.tensor(1.0 / (1 + epoch))
+
+    def model(self, x):
+        with pyro.poutine.scale(scale=self.temp):
+            super().model(x)
+
+
+@pytest.mark.slow
+def test_compile_follows_a_rebound_buffer(tmp_path):
+    """The epoch-start look compares the tensors' identities too: the rebound buffer is
+    bound and compiled again, and the compiled run follows the eager run."""
+    eager = train_run(small(tmp_path / "eager", Tempered, epochs=3), progress=False)
+    compiled = train_run(small(tmp_path / "compiled", Tempered, epochs=3, compile=True),
+                         progress=False)
+    assert compiled.summary["step"] == "compiled (inductor)"
+    assert any("'temp' is another tensor object" in n for n in compiled.notes), compiled.notes
+    for a, b in zip(compiled.history, eager.history, strict=True):
+        assert a["train_elbo"] == pytest.approx(b["train_elbo"], rel=1e-4)
