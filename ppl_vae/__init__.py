@@ -6,6 +6,22 @@ The public API (README): ``load_dataset``; ``Model`` and the families ``VAE``, `
 ``ppl_vae.plots``.
 """
 
+import os as _os
+import sys as _sys
+
+try:  # first: an environment torch cannot start in is one line from the command line
+    import torch._dynamo as _dynamo  # noqa: F401  (it makes the inductor cache directory)
+except OSError as _e:  # e.g. TORCHINDUCTOR_CACHE_DIR below a regular file
+    _names = [k for k, v in _os.environ.items() if k.startswith(("TORCH", "TRITON", "XDG"))
+              and v and str(getattr(_e, "filename", "") or "").startswith(v)]
+    _line = (f"torch cannot start: {type(_e).__name__}: {_e}"
+             + (f" (from {_names[0]}); point it at a writable directory or unset it"
+                if _names else "; check the environment torch starts in"))
+    if _sys.argv[:1] == ["-m"] or _os.path.basename(_sys.argv[0]) == "ppl-vae":
+        print(f"python -m ppl_vae: error: {_line}", file=_sys.stderr)
+        raise SystemExit(2) from None
+    raise ImportError(_line) from None
+
 from . import appendix, plots
 from .config import TrainConfig
 from .data import Dataset, Split, load_dataset

@@ -351,7 +351,11 @@ def _experiment(argv: Sequence[str] | None) -> int:
         return 0
     known, rest = pre.parse_known_args(argv)
     own = {f.name: getattr(known, f.name) for f in dataclasses.fields(options)}
-    table = run(TrainConfig(**_parse(["--model", model, *rest])), **own)
+    args = ["--model", model, *rest]
+    if own.get("resume"):  # the table's own options; those given are checked against them
+        own["given"] = _parse(args, given_only=True)
+        own["quadrants"] = known.quadrants if "--quadrants" in argv else None
+    table = run(TrainConfig(**_parse(args)), **own)
     if not _main_rank():
         return 0
     for name, run in table.runs.items():

@@ -271,3 +271,105 @@ def test_compile_follows_a_rebound_buffer(tmp_path):
     assert any("'temp' is another tensor object" in n for n in compiled.notes), compiled.notes
     for a, b in zip(compiled.history, eager.history, strict=True):
         assert a["train_elbo"] == pytest.approx(b["train_elbo"], rel=1e-4)
+
+
+# -- a table of runs is a run directory ---------------------------------------------------------
+TABLE = ["cvae-quadrants", "--quadrants", "1", "2", "--dataset", "digits", "--hidden", "16",
+         "--z-dim", "2", "--epochs", "1", "--eval-particles", "2", "--model-opt",
+         "cll_samples=4"]
+EXPERIMENT = "python -m ppl_vae experiment"
+
+
+def test_a_table_never_writes_over_a_training_run(cli, tmp_path):
+    run = tmp_path / "run"
+    assert cli(train_main, ["--epochs", "1", "--hidden", "16", "--out", run]).code == 0
+    kept = (run / "summary.json").read_bytes()
+    from ppl_vae.cli import experiment_main
+
+    result = cli(experiment_main, [*TABLE, "--out", run])
+    assert_one_line_error(result, EXPERIMENT, "already holds files", "--overwrite")
+    assert (run / "summary.json").read_bytes() == kept
+
+
+def test_a_table_resumes_with_its_own_options_and_says_how(cli, tmp_path, monkeypatch):
+    """Interrupted in its second run, the table names its own --resume; that continues it
+    with the options it started with (one given otherwise is refused, and --resume needs the
+    table's directory)."""
+    from ppl_vae.cli import experiment_main
+
+    out = tmp_path / "table"
+    take, calls = Loop._take_step, []
+
+    def signal_in_the_second_run(self, i, args):
+        if self.desc == "cvae":
+            calls.append(i)
+            if len(calls) == 15:  # (12 steps a run)
+                os.kill(os.getpid(), signal.SIGINT)
+        return take(self, i, args)
+
+    monkeypatch.setattr(Loop, "_take_step", signal_in_the_second_run)
+    result = cli(experiment_main, [*TABLE, "--out", out])
+    assert result.code == 130, result.err
+    assert f"quadrants-2: interrupted at epoch 1, step 3; continue the table with --resume " \
+           f"--out {out}" in result.err
+    monkeypatch.undo()
+    for bad, fragment in ((["--z-dim", "5"], "the model option z_dim=5 contradicts the table's 2"),
+                          (["--quadrants", "3"], "--quadrants 3 contradicts the table's 1 2")):
+        result = cli(experiment_main, ["cvae-quadrants", "--resume", "--out", out, *bad])
+        assert_one_line_error(result, EXPERIMENT, fragment)
+    result = cli(experiment_main, ["cvae-quadrants", "--resume"])
+    assert_one_line_error(result, EXPERIMENT, "--resume continues the table in --out DIR")
+    result = cli(experiment_main, ["cvae-quadrants", "--resume", "--out", out, "--z-dim", "2"])
+    assert result.code == 0, result.err
+    assert json.loads((out / "summary.json").read_text())["cll"].keys() == {"1", "2"}
+
+
+# -- sizes that cannot finish, and an environment torch cannot start in -------------------------
+def test_an_evaluation_that_would_take_weeks_is_refused_and_the_run_finishes_later(
+        tmp_path, cli):
+    """A mistyped K: the run trains, its final evaluation is refused in one line (timed on
+    its first pass), and --resume with a sane --eval-iwae finishes it."""
+    out = tmp_path / "r"
+    result = cli(train_main, ["--epochs", "1", "--hidden", "16", "--eval-iwae", "2000000000",
+                              "--out", out])
+    assert_one_line_error(result, PROG, "would take about", "days", "lower --eval-iwae")
+    assert (out / "checkpoint.pt").is_file() and not (out / "summary.json").exists()
+    result = cli(train_main, ["--resume", out, "--eval-iwae", "20"])
+    assert result.code == 0, result.err
+    assert json.loads((out / "summary.json").read_text())["iwae_samples"] == 20
+
+
+@pytest.mark.parametrize("argv, fragments", [
+    (["--snr-k", "1", str(10**20)], ["--snr-k must be whole numbers in [1, "]),
+    (["--snr-k", "2", "2000000000"], ["needs about", "TB", "lower --particles, --iwae-samples, "
+                                      "--snr-k or --eval-batch"]),
+    (["--estimators", "iwae-dreg", "--particles", "1"],
+     ["--estimators iwae-dreg: iwae-dreg weighs K >= 2 particles", "--particles 1"]),
+    (["--model", "ssvae", "--labelled", "50", "--estimators", "stl"],
+     ["--estimators stl:", "use enum", "those that fit this model: mc, rws, enum"]),
+])
+def test_compare_refuses_in_its_own_words(cli, tmp_path, argv, fragments):
+    from ppl_vae.cli import compare_main
+
+    result = cli(compare_main, ["--dataset", "digits", "--hidden", "16", "--z-dim", "2",
+                                "--repeats", "3", "--no-race", *argv, "--out", tmp_path / "c"])
+    assert_one_line_error(result, "python -m ppl_vae compare", *fragments)
+    assert "--elbo" not in result.err
+    assert not (tmp_path / "c").exists() or not any((tmp_path / "c").iterdir())
+
+
+def test_an_inductor_cache_below_a_file_is_one_line(tmp_path, run_module):
+    (tmp_path / "afile").write_text("")
+    env_dir = str(tmp_path / "afile" / "cache")
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    for args in (["-m", "ppl_vae", "train", "--help"], ["-m", "ppl_vae.train", "--help"]):
+        proc = subprocess.run([sys.executable, *args], cwd=tmp_path, capture_output=True,
+                              text=True, env={**os.environ, "TORCHINDUCTOR_CACHE_DIR": env_dir,
+                                              "PYTHONPATH": str(REPO)})
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        assert proc.stderr.strip().count("\n") == 0
+        assert "from TORCHINDUCTOR_CACHE_DIR" in proc.stderr and "Not a directory" in proc.stderr

@@ -106,7 +106,7 @@ def test_resume_refuses_contradicting_options(tmp_path, cli):
     # a model option given again, agreeing or not (argparse's append once crashed here)
     assert cli(train_main, ["--resume", out, "--model-opt", "hidden=(16,)"]).code == 0
     assert_one_line_error(cli(train_main, ["--resume", out, "--model-opt", "z_dim=7"]), PROG,
-                          "--model-opt z_dim=7 contradicts")
+                          "the model option z_dim=7 contradicts")
     # --out elsewhere is not dropped silently
     assert_one_line_error(cli(train_main, ["--resume", out, "--out", tmp_path / "other"]),
                           PROG, "drop --out")

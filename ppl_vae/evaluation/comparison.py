@@ -33,10 +33,11 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm  # text bars everywhere (tqdm.auto wants ipywidgets in Jupyter)
 
-from ..config import TrainConfig, check_fields, option
+from .. import resources
+from ..config import MOST_SAMPLES, TrainConfig, check_fields, option
 from ..errors import UsageError
 from ..files import markdown_table, write_csv, write_json, write_text
-from ..inference.estimators import ELBOS, make_elbo, suited
+from ..inference.estimators import ELBOS, make_elbo, suited, unsuited
 from ..inference.program import ProgramInfo
 from ..inference.svi import Step, hide_bar
 from ..models import hook
@@ -57,14 +58,15 @@ class CompareConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     particles: tuple[int, ...] = option((1, 10), "particle counts of the estimators to compare "
                                         "(the largest is also the K of the race's IWAE racer)",
-                                        group="inference", least=1)
+                                        group="inference", least=1, most=MOST_SAMPLES)
     run: str | None = option(None, "start from this training run's checkpoint (default: a "
                              "fresh model)", type=str, aliases=("--run-dir",))
     warmup_epochs: int = option(0, "without --run: pre-train the model (its pretrain hook) and "
                                 "train this many epochs (the model's own estimator) before "
                                 "measuring", least=0)
     repeats: int = option(200, "repeated estimates and gradient draws", least=2)
-    iwae_samples: tuple[int, ...] = option((1, 10, 100), "K of the IWAE bound estimates", least=1)
+    iwae_samples: tuple[int, ...] = option((1, 10, 100), "K of the IWAE bound estimates", least=1,
+                                            most=MOST_SAMPLES)
     eval_batch: int = option(128, "test images in the fixed evaluation batch", least=2)
     split: str = option("test", "the split of the fixed batch (train: e.g. M2's unlabelled "
                         "rows)", choices=("test", "train"))
@@ -74,7 +76,7 @@ class CompareConfig:
     snr_k: tuple[int, ...] = option((), "also measure the gradient SNR of iwae and iwae-dreg at "
                                     "these K (e.g. 1 3 10 30 100) and fit its log-log slope per "
                                     "parameter group (snr.png; needs a reparameterized guide)",
-                                    type=int, least=1)
+                                    type=int, least=1, most=MOST_SAMPLES)
     estimators: tuple[str, ...] = option((), "the estimators whose bounds, gradients and race "
                                          "are compared (any --elbo name; iwae-dreg and rws at "
                                          "the --particles >= 2; default: every one that fits "
@@ -286,9 +288,15 @@ def chosen(cc: CompareConfig, session: Session) -> tuple[tuple[str, ...], tuple[
     allows) and those of the SNR-against-K experiment; a choice the family refuses, or an
     SNR experiment no estimator fits, is refused in one line."""
     refused = session.estimators("refuse")
-    if bad := [e for e in cc.estimators if e in refused]:
-        raise UsageError(f"--estimators {bad[0]}: {refused[bad[0]]}")
     fits = suited(session.info, refused, len(session.terms))
+    for e in cc.estimators:
+        why = refused.get(e) or unsuited(e, session.info, len(session.terms))
+        if why is None and e in WEIGHERS and max(cc.particles) < 2:
+            why = (f"{e} weighs K >= 2 particles against each other, and --particles "
+                   f"{' '.join(map(str, cc.particles))} has no such count")
+        if why:
+            raise UsageError(f"--estimators {e}: {why} (those that fit this model: "
+                             f"{', '.join(fits)})")
     snr = tuple(e for e in SNR_ESTIMATORS if e in fits)
     if cc.snr_k and not snr:
         raise UsageError(f"--snr-k measures {' and '.join(SNR_ESTIMATORS)}, and neither fits "
@@ -323,6 +331,13 @@ def compare(cc: CompareConfig, out: str | None = None, progress: bool | None = N
     with RunDir.open(out, f"compare-{config.model}", overwrite=config.overwrite) as rundir, \
             session.validation():
         out_dir = session.ctx.out = rundir.path
+        estimators, snr_estimators = chosen(cc, session)  # (refused before any training)
+        args = session.args(getattr(session.data, cc.split), slice(0, cc.eval_batch))
+        resources.check_step_fits(  # the most samples any measurement draws at once
+            lambda k: session.svi_step("mc", k, optimizer=False).gradient,
+            tuple(a[:2] for a in args), len(args[0]),
+            max((*cc.particles, *cc.iwae_samples, *cc.snr_k)), session.device,
+            hint="lower --particles, --iwae-samples, --snr-k or --eval-batch")
         if cc.run is None and cc.warmup_epochs:  # pre-training too runs for the warm-up
             session.config = session.ctx.config = replace(eager, epochs=cc.warmup_epochs)
             hook(module, "pretrain")(session.ctx)
@@ -331,9 +346,7 @@ def compare(cc: CompareConfig, out: str | None = None, progress: bool | None = N
             Loop(session, step, on_epoch=lambda epoch, *_: session.on_epoch(epoch),
                  desc="warm-up").run()
             session.config, session.ctx.config = eager, config
-        estimators, snr_estimators = chosen(cc, session)
         module.eval()
-        args = session.args(getattr(session.data, cc.split), slice(0, cc.eval_batch))
         pyro.set_rng_seed(config.seed)
         bounds = bound_estimates(module, args, cc.repeats, cc.particles, cc.iwae_samples,
                                  progress, info, estimators)

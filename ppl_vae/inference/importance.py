@@ -39,6 +39,7 @@ from pyro.poutine.util import prune_subsample_sites
 from torch import Tensor
 from tqdm import tqdm
 
+from ..errors import UsageError
 from ..resources import (
     EVAL_HINT,
     MODEL_HINT,
@@ -211,6 +212,8 @@ def plan_score(module, *inputs: Tensor, num_samples: int, guide: Callable | None
 
 ESTIMATE_SECONDS = 20.0
 """An evaluation expected to take longer prints its estimate (timed on its first pass)."""
+LONGEST_SECONDS = 7 * 86400.0
+"""An evaluation expected to take longer than a week is refused (a mistyped K)."""
 BAR_DELAY = 2.0
 """Seconds before the evaluation's progress bar shows (tqdm's ``delay``): short ones stay
 quiet."""
@@ -278,13 +281,18 @@ def score(module, *inputs: Tensor, num_samples: int = 10, iwae: bool = False,
 
 
 def _announce(plan: Plan, began: float, device: torch.device, progress: bool | None) -> None:
-    """After the first pass: the estimate line, for an evaluation expected to be long."""
-    if progress is False or plan.passes < 2:
+    """After the first pass: the estimate line, for an evaluation expected to be long; one
+    expected to take longer than :data:`LONGEST_SECONDS` is refused."""
+    if plan.passes < 2:
         return
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = (time.perf_counter() - began) * plan.passes
-    if seconds > ESTIMATE_SECONDS:
+    if seconds > LONGEST_SECONDS:
+        raise UsageError(f"evaluating {plan.num_samples:,} samples x {plan.n:,} rows would take "
+                         f"about {format_seconds(seconds)} ({plan.passes:,} passes, timed on "
+                         f"the first); {EVAL_HINT}")
+    if seconds > ESTIMATE_SECONDS and progress is not False:
         tqdm.write(f"evaluation: {plan.num_samples:,} samples x {plan.n:,} rows in "
                    f"{plan.passes:,} passes, about {format_seconds(seconds)} (timed on the "
                    "first pass)", file=sys.stderr)

@@ -49,8 +49,10 @@ class Run:
     notes: list[str] = field(default_factory=list)
 
 
-NOT_THE_MATH = ("checkpoint_every_steps", "check_every_steps", "data_dir", "threads")
-"""Options a resume may change (how often it saves, where the data now lie)."""
+NOT_THE_MATH = ("checkpoint_every_steps", "check_every_steps", "data_dir", "threads",
+                "eval_iwae")
+"""Options a resume may change (how often it saves, where the data now lie, the final
+evaluation's IWAE samples)."""
 
 
 def as_recorded(config: dict) -> dict:
@@ -85,22 +87,30 @@ def resume_config(run_dir: str | os.PathLike, given: dict | None = None) -> Trai
     except (OSError, ValueError) as e:
         raise UsageError(f"{str(saved)!r} is not readable JSON ({type(e).__name__}); "
                          "delete it to resume from the checkpoint's own copy") from None
-    mine = TrainConfig.from_dict(record).to_dict()
+    changes = check_given(TrainConfig.from_dict(record), given, "run")
+    return replace(TrainConfig.from_dict(record), **changes, out=str(path), overwrite=False)
+
+
+def check_given(recorded: TrainConfig, given: dict, what: str = "run") -> dict:
+    """Refuse an option ``given`` (flag name -> value; model options under ``model_options``)
+    that contradicts the ``recorded`` one of a run (or table) being resumed; return those
+    that do not change the math (:data:`NOT_THE_MATH`), which the resume takes."""
+    mine = recorded.to_dict()
     for key, value in given.items():
-        if key in ("overwrite", "model_options") or key not in mine or key in NOT_THE_MATH:
+        if key in ("overwrite", "model_options", "out") or key not in mine or \
+                key in NOT_THE_MATH or value == mine[key]:
             continue
-        if value != mine[key]:
-            flag = "--" + key.replace("_", "-")
-            raise UsageError(f"--resume: {flag} {value!r} contradicts the run's {mine[key]!r}; "
-                             f"drop {flag} to continue the run, or start a new one")
+        flag = "--" + key.replace("_", "-")
+        raise UsageError(f"--resume: {flag} {value!r} contradicts the {what}'s {mine[key]!r}; "
+                         f"drop {flag} to continue the {what}, or start a new one")
     options = given.get("model_options") or {}
     for key, value in (options.items() if isinstance(options, dict) else ()):
         if key in mine["model_options"] and json.loads(json.dumps(value)) != \
                 json.loads(json.dumps(mine["model_options"][key])):
-            raise UsageError(f"--resume: --model-opt {key}={value!r} contradicts the run's "
-                             f"{mine['model_options'][key]!r}; drop it to continue the run")
-    changes = {k: v for k, v in given.items() if k in NOT_THE_MATH}
-    return replace(TrainConfig.from_dict(record), **changes, out=str(path), overwrite=False)
+            raise UsageError(f"--resume: the model option {key}={value!r} contradicts the "
+                             f"{what}'s {mine['model_options'][key]!r}; drop it to continue the "
+                             f"{what}")
+    return {k: v for k, v in given.items() if k in NOT_THE_MATH}
 
 
 def _resumable(config: TrainConfig, cls: type, path: Path, device: torch.device) -> dict:
