@@ -17,6 +17,7 @@ import os
 import sys
 import warnings
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from .config import RECIPE, TrainConfig, field_default, flag
@@ -224,6 +225,11 @@ def train_parser(model: str | type = "vae", compare: bool = False) -> Parser:
             "--resume", metavar="RUN_DIR", default=None,
             help="continue the run in RUN_DIR exactly from its last checkpoint (its stored "
                  "options; any option given must agree with them)")
+    groups["evaluation and output"].add_argument(
+        "--config", metavar="FILE", default=None,
+        help="read the run's options from a JSON or YAML file of TrainConfig's fields (a "
+             "run's config.json repeats that run: give it a new --out); options given on the "
+             "command line win")
     return p
 
 
@@ -239,15 +245,52 @@ def _parse(argv: Sequence[str] | None, compare: bool = False, model: str | None 
     """Parsed options: TrainConfig's fields, ``model_options``, and compare's own (with
     ``given_only``, just those the command line gives; ``--resume`` is read by :func:`_peek`)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = train_parser(model or _peek(argv, "--model", "vae"), compare)
-    for action in parser._actions if given_only else ():
+    file = _peek(argv, "--config")
+    record = options_file(file) if file else {}
+    model = model or _peek(argv, "--model") or record.get("model") or "vae"
+    parser = train_parser(model, compare)
+    for action in parser._actions if given_only or record else ():
         action.default = argparse.SUPPRESS
     args = vars(parser.parse_args(argv))
     options = {name: args.pop(name) for name in parser.model_flags if name in args}
     options.update(parse_model_opts(args.pop("model_opt", None) or []))
     args.pop("resume", None)
+    args.pop("config", None)
+    if record and not given_only:  # the file's options, those given here over them
+        if _peek(argv, "--resume"):
+            raise UsageError("--config starts a run; --resume continues one with its own "
+                             "options: give one of them")
+        options = {**record.get("model_options", {}), **options}
+        args = {**{k: v for k, v in record.items() if k != "model_options"}, **args}
     args["model_options"] = options
     return args
+
+
+def options_file(path: str) -> dict[str, Any]:
+    """A file of run options (JSON, or YAML by its suffix): TrainConfig's field names, the
+    model's options under ``model_options``; an unknown name is refused (a misspelt option
+    would be ignored)."""
+    import json
+
+    import yaml
+
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+        record = yaml.safe_load(text) if path.endswith((".yaml", ".yml")) else json.loads(text)
+    except (OSError, ValueError, yaml.YAMLError) as e:
+        raise UsageError(f"--config {path!r} is not a readable JSON or YAML file of options "
+                         f"({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+    if not isinstance(record, dict):
+        raise UsageError(f"--config {path!r} holds a {type(record).__name__}, not a mapping "
+                         "of options")
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    if unknown := sorted(set(record) - known):
+        raise UsageError(f"--config {path!r}: {unknown[0]!r} is not an option of a run; the "
+                         f"model's own go under 'model_options'")
+    if not isinstance(record.get("model_options", {}), dict):
+        raise UsageError(f"--config {path!r}: 'model_options' takes a mapping of the model's "
+                         "options")
+    return record
 
 
 def _train(argv: Sequence[str] | None) -> int:

@@ -20,6 +20,9 @@ from typing import Any
 from .errors import UsageError
 
 BINARIZE = ("none", "static", "dynamic")
+SCHEDULES = ("constant", "cosine", "linear", "plateau")
+PRECISIONS = ("fp32", "bf16", "fp16")
+LOGGERS = ("none", "tensorboard", "mlflow")
 MOST_THREADS = 4 * (os.cpu_count() or 1)
 """``--threads`` at most: more threads than this machine's cores only wait for them."""
 MOST_SAMPLES = 2**31
@@ -209,6 +212,37 @@ class TrainConfig:
                                          least=0)
     check_every_steps: int = option(50, "read the device-side divergence flag every K steps "
                                     "(and at every checkpoint)", group="inference", least=0)
+    # the trainer
+    lr_schedule: str = option("constant", "the learning rate over the run: constant; cosine or "
+                              "linear decay to --lr-min over all steps (after --warmup-steps); "
+                              "plateau: halved after --early-stop's patience (or 5) epochs "
+                              "without a better validation ELBO", group="trainer",
+                              choices=SCHEDULES)
+    warmup_steps: int = option(0, "steps of linear warm-up from lr / N to --lr (before cosine, "
+                               "linear or constant)", group="trainer", least=0)
+    lr_min: float = option(0.0, "the learning rate cosine and linear decay end at, and plateau's "
+                           "floor", group="trainer", least=0)
+    clip_norm: float = option(0.0, "clip the global gradient norm (all parameters, after the "
+                              "sum over processes) at C (0: off); the run counts the steps "
+                              "clipped", group="trainer", least=0)
+    precision: str = option("fp32", "bf16: the networks run under torch.autocast in bfloat16, "
+                            "log-densities, the ELBO, the KL and Adam in float32 (README: when "
+                            "it pays); fp16 is refused (it needs a gradient scaler)",
+                            group="trainer", choices=PRECISIONS)
+    ema: float = option(0.0, "decay D of an exponential moving average of the weights, updated "
+                        "every step and used to validate, evaluate, draw and save (the raw "
+                        "weights are kept for resuming; 0: off; e.g. 0.999)", group="trainer",
+                        least=0, below=1)
+    kl_warmup: int = option(0, "the latent sites' weight rises linearly from 0 in epoch 1 to 1 "
+                            "(times the model's --beta) in epoch N + 1 (0: off)",
+                            group="trainer", least=0)
+    log: str = option("none", "live logging: tensorboard (event files in the run directory) or "
+                      "mlflow (a local store in the run directory); pip install -e "
+                      "\".[tensorboard]\" or \".[mlflow]\" (--logger: the same, a spelling "
+                      "torchrun's own --log-dir does not swallow)", group="trainer",
+                      choices=LOGGERS, aliases=("--logger",))
+    log_every_steps: int = option(50, "with --log: training scalars every K steps",
+                                  group="trainer", least=1)
     # evaluation
     eval_particles: int = option(10, "samples per test image for the test ELBO",
                                  group="evaluation and output", least=1, most=MOST_SAMPLES)
@@ -234,6 +268,12 @@ class TrainConfig:
         if self.jit and self.compile:
             raise UsageError("--jit and --compile are two ways to compile the step; drop one "
                              "(--compile also compiles the backward pass and Adam)")
+        if self.precision == "fp16":
+            raise UsageError("--precision fp16 needs a gradient scaler, which this version does "
+                             "not keep exact under --resume; use --precision bf16")
+        if self.lr_schedule == "plateau" and self.warmup_steps:
+            raise UsageError("--lr-schedule plateau takes no warm-up; drop --warmup-steps or "
+                             "use cosine, linear or constant")
 
     def with_recipe(self, recipe: Mapping[str, Any]) -> TrainConfig:
         """This config with what the user left at None taken from the family's ``recipe``
@@ -247,6 +287,8 @@ class TrainConfig:
         if config.elbo == "rws" and config.particles < 2:
             raise UsageError("--elbo rws weighs K particles against each other; give "
                              "--particles K with K >= 2 (e.g. 5)")
+        if config.lr_min >= config.lr and config.lr_schedule in ("cosine", "linear", "plateau"):
+            raise UsageError(f"--lr-min {config.lr_min:g} must lie below --lr {config.lr:g}")
         if config.elbo in ("iwae", "iwae-dreg") and config.particles < 2:
             raise UsageError(f"--elbo {config.elbo} with one particle is the plain ELBO; give "
                              "--particles K with K >= 2 (e.g. 5)")

@@ -83,12 +83,10 @@ def elbo_curves(rows: Sequence[dict], path: str | os.PathLike) -> Figure:
     return fig
 
 
-def image_grid(rows: Sequence[Tensor], image_shape: Sequence[int], path: str | os.PathLike,
-               title: str = "", row_labels: Sequence[str] = ()) -> Figure:
-    """Each tensor in ``rows`` (n, C*H*W) becomes one row of images of ``image_shape``
-    (C, H, W) or (H, W): colour for C = 3, grey for C = 1 (other C: channels side by side,
-    grey). Values are pixels in [0, 1] (clipped) or uint8 levels (divided by 255). No numeric
-    axes: rows carry ``row_labels``; the x label says a column is a sample or an image."""
+def grid_image(rows: Sequence[Tensor], image_shape: Sequence[int]) -> Tensor:
+    """Each tensor in ``rows`` (n, C*H*W) one row of images of ``image_shape`` (C, H, W),
+    as one image (3 or 1, H', W') in [0, 1]: colour for C = 3, grey otherwise (other C:
+    channels side by side); uint8 levels are divided by 255."""
     *channels, h, w = image_shape
     c = channels[0] if channels else 1
 
@@ -101,7 +99,18 @@ def image_grid(rows: Sequence[Tensor], image_shape: Sequence[int], path: str | o
         return r
 
     n = max(len(r) for r in rows)
-    grid = make_grid(torch.cat([images(r) for r in rows]), nrow=n, padding=1, pad_value=1.0)
+    return make_grid(torch.cat([images(r) for r in rows]), nrow=n, padding=1, pad_value=1.0)
+
+
+def image_grid(rows: Sequence[Tensor], image_shape: Sequence[int], path: str | os.PathLike,
+               title: str = "", row_labels: Sequence[str] = ()) -> Figure:
+    """Each tensor in ``rows`` (n, C*H*W) becomes one row of images of ``image_shape``
+    (C, H, W) or (H, W): colour for C = 3, grey for C = 1 (other C: channels side by side,
+    grey). Values are pixels in [0, 1] (clipped) or uint8 levels (divided by 255). No numeric
+    axes: rows carry ``row_labels``; the x label says a column is a sample or an image."""
+    c = image_shape[0] if len(image_shape) == 3 else 1
+    n = max(len(r) for r in rows)
+    grid = grid_image(rows, image_shape)
     fig = Figure(figsize=(min(12, 0.6 * n + 1), 0.6 * len(rows) + 0.9))
     ax = fig.subplots()
     if c == 3:

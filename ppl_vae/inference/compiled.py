@@ -90,8 +90,6 @@ def optimizer_unsupported(optimizer: torch.optim.Optimizer) -> str | None:
     name = type(optimizer).__name__
     if type(optimizer) is not torch.optim.Adam:
         return f"the optimizer is {name}; the graph implements torch.optim.Adam only"
-    if getattr(optimizer.step, "_wrapped_by_lr_sched", False):
-        return "a learning-rate schedule drives the optimizer; the graph's rate is fixed"
     for group in optimizer.param_groups:
         for key in ("amsgrad", "maximize", "differentiable", "decoupled_weight_decay"):
             if group.get(key):
@@ -115,12 +113,13 @@ def precheck(loss: LossFn | None, optimizer: torch.optim.Optimizer | None,
 
 # -- tracing -----------------------------------------------------------------------------------
 class _Call(nn.Module):
-    """``fn(*args)`` as the forward of a module holding ``module``: what ``functional_call``
-    needs to run ``fn`` with other tensors in ``module``'s place."""
+    """``fn(*args)`` as the forward of a module holding ``module`` (and ``schedule``, the
+    tensors a schedule sets): what ``functional_call`` needs to run ``fn`` with other tensors
+    in their place."""
 
-    def __init__(self, module: nn.Module, fn: Callable) -> None:
+    def __init__(self, module: nn.Module, fn: Callable, schedule: nn.Module | None) -> None:
         super().__init__()
-        self.module, self.fn = module, fn
+        self.module, self.fn, self.schedule = module, fn, schedule
 
     def forward(self, *args: Tensor) -> Tensor:
         return self.fn(*args)
@@ -233,18 +232,31 @@ def _reason(e: Exception) -> str:
 
 @torch.no_grad()
 def adam(p: Tensor, grad: Tensor, m: Tensor, v: Tensor, t: Tensor, group: dict,
-         coef: Tensor) -> None:
-    """``torch.optim.Adam``'s update of one tensor in place (the module's formula), with the
-    bias corrections ``coef = [lr / (1 - beta1^t), sqrt(1 - beta2^t)]`` of its step t given:
-    what the graph runs and what its capture check recomputes."""
+         lr: Tensor) -> None:
+    """``torch.optim.Adam``'s update of one tensor in place (the module's formula) at
+    learning rate ``lr`` (a float64 tensor: a schedule's value is an input, not a constant),
+    the bias corrections in float64 as Adam computes them on the host: what the graph runs
+    and what its capture check recomputes."""
     beta1, beta2 = group["betas"]
     if group["weight_decay"]:
         grad = grad.add(p, alpha=group["weight_decay"])
     t.add_(1)
+    after = t.to(torch.float64)
+    step_size, bc2_sqrt = lr / (1 - beta1 ** after), (1 - beta2 ** after).sqrt()
     m.lerp_(grad, 1 - beta1)
     v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-    denom = (v.sqrt() / coef[1].to(v.dtype)).add_(group["eps"])
-    p.sub_(coef[0].to(p.dtype) * m / denom)
+    denom = (v.sqrt() / bc2_sqrt.to(v.dtype)).add_(group["eps"])
+    p.sub_(step_size.to(p.dtype) * m / denom)
+
+
+def clip(grads: Sequence[Tensor | None], max_norm: float) -> tuple[list, Tensor]:
+    """``grads`` scaled by ``min(1, max_norm / (||g|| + 1e-6))`` (max_norm 0: not at all) and
+    their global norm ``||g||``, as :func:`torch.nn.utils.clip_grad_norm_` computes them."""
+    norm = torch.nn.utils.get_total_norm([g for g in grads if g is not None])
+    if not max_norm:
+        return list(grads), norm
+    coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+    return [None if g is None else g * coef for g in grads], norm
 
 
 @dataclass
@@ -266,8 +278,7 @@ class CompiledStep(Step):
     def __init__(self, eager: Step, module: nn.Module, *,
                  log: Callable[[str], None] | None = None, estimator: str = "the estimator"
                  ) -> None:
-        super().__init__(eager.params, eager.optimizer, eager.loss, backward=eager._backward,
-                         world=eager.world, terms=eager.terms)
+        self.__dict__.update(eager.__dict__)  # (its parameters, update and statistics)
         self.module, optimizer = module, eager.optimizer
         self.log = log or (lambda text: warnings.warn(text, CompileNote, stacklevel=3))
         trained = (p for g in optimizer.param_groups for p in g["params"])
@@ -299,6 +310,10 @@ class CompiledStep(Step):
             super().__call__(i, args, total, first_bad)
             return
         assert total is self.total and first_bad is self.first_bad, "one loop per step"
+        for g_index, (group, _) in enumerate(self._groups):
+            if group["lr"] != self._lr[g_index]:  # (a schedule's: an input, no recompiling)
+                self._lr[g_index] = group["lr"]
+                self.lr_dev[g_index].fill_(group["lr"])
         key = tuple((tuple(a.shape), a.dtype) for a in args)
         looking = i == 0 or key not in self.graphs  # (the same on every rank)
         reason = None
@@ -323,6 +338,8 @@ class CompiledStep(Step):
             with torch.no_grad():
                 self.graphs[key].compiled(*self._inputs, *args)
             self._next_i = i + 1
+            if self.scheduler is not None:
+                self.scheduler.step()
             return
         super().__call__(i, args, total, first_bad)
 
@@ -371,7 +388,9 @@ class CompiledStep(Step):
             elif id(t) in trained:
                 store_own[name] = t
         self._store_keys = list(store_own)
-        tensors = [*module_tensors.values(), *store_own.values()]
+        scheduled = dict(self.schedule.named_buffers()) if self.schedule is not None else {}
+        self._schedule_keys = list(scheduled)
+        tensors = [*module_tensors.values(), *store_own.values(), *scheduled.values()]
         position = {id(t): j for j, t in enumerate(tensors)}
         self._groups: list[tuple[dict, list[int]]] = []
         steps = set()
@@ -397,7 +416,10 @@ class CompiledStep(Step):
         self._trained = [j for _, upd in self._groups for j in upd]
         self._trained_tensors = [tensors[j] for j in self._trained]
         self.i_dev = torch.zeros((), dtype=torch.long, device=self.device)
-        self.coef = torch.zeros(len(self._groups), 2, dtype=torch.float64, device=self.device)
+        self.lr_dev = torch.zeros(len(self._groups), dtype=torch.float64, device=self.device)
+        self._lr: list[float | None] = [None] * len(self._groups)
+        averages = {id(p): a for p, a in zip(self.params, self.ema, strict=False)}
+        self._averages = [averages[id(t)] for t in self._trained_tensors] if self.ema else []
         self.total, self.first_bad = total, first_bad
         self._bound, self._moments = True, None
         if self._grads_only:
@@ -414,7 +436,10 @@ class CompiledStep(Step):
         now.update(self.module.named_buffers())
         store = pyro.get_param_store()._params
         now.update({f"pyro.param {k!r}": store.get(k) for k in self._store_keys})
-        keys = [*self._module_keys, *(f"pyro.param {k!r}" for k in self._store_keys)]
+        if self.schedule is not None:
+            now.update({f"schedule.{k}": t for k, t in self.schedule.named_buffers()})
+        keys = [*self._module_keys, *(f"pyro.param {k!r}" for k in self._store_keys),
+                *(f"schedule.{k}" for k in self._schedule_keys)]
         bound = dict(zip(keys, self._tensors, strict=True))
         return next((f"the module's {k!r}" if not k.startswith("pyro.") else k
                      for k in (*bound, *now) if now.get(k) is not bound.get(k)), None)
@@ -426,7 +451,7 @@ class CompiledStep(Step):
         if not self._bound or self._grads_only:
             return
         if self._hyperparameters() != getattr(self, "_hyper", None):
-            self.graphs.clear()  # (a learning rate the graphs hold is another now)
+            self.graphs.clear()  # (Adam's betas or eps the graphs hold are others now)
             self._hyper = self._hyperparameters()
         state = self.optimizer.state
         trained = [self._tensors[j] for j in self._trained]
@@ -449,36 +474,29 @@ class CompiledStep(Step):
         if self._cudagraphs:
             for group, _ in self._groups:
                 group["capturable"] = True  # eager steps with the device-side step count
-        if trained:  # the next step's corrections, on the device (no host read)
-            self.coef.copy_(self._corrections(self._moments[2 * len(trained)]))
-        self._inputs = [*self._tensors, *self._moments, self.coef, self.total, self.first_bad,
-                        self.i_dev]
+        self._lr = [g["lr"] for g, _ in self._groups]  # (a schedule's: copied in per call)
+        self.lr_dev.copy_(torch.tensor(self._lr, dtype=torch.float64))
+        self._inputs = [*self._tensors, *self._moments, *self._averages, self.lr_dev,
+                        self.total, self.first_bad, self.i_dev, self.grad_norm, self.clipped]
         self._next_i = -1
-
-    def _corrections(self, t: Tensor) -> Tensor:
-        """Per parameter group, for the step after ``t`` (a tensor), in float64:
-        ``[lr / (1 - beta1^(t+1)), sqrt(1 - beta2^(t+1))]``."""
-        after = t.to(self.coef.device, torch.float64) + 1
-        return torch.stack([torch.stack([g["lr"] / (1 - g["betas"][0] ** after),
-                                         (1 - g["betas"][1] ** after).sqrt()])
-                            for g, _ in self._groups])
 
     # -- the traced function ---------------------------------------------------------------
     def _function(self, grads_only: bool = False, find_dynamic: bool = False) -> Callable:
-        """The step as a function of flat tensors: module tensors, store tensors, Adam's
-        (m, v, t) of each trained tensor, the bias corrections, (total, first_bad, i), then
-        the batch. ``grads_only``: of the module and store tensors and the batch, returning
-        (loss, grads of the trained tensors)."""
-        n_in, n_tr = len(self._module_keys) + len(self._store_keys), len(self._trained)
+        """The step as a function of flat tensors: module, store and schedule tensors, Adam's
+        (m, v, t) of each trained tensor, their averages (with ``ema``), the learning rate of
+        each group, (total, first_bad, i, grad_norm, clipped), then the batch. ``grads_only``:
+        of the tensors and the batch, returning (loss, grads of the trained tensors)."""
+        n_in, n_tr = len(self._tensors), len(self._trained)
+        n_av = len(self._averages)
 
         def step(*flat: Tensor) -> tuple[Tensor, ...]:
             tensors = flat[:n_in]
             if grads_only:
                 batch = flat[n_in:]
             else:
-                moments = flat[n_in:n_in + 3 * n_tr]
-                coef, total, first_bad, i = flat[n_in + 3 * n_tr:n_in + 3 * n_tr + 4]
-                batch = flat[n_in + 3 * n_tr + 4:]
+                moments, averages = flat[n_in:n_in + 3 * n_tr], flat[n_in + 3 * n_tr:][:n_av]
+                lr, total, first_bad, i, grad_norm, clipped = flat[n_in + 3 * n_tr + n_av:][:6]
+                batch = flat[n_in + 3 * n_tr + n_av + 6:]
             watch = _FindDynamicShape() if find_dynamic else contextlib.nullcontext()
             with watch:
                 loss = self._loss_of(tensors, batch)
@@ -489,17 +507,20 @@ class CompiledStep(Step):
                 return (loss, *(torch.zeros_like(p) if g is None else g
                                 for p, g in zip(trained, grads, strict=True)))
             with torch.no_grad():
-                k, counted = 0, None
+                if self.clip_norm or self.watch_norm:
+                    grads, norm = clip(grads, self.clip_norm)
+                    grad_norm.add_(norm)
+                    if self.clip_norm:
+                        clipped.add_(norm + 1e-6 > self.clip_norm)
+                k = 0
                 for g_index, (group, updated) in enumerate(self._groups):
-                    for _ in updated:
-                        t = moments[2 * n_tr + k]
-                        if grads[k] is not None:  # (unused by the loss: Adam leaves it alone)
-                            adam(trained[k], grads[k], moments[k], moments[n_tr + k], t, group,
-                                 coef[g_index])
-                            counted = t if counted is None else counted
+                    for _ in updated:  # (a tensor the loss does not use: Adam leaves it alone)
+                        if grads[k] is not None:
+                            adam(trained[k], grads[k], moments[k], moments[n_tr + k],
+                                 moments[2 * n_tr + k], group, lr[g_index])
                         k += 1
-                if counted is not None:  # the next step's corrections, once, not per tensor
-                    coef.copy_(self._corrections(counted))
+                for average, p in zip(averages, trained, strict=False):
+                    average.lerp_(p, 1 - self.ema_decay)
                 total.add_(loss)
                 first_bad.copy_(torch.where(torch.isfinite(loss), first_bad,
                                             torch.minimum(first_bad, i)))
@@ -510,14 +531,16 @@ class CompiledStep(Step):
 
     def _loss_of(self, tensors: Sequence[Tensor], batch: Sequence[Tensor]) -> Tensor:
         """The loss with ``tensors`` in place of the module's and the param store's own."""
-        n_mod = len(self._module_keys)
+        n_mod, n_store = len(self._module_keys), len(self._store_keys)
         own = dict(zip(self._module_keys, tensors[:n_mod], strict=True))
-        store = dict(zip(self._store_keys, tensors[n_mod:], strict=True))
+        store = dict(zip(self._store_keys, tensors[n_mod:n_mod + n_store], strict=True))
         store.update({name: own[key] for name, key in self._store_alias.items()})
+        swapped = {f"module.{k}": v for k, v in own.items()}
+        swapped.update({f"schedule.{k}": v for k, v in zip(
+            self._schedule_keys, tensors[n_mod + n_store:], strict=True)})
         with _store_swapped(store):
-            return torch.func.functional_call(
-                _Call(self.module, self.loss), {f"module.{k}": v for k, v in own.items()},
-                tuple(batch), strict=True)
+            return torch.func.functional_call(_Call(self.module, self.loss, self.schedule),
+                                              swapped, tuple(batch), strict=True)
 
     def _fingerprint(self, args: Sequence[Tensor]) -> tuple | None:
         """The forward's operators on fake tensors (:class:`_Operators`) and Adam's
@@ -538,7 +561,7 @@ class CompiledStep(Step):
 
     def _hyperparameters(self) -> tuple:
         """What the graph holds of the optimizer's parameter groups."""
-        return tuple((g["lr"], tuple(g["betas"]), g["eps"], g["weight_decay"])
+        return tuple((tuple(g["betas"]), g["eps"], g["weight_decay"])
                      for g, _ in getattr(self, "_groups", ()))
 
     def _trace(self, args: Sequence[Tensor], find_dynamic: bool = False
@@ -627,10 +650,9 @@ class CompiledStep(Step):
             graph.fingerprint = fingerprint
             return
         self.log("--compile: the traced step changed since it was compiled (a value the "
-                 "program reads from Python, such as a beta or the learning rate); compiling "
-                 "it again")
+                 "program reads from Python, such as a beta); compiling it again")
         self.graphs.clear()
-        self._rebind()  # the corrections of a changed learning rate
+        self._rebind()
 
     # -- the capture check -----------------------------------------------------------------
     def _check(self, graph: _Graph, args: Sequence[Tensor]) -> None:
@@ -642,6 +664,8 @@ class CompiledStep(Step):
             loss_e = self.loss(*args)
             grads_e = torch.autograd.grad(loss_e, self._trained_tensors, allow_unused=True)
         loss_e = loss_e.detach()
+        if not self._grads_only:  # the gradient the update sees
+            grads_e = clip(grads_e, self.clip_norm)[0]
         self._restore(saved)  # (buffers the forward updated)
         with torch.no_grad(), warnings_quiet(), torch.random.fork_rng(devices):
             loss_c, *grads_c = graph.compiled(*self._inputs, *args)
@@ -652,13 +676,14 @@ class CompiledStep(Step):
                        if e is not None]
         else:  # Adam's new moments from the eager gradient, by the graph's own update
             n_in, n_tr, k = len(self._tensors), len(self._trained), 0
+            lr = saved[n_in + 3 * n_tr + len(self._averages)]
             for g_index, (group, updated) in enumerate(self._groups):
                 for _ in updated:
                     g = grads_e[k]
                     if g is not None:
                         p, m, v, t = (saved[j].clone() for j in (
                             self._trained[k], n_in + k, n_in + n_tr + k, n_in + 2 * n_tr + k))
-                        adam(p, g, m, v, t, group, saved[n_in + 3 * n_tr][g_index])
+                        adam(p, g, m, v, t, group, lr[g_index])
                         m0, v0 = saved[n_in + k], saved[n_in + n_tr + k]
                         checks += [("Adam's m (the gradient)", self._moments[k], m,
                                     m0.abs() + (m - group["betas"][0] * m0).abs()),

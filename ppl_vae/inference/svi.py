@@ -9,11 +9,15 @@ same step as one compiled graph.
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Callable, Sequence
+import functools
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import pyro
 import torch
+from pyro.poutine.messenger import Messenger
 from torch import Tensor, nn
 
 from ..distributed import SINGLE, World, sum_grads
@@ -75,31 +79,48 @@ def collect_params(module: nn.Module, info: ProgramInfo) -> list[Tensor]:
 class Step:
     """One training step ``step(i, args, total, first_bad)``: the loss of the batch ``args``
     (this rank's rows), its gradient summed over the ranks (:func:`~ppl_vae.distributed.
-    sum_grads`), then ``optimizer.step()``; the loss is added to the loop's ``total`` and
+    sum_grads`), then :meth:`update`; the loss is added to the loop's ``total`` and
     ``first_bad`` lowered to ``i`` (the step's index in its epoch) if it is not finite.
 
     ``loss`` is differentiable (``args -> loss``); an estimator without one (RenyiELBO) gives
     ``backward`` instead, ``args -> loss`` after adding the gradient itself (a host read per
-    step). ``terms`` (the objective's programs) let :meth:`diagnose` name a non-finite site."""
+    step). ``terms`` (the objective's programs) let :meth:`diagnose` name a non-finite site.
+    The update: the gradient's global 2-norm ``||g||`` clipped at ``clip_norm`` (``g <- g *
+    min(1, C / (||g|| + 1e-6))``, as :func:`torch.nn.utils.clip_grad_norm_`), the optimizer's
+    step, ``scheduler`` (a per-step :mod:`torch.optim.lr_scheduler`; ``plateau``, one stepped
+    by :meth:`after_epoch` on the validation loss), and with ``ema`` = d > 0 the moving
+    average ``a <- a + (1 - d) (theta - a)`` of the parameters (from their first values).
+    ``schedule``: a module whose buffers the loss reads (the KL warm-up's weight), inputs of
+    the compiled step. ``grad_norm`` sums the norms before clipping (with ``clip_norm`` or
+    ``watch_norm``) and ``clipped`` counts the steps clipped: device tensors, read only where
+    a caller chooses."""
 
     description = "eager"
     compile_seconds = 0.0
 
     def __init__(self, params: Sequence[Tensor], optimizer: torch.optim.Optimizer | None = None,
                  loss: LossFn | None = None, *, backward: LossFn | None = None,
-                 world: World = SINGLE, terms: Sequence[Program] = ()) -> None:
+                 world: World = SINGLE, terms: Sequence[Program] = (), clip_norm: float = 0.0,
+                 ema: float = 0.0, scheduler: Any = None, plateau: Any = None,
+                 schedule: nn.Module | None = None) -> None:
         if loss is None and backward is None:
             raise ValueError("a step needs a loss or a backward function")
         self.params, self.optimizer, self.loss, self.world = list(params), optimizer, loss, world
         self._backward, self.terms = backward, list(terms)
+        self.clip_norm, self.ema_decay, self.watch_norm = clip_norm, ema, False
+        self.scheduler, self.plateau, self.schedule = scheduler, plateau, schedule
+        device = self.params[0].device if self.params else torch.device("cpu")
+        self.ema = [p.detach().clone() for p in self.params] if ema else []
+        self.grad_norm = torch.zeros((), device=device)
+        self.clipped = torch.zeros((), dtype=torch.long, device=device)
 
     @classmethod
     def of_elbo(cls, elbo: pyro.infer.ELBO, module: nn.Module, terms: list[Program],
                 info: ProgramInfo | None = None, optimizer: torch.optim.Optimizer | None = None,
-                world: World = SINGLE) -> Step:
+                world: World = SINGLE, **update: Any) -> Step:
         """The SVI step of ``elbo`` over the weighted ``terms``, training
         :func:`collect_params` (without ``info``, what the probe of the program found: the
-        module's parameters)."""
+        module's parameters); ``update``: the update's settings (see the class)."""
         loss = elbo_loss(elbo, module, terms, info)
         skip = frozenset() if info is None else info.registered
         backward = None
@@ -116,7 +137,8 @@ class Step:
                                     device=args[0].device)
 
         params = list(module.parameters()) if info is None else collect_params(module, info)
-        return cls(params, optimizer, loss, backward=backward, world=world, terms=terms)
+        return cls(params, optimizer, loss, backward=backward, world=world, terms=terms,
+                   **update)
 
     def gradient(self, *args: Tensor) -> Tensor:
         """This rank's loss of ``args`` (detached), after adding the gradient of the loss
@@ -136,11 +158,105 @@ class Step:
         loss = self.gradient(*args)
         total += loss
         first_bad.copy_(torch.where(torch.isfinite(loss), first_bad, first_bad.clamp(max=i)))
+        self.update()
+
+    def update(self) -> None:
+        """After the gradient: clipping, the optimizer's step, the schedule, the average."""
+        if self.clip_norm or self.watch_norm:
+            grads = [p.grad for p in self.params if p.grad is not None]
+            norm = torch.nn.utils.get_total_norm(grads)
+            self.grad_norm += norm
+            if self.clip_norm:
+                torch.nn.utils.clip_grads_with_norm_(self.params, self.clip_norm, norm)
+                self.clipped += norm + 1e-6 > self.clip_norm
         self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        if self.ema:
+            torch._foreach_lerp_(self.ema, [p.detach() for p in self.params], 1 - self.ema_decay)
+
+    def after_epoch(self, val_loss: float | None) -> None:
+        """The epoch's end: a plateau schedule reads the validation loss."""
+        if self.plateau is not None and val_loss is not None:
+            self.plateau.step(val_loss)
+
+    @contextlib.contextmanager
+    def averaged(self) -> Iterator[None]:
+        """Within: the parameters hold the moving average (filled in place); after: their
+        own values again. Without ``ema``: nothing changes."""
+        if not self.ema:
+            yield
+            return
+        with torch.no_grad():
+            raw = [p.detach().clone() for p in self.params]
+            torch._foreach_copy_([p.detach() for p in self.params], self.ema)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                torch._foreach_copy_([p.detach() for p in self.params], raw)
+
+    def settle(self, best: dict[str, Tensor] | None, module: nn.Module) -> None:
+        """Training is over: ``module`` takes ``best`` (a state) or else the average, and the
+        average what it holds (so that nothing moves after)."""
+        if best is not None:
+            module.load_state_dict(best)
+        elif self.ema:
+            with torch.no_grad():
+                torch._foreach_copy_([p.detach() for p in self.params], self.ema)
+        self.reset_average()
+
+    def reset_average(self) -> None:
+        """The average starts from the parameters as they are (after pre-training)."""
+        with torch.no_grad():
+            for average, p in zip(self.ema, self.params, strict=False):
+                average.copy_(p)
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint keeps of the update beside the optimizer's state."""
+        return {"scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
+                "plateau": None if self.plateau is None else self.plateau.state_dict(),
+                "ema": [t.clone() for t in self.ema], "clipped": self.clipped.clone(),
+                "grad_norm": self.grad_norm.clone()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for name in ("scheduler", "plateau"):
+            if getattr(self, name) is not None and state.get(name) is not None:
+                getattr(self, name).load_state_dict(state[name])
+        with torch.no_grad():
+            for mine, saved in zip(self.ema, state.get("ema") or (), strict=False):
+                mine.copy_(saved)
+            self.clipped.copy_(state.get("clipped", 0))
+            self.grad_norm.copy_(state.get("grad_norm", 0.0))
 
     def diagnose(self, *args: Tensor) -> str | None:
         """The first site of the objective whose log-density is not finite on ``args``."""
         return next((f for _, m, g in self.terms if (f := nonfinite_site(m, g, *args))), None)
+
+
+class LatentScale(Messenger):
+    """Scale the log-densities of the latent (unobserved) sample sites by ``weight()`` (a
+    tensor read at each site: a buffer a schedule fills), in the model and the guide alike:
+    the KL terms of every estimator scale as ``poutine.scale`` scales them."""
+
+    def __init__(self, weight: Callable[[], Tensor]) -> None:
+        super().__init__()
+        self.weight = weight
+
+    def _process_message(self, msg: dict) -> None:
+        if msg["type"] == "sample" and not msg["is_observed"]:
+            msg["scale"] = self.weight() * msg["scale"]
+
+
+def latent_scaled(fn: Callable, weight: Callable[[], Tensor]) -> Callable:
+    """``fn`` (a model or guide) under :class:`LatentScale`."""
+
+    @functools.wraps(fn)
+    def scaled(*args: Any, **kwargs: Any) -> Any:
+        with LatentScale(weight):
+            return fn(*args, **kwargs)
+
+    return scaled
 
 
 def hide_bar(progress: bool | None) -> bool | None:

@@ -8,10 +8,9 @@ model). A figure that cannot be drawn is skipped with its reason in the run's no
 from __future__ import annotations
 
 import inspect
-import math
 import warnings
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from pyro import poutine
@@ -54,38 +53,70 @@ def default_figures(module: nn.Module, ctx: RunContext, data_args: Callable,
                                  getattr(ctx.data, "label_name", "label"))
         return None
 
-    def recon() -> str | None:
-        x = pixels(test.x[:12])
-        got = (module.reconstruct(x) if defines(module, "reconstruct") else
-               reconstructions(module.model, proposal, tuple(a[:12] for a in args), size))
-        if isinstance(got, str):
-            return got
-        plots.image_grid([x, got], data.image_shape, out / "reconstructions.png",
-                         "test inputs and reconstructions", ["input", "recon"])
-        return None
+    def grid(name: str, rows_of: Callable) -> Callable[[], str | None]:
+        def draw() -> str | None:
+            got = rows_of(module, test, args, proposal)
+            if isinstance(got, str):
+                return got
+            rows, title, labels = got
+            plots.image_grid(rows, data.image_shape, out / name, title, labels)
+            return None
 
-    def samples() -> str | None:
-        if defines(module, "sample"):
-            draws, title = module.sample(64), "samples from the prior: E[x|z], z ~ p(z)"
-        else:
-            draws = prior_predictive(module, tuple(a[:64] for a in args), size)
-            title = "prior predictive samples x ~ p(x)"
-        if isinstance(draws, str):
-            return draws
-        plots.image_grid(list(draws.split(8)), data.image_shape, out / "samples.png", title)
-        return None
+        return draw
 
     figures = {"latent.png": latent}
     if data.image_shape is None:
         ctx.log("figure reconstructions.png and samples.png skipped: the data are not images")
     else:
-        size = math.prod(data.image_shape)
-        figures.update({"reconstructions.png": recon, "samples.png": samples})
+        figures.update({"reconstructions.png": grid("reconstructions.png", recon_rows),
+                        "samples.png": grid("samples.png", sample_rows)})
     for name, draw in figures.items():
         draw_or_skip(ctx, name, draw)
 
 
 MIN_LATENT_ROWS = 2  # Test images the latent scatter needs (PCA of fewer is not a picture).
+
+
+def recon_rows(module: nn.Module, test: Any, args: tuple[Tensor, ...], proposal: Callable
+               ) -> tuple[list[Tensor], str, list[str]] | str:
+    """Twelve test inputs and their reconstructions (``reconstruct``, or the guide's z
+    replayed into the model), as rows of flat images with a title and row labels; or why
+    not."""
+    x, size = pixels(test.x[:12]), test.x.shape[1]
+    got = (module.reconstruct(x) if defines(module, "reconstruct") else
+           reconstructions(module.model, proposal, tuple(a[:12] for a in args), size))
+    return got if isinstance(got, str) else (
+        [x, got], "test inputs and reconstructions", ["input", "recon"])
+
+
+def sample_rows(module: nn.Module, test: Any, args: tuple[Tensor, ...], proposal: Callable
+                ) -> tuple[list[Tensor], str, list[str]] | str:
+    """64 samples (``sample``, else the prior predictive), in rows of 8; or why not."""
+    if defines(module, "sample"):
+        draws, title = module.sample(64), "samples from the prior: E[x|z], z ~ p(z)"
+    else:
+        draws = prior_predictive(module, tuple(a[:64] for a in args), test.x.shape[1])
+        title = "prior predictive samples x ~ p(x)"
+    return draws if isinstance(draws, str) else (list(draws.split(8)), title, [])
+
+
+@torch.no_grad()
+def epoch_images(module: nn.Module, data: Any, data_args: Callable) -> dict[str, Tensor]:
+    """The reconstructions and samples the run's figures show, each as one image (C, H, W)
+    in [0, 1] for a live log; what cannot be drawn is left out."""
+    if data.image_shape is None:
+        return {}
+    test = data.test
+    args = data_args(test.x[:64], None if test.y is None else test.y[:64])
+    images = {}
+    for name, rows_of in (("reconstructions", recon_rows), ("samples", sample_rows)):
+        try:
+            got = rows_of(module, test, args, module.guide)
+        except Exception:  # (the figures at the end say why)
+            continue
+        if not isinstance(got, str):
+            images[name] = plots.grid_image(got[0], data.image_shape)
+    return images
 
 
 def draw_or_skip(ctx: RunContext, name: str, draw: Callable[[], str | None]) -> None:

@@ -24,11 +24,13 @@ def save_checkpoint(path: str | os.PathLike, module: torch.nn.Module,
                     optimizer: torch.optim.Optimizer | None, epoch: int,
                     config: dict[str, Any], loop: dict[str, Any] | None = None,
                     history: list[dict] | None = None, data: dict | None = None,
-                    fits: dict[str, dict] | None = None) -> None:
+                    **extra: Any) -> None:
     """Write the checkpoint; ``loop`` (:meth:`~ppl_vae.run.loop.Loop.state_dict`) and
-    ``history`` (the rows of ``metrics.csv``) make it resumable, ``fits`` too while a part is
-    pre-trained (:meth:`~ppl_vae.run.session.Session.fit`), ``data`` (the data's
-    :meth:`~ppl_vae.data.Dataset.signature`) loadable without the dataset."""
+    ``history`` (the rows of ``metrics.csv``) make it resumable, ``extra`` too (``fits``
+    while a part is pre-trained, :meth:`~ppl_vae.run.session.Session.fit`; ``update``, the
+    step's schedule and average; ``raw``, the trained weights where ``model`` holds their
+    average), ``data`` (the data's :meth:`~ppl_vae.data.Dataset.signature`) loadable without
+    the dataset."""
     store, own = pyro.get_param_store(), {id(p) for p in module.parameters()}
     state = {
         "model": module.state_dict(),
@@ -41,7 +43,7 @@ def save_checkpoint(path: str | os.PathLike, module: torch.nn.Module,
         "loop": loop,
         "history": history,
         "data": data,
-        "fits": fits or {},
+        **extra,
     }
     save_torch(path, state)
 

@@ -59,6 +59,7 @@ class LoopState:
     best_state: dict[str, Tensor] | None = None
     done: bool = False
     first_loss: float | None = None  # the run's first step, per data point (divergence)
+    logged: tuple | None = None  # the last log's (loss, rows, seconds) in this epoch
 
 
 class Loop:
@@ -87,6 +88,9 @@ class Loop:
         self.checkpoint_every, self.check_every = (config.checkpoint_every_steps,
                                                    config.check_every_steps)
         self.guard = session.guard or Guard()
+        self.session = session  # (its logger, where the run logs: the same on every rank)
+        self.logs = getattr(config, "log", "none") != "none" and self.module is session.module
+        self.log_every = getattr(config, "log_every_steps", 0)
         self.progress = session.progress if world.main else False
         self.desc = desc
         self.shuffle = torch.Generator().manual_seed(config.seed)
@@ -156,20 +160,22 @@ class Loop:
         loss = (dist.all_sum(self.total, self.world) / self._rows).item()
         seconds = s.seconds
         self.module.eval()
-        val = self.validate() if self.validate is not None else None
-        if self.on_epoch is not None:
-            self.on_epoch(s.epoch, loss, s.seconds, val)
         stop = False
-        if self.patience:
-            if val < s.best:
-                s.best, s.best_epoch, s.bad = val, s.epoch, 0
-                s.best_state = copy.deepcopy(self.module.state_dict())
-            else:
-                s.bad += 1
-                stop = s.bad >= self.patience
+        with self.take.averaged():  # (the weights a run evaluates: with --ema, the average)
+            val = self.validate() if self.validate is not None else None
+            if self.on_epoch is not None:
+                self.on_epoch(s.epoch, loss, s.seconds, val)
+            if self.patience:
+                if val < s.best:
+                    s.best, s.best_epoch, s.bad = val, s.epoch, 0
+                    s.best_state = copy.deepcopy(self.module.state_dict())
+                else:
+                    s.bad += 1
+                    stop = s.bad >= self.patience
+        self.take.after_epoch(val)
         s.done = stop or s.epoch >= self.epochs
-        if s.done and s.best_state is not None:
-            self.module.load_state_dict(s.best_state)
+        if s.done:  # the weights the run ends with: the best epoch's, else the last (averaged)
+            self.take.settle(s.best_state, self.module)
         if not s.done:
             s.epoch, s.step, s.seconds = s.epoch + 1, 0, 0.0
             s.streams = self._streams()
@@ -195,6 +201,9 @@ class Loop:
         bar = tqdm(total=steps, initial=s.step, desc=f"epoch {s.epoch}", unit="step",
                    leave=False, disable=hide_bar(self.progress))
         shown = start = time.perf_counter()
+        if self.logs and (s.step == 0 or s.logged is None):  # (logged: since the epoch's start)
+            s.logged = (0.0, 0, 0.0)
+            self.take.grad_norm.zero_()
         seconds = s.seconds
 
         def batch(i: int) -> tuple[Tensor, ...]:
@@ -213,6 +222,8 @@ class Loop:
                 self._take_step(s.step, batch(s.step))
                 s.step += 1
                 global_step = (s.epoch - 1) * steps + s.step
+                if self.logs and global_step % self.log_every == 0:
+                    self._log(global_step, seconds + time.perf_counter() - start)
                 if self.check_every and s.step % self.check_every == 0:
                     self._check()
                 if self.checkpoint_every and global_step % self.checkpoint_every == 0 \
@@ -230,6 +241,32 @@ class Loop:
         s.seconds = seconds + time.perf_counter() - start
         bar.close()
         self._check()
+
+    @property
+    def global_step(self) -> int:
+        """Steps the run has taken (every epoch before this one is whole)."""
+        return (self.state.epoch - 1) * self.steps_per_epoch + self.state.step
+
+    def _log(self, step: int, seconds: float) -> None:
+        """Training scalars since the last log: the loss per row, the learning rate, the
+        gradient's norm before clipping (mean per step), the steps clipped, images per second
+        (host reads here only, on every rank; rank 0's logger writes)."""
+        loss, rows = float(dist.all_sum(self.total, self.world)), min(
+            self.state.step * self.batch_size * self.world.size, self._rows)
+        last = self.state.logged
+        took = rows - last[1]
+        values = {"train/loss": (loss - last[0]) / max(1, took),
+                  "train/lr": self.optimizer.param_groups[0]["lr"],
+                  "train/images_per_s": took / max(1e-9, seconds - last[2])}
+        if self.take.clip_norm or self.take.watch_norm:
+            steps = took / (self.batch_size * self.world.size)
+            values["train/grad_norm"] = float(self.take.grad_norm) / max(1.0, steps)
+            self.take.grad_norm.zero_()
+        if self.take.clip_norm:
+            values["train/clipped_steps"] = int(self.take.clipped)
+        self.state.logged = (loss, rows, seconds)
+        if self.session.logger is not None:
+            self.session.logger.scalars(step, values)
 
     def _take_step(self, i: int, args: tuple[Tensor, ...]) -> None:
         self.take(i, args, self.total, self.first_bad)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -31,7 +32,7 @@ from ..inference.compiled import CompiledStep
 from ..inference.estimators import ELBOS, make_elbo, suited, unsuited
 from ..inference.importance import Scores, score
 from ..inference.program import ProgramInfo, inspect_objective
-from ..inference.svi import Step, collect_params
+from ..inference.svi import Step, collect_params, latent_scaled
 from ..models import RunContext, get_model, hook, make_options, model_name, options_class
 from .checkpoint import load_checkpoint, load_store_values, restore_params
 
@@ -166,11 +167,14 @@ class Session:
         self.progress = progress if world.main else False
         self.out, self.guard = out or Path("."), None  # (a Guard while train_run runs)
         self.fits: dict[str, dict] = dict((state or {}).get("fits") or {})  # (see fit)
+        self.schedule = nn.Module()  # the tensors the run's own schedules set (KL warm-up)
         self.checkpoint: Callable[[], None] | None = None  # writes the run's checkpoint
+        self.logger: Any = None  # --log's, on rank 0 while train_run runs (run.log)
         self.device = device_for(config.cuda, world)
         use_threads(config.threads, world.size)
         data = load_data(config) if data is None else composed(data, config)
-        if training and config.early_stop and data.val is None:  # a caller's split is kept
+        if training and (config.early_stop or config.lr_schedule == "plateau") and \
+                data.val is None:  # (a caller's own validation split is kept)
             data = data.with_validation(config.val_fraction)
         self.data = data.to(self.device)
         pyro.set_rng_seed(config.seed)
@@ -205,6 +209,11 @@ class Session:
             stand_in = Dataset.stand_in(state["data"])
         return cls(config, stand_in, model_class=model_class, out=run_dir, progress=False,
                    state=state, training=False)
+
+    @property
+    def cuda_devices(self) -> list[torch.device]:
+        """The GPUs whose random state the session's work draws from."""
+        return [self.device] if self.device.type == "cuda" else []
 
     def validation(self) -> contextlib.AbstractContextManager:
         """Pyro validation as the run sets it (off unless ``--validate``)."""
@@ -311,19 +320,45 @@ class Session:
         return Step.of_elbo(e, module, hook(module, "programs")(), info, adam, self.world)
 
     def step(self, log: Callable[[str], None] | None = None) -> Step:
-        """The run's SVI step (:meth:`svi_step` of its estimator and particles), compiled
-        with ``--compile`` (refusals said through ``log``). Refuses an estimator that cannot
-        train the model, or a step that cannot fit in memory, before anything is allocated."""
-        config = self.config
+        """The run's SVI step (:meth:`svi_step` of its estimator and particles) with the
+        trainer's update (clipping, the learning-rate schedule, the moving average), its KL
+        warm-up (``schedule.kl_weight`` on the latent sites) and precision, compiled with
+        ``--compile`` (refusals said through ``log``). Refuses an estimator that cannot train
+        the model, or a step that cannot fit in memory, before anything is allocated."""
+        config, module, info = self.config, self.module, self.info
         self.check_estimator(config.elbo)
         resources.check_step_fits(
             lambda k: self.svi_step(config.elbo, k, optimizer=False).gradient,
             self.args(self.data.train, slice(0, 2)), min(config.batch_size, len(self.data.train)),
             config.particles, self.device)
-        step = self.svi_step(config.elbo, config.particles)
+        terms = self.terms
+        if config.kl_warmup:  # (a buffer: the compiled step reads it as an input)
+            self.schedule.register_buffer("kl_weight", torch.zeros((), device=self.device))
+            terms = [(w, latent_scaled(m, self._kl_weight), latent_scaled(g, self._kl_weight))
+                     for w, m, g in terms]
+        adam = self.adam(collect_params(module, info))
+        elbo = make_elbo(config.elbo, config.particles, config.jit, info.max_plate_nesting,
+                         vectorize=info.vectorized)
+        step = Step.of_elbo(elbo, module, terms, info, adam, self.world,
+                            clip_norm=config.clip_norm, ema=config.ema,
+                            schedule=self.schedule if config.kl_warmup else None,
+                            **schedules(adam, config, self.steps_per_epoch()))
+        step.watch_norm = config.log != "none"  # (the norm before clipping, logged)
+        if config.precision == "bf16":
+            step.loss, step._backward = (bf16(f, module, self.device)
+                                         for f in (step.loss, step._backward))
         if config.compile:
-            step = CompiledStep(step, self.module, log=log, estimator=f"--elbo {config.elbo}")
+            step = CompiledStep(step, module, log=log, estimator=f"--elbo {config.elbo}")
         return step
+
+    def _kl_weight(self) -> Tensor:
+        return self.schedule.kl_weight
+
+    def steps_per_epoch(self) -> int:
+        """Steps in an epoch of the session's batches and processes."""
+        n = len(self.data.epoch_order(self.config.batch_size, torch.Generator().manual_seed(0)))
+        w = self.world.size
+        return math.ceil((n + (-n) % w) / (self.config.batch_size * w))
 
     def fit(self, loss: Callable[..., Tensor], part: nn.Module, name: str = "loss",
             desc: str = "pretrain", inputs: Callable | None = None) -> list[dict]:
@@ -374,6 +409,8 @@ class Session:
         returns anything else, or replaces or reshapes a trained parameter (the optimizer
         would go on training the old one), is refused in one line."""
         module = module or self.module
+        if hasattr(self.schedule, "kl_weight"):  # the latent sites' weight in epoch + 1
+            self.schedule.kl_weight.fill_(min(1.0, epoch / self.config.kl_warmup))
         owner = f"{type(module).__name__}.on_epoch(ctx, {epoch})"
         before = {n: (id(p), p.shape) for n, p in module.named_parameters()}
         got = hook(module, "on_epoch")(self.ctx, epoch)
@@ -425,3 +462,63 @@ def _short(value: Any) -> str:
 
 def _to(s: Scores, device: torch.device | str) -> Scores:
     return replace(s, elbo=s.elbo.to(device), iwae=None if s.iwae is None else s.iwae.to(device))
+
+
+def schedules(optimizer: torch.optim.Optimizer, config: TrainConfig, steps_per_epoch: int
+              ) -> dict[str, Any]:
+    """The learning-rate schedule of ``config``: ``scheduler``, stepped after every step
+    (:class:`~torch.optim.lr_scheduler.LambdaLR`), or ``plateau``, after every epoch on the
+    validation loss (:class:`~torch.optim.lr_scheduler.ReduceLROnPlateau`). After s steps the
+    rate is ``lr * f(s)``: warm-up ``f = (s + 1) / W`` for ``s < W`` (``--warmup-steps``),
+    then with ``u = (s - W) / (T - W)`` (T: all the run's steps) ``lr_min / lr`` plus
+    ``(1 - lr_min / lr)`` times ``(1 + cos(pi u)) / 2`` (cosine), ``1 - u`` (linear) or 1
+    (constant)."""
+    kind, w, lr, floor = config.lr_schedule, config.warmup_steps, config.lr, config.lr_min
+    if kind == "plateau":
+        return {"plateau": torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, factor=0.5, patience=config.early_stop or 5, min_lr=floor)}
+    if kind == "constant" and not w:
+        return {}
+    total = config.epochs * steps_per_epoch
+
+    def factor(s: int) -> float:
+        if s < w:
+            return (s + 1) / w
+        u = min(1.0, (s - w) / max(1, total - w))
+        shape = {"cosine": (1 + math.cos(math.pi * u)) / 2, "linear": 1 - u}.get(kind, 1.0)
+        return floor / lr + (1 - floor / lr) * shape
+
+    return {"scheduler": torch.optim.lr_scheduler.LambdaLR(optimizer, factor)}
+
+
+def bf16(fn: Callable | None, module: nn.Module, device: torch.device) -> Callable | None:
+    """``fn`` (a loss) with the networks under ``torch.autocast`` in bfloat16: each child
+    module of ``module`` runs in bfloat16 and hands back float32, so log-densities, the
+    ELBO's sums and the KL are computed in float32 (the optimizer works on float32 too)."""
+    if fn is None:
+        return None
+    for child in module.children():
+        if not getattr(child, "_ppl_vae_float32_out", False):
+            child.register_forward_hook(_float32_out)
+            child._ppl_vae_float32_out = True
+
+    @functools.wraps(fn)
+    def autocast(*args: Tensor) -> Tensor:
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            return fn(*args)
+
+    return autocast
+
+
+def _float32_out(module: nn.Module, inputs: Any, output: Any) -> Any:
+    """A child's outputs in float32 while autocast runs it in lower precision."""
+    if not torch.is_autocast_enabled(_device_type(output)):
+        return None
+    return torch.utils._pytree.tree_map(
+        lambda t: t.float() if torch.is_tensor(t) and t.is_floating_point() else t, output)
+
+
+def _device_type(output: Any) -> str:
+    first = next((t for t in torch.utils._pytree.tree_leaves(output) if torch.is_tensor(t)), None)
+    return "cpu" if first is None else first.device.type
+

@@ -29,7 +29,9 @@ from ..errors import UsageError
 from ..files import write_csv, write_json
 from ..interrupt import Interrupted, signals
 from ..models import hook
-from .checkpoint import load_checkpoint, save_checkpoint
+from ..models.figures import epoch_images
+from .checkpoint import load_checkpoint, load_store_values, save_checkpoint, store_values
+from .log import open_logger
 from .loop import Loop
 from .rundir import RunDir
 from .session import Session, device_for, from_record, resolve
@@ -194,8 +196,12 @@ def train_run(config: TrainConfig, data: Dataset | None = None, progress: bool |
             session = Session(config, data, model_class=cls, world=world, out=out,
                               progress=progress, state=state)
             session.guard = guard
-            with session.validation():
-                run = _train(session, rundir, state)
+            try:
+                with session.validation():
+                    run = _train(session, rundir, state)
+            finally:
+                if session.logger is not None:
+                    session.logger.close()
         ok = True
         return run
     finally:
@@ -214,10 +220,16 @@ def _train(session: Session, rundir: RunDir, state: dict | None) -> Run:
     def save(loop_state: dict | None) -> None:  # (None: pre-training, before the SVI loop)
         if not world.main:
             return
-        save_checkpoint(rundir.path / "checkpoint.pt", module,
-                        None if loop_state is None else step.optimizer,
-                        len(run.history), config.to_dict(), loop_state, run.history,
-                        session.data.signature(), session.fits)
+        raw = {"model": {k: v.clone() for k, v in module.state_dict().items()},
+               "store": store_values(module)} if step.ema else None
+        with step.averaged():  # ("model": what evaluation reads; "raw": what training goes on)
+            save_checkpoint(rundir.path / "checkpoint.pt", module,
+                            None if loop_state is None else step.optimizer,
+                            len(run.history), config.to_dict(), loop_state, run.history,
+                            session.data.signature(), fits=session.fits, raw=raw,
+                            update=step.state_dict())
+        if session.logger is not None:  # (what it holds never runs ahead of the checkpoint)
+            session.logger.flush()
         rundir.commit()  # the first checkpoint: now this run replaces an overwritten one
         ctx.out = rundir.path
         if run.history:  # after the checkpoint: metrics.csv is never ahead of it
@@ -237,9 +249,14 @@ def _train(session: Session, rundir: RunDir, state: dict | None) -> Run:
                 f"; continue with --resume {rundir.final}" if written else
                 ", before the first checkpoint; nothing to resume, run it again")) from None
         session.checkpoint = None
+        step.reset_average()  # (from the weights SVI starts from)
     else:
         run.history = list(svi["history"] or [])
+        if svi.get("raw"):  # the trained weights (the checkpoint's "model" is their average)
+            module.load_state_dict(svi["raw"]["model"])
+            load_store_values(svi["raw"]["store"])
         step.optimizer.load_state_dict(svi["optimizer"])
+        step.load_state_dict(svi.get("update") or {})
     if svi is None and world.parallel and world.rank:  # each rank its own latent noise
         torch.manual_seed((config.seed * 1_000_003 + world.rank) % 2**63)
 
@@ -254,13 +271,26 @@ def _train(session: Session, rundir: RunDir, state: dict | None) -> Run:
             row["val_elbo"] = -val
         row.update(session.on_epoch(epoch))  # the family's own: M2's accuracy
         run.history.append(row)
+        if session.logger is not None:
+            at = loop.global_step
+            session.logger.scalars(at, {f"epoch/{k}": v for k, v in row.items()
+                                        if k not in ("epoch", "train_seconds")})
+            with torch.random.fork_rng(session.cuda_devices):  # (training draws the same)
+                for name, image in epoch_images(module, session.data,
+                                                hook(module, "data_args")).items():
+                    session.logger.image(at, f"epoch/{name}", image)
 
-    loop = Loop(session, step, validate=validate if config.early_stop else None,
-                on_epoch=on_epoch, save=save, desc=config.model)
+    watch = config.early_stop or config.lr_schedule == "plateau"
+    loop = Loop(session, step, validate=validate if watch else None, on_epoch=on_epoch,
+                save=save, desc=config.model)
     if svi is not None:
         loop.load_state_dict(svi["loop"])  # last: it restores this rank's RNG
         if world.main and run.history:
             write_csv(rundir.path / "metrics.csv", run.history)
+    if world.main and config.log != "none":
+        loop.steps_per_epoch = session.steps_per_epoch()
+        session.logger = open_logger(config.log, rundir.path, config.to_dict(),
+                                     None if svi is None else loop.global_step)
     module.eval()
     session.on_epoch(loop.state.epoch - 1)  # the schedule of the epoch (re-)entered
     try:
@@ -290,6 +320,7 @@ def _train(session: Session, rundir: RunDir, state: dict | None) -> Run:
             "processes": world.size,
             **({"step": step.description, "compile_seconds": step.compile_seconds}
                if config.compile else {}),
+            **({"clipped_steps": int(step.clipped)} if config.clip_norm else {}),
             "dataset": data.name,
             "n_train": len(data.train),
             "n_val": 0 if data.val is None else len(data.val),
@@ -300,6 +331,10 @@ def _train(session: Session, rundir: RunDir, state: dict | None) -> Run:
             plots.elbo_curves(run.history, ctx.out / "elbo_curves.png")
             run.summary.update(session.report())
             write_json(rundir.path / "summary.json", run.summary)
+            if session.logger is not None:
+                session.logger.scalars(loop.global_step, {
+                    f"final/{k}": v for k, v in run.summary.items()
+                    if isinstance(v, int | float) and not isinstance(v, bool)})
         run.summary, run.notes = dist.broadcast((run.summary, ctx.notes), world)
     return run
 

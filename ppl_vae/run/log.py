@@ -1,0 +1,124 @@
+"""Live logging (``--log tensorboard|mlflow``): a run's scalars, images and options as it
+trains, written by rank 0 into its run directory. The step of every value is the run's
+global step (steps taken). What a logger has of the run never runs ahead of its checkpoint
+after a resume: TensorBoard drops the events past the resumed step (``purge_step``), MLflow
+is written at each checkpoint (a local file store cannot take values back).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor
+
+from ..errors import UsageError
+
+
+class Logger:
+    """What the run logs through: numbers by name, images (C, H, W) in [0, 1]."""
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        raise NotImplementedError
+
+    def image(self, step: int, name: str, image: Tensor) -> None:
+        raise NotImplementedError
+
+    def flush(self) -> None:
+        """The run has checkpointed: everything logged so far stays."""
+
+    def close(self) -> None:
+        self.flush()
+
+
+def _extra(name: str, module: str) -> Any:
+    try:
+        return __import__(module, fromlist=["_"])
+    except ImportError:
+        raise UsageError(f"--log {name} needs the {name} package; pip install -e "
+                         f"\".[{name}]\" (or pip install {name})") from None
+
+
+class TensorBoard(Logger):
+    """Event files in ``out/tensorboard``; the options as hyperparameters at the start."""
+
+    def __init__(self, out: Path, options: dict, resumed_at: int | None) -> None:
+        _extra("tensorboard", "tensorboard")
+        from torch.utils.tensorboard import SummaryWriter
+        from torch.utils.tensorboard.summary import hparams
+
+        purge = None if resumed_at is None else resumed_at + 1
+        self.writer = SummaryWriter(str(out / "tensorboard"), purge_step=purge)
+        if resumed_at is None:
+            for summary in hparams(_flat(options), {}):
+                self.writer.file_writer.add_summary(summary)
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        for name, value in values.items():
+            self.writer.add_scalar(name, value, step)
+
+    def image(self, step: int, name: str, image: Tensor) -> None:
+        self.writer.add_image(name, image, step)
+
+    def flush(self) -> None:
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class MLflow(Logger):
+    """A local MLflow file store in ``out/mlruns``, one MLflow run per ppl_vae run (its id in
+    ``out/mlflow_run_id``); values wait for the next checkpoint."""
+
+    def __init__(self, out: Path, options: dict, resumed_at: int | None) -> None:
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # (a local file store)
+        mlflow = _extra("mlflow", "mlflow")
+        self.entities = mlflow.entities
+        self.client = mlflow.tracking.MlflowClient(tracking_uri=(out / "mlruns").as_uri())
+        kept = out / "mlflow_run_id"
+        if resumed_at is not None and kept.is_file():
+            self.run_id = kept.read_text().strip()
+        else:
+            experiment = self.client.get_experiment_by_name("ppl_vae")
+            run = self.client.create_run(experiment.experiment_id if experiment else
+                                         self.client.create_experiment("ppl_vae"))
+            self.run_id = run.info.run_id
+            kept.write_text(self.run_id + "\n")
+            self.client.log_batch(self.run_id, params=[
+                self.entities.Param(k, str(v)[:500]) for k, v in _flat(options).items()])
+        self.waiting: list = []
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        self.waiting += [self.entities.Metric(name.replace("/", "."), float(value), 0, step)
+                         for name, value in values.items()]
+
+    def image(self, step: int, name: str, image: Tensor) -> None:
+        pass  # (images stay TensorBoard's and the run's PNGs)
+
+    def flush(self) -> None:
+        for start in range(0, len(self.waiting), 1000):  # (MLflow's batch limit)
+            self.client.log_batch(self.run_id, metrics=self.waiting[start:start + 1000])
+        self.waiting = []
+
+    def close(self) -> None:
+        self.flush()
+        self.client.set_terminated(self.run_id)
+
+
+def open_logger(kind: str, out: Path, options: dict, resumed_at: int | None) -> Logger | None:
+    """The ``--log`` kind's logger for the run in ``out`` (``resumed_at``: the global step a
+    resume continues from), or None for ``none``."""
+    loggers = {"tensorboard": TensorBoard, "mlflow": MLflow}
+    return loggers[kind](out, options, resumed_at) if kind in loggers else None
+
+
+def _flat(options: dict) -> dict[str, Any]:
+    """A run's options one level deep (model options as ``model_options.name``), as
+    hyperparameters: numbers, strings and booleans."""
+    flat = {k: v for k, v in options.items() if k != "model_options"}
+    flat.update({f"model_options.{k}": v for k, v in options.get("model_options", {}).items()})
+    return {k: v if isinstance(v, int | float | str | bool) else json.dumps(v)
+            for k, v in flat.items()}

@@ -1,0 +1,280 @@
+"""What every trainer has: learning-rate schedules, gradient clipping, bf16, weight averaging,
+KL warm-up, live logging and config files, each against an exact value, and all of them
+together exact under kill-and-resume and --compile."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import signal
+
+import pyro
+import pytest
+import torch
+from helpers import assert_one_line_error
+from test_resume import interrupt_at, without_clock
+
+from ppl_vae import TrainConfig, UsageError, train_run
+from ppl_vae.cli import train_main
+from ppl_vae.interrupt import Interrupted
+from ppl_vae.run.session import Session, schedules
+from ppl_vae.run.train import resume_config
+
+SMALL = {"hidden": (16,), "z_dim": 2}
+PROG = "python -m ppl_vae train"
+ALL_ON = dict(lr_schedule="cosine", warmup_steps=50, clip_norm=10.0, ema=0.999, kl_warmup=2,
+              precision="bf16", log_every_steps=5)
+
+
+def config(out, **kw) -> TrainConfig:
+    base = dict(model_options=SMALL, dataset="digits", batch_size=64, epochs=3, seed=2,
+                eval_particles=2, out=str(out), checkpoint_every_steps=7)
+    return TrainConfig(**{**base, **kw})
+
+
+def read_csv(path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+# -- the learning rate ---------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["cosine", "linear", "constant"])
+def test_the_schedule_s_rate_at_chosen_steps_is_the_formula(kind):
+    lr, floor, w, per_epoch, epochs = 2e-3, 1e-4, 10, 23, 4
+    cfg = TrainConfig(lr=lr, lr_min=floor, warmup_steps=w, lr_schedule=kind, epochs=epochs)
+    p = torch.nn.Parameter(torch.zeros(3))
+    opt = torch.optim.Adam([p], lr=lr)
+    sched = schedules(opt, cfg, per_epoch)["scheduler"]
+    total = epochs * per_epoch
+    seen = {}
+    for s in range(total):
+        seen[s] = opt.param_groups[0]["lr"]  # the rate step s takes
+        p.grad = torch.ones(3)
+        opt.step()
+        sched.step()
+    for s in (0, 4, w - 1, w, w + 7, total // 2, total - 1):
+        u = (s - w) / (total - w)
+        shape = {"cosine": (1 + math.cos(math.pi * u)) / 2, "linear": 1 - u,
+                 "constant": 1.0}[kind]
+        expected = lr * (s + 1) / w if s < w else floor + (lr - floor) * shape
+        assert seen[s] == pytest.approx(expected, rel=1e-12), (s, seen[s], expected)
+
+
+def test_plateau_halves_the_rate_after_its_patience(tmp_path):
+    run = train_run(config(tmp_path / "r", lr_schedule="plateau", early_stop=0, epochs=4,
+                           lr=3e-3), progress=False)
+    assert run.data.val is not None  # a validation split for the plateau to watch
+    state = torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=True)
+    plateau = state["update"]["plateau"]
+    assert plateau["patience"] == 5 and plateau["factor"] == 0.5
+    with pytest.raises(UsageError, match="plateau takes no warm-up"):
+        TrainConfig(lr_schedule="plateau", warmup_steps=5)
+    with pytest.raises(UsageError, match="lr.min 0.01 must lie below .*lr 0.001"):
+        from ppl_vae.run.session import resolve
+
+        resolve(TrainConfig(lr_schedule="cosine", lr_min=0.01))
+
+
+# -- clipping and the average ---------------------------------------------------------------------
+def test_a_clipped_step_is_clip_grad_norm_then_adam_and_its_norm_is_c(digits):
+    s = Session(TrainConfig(model_options=SMALL, clip_norm=5.0), digits, progress=False)
+    step = s.step()
+    args = s.args(s.data.train, slice(0, 64))
+    reference = {k: v.clone() for k, v in s.module.state_dict().items()}
+    twin = Session(TrainConfig(model_options=SMALL), digits, progress=False)
+    twin.module.load_state_dict(reference)
+    plain = twin.step()
+    pyro.set_rng_seed(1)
+    total, bad = torch.zeros(()), torch.zeros((), dtype=torch.long)
+    step(0, args, total, bad)
+    pyro.set_rng_seed(1)
+    plain.optimizer.zero_grad()
+    plain.gradient(*args)
+    raw = torch.nn.utils.clip_grad_norm_(plain.params, 5.0)
+    assert raw > 5.0 and float(step.grad_norm) == pytest.approx(float(raw), rel=1e-6)
+    clipped = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in plain.params]))
+    assert float(clipped) == pytest.approx(5.0, rel=1e-5)
+    plain.optimizer.step()
+    for (name, a), b in zip(s.module.state_dict().items(), twin.module.state_dict().values(),
+                            strict=True):
+        assert torch.allclose(a, b, rtol=0, atol=1e-7), name
+    assert int(step.clipped) == 1
+
+
+def test_the_average_after_k_steps_is_the_formula(digits):
+    """a_K = d^K theta_0 + (1 - d) sum_k d^(K-k) theta_k, the parameters after each step."""
+    d = 0.9
+    s = Session(TrainConfig(model_options=SMALL, ema=d), digits, progress=False)
+    step = s.step()
+    args = s.args(s.data.train, slice(0, 32))
+    p = step.params[0]
+    thetas = [p.detach().clone()]
+    total, bad = torch.zeros(()), torch.zeros((), dtype=torch.long)
+    for i in range(6):
+        step(i, args, total, bad)
+        thetas.append(p.detach().clone())
+    k = len(thetas) - 1
+    expected = d ** k * thetas[0] + sum((1 - d) * d ** (k - j) * thetas[j] for j in range(1, k + 1))
+    assert torch.allclose(step.ema[0], expected, rtol=1e-5, atol=1e-7)
+    with step.averaged():
+        assert torch.equal(p, step.ema[0])
+    assert torch.equal(p, thetas[-1])  # (its own values after)
+
+
+# -- the KL warm-up and precision -----------------------------------------------------------------
+def test_the_kl_weight_per_epoch_and_what_it_scales(tmp_path, digits):
+    """Epoch e trains with min(1, (e - 1) / N) on the latent sites: the loss at weight 0 is
+    the reconstruction term alone, at weight w the reconstruction plus w times the KL."""
+    weights = []
+    s = Session(TrainConfig(model_options=SMALL, kl_warmup=3, elbo="analytic"), digits,
+                progress=False)
+    step = s.step()
+    for epoch in range(6):
+        s.on_epoch(epoch)
+        weights.append(float(s.schedule.kl_weight))
+    assert weights == pytest.approx([0.0, 1 / 3, 2 / 3, 1.0, 1.0, 1.0], rel=1e-7)
+    args = s.args(s.data.train, slice(0, 16))
+    losses = []
+    for w in (0.0, 0.5, 1.0):
+        s.schedule.kl_weight.fill_(w)
+        pyro.set_rng_seed(3)
+        losses.append(float(step.loss(*args)))
+    assert losses[1] == pytest.approx((losses[0] + losses[2]) / 2, rel=1e-5)
+    assert losses[0] < losses[2]  # (the KL is positive)
+
+
+def test_bf16_keeps_the_elbo_s_terms_float32(digits):
+    from pyro import poutine
+
+    s = Session(TrainConfig(model_options=SMALL, precision="bf16"), digits, progress=False)
+    step = s.step()
+    args = s.args(s.data.train, slice(0, 8))
+    seen = []
+    real = poutine.trace_messenger.TraceMessenger._postprocess_message
+
+    def record(self, msg):
+        if msg["type"] == "sample":
+            seen.append((msg["name"], msg["fn"].log_prob(msg["value"]).dtype,
+                         torch.is_autocast_enabled("cpu")))
+        return real(self, msg)
+
+    poutine.trace_messenger.TraceMessenger._postprocess_message = record
+    try:
+        loss = step.loss(*args)
+    finally:
+        poutine.trace_messenger.TraceMessenger._postprocess_message = real
+    assert loss.dtype == torch.float32
+    assert {n for n, _, _ in seen} >= {"z", "x"} and all(on for _, _, on in seen)
+    assert all(dtype == torch.float32 for _, dtype, _ in seen), seen
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # (the networks do run in bf16)
+        assert s.module.decoder[0](torch.ones(1, 2)).dtype == torch.bfloat16
+    with pytest.raises(UsageError, match="fp16 needs a gradient scaler"):
+        TrainConfig(precision="fp16")
+
+
+# -- all of it, interrupted, compiled, logged -----------------------------------------------------
+def events(run_dir) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]
+            if "images_per_s" not in tag and "seconds" not in tag}
+
+
+def _all_on(tmp_path, monkeypatch, **kw) -> None:
+    whole = train_run(config(tmp_path / "whole", log="tensorboard", **ALL_ON, **kw),
+                      progress=False)
+    interrupt_at(monkeypatch, epoch=2, step=11, signum=signal.SIGTERM)
+    with pytest.raises(Interrupted):
+        train_run(config(tmp_path / "cut", log="tensorboard", **ALL_ON, **kw), progress=False)
+    monkeypatch.undo()
+    resumed = train_run(resume_config(tmp_path / "cut"), progress=False, resume=True)
+    assert without_clock(resumed.history) == without_clock(whole.history)
+    assert {k: v for k, v in resumed.summary.items() if "seconds" not in k} == \
+        {k: v for k, v in whole.summary.items() if "seconds" not in k}
+    assert events(tmp_path / "cut") == events(tmp_path / "whole")
+    # the event file holds metrics.csv's numbers (float32, as TensorBoard keeps them)
+    logged = events(tmp_path / "whole")
+    for row in read_csv(tmp_path / "whole" / "metrics.csv"):
+        for key in ("test_elbo", "train_elbo", "val_elbo"):
+            if key in row and row[key]:
+                values = [v for _, v in logged[f"epoch/{key}"]]
+                assert float(torch.tensor(float(row[key]))) in values, (key, row[key])
+    assert whole.summary["clipped_steps"] > 0
+    return whole
+
+
+def test_everything_at_once_resumes_exactly_with_its_event_stream(tmp_path, monkeypatch):
+    _all_on(tmp_path, monkeypatch)
+
+
+@pytest.mark.slow
+def test_everything_at_once_compiled_resumes_exactly_without_recompiling(tmp_path,
+                                                                        monkeypatch):
+    whole = _all_on(tmp_path, monkeypatch, compile=True)
+    assert whole.summary["step"] == "compiled (inductor)"
+    assert not [n for n in whole.notes if "compiling it again" in n], whole.notes
+    eager = train_run(config(tmp_path / "eager", **ALL_ON), progress=False)
+    for a, b in zip(whole.history, eager.history, strict=True):
+        assert a["test_elbo"] == pytest.approx(b["test_elbo"], rel=1e-4)
+
+
+def test_mlflow_continues_its_run_without_repeating_steps(tmp_path, monkeypatch):
+    pytest.importorskip("mlflow")
+    import mlflow
+
+    interrupt_at(monkeypatch, epoch=2, step=11, signum=signal.SIGTERM)
+    with pytest.raises(Interrupted):
+        train_run(config(tmp_path / "cut", log="mlflow", log_every_steps=5, clip_norm=10.0),
+                  progress=False)
+    monkeypatch.undo()
+    train_run(resume_config(tmp_path / "cut"), progress=False, resume=True)
+    client = mlflow.tracking.MlflowClient(tracking_uri=(tmp_path / "cut" / "mlruns").as_uri())
+    run_id = (tmp_path / "cut" / "mlflow_run_id").read_text().strip()
+    steps = [m.step for m in client.get_metric_history(run_id, "train.loss")]
+    assert steps == sorted(set(steps)) and steps[0] == 5 and len(steps) == 3 * 23 // 5
+    tests = [m.value for m in client.get_metric_history(run_id, "epoch.test_elbo")]
+    assert tests == [float(r["test_elbo"]) for r in read_csv(tmp_path / "cut" / "metrics.csv")]
+    assert client.get_run(run_id).data.params["clip_norm"] == "10.0"
+
+
+def test_a_missing_logging_package_is_one_line(cli, tmp_path, monkeypatch):
+    import builtins
+
+    real = builtins.__import__
+
+    def no_tensorboard(name, *args, **kwargs):
+        if name.startswith("tensorboard"):
+            raise ImportError("No module named 'tensorboard'")
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_tensorboard)
+    result = cli(train_main, ["--epochs", "1", "--hidden", "16", "--log", "tensorboard",
+                              "--out", tmp_path / "r"])
+    assert_one_line_error(result, PROG, "--log tensorboard needs the tensorboard package",
+                          'pip install -e ".[tensorboard]"')
+
+
+# -- config files ---------------------------------------------------------------------------------
+def test_a_run_s_config_json_repeats_it_bit_for_bit(cli, tmp_path):
+    first = tmp_path / "first"
+    assert cli(train_main, ["--epochs", "2", "--hidden", "16", "--lr-schedule", "linear",
+                            "--ema", "0.9", "--threads", "1", "--out", first]).code == 0
+    again = tmp_path / "again"
+    assert cli(train_main, ["--config", first / "config.json", "--out", again]).code == 0
+    assert without_clock(read_csv(again / "metrics.csv")) == \
+        without_clock(read_csv(first / "metrics.csv"))
+    yaml_file = tmp_path / "options.yaml"
+    yaml_file.write_text("epochs: 1\nlr_schedule: cosine\nmodel_options:\n  hidden: [8]\n")
+    assert cli(train_main, ["--config", yaml_file, "--z-dim", "3", "--out",
+                            tmp_path / "y"]).code == 0
+    saved = json.loads((tmp_path / "y" / "config.json").read_text())
+    assert (saved["epochs"], saved["lr_schedule"], saved["model_options"]["hidden"],
+            saved["model_options"]["z_dim"]) == (1, "cosine", [8], 3)
+    (tmp_path / "bad.yaml").write_text("lrr: 1\n")
+    assert_one_line_error(cli(train_main, ["--config", tmp_path / "bad.yaml"]), PROG,
+                          "'lrr' is not an option of a run")
+    assert os.path.isdir(first)
