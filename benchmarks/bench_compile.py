@@ -166,6 +166,8 @@ def main() -> int:
     p.add_argument("--data-dir", default=str(SHARED))
     p.add_argument("--cuda", action="store_true")
     p.add_argument("--json", help="also write the results here")
+    p.add_argument("--docs", action="store_true",
+                   help="also write the docs' page, docs/results/compiled-step.md and .csv")
     a = p.parse_args()
     if "plain" not in a.methods:
         a.methods = ["plain", *a.methods]
@@ -190,6 +192,11 @@ def main() -> int:
     if a.json:
         Path(a.json).write_text(json.dumps({"args": {k: str(v) for k, v in vars(a).items()},
                                             "results": results}, indent=2))
+    if a.docs:
+        from results_page import docs_rows, write_page
+
+        write_page("compiled-step", "The compiled step, per step", None,
+                   docs_rows(results, "case"), seeds=[0], about=__doc__)
     return 0
 
 

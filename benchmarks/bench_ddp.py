@@ -78,6 +78,8 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--cuda", action="store_true")
+    p.add_argument("--docs", action="store_true",
+                   help="also write the docs' page, docs/results/ddp-throughput.md and .csv")
     a = p.parse_args()
     cores = os.cpu_count() or 1
     settings = {"plain PyTorch reference, 1 process x 1 thread": None,
@@ -100,6 +102,14 @@ def main() -> None:
     for name, values in speed.items():
         m = statistics.median(values)
         print(f"| {name} | {m:.0f} | {m / base:.2f} |")
+    if a.docs:
+        from results_page import write_page
+
+        rows = [{"setting": name, "img_per_s_median": statistics.median(v),
+                 "ratio": statistics.median(v) / base, "img_per_s": " ".join(f"{x:.0f}" for x in v)}
+                for name, v in speed.items()]
+        write_page("ddp-throughput", "Data-parallel throughput", None, rows, seeds=[0],
+                   about=__doc__)
 
 
 if __name__ == "__main__":

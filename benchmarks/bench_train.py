@@ -69,6 +69,9 @@ def main() -> int:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--cuda", action="store_true")
     p.add_argument("--json", help="also write the results here")
+    p.add_argument("--docs", action="store_true",
+                   help="also write the docs' page, docs/results/train-throughput.md and .csv "
+                        "(compiled-throughput.md with a -compiled method)")
     a = p.parse_args()
     if a.epochs < 2:
         p.error("--epochs must be at least 2 (the first is a warm-up)")
@@ -126,6 +129,13 @@ def main() -> int:
         print(f"| {m} | {med:,.0f} | {ratio} | {statistics.fmean(elbo[m]):.2f} ± {sd:.2f} |")
     if a.json:
         Path(a.json).write_text(json.dumps({"args": vars(a), "results": results}, indent=2))
+    if a.docs:
+        from results_page import docs_rows, write_page
+
+        compiled = any(m.endswith("-compiled") for m in a.methods)
+        write_page("compiled-throughput" if compiled else "train-throughput",
+                   "Training throughput and test ELBO", None, docs_rows(results, "method"),
+                   seeds=a.seeds, about=__doc__)
     return 0
 
 

@@ -33,6 +33,8 @@ def main() -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--out", help="write encoder_scale.csv and encoder_scale.md here")
+    p.add_argument("--docs", action="store_true",
+                   help="also write the docs' page, docs/results/encoder-scale.md and .csv")
     a = p.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -64,6 +66,11 @@ def main() -> int:
             writer.writeheader()
             writer.writerows(rows)
         (out / "encoder_scale.md").write_text("\n".join(md) + "\n")
+    if a.docs:
+        from results_page import write_page
+
+        write_page("encoder-scale", "The encoder's scale head", "\n".join(md), rows,
+                   seeds=a.seeds, about=__doc__)
     return 0
 
 

@@ -62,6 +62,8 @@ def main() -> None:
     p.add_argument("--eval-iwae", type=int, default=1000)
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--out", default="runs/estimator-table")
+    p.add_argument("--docs", action="store_true",
+                   help="also write the docs' page, docs/results/estimator-table.md and .csv")
     a = p.parse_args()
     jobs = [(e, k, s) for e, k in CONFIGS for s in a.seeds]
     with ThreadPoolExecutor(a.jobs) as pool:
@@ -83,6 +85,11 @@ def main() -> None:
               for r in table]
     write_text(out / "table.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
+    if a.docs:
+        from results_page import write_page
+
+        write_page("estimator-table", "Training with each estimator", "\n".join(lines), table,
+                   seeds=a.seeds, about=__doc__)
 
 
 if __name__ == "__main__":

@@ -204,6 +204,8 @@ def main() -> int:
                         "the classifier takes the same lr")
     p.add_argument("--jobs", type=int, default=2, help="runs at a time (one thread each)")
     p.add_argument("--out", help="write m2_table.csv, m2_runs.csv and m2_table.md here")
+    p.add_argument("--docs", action="store_true",
+                   help="also write the docs' page, docs/results/m2-table.md and .csv")
     a = p.parse_args()
     recipe = resolve(TrainConfig(model="ssvae", epochs=a.epochs, **key_values(a.run_opt)))[0]
     a.epochs, a.lr = recipe.epochs, recipe.lr  # the classifier's too
@@ -229,6 +231,11 @@ def main() -> int:
                 writer.writeheader()
                 writer.writerows(data)
         (out / "m2_table.md").write_text(text)
+    if a.docs:
+        from results_page import write_page
+
+        write_page("m2-table", "Semi-supervised accuracy: M2 and M1+M2", text, rows,
+                   seeds=a.seeds, about=__doc__)
     return 0
 
 
