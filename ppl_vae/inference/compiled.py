@@ -15,17 +15,19 @@ corrections of step t + 1 are computed at the end of step t. The first step (no 
 yet) is eager. Random draws are torch's, in the eager step's order (``fallback_random``): a
 compiled step draws exactly the eager step's noise.
 
-Assumptions, checked (else the step stays eager and one line says why, as README lists):
-the estimator's loss is differentiable and host-free (not RenyiELBO), Pyro validation is
-off; plain ``torch.optim.Adam`` (no amsgrad, maximize, tensor lr or schedule); every tensor
-the program reads is an input or an untrained constant; the structure is static (no
-``.item()``, no value-dependent shapes, two traces the same graph); a compiler for inductor;
-and at capture one compiled step agrees with one eager step with the same noise (the loss
-and Adam's new moments, to float tolerance), after which state and RNG are put back.
+Assumptions, checked (else the step stays eager and one line says why, as
+docs/howto/compile.md lists): the estimator's loss is differentiable and host-free (not
+RenyiELBO), Pyro validation is off; plain ``torch.optim.Adam`` (no amsgrad, maximize, tensor
+lr or schedule); every tensor the program reads is an input or an untrained constant; the
+structure is static (no ``.item()``, no value-dependent shapes, two traces the same graph);
+a compiler for inductor; and at capture one compiled step agrees with one eager step with
+the same noise (the loss and Adam's new moments, to float tolerance), after which state and
+RNG are put back.
 
 At every epoch start the forward's operators and Adam's hyperparameters are compared with
 the compiled step's; if they changed, the step is traced (and compiled) again. Under
-``torchrun`` the graph computes each rank's loss and gradients only (see README).
+``torchrun`` the graph computes each rank's loss and gradients only
+(docs/howto/distributed.md).
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ import torch
 from pyro.distributions.util import is_validation_enabled as dist_validation
 from pyro.infer.util import is_validation_enabled as infer_validation
 from torch import Tensor, nn
-from torch._subclasses.fake_tensor import FakeTensor, is_fake, unset_fake_temporarily
+from torch._subclasses.fake_tensor import is_fake
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -164,23 +166,20 @@ def _user_frame(frames: traceback.StackSummary) -> str:
 
 class _Operators(TorchDispatchMode):
     """Records each operator with its arguments: Python values as they are, tensors by first
-    appearance, shape and dtype, a constant tensor (data the program holds) by its values."""
+    appearance, shape and dtype, and a tensor the program holds (neither one of ``inputs``
+    nor made by an operator: a constant) also by its values."""
 
-    def __init__(self) -> None:
+    def __init__(self, inputs: Sequence[Tensor]) -> None:
         super().__init__()
         self.ops: list[tuple] = []
+        self._inputs = {id(t) for t in inputs}
         self._seen: dict[int, tuple] = {}
-        self._alive: list[Tensor] = []  # (ids stay unique while recording)
+        self._alive: list[Tensor] = [*inputs]  # (ids stay unique while recording)
 
-    def _describe(self, t: Tensor) -> tuple:
+    def _describe(self, t: Tensor, made: bool = False) -> tuple:
         if id(t) not in self._seen:
-            const = getattr(t, "constant", None)
-            if const is None and not isinstance(t, FakeTensor):
-                const = t
-            with unset_fake_temporarily():  # (its values are real)
-                value = () if const is None else (  # a large one: which, changed in place?
-                    const.detach().cpu().flatten().tolist() if const.numel() <= 4096
-                    else (id(const), const._version),)
+            value = () if made or id(t) in self._inputs else (  # a large one: changed in place?
+                t.detach().cpu().flatten().tolist() if t.numel() <= 4096 else (id(t), t._version))
             self._seen[id(t)] = (len(self._seen), tuple(t.shape), t.dtype, *value)
             self._alive.append(t)
         return self._seen[id(t)]
@@ -191,7 +190,7 @@ class _Operators(TorchDispatchMode):
                                  for a in torch.utils._pytree.tree_leaves((args, kwargs)))))
         for t in torch.utils._pytree.tree_leaves(out):
             if isinstance(t, Tensor):
-                self._describe(t)
+                self._describe(t, made=True)
         return out
 
 
@@ -232,21 +231,28 @@ def _reason(e: Exception) -> str:
 
 @torch.no_grad()
 def adam(p: Tensor, grad: Tensor, m: Tensor, v: Tensor, t: Tensor, group: dict,
-         lr: Tensor) -> None:
+         lr: Tensor, coef: Tensor) -> None:
     """``torch.optim.Adam``'s update of one tensor in place (the module's formula) at
     learning rate ``lr`` (a float64 tensor: a schedule's value is an input, not a constant),
-    the bias corrections in float64 as Adam computes them on the host: what the graph runs
-    and what its capture check recomputes."""
-    beta1, beta2 = group["betas"]
+    with the bias corrections of its step t given, ``coef = [1 - beta1^t, sqrt(1 - beta2^t)]``
+    in float64 (computed once per step, not per element): what the graph runs and what its
+    capture check recomputes."""
     if group["weight_decay"]:
         grad = grad.add(p, alpha=group["weight_decay"])
+    beta1, beta2 = group["betas"]
     t.add_(1)
-    after = t.to(torch.float64)
-    step_size, bc2_sqrt = lr / (1 - beta1 ** after), (1 - beta2 ** after).sqrt()
     m.lerp_(grad, 1 - beta1)
     v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-    denom = (v.sqrt() / bc2_sqrt.to(v.dtype)).add_(group["eps"])
-    p.sub_(step_size.to(p.dtype) * m / denom)
+    denom = (v.sqrt() / coef[1].to(v.dtype)).add_(group["eps"])
+    p.sub_((lr / coef[0]).to(p.dtype) * m / denom)
+
+
+def corrections(t: Tensor, groups: Sequence[dict]) -> Tensor:
+    """Adam's bias corrections ``[1 - beta1^(t+1), sqrt(1 - beta2^(t+1))]`` (float64) of
+    each group for the step after ``t``: what the graph computes once per step."""
+    after = t.to(torch.float64) + 1
+    return torch.stack([torch.stack([1 - g["betas"][0] ** after,
+                                     (1 - g["betas"][1] ** after).sqrt()]) for g in groups])
 
 
 def clip(grads: Sequence[Tensor | None], max_norm: float) -> tuple[list, Tensor]:
@@ -257,6 +263,25 @@ def clip(grads: Sequence[Tensor | None], max_norm: float) -> tuple[list, Tensor]
         return list(grads), norm
     coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
     return [None if g is None else g * coef for g in grads], norm
+
+
+def _standard_normal_as_randn(gm: torch.fx.GraphModule) -> None:
+    """``normal(mean, std)`` (what ``torch.distributions`` draws under tracing) as
+    ``randn(shape) * std + mean``: the eager step's ``empty(shape).normal_()`` draws, in the
+    same order, by an operator the C++ wrapper calls directly (``normal`` has no C shim)."""
+    for node in list(gm.graph.nodes):
+        if node.target is not torch.ops.aten.normal.Tensor_Tensor:
+            continue
+        mean, std = node.args
+        out = node.meta["val"]
+        with gm.graph.inserting_before(node):
+            eps = gm.graph.call_function(torch.ops.aten.randn.default, (list(out.shape),),
+                                         {"dtype": out.dtype, "device": out.device})
+            scaled = gm.graph.call_function(torch.ops.aten.mul.Tensor, (eps, std))
+            drawn = gm.graph.call_function(torch.ops.aten.add.Tensor, (scaled, mean))
+        node.replace_all_uses_with(drawn)
+        gm.graph.erase_node(node)
+    gm.recompile()
 
 
 @dataclass
@@ -417,6 +442,7 @@ class CompiledStep(Step):
         self._trained_tensors = [tensors[j] for j in self._trained]
         self.i_dev = torch.zeros((), dtype=torch.long, device=self.device)
         self.lr_dev = torch.zeros(len(self._groups), dtype=torch.float64, device=self.device)
+        self.coef = torch.zeros(len(self._groups), 2, dtype=torch.float64, device=self.device)
         self._lr: list[float | None] = [None] * len(self._groups)
         averages = {id(p): a for p, a in zip(self.params, self.ema, strict=False)}
         self._averages = [averages[id(t)] for t in self._trained_tensors] if self.ema else []
@@ -476,16 +502,20 @@ class CompiledStep(Step):
                 group["capturable"] = True  # eager steps with the device-side step count
         self._lr = [g["lr"] for g, _ in self._groups]  # (a schedule's: copied in per call)
         self.lr_dev.copy_(torch.tensor(self._lr, dtype=torch.float64))
-        self._inputs = [*self._tensors, *self._moments, *self._averages, self.lr_dev,
+        if trained:  # the next step's corrections, on the device (no host read)
+            self.coef.copy_(corrections(self._moments[2 * len(trained)].to(self.device),
+                                        [g for g, _ in self._groups]))
+        self._inputs = [*self._tensors, *self._moments, *self._averages, self.lr_dev, self.coef,
                         self.total, self.first_bad, self.i_dev, self.grad_norm, self.clipped]
         self._next_i = -1
 
     # -- the traced function ---------------------------------------------------------------
     def _function(self, grads_only: bool = False, find_dynamic: bool = False) -> Callable:
         """The step as a function of flat tensors: module, store and schedule tensors, Adam's
-        (m, v, t) of each trained tensor, their averages (with ``ema``), the learning rate of
-        each group, (total, first_bad, i, grad_norm, clipped), then the batch. ``grads_only``:
-        of the tensors and the batch, returning (loss, grads of the trained tensors)."""
+        (m, v, t) of each trained tensor, their averages (with ``ema``), the learning rate and
+        the bias corrections of each group, (total, first_bad, i, grad_norm, clipped), then the
+        batch. ``grads_only``: of the tensors and the batch, returning (loss, grads of the
+        trained tensors)."""
         n_in, n_tr = len(self._tensors), len(self._trained)
         n_av = len(self._averages)
 
@@ -495,8 +525,9 @@ class CompiledStep(Step):
                 batch = flat[n_in:]
             else:
                 moments, averages = flat[n_in:n_in + 3 * n_tr], flat[n_in + 3 * n_tr:][:n_av]
-                lr, total, first_bad, i, grad_norm, clipped = flat[n_in + 3 * n_tr + n_av:][:6]
-                batch = flat[n_in + 3 * n_tr + n_av + 6:]
+                rest = flat[n_in + 3 * n_tr + n_av:]
+                lr, coef, total, first_bad, i, grad_norm, clipped = rest[:7]
+                batch = rest[7:]
             watch = _FindDynamicShape() if find_dynamic else contextlib.nullcontext()
             with watch:
                 loss = self._loss_of(tensors, batch)
@@ -512,13 +543,17 @@ class CompiledStep(Step):
                     grad_norm.add_(norm)
                     if self.clip_norm:
                         clipped.add_(norm + 1e-6 > self.clip_norm)
-                k = 0
+                k, counted = 0, None
                 for g_index, (group, updated) in enumerate(self._groups):
                     for _ in updated:  # (a tensor the loss does not use: Adam leaves it alone)
                         if grads[k] is not None:
-                            adam(trained[k], grads[k], moments[k], moments[n_tr + k],
-                                 moments[2 * n_tr + k], group, lr[g_index])
+                            t = moments[2 * n_tr + k]
+                            adam(trained[k], grads[k], moments[k], moments[n_tr + k], t, group,
+                                 lr[g_index], coef[g_index])
+                            counted = t if counted is None else counted
                         k += 1
+                if counted is not None:  # the next step's corrections, once, not per element
+                    coef.copy_(corrections(counted, [g for g, _ in self._groups]))
                 for average, p in zip(averages, trained, strict=False):
                     average.lerp_(p, 1 - self.ema_decay)
                 total.add_(loss)
@@ -543,20 +578,25 @@ class CompiledStep(Step):
                                               swapped, tuple(batch), strict=True)
 
     def _fingerprint(self, args: Sequence[Tensor]) -> tuple | None:
-        """The forward's operators on fake tensors (:class:`_Operators`) and Adam's
-        hyperparameters: the program's Python values the graph holds, at a tenth of a
-        trace's cost. None if it cannot be taken."""
-        from torch._subclasses.fake_tensor import FakeTensorMode
-
-        record = _Operators()
+        """The forward's operators (:class:`_Operators`), run once on the live tensors (the
+        random state and the buffers put back after; no backward), and Adam's
+        hyperparameters: the program's Python values the graph holds, at a forward's cost.
+        None if it cannot be taken."""
+        buffers = [b for m in (self.module, self.schedule) if m is not None
+                   for b in m.buffers()]
+        saved = [b.detach().clone() for b in buffers]
+        record = _Operators([*self._tensors, *args])
+        devices = [self.device] if self.device.type == "cuda" else []
         try:
-            with FakeTensorMode(allow_non_fake_inputs=True) as mode, warnings_quiet(), \
-                    _traced_code_paths():
-                fake = [mode.from_tensor(t) for t in (*self._tensors, *args)]
-                with record:
-                    self._loss_of(fake[:len(self._tensors)], fake[len(self._tensors):])
+            with torch.random.fork_rng(devices), warnings_quiet(), _traced_code_paths(), \
+                    record:
+                self._loss_of(self._tensors, args)
         except Exception:  # the full trace says why
             return None
+        finally:
+            with torch.no_grad():
+                for b, value in zip(buffers, saved, strict=True):
+                    b.copy_(value)
         return tuple(record.ops), self._hyperparameters()
 
     def _hyperparameters(self) -> tuple:
@@ -605,8 +645,11 @@ class CompiledStep(Step):
 
     def _compile(self, gm: torch.fx.GraphModule, args: Sequence[Tensor]) -> Callable:
         """Inductor's code for ``gm``: on the CPU from the FX graph (no per-call guards: half
-        ``torch.compile``'s time on a small step); on a GPU by ``torch.compile`` with every
-        input but the batch at a static address (replayed as a CUDA graph)."""
+        ``torch.compile``'s time on a small step) with a C++ wrapper (one shared library: no
+        Python between kernels, one C++ build), trusting the CPU's vector ISA flags (a build
+        that fails then is retried with inductor's own ISA probes, seconds of builds); on a GPU
+        by ``torch.compile`` with every input but the batch at a static address (replayed as
+        a CUDA graph)."""
         options = {"fallback_random": True}
         try:
             with torch.no_grad(), warnings_quiet():
@@ -616,8 +659,15 @@ class CompiledStep(Step):
                     from torch._subclasses.fake_tensor import FakeTensorMode
                     from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
-                    with tracing(TracingContext(FakeTensorMode(shape_env=ShapeEnv()))):
-                        return compile_fx(gm, [*self._inputs, *args], config_patches=options)
+                    _standard_normal_as_randn(gm)
+                    for trust in (True, None):
+                        try:
+                            with tracing(TracingContext(FakeTensorMode(shape_env=ShapeEnv()))):
+                                return compile_fx(gm, [*self._inputs, *args], config_patches={
+                                    **options, "cpp_wrapper": True, "cpp.vec_isa_ok": trust})
+                        except Exception:
+                            if trust is None:
+                                raise
                 for t in self._inputs:
                     torch._dynamo.mark_static_address(t)
                 return torch.compile(gm, fullgraph=True, dynamic=False,
@@ -676,14 +726,14 @@ class CompiledStep(Step):
                        if e is not None]
         else:  # Adam's new moments from the eager gradient, by the graph's own update
             n_in, n_tr, k = len(self._tensors), len(self._trained), 0
-            lr = saved[n_in + 3 * n_tr + len(self._averages)]
+            lr, coef = saved[n_in + 3 * n_tr + len(self._averages):][:2]
             for g_index, (group, updated) in enumerate(self._groups):
                 for _ in updated:
                     g = grads_e[k]
                     if g is not None:
                         p, m, v, t = (saved[j].clone() for j in (
                             self._trained[k], n_in + k, n_in + n_tr + k, n_in + 2 * n_tr + k))
-                        adam(p, g, m, v, t, group, lr[g_index])
+                        adam(p, g, m, v, t, group, lr[g_index], coef[g_index])
                         m0, v0 = saved[n_in + k], saved[n_in + n_tr + k]
                         checks += [("Adam's m (the gradient)", self._moments[k], m,
                                     m0.abs() + (m - group["betas"][0] * m0).abs()),
