@@ -200,7 +200,7 @@ def train_parser(model: str | type = "vae", compare: bool = False) -> Parser:
     groups = add_options(p, TrainConfig, skip=("model_options", *(TRAIN_ONLY if compare else ())))
     recipe = {**RECIPE, **getattr(cls, "recipe", {})}
     for name, value in recipe.items():  # not given: the family's recipe, shown for this --model
-        if not (compare and name in TRAIN_ONLY):
+        if name in RECIPE and not (compare and name in TRAIN_ONLY):
             p._option_string_actions[flag(name)].shown_default = value
     # a model option named like a run option (lr, seed, ...) is set by --model-opt only
     reserved = {f.name for f in (*dataclasses.fields(TrainConfig),

@@ -27,6 +27,8 @@ MOST_THREADS = 4 * (os.cpu_count() or 1)
 """``--threads`` at most: more threads than this machine's cores only wait for them."""
 MOST_SAMPLES = 2**31
 """Samples per data point at most (``--particles``, ``--eval-particles``, ``--eval-iwae``)."""
+MOST_INT = 2**62
+"""Any whole number an option takes, at most: within torch's int64 (no overflow later)."""
 RECIPE = {"elbo": "mc", "epochs": 10, "lr": 1e-3, "early_stop": 0}
 """The run options a model family's ``recipe`` may choose (M2's ``{"lr": 3e-3, ...}``),
 taken where the user gives none, and their value for a family whose recipe does not."""
@@ -110,6 +112,8 @@ def check_fields(obj: Any, keys: str | None = None, skip: tuple[str, ...] = ()) 
             if isinstance(value, tuple):  # (a rule for each value)
                 rule, value = rule.replace("a ", "", 1).replace("number", "numbers", 1), list(value)
             raise UsageError(f"{what} must be {rule}, got {value!r}")
+        if any(type(v) is int and v > MOST_INT for v in values):
+            raise UsageError(f"{what} must be a whole number of at most {MOST_INT}, got {value!r}")
 
 
 def _within(v: Any, least: float | None = None, above: float | None = None,
@@ -160,7 +164,8 @@ class TrainConfig:
     labelled_share: float = option(0.0, "with --labelled: the share of each batch that is "
                                    "labelled rows, cycled through the labelled set (each "
                                    "unlabelled row once per epoch); 0: batches drawn from all "
-                                   "rows alike (measured on M2: no gain yet; README)",
+                                   "rows alike (measured on M2: no gain yet; docs: "
+                                   "results/m2-recipe.md)",
                                    group="data", least=0, below=1)
     # inference
     elbo: str | None = option(None, "the estimator (not given: the model's recipe). mc: "
@@ -205,7 +210,8 @@ class TrainConfig:
                             "the whole run; slower", group="inference")
     threads: int = option(0, "CPU threads per process (torch.set_num_threads); 0: the free "
                           "cores (the cores less the 1-minute load average, at least 1) shared "
-                          "among the processes, or OMP_NUM_THREADS where set (README: why)",
+                          "among the processes, or OMP_NUM_THREADS where set (docs: "
+                          "getting-started.md, threads)",
                           group="inference", least=0, most=MOST_THREADS)
     checkpoint_every_steps: int = option(0, "also write the checkpoint every K steps within "
                                          "epochs (0: at epoch ends only)", group="inference",
@@ -226,8 +232,9 @@ class TrainConfig:
                               "sum over processes) at C (0: off); the run counts the steps "
                               "clipped", group="trainer", least=0)
     precision: str = option("fp32", "bf16: the networks run under torch.autocast in bfloat16, "
-                            "log-densities, the ELBO, the KL and Adam in float32 (README: when "
-                            "it pays); fp16 is refused (it needs a gradient scaler)",
+                            "log-densities, the ELBO, the KL and Adam in float32 (docs: "
+                            "howto/trainer-options.md, when it pays); fp16 is refused (it "
+                            "needs a gradient scaler)",
                             group="trainer", choices=PRECISIONS)
     ema: float = option(0.0, "decay D of an exponential moving average of the weights, updated "
                         "every step and used to validate, evaluate, draw and save (the raw "

@@ -373,3 +373,44 @@ def test_an_inductor_cache_below_a_file_is_one_line(tmp_path, run_module):
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
         assert proc.stderr.strip().count("\n") == 0
         assert "from TORCHINDUCTOR_CACHE_DIR" in proc.stderr and "Not a directory" in proc.stderr
+
+
+def test_an_early_stopped_m2_run_read_back_with_its_data_has_its_trained_weight(tmp_path):
+    """Read back with its data (evaluate, load_run), a run that held out a validation split
+    is rebuilt on the rows it trained on: M2's classification weight a = alpha N / N_l is the
+    trained one, as it is when read back without the data."""
+    config = TrainConfig(model="ssvae", model_options={**M2, "m1": 0}, dataset="digits",
+                         labelled=50, epochs=1, early_stop=1, batch_size=256,
+                         eval_particles=2, out=str(tmp_path / "r"))
+    trained = train_run(config, progress=False).module.aux_weight
+    _, with_data, data = load_run(tmp_path / "r")
+    _, without, _ = load_run(tmp_path / "r", data=False)
+    assert data.val is not None
+    assert float(with_data.aux_weight) == float(without.aux_weight) == float(trained)
+
+
+class WideRecipe(VAE):
+    recipe = {"lr": 3e-3, "batch_size": 32}  # batch_size is not a recipe's to choose
+
+
+def test_a_recipe_key_a_recipe_cannot_set_is_one_line(tmp_path):
+    with pytest.raises(UsageError, match=r"WideRecipe.recipe sets 'batch_size', which a recipe "
+                                         r"cannot choose; it may set elbo, epochs, lr"):
+        train_run(small(tmp_path / "r", model=WideRecipe), progress=False)
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--epochs", "100000000000000000000"], "--epochs must be a whole number of at most"),
+    (["--batch-size", "99999999999999999999999"], "--batch-size must be a whole number of at"),
+])
+def test_a_whole_number_past_int64_is_one_line(cli, tmp_path, argv, fragment):
+    result = cli(train_main, [*argv, "--out", tmp_path / "r"])
+    assert_one_line_error(result, PROG, fragment, str(2**62))
+
+
+def test_compare_repeats_past_the_sample_bound_is_one_line(cli, tmp_path):
+    from ppl_vae.cli import compare_main
+
+    result = cli(compare_main, ["--repeats", str(10**20), "--out", tmp_path / "c"])
+    assert_one_line_error(result, "python -m ppl_vae compare", "--repeats must be a whole "
+                          f"number in [2, {2**31}]")

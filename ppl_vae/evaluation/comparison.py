@@ -64,7 +64,8 @@ class CompareConfig:
     warmup_epochs: int = option(0, "without --run: pre-train the model (its pretrain hook) and "
                                 "train this many epochs (the model's own estimator) before "
                                 "measuring", least=0)
-    repeats: int = option(200, "repeated estimates and gradient draws", least=2)
+    repeats: int = option(200, "repeated estimates and gradient draws", least=2,
+                          most=MOST_SAMPLES)
     iwae_samples: tuple[int, ...] = option((1, 10, 100), "K of the IWAE bound estimates", least=1,
                                             most=MOST_SAMPLES)
     eval_batch: int = option(128, "test images in the fixed evaluation batch", least=2)

@@ -2,8 +2,8 @@
 
 A model is any ``nn.Module`` with Pyro ``model(*args)`` and ``guide(*args)`` methods, a
 :class:`Model` subclass or not. Code outside ``ppl_vae.models`` calls its optional hooks
-through :func:`hook`: its own method, else the default here (the README's table says when to
-override each). Six hooks: ``from_options(options, data)``: the constructor, with
+through :func:`hook`: its own method, else the default here (docs/howto/own-model.md's table
+says when to override each). Six hooks: ``from_options(options, data)``: the constructor, with
 ``input_dim``, ``image_shape`` and ``num_classes`` from the data; ``data_args(x, y)`` ->
 ``(pixels(x),)`` (``x`` (N, D) rows, uint8 for 8-bit sources; ``y`` (N,) labels or None, -1
 hidden by ``--labelled``); ``programs()`` -> ``[(1.0, model, guide)]``; ``pretrain(ctx)``:

@@ -1,6 +1,6 @@
 """The semi-supervised VAE "M2" of Kingma, Rezende, Mohamed & Welling (2014) as Pyro programs
 (the model of Pyro's ss-vae example), trained by SVI on partly labelled data
-(``--model ssvae --labelled N``; README has the measured table).
+(``--model ssvae --labelled N``; docs/results/m2-table.md has the measured table).
 
 Generative model, for each data point (``pyro.plate("data")``), with K classes::
 
@@ -147,8 +147,8 @@ class SSVAE(Model):
 
     Options = SSVAEOptions
     recipe = {"elbo": "enum",  # y summed out exactly; mc would sample it (a score function)
-              "epochs": 50,  # M1+M2 at 100 labels: 30 epochs fall short (README's table)
-              "lr": 3e-3,  # M1+M2 at 100 labels: +4 points over 1e-3, paired (README)
+              "epochs": 50,  # M1+M2 at 100 labels: 30 epochs fall short (docs: m2-recipe)
+              "lr": 3e-3,  # M1+M2 at 100 labels: +4 points over 1e-3, paired (docs: m2-recipe)
               "early_stop": 10}  # (the table's): 3e-3 has late spikes, the best epoch is kept
 
     def __init__(self, input_dim: int, num_classes: int, options: SSVAEOptions | None = None, *,

@@ -10,12 +10,12 @@ Guide (the encoder, amortized variational posterior)::
 
     q(z|x) = Normal(mu(x), diag sigma(x)^2),   (mu, h) = g(x),   sigma = s(h)
 
-with f, g MLPs and the scale head s of ``--encoder-scale``: ``softplus`` sigma = log(1 + e^h)
-(the default, README), ``logvar`` sigma = exp(h / 2), ``logscale`` sigma = exp(h). SVI
-maximizes ``ELBO = E_q[log p(x|z)] - beta * KL(q(z|x) || p(z))``; beta scales the site ``z``
-(``poutine.scale``) in model and guide. The weights are the module's own parameters; for
-``pyro.infer.SVI`` register them with :func:`ppl_vae.inference.svi.with_params`.
-"""
+with f, g MLPs and the scale head s of ``--encoder-scale``: ``softplus`` sigma = log(1 +
+e^h) (the default, docs/results/encoder-scale.md), ``logvar`` sigma = exp(h / 2),
+``logscale`` sigma = exp(h). SVI maximizes ``ELBO = E_q[log p(x|z)] - beta * KL(q(z|x) ||
+p(z))``; beta scales the site ``z`` (``poutine.scale``) in model and guide. The weights are
+the module's own parameters; for ``pyro.infer.SVI`` register them with
+:func:`ppl_vae.inference.svi.with_params`."""
 
 from __future__ import annotations
 

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from .. import distributed as dist
 from .. import resources
-from ..config import TrainConfig
+from ..config import RECIPE, TrainConfig
 from ..data import Dataset, Split, load_dataset
 from ..distributed import SINGLE, World
 from ..errors import UsageError, either, first_line
@@ -52,7 +52,7 @@ def _retired(obj: Any) -> None:
     for old, new in RETIRED.items():
         if getattr(obj, old, None) is not None:
             raise UsageError(f"{owner} declares {old}, which the model contract replaced by "
-                             f"{new}; rename it (README: the contract)")
+                             f"{new}; rename it (docs: howto/own-model.md, the contract)")
 
 
 def resolve(config: TrainConfig, model: type | None = None) -> tuple[TrainConfig, type]:
@@ -66,7 +66,12 @@ def resolve(config: TrainConfig, model: type | None = None) -> tuple[TrainConfig
                      data_dir=os.path.abspath(config.data_dir))
     if config.dataset.startswith("npz:"):
         config = replace(config, dataset="npz:" + os.path.abspath(config.dataset[4:]))
-    config = config.with_recipe(getattr(cls, "recipe", {}))
+    recipe = getattr(cls, "recipe", {})
+    unknown = sorted(set(recipe) - set(RECIPE))
+    if unknown:
+        raise UsageError(f"{cls.__name__}.recipe sets {unknown[0]!r}, which a recipe cannot "
+                         f"choose; it may set {', '.join(RECIPE)} (docs: howto/own-model.md)")
+    config = config.with_recipe(recipe)
     if config.elbo not in ELBOS:
         raise UsageError(f"--elbo {config.elbo!r} is not one of {', '.join(ELBOS)}")
     return config, cls
@@ -172,8 +177,9 @@ class Session:
         self.logger: Any = None  # --log's, on rank 0 while train_run runs (run.log)
         self.device = device_for(config.cuda, world)
         use_threads(config.threads, world.size)
-        data = load_data(config) if data is None else composed(data, config)
-        if training and (config.early_stop or config.lr_schedule == "plateau") and \
+        read = data is None  # (a saved run read back with its data: split as it trained)
+        data = load_data(config) if read else composed(data, config)
+        if (training or read) and (config.early_stop or config.lr_schedule == "plateau") and \
                 data.val is None:  # (a caller's own validation split is kept)
             data = data.with_validation(config.val_fraction)
         self.data = data.to(self.device)

@@ -292,7 +292,8 @@ def _train(session: Session, rundir: RunDir, state: dict | None) -> Run:
         session.logger = open_logger(config.log, rundir.path, config.to_dict(),
                                      None if svi is None else loop.global_step)
     module.eval()
-    session.on_epoch(loop.state.epoch - 1)  # the schedule of the epoch (re-)entered
+    with step.averaged():  # (the weights the hook saw after that epoch: with --ema, averaged)
+        session.on_epoch(loop.state.epoch - 1)  # the schedule of the epoch (re-)entered
     try:
         best_epoch = loop.run()
     except Interrupted as e:  # at a step (checkpointed), or in an epoch's evaluation
