@@ -221,8 +221,9 @@ class TrainConfig:
     # the trainer
     lr_schedule: str = option("constant", "the learning rate over the run: constant; cosine or "
                               "linear decay to --lr-min over all steps (after --warmup-steps); "
-                              "plateau: halved after --early-stop's patience (or 5) epochs "
-                              "without a better validation ELBO", group="trainer",
+                              "plateau: halved at the N-th epoch in a row without a better "
+                              "validation ELBO, N half --early-stop's patience (at least 1), or "
+                              "5 without it", group="trainer",
                               choices=SCHEDULES)
     warmup_steps: int = option(0, "steps of linear warm-up from lr / N to --lr (before cosine, "
                                "linear or constant)", group="trainer", least=0)
@@ -238,7 +239,9 @@ class TrainConfig:
                             group="trainer", choices=PRECISIONS)
     ema: float = option(0.0, "decay D of an exponential moving average of the weights, updated "
                         "every step and used to validate, evaluate, draw and save (the raw "
-                        "weights are kept for resuming; 0: off; e.g. 0.999)", group="trainer",
+                        "weights are kept for resuming; 0: off). It starts at the initial "
+                        "weights and spans about 1/(1-D) steps: keep that well below the "
+                        "run's steps (0.99 for a few thousand)", group="trainer",
                         least=0, below=1)
     kl_warmup: int = option(0, "the latent sites' weight rises linearly from 0 in epoch 1 to 1 "
                             "(times the model's --beta) in epoch N + 1 (0: off)",

@@ -68,13 +68,32 @@ def test_plateau_halves_the_rate_after_its_patience(tmp_path):
     assert run.data.val is not None  # a validation split for the plateau to watch
     state = torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=True)
     plateau = state["update"]["plateau"]
-    assert plateau["patience"] == 5 and plateau["factor"] == 0.5
+    assert plateau["patience"] == 4 and plateau["factor"] == 0.5
     with pytest.raises(UsageError, match="plateau takes no warm-up"):
         TrainConfig(lr_schedule="plateau", warmup_steps=5)
     with pytest.raises(UsageError, match="lr.min 0.01 must lie below .*lr 0.001"):
         from ppl_vae.run.session import resolve
 
         resolve(TrainConfig(lr_schedule="cosine", lr_min=0.01))
+
+
+@pytest.mark.parametrize("early_stop, n", [(0, 5), (4, 2), (2, 1), (1, 1)])
+def test_plateau_halves_at_the_nth_epoch_without_a_better_one(early_stop, n):
+    """Fed validation losses that stop improving after the first, the rate is halved at the
+    N-th epoch in a row without a better one (N: half the early-stopping patience, at least
+    1, so before the run stops; 5 without early stopping), and again N epochs later."""
+    from ppl_vae.run.session import schedules
+
+    opt = torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=1e-3)
+    plateau = schedules(opt, TrainConfig(lr_schedule="plateau", early_stop=early_stop,
+                                         lr=1e-3), 10)["plateau"]
+    rates = []
+    for loss in [1.0] + [2.0] * (2 * n + 1):
+        plateau.step(loss)
+        rates.append(opt.param_groups[0]["lr"])
+    assert rates[n] == 1e-3 / 2 and rates[n - 1] == 1e-3 and rates[2 * n] == 1e-3 / 4
+    if early_stop:
+        assert n < early_stop or early_stop == 1
 
 
 # -- clipping and the average ---------------------------------------------------------------------
@@ -278,3 +297,18 @@ def test_a_run_s_config_json_repeats_it_bit_for_bit(cli, tmp_path):
     assert_one_line_error(cli(train_main, ["--config", tmp_path / "bad.yaml"]), PROG,
                           "'lrr' is not an option of a run")
     assert os.path.isdir(first)
+
+
+@pytest.mark.parametrize("ema, said", [(0.999, True), (0.9, False)])
+def test_an_average_longer_than_half_the_run_is_said(ema, digits, said):
+    """1/(1 - D) steps against the run's: 0.999 over 3 epochs of 23 steps keeps 93% of the
+    initial weights, and the run says so with the numbers; 0.9 says nothing."""
+    lines = []
+    Session(TrainConfig(model_options=SMALL, ema=ema, epochs=3, batch_size=64), digits,
+            progress=False).step(log=lines.append)
+    notes = [line for line in lines if line.startswith("--ema")]
+    steps = 3 * math.ceil(len(digits.train) / 64)
+    assert notes == ([f"--ema 0.999 averages over about 1,000 steps, more than half of this "
+                      f"run's {steps}: the average still holds much of the initial weights "
+                      f"(0.999**{steps} = {0.999 ** steps:.0%} at the end); a smaller D "
+                      "follows the training"] if said else [])

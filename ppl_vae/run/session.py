@@ -350,6 +350,12 @@ class Session:
                             schedule=self.schedule if config.kl_warmup else None,
                             **schedules(adam, config, self.steps_per_epoch()))
         step.watch_norm = config.log != "none"  # (the norm before clipping, logged)
+        steps = config.epochs * self.steps_per_epoch()
+        if config.ema and 2 / (1 - config.ema) > steps and log is not None:
+            log(f"--ema {config.ema:g} averages over about {1 / (1 - config.ema):,.0f} steps, "
+                f"more than half of this run's {steps:,}: the average still holds much of the "
+                f"initial weights ({config.ema:g}**{steps:,} = {config.ema ** steps:.0%} at the "
+                "end); a smaller D follows the training")
         if config.precision == "bf16":
             step.loss, step._backward = (bf16(f, module, self.device)
                                          for f in (step.loss, step._backward))
@@ -474,15 +480,18 @@ def schedules(optimizer: torch.optim.Optimizer, config: TrainConfig, steps_per_e
               ) -> dict[str, Any]:
     """The learning-rate schedule of ``config``: ``scheduler``, stepped after every step
     (:class:`~torch.optim.lr_scheduler.LambdaLR`), or ``plateau``, after every epoch on the
-    validation loss (:class:`~torch.optim.lr_scheduler.ReduceLROnPlateau`). After s steps the
+    validation loss (:class:`~torch.optim.lr_scheduler.ReduceLROnPlateau`: halved at the N-th
+    epoch in a row without a better one, N half ``--early-stop``'s patience (at least 1: it
+    halves before the run stops), or 5 without early stopping). After s steps the
     rate is ``lr * f(s)``: warm-up ``f = (s + 1) / W`` for ``s < W`` (``--warmup-steps``),
     then with ``u = (s - W) / (T - W)`` (T: all the run's steps) ``lr_min / lr`` plus
     ``(1 - lr_min / lr)`` times ``(1 + cos(pi u)) / 2`` (cosine), ``1 - u`` (linear) or 1
     (constant)."""
     kind, w, lr, floor = config.lr_schedule, config.warmup_steps, config.lr, config.lr_min
     if kind == "plateau":
-        return {"plateau": torch.optim.lr_scheduler.ReduceLROnPlateau(
-            optimizer, factor=0.5, patience=config.early_stop or 5, min_lr=floor)}
+        n = max(1, config.early_stop // 2) if config.early_stop else 5
+        return {"plateau": torch.optim.lr_scheduler.ReduceLROnPlateau(  # (torch's patience:
+            optimizer, factor=0.5, patience=n - 1, min_lr=floor)}  # bad epochs before the N-th)
     if kind == "constant" and not w:
         return {}
     total = config.epochs * steps_per_epoch
