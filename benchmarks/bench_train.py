@@ -213,10 +213,14 @@ def main() -> int:
         from results_page import docs_rows, write_page
 
         compiled = any(m.endswith("-compiled") for m in a.methods)
-        name = (f"numpyro-anchor-{a.dataset}" if any(m.startswith("numpyro") for m in a.methods)
+        anchor = any(m.startswith("numpyro") for m in a.methods)
+        name = (f"numpyro-anchor-{a.dataset}" if anchor
                 else "compiled-throughput" if compiled else "train-throughput")
-        write_page(name, "Training throughput and test ELBO", None,
-                   docs_rows(results, "method"), seeds=a.seeds, about=__doc__)
+        vae = f"{data.input_dim}-{'-'.join(map(str, a.hidden))}-{a.z_dim}"
+        title = (f"Against NumPyro: the {vae} VAE at batch {a.batch_size}" if anchor else
+                 "Training throughput and test ELBO")
+        write_page(name, title, None, docs_rows(results, "method"), seeds=a.seeds,
+                   about=__doc__)
     return 0
 
 
