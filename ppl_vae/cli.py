@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import RECIPE, TrainConfig, field_default, flag
-from .errors import UsageError, command_line
+from .errors import UsageError, command_line, first_line
 from .interrupt import Interrupted
 from .models import MODELS, get_model, options_class, parse_model_opts
 
@@ -184,7 +184,10 @@ def add_options(parser: argparse.ArgumentParser, options: type, *, skip: Sequenc
 
 
 TRAIN_ONLY = ("elbo", "particles", "jit", "compile", "early_stop", "val_fraction", "eval_iwae",
-              "checkpoint_every_steps", "check_every_steps")
+              "checkpoint_every_steps", "check_every_steps", "lr_schedule", "warmup_steps",
+              "lr_min", "clip_norm", "precision", "ema", "kl_warmup", "log", "log_every_steps")
+"""TrainConfig's fields that ``compare`` neither offers nor reads from a ``--config`` file: its
+race takes the plain SVI step of each estimator."""
 
 
 def train_parser(model: str | type = "vae", compare: bool = False) -> Parser:
@@ -247,6 +250,11 @@ def _parse(argv: Sequence[str] | None, compare: bool = False, model: str | None 
     argv = list(sys.argv[1:] if argv is None else argv)
     file = _peek(argv, "--config")
     record = options_file(file) if file else {}
+    if record and (given_only or _peek(argv, "--resume")):
+        raise UsageError("--config starts a run; --resume continues one with its own "
+                         "options: give one of them")
+    if compare:  # (a run's config.json: its out is that run's directory)
+        record = {k: v for k, v in record.items() if k not in (*TRAIN_ONLY, "out")}
     model = model or _peek(argv, "--model") or record.get("model") or "vae"
     parser = train_parser(model, compare)
     for action in parser._actions if given_only or record else ():
@@ -256,14 +264,27 @@ def _parse(argv: Sequence[str] | None, compare: bool = False, model: str | None 
     options.update(parse_model_opts(args.pop("model_opt", None) or []))
     args.pop("resume", None)
     args.pop("config", None)
-    if record and not given_only:  # the file's options, those given here over them
-        if _peek(argv, "--resume"):
-            raise UsageError("--config starts a run; --resume continues one with its own "
-                             "options: give one of them")
+    if record:  # the file's options, those given here over them
         options = {**record.get("model_options", {}), **options}
         args = {**{k: v for k, v in record.items() if k != "model_options"}, **args}
     args["model_options"] = options
     return args
+
+
+def _yaml_loader() -> type:
+    """PyYAML's safe loader reading floats as YAML 1.2 does: ``1e-3`` is a number (YAML 1.1,
+    PyYAML's default, wants ``1.0e-3`` and reads ``1e-3`` as a string)."""
+    import re
+
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    number = r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)[eE][-+]?[0-9]+$"
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(number),
+                                 list("-+0123456789."))
+    return Loader
 
 
 def options_file(path: str) -> dict[str, Any]:
@@ -276,10 +297,11 @@ def options_file(path: str) -> dict[str, Any]:
 
     try:
         text = Path(path).read_text(encoding="utf-8")
-        record = yaml.safe_load(text) if path.endswith((".yaml", ".yml")) else json.loads(text)
+        record = yaml.load(text, _yaml_loader()) if path.endswith((".yaml", ".yml")) else \
+            json.loads(text)
     except (OSError, ValueError, yaml.YAMLError) as e:
         raise UsageError(f"--config {path!r} is not a readable JSON or YAML file of options "
-                         f"({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+                         f"({type(e).__name__}: {first_line(e, 120)})") from None
     if not isinstance(record, dict):
         raise UsageError(f"--config {path!r} holds a {type(record).__name__}, not a mapping "
                          "of options")
@@ -343,7 +365,7 @@ def _compare(argv: Sequence[str] | None) -> int:
     args = _parse(argv, compare=True)
     own = {f.name: args.pop(f.name) for f in dataclasses.fields(CompareConfig)
            if f.name in args}
-    out = args.pop("out")
+    out = args.pop("out", None)
     result = compare(CompareConfig(train=TrainConfig(**args), **own), out)
     print((result.out / "summary.md").read_text())
     print(f"samples per data point: {result.meta['samples']}")

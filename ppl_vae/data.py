@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .errors import UsageError
+from .errors import UsageError, first_line
 
 SPLIT_SEED = 0  # the digits/npz train/test split and static binarization never change with --seed
 TEST_FRACTION = 0.2
@@ -241,7 +241,7 @@ def _torchvision(name: str, root: str, download: bool) -> Dataset:
     except Exception as e:  # torchvision raises RuntimeError / URLError / OSError here
         _remove_empty_dirs(root, since=started)  # a failed download leaves no empty folders
         how = "and could not be downloaded" if download else "and --no-download was given"
-        said = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
+        said = first_line(e)
         raise UsageError(
             f"{name} is not in {os.path.abspath(root)!r} {how} ({type(e).__name__}"
             f"{': ' + said if said else ''}); put "

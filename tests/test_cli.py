@@ -431,6 +431,11 @@ def test_diverged_training_is_a_one_line_error(tmp_path, cli):
                               "--out", out, "--compile"])
     assert_one_line_error(result, TRAIN_PROG, "--lr", "epoch 1, step 4 of 12", "site 'z'",
                           code=3)
+    # a schedule: the replay starts from the snapshot's learning rate, not the advanced one
+    result = cli(train_main, ["--lr", "1e4", "--epochs", "1", "--hidden", "32", "--z-dim", "4",
+                              "--out", out, "--lr-schedule", "linear", "--warmup-steps", "3"])
+    assert_one_line_error(result, TRAIN_PROG, "--lr", "epoch 1, step 3 of 12", "site 'z'",
+                          code=3)
 
 
 def test_corrupt_config_json_is_a_usage_error(run_without_checkpoint, cli):

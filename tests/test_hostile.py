@@ -188,13 +188,15 @@ def test_an_alpha_decay_that_overflows_is_one_line(tmp_path):
                               eval_particles=2, out=str(tmp_path / "r")), progress=False)
 
 
-def test_pre_training_interrupted_resumes_where_it_stopped(tmp_path, monkeypatch):
+@pytest.mark.parametrize("ema", [0.0, 0.9])
+def test_pre_training_interrupted_resumes_where_it_stopped(tmp_path, monkeypatch, ema):
     """SIGINT in M1's second epoch: the pre-training checkpoint is kept, and --resume ends
-    where the uninterrupted run ends (M1's rows and M2's)."""
+    where the uninterrupted run ends (M1's rows and M2's); with --ema too (a checkpoint of
+    pre-training holds the pre-trained weights, not an average of the initial ones)."""
     def config(out):
         return TrainConfig(model="ssvae", model_options=M2, dataset="digits", labelled=50,
                            epochs=3, batch_size=64, eval_particles=2, checkpoint_every_steps=7,
-                           out=str(tmp_path / out))
+                           ema=ema, out=str(tmp_path / out))
 
     whole = train_run(config("whole"), progress=False)
     take = Loop._take_step

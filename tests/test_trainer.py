@@ -9,11 +9,14 @@ import json
 import math
 import os
 import signal
+from dataclasses import replace
 
 import pyro
 import pytest
 import torch
 from helpers import assert_one_line_error
+from plugin_models import EnumMixtureVAE
+from pyro.infer import config_enumerate
 from test_resume import interrupt_at, without_clock
 
 from ppl_vae import TrainConfig, UsageError, train_run
@@ -142,6 +145,39 @@ def test_the_average_after_k_steps_is_the_formula(digits):
     assert torch.equal(p, thetas[-1])  # (its own values after)
 
 
+def test_the_logged_gradient_norm_is_the_mean_over_the_steps_it_covers(digits, monkeypatch):
+    """Each log's train/grad_norm is the mean of the steps' pre-clip norms since the last log
+    (or the epoch's start), the epoch's partial last batch counted as one step."""
+    from ppl_vae.inference.svi import Step
+    from ppl_vae.run.loop import Loop
+
+    cfg = TrainConfig(model_options=SMALL, clip_norm=1e6, log="tensorboard", log_every_steps=5,
+                      batch_size=64, epochs=5)
+    s = Session(cfg, digits, progress=False)
+    step, norms, logged = s.step(), [], {}
+    real = Step.__call__
+
+    def recorded(self, *args):
+        before = float(self.grad_norm)
+        real(self, *args)
+        norms.append(float(self.grad_norm) - before)
+
+    class Logger:
+        def scalars(self, at, values):
+            logged[at] = values["train/grad_norm"]
+
+    monkeypatch.setattr(Step, "__call__", recorded)
+    s.logger = Logger()
+    loop = Loop(s, step)
+    loop.run()
+    per_epoch = math.ceil(len(s.data.train) / 64)
+    assert len(s.data.train) % 64 and per_epoch * 5 == len(norms)
+    for at, value in logged.items():
+        first = max(at - 5, (at - 1) // per_epoch * per_epoch)
+        assert value == pytest.approx(sum(norms[first:at]) / (at - first), rel=1e-5), at
+    assert 5 * per_epoch in logged  # (a log at the partial last batch: 5 epochs of 23 steps)
+
+
 # -- the KL warm-up and precision -----------------------------------------------------------------
 def test_the_kl_weight_per_epoch_and_what_it_scales(tmp_path, digits):
     """Epoch e trains with min(1, (e - 1) / N) on the latent sites: the loss at weight 0 is
@@ -162,6 +198,33 @@ def test_the_kl_weight_per_epoch_and_what_it_scales(tmp_path, digits):
         losses.append(float(step.loss(*args)))
     assert losses[1] == pytest.approx((losses[0] + losses[2]) / 2, rel=1e-5)
     assert losses[0] < losses[2]  # (the KL is positive)
+
+
+class SummedOutInTheModel(EnumMixtureVAE):
+    """EnumMixtureVAE with y enumerated in the model and a guide for z alone."""
+
+    @config_enumerate
+    def model(self, x):
+        super().model(x)
+
+    def guide(self, x):
+        pyro.module("mixture_vae", self)
+        with pyro.plate("data", x.shape[0]):
+            loc, log_scale = self.encode(self._cat(x, x.new_zeros(self.k))).chunk(2, -1)
+            pyro.sample("z", pyro.distributions.Normal(loc, log_scale.exp()).to_event(1))
+
+
+def test_kl_warm_up_with_enumeration(digits):
+    """Enumerated in the guide (M2's way), the warm-up scales y and z alike and trains; summed
+    out in the model, TraceEnum_ELBO needs the site and x at one scale: refused in one line."""
+    cfg = TrainConfig(model=EnumMixtureVAE, elbo="enum", kl_warmup=2, epochs=1)
+    s = Session(cfg, digits, progress=False)
+    step = s.step()
+    s.on_epoch(1)
+    assert math.isfinite(step.loss(*s.args(s.data.train, slice(0, 8))).item())
+    with pytest.raises(UsageError, match="kl.warmup scales the latent sites, but the model "
+                                         "sums out 'y'"):
+        Session(replace(cfg, model=SummedOutInTheModel), digits, progress=False).step()
 
 
 def test_bf16_keeps_the_elbo_s_terms_float32(digits):
@@ -250,9 +313,11 @@ def test_mlflow_continues_its_run_without_repeating_steps(tmp_path, monkeypatch)
         train_run(config(tmp_path / "cut", log="mlflow", log_every_steps=5, clip_norm=10.0),
                   progress=False)
     monkeypatch.undo()
-    train_run(resume_config(tmp_path / "cut"), progress=False, resume=True)
     client = mlflow.tracking.MlflowClient(tracking_uri=(tmp_path / "cut" / "mlruns").as_uri())
     run_id = (tmp_path / "cut" / "mlflow_run_id").read_text().strip()
+    assert client.get_run(run_id).info.status == "KILLED"
+    train_run(resume_config(tmp_path / "cut"), progress=False, resume=True)
+    assert client.get_run(run_id).info.status == "FINISHED"
     steps = [m.step for m in client.get_metric_history(run_id, "train.loss")]
     assert steps == sorted(set(steps)) and steps[0] == 5 and len(steps) == 3 * 23 // 5
     tests = [m.value for m in client.get_metric_history(run_id, "epoch.test_elbo")]
@@ -297,6 +362,29 @@ def test_a_run_s_config_json_repeats_it_bit_for_bit(cli, tmp_path):
     assert_one_line_error(cli(train_main, ["--config", tmp_path / "bad.yaml"]), PROG,
                           "'lrr' is not an option of a run")
     assert os.path.isdir(first)
+
+
+def test_config_files_with_resume_compare_and_yaml_numbers(cli, tmp_path):
+    """--config with --resume is refused (train and experiment: it would be ignored); compare
+    reads a run's config.json without its directory or its training-only options; YAML's
+    1e-3 is a number."""
+    from ppl_vae.cli import _parse, experiment_main
+
+    first = tmp_path / "first"
+    assert cli(train_main, ["--epochs", "1", "--hidden", "16", "--ema", "0.9", "--out",
+                            first]).code == 0
+    file = first / "config.json"
+    assert_one_line_error(cli(train_main, ["--config", file, "--resume", first]), PROG,
+                          "--config starts a run; --resume continues one")
+    assert_one_line_error(cli(experiment_main, ["cvae-quadrants", "--resume", "--config", file,
+                                                "--out", tmp_path / "t"]),
+                          "python -m ppl_vae experiment", "--config starts a run")
+    args = _parse(["--config", str(file)], compare=True)
+    assert "out" not in args and "ema" not in args and args["epochs"] == 1
+    yaml_file = tmp_path / "o.yaml"
+    yaml_file.write_text("lr: 1e-3\nclip_norm: 2.5E+1\n")
+    args = _parse(["--config", str(yaml_file)])
+    assert (args["lr"], args["clip_norm"]) == (1e-3, 25.0)
 
 
 @pytest.mark.parametrize("ema, said", [(0.999, True), (0.9, False)])

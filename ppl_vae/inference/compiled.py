@@ -17,12 +17,12 @@ compiled step draws exactly the eager step's noise.
 
 Assumptions, checked (else the step stays eager and one line says why, as
 docs/howto/compile.md lists): the estimator's loss is differentiable and host-free (not
-RenyiELBO), Pyro validation is off; plain ``torch.optim.Adam`` (no amsgrad, maximize, tensor
-lr or schedule); every tensor the program reads is an input or an untrained constant; the
-structure is static (no ``.item()``, no value-dependent shapes, two traces the same graph);
-a compiler for inductor; and at capture one compiled step agrees with one eager step with
-the same noise (the loss and Adam's new moments, to float tolerance), after which state and
-RNG are put back.
+RenyiELBO), Pyro validation is off; plain ``torch.optim.Adam`` (no amsgrad, maximize or
+tensor lr; a schedule's float lr is an input of the graph); every tensor the program reads
+is an input or an untrained constant; the structure is static (no ``.item()``, no value-
+dependent shapes, two traces the same graph); a compiler for inductor; and at capture one
+compiled step agrees with one eager step with the same noise (the loss and Adam's new
+moments, to float tolerance), after which state and RNG are put back.
 
 At every epoch start the forward's operators and Adam's hyperparameters are compared with
 the compiled step's; if they changed, the step is traced (and compiled) again. Under
@@ -335,7 +335,7 @@ class CompiledStep(Step):
             super().__call__(i, args, total, first_bad)
             return
         assert total is self.total and first_bad is self.first_bad, "one loop per step"
-        for g_index, (group, _) in enumerate(self._groups):
+        for g_index, (group, _) in enumerate(() if self._grads_only else self._groups):
             if group["lr"] != self._lr[g_index]:  # (a schedule's: an input, no recompiling)
                 self._lr[g_index] = group["lr"]
                 self.lr_dev[g_index].fill_(group["lr"])

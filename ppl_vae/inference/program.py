@@ -36,6 +36,9 @@ class ProgramInfo:
     """sites marked for enumeration (``infer={"enumerate": ...}``)"""
     closed_kl: frozenset[str] = frozenset()
     """latent sites whose KL(guide || model) torch knows in closed form"""
+    model_enumerated: frozenset[str] = frozenset()
+    """sites the model marks for enumeration that the guide does not sample (summed out in
+    the model)"""
 
     def describe(self, num_samples: int, passes: int = 1) -> str:
         """One line: how ``num_samples`` samples per data point are drawn and scored (in
@@ -137,10 +140,12 @@ def inspect_program(model: Callable, guide: Callable, *args: Tensor) -> ProgramI
     enumerated = {s["name"] for s in sites if s["infer"].get("enumerate")}
     closed = {s["name"] for s in guided if s["name"] in model_trace.nodes
               and _has_closed_kl(s["fn"], model_trace.nodes[s["name"]]["fn"])}
+    in_model = {s["name"] for s in _sample_sites(model_trace) if s["infer"].get("enumerate")
+                and s["name"] not in guide_trace.nodes}
     return ProgramInfo(nesting, data_plate, frozenset(latent - local), vectorized, why,
                        frozenset(id(t) for t in unconstrained), unconstrained,
                        frozenset(auxiliary), frozenset(score), frozenset(enumerated),
-                       frozenset(closed))
+                       frozenset(closed), frozenset(in_model))
 
 
 def inspect_objective(terms: Sequence[tuple[float, Callable, Callable]], *args: Tensor
@@ -155,7 +160,7 @@ def inspect_objective(terms: Sequence[tuple[float, Callable, Callable]], *args: 
                    registered=frozenset().union(*(i.registered for i in infos)),
                    params=tuple({id(p): p for i in infos for p in i.params}.values()),
                    **{f: frozenset().union(*(getattr(i, f) for i in infos))
-                      for f in ("score_sites", "enumerated", "closed_kl")})
+                      for f in ("score_sites", "enumerated", "closed_kl", "model_enumerated")})
 
 
 def _has_closed_kl(q, p) -> bool:

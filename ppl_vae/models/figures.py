@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from .. import plots
 from ..data import pixels
+from ..errors import first_line
 
 if TYPE_CHECKING:
     from .base import RunContext
@@ -128,8 +129,7 @@ def draw_or_skip(ctx: RunContext, name: str, draw: Callable[[], str | None]) -> 
     try:
         why = draw()
     except Exception as e:  # the user's program failed on this figure's inputs
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        why = f"the program raised {type(e).__name__}: {first}"[:300]
+        why = f"the program raised {type(e).__name__}: {first_line(e, 300)}"[:300]
     if why is not None:
         ctx.log(f"figure {name} skipped: {why}")
 

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from ..config import coerce, field_default, flag, options_dict
-from ..errors import UsageError
+from ..errors import UsageError, first_line
 
 DATA_OPTIONS: dict[str, Callable[[Any], Any]] = {
     "input_dim": lambda data: data.input_dim,
@@ -127,7 +127,7 @@ def build_by_signature(cls: type, options: Any, data: Any, **known: Any) -> Any:
     except Exception as e:  # the user's constructor refused these values
         if torch.get_default_device().type == "meta":
             raise  # a trial build without storage (resources.model_size): not the user's
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        first = first_line(e, 10**6)
         shown = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
         raise UsageError(f"cannot build {cls.__name__}({shown}): {type(e).__name__}: {first}"
                          ) from None

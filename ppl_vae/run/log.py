@@ -29,7 +29,9 @@ class Logger:
     def flush(self) -> None:
         """The run has checkpointed: everything logged so far stays."""
 
-    def close(self) -> None:
+    def close(self, ok: bool = True) -> None:
+        """The run ended (``ok``: it finished; else it stopped, and what was logged after
+        its last checkpoint is dropped where the logger can)."""
         self.flush()
 
 
@@ -65,7 +67,7 @@ class TensorBoard(Logger):
     def flush(self) -> None:
         self.writer.flush()
 
-    def close(self) -> None:
+    def close(self, ok: bool = True) -> None:  # (a resume purges what is past its step)
         self.writer.close()
 
 
@@ -81,6 +83,7 @@ class MLflow(Logger):
         kept = out / "mlflow_run_id"
         if resumed_at is not None and kept.is_file():
             self.run_id = kept.read_text().strip()
+            self.client.update_run(self.run_id, "RUNNING")
         else:
             experiment = self.client.get_experiment_by_name("ppl_vae")
             run = self.client.create_run(experiment.experiment_id if experiment else
@@ -103,9 +106,18 @@ class MLflow(Logger):
             self.client.log_batch(self.run_id, metrics=self.waiting[start:start + 1000])
         self.waiting = []
 
-    def close(self) -> None:
-        self.flush()
-        self.client.set_terminated(self.run_id)
+    def close(self, ok: bool = True) -> None:
+        if ok:
+            self.flush()
+        self.waiting = []  # (a resume logs them again from the checkpoint)
+        self.client.set_terminated(self.run_id, "FINISHED" if ok else "KILLED")
+
+
+def require(kind: str) -> None:
+    """Refuse ``--log kind`` in one line where its package is missing: called by every
+    process before the run does any work."""
+    if kind in ("tensorboard", "mlflow"):
+        _extra(kind, kind)
 
 
 def open_logger(kind: str, out: Path, options: dict, resumed_at: int | None) -> Logger | None:

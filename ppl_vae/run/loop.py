@@ -259,8 +259,9 @@ class Loop:
                   "train/lr": self.optimizer.param_groups[0]["lr"],
                   "train/images_per_s": took / max(1e-9, seconds - last[2])}
         if self.take.clip_norm or self.take.watch_norm:
-            steps = took / (self.batch_size * self.world.size)
-            values["train/grad_norm"] = float(self.take.grad_norm) / max(1.0, steps)
+            per_step = self.batch_size * self.world.size  # (only an epoch's last is partial)
+            steps = self.state.step - math.ceil(last[1] / per_step)
+            values["train/grad_norm"] = float(self.take.grad_norm) / max(1, steps)
             self.take.grad_norm.zero_()
         if self.take.clip_norm:
             values["train/clipped_steps"] = int(self.take.clipped)
@@ -289,6 +290,7 @@ class Loop:
             "at": (self.state.epoch, self.state.step), "step": self.state.step,
             "module": copy.deepcopy(self.module.state_dict()),
             "optimizer": copy.deepcopy(self.optimizer.state_dict()),
+            "update": copy.deepcopy(self.take.state_dict()),  # (the schedule, the average)
             "store": store_values(), **self._rng()}
 
     def _check(self) -> None:
@@ -341,6 +343,7 @@ class Loop:
             return None
         self.module.load_state_dict(snap["module"])
         self.optimizer.load_state_dict(snap["optimizer"])
+        self.take.load_state_dict(snap["update"])
         load_store_values(snap["store"])
         self._set_rng(snap)
         for i in range(snap["step"], bad):

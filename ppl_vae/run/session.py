@@ -338,6 +338,12 @@ class Session:
             self.args(self.data.train, slice(0, 2)), min(config.batch_size, len(self.data.train)),
             config.particles, self.device)
         terms = self.terms
+        if config.kl_warmup and config.elbo == "enum" and info.model_enumerated:
+            raise UsageError(
+                f"--kl-warmup scales the latent sites, but the model sums out "
+                f"{sorted(info.model_enumerated)[0]!r} (enumerated in the model), whose sites "
+                "TraceEnum_ELBO needs at one scale; drop --kl-warmup, or sample that site in "
+                "the guide")
         if config.kl_warmup:  # (a buffer: the compiled step reads it as an input)
             self.schedule.register_buffer("kl_weight", torch.zeros((), device=self.device))
             terms = [(w, latent_scaled(m, self._kl_weight), latent_scaled(g, self._kl_weight))

@@ -31,7 +31,7 @@ from ..interrupt import Interrupted, signals
 from ..models import hook
 from ..models.figures import epoch_images
 from .checkpoint import load_checkpoint, load_store_values, save_checkpoint, store_values
-from .log import open_logger
+from .log import open_logger, require
 from .loop import Loop
 from .rundir import RunDir
 from .session import Session, device_for, from_record, resolve
@@ -177,6 +177,7 @@ def train_run(config: TrainConfig, data: Dataset | None = None, progress: bool |
     restarted resumes by itself)."""
     world = dist.setup(config.cuda)
     config, cls = resolve(config)  # once: the family's recipe and options
+    require(config.log)
     config = _default_out(config)
     if dist.restart_count() and not resume:
         resume = has_checkpoint(config.out)
@@ -196,12 +197,13 @@ def train_run(config: TrainConfig, data: Dataset | None = None, progress: bool |
             session = Session(config, data, model_class=cls, world=world, out=out,
                               progress=progress, state=state)
             session.guard = guard
+            run = None
             try:
                 with session.validation():
                     run = _train(session, rundir, state)
             finally:
                 if session.logger is not None:
-                    session.logger.close()
+                    session.logger.close(ok=run is not None)
         ok = True
         return run
     finally:
@@ -220,9 +222,11 @@ def _train(session: Session, rundir: RunDir, state: dict | None) -> Run:
     def save(loop_state: dict | None) -> None:  # (None: pre-training, before the SVI loop)
         if not world.main:
             return
+        average = step.ema and loop_state is not None  # (pre-training: no average yet)
         raw = {"model": {k: v.clone() for k, v in module.state_dict().items()},
-               "store": store_values(module)} if step.ema else None
-        with step.averaged():  # ("model": what evaluation reads; "raw": what training goes on)
+               "store": store_values(module)} if average else None
+        with step.averaged() if average else contextlib.nullcontext():
+            # ("model": what evaluation reads; "raw": what training goes on)
             save_checkpoint(rundir.path / "checkpoint.pt", module,
                             None if loop_state is None else step.optimizer,
                             len(run.history), config.to_dict(), loop_state, run.history,
