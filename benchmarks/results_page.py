@@ -101,8 +101,10 @@ def docs_rows(results: dict[str, dict], key: str) -> list[dict]:
 
 def markdown(rows: Sequence[dict]) -> str:
     """A Markdown table of ``rows`` (every key, in order of first appearance, a column)."""
-    def cell(v: object) -> str:
-        return f"{v:,.4g}" if isinstance(v, float) else "" if v is None else str(v)
+    def cell(v: object) -> str:  # (no exponents for counts such as images per second)
+        if isinstance(v, float):
+            return f"{v:,.0f}" if 1e4 <= abs(v) < 1e15 else f"{v:,.4g}"
+        return "" if v is None else str(v)
 
     head = list(dict.fromkeys(k for r in rows for k in r))
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
