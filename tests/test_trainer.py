@@ -195,7 +195,7 @@ def test_the_kl_weight_per_epoch_and_what_it_scales(tmp_path, digits):
     for w in (0.0, 0.5, 1.0):
         s.schedule.kl_weight.fill_(w)
         pyro.set_rng_seed(3)
-        losses.append(float(step.loss(*args)))
+        losses.append(step.loss(*args).item())
     assert losses[1] == pytest.approx((losses[0] + losses[2]) / 2, rel=1e-5)
     assert losses[0] < losses[2]  # (the KL is positive)
 
