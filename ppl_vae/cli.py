@@ -15,13 +15,14 @@ import dataclasses
 import functools
 import os
 import sys
+import traceback
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from .config import RECIPE, TrainConfig, field_default, flag
-from .errors import UsageError, command_line, first_line
+from .errors import UsageError, command_line, explain, first_line, from_our_code, users_frames
 from .interrupt import Interrupted
 from .models import MODELS, get_model, options_class, parse_model_opts
 
@@ -30,7 +31,12 @@ PROG = "python -m ppl_vae"
 
 # -- what every command line here is made of --------------------------------------------------
 class Parser(argparse.ArgumentParser):
-    """An ``ArgumentParser`` whose errors are one line: ``prog: error: ... (see --help)``."""
+    """An ``ArgumentParser`` whose errors are one line: ``prog: error: ... (see --help)``, and
+    which takes no abbreviations (``--beta`` on a model without that option would be
+    ``--beta1``, Adam's)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **{"allow_abbrev": False, **kwargs})
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
@@ -123,7 +129,7 @@ def main_wrapper(prog: str, run: Callable[[Sequence[str] | None], int]
             from .distributed import lost_a_peer
 
             if not lost_a_peer(e):
-                raise
+                return _users_error(e)
             if _reports():  # none said why (it was killed): say so, once
                 print(f"{prog}: error: another process of this torchrun job died (torchrun's "
                       "report below names it); continue with --resume RUN_DIR where the run "
@@ -137,6 +143,18 @@ def main_wrapper(prog: str, run: Callable[[Sequence[str] | None], int]
         except KeyboardInterrupt:
             print(f"{prog}: interrupted", file=sys.stderr)
             return 130
+        except Exception as e:
+            return _users_error(e)
+
+    def _users_error(e: Exception) -> int:
+        """The user's model or guide raised where no hook says so (scoring a split, say):
+        exit 2, the call and the user's frames; anything else is re-raised."""
+        theirs = users_frames(traceback.extract_tb(e.__traceback__))
+        if not theirs or from_our_code(e):
+            raise e
+        if _reports():
+            print(f"{prog}: error: {explain(e, theirs[-1].name)}", file=sys.stderr)
+        return 2
 
     return main
 
@@ -238,7 +256,7 @@ def train_parser(model: str | type = "vae", compare: bool = False) -> Parser:
 
 def _peek(argv: Sequence[str] | None, flag_: str, default: str | None = None) -> str | None:
     """The value of ``flag_`` in ``argv``, before the full parser exists."""
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument(flag_, default=default)
     return vars(pre.parse_known_args(argv)[0])[flag_[2:]]
 
@@ -250,6 +268,7 @@ def _parse(argv: Sequence[str] | None, compare: bool = False, model: str | None 
     argv = list(sys.argv[1:] if argv is None else argv)
     file = _peek(argv, "--config")
     record = options_file(file) if file else {}
+    record.pop("overwrite", None)  # (replacing a directory is said on the command line only)
     if record and (given_only or _peek(argv, "--resume")):
         raise UsageError("--config starts a run; --resume continues one with its own "
                          "options: give one of them")
@@ -306,12 +325,16 @@ def options_file(path: str) -> dict[str, Any]:
         raise UsageError(f"--config {path!r} holds a {type(record).__name__}, not a mapping "
                          "of options")
     known = {f.name for f in dataclasses.fields(TrainConfig)}
-    if unknown := sorted(set(record) - known):
+    if unknown := sorted(set(record) - known, key=str):
         raise UsageError(f"--config {path!r}: {unknown[0]!r} is not an option of a run; the "
                          f"model's own go under 'model_options'")
     if not isinstance(record.get("model_options", {}), dict):
         raise UsageError(f"--config {path!r}: 'model_options' takes a mapping of the model's "
                          "options")
+    try:  # (a bad value named by its key in the file, not as a flag)
+        TrainConfig.from_dict({**record, "model_options": {}})
+    except UsageError as e:
+        raise UsageError(f"--config {path!r}: {e}") from None
     return record
 
 

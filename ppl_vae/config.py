@@ -91,7 +91,7 @@ def check_fields(obj: Any, keys: str | None = None, skip: tuple[str, ...] = ()) 
     dataclass. A bad value is named as a flag, or as ``keys + name`` (a key of a file)."""
     for f in dataclasses.fields(obj):
         value, meta, default = getattr(obj, f.name), f.metadata, field_default(f)
-        if f.name in skip or value is None:
+        if f.name in skip or (value is None and default is None):  # (None: "not given")
             continue
         if default is None:
             default = meta["type"]()

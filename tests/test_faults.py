@@ -418,12 +418,16 @@ def test_warnings_of_a_good_run_are_shown_after_it(capsys, tmp_path):
 
 
 def test_warnings_of_a_run_that_crashes_are_still_shown():
+    """A bug of the package (not the user's code, which would be one line) is a traceback,
+    and the warnings held back during the run are shown with it."""
     from ppl_vae.cli import main_wrapper
+    from ppl_vae.errors import PACKAGE
 
     def crashes(argv):
         warnings.warn("a clue", UserWarning, stacklevel=1)
         raise RuntimeError("a bug")
 
+    crashes.__code__ = crashes.__code__.replace(co_filename=PACKAGE + "run/somewhere.py")
     with pytest.warns(UserWarning, match="a clue"), pytest.raises(RuntimeError, match="a bug"):
         main_wrapper("prog", crashes)([])
 

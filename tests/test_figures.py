@@ -318,3 +318,16 @@ def test_latent_scatter_names_its_classes(tmp_path):
     assert [t.get_text() for t in legend.get_texts()] == ["0", "1"]
     fig = plots.latent_scatter(z, torch.arange(40) % 20, tmp_path / "many.png", "class")
     assert len(fig.axes) == 2 and fig.axes[1].get_ylabel() == "class"  # the colour bar
+
+
+def test_the_latent_figure_skips_a_class_label_for_the_continuous_site():
+    """A guide sampling y ~ Categorical before z (Pyro's ss-vae order): the latent figure's
+    points are z's means, not the label's NaN "mean"."""
+    from plugin_models import EnumMixtureVAE
+
+    from ppl_vae.models.figures import latent_means
+
+    torch.manual_seed(0)
+    model, x = EnumMixtureVAE(64, z_dim=3, hidden=8), torch.rand(5, 64).bernoulli()
+    means = latent_means(model.guide, (x,))
+    assert means.shape == (5, 3) and bool(means.isfinite().all())

@@ -416,3 +416,51 @@ def test_compare_repeats_past_the_sample_bound_is_one_line(cli, tmp_path):
     result = cli(compare_main, ["--repeats", str(10**20), "--out", tmp_path / "c"])
     assert_one_line_error(result, "python -m ppl_vae compare", "--repeats must be a whole "
                           f"number in [2, {2**31}]")
+
+
+class FailsLater(VAE):
+    """A VAE whose guide raises on its 40th call: in training, long after its first run."""
+
+    calls = 0
+
+    def guide(self, x):
+        FailsLater.calls += 1
+        if FailsLater.calls == 40:
+            raise ValueError("the guide's own bug")
+        return super().guide(x)
+
+
+def test_a_program_that_raises_in_training_is_one_line_and_keeps_the_checkpoint(tmp_path):
+    FailsLater.calls = 0
+    config = TrainConfig(model=FailsLater, model_options=SMALL_MODEL, dataset="digits",
+                         epochs=3, batch_size=64, eval_particles=2, out=str(tmp_path / "r"))
+    with pytest.raises(UsageError) as e:
+        train_run(config, progress=False)
+    head, *frames = str(e.value).splitlines()
+    assert "FailsLater.guide((64, 64)): in epoch " in head
+    assert "raised ValueError: the guide's own bug; the last good checkpoint" in head
+    assert frames and "test_hostile.py" in frames[-1] and "the guide's own bug" in frames[-1]
+    assert (tmp_path / "r" / "checkpoint.pt").is_file()
+
+
+class ScoringFails(VAE):
+    """A VAE whose model raises when scoring (eval mode) once training has begun."""
+
+    trained = 0
+
+    def model(self, x):
+        if self.training:
+            ScoringFails.trained += 1
+        elif ScoringFails.trained > 10:
+            raise KeyError("scoring is broken")
+        return super().model(x)
+
+
+def test_a_program_that_raises_while_scored_is_one_line(cli, tmp_path):
+    ScoringFails.trained = 0
+    result = cli(train_main, ["--model", "test_hostile:ScoringFails", "--epochs", "2",
+                              "--hidden", "16", "--z-dim", "2", "--out", tmp_path / "r"])
+    head, *frames = result.err.strip().splitlines()
+    assert result.code == 2 and "Traceback" not in result.err
+    assert head == f"{PROG}: error: model() raised KeyError: 'scoring is broken'"
+    assert len(frames) == 1 and "test_hostile.py" in frames[0]

@@ -387,6 +387,36 @@ def test_config_files_with_resume_compare_and_yaml_numbers(cli, tmp_path):
     assert (args["lr"], args["clip_norm"]) == (1e-3, 25.0)
 
 
+def test_config_files_cannot_replace_a_run_or_slip_past_the_checks(cli, tmp_path, monkeypatch):
+    """A run's config.json given back without --out names that run's directory: its
+    --overwrite is not taken from the file, so the run is refused and kept. null, values of
+    the wrong type and keys that are not strings are one line naming the file's key; a
+    flag is never an abbreviation (--kl-warm is not --kl-warmup)."""
+    first = tmp_path / "first"
+    assert cli(train_main, ["--epochs", "1", "--hidden", "16", "--out", first,
+                            "--overwrite"]).code == 0
+    (first / "mine.txt").write_text("keep")
+    result = cli(train_main, ["--config", first / "config.json", "--epochs", "2"])
+    assert result.code == 2 and (first / "mine.txt").read_text() == "keep"
+    for text, said in [('{"dataset": null}', "key 'dataset' takes a string, got None"),
+                       ('{"epochs": "1"}', "key 'epochs' takes a whole number, got '1'"),
+                       ('{"ema": null}', "key 'ema' takes a number, got None")]:
+        (tmp_path / "c.json").write_text(text)
+        assert_one_line_error(cli(train_main, ["--config", tmp_path / "c.json"]), PROG, said)
+    (tmp_path / "k.yaml").write_text("1: 2\nfoo: 3\n")
+    assert_one_line_error(cli(train_main, ["--config", tmp_path / "k.yaml"]), PROG,
+                          "1 is not an option of a run")
+    assert_one_line_error(cli(train_main, ["--kl-warm", "2", "--out", tmp_path / "a"]), PROG,
+                          "unrecognized arguments: --kl-warm 2")
+
+
+def test_mlflow_takes_a_relative_run_directory(tmp_path, monkeypatch):
+    pytest.importorskip("mlflow")
+    monkeypatch.chdir(tmp_path)
+    train_run(config("relative", log="mlflow", epochs=1), progress=False)
+    assert (tmp_path / "relative" / "mlruns").is_dir()
+
+
 @pytest.mark.parametrize("ema, said", [(0.999, True), (0.9, False)])
 def test_an_average_longer_than_half_the_run_is_said(ema, digits, said):
     """1/(1 - D) steps against the run's: 0.999 over 3 epochs of 23 steps keeps 93% of the

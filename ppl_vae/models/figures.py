@@ -141,11 +141,12 @@ def defines(module: nn.Module, name: str) -> bool:
 
 
 def latent_means(guide, args: tuple[Tensor, ...]) -> Tensor | None:
-    """The mean (else a draw) of the guide's first latent site with one row per data point."""
+    """The mean (else a draw) of the guide's first continuous latent site with one row per
+    data point (a class label's "mean" is no place in the latent space)."""
     rows = args[0].shape[0]
     trace = poutine.trace(guide).get_trace(*args)
     for site in trace.nodes.values():
-        if site["type"] != "sample" or site["is_observed"]:
+        if site["type"] != "sample" or site["is_observed"] or _discrete(site["fn"]):
             continue
         value = _mean(site["fn"], site["value"])
         if value.dim() >= 1 and value.shape[0] == rows and value.is_floating_point():
@@ -190,6 +191,13 @@ def prior_predictive(module: nn.Module, args: tuple[Tensor, ...], pixels: int
     except Exception:  # Predictive adds a samples plate some programs cannot take
         unconditioned = poutine.trace(poutine.uncondition(module.model)).get_trace(*args)
         return unconditioned.nodes[name]["value"].reshape(rows, pixels)
+
+
+def _discrete(fn) -> bool:
+    try:
+        return bool(fn.support.is_discrete)
+    except (NotImplementedError, AttributeError):
+        return False
 
 
 def _mean(fn, fallback: Tensor) -> Tensor:

@@ -79,7 +79,7 @@ class MLflow(Logger):
         os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # (a local file store)
         mlflow = _extra("mlflow", "mlflow")
         self.entities = mlflow.entities
-        self.client = mlflow.tracking.MlflowClient(tracking_uri=(out / "mlruns").as_uri())
+        self.client = mlflow.tracking.MlflowClient(tracking_uri=(out.resolve() / "mlruns").as_uri())
         kept = out / "mlflow_run_id"
         if resumed_at is not None and kept.is_file():
             self.run_id = kept.read_text().strip()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -26,7 +27,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from .. import distributed as dist
-from ..errors import UsageError
+from ..errors import PluginError, UsageError, explain, from_our_code, users_frames
 from ..inference.svi import Step, hide_bar
 from ..interrupt import Guard, Interrupted
 from ..models import Model
@@ -270,7 +271,17 @@ class Loop:
             self.session.logger.scalars(step, values)
 
     def _take_step(self, i: int, args: tuple[Tensor, ...]) -> None:
-        self.take(i, args, self.total, self.first_bad)
+        try:
+            self.take(i, args, self.total, self.first_bad)
+        except Exception as e:  # the user's model or guide raised, later than its first run
+            theirs = users_frames(traceback.extract_tb(e.__traceback__))
+            if isinstance(e, UsageError) or not theirs or from_our_code(e) or \
+                    self.module is not self.session.module:  # (ctx.fit's: its hook says it)
+                raise
+            name = f"{type(self.module).__name__}.{theirs[-1].name}"
+            what = f"in epoch {self.state.epoch}, step {i + 1}"
+            head, *frames = explain(e, name, args, what).splitlines()
+            raise PluginError("\n".join([f"{head}; {self._kept}", *frames])) from None
         if self.state.first_loss is None:  # one host read per run: the divergence reference
             loss = float(dist.all_sum(self.total, self.world)) / (args[0].shape[0]
                                                                  * self.world.size)
