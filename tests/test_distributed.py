@@ -410,10 +410,18 @@ def test_every_trainer_feature_at_once_under_torchrun_restarts_exactly(tmp_path)
             assert agent.poll() is None and time.monotonic() < deadline, "no checkpoint"
             time.sleep(0.02)
         time.sleep(0.5)  # (past the checkpoint: steps the restart takes again)
-        os.kill(_workers(agent.pid)[1], signal.SIGKILL)
+        worker = _workers(agent.pid)[1]
+        os.kill(worker, signal.SIGKILL)
+        state = torch.load(out / "checkpoint.pt", weights_only=True)  # what it resumes from
+        config_stat = os.stat(out / "config.json")
     finally:
         stdout, stderr = _finish(agent)
     assert agent.returncode == 0, stderr[-3000:]
+    assert not state["loop"]["done"] and 0 < state["loop"]["step"] < 360, (
+        "the kill did not land mid-training", state["loop"]["epoch"], state["loop"]["step"])
+    assert f"failed (exitcode: -9) local_rank: 1 (pid: {worker})" in stderr, stderr[-3000:]
+    now = os.stat(out / "config.json")  # resumed in place, not started afresh
+    assert (now.st_ino, now.st_mtime_ns) == (config_stat.st_ino, config_stat.st_mtime_ns)
 
     def numbers(rows):
         return [{k: v for k, v in r.items() if k != "train_seconds"} for r in rows]
@@ -423,4 +431,6 @@ def test_every_trainer_feature_at_once_under_torchrun_restarts_exactly(tmp_path)
     assert {k: v for k, v in got.items() if "seconds" not in k} == \
         {k: v for k, v in want.items() if "seconds" not in k}
     assert got["clipped_steps"] > 0 and got["processes"] == 2
-    assert events(out) == events(tmp_path / "A")
+    logged = events(tmp_path / "A")
+    assert any(tag.startswith("train/") for tag in logged) and "epoch/test_elbo" in logged
+    assert events(out) == logged
