@@ -47,11 +47,9 @@ from .run.train import Run, train_run
 evaluate = evaluate_run
 train = train_run
 
-__all__ = [
-    "CVAE", "MODELS", "SSVAE", "VAE", "CompareConfig", "Comparison", "ConvVAE", "Dataset",
-    "FlowVAE", "Model", "Run",
-    "RunContext", "Scores", "Session", "Split", "TrainConfig", "UsageError", "appendix",
-    "compare", "evaluate", "evaluate_run", "get_model", "load_dataset", "load_run",
-    "log_weights", "make_elbo", "plots", "register_model", "score", "train", "train_run",
-]
+__all__ = ["CVAE", "MODELS", "SSVAE", "VAE", "CompareConfig", "Comparison", "ConvVAE", "Dataset",
+           "FlowVAE", "Model", "Run", "RunContext", "Scores", "Session", "Split", "TrainConfig",
+           "UsageError", "appendix", "compare", "evaluate", "evaluate_run", "get_model",
+           "load_dataset", "load_run", "log_weights", "make_elbo", "plots", "register_model",
+           "score", "train", "train_run"]
 __version__ = "0.1.0"

@@ -1,10 +1,7 @@
 """The command lines ``train``, ``evaluate``, ``compare`` and ``experiment``
-(:mod:`ppl_vae.__main__`) and what they are made of: a parser whose errors are one line, a
-help formatter that shows every default, parsers built from the option dataclasses
-(:func:`add_options`: :class:`~ppl_vae.config.TrainConfig`, the chosen model's options,
-:class:`~ppl_vae.evaluation.comparison.CompareConfig`, ``EvaluateOptions``, an experiment's
-options), and the wrapper that turns :class:`UsageError` into ``prog: error: ...`` and exit
-status 2.
+(:mod:`ppl_vae.__main__`): a parser whose errors are one line, a help formatter that shows every
+default, parsers built from the option dataclasses (:func:`add_options`), and the wrapper that
+turns :class:`UsageError` into ``prog: error: ...`` and exit status 2.
 """
 
 from __future__ import annotations
@@ -13,7 +10,9 @@ import argparse
 import contextlib
 import dataclasses
 import functools
+import json
 import os
+import re
 import sys
 import traceback
 import warnings
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import RECIPE, TrainConfig, field_default, flag
+from .distributed import first_to_report, launched, lost_a_peer
 from .errors import UsageError, command_line, explain, first_line, from_our_code, users_frames
 from .interrupt import Interrupted
 from .models import MODELS, get_model, options_class, parse_model_opts
@@ -65,18 +65,6 @@ class HelpFormatter(argparse.HelpFormatter):
         return f"{text} (default: {'none' if shown is None else shown})"
 
 
-def _reports() -> bool:
-    """This process prints the error line: under torchrun the first rank to fail."""
-    from .distributed import first_to_report
-
-    return first_to_report()
-
-
-def _show(held: Sequence[warnings.WarningMessage]) -> None:
-    for w in held:
-        warnings.showwarning(w.message, w.category, w.filename, w.lineno, w.file, w.line)
-
-
 def closed_pipe_is_fine(main: Callable[..., int]) -> Callable[..., int]:
     """A reader that stops early (``--help | head``) is no error: stop writing, exit 0."""
 
@@ -102,18 +90,15 @@ def main_wrapper(prog: str, run: Callable[[Sequence[str] | None], int]
 
     @closed_pipe_is_fine
     def main(argv: Sequence[str] | None = None) -> int:
-        held: list[warnings.WarningMessage] = []
+        status = 0  # (kept by a traceback, which the warnings may explain)
         try:
-            with warnings.catch_warnings(record=True) as caught:
-                try:
-                    status = guarded(argv)
-                finally:
-                    held = list(caught)
-        except BaseException:  # a traceback: the warnings may explain it
-            _show(held)
-            raise
-        if status in (0, None):  # success: what was held back, after the output
-            _show(held)
+            with warnings.catch_warnings(record=True) as held:
+                status = guarded(argv)
+        finally:
+            if status in (0, None):  # success or a traceback: what was held back, after it
+                for w in held:
+                    warnings.showwarning(w.message, w.category, w.filename, w.lineno, w.file,
+                                         w.line)
         return status
 
     def guarded(argv: Sequence[str] | None) -> int:
@@ -121,16 +106,14 @@ def main_wrapper(prog: str, run: Callable[[Sequence[str] | None], int]
             with command_line():
                 return run(argv)
         except UsageError as e:  # exit 2; a diverged run 3
-            if _reports():
+            if first_to_report():
                 with command_line():
                     print(f"{prog}: error: {e}", file=sys.stderr)
             return getattr(e, "exit_status", 2)
         except RuntimeError as e:  # under torchrun: another process failed first
-            from .distributed import lost_a_peer
-
             if not lost_a_peer(e):
                 return _users_error(e)
-            if _reports():  # none said why (it was killed): say so, once
+            if first_to_report():  # none said why (it was killed): say so, once
                 print(f"{prog}: error: another process of this torchrun job died (torchrun's "
                       "report below names it); continue with --resume RUN_DIR where the run "
                       "has a checkpoint", file=sys.stderr)
@@ -152,7 +135,7 @@ def main_wrapper(prog: str, run: Callable[[Sequence[str] | None], int]
         theirs = users_frames(traceback.extract_tb(e.__traceback__))
         if not theirs or from_our_code(e):
             raise e
-        if _reports():
+        if first_to_report():
             print(f"{prog}: error: {explain(e, theirs[-1].name)}", file=sys.stderr)
         return 2
 
@@ -214,8 +197,9 @@ def train_parser(model: str | type = "vae", compare: bool = False) -> Parser:
 
     cls = get_model(model)
     p = Parser(prog=f"{PROG} {'compare' if compare else 'train'}", formatter_class=HelpFormatter,
-               description=COMPARE_DESCRIPTION if compare else
-               "Train a VAE (or any Pyro model/guide pair) by SVI.",
+               description="Compare ELBO estimators on one model: bound estimates, gradient "
+               "variance and signal-to-noise, and a training race. Runs in one process."
+               if compare else "Train a VAE (or any Pyro model/guide pair) by SVI.",
                epilog=f"registered models: {', '.join(sorted(MODELS))}; "
                       "--model NAME --help lists that model's options")
     groups = add_options(p, TrainConfig, skip=("model_options", *(TRAIN_ONLY if compare else ())))
@@ -254,10 +238,10 @@ def train_parser(model: str | type = "vae", compare: bool = False) -> Parser:
     return p
 
 
-def _peek(argv: Sequence[str] | None, flag_: str, default: str | None = None) -> str | None:
-    """The value of ``flag_`` in ``argv``, before the full parser exists."""
+def _peek(argv: Sequence[str] | None, flag_: str) -> str | None:
+    """The value of ``flag_`` in ``argv`` (None if not given), before the full parser exists."""
     pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    pre.add_argument(flag_, default=default)
+    pre.add_argument(flag_)
     return vars(pre.parse_known_args(argv)[0])[flag_[2:]]
 
 
@@ -293,8 +277,6 @@ def _parse(argv: Sequence[str] | None, compare: bool = False, model: str | None 
 def _yaml_loader() -> type:
     """PyYAML's safe loader reading floats as YAML 1.2 does: ``1e-3`` is a number (YAML 1.1,
     PyYAML's default, wants ``1.0e-3`` and reads ``1e-3`` as a string)."""
-    import re
-
     import yaml
 
     class Loader(yaml.SafeLoader):
@@ -310,8 +292,6 @@ def options_file(path: str) -> dict[str, Any]:
     """A file of run options (JSON, or YAML by its suffix): TrainConfig's field names, the
     model's options under ``model_options``; an unknown name is refused (a misspelt option
     would be ignored)."""
-    import json
-
     import yaml
 
     try:
@@ -368,14 +348,7 @@ def _report(s: dict, notes: Sequence[str], more: str = ")") -> None:
         print(note)
 
 
-COMPARE_DESCRIPTION = ("Compare ELBO estimators on one model: bound estimates, gradient "
-                       "variance and signal-to-noise, and a training race. Runs in one "
-                       "process.")
-
-
 def _one_process(command: str) -> None:
-    from .distributed import launched
-
     if launched():
         raise UsageError(f"{command} runs in one process; run it with python -m ppl_vae "
                          f"{command}, not under torchrun with several processes")

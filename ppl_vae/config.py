@@ -19,10 +19,6 @@ from typing import Any
 
 from .errors import UsageError
 
-BINARIZE = ("none", "static", "dynamic")
-SCHEDULES = ("constant", "cosine", "linear", "plateau")
-PRECISIONS = ("fp32", "bf16", "fp16")
-LOGGERS = ("none", "tensorboard", "mlflow")
 MOST_THREADS = 4 * (os.cpu_count() or 1)
 """``--threads`` at most: more threads than this machine's cores only wait for them."""
 MOST_SAMPLES = 2**31
@@ -46,33 +42,23 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+_KINDS = ((bool, bool, "True or False"), (int, int, "a whole number"),
+          (float, int | float, "a number"), (str, str, "a string"))
+"""An option's type, the values it accepts and its name in a message."""
+
+
 def coerce(value: Any, default: Any, what: str) -> Any:
     """``value`` as the type of an option's ``default`` (a list or a single value for a
     tuple), or :class:`UsageError` naming ``what`` (``--z-dim``, ``key 'z_dim'``) and the
     type it takes. The one place options are coerced."""
-
-    def bad(kind: str) -> UsageError:
-        return UsageError(f"{what} takes {kind}, got {value!r}")
-
-    if isinstance(default, bool):
-        if not isinstance(value, bool):
-            raise bad("True or False")
-        return value
-    if isinstance(default, int):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise bad("a whole number")
-        return value
-    if isinstance(default, float):
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise bad("a number")
-        return float(value)
-    if isinstance(default, str):
-        if not isinstance(value, str):
-            raise bad("a string")
-        return value
     if isinstance(default, tuple):
         items = tuple(value) if isinstance(value, list | tuple) else (value,)
         return tuple(coerce(v, default[0], what) for v in items) if default else items
+    for kind, accepted, said in _KINDS:  # (bool before int: True is an int, yet no number)
+        if isinstance(default, kind):
+            if not isinstance(value, accepted) or (kind is not bool and isinstance(value, bool)):
+                raise UsageError(f"{what} takes {said}, got {value!r}")
+            return float(value) if kind is float else value
     return value
 
 
@@ -156,37 +142,34 @@ class TrainConfig:
     download: bool = option(True, "download a missing dataset", group="data",
                             off_help="never download; fail if the dataset is missing")
     binarize: str = option("none", "Bernoulli-sample the pixels once (static) or every epoch "
-                           "(dynamic)", group="data", choices=BINARIZE)
+                           "(dynamic)", group="data", choices=("none", "static", "dynamic"))
     labelled: int = option(0, "keep the labels of this many training images, a class-balanced "
                            "draw seeded by --seed; the rest become unlabelled (-1), for "
                            "semi-supervised models (--model ssvae); 0: every label",
                            group="data", least=0)
-    labelled_share: float = option(0.0, "with --labelled: the share of each batch that is "
-                                   "labelled rows, cycled through the labelled set (each "
-                                   "unlabelled row once per epoch); 0: batches drawn from all "
-                                   "rows alike (measured on M2: no gain yet; docs: "
-                                   "results/m2-recipe.md)",
-                                   group="data", least=0, below=1)
+    labelled_share: float = option(
+        0.0, "with --labelled: the share of each batch that is labelled rows, cycled through the "
+        "labelled set (each unlabelled row once per epoch); 0: batches drawn from all rows alike "
+        "(measured on M2: no gain yet; docs: results/m2-recipe.md)",
+        group="data", least=0, below=1)
     # inference
-    elbo: str | None = option(None, "the estimator (not given: the model's recipe). mc: "
-                              "Trace_ELBO, analytic: TraceMeanField_ELBO, stl: Trace_ELBO with "
-                              "the path-derivative (sticking-the-landing) guide gradient, iwae: "
-                              "RenyiELBO(alpha=0), iwae-dreg: the IWAE bound with the doubly "
-                              "reparameterized guide gradient, rws: reweighted wake-sleep "
-                              "(wake-phi), enum: TraceEnum_ELBO (sums out the latents the guide "
-                              "marks with config_enumerate), tracegraph: TraceGraph_ELBO (score "
-                              "terms with downstream costs and the guide's baselines)",
-                              group="inference", type=str)
+    elbo: str | None = option(
+        None, "the estimator (not given: the model's recipe). mc: Trace_ELBO, analytic: "
+        "TraceMeanField_ELBO, stl: Trace_ELBO with the path-derivative (sticking-the-landing) "
+        "guide gradient, iwae: RenyiELBO(alpha=0), iwae-dreg: the IWAE bound with the doubly "
+        "reparameterized guide gradient, rws: reweighted wake-sleep (wake-phi), enum: "
+        "TraceEnum_ELBO (sums out the latents the guide marks with config_enumerate), tracegraph: "
+        "TraceGraph_ELBO (score terms with downstream costs and the guide's baselines)",
+        group="inference", type=str)
     particles: int = option(1, "samples per data point (vectorized where the model allows)",
                             group="inference", least=1, most=MOST_SAMPLES)
     jit: bool = option(False, "use Pyro's Jit* ELBO variants", group="inference")
-    compile: bool = option(False, "trace the whole SVI step (guide, model, ELBO, backward, Adam) "
-                           "once per batch shape and replay it compiled by inductor (as a CUDA "
-                           "graph with --cuda); the first step is eager, the last partial batch "
-                           "of an epoch is a second shape, compiled when first met; costs "
-                           "seconds to compile, so it pays on long runs; falls back to the "
-                           "eager step with one line saying why where capture cannot be exact",
-                           group="inference")
+    compile: bool = option(
+        False, "trace the whole SVI step (guide, model, ELBO, backward, Adam) once per batch "
+        "shape and replay it compiled by inductor (as a CUDA graph with --cuda); the first step "
+        "is eager, the last partial batch of an epoch is a second shape, compiled when first met; "
+        "costs seconds to compile, so it pays on long runs; falls back to the eager step with one "
+        "line saying why where capture cannot be exact", group="inference")
     lr: float | None = option(None, "Adam learning rate (not given: the model's recipe)",
                               group="inference", type=float, above=0)
     beta1: float = option(0.9, "Adam's beta1, the decay of its running mean of the gradient "
@@ -200,31 +183,29 @@ class TrainConfig:
     seed: int = option(0, "seed of the weights, the latent noise and the batches",
                        group="inference", least=0, below=2**32)
     cuda: bool = option(False, "train and evaluate on the GPU", group="inference")
-    early_stop: int | None = option(None, "stop after this many epochs without a better "
-                                    "validation ELBO and keep the best epoch's weights, 0: off "
-                                    "(not given: the model's recipe)",
-                                    group="inference", type=int, least=0)
+    early_stop: int | None = option(
+        None, "stop after this many epochs without a better validation ELBO and keep the best "
+        "epoch's weights, 0: off (not given: the model's recipe)",
+        group="inference", type=int, least=0)
     val_fraction: float = option(0.1, "share of the training split held out for early "
                                  "stopping", group="inference", above=0, below=1)
     validate: bool = option(False, "Pyro validation (distribution arguments and supports) for "
                             "the whole run; slower", group="inference")
-    threads: int = option(0, "CPU threads per process (torch.set_num_threads); 0: the free "
-                          "cores (the cores less the 1-minute load average, at least 1) shared "
-                          "among the processes, or OMP_NUM_THREADS where set (docs: "
-                          "getting-started.md, threads)",
-                          group="inference", least=0, most=MOST_THREADS)
-    checkpoint_every_steps: int = option(0, "also write the checkpoint every K steps within "
-                                         "epochs (0: at epoch ends only)", group="inference",
-                                         least=0)
+    threads: int = option(
+        0, "CPU threads per process (torch.set_num_threads); 0: the free cores (the cores less the "
+        "1-minute load average, at least 1) shared among the processes, or OMP_NUM_THREADS where "
+        "set (docs: getting-started.md, threads)", group="inference", least=0, most=MOST_THREADS)
+    checkpoint_every_steps: int = option(
+        0, "also write the checkpoint every K steps within epochs (0: at epoch ends only)",
+        group="inference", least=0)
     check_every_steps: int = option(50, "read the device-side divergence flag every K steps "
                                     "(and at every checkpoint)", group="inference", least=0)
     # the trainer
-    lr_schedule: str = option("constant", "the learning rate over the run: constant; cosine or "
-                              "linear decay to --lr-min over all steps (after --warmup-steps); "
-                              "plateau: halved at the N-th epoch in a row without a better "
-                              "validation ELBO, N half --early-stop's patience (at least 1), or "
-                              "5 without it", group="trainer",
-                              choices=SCHEDULES)
+    lr_schedule: str = option(
+        "constant", "the learning rate over the run: constant; cosine or linear decay to "
+        "--lr-min over all steps (after --warmup-steps); plateau: halved at the N-th epoch in a "
+        "row without a better validation ELBO, N half --early-stop's patience (at least 1), or 5 "
+        "without it", group="trainer", choices=("constant", "cosine", "linear", "plateau"))
     warmup_steps: int = option(0, "steps of linear warm-up from lr / N to --lr (before cosine, "
                                "linear or constant)", group="trainer", least=0)
     lr_min: float = option(0.0, "the learning rate cosine and linear decay end at, and plateau's "
@@ -232,25 +213,23 @@ class TrainConfig:
     clip_norm: float = option(0.0, "clip the global gradient norm (all parameters, after the "
                               "sum over processes) at C (0: off); the run counts the steps "
                               "clipped", group="trainer", least=0)
-    precision: str = option("fp32", "bf16: the networks run under torch.autocast in bfloat16, "
-                            "log-densities, the ELBO, the KL and Adam in float32 (docs: "
-                            "howto/trainer-options.md, when it pays); fp16 is refused (it "
-                            "needs a gradient scaler)",
-                            group="trainer", choices=PRECISIONS)
-    ema: float = option(0.0, "decay D of an exponential moving average of the weights, updated "
-                        "every step and used to validate, evaluate, draw and save (the raw "
-                        "weights are kept for resuming; 0: off). It starts at the initial "
-                        "weights and spans about 1/(1-D) steps: keep that well below the "
-                        "run's steps (0.99 for a few thousand)", group="trainer",
-                        least=0, below=1)
+    precision: str = option(
+        "fp32", "bf16: the networks run under torch.autocast in bfloat16, log-densities, the "
+        "ELBO, the KL and Adam in float32 (docs: howto/trainer-options.md, when it pays); fp16 is "
+        "refused (it needs a gradient scaler)", group="trainer", choices=("fp32", "bf16", "fp16"))
+    ema: float = option(
+        0.0, "decay D of an exponential moving average of the weights, updated every step and "
+        "used to validate, evaluate, draw and save (the raw weights are kept for resuming; 0: "
+        "off). It starts at the initial weights and spans about 1/(1-D) steps: keep that well "
+        "below the run's steps (0.99 for a few thousand)", group="trainer", least=0, below=1)
     kl_warmup: int = option(0, "the latent sites' weight rises linearly from 0 in epoch 1 to 1 "
                             "(times the model's --beta) in epoch N + 1 (0: off)",
                             group="trainer", least=0)
-    log: str = option("none", "live logging: tensorboard (event files in the run directory) or "
-                      "mlflow (a local store in the run directory); pip install -e "
-                      "\".[tensorboard]\" or \".[mlflow]\" (--logger: the same, a spelling "
-                      "torchrun's own --log-dir does not swallow)", group="trainer",
-                      choices=LOGGERS, aliases=("--logger",))
+    log: str = option(
+        "none", "live logging: tensorboard (event files in the run directory) or mlflow (a local "
+        "store in the run directory); pip install -e \".[tensorboard]\" or \".[mlflow]\" "
+        "(--logger: the same, a spelling torchrun's own --log-dir does not swallow)",
+        group="trainer", choices=("none", "tensorboard", "mlflow"), aliases=("--logger",))
     log_every_steps: int = option(50, "with --log: training scalars every K steps",
                                   group="trainer", least=1)
     # evaluation

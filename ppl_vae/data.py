@@ -101,8 +101,7 @@ class Dataset:
         n = len(self.train)
         n_val = max(1, round(fraction * n))
         if n_val >= n:
-            most = (n - 1) / n if n > 1 else 0
-            fix = (f"lower --val-fraction (below {most:.3g} for {n} rows)" if n > 1 else
+            fix = (f"lower --val-fraction (below {(n - 1) / n:.3g} for {n} rows)" if n > 1 else
                    "drop --early-stop or give more data")
             raise UsageError(f"--val-fraction {fraction:g} of the {n} training row"
                              f"{'s' if n != 1 else ''} leaves {n - n_val} to train on and "
@@ -179,8 +178,7 @@ class Dataset:
         lab = torch.cat([labelled[torch.randperm(len(labelled), generator=generator)]
                          for _ in range(cycles)])[:steps * k].view(steps, k)
         unl = unlabelled[torch.randperm(len(unlabelled), generator=generator)]
-        batches = [torch.cat([lab[i], unl[i * rest:(i + 1) * rest]]) for i in range(steps)]
-        return torch.cat(batches)
+        return torch.cat([torch.cat([lab[i], unl[i * rest:(i + 1) * rest]]) for i in range(steps)])
 
     def train_epoch(self, generator: torch.Generator | None = None) -> Tensor:
         """Training inputs for one epoch: resampled pixels under dynamic binarization (drawn
@@ -188,19 +186,8 @@ class Dataset:
         return torch.bernoulli(self.train.x, generator=generator) if self.dynamic else self.train.x
 
 
-DATASETS = ("mnist", "fashion-mnist", "cifar10", "svhn", "celeba", "digits", "sample-patches",
-            "npz:PATH")
-
-
-def load_dataset(
-    name: str,
-    data_dir: str = "data",
-    download: bool = True,
-    binarize: str = "none",
-    likelihood: str | None = None,
-    labelled: int = 0,
-    seed: int = 0,
-) -> Dataset:
+def load_dataset(name: str, data_dir: str = "data", download: bool = True, binarize: str = "none",
+                 likelihood: str | None = None, labelled: int = 0, seed: int = 0) -> Dataset:
     """Load ``name`` (see module docstring) on the CPU; raise :class:`UsageError` on bad input.
     ``likelihood="bernoulli"`` also checks that an npz lies in [0, 1] (the models check the
     data they are built for in any case). ``labelled > 0`` keeps that many training labels
@@ -226,8 +213,11 @@ TORCHVISION = {  # name: (class, image shape, 8-bit rows)
     "svhn": ("SVHN", (3, 32, 32), True),
     "celeba": ("CelebA", (3, 64, 64), True),
 }
+DATASETS = (*TORCHVISION, "digits", "sample-patches", "npz:PATH")
 LABEL_NAMES = {"mnist": "digit", "svhn": "digit", "celeba": "male (attribute 20)"}
 CELEBA_CROP = 148  # the central square of CelebA's 178x218 images, resized to 64x64
+PATCH = 32  # the side of a sample-patches tile
+COLOUR_CHANNELS = (1, 3, 4)  # the channel counts an npz image may have
 
 
 def _torchvision(name: str, root: str, download: bool) -> Dataset:
@@ -242,25 +232,18 @@ def _torchvision(name: str, root: str, download: bool) -> Dataset:
         _remove_empty_dirs(root, since=started)  # a failed download leaves no empty folders
         how = "and could not be downloaded" if download else "and --no-download was given"
         said = first_line(e)
-        raise UsageError(
-            f"{name} is not in {os.path.abspath(root)!r} {how} ({type(e).__name__}"
-            f"{': ' + said if said else ''}); put "
-            f"torchvision's {cls.__name__} files there (--data-dir), or run offline with "
-            f"--dataset 'digits', --dataset 'sample-patches' or --dataset 'npz:PATH'"
-        ) from None
-    if eight_bit:
-        train, test = (Split(x.reshape(len(x), -1).contiguous(), y) for x, y in splits)
-    else:
-        train, test = (Split(x.reshape(len(x), -1).float() / 255, y) for x, y in splits)
-    return Dataset(name, train, test, image_shape=shape,
-                   label_name=LABEL_NAMES.get(name, "class"))
+        raise UsageError(f"{name} is not in {os.path.abspath(root)!r} {how} ({type(e).__name__}"
+                         f"{': ' + said if said else ''}); put torchvision's {cls.__name__} files "
+                         "there (--data-dir), or run offline with --dataset 'digits', --dataset "
+                         "'sample-patches' or --dataset 'npz:PATH'") from None
+    rows = [(x.reshape(len(x), -1), y) for x, y in splits]
+    train, test = (Split(x.contiguous() if eight_bit else x.float() / 255, y) for x, y in rows)
+    return Dataset(name, train, test, image_shape=shape, label_name=LABEL_NAMES.get(name, "class"))
 
 
 def _remove_empty_dirs(root: str, since: float) -> None:
     """Remove the empty directories under (and including) ``root`` made after ``since``."""
-    if not os.path.isdir(root):
-        return
-    for path, _, _ in sorted(os.walk(root), key=lambda w: -len(w[0])):  # deepest first
+    for path, _, _ in os.walk(root, topdown=False):  # deepest first; nothing if no root
         with contextlib.suppress(OSError):
             if os.stat(path).st_ctime >= since - 1 and not os.listdir(path):
                 os.rmdir(path)
@@ -285,6 +268,7 @@ def _celeba(cls: type, root: str, split: str, download: bool) -> tuple[Tensor, T
     """CelebA at 64x64 (central 148x148 crop, resized), decoded once and cached as a uint8
     tensor beside torchvision's files; the label is attribute 20 (Male)."""
     from torchvision.transforms import v2
+    from tqdm import tqdm
 
     from .files import save_torch
 
@@ -293,8 +277,6 @@ def _celeba(cls: type, root: str, split: str, download: bool) -> tuple[Tensor, T
         return tuple(torch.load(cache, weights_only=True))
     crop = v2.Compose([v2.PILToTensor(), v2.CenterCrop(CELEBA_CROP), v2.Resize(64, antialias=True)])
     s = cls(root, split=split, target_type="attr", download=download, transform=crop)
-    from tqdm import tqdm
-
     images = [img for img, _ in tqdm(s, desc=f"celeba {split}: decoding once", unit="img")]
     x, y = torch.stack(images), s.attr[:, 20].long()
     save_torch(cache, (x, y))
@@ -307,11 +289,7 @@ def _digits() -> Dataset:
     bunch = load_digits()
     x = torch.as_tensor(bunch.data, dtype=torch.float32) / 16.0
     y = torch.as_tensor(bunch.target, dtype=torch.long)
-    train, test = _split(x, y)
-    return Dataset("digits", train, test, image_shape=(1, 8, 8), label_name="digit")
-
-
-PATCH = 32
+    return Dataset("digits", *_split(x, y), image_shape=(1, 8, 8), label_name="digit")
 
 
 def _sample_patches() -> Dataset:
@@ -329,9 +307,8 @@ def _sample_patches() -> Dataset:
         tiles = tiles.permute(1, 2, 0, 3, 4).reshape(-1, c * PATCH * PATCH)
         xs.append(tiles)
         ys.append(torch.full((len(tiles),), label, dtype=torch.long))
-    train, test = _split(torch.cat(xs).contiguous(), torch.cat(ys))
-    return Dataset("sample-patches", train, test, image_shape=(3, PATCH, PATCH),
-                   label_name="photograph (0 china, 1 flower)")
+    return Dataset("sample-patches", *_split(torch.cat(xs).contiguous(), torch.cat(ys)),
+                   image_shape=(3, PATCH, PATCH), label_name="photograph (0 china, 1 flower)")
 
 
 def _npz(path: str, likelihood: str | None) -> Dataset:
@@ -367,26 +344,21 @@ def _npz(path: str, likelihood: str | None) -> Dataset:
                              "standardize the data ((x - mean) / std) before saving")
         check_magnitude(x, where)
         if likelihood == "bernoulli" and (x.min() < 0 or x.max() > 1):
-            raise UsageError(
-                f"{where}: 'x' lies in [{x.min():g}, {x.max():g}] but the Bernoulli likelihood "
-                "needs [0, 1]; rescale it (e.g. x / 255) or use --likelihood 'gaussian'"
-            )
-    train, test = _split(torch.as_tensor(np.ascontiguousarray(x.reshape(len(x), -1))), y)
-    return Dataset(where, train, test, image_shape=shape)
-
-
-COLOUR_CHANNELS = (1, 3, 4)
+            raise UsageError(f"{where}: 'x' lies in [{x.min():g}, {x.max():g}] but the Bernoulli "
+                             "likelihood needs [0, 1]; rescale it (e.g. x / 255) or use "
+                             "--likelihood 'gaussian'")
+    rows = torch.as_tensor(np.ascontiguousarray(x.reshape(len(x), -1)))
+    return Dataset(where, *_split(rows, y), image_shape=shape)
 
 
 def _channels_first(x: np.ndarray, where: str) -> np.ndarray:
     """N x C x H x W from N x C x H x W or N x H x W x C (C in 1, 3, 4; the other two axes
     larger): channels first, as torch stores images."""
-    if x.shape[1] in COLOUR_CHANNELS and x.shape[3] not in COLOUR_CHANNELS:
+    first, last = x.shape[1] in COLOUR_CHANNELS, x.shape[3] in COLOUR_CHANNELS
+    if first and (not last or x.shape[1] <= x.shape[3]):  # both, e.g. 3 x 3 x 3: the smaller
         return x
-    if x.shape[3] in COLOUR_CHANNELS and x.shape[1] not in COLOUR_CHANNELS:
+    if last:
         return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
-    if x.shape[1] in COLOUR_CHANNELS and x.shape[3] in COLOUR_CHANNELS:  # e.g. 3 x 3 x 3
-        return x if x.shape[1] <= x.shape[3] else np.ascontiguousarray(x.transpose(0, 3, 1, 2))
     raise UsageError(f"{where}: 'x' has shape {x.shape}; a 4-D array is N x C x H x W or "
                      f"N x H x W x C with C in {COLOUR_CHANNELS}")
 
@@ -448,8 +420,6 @@ def check_magnitude(x: np.ndarray | Tensor, where: str) -> None:
     """:class:`UsageError` for data (rows first) whose squares, summed over a row, come
     within :data:`MAGNITUDE_MARGIN` squared of float32's largest value: every log-density
     (a Gaussian's ``-(x - mu)^2 / 2 sigma^2``) and gradient would overflow to inf or NaN."""
-    if len(x) == 0:
-        return
     dim = math.prod(x.shape[1:])
     peak = float(abs(x).max())
     limit = math.sqrt(float(np.finfo(np.float32).max) / max(1, dim)) / MAGNITUDE_MARGIN
@@ -459,15 +429,13 @@ def check_magnitude(x: np.ndarray | Tensor, where: str) -> None:
                          "standardize them ((x - mean) / std) or rescale them")
 
 
-def _split(x: Tensor, y: Tensor | None, fraction: float = TEST_FRACTION
-           ) -> tuple[Split, Split]:
+def _split(x: Tensor, y: Tensor | None, fraction: float = TEST_FRACTION) -> tuple[Split, Split]:
     """A fixed seeded shuffle, then ``1 - fraction`` of the rows first and the rest second."""
     g = torch.Generator().manual_seed(SPLIT_SEED)
     perm = torch.randperm(len(x), generator=g).to(x.device)
     n_test = max(1, round(fraction * len(x)))
-    tr, te = perm[n_test:], perm[:n_test]
-    return (Split(x[tr], None if y is None else y[tr]),
-            Split(x[te], None if y is None else y[te]))
+    return tuple(Split(x[rows], None if y is None else y[rows])
+                 for rows in (perm[n_test:], perm[:n_test]))
 
 
 def _binarize(data: Dataset, how: str) -> Dataset:

@@ -104,9 +104,8 @@ def lost_a_peer(error: BaseException) -> bool:
     closed by peer"; NCCL: a DistBackendError)."""
     if not launched() or not isinstance(error, RuntimeError):
         return False
-    text = str(error)
     return isinstance(error, dist.DistBackendError) or any(
-        s in text for s in ("closed by peer", "Connection reset by peer", "Broken pipe"))
+        s in str(error) for s in ("closed by peer", "Connection reset by peer", "Broken pipe"))
 
 
 def any_max(value: int, world: World) -> int:

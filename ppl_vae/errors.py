@@ -68,8 +68,7 @@ def either(names: list[str]) -> str:
 
 
 PACKAGE = str(Path(__file__).resolve().parent) + os.sep  # (not a sibling named ppl_vae_x)
-_LIBRARIES = (PACKAGE, sysconfig.get_paths()["stdlib"], sysconfig.get_paths()["purelib"],
-              sysconfig.get_paths()["platlib"])
+_LIBRARIES = (PACKAGE, *(sysconfig.get_paths()[k] for k in ("stdlib", "purelib", "platlib")))
 
 
 def users_frames(frames: Sequence[traceback.FrameSummary], keep: str | None = None

@@ -20,14 +20,7 @@ from .files import write_json
 from .interrupt import Interrupted
 from .models.cvae import cll_key, write_cll_table
 from .run.session import Session, load_data, resolve
-from .run.train import (
-    Run,
-    check_given,
-    has_checkpoint,
-    open_run_dir,
-    resume_config,
-    train_run,
-)
+from .run.train import Run, check_given, has_checkpoint, open_run_dir, resume_config, train_run
 
 
 @dataclass
@@ -127,13 +120,13 @@ def _table_run(config: TrainConfig, data: Dataset, progress: bool | None, resume
     """One run of a table: trained, resumed where it has a checkpoint, or read back when it
     finished."""
     where = Path(config.out)
-    if resume and has_checkpoint(where) and (where / "summary.json").is_file():
-        session = Session.from_dir(where, cuda=config.cuda)
-        if (session.state.get("loop") or {}).get("done"):
-            return Run(session.config, session.module, session.data, where,
-                       list(session.state.get("history") or []),
-                       json.loads((where / "summary.json").read_text()))
     if resume and has_checkpoint(where):
+        if (where / "summary.json").is_file():
+            session = Session.from_dir(where, cuda=config.cuda)
+            if (session.state.get("loop") or {}).get("done"):
+                return Run(session.config, session.module, session.data, where,
+                           list(session.state.get("history") or []),
+                           json.loads((where / "summary.json").read_text()))
         return train_run(resume_config(where), data, progress, resume=True)
     return train_run(replace(config, overwrite=True), data, progress)  # (a dir of this table)
 

@@ -60,10 +60,8 @@ def signals() -> Iterator[Guard]:
     """Handle SIGINT/SIGTERM with a :class:`Guard` (only in the main thread; elsewhere the
     guard is inert and Python's handlers stay)."""
     guard = Guard()
-    if threading.current_thread() is not threading.main_thread():
-        yield guard
-        return
-    old = {s: signal.signal(s, guard.handle) for s in SIGNALS}
+    main = threading.current_thread() is threading.main_thread()
+    old = {s: signal.signal(s, guard.handle) for s in SIGNALS} if main else {}
     try:
         yield guard
     finally:

@@ -17,6 +17,7 @@ from matplotlib.transforms import blended_transform_factory
 from torch import Tensor
 from torchvision.utils import make_grid
 
+from .data import pixels
 from .files import atomic_write
 
 # One colour per estimator in every comparison figure (bounds, gradients, race); particle
@@ -27,30 +28,26 @@ _SPARE_COLORS = ("C9", "tab:olive", "tab:cyan", "navy", "maroon")  # C7 (grey): 
 _HATCHES = ("", "//", "..", "xx", "\\\\", "oo", "--", "++")
 _LINESTYLES = ("-", "--", ":", "-.")
 _MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
-
-# Legends go to the right of the axes, never over data.
-OUTSIDE = {"loc": "upper left", "bbox_to_anchor": (1.01, 1.0), "borderaxespad": 0.0}
+ZERO_VARIANCE = "0 (exact)"  # the label of a variance that a log axis cannot show
 
 
 def estimator_color(name: str) -> str:
     """The colour of estimator ``name``: fixed for the known ones, and for any other name one
     of the spare colours picked by a stable hash, so that it too is the same in every figure."""
-    if name in ESTIMATOR_COLORS:
-        return ESTIMATOR_COLORS[name]
-    return _SPARE_COLORS[zlib.crc32(name.encode()) % len(_SPARE_COLORS)]
-
-
-def _style_index(counts: Sequence[int], k: int) -> int:
-    return sorted(set(counts)).index(k)
+    spare = _SPARE_COLORS[zlib.crc32(name.encode()) % len(_SPARE_COLORS)]
+    return ESTIMATOR_COLORS.get(name, spare)
 
 
 def legend_outside(ax: Axes, **kwargs):
-    """A legend to the right of ``ax`` (``save`` crops the PNG around it)."""
-    return ax.legend(**{**OUTSIDE, "fontsize": 8, **kwargs})
+    """A legend to the right of ``ax``, never over data (``save`` crops the PNG around it)."""
+    return ax.legend(**{"loc": "upper left", "bbox_to_anchor": (1.01, 1.0), "borderaxespad": 0.0,
+                        "fontsize": 8, **kwargs})
 
 
-def save(fig: Figure, path: str | os.PathLike) -> None:
+def save(fig: Figure, path: str | os.PathLike) -> Figure:
+    """Write ``fig`` to ``path`` as a PNG (atomically) and return it."""
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120, bbox_inches="tight"))
+    return fig
 
 
 def elbo_curves(rows: Sequence[dict], path: str | os.PathLike) -> Figure:
@@ -73,14 +70,12 @@ def elbo_curves(rows: Sequence[dict], path: str | os.PathLike) -> Figure:
                    label="test accuracy (right)")
         right.set(xlabel="epoch", ylabel="test accuracy (%)")  # (its x axis is ax's)
         ax.set_title("ELBO and test accuracy, higher is better")
-        more = right.get_legend_handles_labels()
-        handles, labels = handles + more[0], labels + more[1]
-        legend_outside(ax, handles=handles, labels=labels, loc="upper center",  # below:
-                       bbox_to_anchor=(0.5, -0.2), ncol=2)  # the right axis has the side
+        more, more_labels = right.get_legend_handles_labels()
+        legend_outside(ax, handles=handles + more, labels=labels + more_labels, ncol=2,
+                       loc="upper center", bbox_to_anchor=(0.5, -0.2))  # below: right side taken
     else:
         legend_outside(ax)
-    save(fig, path)
-    return fig
+    return save(fig, path)
 
 
 def grid_image(rows: Sequence[Tensor], image_shape: Sequence[int]) -> Tensor:
@@ -91,9 +86,7 @@ def grid_image(rows: Sequence[Tensor], image_shape: Sequence[int]) -> Tensor:
     c = channels[0] if channels else 1
 
     def images(r: Tensor) -> Tensor:
-        r = r.detach().cpu()
-        r = (r.float() / 255 if r.dtype == torch.uint8 else r.float()).clamp(0, 1)
-        r = r.reshape(-1, c, h, w)
+        r = pixels(r.detach().cpu()).float().clamp(0, 1).reshape(-1, c, h, w)
         if c not in (1, 3):  # channels side by side: (n, 1, H, C*W)
             r = r.permute(0, 2, 1, 3).reshape(-1, 1, h, c * w)
         return r
@@ -104,10 +97,9 @@ def grid_image(rows: Sequence[Tensor], image_shape: Sequence[int]) -> Tensor:
 
 def image_grid(rows: Sequence[Tensor], image_shape: Sequence[int], path: str | os.PathLike,
                title: str = "", row_labels: Sequence[str] = ()) -> Figure:
-    """Each tensor in ``rows`` (n, C*H*W) becomes one row of images of ``image_shape``
-    (C, H, W) or (H, W): colour for C = 3, grey for C = 1 (other C: channels side by side,
-    grey). Values are pixels in [0, 1] (clipped) or uint8 levels (divided by 255). No numeric
-    axes: rows carry ``row_labels``; the x label says a column is a sample or an image."""
+    """:func:`grid_image` of ``rows`` drawn, for ``image_shape`` (C, H, W) or (H, W), pixels
+    clipped to [0, 1]. No numeric axes: rows carry ``row_labels``; the x label says a column
+    is a sample or an image."""
     c = image_shape[0] if len(image_shape) == 3 else 1
     n = max(len(r) for r in rows)
     grid = grid_image(rows, image_shape)
@@ -127,8 +119,7 @@ def image_grid(rows: Sequence[Tensor], image_shape: Sequence[int], path: str | o
     ax.set_xlabel(f"{column} (one per column)" if row_labels else f"{column}s (one per cell)",
                   fontsize=9)
     ax.set_title(title)
-    save(fig, path)
-    return fig
+    return save(fig, path)
 
 
 def latent_scatter(z: Tensor, labels: Tensor | None, path: str | os.PathLike,
@@ -137,16 +128,15 @@ def latent_scatter(z: Tensor, labels: Tensor | None, path: str | os.PathLike,
     ten classes get a colour each and a legend titled ``label_name``, more a colour bar."""
     z = z.detach().float().cpu()
     one_d = z.shape[1] == 1
+    xlabel, ylabel = "z1", "z2"
     if z.shape[1] > 2:
         from sklearn.decomposition import PCA
 
         z = torch.as_tensor(PCA(n_components=2).fit_transform(z.numpy()))
         xlabel, ylabel = "PC 1", "PC 2"
-    elif z.shape[1] == 2:
-        xlabel, ylabel = "z1", "z2"
-    else:
+    elif one_d:
         z = torch.cat([z, torch.zeros_like(z)], 1)
-        xlabel, ylabel = "z1", "none (1-D latent, drawn at 0)"
+        ylabel = "none (1-D latent, drawn at 0)"
     fig = Figure(figsize=(5, 4.5))
     ax = fig.subplots()
     if labels is None:
@@ -164,8 +154,7 @@ def latent_scatter(z: Tensor, labels: Tensor | None, path: str | os.PathLike,
     ax.set(xlabel=xlabel, ylabel=ylabel, title="q(z|x) means of test images")
     if one_d:
         ax.set_yticks([])
-    save(fig, path)
-    return fig
+    return save(fig, path)
 
 
 def arviz():
@@ -180,7 +169,6 @@ def bound_distributions(bounds: Sequence[dict], path: str | os.PathLike) -> Figu
     """Kernel densities (ArviZ ``plot_dist``) of the repeated bound estimates: one panel per
     sample count, the estimators overlaid, each in its colour from ``ESTIMATOR_COLORS``."""
     az = arviz()
-
     counts = sorted({r["particles"] for r in bounds})
     fig = Figure(figsize=(5.2 * len(counts), 3.2), layout="constrained")
     axes = fig.subplots(1, len(counts), squeeze=False)[0]
@@ -196,23 +184,18 @@ def bound_distributions(bounds: Sequence[dict], path: str | os.PathLike) -> Figu
         ax.xaxis.set_major_locator(MaxNLocator(nbins=4))  # long values: few ticks, no overlap
         legend_outside(ax, title="estimator (sd)", title_fontsize=8)
     fig.suptitle("repeated bound estimates on one batch")
-    save(fig, path)
-    return fig
-
-
-ZERO_VARIANCE = "0 (exact)"
+    return save(fig, path)
 
 
 def gradient_variance(gradients: Sequence[dict], path: str | os.PathLike) -> Figure:
     """Total gradient variance per parameter group, estimators side by side (log scale).
-
     Colour: the estimator; hatch: the particle count L. A variance of exactly 0 (an exact
     gradient, as the analytic estimator's for some groups) has no bar on a log axis: it is
     drawn as a marker on the bottom edge, annotated ``0 (exact)``. NaN (missing) stays empty."""
     groups = sorted({r["group"] for r in gradients})
     configs = sorted({(r["estimator"], r["particles"]) for r in gradients},
                      key=lambda c: (c[1], c[0]))
-    counts = [k for _, k in configs]
+    counts = sorted({k for _, k in configs})
     fig = Figure(figsize=(1.6 * len(groups) * max(1, len(configs) / 3) + 3, 3.5),
                  layout="constrained")
     ax = fig.subplots()
@@ -225,42 +208,38 @@ def gradient_variance(gradients: Sequence[dict], path: str | os.PathLike) -> Fig
         v = np.array([by.get((e, k, grp), np.nan) for grp in groups], dtype=float)
         v = np.where(v < 0, np.nan, v)  # a variance is never negative: such a value is junk
         ax.bar(x, np.where(v > 0, v, np.nan), width, color=estimator_color(e),
-               hatch=_HATCHES[_style_index(counts, k) % len(_HATCHES)], edgecolor="black",
+               hatch=_HATCHES[counts.index(k) % len(_HATCHES)], edgecolor="black",
                linewidth=0.5, label=f"{e}, L={k}")
         positive += [float(y) for y in v if y > 0 and math.isfinite(y)]
         zeros += [(float(xi), estimator_color(e)) for xi, y in zip(x, v, strict=True) if y == 0]
     if positive:
-        lo = 10 ** math.floor(math.log10(min(positive)) - 0.5)
-        hi = 10 ** math.ceil(math.log10(max(positive)) + 0.2)
+        ax.set_ylim(10 ** math.floor(math.log10(min(positive)) - 0.5),
+                    10 ** math.ceil(math.log10(max(positive)) + 0.2))
     else:
-        lo, hi = 1e-3, 1.0
-    ax.set_ylim(lo, hi)
+        ax.set_ylim(1e-3, 1.0)
     bottom = blended_transform_factory(ax.transData, ax.transAxes)  # x in data, y in axes
     for x, color in zeros:
         ax.plot([x], [0.0], marker="o", markersize=7, color=color, markeredgecolor="black",
-                linestyle="none", transform=bottom, clip_on=False, zorder=5,
-                gid="zero-variance")
+                linestyle="none", transform=bottom, clip_on=False, zorder=5, gid="zero-variance")
         ax.text(x, 0.05, ZERO_VARIANCE, transform=bottom, rotation=90, ha="center",
                 va="bottom", fontsize=8, gid="zero-variance")
     ax.set_xticks([g + 0.4 - width / 2 for g in range(len(groups))], groups)
     ax.set(xlabel="parameter group", ylabel="total variance of the gradient",
            title="gradient variance per parameter group (lower is better)")
     legend_outside(ax, title="estimator, particles", title_fontsize=8)
-    save(fig, path)
-    return fig
+    return save(fig, path)
 
 
 def race_curves(race: Sequence[dict], path: str | os.PathLike) -> Figure:
-    """Test ELBO of each racer against epochs and against training seconds.
-
-    Colour: the estimator; line style and marker: the particle count L."""
+    """Test ELBO of each racer against epochs and against training seconds. Colour: the
+    estimator; line style and marker: the particle count L."""
     fig = Figure(figsize=(10, 3.5), layout="constrained")
     by_epoch, by_time = fig.subplots(1, 2)
     racers = sorted({(r["estimator"], r["particles"]) for r in race})
-    counts = [k for _, k in racers]
+    counts = sorted({k for _, k in racers})
     for e, k in racers:
         rows = [r for r in race if (r["estimator"], r["particles"]) == (e, k)]
-        j = _style_index(counts, k)
+        j = counts.index(k)
         style = dict(color=estimator_color(e), linestyle=_LINESTYLES[j % len(_LINESTYLES)],
                      marker=_MARKERS[j % len(_MARKERS)], markersize=4, label=f"{e}, L={k}")
         by_epoch.plot([r["epoch"] for r in rows], [r["test_elbo"] for r in rows], **style)
@@ -270,12 +249,10 @@ def race_curves(race: Sequence[dict], path: str | os.PathLike) -> Figure:
     for ax in (by_epoch, by_time):
         ax.grid(alpha=0.3)
     legend_outside(by_time, title="estimator, particles", title_fontsize=8)
-    save(fig, path)
-    return fig
+    return save(fig, path)
 
 
-def snr_against_k(rows: Sequence[dict], slopes: Sequence[dict], path: str | os.PathLike
-                  ) -> Figure:
+def snr_against_k(rows: Sequence[dict], slopes: Sequence[dict], path: str | os.PathLike) -> Figure:
     """Gradient SNR against K on log-log axes, one panel per parameter group, one line per
     estimator (its colour), with the fitted power law dashed and its slope in the legend."""
     groups = sorted({r["group"] for r in rows})
@@ -298,7 +275,5 @@ def snr_against_k(rows: Sequence[dict], slopes: Sequence[dict], path: str | os.P
         ax.set(xscale="log", yscale="log", xlabel="K (samples per data point)",
                ylabel="gradient SNR", title=group)
         ax.legend(fontsize=8, loc="best")
-    fig.suptitle("gradient signal-to-noise ratio against K (dashed: fitted power law)",
-                 fontsize=10)
-    save(fig, path)
-    return fig
+    fig.suptitle("gradient signal-to-noise ratio against K (dashed: fitted power law)", fontsize=10)
+    return save(fig, path)

@@ -17,6 +17,7 @@ import os
 import random
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -69,8 +70,7 @@ def where(device: torch.device | str) -> str:
 # -- available memory --------------------------------------------------------------------------
 def _read_int(path: str) -> int | None:
     try:
-        with open(path) as f:
-            text = f.read().strip()
+        text = Path(path).read_text().strip()
     except OSError:
         return None
     return int(text) if text.isdigit() else None
@@ -78,14 +78,8 @@ def _read_int(path: str) -> int | None:
 
 def _cpu_available() -> int | None:
     known = []
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    known.append(int(line.split()[1]) * 1024)
-                    break
-    except (OSError, ValueError, IndexError):
-        pass
+    with contextlib.suppress(OSError, ValueError, IndexError), open("/proc/meminfo") as f:
+        known += [int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")]
     for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
                                    ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
                                     "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
@@ -178,14 +172,11 @@ def model_size(build: Callable[[], nn.Module]) -> ModelSize | None:
             raise
         except Exception:  # the constructor reads values (.item(), numpy) or needs a device
             return None
-    if not isinstance(module, nn.Module):
-        return None
-    return size_of(module)
+    return size_of(module) if isinstance(module, nn.Module) else None
 
 
 def check_model_fits(build: Callable[[], nn.Module], device: torch.device | str = "cpu", *,
-                     training: bool = True, early_stop: bool = False,
-                     hint: str = MODEL_HINT) -> ModelSize | None:
+                     training: bool = True, early_stop: bool = False) -> ModelSize | None:
     """Refuse, before allocating, a model that cannot fit: one copy on the CPU, and on
     ``device`` the weights (``training``: :data:`TRAINING_COPIES`, one more with
     ``early_stop``). Returns the size, or None if not buildable on meta (nothing checked)."""
@@ -204,7 +195,7 @@ def check_model_fits(build: Callable[[], nn.Module], device: torch.device | str 
     checks.append((device, need, f" ({format_bytes(need)} to train: weights, gradients, "
                                  "Adam's moments and the loop's copies)" if training else ""))
     for place, n, extra in checks:
-        refuse_unless_fits(n, place, what, hint, format_bytes(size.bytes) + extra)
+        refuse_unless_fits(n, place, what, MODEL_HINT, format_bytes(size.bytes) + extra)
     return size
 
 
@@ -269,31 +260,27 @@ class Cost:
         return self.per_draw * rows * samples + self.per_row * rows
 
 
-def fit_cost(measure: Callable[[tuple, int], int], args: Sequence[Any], k: int = 2) -> Cost:
-    """:class:`Cost` from three measurements ``measure(args, samples)``: (rows, k),
-    (rows, 2k) and (2 rows, k): bytes = per_draw * rows * samples + per_row * rows + const."""
-    args = tuple(a.clone() if isinstance(a, Tensor) else a for a in args)  # own storage
-    rows = [a.shape[0] for a in args if isinstance(a, Tensor) and a.dim() >= 1]
-    r = rows[0] if rows and rows[0] else 1
-    doubled = tuple(torch.cat([a, a]) if isinstance(a, Tensor) and a.dim() >= 1
-                    and a.shape[0] == r else a for a in args)
-    m1, m2, m3 = measure(args, k), measure(args, 2 * k), measure(doubled, k)
-    per_draw = max(0.0, (m2 - m1) / (r * k))
-    per_row = max(0.0, (m3 - m1) / r - per_draw * k)
-    return Cost(per_draw, per_row)
-
-
 def step_cost(step_for: Callable[[int], Callable[..., Any]], args: Sequence[Any],
               device: torch.device | str = "cpu") -> Cost | None:
-    """Bytes one SVI step keeps for backward per row x particle and per row, from forwards of
-    ``step_for(k)(*args)`` on a few rows at k = 2 and 4 (RNGs kept); None if that fails."""
+    """Bytes one SVI step keeps for backward per row x particle and per row: the
+    :func:`allocated_bytes` of forwards ``step_for(k)(*args)`` at (rows, k = 2), (rows, 4) and
+    (2 rows, 2) fitted to bytes = per_draw * rows * k + per_row * rows + const (RNGs kept);
+    None if that fails."""
     with isolated([torch.device(device)]):
         try:
-            return fit_cost(lambda a, k: allocated_bytes(step_for(k), *a), args)
+            args = tuple(a.clone() if isinstance(a, Tensor) else a for a in args)  # own storage
+            rows = [a.shape[0] for a in args if isinstance(a, Tensor) and a.dim() >= 1]
+            r = rows[0] if rows and rows[0] else 1
+            doubled = tuple(torch.cat([a, a]) if isinstance(a, Tensor) and a.dim() >= 1
+                            and a.shape[0] == r else a for a in args)
+            m1, m2, m3 = (allocated_bytes(step_for(k), *a)
+                          for a, k in ((args, 2), (args, 4), (doubled, 2)))
         except UsageError:
             raise
         except Exception:
             return None
+    per_draw = max(0.0, (m2 - m1) / (r * 2))
+    return Cost(per_draw, max(0.0, (m3 - m1) / r - per_draw * 2))
 
 
 def check_step_fits(step_for: Callable[[int], Callable[..., Any]], args: Sequence[Any],

@@ -10,8 +10,7 @@ from .decoder_map import DecoderMAPVAE, gradient_identity, map_vs_weight_decay
 from .inference import fit_delta, nuts, summary
 from .regression import correlated_data, exact_posterior, linear_regression, regression_model
 
-__all__ = [
-    "DecoderMAPVAE", "coin", "coin_model", "correlated_data", "exact_posterior", "fit_delta",
-    "gaps", "gradient_identity", "linear_regression", "map_vs_weight_decay", "nuts",
-    "optimize_local", "posterior_figure", "regression_model", "summary", "true_posterior",
-]
+__all__ = ["DecoderMAPVAE", "coin", "coin_model", "correlated_data", "exact_posterior",
+           "fit_delta", "gaps", "gradient_identity", "linear_regression", "map_vs_weight_decay",
+           "nuts", "optimize_local", "posterior_figure", "regression_model", "summary",
+           "true_posterior"]

@@ -40,8 +40,7 @@ class AppendixOptions:
     images: int = option(20, "posterior: test images", least=1)
     iwae_samples: int = option(5000, "posterior: importance samples per image for log p(x)",
                                least=1)
-    nuts_samples: int = option(1000, "NUTS draws per chain (coin, regression, posterior)",
-                               least=10)
+    nuts_samples: int = option(1000, "NUTS draws per chain (coin, regression, posterior)", least=10)
     seed: int = option(0, "seed of the data and the samplers", least=0, below=2**32)
 
     def __post_init__(self) -> None:
@@ -137,11 +136,10 @@ def _decoder_map(a, out: Path) -> tuple[dict, str]:
     torch.manual_seed(a.seed)
     ident = decoder_map.gradient_identity(data.train.x[:64], seed=a.seed)
     race = decoder_map.map_vs_weight_decay(data, epochs=20, seed=a.seed)
-    r = {"gradient_identity": ident, "training": race}
     rows = [["SVI, AutoDelta on the decoder", race["svi_map"]],
             [f"Adam, weight decay B/(N s^2) = {race['weight_decay']:.4f}",
              race["adam_weight_decay"]]]
-    return r, "\n".join([
+    return {"gradient_identity": ident, "training": race}, "\n".join([
         "## MAP of a VAE decoder (digits): a Normal(0, 0.5^2) prior on the weights", "",
         "One SVI gradient of the AutoDelta objective minus (plain ELBO gradient + "
         f"theta / s^2): max |difference| {ident['max_abs_diff_decoder']:.2e} on the "

@@ -5,19 +5,17 @@ For each image x of a trained VAE::
     log p(x)  >=  ELBO(q*_x)  >=  ELBO(q_phi(.|x))
 
 where q*_x is the best member of the guide's family for that image alone (non-amortized SVI
-on its own parameters, the decoder fixed) and q_phi the encoder. log p(x) is estimated by the
-IWAE bound with many samples from q*_x. The approximation gap log p(x) - ELBO(q*_x) is the
-price of the family (a lower bound on it, since the IWAE estimate is itself below log p(x));
-the amortization gap ELBO(q*_x) - ELBO(q_phi) the price of one encoder for all images.
+on its own parameters, the decoder fixed) and q_phi the encoder; log p(x) is the IWAE bound
+with many samples from q*_x. The approximation gap log p(x) - ELBO(q*_x) is the price of the
+family (a lower bound on it, the IWAE estimate being below log p(x)); the amortization gap
+ELBO(q*_x) - ELBO(q_phi) the price of one encoder for all images.
 
 q*_x is a free diagonal Normal per image for the Normal guide; for a flow guide
 (:class:`~ppl_vae.models.flow_vae.FlowVAE`) a free base Normal *and* flow context h per
 image through the trained, fixed flow networks (a subset of Cremer et al.'s per-image flows,
 so the approximation gap here is an upper estimate of theirs), and the best diagonal Normal
-as well (``elbo_optimal_normal``).
-
-Also: the PSIS diagnostic k-hat of q_phi(z|x) per image (``pyro.infer.importance``;
-k < 0.5 good, > 0.7 unreliable), and NUTS draws from the true p(z|x) to set beside q.
+as well (``elbo_optimal_normal``). Also: the PSIS diagnostic k-hat of q_phi(z|x) per image
+(k < 0.5 good, > 0.7 unreliable), and NUTS draws from the true p(z|x) to set beside q.
 """
 
 from __future__ import annotations
@@ -48,8 +46,7 @@ from .inference import nuts
 def frozen(module: nn.Module) -> Iterator[None]:
     """No gradients for ``module``'s parameters inside; each gets its own setting back."""
     before = [(p, p.requires_grad) for p in module.parameters()]
-    for p, _ in before:
-        p.requires_grad_(False)
+    module.requires_grad_(False)
     try:
         yield
     finally:
@@ -57,20 +54,14 @@ def frozen(module: nn.Module) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
-FAMILIES = ("normal", "flow")
-"""q*_x: a per-image diagonal Normal, or the trained flow with per-image base and context."""
+Q_STAR = {"normal": "per-image diagonal Normal (loc, scale)",
+          "flow": "per-image base Normal (loc, scale) and flow context h; flow networks fixed"}
+"""The families of q*_x, by name."""
 
 
 def is_flow(vae: nn.Module) -> bool:
-    """Whether ``vae``'s guide is a flow (it has the flow VAE's ``posterior`` and
-    ``encode_context``)."""
-    return callable(getattr(vae, "posterior", None)) and callable(
-        getattr(vae, "encode_context", None))
-
-
-def guide_name(vae: nn.Module) -> str:
-    """``normal``, or the flow's name and layers (``iaf-2``)."""
-    return getattr(vae, "guide_name", "flow") if is_flow(vae) else "normal"
+    """Whether ``vae``'s guide is a flow (it has a flow VAE's ``posterior``, ``encode_context``)."""
+    return all(callable(getattr(vae, name, None)) for name in ("posterior", "encode_context"))
 
 
 def guide_dist(vae: nn.Module, x: Tensor) -> dist.TorchDistribution:
@@ -88,12 +79,11 @@ class LocalGuide(nn.Module):
     mean and sd of 256 draws of q_phi); ``flow`` (a flow VAE's default): a free base Normal
     and context h per image, pushed through ``vae``'s flow (its weights fixed)."""
 
-    def __init__(self, vae: nn.Module, x: Tensor, family: str | None = None,
-                 seed: int = 0) -> None:
+    def __init__(self, vae: nn.Module, x: Tensor, family: str | None = None, seed: int = 0) -> None:
         super().__init__()
         family = family or ("flow" if is_flow(vae) else "normal")
-        if family not in FAMILIES:
-            raise ValueError(f"family must be one of {', '.join(FAMILIES)}, got {family!r}")
+        if family not in Q_STAR:
+            raise ValueError(f"family must be one of {', '.join(Q_STAR)}, got {family!r}")
         if family == "flow" and not is_flow(vae):
             raise ValueError("family 'flow' needs a VAE with a flow guide (--model flow-vae)")
         self.family = family
@@ -129,8 +119,7 @@ class LocalGuide(nn.Module):
 
 
 def optimize_local(vae: nn.Module, x: Tensor, steps: int = 500, lr: float = 0.05,
-                   particles: int = 16, seed: int = 0, family: str | None = None
-                   ) -> LocalGuide:
+                   particles: int = 16, seed: int = 0, family: str | None = None) -> LocalGuide:
     """Fit q*_x for every row of ``x`` at once (each image's ELBO depends only on its own
     parameters, so one SVI over the batch optimizes them all). ``family``: see
     :class:`LocalGuide` (default: the guide's own). The Normal's KL is in closed form; a
@@ -150,10 +139,6 @@ def optimize_local(vae: nn.Module, x: Tensor, steps: int = 500, lr: float = 0.05
     return local
 
 
-Q_STAR = {"normal": "per-image diagonal Normal (loc, scale)",
-          "flow": "per-image base Normal (loc, scale) and flow context h; flow networks fixed"}
-
-
 def gaps(vae: nn.Module, x: Tensor, iwae_samples: int = 5000, elbo_samples: int = 1000,
          steps: int = 500, psis_particles: int = 1000, seed: int = 0) -> dict:
     """Per-image log p(x) (IWAE), ELBO(q*), ELBO(q_phi), the two gaps, and PSIS k-hat (see
@@ -163,8 +148,8 @@ def gaps(vae: nn.Module, x: Tensor, iwae_samples: int = 5000, elbo_samples: int 
     if getattr(vae, "beta", 1.0) != 1.0:  # PSIS and NUTS score the beta-scaled program
         raise UsageError("the posterior diagnostics need a VAE trained with beta = 1")
     vae.eval()
-    flow = is_flow(vae)
     local = optimize_local(vae, x, steps=steps, seed=seed)
+    flow = local.family == "flow"
     rows = torch.arange(len(x), device=x.device)
     log_px = score(local, x, rows, num_samples=iwae_samples, iwae=True, seed=seed)
     best = score(local, x, rows, num_samples=elbo_samples, seed=seed + 1)
@@ -179,24 +164,17 @@ def gaps(vae: nn.Module, x: Tensor, iwae_samples: int = 5000, elbo_samples: int 
         khat = [float(psis_diagnostic(vae.model, vae.guide, x[i:i + 1],
                                       num_particles=psis_particles, max_plate_nesting=1))
                 for i in range(len(x))]
-    per_image = {
-        "log_px_iwae": log_px.iwae.tolist(),
-        "elbo_optimal": best.elbo.tolist(),
-        "elbo_optimal_normal": best_normal.elbo.tolist(),
-        "elbo_amortized": amortized.elbo.tolist(),
-        "psis_khat": khat,
-    }
-    lp, eb, ea = log_px.iwae.mean().item(), best.elbo.mean().item(), amortized.elbo.mean().item()
+    per_image = {"log_px_iwae": log_px.iwae, "elbo_optimal": best.elbo,
+                 "elbo_optimal_normal": best_normal.elbo, "elbo_amortized": amortized.elbo}
+    means = {k: v.mean().item() for k, v in per_image.items()}
     return {
-        "guide": guide_name(vae), "q_star": Q_STAR["flow" if flow else "normal"],
-        "images": len(x), "iwae_samples": iwae_samples, "elbo_samples": elbo_samples,
-        "local_steps": steps,
-        "log_px_iwae": lp, "elbo_optimal": eb,
-        "elbo_optimal_normal": best_normal.elbo.mean().item(), "elbo_amortized": ea,
-        "approximation_gap": lp - eb, "amortization_gap": eb - ea,
-        "psis_khat_mean": float(np.mean(khat)),
-        "psis_khat_above_0.7": int(sum(k > 0.7 for k in khat)),
-        "per_image": per_image,
+        "guide": getattr(vae, "guide_name", "flow") if flow else "normal",  # a flow's: iaf-2
+        "q_star": Q_STAR[local.family], "images": len(x), "iwae_samples": iwae_samples,
+        "elbo_samples": elbo_samples, "local_steps": steps, **means,
+        "approximation_gap": means["log_px_iwae"] - means["elbo_optimal"],
+        "amortization_gap": means["elbo_optimal"] - means["elbo_amortized"],
+        "psis_khat_mean": float(np.mean(khat)), "psis_khat_above_0.7": sum(k > 0.7 for k in khat),
+        "per_image": {**{k: v.tolist() for k, v in per_image.items()}, "psis_khat": khat},
     }
 
 
@@ -228,8 +206,7 @@ def posterior_figure(vae: nn.Module, images: Tensor, path: str | Path,
     handles, _ = axes[-1].get_legend_handles_labels()
     legend_outside(axes[-1], handles=[shaded, *handles], markerscale=3)
     fig.suptitle("true posterior p(z|x) (NUTS, shaded) and the encoder's q(z|x) (red)")
-    save(fig, path)
-    return fig
+    return save(fig, path)
 
 
 GUIDE_COLOURS = {"normal": "C0", "iaf": "C1", "spline": "C2"}
@@ -238,10 +215,7 @@ GUIDE_COLOURS = {"normal": "C0", "iaf": "C1", "spline": "C2"}
 
 def guide_colour(guide: str) -> str:
     """The colour of ``guide`` (``normal``, ``iaf-2``, ...): by its kind, before the ``-``."""
-    kind = guide.split("-")[0]
-    if kind not in GUIDE_COLOURS:
-        GUIDE_COLOURS[kind] = f"C{len(GUIDE_COLOURS)}"
-    return GUIDE_COLOURS[kind]
+    return GUIDE_COLOURS.setdefault(guide.split("-")[0], f"C{len(GUIDE_COLOURS)}")
 
 
 def gaps_figure(results: dict[str, dict], path: str | Path) -> Figure:
@@ -266,5 +240,4 @@ def gaps_figure(results: dict[str, dict], path: str | Path) -> Figure:
                 Patch(facecolor="0.6", alpha=0.45, hatch="//", edgecolor="black",
                       label="amortization gap: ELBO(q*) - ELBO(q_phi)")]
     legend_outside(ax, handles=handles)
-    save(fig, path)
-    return fig
+    return save(fig, path)

@@ -47,29 +47,24 @@ def coin(data: Tensor, alpha: float = 2.0, beta: float = 2.0, nuts_samples: int 
     idata = nuts(coin_model, data, alpha, beta, num_samples=nuts_samples)
     table = summary(idata)
     exact = dist.Beta(torch.tensor(a), torch.tensor(b))
-    result = {
-        "n": n, "k": k, "alpha": alpha, "beta": beta,
-        "mle": mle, "mle_exact": k / n,
-        "map": map_, "map_exact": (k + alpha - 1) / (n + alpha + beta - 2),
-        "map_uniform_prior": uniform_map,
-        "posterior_exact": {"mean": a / (a + b), "sd": exact.variance.sqrt().item()},
-        "posterior_nuts": {c: float(table.loc["p", c]) for c in table.columns},
-    }
+    result = {"n": n, "k": k, "alpha": alpha, "beta": beta, "mle": mle, "mle_exact": k / n,
+              "map": map_, "map_exact": (k + alpha - 1) / (n + alpha + beta - 2),
+              "map_uniform_prior": uniform_map,
+              "posterior_exact": {"mean": a / (a + b), "sd": exact.variance.sqrt().item()},
+              "posterior_nuts": {c: float(table.loc["p", c]) for c in table.columns}}
     if out is not None:
-        _figure(result, data, Path(out) / "coin.png",
-                np.asarray(idata.posterior["p"]).ravel())
+        _figure(result, Path(out) / "coin.png", np.asarray(idata.posterior["p"]).ravel())
     return result
 
 
-def _figure(r: dict, data: Tensor, path: Path, draws: np.ndarray) -> Figure:
+def _figure(r: dict, path: Path, draws: np.ndarray) -> Figure:
     grid = torch.linspace(1e-3, 1 - 1e-3, 400, dtype=torch.float64)
     n, k = r["n"], r["k"]
     prior = dist.Beta(torch.tensor(r["alpha"]), torch.tensor(r["beta"])).log_prob(grid).exp()
     post = dist.Beta(torch.tensor(r["alpha"] + k), torch.tensor(r["beta"] + n - k)
                      ).log_prob(grid).exp()
     loglik = k * grid.log() + (n - k) * torch.log1p(-grid)
-    lik = (loglik - loglik.max()).exp()
-    lik = lik / (lik.sum() * (grid[1] - grid[0]))  # normalized to compare shapes
+    lik = torch.softmax(loglik, 0) / (grid[1] - grid[0])  # normalized to compare shapes
     fig = Figure(figsize=(6, 3.6))
     ax = fig.subplots()
     ax.plot(grid, prior, label=f"prior Beta({r['alpha']:g}, {r['beta']:g})")
@@ -81,5 +76,4 @@ def _figure(r: dict, data: Tensor, path: Path, draws: np.ndarray) -> Figure:
     ax.axvline(r["map"], color="C3", ls=":", label=f"MAP {r['map']:.3f}")
     ax.set(xlabel="p", ylabel="density", title=f"coin: {int(k)} heads in {int(n)} tosses")
     legend_outside(ax)
-    save(fig, path)
-    return fig
+    return save(fig, path)

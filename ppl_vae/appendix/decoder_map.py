@@ -64,8 +64,7 @@ class DecoderMAPVAE(PyroModule):
             if isinstance(layer, nn.Linear):
                 layer.weight, layer.bias  # noqa: B018 (a PyroSample draws on access)
         with pyro.plate("data", x.shape[0]), poutine.scale(scale=self.n_data / x.shape[0]):
-            z = pyro.sample("z", dist.Normal(x.new_zeros(x.shape[0], self.z_dim), 1.0)
-                            .to_event(1))
+            z = pyro.sample("z", dist.Normal(x.new_zeros(x.shape[0], self.z_dim), 1.0).to_event(1))
             pyro.sample("x", dist.Bernoulli(logits=self.decoder(z), validate_args=False)
                         .to_event(1), obs=x)
 
@@ -120,12 +119,10 @@ def gradient_identity(x: Tensor, prior_scale: float = 0.5, seed: int = 0) -> dic
         key = name.split(".", 1)[1].removeprefix("decoder.").removesuffix("_unconstrained")
         expected = ratio * plain[key].grad + p.detach() / prior_scale**2
         worst_dec = max(worst_dec, (p.grad - expected).abs().max().item())
-    for (_, a), (_, b) in zip(m.encoder.named_parameters(), vae.encoder.named_parameters(),
-                              strict=True):
+    for a, b in zip(m.encoder.parameters(), vae.encoder.parameters(), strict=True):
         worst_enc = max(worst_enc, (a.grad - ratio * b.grad).abs().max().item())
-    scale = max(p.grad.abs().max().item() for p in theta.values())
     return {"max_abs_diff_decoder": worst_dec, "max_abs_diff_encoder": worst_enc,
-            "max_abs_grad": scale}
+            "max_abs_grad": max(p.grad.abs().max().item() for p in theta.values())}
 
 
 def map_vs_weight_decay(data: Dataset, epochs: int = 10, batch_size: int = 128,
@@ -135,8 +132,7 @@ def map_vs_weight_decay(data: Dataset, epochs: int = 10, batch_size: int = 128,
     n = len(data.train)
     pyro.clear_param_store()
     torch.manual_seed(seed)
-    m = DecoderMAPVAE(data.input_dim, z_dim=2, hidden=(64,), prior_scale=prior_scale,
-                      n_data=n)
+    m = DecoderMAPVAE(data.input_dim, z_dim=2, hidden=(64,), prior_scale=prior_scale, n_data=n)
     first = data.train.x[:batch_size]
     m.guide(first)
     vae = m.plain_vae()

@@ -1,13 +1,5 @@
-"""Point estimates and full posteriors with Pyro's own tools, for the appendix.
-
-* :func:`fit_delta` -- MAP (or MLE, with the prior masked out) as inference: an
-  :class:`~pyro.infer.autoguide.AutoDelta` guide q(theta) = delta(theta - theta_hat) makes the
-  ELBO equal log p(data, theta_hat) (a point mass has no entropy), so maximizing it over
-  theta_hat is maximizing the posterior density; with ``poutine.mask`` on the prior it is
-  the likelihood. The ELBO of a Delta guide is deterministic, so L-BFGS solves it to
-  machine precision.
-* :func:`nuts` -- posterior draws from NUTS, several chains, as an ArviZ ``InferenceData``.
-"""
+"""Point estimates (MAP and MLE by AutoDelta) and full posteriors (NUTS, ArviZ) with Pyro's
+own tools, for the appendix."""
 
 from __future__ import annotations
 
@@ -23,15 +15,17 @@ from ..plots import arviz
 
 
 def fit_delta(model: Callable, *args, max_iter: int = 500) -> dict[str, torch.Tensor]:
-    """argmax_theta log p(data, theta) over the latent sites of ``model`` (a MAP estimate,
-    or the MLE when the prior is masked), by AutoDelta + L-BFGS on Pyro's ELBO."""
+    """argmax_theta log p(data, theta) over the latent sites of ``model``: a MAP estimate, or
+    the MLE when ``poutine.mask`` hides the prior. An AutoDelta guide delta(theta - theta_hat)
+    has no entropy, so its ELBO is log p(data, theta_hat), and deterministic: L-BFGS on it
+    reaches machine precision."""
     pyro.clear_param_store()
     guide = AutoDelta(model)
     elbo = Trace_ELBO()
     elbo.differentiable_loss(model, guide, *args)  # creates the guide's parameters
-    params = list(guide.parameters())
-    opt = torch.optim.LBFGS(params, lr=1.0, max_iter=max_iter, tolerance_grad=1e-12,
-                            tolerance_change=1e-15, line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS(list(guide.parameters()), lr=1.0, max_iter=max_iter,
+                            tolerance_grad=1e-12, tolerance_change=1e-15,
+                            line_search_fn="strong_wolfe")
 
     def closure():
         opt.zero_grad()
@@ -41,8 +35,7 @@ def fit_delta(model: Callable, *args, max_iter: int = 500) -> dict[str, torch.Te
 
     for _ in range(5):
         opt.step(closure)
-    with torch.no_grad():
-        return {k: v.detach().clone() for k, v in guide.median(*args).items()}
+    return {k: v.detach().clone() for k, v in guide.median(*args).items()}
 
 
 def nuts(model: Callable, *args, num_samples: int = 1000, warmup_steps: int = 500,
@@ -56,8 +49,7 @@ def nuts(model: Callable, *args, num_samples: int = 1000, warmup_steps: int = 50
                     disable_progbar=not progress)
         mcmc.run(*args)
         chains.append({k: v.detach().cpu().numpy() for k, v in mcmc.get_samples().items()})
-    posterior = {k: np.stack([ch[k] for ch in chains]) for k in chains[0]}
-    return arviz().from_dict(posterior=posterior)
+    return arviz().from_dict(posterior={k: np.stack([ch[k] for ch in chains]) for k in chains[0]})
 
 
 def summary(idata, hdi_prob: float = 0.94):

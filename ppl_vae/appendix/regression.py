@@ -69,8 +69,7 @@ def mean_field_vi(X: Tensor, y: Tensor, sigma: float, tau: float, steps: int = 4
               Trace_ELBO(num_particles=8, vectorize_particles=True, max_plate_nesting=1))
     for _ in range(steps):
         svi.step(X, y, sigma, tau)
-    with torch.no_grad():
-        return guide.locs.w.detach().clone(), guide.scales.w.detach().clone()
+    return guide.locs.w.detach().clone(), guide.scales.w.detach().clone()
 
 
 def linear_regression(X: Tensor, y: Tensor, sigma: float = 1.0, tau: float = 1.0,
@@ -90,23 +89,16 @@ def linear_regression(X: Tensor, y: Tensor, sigma: float = 1.0, tau: float = 1.0
     vi_mean, vi_sd = mean_field_vi(X, y, sigma, tau, steps=vi_steps)
     mf_sd = 1 / torch.linalg.inv(cov).diagonal().sqrt()  # the optimal diagonal Normal's sds
     rows = [f"w[{i}]" for i in range(d)]
-    result = {
-        "sigma": sigma, "tau": tau, "lambda": lam,
-        "mle": mle.tolist(), "mle_exact": mle_exact.tolist(),
-        "map": map_.tolist(), "map_exact": map_exact.tolist(),
-        "posterior": {
-            "exact_mean": mu.tolist(), "exact_sd": cov.diagonal().sqrt().tolist(),
-            "exact_correlation": (cov[0, 1] / cov.diagonal().prod().sqrt()).item()
-            if d > 1 else None,
-            "nuts_mean": table.loc[rows, "mean"].tolist(),
-            "nuts_sd": table.loc[rows, "sd"].tolist(),
-            "nuts_mcse_mean": table.loc[rows, "mcse_mean"].tolist(),
-            "nuts_ess_bulk": table.loc[rows, "ess_bulk"].tolist(),
-            "nuts_r_hat": table.loc[rows, "r_hat"].tolist(),
-            "mean_field_vi_mean": vi_mean.tolist(), "mean_field_vi_sd": vi_sd.tolist(),
-            "mean_field_optimum_sd": mf_sd.tolist(),
-        },
-    }
+    posterior = {
+        "exact_mean": mu.tolist(), "exact_sd": cov.diagonal().sqrt().tolist(),
+        "exact_correlation": (cov[0, 1] / cov.diagonal().prod().sqrt()).item() if d > 1 else None,
+        **{f"nuts_{c}": table.loc[rows, c].tolist()
+           for c in ("mean", "sd", "mcse_mean", "ess_bulk", "r_hat")},
+        "mean_field_vi_mean": vi_mean.tolist(), "mean_field_vi_sd": vi_sd.tolist(),
+        "mean_field_optimum_sd": mf_sd.tolist()}
+    result = {"sigma": sigma, "tau": tau, "lambda": lam, "mle": mle.tolist(),
+              "mle_exact": mle_exact.tolist(), "map": map_.tolist(),
+              "map_exact": map_exact.tolist(), "posterior": posterior}
     if out is not None:
         _figure(result, Path(out) / "regression.png")
     return result
@@ -126,5 +118,4 @@ def _figure(r: dict, path: Path) -> Figure:
     ax.set(xlabel="regression coefficient", ylabel="posterior sd",
            title="correlated features: mean-field VI is overconfident")
     legend_outside(ax, title="posterior", title_fontsize=8)
-    save(fig, path)
-    return fig
+    return save(fig, path)

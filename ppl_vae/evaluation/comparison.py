@@ -339,7 +339,7 @@ def compare(cc: CompareConfig, out: str | None = None, progress: bool | None = N
             tuple(a[:2] for a in args), len(args[0]),
             max((*cc.particles, *cc.iwae_samples, *cc.snr_k)), session.device,
             hint="lower --particles, --iwae-samples, --snr-k or --eval-batch")
-        if cc.run is None and cc.warmup_epochs:  # pre-training too runs for the warm-up
+        if cc.warmup_epochs:  # (not with --run); pre-training too runs for the warm-up
             session.config = session.ctx.config = replace(eager, epochs=cc.warmup_epochs)
             hook(module, "pretrain")(session.ctx)
             step = session.svi_step(config.elbo)
@@ -363,12 +363,10 @@ def compare(cc: CompareConfig, out: str | None = None, progress: bool | None = N
             if most > 1 and len(session.terms) == 1:
                 racers.append(("iwae", most))  # IWAE trains one program
             race_rows, race_summary = training_race(session, racers, cc.target)
-        data = session.data
         meta = {"config": config.to_dict(), "run": cc.run, "warmup_epochs": cc.warmup_epochs,
-                "estimators": list(estimators),
-                "repeats": cc.repeats, "eval_batch": args[0].shape[0], "split": cc.split,
-                "dataset": data.name,
-                "device": str(data.test.x.device), "torch": torch.__version__,
+                "estimators": list(estimators), "repeats": cc.repeats,
+                "eval_batch": args[0].shape[0], "split": cc.split, "dataset": session.data.name,
+                "device": str(session.data.test.x.device), "torch": torch.__version__,
                 "pyro": pyro.__version__,
                 "samples": "one vectorized pass" if info.vectorized else
                            f"one after another ({info.not_vectorized_because})"}
@@ -417,13 +415,13 @@ def summary_markdown(c: Comparison) -> str:
 
 
 def write_outputs(c: Comparison) -> None:
-    out = c.out
+    out, ratios = c.out, variance_ratios(c.gradients)
     write_json(out / "results.json", {**{k: v for k, v in asdict(c).items() if k != "out"},
-                                      "variance_ratios": variance_ratios(c.gradients)})
+                                      "variance_ratios": ratios})
     write_csv(out / "bounds.csv", [{k: v for k, v in r.items() if k != "values"}
                                    for r in c.bounds])
     write_csv(out / "gradients.csv", c.gradients)
-    write_csv(out / "variance_ratios.csv", variance_ratios(c.gradients))
+    write_csv(out / "variance_ratios.csv", ratios)
     if c.snr:
         write_csv(out / "snr.csv", c.snr)
         write_csv(out / "snr_slopes.csv", c.snr_slopes)

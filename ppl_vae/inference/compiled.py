@@ -7,27 +7,20 @@ and step count t, the batch x and the noise eps that the guide draws::
     m <- beta1 m + (1 - beta1) g,      v <- beta2 v + (1 - beta2) g^2,      t <- t + 1
     theta <- theta - lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + epsilon)
 
-Pyro computes L in Python, site by site; here ``make_fx`` traces the whole step (Pyro's
-traces and ELBO, backward, Adam, the loop's bookkeeping) once per batch shape on fake
-tensors, inductor compiles it (a CUDA graph with ``--cuda``), and each step replays it on the
-live tensors, updating the parameters and Adam's own state tensors in place. The bias
-corrections of step t + 1 are computed at the end of step t. The first step (no Adam state
-yet) is eager. Random draws are torch's, in the eager step's order (``fallback_random``): a
-compiled step draws exactly the eager step's noise.
+Pyro computes L in Python, site by site; here ``make_fx`` traces the whole step (traces, ELBO,
+backward, Adam, the loop's bookkeeping) once per batch shape on fake tensors, inductor compiles
+it (a CUDA graph with ``--cuda``), and each step replays it, updating the parameters and Adam's
+state in place. The first step (no Adam state yet) is eager; random draws are torch's, in the
+eager step's order (``fallback_random``), so a compiled step draws the eager step's noise.
 
-Assumptions, checked (else the step stays eager and one line says why, as
-docs/howto/compile.md lists): the estimator's loss is differentiable and host-free (not
-RenyiELBO), Pyro validation is off; plain ``torch.optim.Adam`` (no amsgrad, maximize or
-tensor lr; a schedule's float lr is an input of the graph); every tensor the program reads
-is an input or an untrained constant; the structure is static (no ``.item()``, no value-
-dependent shapes, two traces the same graph); a compiler for inductor; and at capture one
-compiled step agrees with one eager step with the same noise (the loss and Adam's new
-moments, to float tolerance), after which state and RNG are put back.
-
-At every epoch start the forward's operators and Adam's hyperparameters are compared with
-the compiled step's; if they changed, the step is traced (and compiled) again. Under
-``torchrun`` the graph computes each rank's loss and gradients only
-(docs/howto/distributed.md).
+Assumptions, checked (else the step stays eager and one line says why, see
+docs/howto/compile.md): a differentiable, host-free loss (not RenyiELBO), Pyro validation off,
+plain ``torch.optim.Adam`` (no amsgrad, maximize or tensor lr), every tensor the program reads
+an input or an untrained constant, a static structure, a compiler for inductor, and at capture
+one compiled step agreeing with one eager step with the same noise (the loss and Adam's new
+moments, to float tolerance). At every epoch start the forward's operators and Adam's
+hyperparameters are compared with the compiled step's and a change is traced again. Under
+``torchrun`` the graph computes each rank's loss and gradients only.
 """
 
 from __future__ import annotations
@@ -76,28 +69,13 @@ def compiler_missing(device: torch.device) -> str | None:
     from torch._inductor import config
     from torch._inductor.cpp_builder import get_cpp_compiler
 
-    try:
+    found = None
+    with contextlib.suppress(Exception):
         found = get_cpp_compiler()
-    except Exception:
-        found = None
     if not found or not shutil.which(found):
         wanted = config.cpp.cxx[-1] if isinstance(config.cpp.cxx, tuple) else config.cpp.cxx
         return (f"no C++ compiler for inductor on the CPU (looked for {wanted!r}; install g++ "
                 "or set CXX)")
-    return None
-
-
-def optimizer_unsupported(optimizer: torch.optim.Optimizer) -> str | None:
-    """Why the graph cannot run ``optimizer``'s update, or None."""
-    name = type(optimizer).__name__
-    if type(optimizer) is not torch.optim.Adam:
-        return f"the optimizer is {name}; the graph implements torch.optim.Adam only"
-    for group in optimizer.param_groups:
-        for key in ("amsgrad", "maximize", "differentiable", "decoupled_weight_decay"):
-            if group.get(key):
-                return f"Adam with {key}=True is not implemented by the graph"
-        if torch.is_tensor(group["lr"]):
-            return "Adam with a tensor learning rate is not implemented by the graph"
     return None
 
 
@@ -110,14 +88,22 @@ def precheck(loss: LossFn | None, optimizer: torch.optim.Optimizer | None,
                 "host in loss_and_grads)")
     if dist_validation() or infer_validation():
         return "Pyro validation is on (--validate): its checks read tensors on the host"
-    return (optimizer and optimizer_unsupported(optimizer)) or compiler_missing(device)
+    if optimizer is not None and type(optimizer) is not torch.optim.Adam:
+        return (f"the optimizer is {type(optimizer).__name__}; the graph implements "
+                "torch.optim.Adam only")
+    for group in optimizer.param_groups if optimizer is not None else ():
+        for key in ("amsgrad", "maximize", "differentiable", "decoupled_weight_decay"):
+            if group.get(key):
+                return f"Adam with {key}=True is not implemented by the graph"
+        if torch.is_tensor(group["lr"]):
+            return "Adam with a tensor learning rate is not implemented by the graph"
+    return compiler_missing(device)
 
 
 # -- tracing -----------------------------------------------------------------------------------
 class _Call(nn.Module):
-    """``fn(*args)`` as the forward of a module holding ``module`` (and ``schedule``, the
-    tensors a schedule sets): what ``functional_call`` needs to run ``fn`` with other tensors
-    in their place."""
+    """``fn(*args)`` as the forward of a module holding ``module`` and ``schedule``: for
+    ``functional_call`` to run ``fn`` with other tensors in their place."""
 
     def __init__(self, module: nn.Module, fn: Callable, schedule: nn.Module | None) -> None:
         super().__init__()
@@ -166,8 +152,7 @@ def _user_frame(frames: traceback.StackSummary) -> str:
 
 class _Operators(TorchDispatchMode):
     """Records each operator with its arguments: Python values as they are, tensors by first
-    appearance, shape and dtype, and a tensor the program holds (neither one of ``inputs``
-    nor made by an operator: a constant) also by its values."""
+    appearance, shape and dtype, and a constant (neither an input nor made) also by value."""
 
     def __init__(self, inputs: Sequence[Tensor]) -> None:
         super().__init__()
@@ -232,11 +217,9 @@ def _reason(e: Exception) -> str:
 @torch.no_grad()
 def adam(p: Tensor, grad: Tensor, m: Tensor, v: Tensor, t: Tensor, group: dict,
          lr: Tensor, coef: Tensor) -> None:
-    """``torch.optim.Adam``'s update of one tensor in place (the module's formula) at
-    learning rate ``lr`` (a float64 tensor: a schedule's value is an input, not a constant),
-    with the bias corrections of its step t given, ``coef = [1 - beta1^t, sqrt(1 - beta2^t)]``
-    in float64 (computed once per step, not per element): what the graph runs and what its
-    capture check recomputes."""
+    """``torch.optim.Adam``'s update of one tensor in place (the module's formula) at the
+    float64 learning rate ``lr`` (an input: a schedule changes it), with the bias corrections
+    of its step t given in float64, ``coef = [1 - beta1^t, sqrt(1 - beta2^t)]``."""
     if group["weight_decay"]:
         grad = grad.add(p, alpha=group["weight_decay"])
     beta1, beta2 = group["betas"]
@@ -295,10 +278,9 @@ class _Graph:
 
 class CompiledStep(Step):
     """The training step ``eager`` (a :class:`~ppl_vae.inference.svi.Step` over ``module``),
-    traced and compiled per batch shape, called like it. ``refused``: the reason once the
-    step stays eager (a line to ``log``). Under torchrun the graph computes this rank's loss
-    and gradients, :func:`~ppl_vae.distributed.sum_grads` sums them as the eager step does,
-    and ``optimizer.step()`` runs eagerly; a refusal on one rank is one on all."""
+    traced and compiled per batch shape, called like it; ``refused``: why it stays eager (a
+    line to ``log``). Under torchrun the graph gives this rank's loss and gradients, summed as
+    the eager step's, then ``optimizer.step()`` runs eagerly; a refusal on one rank is on all."""
 
     def __init__(self, eager: Step, module: nn.Module, *,
                  log: Callable[[str], None] | None = None, estimator: str = "the estimator"
@@ -309,13 +291,11 @@ class CompiledStep(Step):
         trained = (p for g in optimizer.param_groups for p in g["params"])
         self.device = next(trained, next(module.parameters(), torch.zeros(()))).device
         self.graphs: dict[tuple, _Graph] = {}
-        self.compile_seconds = 0.0
         self.refused: str | None = None
         self._bound, self._moments, self._graph = False, None, None
         self._cudagraphs = self.device.type == "cuda"
         self._grads_only = self.world.parallel
-        self._next_i = -1
-        self._calls = 0
+        self._next_i, self._calls = -1, 0
         self._hook = optimizer.register_load_state_dict_post_hook(lambda opt: self._rebind())
         self._refuse(self._agree(precheck(self.loss, None if self._grads_only else optimizer,
                                           self.device, estimator)))
@@ -335,7 +315,7 @@ class CompiledStep(Step):
             super().__call__(i, args, total, first_bad)
             return
         assert total is self.total and first_bad is self.first_bad, "one loop per step"
-        for g_index, (group, _) in enumerate(() if self._grads_only else self._groups):
+        for g_index, group in enumerate(() if self._grads_only else self._groups):
             if group["lr"] != self._lr[g_index]:  # (a schedule's: an input, no recompiling)
                 self._lr[g_index] = group["lr"]
                 self.lr_dev[g_index].fill_(group["lr"])
@@ -399,46 +379,40 @@ class CompiledStep(Step):
     def _bind(self, total: Tensor, first_bad: Tensor) -> str | None:
         """Fix the graph's inputs (module tensors, trained store values, Adam's state, the
         corrections, the bookkeeping; under torchrun the tensors only); why it cannot, or None."""
-        module_tensors = dict(self.module.named_parameters())
-        module_tensors.update(self.module.named_buffers())
+        module_tensors = dict([*self.module.named_parameters(), *self.module.named_buffers()])
         self._module_keys = list(module_tensors)
         by_id = {id(t): k for k, t in module_tensors.items()}
-        store = pyro.get_param_store()
-        self._store_alias: dict[str, str] = {}  # store name -> module key (pyro.module)
-        store_own: dict[str, Tensor] = {}
+        store = pyro.get_param_store()._params
         trained = {id(p) for g in self.optimizer.param_groups for p in g["params"]}
-        for name, t in store._params.items():
-            if id(t) in by_id:
-                self._store_alias[name] = by_id[id(t)]
-            elif id(t) in trained:
-                store_own[name] = t
+        # store name -> module key (pyro.module), and the store's own trained tensors
+        self._store_alias = {name: by_id[id(t)] for name, t in store.items() if id(t) in by_id}
+        store_own = {name: t for name, t in store.items()
+                     if id(t) not in by_id and id(t) in trained}
         self._store_keys = list(store_own)
         scheduled = dict(self.schedule.named_buffers()) if self.schedule is not None else {}
         self._schedule_keys = list(scheduled)
         tensors = [*module_tensors.values(), *store_own.values(), *scheduled.values()]
         position = {id(t): j for j, t in enumerate(tensors)}
-        self._groups: list[tuple[dict, list[int]]] = []
-        steps = set()
-        for group in self.optimizer.param_groups:
-            updated = []
+        self._groups: list[dict] = list(self.optimizer.param_groups)
+        self._trained, self._group_of, steps = [], [], set()  # (positions, group indices)
+        for g_index, group in enumerate(self._groups):
             for p in group["params"]:
                 if id(p) not in position:
                     return ("a trainable tensor is not an input: the optimizer trains a "
                             f"tensor of shape {tuple(p.shape)} that is neither the module's "
                             "nor in Pyro's param store")
                 state = self.optimizer.state.get(p, {})
-                if self._grads_only and p.requires_grad:
-                    updated.append(position[id(p)])
-                elif "exp_avg" in state:
-                    updated.append(position[id(p)])
+                graded = self._grads_only and p.requires_grad
+                if graded or "exp_avg" in state:
+                    self._trained.append(position[id(p)])
+                    self._group_of.append(g_index)
+                if not graded and "exp_avg" in state:
                     t = state["step"]  # (no value: fake, meta)
                     steps.add(None if is_fake(t) or t.device.type == "meta" else float(t))
-            self._groups.append((group, updated))
         if len(steps - {None}) > 1:
             return (f"parameters are at different Adam steps ({sorted(steps - {None})[:3]}); the "
                     "graph keeps one count")
         self._tensors = tensors
-        self._trained = [j for _, upd in self._groups for j in upd]
         self._trained_tensors = [tensors[j] for j in self._trained]
         self.i_dev = torch.zeros((), dtype=torch.long, device=self.device)
         self.lr_dev = torch.zeros(len(self._groups), dtype=torch.float64, device=self.device)
@@ -448,19 +422,15 @@ class CompiledStep(Step):
         self._averages = [averages[id(t)] for t in self._trained_tensors] if self.ema else []
         self.total, self.first_bad = total, first_bad
         self._bound, self._moments = True, None
-        if self._grads_only:
-            self._inputs = list(tensors)
-            return None
+        self._inputs = list(tensors)  # (without torchrun, _rebind adds Adam's state and the rest)
         self._rebind()
         return None
 
     def _rebound(self) -> str | None:
-        """The first of the module's tensors (or of the param store's trained ones) that is
-        not the object the graph was bound to: what the epoch-start look compares, beside the
-        values (a buffer rebound by ``self.temp = torch.tensor(...)``), or None."""
-        now = dict(self.module.named_parameters())
-        now.update(self.module.named_buffers())
+        """The first of the bound tensors that is another object now (a buffer rebound by
+        ``self.temp = torch.tensor(...)``), or None."""
         store = pyro.get_param_store()._params
+        now = dict([*self.module.named_parameters(), *self.module.named_buffers()])
         now.update({f"pyro.param {k!r}": store.get(k) for k in self._store_keys})
         if self.schedule is not None:
             now.update({f"schedule.{k}": t for k, t in self.schedule.named_buffers()})
@@ -472,15 +442,14 @@ class CompiledStep(Step):
 
     def _rebind(self) -> None:
         """Point the graph at the optimizer's state: loaded values are copied into the graph's
-        tensors, which go back into the optimizer (fixed addresses for CUDA graphs). A state
-        without Adam's moments (from before the first step) unbinds: the next step is eager."""
+        tensors, which go back into the optimizer (fixed addresses); no Adam state unbinds."""
         if not self._bound or self._grads_only:
             return
         if self._hyperparameters() != getattr(self, "_hyper", None):
             self.graphs.clear()  # (Adam's betas or eps the graphs hold are others now)
             self._hyper = self._hyperparameters()
         state = self.optimizer.state
-        trained = [self._tensors[j] for j in self._trained]
+        trained = self._trained_tensors
         if not all("exp_avg" in state.get(p, {}) for p in trained):
             self._bound, self._moments = False, None
             self.graphs.clear()
@@ -498,30 +467,28 @@ class CompiledStep(Step):
         for (p, kind), mine in zip(slots, self._moments, strict=True):
             state[p][kind] = mine
         if self._cudagraphs:
-            for group, _ in self._groups:
+            for group in self._groups:
                 group["capturable"] = True  # eager steps with the device-side step count
-        self._lr = [g["lr"] for g, _ in self._groups]  # (a schedule's: copied in per call)
+        self._lr = [g["lr"] for g in self._groups]  # (a schedule's: copied in per call)
         self.lr_dev.copy_(torch.tensor(self._lr, dtype=torch.float64))
         if trained:  # the next step's corrections, on the device (no host read)
-            self.coef.copy_(corrections(self._moments[2 * len(trained)].to(self.device),
-                                        [g for g, _ in self._groups]))
+            step_count = self._moments[2 * len(trained)].to(self.device)
+            self.coef.copy_(corrections(step_count, self._groups))
         self._inputs = [*self._tensors, *self._moments, *self._averages, self.lr_dev, self.coef,
                         self.total, self.first_bad, self.i_dev, self.grad_norm, self.clipped]
         self._next_i = -1
 
     # -- the traced function ---------------------------------------------------------------
-    def _function(self, grads_only: bool = False, find_dynamic: bool = False) -> Callable:
+    def _function(self, find_dynamic: bool = False) -> Callable:
         """The step as a function of flat tensors: module, store and schedule tensors, Adam's
-        (m, v, t) of each trained tensor, their averages (with ``ema``), the learning rate and
-        the bias corrections of each group, (total, first_bad, i, grad_norm, clipped), then the
-        batch. ``grads_only``: of the tensors and the batch, returning (loss, grads of the
-        trained tensors)."""
-        n_in, n_tr = len(self._tensors), len(self._trained)
-        n_av = len(self._averages)
+        (m, v, t) of each trained tensor, their averages, the learning rate and corrections of
+        each group, (total, first_bad, i, grad_norm, clipped), the batch; under torchrun of the
+        tensors and the batch, returning (loss, grads of the trained tensors)."""
+        n_in, n_tr, n_av = len(self._tensors), len(self._trained), len(self._averages)
 
         def step(*flat: Tensor) -> tuple[Tensor, ...]:
             tensors = flat[:n_in]
-            if grads_only:
+            if self._grads_only:
                 batch = flat[n_in:]
             else:
                 moments, averages = flat[n_in:n_in + 3 * n_tr], flat[n_in + 3 * n_tr:][:n_av]
@@ -534,7 +501,7 @@ class CompiledStep(Step):
             trained = [tensors[j] for j in self._trained]
             grads = torch.autograd.grad(loss, trained, allow_unused=True)
             loss = loss.detach()
-            if grads_only:
+            if self._grads_only:
                 return (loss, *(torch.zeros_like(p) if g is None else g
                                 for p, g in zip(trained, grads, strict=True)))
             with torch.no_grad():
@@ -543,17 +510,15 @@ class CompiledStep(Step):
                     grad_norm.add_(norm)
                     if self.clip_norm:
                         clipped.add_(norm + 1e-6 > self.clip_norm)
-                k, counted = 0, None
-                for g_index, (group, updated) in enumerate(self._groups):
-                    for _ in updated:  # (a tensor the loss does not use: Adam leaves it alone)
-                        if grads[k] is not None:
-                            t = moments[2 * n_tr + k]
-                            adam(trained[k], grads[k], moments[k], moments[n_tr + k], t, group,
-                                 lr[g_index], coef[g_index])
-                            counted = t if counted is None else counted
-                        k += 1
+                counted = None
+                for k, g_index in enumerate(self._group_of):
+                    if grads[k] is not None:  # (else the loss does not use it: Adam leaves it)
+                        t = moments[2 * n_tr + k]
+                        adam(trained[k], grads[k], moments[k], moments[n_tr + k], t,
+                             self._groups[g_index], lr[g_index], coef[g_index])
+                        counted = t if counted is None else counted
                 if counted is not None:  # the next step's corrections, once, not per element
-                    coef.copy_(corrections(counted, [g for g, _ in self._groups]))
+                    coef.copy_(corrections(counted, self._groups))
                 for average, p in zip(averages, trained, strict=False):
                     average.lerp_(p, 1 - self.ema_decay)
                 total.add_(loss)
@@ -578,12 +543,9 @@ class CompiledStep(Step):
                                               swapped, tuple(batch), strict=True)
 
     def _fingerprint(self, args: Sequence[Tensor]) -> tuple | None:
-        """The forward's operators (:class:`_Operators`), run once on the live tensors (the
-        random state and the buffers put back after; no backward), and Adam's
-        hyperparameters: the program's Python values the graph holds, at a forward's cost.
-        None if it cannot be taken."""
-        buffers = [b for m in (self.module, self.schedule) if m is not None
-                   for b in m.buffers()]
+        """The forward's operators (:class:`_Operators`; RNG and buffers put back after) and
+        Adam's hyperparameters: the Python values the graph holds; None if not to be had."""
+        buffers = [b for m in (self.module, self.schedule) if m is not None for b in m.buffers()]
         saved = [b.detach().clone() for b in buffers]
         record = _Operators([*self._tensors, *args])
         devices = [self.device] if self.device.type == "cuda" else []
@@ -602,7 +564,7 @@ class CompiledStep(Step):
     def _hyperparameters(self) -> tuple:
         """What the graph holds of the optimizer's parameter groups."""
         return tuple((tuple(g["betas"]), g["eps"], g["weight_decay"])
-                     for g, _ in getattr(self, "_groups", ()))
+                     for g in getattr(self, "_groups", ()))
 
     def _trace(self, args: Sequence[Tensor], find_dynamic: bool = False
                ) -> torch.fx.GraphModule:
@@ -610,7 +572,7 @@ class CompiledStep(Step):
         traced again with ``find_dynamic`` to name the operator and program line."""
         with warnings_quiet(), _traced_code_paths():
             try:
-                gm = make_fx(self._function(self._grads_only, find_dynamic), tracing_mode="fake",
+                gm = make_fx(self._function(find_dynamic), tracing_mode="fake",
                              _allow_non_fake_inputs=True)(*self._inputs, *args)
             except Exception as e:
                 raise Refused(_reason(e)) from None
@@ -644,12 +606,10 @@ class CompiledStep(Step):
             for x, y in zip(a[1], b[1], strict=True))
 
     def _compile(self, gm: torch.fx.GraphModule, args: Sequence[Tensor]) -> Callable:
-        """Inductor's code for ``gm``: on the CPU from the FX graph (no per-call guards: half
-        ``torch.compile``'s time on a small step) with a C++ wrapper (one shared library: no
-        Python between kernels, one C++ build), trusting the CPU's vector ISA flags (a build
-        that fails then is retried with inductor's own ISA probes, seconds of builds); on a GPU
-        by ``torch.compile`` with every input but the batch at a static address (replayed as
-        a CUDA graph)."""
+        """Inductor's code for ``gm``: on the CPU from the FX graph (no per-call guards) with a
+        C++ wrapper (no Python between kernels), trusting the CPU's vector ISA flags (a failed
+        build is retried with inductor's own ISA probes); on a GPU by ``torch.compile`` with
+        every input but the batch at a static address (replayed as a CUDA graph)."""
         options = {"fallback_random": True}
         try:
             with torch.no_grad(), warnings_quiet():
@@ -721,25 +681,21 @@ class CompiledStep(Step):
             loss_c, *grads_c = graph.compiled(*self._inputs, *args)
         checks = [("the loss", loss_c, loss_e, loss_e.abs() + 1)]
         if self._grads_only:
-            checks += [("the gradient", c, e, e.abs()) for c, e in zip(grads_c, grads_e,
-                                                                       strict=True)
-                       if e is not None]
+            checks += [("the gradient", c, e, e.abs())
+                       for c, e in zip(grads_c, grads_e, strict=True) if e is not None]
         else:  # Adam's new moments from the eager gradient, by the graph's own update
-            n_in, n_tr, k = len(self._tensors), len(self._trained), 0
+            n_in, n_tr = len(self._tensors), len(self._trained)
             lr, coef = saved[n_in + 3 * n_tr + len(self._averages):][:2]
-            for g_index, (group, updated) in enumerate(self._groups):
-                for _ in updated:
-                    g = grads_e[k]
-                    if g is not None:
-                        p, m, v, t = (saved[j].clone() for j in (
-                            self._trained[k], n_in + k, n_in + n_tr + k, n_in + 2 * n_tr + k))
-                        adam(p, g, m, v, t, group, lr[g_index], coef[g_index])
-                        m0, v0 = saved[n_in + k], saved[n_in + n_tr + k]
-                        checks += [("Adam's m (the gradient)", self._moments[k], m,
-                                    m0.abs() + (m - group["betas"][0] * m0).abs()),
-                                   ("Adam's v (the gradient)", self._moments[n_tr + k], v,
-                                    v0 + v)]
-                    k += 1
+            for k, g_index in enumerate(self._group_of):
+                g, group = grads_e[k], self._groups[g_index]
+                if g is not None:
+                    p, m, v, t = (saved[j].clone() for j in (
+                        self._trained[k], n_in + k, n_in + n_tr + k, n_in + 2 * n_tr + k))
+                    adam(p, g, m, v, t, group, lr[g_index], coef[g_index])
+                    m0, v0 = saved[n_in + k], saved[n_in + n_tr + k]
+                    checks += [("Adam's m (the gradient)", self._moments[k], m,
+                                m0.abs() + (m - group["betas"][0] * m0).abs()),
+                               ("Adam's v (the gradient)", self._moments[n_tr + k], v, v0 + v)]
         worst, what = max((_relative_error(c, e, scale), what) for what, c, e, scale in checks)
         self._restore(saved)
         rtol = TOLERANCE.get(loss_e.dtype, 1e-2)

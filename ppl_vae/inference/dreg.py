@@ -8,26 +8,23 @@ w_j``, the IWAE bound ``IWAE_K = E[log 1/K sum_k w_k]`` has the gradients::
     d/dtheta IWAE_K = E[sum_k w~_k   d/dtheta log p(x, z_k)]                  (as IWAE's)
     d/dphi   IWAE_K = E[sum_k w~_k^2 d/dphi   log w_k |path]                   (DReG)
 
-where ``|path`` differentiates through z_k only, with q's parameters held in log q (the
-score term, whose K-sample estimate makes IWAE's inference-network SNR fall like 1/sqrt(K),
-Rainforth et al. 2018, is replaced by its reparameterized equivalent). With q = p(z|x) every
-w_k is p(x) and every path derivative 0: the phi-gradient is 0 for every draw and every K.
+where ``|path`` differentiates through z_k only, q's parameters held in log q: the score
+term, whose estimate makes IWAE's inference-network SNR fall like 1/sqrt(K) (Rainforth et al.
+2018), replaced by its reparameterized equivalent. With q = p(z|x) the phi-gradient is 0.
 
 The surrogate, per data point (``sg``: stop-gradient)::
 
     S = sum_k sg(w~_k^2) [log p(x, z_k) - log q(z_k) + log q(sg z_k) - sg log q(sg z_k)]
       + sum_k sg(w~_k - w~_k^2) log p(x, sg z_k)
 
-Its theta-gradient is IWAE's (the two terms add to sum_k w~_k d log p); its phi-gradient is
-DReG's (the second term sees no phi). The second term is one more pass of the model at the
-detached draws. The loss is ``-IWAE_K``'s estimate (``logsumexp_k log w_k - log K``, summed
-over the data points) with ``-S``'s gradient.
+Its theta-gradient is IWAE's (the two terms add to sum_k w~_k d log p), its phi-gradient
+DReG's (the second term, one more pass of the model at the detached draws, sees no phi). The
+loss is ``-IWAE_K``'s estimate (``logsumexp_k log w_k - log K``, summed over the data points)
+with ``-S``'s gradient.
 
-Assumes every latent guide site is reparameterized and the particles vectorize (one batched
-pass, a plate left of the model's); the per-point bound sums over the plates every site
-shares (as Pyro's ``RenyiELBO``). Refuses a guide site without ``rsample`` (use ``iwae``).
-With K = 1 every w~ is 1: the ELBO with ``stl``'s gradient (training refuses K = 1, as for
-``iwae``; the SNR-against-K experiment of ``compare`` starts there).
+Assumes a reparameterized guide and vectorized particles; the per-point bound sums over the
+plates every site shares (as Pyro's ``RenyiELBO``). With K = 1 every w~ is 1: the ELBO with
+``stl``'s gradient (training refuses K = 1; ``compare``'s SNR-against-K experiment uses it).
 """
 
 from __future__ import annotations

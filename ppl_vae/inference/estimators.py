@@ -7,9 +7,8 @@ For a data point x, guide q(z|x) and L reparameterized draws z_l ~ q(z|x):
       1/L sum_l [log p(x, z_l) - log q(z_l|x)]
 
 * ``analytic`` -- :class:`~pyro.infer.TraceMeanField_ELBO`, estimator B: the KL in closed
-  form where Pyro knows it (falling back to Monte Carlo where it does not; a guide with a
-  non-reparameterized site, e.g. a discrete y, gets ``mc``'s estimate, whose score-function
-  gradient Pyro's class would drop)::
+  form where torch knows it, else Monte Carlo (a guide with a non-reparameterized site gets
+  ``mc``'s estimate, whose score-function gradient Pyro's class would drop)::
 
       1/L sum_l log p(x|z_l) - KL(q(z|x) || p(z))
 
@@ -37,8 +36,7 @@ The particles are vectorized (one batched pass, a plate left of the model's plat
 L > 1 and the model broadcasts over that dimension, else drawn one after another.
 
 ``Trace_ELBO``, ``TraceMeanField_ELBO`` and ``TraceEnum_ELBO`` here are Pyro's with a
-``differentiable_loss`` that never reads the host (no GPU sync; traceable, :mod:`.compiled`);
-``JitTraceMeanField_ELBO`` mends Pyro 1.9.2's recompiling on every step.
+host-free ``differentiable_loss`` (no GPU sync; traceable, :mod:`.compiled`).
 """
 
 from __future__ import annotations
@@ -98,17 +96,15 @@ class TraceMeanField_ELBO(pyro.infer.TraceMeanField_ELBO):
                 return super().differentiable_loss(model, guide, *args, **kwargs)
             elbo = 0.0
             for name, site in model_trace.nodes.items():
-                if site["type"] != "sample":
-                    continue
-                if site["is_observed"]:
+                if site["type"] == "sample" and site["is_observed"]:
                     elbo = elbo + site["log_prob_sum"]
-                    continue
-                q = guide_trace.nodes[name]
-                try:
-                    kl = kl_divergence(q["fn"], site["fn"])
-                    elbo = elbo - scale_and_mask(kl, q["scale"], q["mask"]).sum()
-                except NotImplementedError:
-                    elbo = elbo + site["log_prob_sum"] - q["log_prob_sum"]
+                elif site["type"] == "sample":
+                    q = guide_trace.nodes[name]
+                    try:
+                        kl = kl_divergence(q["fn"], site["fn"])
+                        elbo = elbo - scale_and_mask(kl, q["scale"], q["mask"]).sum()
+                    except NotImplementedError:
+                        elbo = elbo + site["log_prob_sum"] - q["log_prob_sum"]
             loss = loss - elbo / self.num_particles
         return loss
 
@@ -187,12 +183,7 @@ class JitTraceMeanField_ELBO(pyro.infer.JitTraceMeanField_ELBO):
 
 def unsuited(name: str, info: ProgramInfo, programs: int = 1) -> str | None:
     """Why ``--elbo name`` cannot train the program ``info`` describes (an objective summing
-    ``programs`` model/guide pairs), in a few words; None if it can:
-
-    * ``stl`` and ``iwae-dreg`` need every latent guide site reparameterized;
-    * ``iwae-dreg`` and ``rws`` weigh vectorized particles;
-    * ``iwae`` (Pyro's ``RenyiELBO``) trains one model/guide pair.
-    """
+    ``programs`` model/guide pairs), in a few words; None if it can."""
     score = ", ".join(sorted(info.score_sites))
     if name in ("stl", "iwae-dreg") and score:
         return f"the guide's site(s) {score} are not reparameterized, which {name} needs"
@@ -206,10 +197,8 @@ def unsuited(name: str, info: ProgramInfo, programs: int = 1) -> str | None:
 
 
 def redundant(name: str, info: ProgramInfo) -> str | None:
-    """Why ``--elbo name`` is ``mc`` on the program ``info`` describes; None if it is not:
-    ``analytic`` without a site whose KL has a closed form (or with a score-function site,
-    where it falls back to ``mc``), ``tracegraph`` without a score-function site, ``enum``
-    with nothing marked for enumeration."""
+    """Why ``--elbo name`` is ``mc`` on the program ``info`` describes (``analytic`` also
+    where it falls back to ``mc``: a score-function site); None if it is not."""
     if name == "analytic" and (info.score_sites or not info.closed_kl):
         return "no reparameterized site's KL has a closed form"
     if name == "tracegraph" and not info.score_sites:
@@ -235,30 +224,22 @@ def make_elbo(name: str, particles: int = 1, jit: bool = False,
     program with ``max_plate_nesting`` plates; ``vectorize=False`` draws them one by one."""
     kw = dict(num_particles=particles, vectorize_particles=vectorize and particles > 1,
               max_plate_nesting=max_plate_nesting)
-    if jit and name not in ("mc", "analytic"):  # Pyro has Jit versions of those two only
+    jitted = {"mc": JitTrace_ELBO, "analytic": JitTraceMeanField_ELBO}  # Pyro's only Jit ones
+    if jit and name not in jitted:
         raise UsageError(f"--jit with --elbo {name} is not supported here; drop --jit")
-    if name == "enum":
-        return TraceEnum_ELBO(**kw)
-    if name == "stl":
-        return STL_ELBO(**kw)
-    if name == "tracegraph":
-        return TraceGraph_ELBO(**kw)
-    if name == "rws":
-        return ReweightedWakeSleep(num_particles=particles, max_plate_nesting=max_plate_nesting,
-                                   vectorize_particles=vectorize)
-    if name == "iwae-dreg":
-        return IWAE_DReG(num_particles=particles, max_plate_nesting=max_plate_nesting,
-                         vectorize_particles=vectorize)
+    if name in ("rws", "iwae-dreg"):  # (they refuse unvectorized particles, even K = 1)
+        cls = ReweightedWakeSleep if name == "rws" else IWAE_DReG
+        return cls(**{**kw, "vectorize_particles": vectorize})
     if name == "iwae":
         with warnings.catch_warnings():  # RenyiELBO warns that alpha=0 is the IWAE bound
             warnings.simplefilter("ignore")
             return RenyiELBO(alpha=0.0, **kw)
-    classes = {"mc": (Trace_ELBO, JitTrace_ELBO),
-               "analytic": (TraceMeanField_ELBO, JitTraceMeanField_ELBO)}
+    classes = {"mc": Trace_ELBO, "analytic": TraceMeanField_ELBO, "enum": TraceEnum_ELBO,
+               "stl": STL_ELBO, "tracegraph": TraceGraph_ELBO}
     if name not in classes:
         raise UsageError(f"unknown --elbo {name!r}; use {', '.join(ELBOS)}")
     if jit:  # torch marks torch.jit.trace deprecated; the Jit ELBOs still work on it
         warnings.filterwarnings("ignore", message=r".*torch\.jit\.trace.*deprecated",
                                 category=FutureWarning)  # idempotent: no duplicate filters
-        return classes[name][1](ignore_jit_warnings=True, **kw)
-    return classes[name][0](**kw)
+        return jitted[name](ignore_jit_warnings=True, **kw)
+    return classes[name](**kw)

@@ -11,14 +11,12 @@ and from them, per data point::
     IWAE_K(x)  = log 1/K sum_k w_k   <= log p(x)        (Burda et al. 2016; E[IWAE_K]
                                                          rises to log p(x) as K grows)
 
-The model is scored as a density: ``poutine.scale`` factors (a beta-VAE's beta) weight the
-training objective, not the model, and are left out here; masks are kept. A latent site of
-the model that the guide does not sample is proposed from its prior, so its density cancels.
+The model is scored as a density: ``poutine.scale`` factors (a beta-VAE's beta) are left
+out, masks kept. A latent the guide does not sample is drawn from its prior (it cancels).
 
-Any program works (:func:`~ppl_vae.inference.program.inspect_program`), in chunks of rows
-and samples. *Global* latents theta (outside the data plate) are drawn once per sample and
-shared by every row (replayed across chunks): with N points the ELBO per point is
-``E[sum_local] + E[log p(theta) - log q(theta)] / N`` and the IWAE bound the joint
+Any program works, in chunks of rows and samples. *Global* latents theta (outside the data
+plate) are drawn once per sample and shared by every row: with N points the ELBO per point
+is ``E[sum_local] + E[log p(theta) - log q(theta)] / N`` and the IWAE bound the joint
 ``log 1/K sum_k p(X, Z_k, theta_k) / q(Z_k, theta_k|X)``, divided by N.
 """
 
@@ -48,7 +46,7 @@ from ..resources import (
     refuse_unless_fits,
     step_cost,
 )
-from .program import ProgramInfo, inspect_program
+from .program import ProgramInfo, inspect_program, plate_frames
 
 MAX_ELEMENTS = 2**24  # bound on K x rows x D floats held at once (hidden layers come on top)
 
@@ -56,14 +54,6 @@ MAX_ELEMENTS = 2**24  # bound on K x rows x D floats held at once (hidden layers
 def _float_dtype(t: Tensor) -> torch.dtype:
     """The dtype log weights of data ``t`` are summed in: its own if floating, else torch's."""
     return t.dtype if t.is_floating_point() else torch.get_default_dtype()
-
-
-def _in_plate(site: dict, plate: str | None) -> int | None:
-    """The dim of ``plate`` in the site's plates, or None."""
-    for f in site["cond_indep_stack"]:
-        if f.name == plate and f.vectorized and f.dim is not None:
-            return f.dim
-    return None
 
 
 def _reduce(lp: Tensor, nesting: int, vectorized: bool, data_dim: int | None) -> Tensor:
@@ -95,9 +85,7 @@ def _pass(model: Callable, guide: Callable, args: tuple, info: ProgramInfo, k: i
         g = guide if shared is None else poutine.replay(guide, trace=shared)
         guide_trace = poutine.trace(g).get_trace(*args)
         model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args)
-    device, dtype = args[0].device, _float_dtype(args[0])
-    local = torch.zeros(1, 1, device=device, dtype=dtype)
-    glob = torch.zeros(1, 1, device=device, dtype=dtype)
+    local = glob = torch.zeros(1, 1, device=args[0].device, dtype=_float_dtype(args[0]))
     for trace, sign in ((model_trace, 1.0), (guide_trace, -1.0)):
         trace = prune_subsample_sites(trace)  # the plates' index sites carry no density
         trace.compute_log_prob()
@@ -107,7 +95,7 @@ def _pass(model: Callable, guide: Callable, args: tuple, info: ProgramInfo, k: i
             if sign > 0 and not site["is_observed"] and name not in guide_trace.nodes:
                 continue  # proposed from the prior: p/q cancels
             lp = scale_and_mask(site["unscaled_log_prob"], mask=site["mask"])
-            dim = _in_plate(site, info.data_plate)
+            dim = next((f.dim for f in plate_frames(site) if f.name == info.data_plate), None)
             term = sign * _reduce(lp, info.max_plate_nesting, vectorized, dim)
             if dim is None:
                 glob = glob + term.sum(-1, keepdim=True)
@@ -115,9 +103,8 @@ def _pass(model: Callable, guide: Callable, args: tuple, info: ProgramInfo, k: i
                 local = local + term
     if shared is None and info.global_sites and info.data_plate is not None:
         shared = guide_trace.copy()
-        for name in list(shared.nodes):
-            if name not in info.global_sites:
-                shared.remove_node(name)
+        for name in set(shared.nodes) - info.global_sites:
+            shared.remove_node(name)
     return local.expand(k, rows), glob.reshape(-1).expand(k), shared
 
 
@@ -126,14 +113,10 @@ def log_weights(model: Callable, guide: Callable, *args, num_samples: int,
     """``log p(x, z_k) - log q(z_k|x)`` of shape (num_samples, batch), z_k ~ q, with any
     global terms spread evenly over the rows (their sum over rows is the joint weight)."""
     info = info or inspect_program(model, guide, *args)
-    rows = args[0].shape[0]
-    if info.vectorized:
-        local, glob, _ = _pass(model, guide, args, info, num_samples)
-    else:
-        parts = [_pass(model, guide, args, info, 1) for _ in range(num_samples)]
-        local = torch.cat([p[0] for p in parts])
-        glob = torch.cat([p[1] for p in parts])
-    return local + glob[:, None] / rows
+    k, passes = (num_samples, 1) if info.vectorized else (1, num_samples)
+    parts = [_pass(model, guide, args, info, k) for _ in range(passes)]
+    local, glob = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    return local + glob[:, None] / args[0].shape[0]
 
 
 @dataclass(frozen=True)
@@ -179,12 +162,9 @@ def plan_score(module, *inputs: Tensor, num_samples: int, guide: Callable | None
     """The passes :func:`score` makes: at most :data:`MAX_ELEMENTS` data-sized floats per
     pass, and no more than half the free memory by the measured cost of a pass (hidden
     layers included). :class:`UsageError` when even the smallest pass cannot fit."""
-
-    model = module.model
-    guide = guide or module.guide
-    n = inputs[0].shape[0]
+    model, guide = module.model, guide or module.guide
+    n, device = inputs[0].shape[0], inputs[0].device
     d = max(1, sum(t[:1].numel() for t in inputs))
-    device = inputs[0].device
     small = tuple(t[: min(n, 2)] for t in inputs)
     info = info or inspect_program(model, guide, *small)
     k_max = num_samples if info.vectorized else 1
@@ -215,8 +195,7 @@ ESTIMATE_SECONDS = 20.0
 LONGEST_SECONDS = 7 * 86400.0
 """An evaluation expected to take longer than a week is refused (a mistyped K)."""
 BAR_DELAY = 2.0
-"""Seconds before the evaluation's progress bar shows (tqdm's ``delay``): short ones stay
-quiet."""
+"""Seconds before the evaluation's progress bar shows (tqdm's ``delay``)."""
 
 
 @torch.no_grad()
@@ -228,11 +207,8 @@ def score(module, *inputs: Tensor, num_samples: int = 10, iwae: bool = False,
     ``info``: the caller's :func:`~ppl_vae.inference.program.inspect_program` of the module's
     own program. Memory-bounded chunks (:func:`plan_score`), seeded (the caller's RNG is left
     as it was); a long one prints its estimate and a bar (``progress``: None on a terminal)."""
-
-    model = module.model
-    guide = guide or module.guide
-    n = inputs[0].shape[0]
-    device = inputs[0].device
+    model, guide = module.model, guide or module.guide
+    n, device = inputs[0].shape[0], inputs[0].device
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         plan = plan_score(module, *inputs, num_samples=num_samples, guide=guide,
                           info=info if guide == module.guide else None)
@@ -246,9 +222,9 @@ def score(module, *inputs: Tensor, num_samples: int = 10, iwae: bool = False,
         bar = tqdm(total=n * num_samples, desc="evaluation", unit="sample", unit_scale=True,
                    leave=False, delay=BAR_DELAY, file=sys.stderr,
                    disable=None if progress is None else not progress)
-        began, first = time.perf_counter(), True
-        for k in (min(plan.k_chunk, num_samples - i) for i in range(0, num_samples,
-                                                                   plan.k_chunk)):
+        began = time.perf_counter()
+        for i in range(0, num_samples, plan.k_chunk):
+            k = min(plan.k_chunk, num_samples - i)
             shared, total = None, torch.zeros(k, device=device, dtype=dtype)
             for start in range(0, n, rows):
                 args = tuple(t[start:start + rows] for t in inputs)
@@ -261,8 +237,7 @@ def score(module, *inputs: Tensor, num_samples: int = 10, iwae: bool = False,
                     lse[start:start + rows] = torch.logaddexp(
                         lse[start:start + rows], torch.logsumexp(local, 0))
                 total = total + local.sum(1)
-                if first:
-                    first = False
+                if i == start == 0:  # after the first pass
                     _announce(plan, began, device, progress)
                 bar.update(k * args[0].shape[0])
             if iwae and joint:
@@ -270,12 +245,10 @@ def score(module, *inputs: Tensor, num_samples: int = 10, iwae: bool = False,
         bar.close()
     elbo = elbo_sum / num_samples + glob_sum / (num_samples * n)
     bound = None
-    if iwae:
-        if joint:
-            joint_bound = joint_lse - math.log(num_samples)
-            bound = (joint_bound / n).expand(n).clone()
-        else:
-            bound = lse - math.log(num_samples)
+    if iwae and joint:  # one bound over the whole set, reported per point
+        bound = ((joint_lse - math.log(num_samples)) / n).expand(n).clone()
+    elif iwae:
+        bound = lse - math.log(num_samples)
     return Scores(elbo, bound, num_samples if iwae else 0, info.describe(num_samples,
                                                                          plan.passes))
 

@@ -63,7 +63,8 @@ def _sample_sites(trace) -> list[dict]:
     return [s for s in trace.nodes.values() if s["type"] == "sample" and not site_is_subsample(s)]
 
 
-def _frames(site: dict) -> list:
+def plate_frames(site: dict) -> list:
+    """The site's vectorized plates (those with a dim)."""
     return [f for f in site["cond_indep_stack"] if f.vectorized and f.dim is not None]
 
 
@@ -113,23 +114,18 @@ def _explain(e: Exception, fn: Callable, args: tuple, tracers: tuple, what: str 
 @torch.no_grad()
 def inspect_program(model: Callable, guide: Callable, *args: Tensor) -> ProgramInfo:
     """Run ``guide`` and ``model`` (replayed) once on ``args`` (two or more rows, so the data
-    plate can be told apart), then once more with a samples plate of size 2. What the user's
+    plate can be told apart), then once more with a samples plate. What the user's
     program raises on that first run is a :class:`ProgramError`."""
     with poutine.trace(param_only=True) as params:
         guide_trace, model_trace = _run_first(model, guide, args)
     sites = _sample_sites(guide_trace) + _sample_sites(model_trace)
-    nesting = max([-f.dim for s in sites for f in _frames(s)], default=0)
+    nesting = max([-f.dim for s in sites for f in plate_frames(s)], default=0)
     rows = args[0].shape[0] if args and torch.is_tensor(args[0]) and args[0].dim() else 1
-    data_plate = None
-    for site in _sample_sites(model_trace):
-        if site["is_observed"] and data_plate is None:
-            shape = site["fn"].batch_shape
-            for f in _frames(site):
-                if len(shape) >= -f.dim and shape[f.dim] == rows:
-                    data_plate = f.name
-                    break
+    data_plate = next((f.name for s in _sample_sites(model_trace) if s["is_observed"]
+                       for f in plate_frames(s) if len(s["fn"].batch_shape) >= -f.dim
+                       and s["fn"].batch_shape[f.dim] == rows), None)
     local = {s["name"] for s in sites
-             if data_plate is not None and any(f.name == data_plate for f in _frames(s))}
+             if data_plate is not None and any(f.name == data_plate for f in plate_frames(s))}
     latent = {s["name"] for s in sites if not s["is_observed"]}
     values = [s["value"] for s in params.trace.nodes.values()]
     unconstrained = tuple(getattr(v, "unconstrained", lambda v=v: v)() for v in values)
@@ -151,16 +147,14 @@ def inspect_program(model: Callable, guide: Callable, *args: Tensor) -> ProgramI
 def inspect_objective(terms: Sequence[tuple[float, Callable, Callable]], *args: Tensor
                       ) -> ProgramInfo:
     """:func:`inspect_program` of every (weight, model, guide) term of an objective on the
-    same ``args``, merged: the deepest plates, vectorized only if every term is, and the
-    union of the sites and parameters found (this also creates parameters that a guide
-    makes lazily, e.g. an autoguide's)."""
+    same ``args``, merged: the deepest plates, vectorized only if every term is, the union of
+    the sites and parameters found (creating those a guide makes lazily, e.g. an autoguide's)."""
     infos = [inspect_program(m, g, *args) for _, m, g in terms]
     return replace(infos[0], max_plate_nesting=max(i.max_plate_nesting for i in infos),
                    vectorized=all(i.vectorized for i in infos),
-                   registered=frozenset().union(*(i.registered for i in infos)),
                    params=tuple({id(p): p for i in infos for p in i.params}.values()),
-                   **{f: frozenset().union(*(getattr(i, f) for i in infos))
-                      for f in ("score_sites", "enumerated", "closed_kl", "model_enumerated")})
+                   **{f: frozenset().union(*(getattr(i, f) for i in infos)) for f in (
+                       "registered", "score_sites", "enumerated", "closed_kl", "model_enumerated")})
 
 
 def _has_closed_kl(q, p) -> bool:

@@ -13,10 +13,9 @@ guides work), ``log w_k = log p(x, z_k) - log q(z_k|x)`` and ``w~_k = softmax_k 
   with weight ``1 - insomnia``; the guide then takes ``observations=`` (Pyro's convention)
   and the weights are the whole batch's (Pyro's term as it is).
 
-Pyro's class weighs the whole batch as one draw (``reshape(K, -1).sum(-1)``); here, as in
-``RenyiELBO``, each data point has its own weights (summing over the plates every site
-shares). The loss's value is ``-IWAE_K``'s estimate; its gradient is wake-theta's for the
-model and the guide's objective for the guide.
+Pyro's class weighs the whole batch as one draw; here, as in ``RenyiELBO``, each data point
+has its own weights. The loss's value is ``-IWAE_K``'s estimate; its gradient wake-theta's for
+the model and the guide's objective for the guide.
 """
 
 from __future__ import annotations

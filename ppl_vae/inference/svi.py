@@ -1,8 +1,7 @@
 """Stochastic variational inference: the step. ``loss = -ELBO`` of a batch from a Pyro
 estimator, differentiated, its gradient summed over the ranks, and ``torch.optim.Adam`` over
-the module's parameters plus every ``pyro.param`` the program touches
-(:func:`collect_params`). Owning the step keeps the loss on the device, the optimizer state a
-plain ``state_dict``, and skips ``pyro.module``'s re-registration every step. The epochs are
+the module's parameters plus every ``pyro.param`` the program touches (:func:`collect_params`):
+the loss stays on the device and the optimizer state is a plain ``state_dict``. The epochs are
 :class:`ppl_vae.run.loop.Loop`'s; :class:`~ppl_vae.inference.compiled.CompiledStep` is the
 same step as one compiled graph.
 """
@@ -78,22 +77,18 @@ def collect_params(module: nn.Module, info: ProgramInfo) -> list[Tensor]:
 
 class Step:
     """One training step ``step(i, args, total, first_bad)``: the loss of the batch ``args``
-    (this rank's rows), its gradient summed over the ranks (:func:`~ppl_vae.distributed.
-    sum_grads`), then :meth:`update`; the loss is added to the loop's ``total`` and
-    ``first_bad`` lowered to ``i`` (the step's index in its epoch) if it is not finite.
+    (this rank's rows), its gradient summed over the ranks, then :meth:`update`; the loss is
+    added to the loop's ``total`` and ``first_bad`` lowered to ``i`` if it is not finite.
 
     ``loss`` is differentiable (``args -> loss``); an estimator without one (RenyiELBO) gives
-    ``backward`` instead, ``args -> loss`` after adding the gradient itself (a host read per
-    step). ``terms`` (the objective's programs) let :meth:`diagnose` name a non-finite site.
-    The update: the gradient's global 2-norm ``||g||`` clipped at ``clip_norm`` (``g <- g *
-    min(1, C / (||g|| + 1e-6))``, as :func:`torch.nn.utils.clip_grad_norm_`), the optimizer's
-    step, ``scheduler`` (a per-step :mod:`torch.optim.lr_scheduler`; ``plateau``, one stepped
-    by :meth:`after_epoch` on the validation loss), and with ``ema`` = d > 0 the moving
-    average ``a <- a + (1 - d) (theta - a)`` of the parameters (from their first values).
-    ``schedule``: a module whose buffers the loss reads (the KL warm-up's weight), inputs of
-    the compiled step. ``grad_norm`` sums the norms before clipping (with ``clip_norm`` or
-    ``watch_norm``) and ``clipped`` counts the steps clipped: device tensors, read only where
-    a caller chooses."""
+    ``backward``, ``args -> loss`` after adding the gradient itself. ``terms`` (the
+    objective's programs) let :meth:`diagnose` name a non-finite site. The update: the
+    gradient's global 2-norm clipped at ``clip_norm`` (``g <- g * min(1, C / (||g|| +
+    1e-6))``), the optimizer's step, ``scheduler`` (per step; ``plateau``: by :meth:`after_epoch`
+    on the validation loss), and with ``ema`` = d > 0 the moving average ``a <- a + (1 - d)
+    (theta - a)`` of the parameters. ``schedule``: a module whose buffers the loss reads (the
+    KL warm-up's weight). ``grad_norm`` sums the norms before clipping (with ``clip_norm`` or
+    ``watch_norm``), ``clipped`` counts the steps clipped (device tensors)."""
 
     description = "eager"
     compile_seconds = 0.0
@@ -128,9 +123,7 @@ class Step:
             if len(terms) != 1:
                 raise UsageError(f"{type(elbo).__name__} trains one model/guide pair, and this "
                                  "objective has several; use --elbo mc, analytic or enum")
-            _, model, guide = terms[0]
-            model, guide = (registered(module, model, skip=skip),
-                            registered(module, guide, skip=skip))
+            model, guide = (registered(module, fn, skip=skip) for fn in terms[0][1:])
 
             def backward(*args: Tensor) -> Tensor:
                 return torch.tensor(elbo.loss_and_grads(model, guide, *args),

@@ -1,32 +1,28 @@
 """Pyro's ``Trace_ELBO`` without host reads; the pieces the path-derivative estimators
 (:class:`STL_ELBO`, :mod:`.dreg`) share with it; and ``TraceGraph_ELBO``.
 
-**Sticking the landing** (Roeder, Wu & Duvenaud 2017): the ELBO's path-derivative gradient.
-For a reparameterized guide z = g(eps; phi), eps ~ p(eps), the total derivative of the ELBO
-term ``log p(x, z) - log q(z; phi)`` splits into a path part (through z) and the direct
-score ``-d/dphi log q(z; phi)`` at fixed z, whose expectation is zero. STL drops the score::
+**Sticking the landing** (Roeder, Wu & Duvenaud 2017): for a reparameterized guide
+z = g(eps; phi), the ELBO term ``log p(x, z) - log q(z; phi)`` has a path derivative (through
+z) and the direct score ``-d/dphi log q(z; phi)`` at fixed z, of mean zero. STL drops it::
 
     grad_STL = d/dphi [log p(x, g(eps; phi)) - log q(g(eps; phi); phi')]   at phi' = phi held
 
-an unbiased estimate of the ELBO's gradient (the dropped term has mean zero) whose variance
-vanishes as q approaches the posterior: with q = p(z|x), ``log p(x, z) - log q(z)`` is
-log p(x) for every z, so its path derivative is zero for every draw. The model's parameters
-get the ordinary gradient. The value is the ELBO's estimate, unchanged.
+an unbiased gradient whose variance vanishes as q approaches the posterior (with q = p(z|x),
+``log p(x, z) - log q(z)`` is log p(x) for every z). The model's parameters get the ordinary
+gradient; the value is the ELBO's estimate. Per particle, with ``sg`` stop-gradient::
 
-Here, per particle: ``loss = -(log p(x, z) - log q(z)) - (log q(sg z) - sg log q(sg z))``,
-``sg`` stop-gradient; the last term (value 0) cancels the direct score, whatever the
-guide's distributions are (a flow's log q at a detached z inverts the flow exactly).
-Assumes every latent guide site is reparameterized; refuses a guide with another.
+    loss = -(log p(x, z) - log q(z)) - (log q(sg z) - sg log q(sg z))
 
-**TraceGraph_ELBO**: score-function gradients with Rao-Blackwellization and baselines for
-guides with non-reparameterized sites that are not enumerated (Schulman et al. 2015; Mnih &
-Gregor 2014). For a guide site y ~ q(y; phi) without ``rsample``, the ELBO's gradient has the
-score term ``E_q[d/dphi log q(y) * (C_y - b_y)]`` where C_y is the *downstream* cost of y only
-(the log densities that y's value can influence, by the dependency graph Pyro records, instead
-of the whole ELBO: Rao-Blackwellization) and b_y a baseline the site declares in
-``infer={"baseline": {...}}`` (a decaying average, a network, or a value), which lowers the
-variance without bias. Reparameterized sites get the path gradient as in ``Trace_ELBO``.
-The value is the ELBO's estimate; baselines' own losses train their networks.
+the last term (value 0) cancelling the direct score for any guide distribution (a flow's
+log q at a detached z inverts the flow exactly). Every latent guide site must be
+reparameterized.
+
+**TraceGraph_ELBO** (Schulman et al. 2015; Mnih & Gregor 2014): for a guide site
+y ~ q(y; phi) without ``rsample`` (not enumerated) the score term
+``E_q[d/dphi log q(y) * (C_y - b_y)]``, where C_y is the *downstream* cost of y (the log
+densities y's value can influence, by Pyro's dependency graph: Rao-Blackwellization) and b_y
+a baseline the site declares in ``infer={"baseline": {...}}``, lowering the variance without
+bias. Reparameterized sites get the path gradient; the value is the ELBO's estimate.
 """
 
 from __future__ import annotations

@@ -37,10 +37,9 @@ class RunContext:
     """What a hook sees of a run: its settings, the model's options, data and directory.
     ``fit(loss, part, name, desc, inputs)`` trains ``part`` on ``loss(*data_args)`` (or on
     ``loss(*inputs(x, y))``: M1 of M1+M2 on the pixels) with the run's settings and returns
-    one row per epoch; ``score`` is
-    :func:`ppl_vae.inference.importance.score`; ``log(text)`` adds a line to the run's report;
-    ``summary`` holds the run's test evaluation when ``report`` is called; ``figures``: whether
-    ``report`` draws (not under ``evaluate``)."""
+    one row per epoch; ``score`` is :func:`ppl_vae.inference.importance.score`; ``log(text)``
+    adds a line to the run's report; ``summary`` holds the run's test evaluation when
+    ``report`` is called; ``figures``: whether ``report`` draws (not under ``evaluate``)."""
 
     config: Any
     options: Any
@@ -110,11 +109,8 @@ def hook(obj: Any, name: str) -> Callable:
     own = getattr(obj, name, None)
     if callable(own):
         return own if _ours(own) else _explained(own, obj, name)
-    default = Model.__dict__[name]
-    if isinstance(default, classmethod):
-        cls = obj if isinstance(obj, type) else type(obj)
-        return default.__func__.__get__(cls)
-    return default.__get__(obj)
+    owner = obj if isinstance(obj, type) else type(obj)
+    return Model.__dict__[name].__get__(obj, owner)  # (from_options binds the class)
 
 
 def _ours(fn: Callable) -> bool:

@@ -2,31 +2,23 @@
 convolutional networks, for images of any shape (C, H, W), grey or colour, float or 8-bit.
 
 Generative model, for each of the N images (``pyro.plate("data")``), flattened in C, H, W
-order to D = C*H*W subpixels (event shape (D,), as for the MLP VAE)::
+order to D = C*H*W subpixels (event shape (D,))::
 
     z ~ p(z)   = Normal(0, I_d)
-    x ~ p(x|z) = Bernoulli(logits = f(z))                    (--likelihood bernoulli)
-               | Normal(f(z), sigma^2 I)                      (gaussian; sigma fixed, or
-                                                               learned with --learn-scale)
-               | DiscretizedLogistic(m(z), exp(l(z)))         (logistic: one logistic per
-                                                               subpixel on 256 levels)
+    x ~ p(x|z) = Bernoulli(logits = f(z))              (--likelihood bernoulli)
+               | Normal(f(z), sigma^2 I)                (gaussian; sigma fixed or learned)
+               | DiscretizedLogistic(m(z), exp(l(z)))   (logistic: 256 levels per subpixel)
 
-Guide (the encoder)::
-
-    q(z|x) = Normal(mu(x), diag sigma(x)^2),   (mu, h) = g(x),   sigma = s(h)
-
-The encoder g is L convolutions (4x4, stride 2, padding 1: n -> floor(n / 2)) with
+The guide is the VAE's, ``q(z|x) = Normal(mu(x), diag sigma(x)^2)``, ``(mu, h) = g(x)``,
+``sigma = s(h)``; here g is L convolutions (4x4, stride 2, padding 1: n -> floor(n / 2)),
 ``--channels`` c_1..c_L, L the halvings that keep the smaller side >= 4 (28 -> 14 -> 7;
 32 -> 4; an image below 8: L = 0), then a linear map to 2d. The decoder f mirrors it with
 transposed convolutions (``output_padding`` 1 where the encoder floored an odd side) to C
-output channels (2C for the logistic: m and l per subpixel). 8-bit rows stay uint8 on the
-device and are converted per batch (:func:`ppl_vae.data.pixels`).
+output channels (2C for the logistic: m and l per subpixel).
 
-Bits per dimension of a bound on log p(x) (the summary's ``test_bpd_elbo`` and
-``test_bpd_iwae``): ``bpd = -bound / (D ln 2)`` for the discretized logistic (an upper
-bound: its log p is a probability of the 8-bit image); the Gaussian's log p is a density of
-x / 255 and adds log2(255) per subpixel (an approximation); the Bernoulli has none.
-SVI maximizes ``ELBO = E_q[log p(x|z)] - beta * KL(q(z|x) || p(z))``, as in :mod:`.vae`.
+Bits per dimension of a bound on log p(x) (``test_bpd_elbo``, ``test_bpd_iwae``):
+``bpd = -bound / (D ln 2)`` for the discretized logistic (an upper bound); the Gaussian's
+density of x / 255 adds log2(255) per subpixel (an approximation); the Bernoulli has none.
 """
 
 from __future__ import annotations
@@ -35,6 +27,7 @@ import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import pairwise
 from typing import TYPE_CHECKING, Any
 
 import pyro.distributions as dist
@@ -44,18 +37,11 @@ from torch import Tensor, nn
 from ..data import pixels
 from ..errors import UsageError
 from .base import RunContext
-from .likelihoods import (
-    GAUSSIAN_OFFSET,
-    LIKELIHOODS,
-    bits_per_dim,
-    check_range,
-    pixel_likelihood,
-    pixel_mean,
-)
+from .likelihoods import GAUSSIAN_OFFSET, LIKELIHOODS, bits_per_dim, pixel_likelihood, pixel_mean
 from .nets import ACTIVATIONS
-from .options import build_by_signature, with_changes
+from .options import with_changes
 from .registry import register_model
-from .vae import GaussianLatentVAE, ScaleOptions, encoder_scale
+from .vae import GaussianLatentVAE, ScaleOptions, loc_scale
 
 if TYPE_CHECKING:
     from ..data import Dataset
@@ -65,10 +51,9 @@ AUTO = "auto"  # The default likelihood: ``logistic`` for 8-bit data, ``bernoull
 KERNEL, STRIDE, PADDING = 4, 2, 1
 MIN_SIDE = 4  # The encoder halves the image while its smaller side stays at least this.
 LOGISTIC_INIT = (0.5, -2.0)
-"""The discretized logistic's initial location and log-scale (the decoder's last biases): a
-logistic around mid-grey with s = e^-2, standard deviation s pi / sqrt(3) = 0.25, near a
-uniform pixel's 0.29 (an untrained model scores 8.6 bits/dim on sample-patches, against 9.6
-with location 0 and s = 1)."""
+"""The discretized logistic's initial location and log-scale (the decoder's last biases):
+mid-grey with s = e^-2, sd s pi / sqrt(3) = 0.25, near a uniform pixel's 0.29 (untrained:
+8.6 bits/dim on sample-patches, against 9.6 with location 0 and s = 1)."""
 
 
 def conv_sides(h: int, w: int) -> list[tuple[int, int]]:
@@ -120,18 +105,15 @@ class ConvVAE(GaussianLatentVAE):
 
     def __init__(self, image_shape: Sequence[int], options: ConvVAEOptions | None = None,
                  **changes: Any) -> None:
-        """A VAE of images of ``image_shape`` with ``options`` (default: the defaults), some
-        set by keyword: ``ConvVAE((1, 28, 28), z_dim=8)``; ``likelihood="auto"`` is
-        ``bernoulli`` here (``from_options`` picks by the data)."""
-        super().__init__()
-        o = self.options = with_changes(self.Options, options, changes)
+        """A VAE of images of ``image_shape`` with ``options``, some set by keyword:
+        ``ConvVAE((1, 28, 28), z_dim=8)``; ``likelihood="auto"`` is ``bernoulli`` here
+        (``from_options`` picks by the data)."""
+        o = with_changes(self.Options, options, changes)
         likelihood = "bernoulli" if o.likelihood == AUTO else o.likelihood
+        c, h, w = shape = image_chw(image_shape)
+        super().__init__(o, c * h * w, likelihood)
+        self.image_shape = shape
         z_dim, channels = o.z_dim, o.channels
-        self.image_shape = image_chw(image_shape)
-        c, h, w = self.image_shape
-        self.input_dim = c * h * w
-        self.z_dim, self.likelihood, self.beta = z_dim, likelihood, o.beta
-        self.scale_head = o.encoder_scale
         sides = conv_sides(h, w)
         widths = [c] + [channels[min(i, len(channels) - 1)] for i in range(len(sides) - 1)]
         act = ACTIVATIONS[o.activation]
@@ -139,7 +121,7 @@ class ConvVAE(GaussianLatentVAE):
         top = math.prod(self.top_shape)
 
         enc: list[nn.Module] = []
-        for a, b in zip(widths, widths[1:], strict=False):
+        for a, b in pairwise(widths):
             enc += [nn.Conv2d(a, b, KERNEL, STRIDE, PADDING), act()]
         self.encoder = nn.Sequential(*enc, nn.Flatten(), nn.Linear(top, 2 * z_dim))
 
@@ -160,7 +142,6 @@ class ConvVAE(GaussianLatentVAE):
             with torch.no_grad():
                 last.bias.view(2, -1)[0].fill_(LOGISTIC_INIT[0])
                 last.bias.view(2, -1)[1].fill_(LOGISTIC_INIT[1])
-        self.set_scale(o)
 
     @classmethod
     def from_options(cls, options: ConvVAEOptions, data: Dataset) -> ConvVAE:
@@ -174,8 +155,7 @@ class ConvVAE(GaussianLatentVAE):
         if options.likelihood == AUTO:
             options = dataclasses.replace(
                 options, likelihood="logistic" if data.eight_bit else "bernoulli")
-        check_range(data, options.likelihood)
-        return build_by_signature(cls, options, data, image_shape=shape)
+        return super().from_options(options, data, image_shape=shape)
 
     def data_args(self, x: Tensor, y: Tensor | None) -> tuple[Tensor]:
         """``(x,)`` as it is: 8-bit rows stay uint8, converted per batch in the program."""
@@ -190,8 +170,7 @@ class ConvVAE(GaussianLatentVAE):
         out = self.decoder(z.reshape(-1, self.z_dim))
         c = self.image_shape[0]
         if self.likelihood == "logistic":
-            loc, log_scale = out[:, :c], out[:, c:]
-            return loc.reshape(*lead, -1), log_scale.reshape(*lead, -1)
+            return out[:, :c].reshape(*lead, -1), out[:, c:].reshape(*lead, -1)
         return out.reshape(*lead, -1), self.log_scale
 
     def likelihood_dist(self, z: Tensor) -> dist.TorchDistribution:
@@ -203,8 +182,7 @@ class ConvVAE(GaussianLatentVAE):
         """Location and scale of q(z|x) for rows ``x`` (..., D), float pixels or uint8."""
         lead = x.shape[:-1]
         h = self.encoder(pixels(x).reshape(-1, *self.image_shape))
-        loc, h = h.reshape(*lead, 2 * self.z_dim).chunk(2, dim=-1)
-        return loc, encoder_scale(h, self.scale_head)
+        return loc_scale(h.reshape(*lead, 2 * self.z_dim), self.scale_head)
 
     def decode(self, z: Tensor) -> Tensor:
         """E[x|z], flattened (..., D): pixel probabilities (Bernoulli), means (Gaussian), or
@@ -235,12 +213,11 @@ class ConvVAE(GaussianLatentVAE):
                                iwae=config.eval_iwae > 0, progress=ctx.progress)
             elbo = scores.elbo.mean().item()
             iwae = None if scores.iwae is None else scores.iwae.mean().item()
-        d = self.input_dim
         offset = GAUSSIAN_OFFSET if self.likelihood == "gaussian" else 0.0
-        out = {"test_bpd_elbo": bits_per_dim(elbo, d, offset)}
+        out = {"test_bpd_elbo": bits_per_dim(elbo, self.input_dim, offset)}
         line = f"bits/dim {out['test_bpd_elbo']:.3f} (test ELBO)"
         if iwae is not None:
-            out["test_bpd_iwae"] = bits_per_dim(iwae, d, offset)
+            out["test_bpd_iwae"] = bits_per_dim(iwae, self.input_dim, offset)
             line += f", {out['test_bpd_iwae']:.3f} (IWAE)"
         line += f", {k} samples per image"
         if offset:

@@ -13,19 +13,15 @@ and the guide (recognition network)::
 Conditions (``--condition``):
 
 * ``quadrants``: c is the image with its missing quadrants set to 0; y is the image, only
-  its missing pixels scored (``dist.mask``); ``--quadrants k`` observes the bottom-left
-  quadrant (k=1), the left half (k=2) or all but the bottom-right (k=3).
+  its missing pixels scored; ``--quadrants k`` observes the bottom-left quadrant (k=1), the
+  left half (k=2) or all but the bottom-right (k=3).
 * ``label``: c is the one-hot class, y the whole image (one learned prior per class).
 
-Objectives (``--cvae-objective``), all SVI on the same model:
-
-* ``cvae``: ELBO = E_q[log p(y|c,z)] - KL(q(z|c,y) || p(z|c)).
-* ``gsnn``: the Gaussian stochastic neural network, E_{p(z|c)}[log p(y|c,z)]: the same ELBO
-  with the prior network as the guide (the KL term is then zero).
-* ``hybrid``: alpha * cvae + (1 - alpha) * gsnn.
-
+Objectives (``--cvae-objective``): ``cvae``, ELBO = E_q[log p(y|c,z)] - KL(q(z|c,y) ||
+p(z|c)); ``gsnn`` (Gaussian stochastic neural network), E_{p(z|c)}[log p(y|c,z)], the ELBO
+with the prior network as the guide; ``hybrid``, alpha * cvae + (1 - alpha) * gsnn.
 ``pretrain`` fits the baseline NN first; ``report`` writes the conditional log-likelihood
-table (``cll_table.md``) and draws completions or samples per label.
+table (``cll_table.md``).
 """
 
 from __future__ import annotations
@@ -53,6 +49,7 @@ from .likelihoods import check_range, pixel_likelihood, pixel_mean
 from .nets import NetworkOptions, mlp
 from .options import build_by_signature, with_changes
 from .registry import register_model
+from .vae import loc_scale
 
 if TYPE_CHECKING:
     from ..data import Dataset
@@ -62,8 +59,8 @@ OBJECTIVES = ("cvae", "gsnn", "hybrid")
 
 
 def observed_quadrants(image_shape: tuple[int, ...], k: int) -> Tensor:
-    """Boolean (C*H*W,) mask of the pixels observed with ``k`` quadrants given (1, 2 or 3),
-    for images of shape (C, H, W) (or (H, W))."""
+    """Boolean (C*H*W,) mask of the pixels observed with ``k`` (1, 2 or 3) quadrants given,
+    for images (C, H, W) or (H, W)."""
     if k not in (1, 2, 3):
         raise UsageError(f"--quadrants takes 1, 2 or 3 observed quadrants, got {k}")
     *channels, h, w = image_shape
@@ -108,8 +105,8 @@ class CVAE(Model):
     def __init__(self, cond_dim: int, out_dim: int, target: Tensor | None = None,
                  options: CVAEOptions | None = None, **changes: Any) -> None:
         """Conditions of ``cond_dim`` and outputs of ``out_dim`` values, of which the mask
-        ``target`` are scored (None: all; it, not ``options.quadrants``, says which are
-        missing); options set by keyword too: ``CVAE(784, 784, target, z_dim=8)``."""
+        ``target`` (None: all; not ``options.quadrants``) are scored; options set by keyword
+        too: ``CVAE(784, 784, target, z_dim=8)``."""
         super().__init__()
         o = self.options = with_changes(self.Options, options, changes)
         self.cond_dim, self.out_dim, self.z_dim = cond_dim, out_dim, o.z_dim
@@ -157,19 +154,14 @@ class CVAE(Model):
     # -- networks ------------------------------------------------------------------------------
     def prior(self, c: Tensor) -> dist.Normal:
         """p(z|c) with batch shape (N, d); the prior network also sees the baseline's guess."""
-        inputs = c
-        if self.baseline_input:
-            with torch.no_grad():  # the baseline is trained first, then held fixed
-                guess = pixel_mean(self.baseline(c), self.likelihood)
-            inputs = torch.cat([c, guess], -1)
-        loc, log_scale = self.prior_net(inputs).chunk(2, -1)
-        return dist.Normal(loc, log_scale.exp())
+        # (no gradient into the baseline: it is trained first, then held fixed)
+        inputs = torch.cat([c, self.baseline_predict(c)], -1) if self.baseline_input else c
+        return dist.Normal(*loc_scale(self.prior_net(inputs), "logscale"))
 
     def recognition(self, c: Tensor, y: Tensor) -> dist.Normal:
         """q(z|c,y) with batch shape (N, d); it sees only the target pixels of y."""
         y = y if self.target is None else y * self.target
-        loc, log_scale = self.recognition_net(torch.cat([c, y], -1)).chunk(2, -1)
-        return dist.Normal(loc, log_scale.exp())
+        return dist.Normal(*loc_scale(self.recognition_net(torch.cat([c, y], -1)), "logscale"))
 
     def generate(self, c: Tensor, z: Tensor) -> Tensor:
         """Output of the generation network for z with any leading (particle) dims."""
@@ -185,8 +177,8 @@ class CVAE(Model):
                                               self.log_scale, self.target), obs=y)
 
     def guide(self, c: Tensor, y: Tensor | None = None) -> None:
-        """q(z|c,y); with ``y=None``, and for a GSNN (whose recognition network is never
-        trained), z comes from the prior network: it is also importance sampling's proposal."""
+        """q(z|c,y); with ``y=None``, and for a GSNN (its recognition network untrained), z
+        comes from the prior network: it is also importance sampling's proposal."""
         with pyro.plate("data", c.shape[0], device=c.device):
             q = self.prior(c) if y is None or self.objective == "gsnn" else \
                 self.recognition(c, y)
@@ -217,8 +209,7 @@ class CVAE(Model):
         return pixel_mean(self.baseline(c), self.likelihood)
 
     def baseline_loss(self, c: Tensor, y: Tensor) -> Tensor:
-        """-log p(y|c) of the baseline NN (BCE, or Gaussian NLL) on the target pixels, summed
-        over the batch."""
+        """-log p(y|c) of the baseline NN on the target pixels, summed over the batch."""
         return -pixel_likelihood(self.baseline(c), self.likelihood, self.log_scale,
                                  self.target).log_prob(y).sum()
 
@@ -230,8 +221,7 @@ class CVAE(Model):
 
     def report(self, ctx: RunContext) -> dict:
         """The test split's CLL table and its figure: for quadrants, inputs, truth, the NN's
-        and three CVAE completions (Sohn et al.'s figure); for labels, a row of prior samples
-        per class, with a note when a class's samples do not vary (an unused latent)."""
+        and three CVAE completions (Sohn et al.'s figure); for labels, prior samples by class."""
         test = ctx.data.test
         c, y = self.data_args(test.x, test.y)
         cll = {cll_key(ctx.options): conditional_scores(self, c, y, ctx.score,
@@ -245,8 +235,8 @@ class CVAE(Model):
     def _figures(self, ctx: RunContext) -> None:
         data, out = ctx.data, ctx.out
         shape = data.image_shape
+        name = "samples_by_label.png" if self.condition == "label" else "completions.png"
         if shape is None:
-            name = "samples_by_label.png" if self.condition == "label" else "completions.png"
             draw_or_skip(ctx, name, lambda: "the data are not images")
             return
 
@@ -269,35 +259,27 @@ class CVAE(Model):
         def completions() -> None:
             x = pixels(data.test.x[:10])
             c, _ = self.data_args(x, None)
-            seen = ~self.target
-
-            def complete(missing: torch.Tensor) -> torch.Tensor:
-                return torch.where(seen, x, missing)
-
-            shown_input = torch.where(seen, x, torch.full_like(x, 0.5))  # missing: grey
-            rows = [shown_input, x, complete(self.baseline_predict(c))]
-            rows += [complete(p) for p in self.predict(c, num_samples=3)]
+            # the observed pixels, and for the missing ones grey (the input), the truth, the
+            # NN's and the CVAE's predictions
+            missing = [torch.full_like(x, 0.5), x, self.baseline_predict(c),
+                       *self.predict(c, num_samples=3)]
+            rows = [torch.where(~self.target, x, m) for m in missing]
             plots.image_grid(rows, shape, out / "completions.png",
                              "quadrant completion: observed + predicted missing pixels",
                              ["input", "truth", "NN", *(f"CVAE draw {i}" for i in (1, 2, 3))])
 
-        if self.condition == "label":
-            draw_or_skip(ctx, "samples_by_label.png", by_label)
-        else:
-            draw_or_skip(ctx, "completions.png", completions)
+        draw_or_skip(ctx, name, by_label if self.condition == "label" else completions)
 
 
-UNUSED_LATENT_SD = 0.01
-"""Mean pixel sd across z below which the label CVAE's samples are called identical."""
+UNUSED_LATENT_SD = 0.01  # Mean pixel sd across z below which a class's samples are identical.
 MAX_LABEL_ROWS = 20  # Labels ``samples_by_label.png`` shows at most (one row each).
-SPARSE_LABELS = 1000
-"""More one-hot classes than this, and over ten times the labels present: refused as labels
-that were not numbered 0..K-1 (ids, years), which would make a huge condition layer."""
+SPARSE_LABELS = 1000  # More classes than this, and 10 times the labels present: refused.
 
 
 def check_labels(data: Dataset) -> None:
     """:class:`UsageError` for labels that one-hot encode into far more classes than the
-    data hold (labels not numbered 0..K-1): the condition layers would be that wide."""
+    data hold (labels not numbered 0..K-1, e.g. ids or years): the condition layers would be
+    that wide."""
     ys = [s.y for s in (data.train, data.test) if s.y is not None]
     present = torch.unique(torch.cat([y.cpu() for y in ys])).numel()
     classes = data.num_classes
@@ -326,9 +308,8 @@ def conditional_scores(module: CVAE, c: Tensor, y: Tensor, score: Callable,
 
     ``score`` is :func:`ppl_vae.inference.importance.score`.
     """
-    guide = module.guide
-    is_ = score(module, c, y, num_samples=samples, iwae=True, guide=guide).iwae.mean().item()
-    elbo = score(module, c, y, num_samples=elbo_particles, guide=guide).elbo.mean().item()
+    is_ = score(module, c, y, num_samples=samples, iwae=True).iwae.mean().item()
+    elbo = score(module, c, y, num_samples=elbo_particles).elbo.mean().item()
     nn_ = sum(module.baseline_loss(cb, yb).item()
               for cb, yb in zip(c.split(4096), y.split(4096), strict=True)) / len(c)
     return {"nn_baseline": nn_, "cvae_is": -is_, "cvae_neg_elbo": -elbo, "gap": nn_ + is_}

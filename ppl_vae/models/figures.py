@@ -7,6 +7,7 @@ model). A figure that cannot be drawn is skipped with its reason in the run's no
 
 from __future__ import annotations
 
+import functools
 import inspect
 import warnings
 from collections.abc import Callable
@@ -28,14 +29,13 @@ if TYPE_CHECKING:
 @torch.no_grad()
 def default_figures(module: nn.Module, ctx: RunContext, data_args: Callable,
                     proposal: Callable) -> None:
-    """Draw what can be drawn into ``ctx.out``; log what cannot, and why (including an error
-    the program raised while drawing: a finished run is never lost to a figure).
+    """Draw what can be drawn into ``ctx.out``; log what cannot, and why (:func:`draw_or_skip`).
     ``data_args`` is the module's hook, ``proposal`` its guide."""
     data, out = ctx.data, ctx.out
     test = data.test
     rows = min(len(test), 1000)
-    args = data_args(test.x[:rows], None if test.y is None else test.y[:rows])
     labels = None if test.y is None else test.y[:rows]
+    args = data_args(test.x[:rows], labels)
 
     def latent() -> str | None:
         if rows < MIN_LATENT_ROWS:
@@ -54,23 +54,20 @@ def default_figures(module: nn.Module, ctx: RunContext, data_args: Callable,
                                  getattr(ctx.data, "label_name", "label"))
         return None
 
-    def grid(name: str, rows_of: Callable) -> Callable[[], str | None]:
-        def draw() -> str | None:
-            got = rows_of(module, test, args, proposal)
-            if isinstance(got, str):
-                return got
-            rows, title, labels = got
-            plots.image_grid(rows, data.image_shape, out / name, title, labels)
-            return None
-
-        return draw
+    def grid(name: str, rows_of: Callable) -> str | None:
+        got = rows_of(module, test, args, proposal)
+        if isinstance(got, str):
+            return got
+        rows, title, labels = got
+        plots.image_grid(rows, data.image_shape, out / name, title, labels)
+        return None
 
     figures = {"latent.png": latent}
     if data.image_shape is None:
         ctx.log("figure reconstructions.png and samples.png skipped: the data are not images")
     else:
-        figures.update({"reconstructions.png": grid("reconstructions.png", recon_rows),
-                        "samples.png": grid("samples.png", sample_rows)})
+        figures["reconstructions.png"] = functools.partial(grid, "reconstructions.png", recon_rows)
+        figures["samples.png"] = functools.partial(grid, "samples.png", sample_rows)
     for name, draw in figures.items():
         draw_or_skip(ctx, name, draw)
 

@@ -14,9 +14,8 @@ autoregressive flow (Kingma et al. 2016), ``z_k = s * z_{k-1} + (1 - s) * m`` wi
 ``(m, logit s) = MADE(z_{k-1}, h)``, ``s = sigmoid(logit s + 2)``, one MADE hidden layer of
 10 d units; or ``spline``, a rational-quadratic autoregressive spline (Durkan et al. 2019),
 8 bins on [-3, 3], two hidden layers of 10 d units. Layers are separated by a reversal of z.
-``log q`` is exact (a draw's density from the transforms' cache). ``--elbo analytic`` has no
-closed-form KL for a flow: it uses ``log q - log p`` at the sampled z, as ``mc`` does (the
-run says so, ``estimators``).
+``--elbo analytic`` has no closed-form KL for a flow: it uses ``log q - log p`` at the
+sampled z, as ``mc`` does.
 """
 
 from __future__ import annotations
@@ -33,7 +32,7 @@ from pyro.nn import ConditionalAutoRegressiveNN
 from torch import Tensor, nn
 
 from .registry import register_model
-from .vae import VAE, VAEOptions, encoder_scale
+from .vae import VAE, VAEOptions, loc_scale
 
 FLOWS = ("iaf", "spline")
 
@@ -74,7 +73,7 @@ class FlowVAEOptions(VAEOptions):
 @register_model("flow-vae")
 class FlowVAE(VAE):
     """VAE whose q(z|x) is the encoder's Normal pushed through ``flow_layers`` conditional
-    transforms (``flow``: ``iaf`` or ``spline``); ``vae.flows`` holds their networks."""
+    transforms of ``flow``; ``vae.flows`` holds their networks."""
 
     Options = FlowVAEOptions
 
@@ -104,13 +103,11 @@ class FlowVAE(VAE):
     def encode_context(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Location and scale of the base Normal of q(z|x), and the flow's context h(x)."""
         h = self.encoder[:-1](x)
-        loc, s = self.encoder[-1](h).chunk(2, dim=-1)
-        return loc, encoder_scale(s, self.scale_head), h
+        return *loc_scale(self.encoder[-1](h), self.scale_head), h
 
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Location and scale of the *base* Normal of q(z|x) (before the flow)."""
-        loc, scale, _ = self.encode_context(x)
-        return loc, scale
+        return self.encode_context(x)[:2]
 
     def transforms(self, h: Tensor) -> list:
         """The flow's transforms conditioned on the context ``h``, reversals between."""
@@ -129,7 +126,5 @@ class FlowVAE(VAE):
     @torch.no_grad()
     def reconstruct(self, x: Tensor) -> Tensor:
         """E[x|z] at z = f_K(...f_1(mu(x))): the base Normal's mean through the flow."""
-        z, _, h = self.encode_context(x)
-        for t in self.transforms(h):
-            z = t(z)
-        return self.decode(z)
+        loc, _, h = self.encode_context(x)
+        return self.decode(T.ComposeTransform(self.transforms(h))(loc))

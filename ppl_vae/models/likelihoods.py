@@ -83,9 +83,8 @@ class DiscretizedLogistic(dist.TorchDistribution):
         a = (centred + half) * inv_s  # upper edge of the bin, standardized
         b = (centred - half) * inv_s  # lower edge
         width = 2 * half * inv_s  # a - b, without the rounding of a difference
-        interior = -F.softplus(-a) - F.softplus(b) + torch.log(-torch.expm1(-width))
-        bottom = -F.softplus(-a)
-        top = -F.softplus(b)
+        bottom, top = -F.softplus(-a), -F.softplus(b)
+        interior = bottom + top + torch.log(-torch.expm1(-width))
         return torch.where(value < half, bottom, torch.where(value > 1 - half, top, interior))
 
     def sample(self, sample_shape=()) -> Tensor:
@@ -137,17 +136,15 @@ def pixel_mean(out: Tensor, kind: str, log_scale: Tensor | None = None) -> Tenso
 def check_range(data, likelihood: str) -> None:
     """:class:`UsageError` unless a Bernoulli or discretized logistic likelihood gets data in
     [0, 1]; 8-bit (uint8) rows count as their pixels ``x / 255``, in [0, 1] by definition."""
-    if likelihood not in ("bernoulli", "logistic") or data.train.x.dtype == torch.uint8:
+    needs = {"bernoulli": "the Bernoulli likelihood needs [0, 1]",
+             "logistic": "the discretized logistic likelihood needs 8-bit levels (uint8) or "
+                         "pixels in [0, 1]"}
+    if likelihood not in needs or data.train.x.dtype == torch.uint8:
         return
     lo, hi = data.train.x.min().item(), data.train.x.max().item()
     if lo < 0 or hi > 1:
-        if likelihood == "bernoulli":
-            raise UsageError(f"{data.name}: the data lie in [{lo:g}, {hi:g}] but the Bernoulli "
-                             "likelihood needs [0, 1]; rescale them (e.g. x / 255) or use "
-                             "--likelihood 'gaussian'")
-        raise UsageError(f"{data.name}: the data lie in [{lo:g}, {hi:g}] but the discretized "
-                         "logistic likelihood needs 8-bit levels (uint8) or pixels in [0, 1]; "
-                         "rescale them (e.g. x / 255) or use --likelihood 'gaussian'")
+        raise UsageError(f"{data.name}: the data lie in [{lo:g}, {hi:g}] but {needs[likelihood]}"
+                         "; rescale them (e.g. x / 255) or use --likelihood 'gaussian'")
 
 
 def bits_per_dim(log_likelihood: float, dims: int, offset: float = 0.0) -> float:

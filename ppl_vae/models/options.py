@@ -12,7 +12,7 @@ import ast
 import dataclasses
 import functools
 import inspect
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import field
 from typing import Any
 
@@ -21,12 +21,9 @@ import torch
 from ..config import coerce, field_default, flag, options_dict
 from ..errors import UsageError, first_line
 
-DATA_OPTIONS: dict[str, Callable[[Any], Any]] = {
-    "input_dim": lambda data: data.input_dim,
-    "image_shape": lambda data: data.image_shape,
-    "num_classes": lambda data: data.num_classes,
-}
-"""Constructor keywords filled from the :class:`~ppl_vae.data.Dataset`, never options."""
+DATA_OPTIONS = ("input_dim", "image_shape", "num_classes")
+"""Constructor keywords filled from the :class:`~ppl_vae.data.Dataset`'s attributes of these
+names, never options."""
 
 
 def declared(cls: type) -> type | None:
@@ -77,14 +74,12 @@ def make_options(cls: type, given: Any = None, keys: str | None = None) -> Any:
     opts, own = options_class(cls), declared(cls)
     if own and isinstance(given, opts):
         return given
-    if given is None:
-        given = {}
     if dataclasses.is_dataclass(given) and not isinstance(given, type):
         given = dataclasses.asdict(given)
-    if not isinstance(given, Mapping):
+    if not isinstance(given, Mapping | None):
         raise UsageError(f"model options for {cls.__name__} must be a dict or "
                          f"{cls.__name__}.Options, got {type(given).__name__}")
-    given = dict(given)
+    given = dict(given or {})
     defaults = {f.name: field_default(f) for f in dataclasses.fields(opts)}
     takes_any = not own and any(p.kind is p.VAR_KEYWORD for p in _parameters(cls))
     unknown = sorted(set(given) - set(defaults)) if not takes_any else []
@@ -100,9 +95,9 @@ def build_by_signature(cls: type, options: Any, data: Any, **known: Any) -> Any:
     """``cls(**kwargs)`` from its signature: the ``known`` values, data-derived keywords from
     ``data``, and the options -- whole as ``options=`` where the constructor takes them so,
     else by name -- with the class's own defaults for the rest."""
-    whole = dataclasses.is_dataclass(options) and not isinstance(options, type)
     params = _parameters(cls)
-    whole = whole and any(p.name == "options" for p in params)
+    whole = (dataclasses.is_dataclass(options) and not isinstance(options, type)
+             and any(p.name == "options" for p in params))
     values = options_dict(options)
     kwargs: dict[str, Any] = {"options": options} if whole else {}
     missing = []
@@ -113,8 +108,8 @@ def build_by_signature(cls: type, options: Any, data: Any, **known: Any) -> Any:
             kwargs[p.name] = known[p.name]
         elif p.name in values:
             kwargs[p.name] = getattr(options, p.name) if whole else values[p.name]
-        elif p.name in DATA_OPTIONS and DATA_OPTIONS[p.name](data) is not None:
-            kwargs[p.name] = DATA_OPTIONS[p.name](data)
+        elif p.name in DATA_OPTIONS and getattr(data, p.name) is not None:
+            kwargs[p.name] = getattr(data, p.name)
         elif p.default is inspect.Parameter.empty:
             missing.append(p.name)
     if not whole and any(p.kind is p.VAR_KEYWORD for p in params):
@@ -151,7 +146,6 @@ def parse_model_opts(items: list[str] | None) -> dict[str, Any]:
 
 def _parameters(cls: type) -> list[inspect.Parameter]:
     try:
-        sig = inspect.signature(cls)
+        return list(inspect.signature(cls).parameters.values())
     except (TypeError, ValueError):
         return []
-    return list(sig.parameters.values())

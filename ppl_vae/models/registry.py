@@ -81,7 +81,5 @@ def get_model(model: str | type) -> type:
 
 def model_name(cls: type) -> str:
     """How ``config.json`` names ``cls``: its registered name, else ``module:Class``."""
-    for name, registered in MODELS.items():
-        if registered is cls:
-            return name
-    return f"{cls.__module__}:{cls.__qualname__}"
+    names = (name for name, registered in MODELS.items() if registered is cls)
+    return next(names, f"{cls.__module__}:{cls.__qualname__}")

@@ -1,6 +1,5 @@
-"""The semi-supervised VAE "M2" of Kingma, Rezende, Mohamed & Welling (2014) as Pyro programs
-(the model of Pyro's ss-vae example), trained by SVI on partly labelled data
-(``--model ssvae --labelled N``; docs/results/m2-table.md has the measured table).
+"""The semi-supervised VAE "M2" of Kingma, Rezende, Mohamed & Welling (2014) (Pyro's ss-vae
+example), trained by SVI on partly labelled data (``--model ssvae --labelled N``).
 
 Generative model, for each data point (``pyro.plate("data")``), with K classes::
 
@@ -13,39 +12,26 @@ Guide::
     q(y|x)   = Categorical(logits = c(x))               the classifier
     q(z|x,y) = Normal(mu(x, y), diag sigma(x, y)^2)
 
-with c, f and the encoder MLPs (``--hidden``; the label enters the first layer of f and of
-the encoder as a learned vector per class). ``-1`` marks an unlabelled row
-(:data:`ppl_vae.data.UNLABELLED`). The objective (the paper's J^alpha) is a sum of three
-(weight, model, guide) programs over the batch, each masked (``poutine.mask``) to its rows:
+with c, f and the encoder MLPs (the label enters the first layer of f and of the encoder as
+a learned vector per class); ``-1`` marks an unlabelled row (:data:`ppl_vae.data.UNLABELLED`).
+The objective (the paper's J^alpha) is three (weight, model, guide) programs, each masked
+(``poutine.mask``) to its rows, a term without rows in the training split left out (for
+evaluation ``model``/``guide`` are one program over all rows, y observed where labelled):
 
 * labelled rows, y observed: ``L(x, y) = E_q(z|x,y)[log p(x|y,z) + log p(y) + log p(z)
   - log q(z|x,y)]``;
-* unlabelled rows, y latent: ``U(x) = sum_y q(y|x) [L(x, y) - log q(y|x)]``; the guide marks
-  y for parallel enumeration, so ``--elbo enum`` sums the K classes exactly, ``--elbo mc``
-  samples y (score function); ``--elbo analytic`` is refused (``TraceMeanField_ELBO`` would
-  drop the gradient of q(y|x)), and ``--elbo iwae`` trains one program only;
-* labelled rows: ``a * log q(y|x)`` (Pyro's ``y_aux`` site) with ``a = alpha / s`` per row
-  when every batch holds a share s of labelled rows (``--labelled-share``, the data's
-  :meth:`~ppl_vae.data.Dataset.epoch_order`), ``a = alpha * N / N_labelled`` when batches
-  are drawn from all rows alike: alpha * B per batch of B rows either way (``--alpha``);
-  ``alpha_decay`` makes it a schedule, ``a * alpha_decay ** (e - 1)`` in epoch e (set by the
-  ``on_epoch`` hook; a ``poutine.scale`` of the site).
+* unlabelled rows, y latent: ``U(x) = sum_y q(y|x) [L(x, y) - log q(y|x)]``; y is marked for
+  parallel enumeration, so ``--elbo enum`` sums the K classes exactly, ``mc`` samples y (score
+  function); ``analytic`` is refused, ``iwae`` trains one program only;
+* labelled rows: ``a * log q(y|x)`` (site ``y_aux``), ``a = alpha / s`` per row when every
+  batch holds a share s of labelled rows (``--labelled-share``), else ``alpha * N /
+  N_labelled``: alpha * B per batch of B rows either way; epoch e multiplies it by
+  ``alpha_decay ** (e - 1)`` (the ``on_epoch`` hook).
 
-So the loss is ``-(sum_labelled [L + a log q(y|x)] + sum_unlabelled U)``; a term without rows
-in the training split is left out of ``programs()``. For evaluation ``model``/``guide`` are
-one program over all rows (``obs_mask``: y observed where labelled); ``report`` adds
-``test_elbo_unlabelled`` (U(x), exact over y), ``test_accuracy`` and the figures
-``samples_by_class.png`` and ``analogies.png``.
-
-**M1+M2** (``--model-opt m1=d1``, the paper's stacked model): x above is then not the pixels
-but v(x) = (mu1(x) - m) / s, the means of an M1 VAE's q(z1|x) (``d1`` values, a VAE
-``D -> m1_hidden -> 2 d1``, Normal prior, ``--likelihood`` pixels) standardized by their
-training-split mean m and sd s, modelled by ``Normal(f(z, y), sigma^2 I)`` (sigma:
-``--gaussian-scale``). ``pretrain`` fits M1 first (``TraceMeanField_ELBO``, the run's
-epochs and learning rate) and holds it fixed; M2's ELBOs are then of v(x), not of pixels, and
-its class-conditional samples are decoded to pixels by M1's decoder. ``data_args`` computes v(x)
-once per batch, so the programs take v (``classify_logits``, ``encode`` and ``predict`` take
-pixels).
+**M1+M2** (``--model-opt m1=d1``, the paper's stacked model): x above is then v(x), the
+means of an M1 VAE's q(z1|x) (``D -> m1_hidden -> 2 d1``) standardized over the training
+split, modelled by ``Normal(f(z, y), sigma^2 I)``. ``pretrain`` fits M1 first and holds it
+fixed; samples are decoded to pixels by M1's decoder.
 """
 
 from __future__ import annotations
@@ -74,7 +60,7 @@ from .likelihoods import check_range, pixel_likelihood, pixel_mean
 from .nets import ACTIVATIONS, NetworkOptions, mlp
 from .options import build_by_signature, with_changes
 from .registry import register_model
-from .vae import VAE, encoder_scale
+from .vae import VAE, loc_scale
 
 if TYPE_CHECKING:
     from ..data import Dataset
@@ -117,9 +103,8 @@ class SSVAEOptions(NetworkOptions):
 
 
 class LabelledMLP(nn.Module):
-    """An MLP of ``(v, y)``: its first layer is ``Linear(v) + W[y]``, the same map as a linear
-    layer on ``[v, onehot(y)]`` (and initialized like one), computed without the one-hot and
-    with the ``v`` part once for every class. ``v`` (..., n) and the labels ``y`` broadcast
+    """An MLP of ``(v, y)`` whose first layer ``Linear(v) + W[y]`` is a linear layer on ``[v,
+    onehot(y)]`` (initialized like one) without the one-hot; ``v`` (..., n) and ``y`` broadcast
     against each other's batch dims (enumerated classes on the left)."""
 
     def __init__(self, in_dim: int, classes: int, widths: Sequence[int],
@@ -140,10 +125,8 @@ class LabelledMLP(nn.Module):
 @register_model("ssvae")
 class SSVAE(Model):
     """M2: classifier ``D -> hidden -> K``, encoder ``(D, y) -> hidden -> 2d`` and decoder
-    ``(d, y) -> reversed(hidden) -> D``, with D the pixels or, with ``m1`` (M1+M2), M1's
-    features; ``aux_weight`` is a, ``labelled_rows`` and ``unlabelled_rows`` whether the
-    training split has rows of each kind. M1 is fitted by :meth:`pretrain` (``train_run``
-    calls it; a loop of one's own must too)."""
+    ``(d, y) -> reversed(hidden) -> D``, D the pixels or M1's features; ``aux_weight`` is a.
+    M1 is fitted by :meth:`pretrain` (``train_run`` calls it; a loop of one's own must too)."""
 
     Options = SSVAEOptions
     recipe = {"elbo": "enum",  # y summed out exactly; mc would sample it (a score function)
@@ -154,10 +137,10 @@ class SSVAE(Model):
     def __init__(self, input_dim: int, num_classes: int, options: SSVAEOptions | None = None, *,
                  aux_weight: float = 1.0, labelled_rows: bool = True,
                  unlabelled_rows: bool = True, **changes: Any) -> None:
-        """M2 of ``input_dim`` pixels and ``num_classes`` classes with ``options`` (default:
-        the defaults), some set by keyword: ``SSVAE(784, 10, z_dim=8)``; ``options.alpha`` and
-        ``options.classes`` are not read here (``from_options`` turns them into
-        ``aux_weight`` and ``num_classes``)."""
+        """M2 with ``options``, some set by keyword: ``SSVAE(784, 10, z_dim=8)``;
+        ``from_options`` turns ``alpha`` and ``classes`` into ``aux_weight`` and
+        ``num_classes``; ``labelled_rows``/``unlabelled_rows``: whether the training split has
+        rows of each kind."""
         super().__init__()
         o = self.options = with_changes(self.Options, options, changes)
         z_dim, hidden, activation = o.z_dim, o.hidden, o.activation
@@ -175,7 +158,6 @@ class SSVAE(Model):
                 f"ssvae: {name} samples the class y of unlabelled rows from q(y|x) "
                 "(a score-function gradient, high variance); enum sums it out exactly"))
                 for name in ("mc", "iwae")})
-        # with M1, M2 models its d1 standardized features v(x) (a Gaussian likelihood)
         self.m1 = VAE(input_dim, z_dim=o.m1, hidden=o.m1_hidden, activation=activation,
                       likelihood=o.likelihood, gaussian_scale=o.gaussian_scale) if o.m1 else None
         self.modelled = "gaussian" if o.m1 else o.likelihood  # M2's likelihood of v(x)
@@ -215,9 +197,8 @@ class SSVAE(Model):
                                   labelled_rows=labelled > 0, unlabelled_rows=labelled < n)
 
     def data_args(self, x: Tensor, y: Tensor | None) -> tuple[Tensor, Tensor]:
-        """(v, y): what M2 models, v(x) (:meth:`features`: the float pixels, or M1's
-        features, computed once per batch), and the labels, -1 where unlabelled (all of them
-        when ``y`` is None)."""
+        """(v(x), y): :meth:`features`, once per batch, and the labels, -1 where unlabelled
+        (all of them when ``y`` is None)."""
         v = self.features(x)
         if y is None:
             return v, torch.full((v.shape[0],), UNLABELLED, dtype=torch.long, device=v.device)
@@ -238,13 +219,11 @@ class SSVAE(Model):
         return self.classifier(self.features(x))
 
     def encode(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        """Location and scale of q(z|x,y) (softplus scale head); ``y`` may carry enumerated
-        or sample dims on the left of ``x``'s rows."""
+        """Location and scale of q(z|x,y); ``y`` may carry dims left of ``x``'s rows."""
         return self._encode(self.features(x), y)
 
     def _encode(self, v: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        loc, h = self.encoder(v, y).chunk(2, dim=-1)
-        return loc, encoder_scale(h, "softplus")
+        return loc_scale(self.encoder(v, y), "softplus")
 
     def decode(self, z: Tensor, y: Tensor) -> Tensor:
         """E[x|y,z]: pixel probabilities (Bernoulli) or means (Gaussian); with M1, its
@@ -321,8 +300,7 @@ class SSVAE(Model):
             self._z_guide(x, guess)
 
     def model_classify(self, x: Tensor, y: Tensor) -> None:
-        """log q(y|x) of the labelled rows as an observed site (weighted by ``aux_weight``
-        in :meth:`programs`)."""
+        """log q(y|x) of the labelled rows as an observed site (weight: ``aux_weight``)."""
         with pyro.plate("data", x.shape[0], device=x.device), poutine.mask(mask=y >= 0), \
                 poutine.scale(scale=self.aux_factor):
             pyro.sample("y_aux", dist.Categorical(logits=self.classifier(x)),
@@ -332,8 +310,7 @@ class SSVAE(Model):
         """No latent: the classification term is a log-likelihood."""
 
     def programs(self) -> list[Program]:
-        """(1, L on labelled rows), (1, U on unlabelled rows), (a, log q(y|x) on labelled
-        rows): the terms whose rows the training split has."""
+        """(1, L), (1, U), (a, log q(y|x)): the terms whose rows the training split has."""
         terms: list[Program] = []
         # TraceEnum_ELBO warns that the labelled terms enumerate nothing: they need not
         warnings.filterwarnings("ignore", message="TraceEnum_ELBO found no sample sites "
@@ -367,9 +344,8 @@ class SSVAE(Model):
             self.m1_spread.copy_(means.std(0).clamp(min=1e-6))
 
     def on_epoch(self, ctx: RunContext, epoch: int) -> dict:
-        """alpha's schedule: after ``epoch`` epochs the classification term is weighted by
-        ``alpha_decay ** epoch`` times ``aux_weight``; and each epoch's ``test_accuracy``
-        (argmax q(y|x), one pass over the test split)."""
+        """alpha's schedule, ``aux_weight * alpha_decay ** epoch`` after ``epoch`` epochs;
+        returns the epoch's ``test_accuracy`` (argmax q(y|x))."""
         decay = self.options.alpha_decay
         try:
             factor = decay ** epoch
@@ -390,13 +366,11 @@ class SSVAE(Model):
         return {"test_accuracy": (self.predict(test.x) == test.y).double().mean().item()}
 
     def report(self, ctx: RunContext) -> dict:
-        """``labelled``, ``test_accuracy``, ``test_elbo_unlabelled`` (U(x): test labels hidden)
-        and ``classification_weight``; ``samples_by_class.png`` (a row per class, z fixed per
-        column) and ``analogies.png`` (test images' z decoded with every class)."""
+        """``labelled``, ``test_accuracy``, ``test_elbo_unlabelled`` (U(x)) and
+        ``classification_weight``; ``samples_by_class.png`` and ``analogies.png``."""
         test = ctx.data.test
         v, _ = self.data_args(test.x, None)
-        out: dict = {"labelled": ctx.data.labelled or 0,
-                     "classification_weight": self.aux_weight}
+        out: dict = {"labelled": ctx.data.labelled or 0, "classification_weight": self.aux_weight}
         if self.m1 is not None and not bool(self.m1_shift.any()):
             ctx.log("ssvae: M1 was never fitted (pretrain did not run): M2 saw the features "
                     "of a random M1")
@@ -432,11 +406,11 @@ class SSVAE(Model):
         names = [str(k) for k in range(shown)]
         through = " via M1's decoder" if self.m1 is not None else ""
         device = self.log_scale.device
+        ys = torch.arange(shown, device=device)[:, None]
 
         def samples() -> None:
             g = torch.Generator().manual_seed(0)
             z = torch.randn(1, FIGURE_COLUMNS, self.z_dim, generator=g).to(device)
-            ys = torch.arange(shown, device=device)[:, None]
             rows = self.decode(z.to(self.log_scale.dtype), ys)  # (classes, columns, D)
             plots.image_grid(list(rows), shape, out / "samples_by_class.png",
                              f"samples E[x|y,z]{through}: one row per class y{more}, the "
@@ -448,7 +422,6 @@ class SSVAE(Model):
                 return "the test split has no labels to encode with"
             x, y = pixels(test.x[:FIGURE_COLUMNS]), test.y[:FIGURE_COLUMNS].long()
             z = self.encode(x, y)[0]
-            ys = torch.arange(shown, device=device)[:, None]
             rows = [x, *self.decode(z.unsqueeze(0), ys)]
             plots.image_grid(rows, shape, out / "analogies.png",
                              "analogies: z = mean of q(z|x, y) of the top image, decoded with "
@@ -461,10 +434,9 @@ class SSVAE(Model):
 
 @torch.no_grad()
 def unlabelled_bound(module: SSVAE, x: Tensor, score, particles: int = 10) -> Tensor:
-    """U(x) = sum_y q(y|x) [L(x, y) - log q(y|x)] per row of ``x`` (``data_args``'s first
-    output: v(x)): exact over the K classes, each L(x, y) (which includes log p(y)) by
-    ``score`` (:func:`ppl_vae.inference.importance.score`) with ``particles`` draws of
-    z ~ q(z|x,y)."""
+    """U(x) = sum_y q(y|x) [L(x, y) - log q(y|x)] per row of v(x), exact over the K classes,
+    each L(x, y) by ``score`` (:func:`ppl_vae.inference.importance.score`) with ``particles``
+    draws of z ~ q(z|x,y)."""
     log_q = torch.cat([F.log_softmax(module.classifier(c), -1) for c in x.split(4096)])
     bound = torch.zeros(x.shape[0], dtype=log_q.dtype, device=x.device)
     for k in range(module.classes):

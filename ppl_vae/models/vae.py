@@ -53,6 +53,13 @@ def encoder_scale(h: Tensor, kind: str) -> Tensor:
     return F.softplus(h)
 
 
+def loc_scale(out: Tensor, kind: str) -> tuple[Tensor, Tensor]:
+    """(loc, sigma) of a Normal from a network's output: its first half, and sigma of
+    ``kind`` (:func:`encoder_scale`) from its second half."""
+    loc, h = out.chunk(2, dim=-1)
+    return loc, encoder_scale(h, kind)
+
+
 @dataclass
 class ScaleOptions(LatentOptions):
     """:class:`LatentOptions` of a family with a Normal encoder's scale head and a Gaussian
@@ -78,15 +85,28 @@ class VAEOptions(NetworkOptions, ScaleOptions):
 
 class GaussianLatentVAE(Model):
     """What every VAE family with z ~ Normal(0, I) and an amortized Normal guide shares: the
-    program p(z) p(x|z) and q(z|x), the prior, reconstructions and prior samples, all in
-    terms of the family's ``encode(x) -> (loc, scale)``, ``likelihood_dist(z)`` (event
-    shape (D,)) and ``decode(z) -> E[x|z]``, with attributes ``z_dim``, ``beta`` and a
-    tensor ``log_scale`` (for the device and dtype). Rows may be 8-bit (uint8): the
-    observed site gets :func:`~ppl_vae.data.pixels` of them."""
+    program p(z) p(x|z) q(z|x), the prior, reconstructions and prior samples, all in terms of
+    the family's ``encode(x) -> (loc, scale)``, ``likelihood_dist(z)`` (event shape (D,)) and
+    ``decode(z) -> E[x|z]``. Rows may be 8-bit (uint8): the observed site gets
+    :func:`~ppl_vae.data.pixels` of them."""
 
-    z_dim: int
-    beta: float
-    log_scale: Tensor
+    def __init__(self, options: ScaleOptions, input_dim: int, likelihood: str) -> None:
+        """Keep ``options`` and set ``log_scale``, log sigma of the Gaussian likelihood: a
+        parameter with ``learn_scale``, else a buffer."""
+        super().__init__()
+        self.options, self.input_dim, self.likelihood = options, input_dim, likelihood
+        self.z_dim, self.beta, self.scale_head = options.z_dim, options.beta, options.encoder_scale
+        log_scale = torch.tensor(math.log(options.gaussian_scale))
+        if options.learn_scale:
+            self.log_scale = nn.Parameter(log_scale)
+        else:
+            self.register_buffer("log_scale", log_scale)
+
+    @classmethod
+    def from_options(cls, options: ScaleOptions, data: Dataset, **known: Any
+                     ) -> GaussianLatentVAE:
+        check_range(data, options.likelihood)
+        return build_by_signature(cls, options, data, **known)
 
     # -- the probabilistic program -------------------------------------------------------------
     def model(self, x: Tensor) -> None:
@@ -102,15 +122,6 @@ class GaussianLatentVAE(Model):
             loc, scale = self.encode(x)
             with poutine.scale(scale=self.beta):
                 pyro.sample("z", dist.Normal(loc, scale).to_event(1))
-
-    def set_scale(self, options: ScaleOptions) -> None:
-        """``log_scale`` = log sigma of the Gaussian likelihood: a parameter with
-        ``learn_scale``, else a buffer."""
-        log_scale = torch.tensor(math.log(options.gaussian_scale))
-        if options.learn_scale:
-            self.log_scale = nn.Parameter(log_scale)
-        else:
-            self.register_buffer("log_scale", log_scale)
 
     # -- pieces, and what a user calls ---------------------------------------------------------
     def prior(self, n: int) -> dist.Normal:
@@ -137,21 +148,12 @@ class VAE(GaussianLatentVAE):
 
     def __init__(self, input_dim: int, options: VAEOptions | None = None,
                  **changes: Any) -> None:
-        """A VAE of ``input_dim`` pixels with ``options`` (default: the defaults), some set
-        by keyword: ``VAE(784, z_dim=8)``."""
-        super().__init__()
-        o = self.options = with_changes(self.Options, options, changes)
-        self.input_dim, self.z_dim, self.likelihood, self.beta = (
-            input_dim, o.z_dim, o.likelihood, o.beta)
-        self.scale_head = o.encoder_scale
+        """A VAE of ``input_dim`` pixels with ``options``, some set by keyword:
+        ``VAE(784, z_dim=8)``."""
+        o = with_changes(self.Options, options, changes)
+        super().__init__(o, input_dim, o.likelihood)
         self.encoder = mlp([input_dim, *o.hidden, 2 * o.z_dim], o.activation)
         self.decoder = mlp([o.z_dim, *reversed(o.hidden), input_dim], o.activation)
-        self.set_scale(o)
-
-    @classmethod
-    def from_options(cls, options: VAEOptions, data: Dataset) -> VAE:
-        check_range(data, options.likelihood)
-        return build_by_signature(cls, options, data)
 
     # -- pieces, and what a user calls ---------------------------------------------------------
     def likelihood_dist(self, z: Tensor) -> dist.TorchDistribution:
@@ -160,8 +162,7 @@ class VAE(GaussianLatentVAE):
 
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Location and scale of q(z|x)."""
-        loc, h = self.encoder(x).chunk(2, dim=-1)
-        return loc, encoder_scale(h, self.scale_head)
+        return loc_scale(self.encoder(x), self.scale_head)
 
     def decode(self, z: Tensor) -> Tensor:
         """E[x|z]: pixel probabilities (Bernoulli) or means (Gaussian)."""

@@ -1,10 +1,8 @@
 """Checkpoints: model, optimizer and the loop's state (every rank's RNG) in one file, written
 atomically and loadable with ``torch.load(..., weights_only=True)`` (tensors, numbers,
-strings and containers only).
-
-The model state is ``module.state_dict()``, plus the values of Pyro's global param store
-that are not the module's own parameters (``pyro.param`` sites a program makes itself),
-saved as constrained values and put back by :func:`restore_params`."""
+strings and containers only). The model state is ``module.state_dict()``, plus the values of
+Pyro's param store that are not the module's own parameters (``pyro.param`` sites a program
+makes itself), constrained (:func:`restore_params`) and not (:func:`load_store_values`)."""
 
 from __future__ import annotations
 
@@ -25,12 +23,11 @@ def save_checkpoint(path: str | os.PathLike, module: torch.nn.Module,
                     config: dict[str, Any], loop: dict[str, Any] | None = None,
                     history: list[dict] | None = None, data: dict | None = None,
                     **extra: Any) -> None:
-    """Write the checkpoint; ``loop`` (:meth:`~ppl_vae.run.loop.Loop.state_dict`) and
-    ``history`` (the rows of ``metrics.csv``) make it resumable, ``extra`` too (``fits``
-    while a part is pre-trained, :meth:`~ppl_vae.run.session.Session.fit`; ``update``, the
-    step's schedule and average; ``raw``, the trained weights where ``model`` holds their
-    average), ``data`` (the data's :meth:`~ppl_vae.data.Dataset.signature`) loadable without
-    the dataset."""
+    """Write the checkpoint; ``loop`` (:meth:`~ppl_vae.run.loop.Loop.state_dict`) and ``history``
+    (the rows of ``metrics.csv``) make it resumable, ``extra`` too (``fits`` while a part is
+    pre-trained, :meth:`~ppl_vae.run.session.Session.fit`; ``update``, the step's schedule and
+    average; ``raw``, the trained weights where ``model`` holds their average), ``data`` (the data's
+    :meth:`~ppl_vae.data.Dataset.signature`) loadable without the dataset."""
     store, own = pyro.get_param_store(), {id(p) for p in module.parameters()}
     state = {
         "model": module.state_dict(),
@@ -83,18 +80,15 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         with open(path, "rb") as f:  # bad weights, so the archive is tested first
             data = io.BytesIO(f.read())
         broken = zipfile.ZipFile(data).testzip()
-    except (zipfile.BadZipFile, OSError) as e:
+        if broken is None:
+            data.seek(0)
+            state = torch.load(data, map_location=map_location, weights_only=True)
+    except Exception as e:
         raise UsageError(f"{path!r} is not a readable ppl_vae checkpoint ({type(e).__name__}); "
                          "retrain or point to another run") from None
     if broken is not None:
         raise UsageError(f"{path!r} is corrupt: its record {broken!r} fails its CRC-32 check; "
                          "restore the file from a backup or retrain (nothing was changed)")
-    data.seek(0)
-    try:
-        state = torch.load(data, map_location=map_location, weights_only=True)
-    except Exception as e:
-        raise UsageError(f"{path!r} is not a readable ppl_vae checkpoint ({type(e).__name__}); "
-                         "retrain or point to another run") from None
     if not isinstance(state, dict) or "model" not in state:
         raise UsageError(f"{path!r} is not a ppl_vae checkpoint (no 'model' state)")
     return state

@@ -1,53 +1,40 @@
 """Live logging (``--log tensorboard|mlflow``): a run's scalars, images and options as it
-trains, written by rank 0 into its run directory. The step of every value is the run's
-global step (steps taken). What a logger has of the run never runs ahead of its checkpoint
-after a resume: TensorBoard drops the events past the resumed step (``purge_step``), MLflow
-is written at each checkpoint (a local file store cannot take values back).
-"""
+trains, written by rank 0 into its run directory; every value's step is the run's global step
+(steps taken). What a logger has of the run never runs ahead of its checkpoint after a resume:
+TensorBoard drops the events past the resumed step (``purge_step``), MLflow is written at each
+checkpoint (a local file store cannot take values back)."""
 
 from __future__ import annotations
 
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from torch import Tensor
 
 from ..errors import UsageError
 
 
-class Logger:
-    """What the run logs through: numbers by name, images (C, H, W) in [0, 1]."""
+class Logger(Protocol):
+    """What the run logs through: numbers by name, images (C, H, W) in [0, 1]; ``flush``: the
+    run has checkpointed, what was logged so far stays; ``close``: the run ended (``ok``: it
+    finished; else what was logged after its last checkpoint is dropped where it can be)."""
 
-    def scalars(self, step: int, values: dict[str, float]) -> None:
-        raise NotImplementedError
+    def scalars(self, step: int, values: dict[str, float]) -> None: ...
 
-    def image(self, step: int, name: str, image: Tensor) -> None:
-        raise NotImplementedError
+    def image(self, step: int, name: str, image: Tensor) -> None: ...
 
-    def flush(self) -> None:
-        """The run has checkpointed: everything logged so far stays."""
+    def flush(self) -> None: ...
 
-    def close(self, ok: bool = True) -> None:
-        """The run ended (``ok``: it finished; else it stopped, and what was logged after
-        its last checkpoint is dropped where the logger can)."""
-        self.flush()
-
-
-def _extra(name: str, module: str) -> Any:
-    try:
-        return __import__(module, fromlist=["_"])
-    except ImportError:
-        raise UsageError(f"--log {name} needs the {name} package; pip install -e "
-                         f"\".[{name}]\" (or pip install {name})") from None
+    def close(self, ok: bool = True) -> None: ...
 
 
 class TensorBoard(Logger):
     """Event files in ``out/tensorboard``; the options as hyperparameters at the start."""
 
     def __init__(self, out: Path, options: dict, resumed_at: int | None) -> None:
-        _extra("tensorboard", "tensorboard")
+        require("tensorboard")
         from torch.utils.tensorboard import SummaryWriter
         from torch.utils.tensorboard.summary import hparams
 
@@ -77,7 +64,7 @@ class MLflow(Logger):
 
     def __init__(self, out: Path, options: dict, resumed_at: int | None) -> None:
         os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # (a local file store)
-        mlflow = _extra("mlflow", "mlflow")
+        mlflow = require("mlflow")
         self.entities = mlflow.entities
         self.client = mlflow.tracking.MlflowClient(tracking_uri=(out.resolve() / "mlruns").as_uri())
         kept = out / "mlflow_run_id"
@@ -113,18 +100,25 @@ class MLflow(Logger):
         self.client.set_terminated(self.run_id, "FINISHED" if ok else "KILLED")
 
 
-def require(kind: str) -> None:
-    """Refuse ``--log kind`` in one line where its package is missing: called by every
-    process before the run does any work."""
-    if kind in ("tensorboard", "mlflow"):
-        _extra(kind, kind)
+LOGGERS = {"tensorboard": TensorBoard, "mlflow": MLflow}
+
+
+def require(kind: str) -> Any:
+    """The package ``--log kind`` needs (None for ``none``), refused in one line where it is
+    missing: called by every process before the run does any work."""
+    if kind not in LOGGERS:
+        return None
+    try:
+        return __import__(kind, fromlist=["_"])
+    except ImportError:
+        raise UsageError(f"--log {kind} needs the {kind} package; pip install -e "
+                         f"\".[{kind}]\" (or pip install {kind})") from None
 
 
 def open_logger(kind: str, out: Path, options: dict, resumed_at: int | None) -> Logger | None:
     """The ``--log`` kind's logger for the run in ``out`` (``resumed_at``: the global step a
     resume continues from), or None for ``none``."""
-    loggers = {"tensorboard": TensorBoard, "mlflow": MLflow}
-    return loggers[kind](out, options, resumed_at) if kind in loggers else None
+    return LOGGERS[kind](out, options, resumed_at) if kind in LOGGERS else None
 
 
 def _flat(options: dict) -> dict[str, Any]:

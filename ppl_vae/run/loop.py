@@ -4,12 +4,12 @@ data-parallel across ranks, checkpointed, interruptible and watched for divergen
 Each epoch draws its inputs from a *data* generator on the device and its row order ``perm``
 (a permutation of the N rows, or the data's composed batches) from a *shuffle* generator on
 the CPU, both seeded by the run's seed and the same on every rank. Step i takes rows
-``perm[i*B*W:(i+1)*B*W]`` (``B`` the per-process
-``batch_size``, ``W`` the processes), rank r its contiguous share; with W > 1 the permutation
-is padded by wrapping to a multiple of W. :class:`LoopState` plus every rank's RNG state is
-what a checkpoint needs to continue exactly. Each step folds ``isfinite(loss)`` into a
-device-side "first bad step", read every ``check_every`` steps; a bad step is replayed from
-the last snapshot so ``diagnose`` can name the site, and :class:`Diverged` is raised.
+``perm[i*B*W:(i+1)*B*W]`` (``B`` the per-process ``batch_size``, ``W`` the processes), rank r
+its contiguous share; with W > 1 the permutation is padded by wrapping to a multiple of W.
+:class:`LoopState` plus every rank's RNG state is what a checkpoint needs to continue exactly.
+Each step folds ``isfinite(loss)`` into a device-side "first bad step", read every
+``check_every`` steps; a bad step is replayed from the last snapshot so ``diagnose`` can name
+the site, and :class:`Diverged` is raised.
 """
 
 from __future__ import annotations
@@ -34,8 +34,7 @@ from ..models import Model
 from .checkpoint import load_store_values, store_values
 
 NEVER = 2**62
-
-
+"""The "first bad step" while every step's loss is finite."""
 EXPLODED = 1e6
 """A finite loss per data point this many times the run's first is a divergence."""
 
@@ -67,11 +66,10 @@ class Loop:
     """Train ``module`` (default: the session's model) by ``step`` (a
     :class:`~ppl_vae.inference.svi.Step`) over ``inputs(generator)`` (default: the session's
     training rows through the model's ``data_args``), in the session's batches, for its
-    ``config.epochs`` epochs (or :meth:`run`'s ``epochs``), on its device and processes.
-    ``validate()`` (loss per row) and ``on_epoch(epoch, train_loss, seconds, val_loss)`` run
-    after each epoch in eval mode; with ``validate`` the session's ``early_stop`` patience
-    stops early and restores the best weights; ``save(loop_state_dict)`` runs after each
-    epoch and every ``checkpoint_every_steps`` steps."""
+    ``config.epochs`` epochs, on its device and processes. ``validate()`` (loss per row) and
+    ``on_epoch(epoch, train_loss, seconds, val_loss)`` run after each epoch in eval mode; with
+    ``validate`` the session's ``early_stop`` patience stops early and restores the best weights;
+    ``save(loop_state_dict)`` runs after each epoch and every ``checkpoint_every_steps`` steps."""
 
     def __init__(self, session: Any, step: Step, *, module: nn.Module | None = None,
                  inputs: Callable[[torch.Generator], tuple[Tensor, ...]] | None = None,
@@ -83,6 +81,7 @@ class Loop:
         self.module = session.module if module is None else module
         self.inputs = inputs or session.train_args
         self.batch_size, self.epochs = config.batch_size, config.epochs
+        self.per_step = config.batch_size * world.size  # rows a step takes over all ranks
         self.device, self.world, self.data = session.device, world, session.data
         self.validate, self.on_epoch, self.save = validate, on_epoch, save
         self.patience = config.early_stop if validate is not None else 0
@@ -138,11 +137,10 @@ class Loop:
         return {"shuffle": self.shuffle.get_state(), "data": self.data_rng.get_state()}
 
     # -- the loop -------------------------------------------------------------------------
-    def run(self, epochs: int | None = None) -> int:
-        """Train to the end (``epochs``, default the session's; or early stop); returns the
-        best epoch (the last without early stopping). Raises :class:`Interrupted` after
-        checkpointing on a signal and :class:`Diverged` on a non-finite loss."""
-        self.epochs = epochs or self.epochs
+    def run(self) -> int:
+        """Train to the end (or early stop); returns the best epoch (the last without early
+        stopping). Raises :class:`Interrupted` after checkpointing on a signal and
+        :class:`Diverged` on a non-finite loss."""
         bar = tqdm(total=self.epochs, initial=self.state.epoch - 1, desc=self.desc,
                    unit="epoch", disable=hide_bar(self.progress))
         while not self.state.done:
@@ -161,7 +159,6 @@ class Loop:
         loss = (dist.all_sum(self.total, self.world) / self._rows).item()
         seconds = s.seconds
         self.module.eval()
-        stop = False
         with self.take.averaged():  # (the weights a run evaluates: with --ema, the average)
             val = self.validate() if self.validate is not None else None
             if self.on_epoch is not None:
@@ -172,12 +169,11 @@ class Loop:
                     s.best_state = copy.deepcopy(self.module.state_dict())
                 else:
                     s.bad += 1
-                    stop = s.bad >= self.patience
         self.take.after_epoch(val)
-        s.done = stop or s.epoch >= self.epochs
+        s.done = (self.patience > 0 and s.bad >= self.patience) or s.epoch >= self.epochs
         if s.done:  # the weights the run ends with: the best epoch's, else the last (averaged)
             self.take.settle(s.best_state, self.module)
-        if not s.done:
+        else:
             s.epoch, s.step, s.seconds = s.epoch + 1, 0, 0.0
             s.streams = self._streams()
             self.total.zero_()
@@ -194,8 +190,7 @@ class Loop:
             perm = torch.cat([perm, perm[: w.size - len(perm) % w.size]])
         perm = perm.to(self.device)
         self._rows = len(perm)
-        per_step = self.batch_size * w.size
-        steps = self.steps_per_epoch = math.ceil(len(perm) / per_step)
+        steps = self.steps_per_epoch = math.ceil(len(perm) / self.per_step)
         self.first_bad.fill_(NEVER)
         if self._snapshot is None or self._snapshot["at"] != (s.epoch, s.step):
             self._take_snapshot()  # (the epoch-end checkpoint took this one already)
@@ -208,21 +203,20 @@ class Loop:
         seconds = s.seconds
 
         def batch(i: int) -> tuple[Tensor, ...]:
-            chunk = perm[i * per_step:(i + 1) * per_step]
+            chunk = perm[i * self.per_step:(i + 1) * self.per_step]
             idx = chunk[dist.shard(len(chunk), w)]
             return tuple(t[idx] for t in inputs)
 
         self._batch = batch
         with self.guard.deferred():
             while s.step < steps:
-                signum = dist.any_max(self.guard.requested, w)
-                if signum:
+                if signum := dist.any_max(self.guard.requested, w):
                     s.seconds = seconds + time.perf_counter() - start
                     self._save()
                     raise Interrupted(signum, f"interrupted at epoch {s.epoch}, step {s.step}")
                 self._take_step(s.step, batch(s.step))
                 s.step += 1
-                global_step = (s.epoch - 1) * steps + s.step
+                global_step = self.global_step
                 if self.logs and global_step % self.log_every == 0:
                     self._log(global_step, seconds + time.perf_counter() - start)
                 if self.check_every and s.step % self.check_every == 0:
@@ -234,7 +228,7 @@ class Loop:
                 if not bar.disable:
                     bar.update(1)
                     if time.perf_counter() - shown > 0.5:
-                        seen = min(s.step * per_step, len(perm))
+                        seen = min(s.step * self.per_step, len(perm))
                         bar.set_postfix(elbo=f"{-self.total.item() * w.size / seen:.2f}")
                         shown = time.perf_counter()
         if self.device.type == "cuda":
@@ -252,16 +246,15 @@ class Loop:
         """Training scalars since the last log: the loss per row, the learning rate, the
         gradient's norm before clipping (mean per step), the steps clipped, images per second
         (host reads here only, on every rank; rank 0's logger writes)."""
-        loss, rows = float(dist.all_sum(self.total, self.world)), min(
-            self.state.step * self.batch_size * self.world.size, self._rows)
+        loss = float(dist.all_sum(self.total, self.world))
+        rows = min(self.state.step * self.per_step, self._rows)
         last = self.state.logged
         took = rows - last[1]
         values = {"train/loss": (loss - last[0]) / max(1, took),
                   "train/lr": self.optimizer.param_groups[0]["lr"],
                   "train/images_per_s": took / max(1e-9, seconds - last[2])}
         if self.take.clip_norm or self.take.watch_norm:
-            per_step = self.batch_size * self.world.size  # (only an epoch's last is partial)
-            steps = self.state.step - math.ceil(last[1] / per_step)
+            steps = self.state.step - math.ceil(last[1] / self.per_step)  # (all whole but the last)
             values["train/grad_norm"] = float(self.take.grad_norm) / max(1, steps)
             self.take.grad_norm.zero_()
         if self.take.clip_norm:
@@ -309,10 +302,9 @@ class Loop:
         if bad == NEVER:
             self._check_growth()
             return
-        s = self.state
         site = self._replay(bad)
         where = f"; non-finite: {site}" if site else ""
-        raise Diverged(f"training diverged at epoch {s.epoch}, step {bad + 1} of "
+        raise Diverged(f"training diverged at epoch {self.state.epoch}, step {bad + 1} of "
                        f"{self.steps_per_epoch} (the loss is not finite{where}); {self._kept}; "
                        f"{self._advice}")
 
@@ -321,7 +313,7 @@ class Loop:
         ``EXPLODED`` times the run's first (or 1 nat, if that was smaller). Losses that fall,
         or rise by less than six orders of magnitude, never trip it."""
         s, first = self.state, self.state.first_loss
-        seen = min(s.step * self.batch_size * self.world.size, self._rows)
+        seen = min(s.step * self.per_step, self._rows)
         if first is None or not seen:
             return
         mean = float(dist.all_sum(self.total, self.world)) / seen

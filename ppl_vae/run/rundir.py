@@ -70,11 +70,9 @@ class DirLock:
             if same:
                 break
             os.close(fd)
-        try:
+        with contextlib.suppress(OSError):  # the pid only makes the "in use" message better
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        except OSError:
-            pass  # the pid only makes the "in use" message better
         return cls(fd, path)
 
     @property
@@ -103,7 +101,7 @@ class RunDir:
         self._created = created  # directories open() made, outermost first
         self._staging: Path | None = None
         self._fresh = False  # the directory was new or empty: a failed run removes its files
-        self._committed = False
+        self.committed = False
         self._closed = False
 
     @classmethod
@@ -156,7 +154,7 @@ class RunDir:
         """Another process's run directory (a torchrun rank > 0; rank 0 owns it): its final
         path, no lock; commit and close do nothing."""
         run = cls(Path(final), None, [], "--out")
-        run._committed = True
+        run.committed = True
         return run
 
     @property
@@ -175,14 +173,10 @@ class RunDir:
     def __exit__(self, exc_type, exc, tb) -> None:
         self.close(ok=exc_type is None)
 
-    @property
-    def committed(self) -> bool:
-        return self._committed
-
     def commit(self) -> None:
         """Make this run's files the directory's (staged: the old entries but ``.lock`` go,
         the staged move in); idempotent, the lock stays held. Call at the first checkpoint."""
-        if self._committed:
+        if self.committed:
             return
         if self._closed:
             raise RuntimeError(f"commit() after close() of {self.final}")
@@ -208,14 +202,14 @@ class RunDir:
                 raise _cannot("replace the old run in", self.final, e, self.setting) from e
             self._staging = None
             shutil.rmtree(trash, ignore_errors=True)  # left over: the next open removes it
-        self._committed = True
+        self.committed = True
 
     def close(self, ok: bool = True) -> None:
         """Release the lock; idempotent. ``ok`` commits first; not ``ok`` and never committed:
         the staging goes, and in a new or empty directory all this run wrote (and made)."""
         if self._closed:
             return
-        discard = not ok and not self._committed
+        discard = not ok and not self.committed
         try:
             if ok:
                 self.commit()
@@ -224,10 +218,10 @@ class RunDir:
                     shutil.rmtree(self._staging, ignore_errors=True)
                     self._staging = None
                 if self._fresh:
-                    for p in list(self.final.iterdir()):
-                        if p.name != LOCK and p.is_dir() and not p.is_symlink():
+                    for p in [p for p in self.final.iterdir() if p.name != LOCK]:
+                        if p.is_dir() and not p.is_symlink():
                             shutil.rmtree(p)
-                        elif p.name != LOCK:
+                        else:
                             p.unlink(missing_ok=True)
         finally:
             self._closed = True

@@ -1,9 +1,6 @@
-"""One process's run, built once: the config resolved (the family's recipe, class and
-options), the device and threads, the data on the device, the model built and probed, and
-the context its hooks see. Train, evaluate, compare, the experiments and ``load_run`` all
-start from a :class:`Session`; :meth:`Session.from_dir` reads a run directory's
-``config.json`` and ``checkpoint.pt`` once.
-"""
+"""One process's run, built once (:class:`Session`): train, evaluate, compare, the
+experiments and ``load_run`` all start from one; :meth:`Session.from_dir` reads a run
+directory's ``config.json`` and ``checkpoint.pt`` once."""
 
 from __future__ import annotations
 
@@ -98,11 +95,11 @@ def from_record(record: Any, model: type | None = None) -> tuple[TrainConfig, ty
 
 def device_for(cuda: bool, world: World = SINGLE) -> torch.device:
     """The CPU, or the GPU (this rank's under torchrun)."""
-    if cuda and not torch.cuda.is_available():
-        raise UsageError("--cuda was given but no CUDA device is available to torch; "
-                         "drop --cuda to run on the CPU")
     if not cuda:
         return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise UsageError("--cuda was given but no CUDA device is available to torch; "
+                         "drop --cuda to run on the CPU")
     return torch.device("cuda", world.local_rank) if world.parallel else torch.device("cuda")
 
 
@@ -122,17 +119,13 @@ def use_threads(threads: int = 0, processes: int = 1) -> int:
     return threads
 
 
-def load_data(config: TrainConfig) -> Dataset:
-    """The dataset ``config`` names, with its batch composition: each batch of B rows holds
-    k = round(``labelled_share`` B) labelled rows, at least 1 and at most B - 1, so the share
-    it takes is k / B."""
-    data = load_dataset(config.dataset, config.data_dir, config.download, config.binarize,
-                        labelled=config.labelled, seed=config.seed)
-    return composed(data, config)
-
-
-def composed(data: Dataset, config: TrainConfig) -> Dataset:
-    """``data`` with the share of labelled rows each batch takes (see :func:`load_data`)."""
+def load_data(config: TrainConfig, data: Dataset | None = None) -> Dataset:
+    """``data`` (default: the dataset ``config`` names) with its batch composition: each batch
+    of B rows holds k = round(``labelled_share`` B) labelled rows, at least 1 and at most
+    B - 1, so the share it takes is k / B."""
+    if data is None:
+        data = load_dataset(config.dataset, config.data_dir, config.download, config.binarize,
+                            labelled=config.labelled, seed=config.seed)
     share, b = config.labelled_share, config.batch_size
     if share and b < 2:
         raise UsageError("--labelled-share puts labelled and unlabelled rows in every batch, "
@@ -178,7 +171,7 @@ class Session:
         self.device = device_for(config.cuda, world)
         use_threads(config.threads, world.size)
         read = data is None  # (a saved run read back with its data: split as it trained)
-        data = load_data(config) if read else composed(data, config)
+        data = load_data(config, data)
         if (training or read) and (config.early_stop or config.lr_schedule == "plateau") and \
                 data.val is None:  # (a caller's own validation split is kept)
             data = data.with_validation(config.val_fraction)
@@ -207,12 +200,10 @@ class Session:
         config, model_class = read_config(run_dir, model)
         config = replace(config, cuda=cuda, data_dir=data_dir or config.data_dir, threads=0)
         state = load_checkpoint(run_dir / "checkpoint.pt", map_location=device_for(cuda))
-        stand_in = None
-        if not data:
-            if not state.get("data"):
-                raise UsageError(f"the checkpoint in {str(run_dir)!r} predates loading without "
-                                 "the data; load it with its data (data=True)")
-            stand_in = Dataset.stand_in(state["data"])
+        if not data and not state.get("data"):
+            raise UsageError(f"the checkpoint in {str(run_dir)!r} predates loading without the "
+                             "data; load it with its data (data=True)")
+        stand_in = None if data else Dataset.stand_in(state["data"])
         return cls(config, stand_in, model_class=model_class, out=run_dir, progress=False,
                    state=state, training=False)
 
@@ -339,11 +330,10 @@ class Session:
             config.particles, self.device)
         terms = self.terms
         if config.kl_warmup and config.elbo == "enum" and info.model_enumerated:
-            raise UsageError(
-                f"--kl-warmup scales the latent sites, but the model sums out "
-                f"{sorted(info.model_enumerated)[0]!r} (enumerated in the model), whose sites "
-                "TraceEnum_ELBO needs at one scale; drop --kl-warmup, or sample that site in "
-                "the guide")
+            raise UsageError(f"--kl-warmup scales the latent sites, but the model sums out "
+                             f"{sorted(info.model_enumerated)[0]!r} (enumerated in the model), "
+                             "whose sites TraceEnum_ELBO needs at one scale; drop --kl-warmup, "
+                             "or sample that site in the guide")
         if config.kl_warmup:  # (a buffer: the compiled step reads it as an input)
             self.schedule.register_buffer("kl_weight", torch.zeros((), device=self.device))
             terms = [(w, latent_scaled(m, self._kl_weight), latent_scaled(g, self._kl_weight))
@@ -453,15 +443,13 @@ class Session:
             except (TypeError, ValueError, RuntimeError):
                 row[key] = math.nan
             if isinstance(value, bool | str) or not math.isfinite(row[key]):
-                raise UsageError(f"{owner} returned {key!r}: {_short(value)}, not a finite "
-                                 "real number; return floats (numpy and torch scalars are "
-                                 "taken)")
+                raise UsageError(f"{owner} returned {key!r}: {_short(value)}, not a finite real "
+                                 "number; return floats (numpy and torch scalars are taken)")
         return row
 
     def report(self) -> dict:
-        """The model's ``report`` hook: its numbers (and, where ``ctx.figures``, its
-        figures). A hook that fails is logged and gives no numbers: a finished run is never
-        lost to it."""
+        """The model's ``report`` hook: its numbers (and, where ``ctx.figures``, its figures). A
+        hook that fails is logged and gives no numbers: a finished run is never lost to it."""
         try:
             with torch.no_grad():
                 return dict(hook(self.module, "report")(self.ctx) or {})
@@ -488,9 +476,9 @@ def schedules(optimizer: torch.optim.Optimizer, config: TrainConfig, steps_per_e
     (:class:`~torch.optim.lr_scheduler.LambdaLR`), or ``plateau``, after every epoch on the
     validation loss (:class:`~torch.optim.lr_scheduler.ReduceLROnPlateau`: halved at the N-th
     epoch in a row without a better one, N half ``--early-stop``'s patience (at least 1: it
-    halves before the run stops), or 5 without early stopping). After s steps the
-    rate is ``lr * f(s)``: warm-up ``f = (s + 1) / W`` for ``s < W`` (``--warmup-steps``),
-    then with ``u = (s - W) / (T - W)`` (T: all the run's steps) ``lr_min / lr`` plus
+    halves before the run stops), or 5 without early stopping). After s steps the rate is
+    ``lr * f(s)``: warm-up ``f = (s + 1) / W`` for ``s < W`` (``--warmup-steps``), then with
+    ``u = (s - W) / (T - W)`` (T: all the run's steps) ``lr_min / lr`` plus
     ``(1 - lr_min / lr)`` times ``(1 + cos(pi u)) / 2`` (cosine), ``1 - u`` (linear) or 1
     (constant)."""
     kind, w, lr, floor = config.lr_schedule, config.warmup_steps, config.lr, config.lr_min
@@ -533,13 +521,9 @@ def bf16(fn: Callable | None, module: nn.Module, device: torch.device) -> Callab
 
 def _float32_out(module: nn.Module, inputs: Any, output: Any) -> Any:
     """A child's outputs in float32 while autocast runs it in lower precision."""
-    if not torch.is_autocast_enabled(_device_type(output)):
+    first = next((t for t in torch.utils._pytree.tree_leaves(output) if torch.is_tensor(t)), None)
+    if not torch.is_autocast_enabled("cpu" if first is None else first.device.type):
         return None
     return torch.utils._pytree.tree_map(
         lambda t: t.float() if torch.is_tensor(t) and t.is_floating_point() else t, output)
-
-
-def _device_type(output: Any) -> str:
-    first = next((t for t in torch.utils._pytree.tree_leaves(output) if torch.is_tensor(t)), None)
-    return "cpu" if first is None else first.device.type
 

@@ -1,11 +1,9 @@
-"""One training run from a :class:`~ppl_vae.config.TrainConfig` to files: the session (data,
-the model built and probed) -> ``pretrain`` -> SVI epochs (:class:`~ppl_vae.run.loop.Loop`)
--> evaluation and ``report`` -> ``config.json``, ``metrics.csv``, ``summary.json``,
-``checkpoint.pt`` and figures. The model is reached only through the hooks of
-:mod:`ppl_vae.models.base`. The run directory (:class:`~ppl_vae.run.rundir.RunDir`) is locked
-for the run; under torchrun only rank 0 writes files (hooks on other ranks see a scratch
-directory).
-"""
+"""One training run from a :class:`~ppl_vae.config.TrainConfig` to files: the session (data, the
+model built and probed) -> ``pretrain`` -> SVI epochs (:class:`~ppl_vae.run.loop.Loop`) ->
+evaluation and ``report`` -> ``config.json``, ``metrics.csv``, ``summary.json``, ``checkpoint.pt``
+and figures. The model is reached only through the hooks of :mod:`ppl_vae.models.base`. The run
+directory (:class:`~ppl_vae.run.rundir.RunDir`) is locked for the run; under torchrun only rank 0
+writes files (hooks on other ranks see a scratch directory)."""
 
 from __future__ import annotations
 
@@ -89,8 +87,8 @@ def resume_config(run_dir: str | os.PathLike, given: dict | None = None) -> Trai
     except (OSError, ValueError) as e:
         raise UsageError(f"{str(saved)!r} is not readable JSON ({type(e).__name__}); "
                          "delete it to resume from the checkpoint's own copy") from None
-    changes = check_given(TrainConfig.from_dict(record), given, "run")
-    return replace(TrainConfig.from_dict(record), **changes, out=str(path), overwrite=False)
+    recorded = TrainConfig.from_dict(record)
+    return replace(recorded, **check_given(recorded, given), out=str(path), overwrite=False)
 
 
 def check_given(recorded: TrainConfig, given: dict, what: str = "run") -> dict:
@@ -153,21 +151,19 @@ def _default_out(config: TrainConfig) -> TrainConfig:
 def open_run_dir(config: TrainConfig, world: World, resume: bool) -> RunDir:
     """Rank 0 locks and prepares the run directory; the others learn its path (or the
     error) from rank 0."""
-    result: tuple[str, str] = ("", "")
-    rundir = None
+    rundir, error = None, ""
     if world.main:
         try:
             rundir = RunDir.open(config.out, config.model, overwrite=config.overwrite,
                                  resume=resume)
-            result = ("ok", str(rundir.final))
         except UsageError as e:
-            result = ("error", str(e))
             if not world.parallel:
                 raise
-    kind, text = dist.broadcast(result, world)
-    if kind == "error":
-        raise UsageError(text)
-    return rundir if world.main else RunDir.follow(text)
+            error = str(e)
+    final, error = dist.broadcast((str(rundir.final) if rundir else "", error), world)
+    if error:
+        raise UsageError(error)
+    return rundir if world.main else RunDir.follow(final)
 
 
 def train_run(config: TrainConfig, data: Dataset | None = None, progress: bool | None = None,
@@ -187,8 +183,7 @@ def train_run(config: TrainConfig, data: Dataset | None = None, progress: bool |
                          "a new run")
     rundir = open_run_dir(config, world, resume)
     config = replace(config, out=str(rundir.final))
-    ok = False
-    try:
+    with rundir:  # (closed: committed where the run ends well, else as it was)
         state = _resumable(config, cls, rundir.final, device_for(config.cuda, world)) \
             if resume else None
         with signals() as guard, contextlib.ExitStack() as stack:
@@ -204,10 +199,7 @@ def train_run(config: TrainConfig, data: Dataset | None = None, progress: bool |
             finally:
                 if session.logger is not None:
                     session.logger.close(ok=run is not None)
-        ok = True
         return run
-    finally:
-        rundir.close(ok)
 
 
 def _train(session: Session, rundir: RunDir, state: dict | None) -> Run:
@@ -270,10 +262,8 @@ def _train(session: Session, rundir: RunDir, state: dict | None) -> Run:
     def on_epoch(epoch: int, loss: float, seconds: float, val: float | None) -> None:
         test = session.score(session.data.test, config.eval_particles)
         row = {"epoch": epoch, "train_elbo": -loss, "test_elbo": test.elbo.mean().item(),
-               "train_seconds": seconds}
-        if val is not None:
-            row["val_elbo"] = -val
-        row.update(session.on_epoch(epoch))  # the family's own: M2's accuracy
+               "train_seconds": seconds, **({} if val is None else {"val_elbo": -val}),
+               **session.on_epoch(epoch)}  # (the family's own numbers: M2's accuracy)
         run.history.append(row)
         if session.logger is not None:
             at = loop.global_step
@@ -309,28 +299,21 @@ def _train(session: Session, rundir: RunDir, state: dict | None) -> Run:
         kept = "" if e.message else f"; the checkpoint at {loop.saved} is kept"
         raise Interrupted(e.signum, f"{what}{kept}; continue with --resume {rundir.final}"
                           ) from None
-    with _after_training(rundir.final):  # (checkpointed: a signal stops the rest at once)
+    try:  # the final evaluation and figures (checkpointed: a signal stops the rest at once)
         k = config.eval_iwae or config.eval_particles
         scores = session.score(session.data.test, k, iwae=config.eval_iwae > 0)
         ctx.log(f"evaluation: {scores.method}")
         data = session.data
         run.summary = {
-            **scores.summary(),
-            "eval_particles": k,
-            "train_elbo": run.history[-1]["train_elbo"],
-            "epochs": len(run.history),
-            "best_epoch": best_epoch,
+            **scores.summary(), "eval_particles": k, "train_elbo": run.history[-1]["train_elbo"],
+            "epochs": len(run.history), "best_epoch": best_epoch,
             "train_seconds": sum(r["train_seconds"] for r in run.history),
-            "device": str(session.device),
-            "processes": world.size,
+            "device": str(session.device), "processes": world.size,
             **({"step": step.description, "compile_seconds": step.compile_seconds}
                if config.compile else {}),
             **({"clipped_steps": int(step.clipped)} if config.clip_norm else {}),
-            "dataset": data.name,
-            "n_train": len(data.train),
-            "n_val": 0 if data.val is None else len(data.val),
-            "n_test": len(data.test),
-        }
+            "dataset": data.name, "n_train": len(data.train),
+            "n_val": 0 if data.val is None else len(data.val), "n_test": len(data.test)}
         if world.main:
             ctx.summary = dict(run.summary)  # the report derives from it, not a second evaluation
             plots.elbo_curves(run.history, ctx.out / "elbo_curves.png")
@@ -341,15 +324,9 @@ def _train(session: Session, rundir: RunDir, state: dict | None) -> Run:
                     f"final/{k}": v for k, v in run.summary.items()
                     if isinstance(v, int | float) and not isinstance(v, bool)})
         run.summary, run.notes = dist.broadcast((run.summary, ctx.notes), world)
-    return run
-
-
-@contextlib.contextmanager
-def _after_training(final: Path):
-    """The final evaluation and figures: an interruption says the run is checkpointed."""
-    try:
-        yield
     except Interrupted as e:
         raise Interrupted(e.signum, f"interrupted by {signal.Signals(e.signum).name} after "
                           f"training, in its evaluation or figures (training is done and "
-                          f"checkpointed); continue with --resume {final} to finish") from None
+                          f"checkpointed); continue with --resume {rundir.final} to finish"
+                          ) from None
+    return run
