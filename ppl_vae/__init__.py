@@ -1,9 +1,5 @@
 """ppl_vae: variational autoencoders as Pyro probabilistic programs, trained by SVI.
-
-The public API (docs: reference/api.md): ``load_dataset``; ``Model`` and the families
-``VAE``, ``CVAE``, ``ConvVAE``, ``SSVAE``, ``FlowVAE``, ``register_model``; ``TrainConfig``;
-``Session``; ``train``, ``evaluate``, ``compare``; ``score`` and ``log_weights``;
-``ppl_vae.appendix`` and ``ppl_vae.plots``."""
+The public API is ``__all__`` (docs: reference/api.md)."""
 
 import os as _os
 import sys as _sys

@@ -1,8 +1,6 @@
-"""The command lines ``train``, ``evaluate``, ``compare`` and ``experiment``
-(:mod:`ppl_vae.__main__`): a parser whose errors are one line, a help formatter that shows every
-default, parsers built from the option dataclasses (:func:`add_options`), and the wrapper that
-turns :class:`UsageError` into ``prog: error: ...`` and exit status 2.
-"""
+"""The command lines ``train``, ``evaluate``, ``compare`` and ``experiment``: parsers built
+from the option dataclasses (:func:`add_options`), and :func:`main_wrapper`, which turns
+:class:`UsageError` into ``prog: error: ...`` and exit status 2."""
 
 from __future__ import annotations
 
@@ -30,18 +28,6 @@ PROG = "python -m ppl_vae"
 
 
 # -- what every command line here is made of --------------------------------------------------
-class Parser(argparse.ArgumentParser):
-    """An ``ArgumentParser`` whose errors are one line: ``prog: error: ... (see --help)``, and
-    which takes no abbreviations (``--beta`` on a model without that option would be
-    ``--beta1``, Adam's)."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **{"allow_abbrev": False, **kwargs})
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 class HelpFormatter(argparse.HelpFormatter):
     """Every option shows its default: ``(default: X)``, or ``(off unless given)`` for an
     on/off flag such as ``--no-download``."""
@@ -63,6 +49,19 @@ class HelpFormatter(argparse.HelpFormatter):
         if isinstance(shown, list | tuple):
             shown = " ".join(map(str, shown)) or "none"
         return f"{text} (default: {'none' if shown is None else shown})"
+
+
+class Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors are one line: ``prog: error: ... (see --help)``, whose
+    help shows every default (:class:`HelpFormatter`), and which takes no abbreviations
+    (``--beta`` on a model without that option would be ``--beta1``, Adam's)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **{"allow_abbrev": False, "formatter_class": HelpFormatter,
+                                   **kwargs})
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def closed_pipe_is_fine(main: Callable[..., int]) -> Callable[..., int]:
@@ -110,14 +109,6 @@ def main_wrapper(prog: str, run: Callable[[Sequence[str] | None], int]
                 with command_line():
                     print(f"{prog}: error: {e}", file=sys.stderr)
             return getattr(e, "exit_status", 2)
-        except RuntimeError as e:  # under torchrun: another process failed first
-            if not lost_a_peer(e):
-                return _users_error(e)
-            if first_to_report():  # none said why (it was killed): say so, once
-                print(f"{prog}: error: another process of this torchrun job died (torchrun's "
-                      "report below names it); continue with --resume RUN_DIR where the run "
-                      "has a checkpoint", file=sys.stderr)
-            return 1
         except Interrupted as e:  # a run that checkpointed on SIGINT/SIGTERM: 130/143
             if _main_rank():
                 text = e.message or "interrupted before the first checkpoint; nothing to resume"
@@ -127,17 +118,20 @@ def main_wrapper(prog: str, run: Callable[[Sequence[str] | None], int]
             print(f"{prog}: interrupted", file=sys.stderr)
             return 130
         except Exception as e:
-            return _users_error(e)
-
-    def _users_error(e: Exception) -> int:
-        """The user's model or guide raised where no hook says so (scoring a split, say):
-        exit 2, the call and the user's frames; anything else is re-raised."""
-        theirs = users_frames(traceback.extract_tb(e.__traceback__))
-        if not theirs or from_our_code(e):
-            raise e
-        if first_to_report():
-            print(f"{prog}: error: {explain(e, theirs[-1].name)}", file=sys.stderr)
-        return 2
+            if lost_a_peer(e):  # under torchrun: another process failed first
+                if first_to_report():  # none said why (it was killed): say so, once
+                    print(f"{prog}: error: another process of this torchrun job died "
+                          "(torchrun's report below names it); continue with --resume RUN_DIR "
+                          "where the run has a checkpoint", file=sys.stderr)
+                return 1
+            # the user's model or guide raised where no hook says so (scoring a split, say):
+            # exit 2, the call and the user's frames; anything else is a traceback
+            theirs = users_frames(traceback.extract_tb(e.__traceback__))
+            if not theirs or from_our_code(e):
+                raise
+            if first_to_report():
+                print(f"{prog}: error: {explain(e, theirs[-1].name)}", file=sys.stderr)
+            return 2
 
     return main
 
@@ -196,13 +190,13 @@ def train_parser(model: str | type = "vae", compare: bool = False) -> Parser:
     from .evaluation.comparison import CompareConfig
 
     cls = get_model(model)
-    p = Parser(prog=f"{PROG} {'compare' if compare else 'train'}", formatter_class=HelpFormatter,
+    p = Parser(prog=f"{PROG} {'compare' if compare else 'train'}",
                description="Compare ELBO estimators on one model: bound estimates, gradient "
                "variance and signal-to-noise, and a training race. Runs in one process."
                if compare else "Train a VAE (or any Pyro model/guide pair) by SVI.",
                epilog=f"registered models: {', '.join(sorted(MODELS))}; "
                       "--model NAME --help lists that model's options")
-    groups = add_options(p, TrainConfig, skip=("model_options", *(TRAIN_ONLY if compare else ())))
+    groups = add_options(p, TrainConfig, skip=TRAIN_ONLY if compare else ())
     recipe = {**RECIPE, **getattr(cls, "recipe", {})}
     for name, value in recipe.items():  # not given: the family's recipe, shown for this --model
         if name in RECIPE and not (compare and name in TRAIN_ONLY):
@@ -264,14 +258,11 @@ def _parse(argv: Sequence[str] | None, compare: bool = False, model: str | None 
         action.default = argparse.SUPPRESS
     args = vars(parser.parse_args(argv))
     options = {name: args.pop(name) for name in parser.model_flags if name in args}
-    options.update(parse_model_opts(args.pop("model_opt", None) or []))
+    options.update(parse_model_opts(args.pop("model_opt", None)))
     args.pop("resume", None)
     args.pop("config", None)
-    if record:  # the file's options, those given here over them
-        options = {**record.get("model_options", {}), **options}
-        args = {**{k: v for k, v in record.items() if k != "model_options"}, **args}
-    args["model_options"] = options
-    return args
+    # the file's options, those given here over them
+    return {**record, **args, "model_options": {**record.get("model_options", {}), **options}}
 
 
 def _yaml_loader() -> type:
@@ -372,9 +363,8 @@ def _compare(argv: Sequence[str] | None) -> int:
 def evaluate_parser() -> Parser:
     from .evaluation.runs import EvaluateOptions
 
-    p = Parser(prog=f"{PROG} evaluate", formatter_class=HelpFormatter,
-               description="Re-evaluate a saved run: test ELBO, log p(x) by the IWAE bound, "
-                           "and the model's own metrics. Runs in one process.")
+    p = Parser(prog=f"{PROG} evaluate", description="Re-evaluate a saved run: test ELBO, "
+               "log p(x) by the IWAE bound, and the model's own metrics. Runs in one process.")
     add_options(p, EvaluateOptions)
     return p
 
@@ -394,9 +384,8 @@ def _experiment(argv: Sequence[str] | None) -> int:
     from .experiments import EXPERIMENTS
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    pre = Parser(prog=f"{PROG} experiment", formatter_class=HelpFormatter, add_help=False,
-                 description="Tables made of several training runs, each an ordinary run "
-                             "in its own directory under --out.")
+    pre = Parser(prog=f"{PROG} experiment", add_help=False, description="Tables made of "
+                 "several training runs, each an ordinary run in its own directory under --out.")
     pre.add_argument("name", choices=list(EXPERIMENTS), help="; ".join(
         f"{k}: {e[3]}" for k, e in EXPERIMENTS.items()))
     if argv[:1] not in ([], ["-h"], ["--help"]) and argv[0] not in EXPERIMENTS:

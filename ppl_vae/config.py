@@ -1,17 +1,14 @@
-"""The options of a training run: a plain value, in one place with their defaults.
-
-:class:`TrainConfig` holds what every model shares (data, inference, evaluation, output) and
-the chosen model's own options in ``model_options`` (a dict, or the family's ``Options``).
-It imports no model and no estimator: what depends on the family (its recipe, its options'
-types, the estimators it refuses) is resolved once, by the run's
-:class:`~ppl_vae.run.session.Session`. ``config.json`` of a run is :meth:`TrainConfig.to_dict`;
-the command line is built from the same fields (:func:`ppl_vae.cli.add_options`).
+"""The options of a training run (:class:`TrainConfig`), the ``option(...)`` fields the
+command line is built from (:func:`ppl_vae.cli.add_options`), and their one check
+(:func:`check_fields`). It imports no model: what depends on the family is resolved by the
+run's :class:`~ppl_vae.run.session.Session`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -38,13 +35,17 @@ def option(default: Any, help: str, **meta: Any) -> Any:
     return field(default=default, metadata={"help": help, **meta})
 
 
-def flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
+def flag(name: str, keys: str | None = None) -> str:
+    """How a message names option ``name``: as a flag (``--z-dim``), or given ``keys`` as
+    the key ``keys + name`` of a file (``key 'model_options.z_dim'``)."""
+    return "--" + name.replace("_", "-") if keys is None else f"key {keys + name!r}"
 
 
 _KINDS = ((bool, bool, "True or False"), (int, int, "a whole number"),
           (float, int | float, "a number"), (str, str, "a string"))
 """An option's type, the values it accepts and its name in a message."""
+_BOUNDS = {"least": operator.ge, "above": operator.gt, "below": operator.lt, "most": operator.le}
+"""The bounds an option's metadata may set, each a test of a value."""
 
 
 def coerce(value: Any, default: Any, what: str) -> Any:
@@ -85,15 +86,15 @@ def check_fields(obj: Any, keys: str | None = None, skip: tuple[str, ...] = ()) 
             default = (meta["type"](),)
         if isinstance(value, os.PathLike) and isinstance(default, str):
             value = os.fspath(value)
-        what = flag(f.name) if keys is None else f"key {keys + f.name!r}"
+        what = flag(f.name, keys)
         value = coerce(value, default, what)
         setattr(obj, f.name, value)
         values = value if isinstance(value, tuple) else (value,)
         if "choices" in meta and not all(v in meta["choices"] for v in values):
             raise UsageError(f"{what} {value!r} is not one of "
                              f"{', '.join(map(str, meta['choices']))}")
-        bounds = {k: meta[k] for k in ("least", "above", "below", "most") if k in meta}
-        if bounds and not all(_within(v, **bounds) for v in values):
+        bounds = {k: meta[k] for k in _BOUNDS if k in meta}
+        if bounds and not all(_within(v, bounds) for v in values):
             rule = _rule(values[0], **bounds)
             if isinstance(value, tuple):  # (a rule for each value)
                 rule, value = rule.replace("a ", "", 1).replace("number", "numbers", 1), list(value)
@@ -102,11 +103,9 @@ def check_fields(obj: Any, keys: str | None = None, skip: tuple[str, ...] = ()) 
             raise UsageError(f"{what} must be a whole number of at most {MOST_INT}, got {value!r}")
 
 
-def _within(v: Any, least: float | None = None, above: float | None = None,
-            below: float | None = None, most: float | None = None) -> bool:
+def _within(v: Any, bounds: dict[str, float]) -> bool:
     return (not isinstance(v, float) or math.isfinite(v)) and \
-        (least is None or v >= least) and (above is None or v > above) and \
-        (below is None or v < below) and (most is None or v <= most)
+        all(_BOUNDS[k](v, bound) for k, bound in bounds.items())
 
 
 def _rule(v: Any, least: float | None = None, above: float | None = None,
@@ -243,16 +242,12 @@ class TrainConfig:
     overwrite: bool = option(False, "allow the run directory to hold files already",
                              group="evaluation and output")
 
-    def __post_init__(self) -> None:
-        self.validate_options()
-
     def validate_options(self, keys: str | None = None) -> None:
         """Coerce each option to its type and check its range; :class:`UsageError` names the
         first bad one (as a flag, or as ``keys + name``, a key of a file)."""
         if not isinstance(self.model, str | type):
-            what = flag("model") if keys is None else f"key {keys + 'model'!r}"
-            raise UsageError(f"{what} takes a registered model name, module:Class or a class, "
-                             f"got {self.model!r}")
+            raise UsageError(f"{flag('model', keys)} takes a registered model name, "
+                             f"module:Class or a class, got {self.model!r}")
         check_fields(self, keys, skip=("model", "model_options"))
         if self.jit and self.compile:
             raise UsageError("--jit and --compile are two ways to compile the step; drop one "
@@ -263,6 +258,8 @@ class TrainConfig:
         if self.lr_schedule == "plateau" and self.warmup_steps:
             raise UsageError("--lr-schedule plateau takes no warm-up; drop --warmup-steps or "
                              "use cosine, linear or constant")
+
+    __post_init__ = validate_options
 
     def with_recipe(self, recipe: Mapping[str, Any]) -> TrainConfig:
         """This config with what the user left at None taken from the family's ``recipe``

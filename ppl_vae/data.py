@@ -112,10 +112,8 @@ class Dataset:
             n_val = min(n_val, len(hidden))  # for training, validate on unlabelled rows
             g = torch.Generator().manual_seed(SPLIT_SEED)
             val_rows = hidden[torch.randperm(len(hidden), generator=g)[:n_val].to(y.device)]
-            keep = torch.ones(n, dtype=torch.bool, device=y.device)
-            keep[val_rows] = False
-            train = Split(self.train.x[keep], y[keep])
-            val = Split(self.train.x[val_rows], y[val_rows])
+            keep = ~torch.isin(torch.arange(n, device=y.device), val_rows)  # in their order
+            train, val = (Split(self.train.x[rows], y[rows]) for rows in (keep, val_rows))
         else:
             train, val = _split(self.train.x, self.train.y, fraction)
         if self.dynamic:
@@ -136,12 +134,11 @@ class Dataset:
 
     @classmethod
     def stand_in(cls, sig: dict) -> Dataset:
-        """A dataset of the :meth:`signature`'s shapes and counts, zeros (one row repeated,
-        no memory per row): a model built from it derives what it derives from the data's
-        shapes and counts exactly as from the data (M2's classification weight), so what it
-        derives from the data's values must be saved with its weights (buffers). Enough to
-        build and probe a model, nothing to train or evaluate on. (A signature without
-        counts, from an older checkpoint, gives a row per class and an unlabelled one.)"""
+        """A dataset of the :meth:`signature`'s shapes and counts, zeros (one row repeated, no
+        memory per row): a model built from it derives from them exactly what it would from the
+        data (M2's classification weight); what it derives from values must be saved as its
+        buffers. For building and probing a model, not for training or evaluation. (An older
+        checkpoint's signature, without counts, gives a row per class and an unlabelled one.)"""
         k, hidden = sig.get("num_classes"), int(bool(sig.get("partly_labelled")))
         rows = sig.get("n_train") or max(2, (k or 0) + hidden)
         labelled = sig.get("labelled") if sig.get("n_train") else rows - hidden
@@ -206,15 +203,14 @@ def load_dataset(name: str, data_dir: str = "data", download: bool = True, binar
     return hide_labels(data, labelled, seed) if labelled else data
 
 
-TORCHVISION = {  # name: (class, image shape, 8-bit rows)
-    "mnist": ("MNIST", (1, 28, 28), False),
-    "fashion-mnist": ("FashionMNIST", (1, 28, 28), False),
-    "cifar10": ("CIFAR10", (3, 32, 32), True),
-    "svhn": ("SVHN", (3, 32, 32), True),
-    "celeba": ("CelebA", (3, 64, 64), True),
+TORCHVISION = {  # name: (class, image shape, 8-bit rows, what a label says)
+    "mnist": ("MNIST", (1, 28, 28), False, "digit"),
+    "fashion-mnist": ("FashionMNIST", (1, 28, 28), False, "class"),
+    "cifar10": ("CIFAR10", (3, 32, 32), True, "class"),
+    "svhn": ("SVHN", (3, 32, 32), True, "digit"),
+    "celeba": ("CelebA", (3, 64, 64), True, "male (attribute 20)"),
 }
 DATASETS = (*TORCHVISION, "digits", "sample-patches", "npz:PATH")
-LABEL_NAMES = {"mnist": "digit", "svhn": "digit", "celeba": "male (attribute 20)"}
 CELEBA_CROP = 148  # the central square of CelebA's 178x218 images, resized to 64x64
 PATCH = 32  # the side of a sample-patches tile
 COLOUR_CHANNELS = (1, 3, 4)  # the channel counts an npz image may have
@@ -223,7 +219,7 @@ COLOUR_CHANNELS = (1, 3, 4)  # the channel counts an npz image may have
 def _torchvision(name: str, root: str, download: bool) -> Dataset:
     from torchvision import datasets
 
-    cls_name, shape, eight_bit = TORCHVISION[name]
+    cls_name, shape, eight_bit, label_name = TORCHVISION[name]
     cls = getattr(datasets, cls_name)
     started = time.time()
     try:
@@ -238,7 +234,7 @@ def _torchvision(name: str, root: str, download: bool) -> Dataset:
                          "'sample-patches' or --dataset 'npz:PATH'") from None
     rows = [(x.reshape(len(x), -1), y) for x, y in splits]
     train, test = (Split(x.contiguous() if eight_bit else x.float() / 255, y) for x, y in rows)
-    return Dataset(name, train, test, image_shape=shape, label_name=LABEL_NAMES.get(name, "class"))
+    return Dataset(name, train, test, image_shape=shape, label_name=label_name)
 
 
 def _remove_empty_dirs(root: str, since: float) -> None:

@@ -5,6 +5,7 @@ needs; without torchrun each is the identity. Each rank takes a disjoint shard o
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -64,22 +65,18 @@ def setup(cuda: bool) -> World:
     if not dist.is_initialized():
         if cuda:
             torch.cuda.set_device(world.local_rank)
-        backend, timeout = "nccl" if cuda else "gloo", timedelta(minutes=30)
+        timeout, _store = timedelta(minutes=30), None
         if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
             # torchrun shares one TCPStore across restarts; a key prefix per attempt keeps a
             # restarted group from reading the dead group's addresses (pytorch#135712)
-            store = dist.PrefixStore(f"ppl_vae/attempt_{restart_count()}", dist.TCPStore(
+            _store = dist.PrefixStore(f"ppl_vae/attempt_{restart_count()}", dist.TCPStore(
                 os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
                 timeout=timeout))
-            dist.init_process_group(backend, store=store, rank=world.rank,
-                                    world_size=world.size, timeout=timeout)
-            _store = store
-        else:
-            dist.init_process_group(backend, timeout=timeout)
-            try:
+        dist.init_process_group("nccl" if cuda else "gloo", store=_store, rank=world.rank,
+                                world_size=world.size, timeout=timeout)  # (no store: env://)
+        if _store is None:
+            with contextlib.suppress(AttributeError, RuntimeError, ValueError):  # (private)
                 _store = dist.distributed_c10d._get_default_store()
-            except (AttributeError, RuntimeError, ValueError):  # (a private accessor)
-                _store = None
         _control = dist.new_group(backend="gloo") if cuda else dist.group.WORLD
     return world
 
@@ -93,10 +90,9 @@ def first_to_report() -> bool:
         return True
     if _store is None:
         return os.environ.get("RANK", "0") == "0"
-    try:
+    with contextlib.suppress(Exception):  # failing: the store's host is gone, this one speaks
         return _store.add("ppl_vae/failed", 1) == 1
-    except Exception:  # noqa: BLE001 - the store's host is gone: this process speaks
-        return True
+    return True
 
 
 def lost_a_peer(error: BaseException) -> bool:
@@ -112,17 +108,16 @@ def any_max(value: int, world: World) -> int:
     """The largest ``value`` over ranks (a stop flag: one tiny CPU all-reduce over gloo,
     no device sync)."""
     if not world.parallel:
-        return value
-    t = torch.tensor([int(value)])
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_control)
-    return int(t.item())
+        return value  # (every step: no tensor)
+    return int(all_sum(torch.tensor([int(value)]), world, "MAX", _control).item())
 
 
-def all_sum(t: Tensor, world: World, op: str = "SUM") -> Tensor:
-    """``t`` summed (or reduced by ``op``, e.g. ``MIN``) over ranks (a new tensor)."""
+def all_sum(t: Tensor, world: World, op: str = "SUM", group: Any = None) -> Tensor:
+    """``t`` summed (or reduced by ``op``, e.g. ``MIN``) over ranks through ``group`` (None:
+    the default group); a new tensor."""
     t = t.clone()
     if world.parallel:
-        dist.all_reduce(t, op=getattr(dist.ReduceOp, op))
+        dist.all_reduce(t, op=getattr(dist.ReduceOp, op), group=group)
     return t
 
 

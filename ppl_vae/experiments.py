@@ -20,7 +20,7 @@ from .files import write_json
 from .interrupt import Interrupted
 from .models.cvae import cll_key, write_cll_table
 from .run.session import Session, load_data, resolve
-from .run.train import Run, check_given, has_checkpoint, open_run_dir, resume_config, train_run
+from .run.train import Run, has_checkpoint, open_run_dir, resume_config, resumed, train_run
 
 
 @dataclass
@@ -49,15 +49,14 @@ def cvae_quadrants(config: TrainConfig, quadrants: Sequence[int] | None = None,
     config, _ = resolve(config)
     if getattr(config.model_options, "condition", None) != "quadrants":
         raise UsageError("the cvae-quadrants table trains a CVAE with --condition 'quadrants'")
-    if not quadrants or len(set(quadrants)) != len(quadrants):
+    if len(set(quadrants)) != len(quadrants):
         raise UsageError(f"--quadrants lists the counts of the table once each, got "
                          f"{list(quadrants)}")
     configs = {f"quadrants-{k}": replace(config, model_options=replace(config.model_options,
                                                                       quadrants=k))
                for k in quadrants}  # (bad counts fail here, before any run starts)
-    table_dir = open_run_dir(replace(config, model="cvae-quadrants"), world, resume)
-    out = table_dir.final
-    try:
+    with open_run_dir(replace(config, model="cvae-quadrants"), world, resume) as table_dir:
+        out = table_dir.final
         table_dir.commit()  # (with overwrite: the old contents go now)
         if world.main and not resume:
             write_json(out / TABLE, {"config": config.to_dict(), "quadrants": list(quadrants)})
@@ -83,8 +82,6 @@ def cvae_quadrants(config: TrainConfig, quadrants: Sequence[int] | None = None,
                 "best_epochs": {name: run.summary["best_epoch"] for name, run in runs.items()},
                 "train_seconds": {n: run.summary["train_seconds"] for n, run in runs.items()},
                 "wall_seconds": seconds, "config": config.to_dict()})
-    finally:
-        table_dir.close()
     return Table(out, runs, table, seconds)
 
 
@@ -112,8 +109,7 @@ def _recorded(config: TrainConfig, quadrants: Sequence[int] | None, given: dict 
     if given is None:  # from Python: what config sets apart from the defaults
         default = TrainConfig().to_dict()
         given = {k: v for k, v in config.to_dict().items() if v != default[k]}
-    changes = check_given(started, given, "table")
-    return replace(started, **changes, out=config.out, overwrite=False), counts
+    return resumed(started, given, config.out, "table"), counts
 
 
 def _table_run(config: TrainConfig, data: Dataset, progress: bool | None, resume: bool) -> Run:

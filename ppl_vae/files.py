@@ -5,6 +5,7 @@ and raises a one-line :class:`UsageError`.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import errno
 import io
@@ -25,13 +26,10 @@ _DENIED = {errno.EROFS, errno.EACCES, errno.EPERM}
 
 def umask() -> int:
     """The process umask, read without changing it where /proc tells (else set and restored)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
+    with contextlib.suppress(OSError, ValueError), open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
     mask = os.umask(0o022)
     os.umask(mask)
     return mask

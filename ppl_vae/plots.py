@@ -28,7 +28,6 @@ _SPARE_COLORS = ("C9", "tab:olive", "tab:cyan", "navy", "maroon")  # C7 (grey): 
 _HATCHES = ("", "//", "..", "xx", "\\\\", "oo", "--", "++")
 _LINESTYLES = ("-", "--", ":", "-.")
 _MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
-ZERO_VARIANCE = "0 (exact)"  # the label of a variance that a log axis cannot show
 
 
 def estimator_color(name: str) -> str:
@@ -100,12 +99,11 @@ def image_grid(rows: Sequence[Tensor], image_shape: Sequence[int], path: str | o
     """:func:`grid_image` of ``rows`` drawn, for ``image_shape`` (C, H, W) or (H, W), pixels
     clipped to [0, 1]. No numeric axes: rows carry ``row_labels``; the x label says a column
     is a sample or an image."""
-    c = image_shape[0] if len(image_shape) == 3 else 1
     n = max(len(r) for r in rows)
     grid = grid_image(rows, image_shape)
     fig = Figure(figsize=(min(12, 0.6 * n + 1), 0.6 * len(rows) + 0.9))
     ax = fig.subplots()
-    if c == 3:
+    if len(image_shape) == 3 and image_shape[0] == 3:  # colour
         ax.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest")
     else:  # make_grid repeats one channel three times
         ax.imshow(grid[0].numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
@@ -221,7 +219,7 @@ def gradient_variance(gradients: Sequence[dict], path: str | os.PathLike) -> Fig
     for x, color in zeros:
         ax.plot([x], [0.0], marker="o", markersize=7, color=color, markeredgecolor="black",
                 linestyle="none", transform=bottom, clip_on=False, zorder=5, gid="zero-variance")
-        ax.text(x, 0.05, ZERO_VARIANCE, transform=bottom, rotation=90, ha="center",
+        ax.text(x, 0.05, "0 (exact)", transform=bottom, rotation=90, ha="center",
                 va="bottom", fontsize=8, gid="zero-variance")
     ax.set_xticks([g + 0.4 - width / 2 for g in range(len(groups))], groups)
     ax.set(xlabel="parameter group", ylabel="total variance of the gradient",

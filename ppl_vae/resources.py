@@ -4,7 +4,7 @@
 * parameters: :func:`model_size` builds the model on the meta device and counts its bytes
   (None where it cannot be built there: no estimate);
 * one SVI step or evaluation pass: :func:`allocated_bytes` of a pass at two sample and two
-  row counts (:func:`fit_cost`), scaled to ``rows x samples``;
+  row counts (:func:`step_cost`), scaled to ``rows x samples``;
 * available memory: ``MemAvailable`` (and a cgroup limit) on the CPU, free memory plus the
   allocator's cache on a GPU (:func:`available_bytes`; None where unknown: checks pass).
 """
@@ -60,20 +60,12 @@ def format_seconds(s: float) -> str:
     return f"{s / 86400:,.0f} days"
 
 
-def where(device: torch.device | str) -> str:
-    """``the CPU``, ``the GPU (cuda:0)``."""
-    device = torch.device(device)
-    return {"cpu": "the CPU", "cuda": f"the GPU ({device})"}.get(device.type,
-                                                                 f"the {device.type} device")
-
-
 # -- available memory --------------------------------------------------------------------------
 def _read_int(path: str) -> int | None:
-    try:
+    with contextlib.suppress(OSError):
         text = Path(path).read_text().strip()
-    except OSError:
-        return None
-    return int(text) if text.isdigit() else None
+        return int(text) if text.isdigit() else None
+    return None
 
 
 def _cpu_available() -> int | None:
@@ -99,23 +91,24 @@ def available_bytes(device: torch.device | str = "cpu") -> int | None:
     if device.type == "cpu":
         return _cpu_available()
     if device.type == "cuda":
-        try:
+        with contextlib.suppress(Exception):  # no driver, a device index out of range
             free, _ = torch.cuda.mem_get_info(device)
             cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-        except Exception:  # no driver, a device index out of range
-            return None
-        return int(free) + max(0, int(cached))
+            return int(free) + max(0, int(cached))
     return None
 
 
 def refuse_unless_fits(need: float, device: torch.device | str, what: str, hint: str,
                        shown: str | None = None) -> None:
     """:class:`UsageError` ``"<what> need(s) N but M is available on <device>; <hint>"``
-    when ``need`` bytes exceed what ``device`` has free (N: ``need``, or the text ``shown``)."""
+    when ``need`` bytes exceed what ``device`` has free (N: ``need``, or the text ``shown``;
+    <device>: ``the CPU``, ``the GPU (cuda:0)``: the two whose free memory is known)."""
     have = available_bytes(device)
     if have is not None and need > have:
+        device = torch.device(device)
+        place = "the CPU" if device.type == "cpu" else f"the GPU ({device})"
         raise UsageError(f"{what} {shown or format_bytes(need)} but {format_bytes(have)} is "
-                         f"available on {where(device)}; {hint}")
+                         f"available on {place}; {hint}")
 
 
 # -- parameters --------------------------------------------------------------------------------

@@ -1,2 +1,1 @@
-"""Evaluation of trained models: saved runs read back and scored again, and the estimator
-comparison."""
+"""Evaluation of trained models: saved runs scored again, and the estimator comparison."""

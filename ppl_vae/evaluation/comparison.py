@@ -37,13 +37,13 @@ from .. import resources
 from ..config import MOST_SAMPLES, TrainConfig, check_fields, option
 from ..errors import UsageError
 from ..files import markdown_table, write_csv, write_json, write_text
-from ..inference.estimators import ELBOS, make_elbo, suited, unsuited
+from ..inference.estimators import ELBOS, suited, unsuited
 from ..inference.program import ProgramInfo
 from ..inference.svi import Step, hide_bar
 from ..models import hook
 from ..run.loop import Loop
 from ..run.rundir import RunDir
-from ..run.session import Session
+from ..run.session import Session, elbo_for
 
 ESTIMATORS = ("mc", "analytic")
 SNR_ESTIMATORS = ("iwae", "iwae-dreg")  # (at K = 1 too: there they are mc and stl)
@@ -109,11 +109,6 @@ class Comparison:
     snr_slopes: list[dict] = field(default_factory=list)
 
 
-def _elbo(name: str, k: int, info: ProgramInfo | None):
-    return make_elbo(name, k, max_plate_nesting=info.max_plate_nesting if info else 1,
-                     vectorize=info is None or info.vectorized)
-
-
 def applicable(estimators: tuple[str, ...], particles: tuple[int, ...]
                ) -> list[tuple[str, int]]:
     """(estimator, L) pairs, those weighing particles (``iwae-dreg``, ``rws``) at L >= 2."""
@@ -133,7 +128,7 @@ def bound_estimates(module: nn.Module, args: tuple[Tensor, ...], repeats: int,
     configs += [("iwae", k) for k in iwae_samples]
     rows = []
     for name, k in tqdm(configs, desc="bounds", disable=hide_bar(progress)):
-        elbo = _elbo(name, k, info)
+        elbo = elbo_for(name, k, info)
         values = torch.empty(repeats, dtype=torch.float64)
         with torch.no_grad():
             elbo.loss(model, guide, *args)  # warm-up, not timed
@@ -153,12 +148,10 @@ def agreement(bounds: list[dict]) -> list[dict]:
     by = {(r["estimator"], r["particles"]): r for r in bounds}
     out = []
     for (name, k), mc in by.items():
-        if name != "mc" or ("analytic", k) not in by:
-            continue
-        an = by[("analytic", k)]
-        diff, se = mc["mean"] - an["mean"], math.hypot(mc["se"], an["se"])
-        out.append({"particles": k, "difference": diff, "combined_se": se,
-                    "agree": abs(diff) < 4 * se})
+        if name == "mc" and (an := by.get(("analytic", k))):
+            diff, se = mc["mean"] - an["mean"], math.hypot(mc["se"], an["se"])
+            out.append({"particles": k, "difference": diff, "combined_se": se,
+                        "agree": abs(diff) < 4 * se})
     return out
 
 
@@ -176,7 +169,7 @@ def gradient_stats(module: nn.Module, args: tuple[Tensor, ...], repeats: int,
     terms = hook(module, "programs")()
     pairs = pairs or [(e, k) for e in estimators for k in particles]
     for name, k in tqdm(pairs, desc="gradients", disable=hide_bar(progress)):
-        step = Step.of_elbo(_elbo(name, k, info), module, terms, info)
+        step = Step.of_elbo(elbo_for(name, k, info), module, terms, info)
         sums: dict[str, list] = {}
         seconds = 0.0
         for r in range(repeats + 1):

@@ -90,10 +90,9 @@ def _evaluate(session: Session, summary_path: Path, eval_iwae: int,
     with session.validation(), torch.no_grad():
         scores = session.score(session.data.test, k, iwae=eval_iwae > 0)
         result = {**scores.summary(), "eval_particles": k}
-        ctx.summary = dict(result)  # the report derives from it, not a second evaluation
-        result.update(session.report())
+        result.update(session.report(result))
     notes = [f"evaluation: {scores.method}"]
-    if loop and not loop.get("done", True):
+    if not loop.get("done", True):
         result["stopped_during_epoch"] = f"{loop['epoch']} of {config.epochs}"
         notes.append(f"the run stopped during epoch {loop['epoch']} of {config.epochs} (not "
                      "finished): these are the numbers of its last checkpoint")

@@ -238,16 +238,6 @@ def corrections(t: Tensor, groups: Sequence[dict]) -> Tensor:
                                      (1 - g["betas"][1] ** after).sqrt()]) for g in groups])
 
 
-def clip(grads: Sequence[Tensor | None], max_norm: float) -> tuple[list, Tensor]:
-    """``grads`` scaled by ``min(1, max_norm / (||g|| + 1e-6))`` (max_norm 0: not at all) and
-    their global norm ``||g||``, as :func:`torch.nn.utils.clip_grad_norm_` computes them."""
-    norm = torch.nn.utils.get_total_norm([g for g in grads if g is not None])
-    if not max_norm:
-        return list(grads), norm
-    coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-    return [None if g is None else g * coef for g in grads], norm
-
-
 def _standard_normal_as_randn(gm: torch.fx.GraphModule) -> None:
     """``normal(mean, std)`` (what ``torch.distributions`` draws under tracing) as
     ``randn(shape) * std + mean``: the eager step's ``empty(shape).normal_()`` draws, in the
@@ -294,6 +284,7 @@ class CompiledStep(Step):
         self.refused: str | None = None
         self._bound, self._moments, self._graph = False, None, None
         self._cudagraphs = self.device.type == "cuda"
+        self._forked = [self.device] if self._cudagraphs else []  # (fork_rng's devices)
         self._grads_only = self.world.parallel
         self._next_i, self._calls = -1, 0
         self._hook = optimizer.register_load_state_dict_post_hook(lambda opt: self._rebind())
@@ -417,7 +408,6 @@ class CompiledStep(Step):
         self.i_dev = torch.zeros((), dtype=torch.long, device=self.device)
         self.lr_dev = torch.zeros(len(self._groups), dtype=torch.float64, device=self.device)
         self.coef = torch.zeros(len(self._groups), 2, dtype=torch.float64, device=self.device)
-        self._lr: list[float | None] = [None] * len(self._groups)
         averages = {id(p): a for p, a in zip(self.params, self.ema, strict=False)}
         self._averages = [averages[id(t)] for t in self._trained_tensors] if self.ema else []
         self.total, self.first_bad = total, first_bad
@@ -469,8 +459,7 @@ class CompiledStep(Step):
         if self._cudagraphs:
             for group in self._groups:
                 group["capturable"] = True  # eager steps with the device-side step count
-        self._lr = [g["lr"] for g in self._groups]  # (a schedule's: copied in per call)
-        self.lr_dev.copy_(torch.tensor(self._lr, dtype=torch.float64))
+        self._lr = [None] * len(self._groups)  # (a schedule's: copied in by each call)
         if trained:  # the next step's corrections, on the device (no host read)
             step_count = self._moments[2 * len(trained)].to(self.device)
             self.coef.copy_(corrections(step_count, self._groups))
@@ -505,11 +494,7 @@ class CompiledStep(Step):
                 return (loss, *(torch.zeros_like(p) if g is None else g
                                 for p, g in zip(trained, grads, strict=True)))
             with torch.no_grad():
-                if self.clip_norm or self.watch_norm:
-                    grads, norm = clip(grads, self.clip_norm)
-                    grad_norm.add_(norm)
-                    if self.clip_norm:
-                        clipped.add_(norm + 1e-6 > self.clip_norm)
+                grads = self.clip(grads, grad_norm, clipped)
                 counted = None
                 for k, g_index in enumerate(self._group_of):
                     if grads[k] is not None:  # (else the loss does not use it: Adam leaves it)
@@ -543,22 +528,18 @@ class CompiledStep(Step):
                                               swapped, tuple(batch), strict=True)
 
     def _fingerprint(self, args: Sequence[Tensor]) -> tuple | None:
-        """The forward's operators (:class:`_Operators`; RNG and buffers put back after) and
+        """The forward's operators (:class:`_Operators`; the RNG and the inputs put back after) and
         Adam's hyperparameters: the Python values the graph holds; None if not to be had."""
-        buffers = [b for m in (self.module, self.schedule) if m is not None for b in m.buffers()]
-        saved = [b.detach().clone() for b in buffers]
+        saved = [t.detach().clone() for t in self._inputs]
         record = _Operators([*self._tensors, *args])
-        devices = [self.device] if self.device.type == "cuda" else []
         try:
-            with torch.random.fork_rng(devices), warnings_quiet(), _traced_code_paths(), \
+            with torch.random.fork_rng(self._forked), warnings_quiet(), _traced_code_paths(), \
                     record:
                 self._loss_of(self._tensors, args)
         except Exception:  # the full trace says why
             return None
         finally:
-            with torch.no_grad():
-                for b, value in zip(buffers, saved, strict=True):
-                    b.copy_(value)
+            self._restore(saved)
         return tuple(record.ops), self._hyperparameters()
 
     def _hyperparameters(self) -> tuple:
@@ -669,15 +650,14 @@ class CompiledStep(Step):
         """The capture check (see the module): :class:`Refused` if the loss or the gradient (in
         Adam's new moments, or as returned under torchrun) differ by more than float rounding."""
         saved = [t.detach().clone() for t in self._inputs]
-        devices = [self.device] if self.device.type == "cuda" else []
-        with warnings_quiet(), torch.random.fork_rng(devices):
+        with warnings_quiet(), torch.random.fork_rng(self._forked):
             loss_e = self.loss(*args)
             grads_e = torch.autograd.grad(loss_e, self._trained_tensors, allow_unused=True)
         loss_e = loss_e.detach()
         if not self._grads_only:  # the gradient the update sees
-            grads_e = clip(grads_e, self.clip_norm)[0]
+            grads_e = self.clip(grads_e, self.grad_norm.clone(), self.clipped.clone())
         self._restore(saved)  # (buffers the forward updated)
-        with torch.no_grad(), warnings_quiet(), torch.random.fork_rng(devices):
+        with torch.no_grad(), warnings_quiet(), torch.random.fork_rng(self._forked):
             loss_c, *grads_c = graph.compiled(*self._inputs, *args)
         checks = [("the loss", loss_c, loss_e, loss_e.abs() + 1)]
         if self._grads_only:
@@ -712,8 +692,6 @@ class CompiledStep(Step):
     def _agree(self, reason: str | None) -> str | None:
         """Under torchrun, the first rank's reason to refuse (a collective: every rank calls
         it at the same point); else ``reason``."""
-        if not self.world.parallel:
-            return reason
         return next((r for r in self.world.gather(reason) if r), None)
 
     def _refuse(self, reason: str | None) -> None:

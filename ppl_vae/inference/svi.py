@@ -28,10 +28,11 @@ LossFn = Callable[..., Tensor]  # ``args -> loss``: a differentiable scalar.
 
 
 def registered(module: nn.Module, fn: Callable, name: str = "module",
-               skip: frozenset[int] = frozenset()) -> Callable:
+               info: ProgramInfo | None = None) -> Callable:
     """``fn`` (a model or guide of ``module``) that first registers the module's parameters
     as ``name$$$<parameter name>`` (as ``pyro.module`` does), for ``pyro.infer.SVI``, the Jit
-    ELBOs and RenyiELBO; tensors whose ``id`` is in ``skip`` (the program's own) are not."""
+    ELBOs and RenyiELBO; those ``info`` says the program registers itself are not."""
+    skip = frozenset() if info is None else info.registered
     named = [(f"{name}$$${n}", p) for n, p in module.named_parameters() if id(p) not in skip]
 
     def program(*args, **kwargs):
@@ -55,9 +56,8 @@ def elbo_loss(elbo: pyro.infer.ELBO, module: nn.Module, terms: list[Program],
     (RenyiELBO). ``info`` says which tensors the program registers itself."""
     if not hasattr(elbo, "differentiable_loss"):
         return None
-    skip = frozenset() if info is None else info.registered
     if type(elbo).__name__.startswith("Jit"):  # one compiled ELBO per model/guide pair
-        terms = [(w, registered(module, m, skip=skip), registered(module, g, skip=skip))
+        terms = [(w, registered(module, m, info=info), registered(module, g, info=info))
                  for w, m, g in terms]
     elbos = [copy.copy(elbo) for _ in terms]
 
@@ -117,13 +117,12 @@ class Step:
         :func:`collect_params` (without ``info``, what the probe of the program found: the
         module's parameters); ``update``: the update's settings (see the class)."""
         loss = elbo_loss(elbo, module, terms, info)
-        skip = frozenset() if info is None else info.registered
         backward = None
         if loss is None:
             if len(terms) != 1:
                 raise UsageError(f"{type(elbo).__name__} trains one model/guide pair, and this "
                                  "objective has several; use --elbo mc, analytic or enum")
-            model, guide = (registered(module, fn, skip=skip) for fn in terms[0][1:])
+            model, guide = (registered(module, fn, info=info) for fn in terms[0][1:])
 
             def backward(*args: Tensor) -> Tensor:
                 return torch.tensor(elbo.loss_and_grads(model, guide, *args),
@@ -155,18 +154,31 @@ class Step:
 
     def update(self) -> None:
         """After the gradient: clipping, the optimizer's step, the schedule, the average."""
-        if self.clip_norm or self.watch_norm:
-            grads = [p.grad for p in self.params if p.grad is not None]
-            norm = torch.nn.utils.get_total_norm(grads)
-            self.grad_norm += norm
-            if self.clip_norm:
-                torch.nn.utils.clip_grads_with_norm_(self.params, self.clip_norm, norm)
-                self.clipped += norm + 1e-6 > self.clip_norm
+        grads = self.clip([p.grad for p in self.params], self.grad_norm, self.clipped)
+        if self.clip_norm:
+            for p, g in zip(self.params, grads, strict=True):
+                p.grad = g
         self.optimizer.step()
         if self.scheduler is not None:
             self.scheduler.step()
         if self.ema:
             torch._foreach_lerp_(self.ema, [p.detach() for p in self.params], 1 - self.ema_decay)
+
+    def clip(self, grads: Sequence[Tensor | None], grad_norm: Tensor, clipped: Tensor
+             ) -> list[Tensor | None]:
+        """``grads`` clipped (see the class; as :func:`torch.nn.utils.clip_grad_norm_` does),
+        their norm added to ``grad_norm`` and a clipped step to ``clipped``: for the eager and
+        the compiled step alike."""
+        grads = list(grads)
+        if not (self.clip_norm or self.watch_norm):
+            return grads
+        norm = torch.nn.utils.get_total_norm([g for g in grads if g is not None])
+        grad_norm.add_(norm)
+        if not self.clip_norm:
+            return grads
+        clipped.add_(norm + 1e-6 > self.clip_norm)
+        coef = (self.clip_norm / (norm + 1e-6)).clamp(max=1.0)
+        return [None if g is None else g * coef for g in grads]
 
     def after_epoch(self, val_loss: float | None) -> None:
         """The epoch's end: a plateau schedule reads the validation loss."""
@@ -180,14 +192,12 @@ class Step:
         if not self.ema:
             yield
             return
-        with torch.no_grad():
-            raw = [p.detach().clone() for p in self.params]
-            torch._foreach_copy_([p.detach() for p in self.params], self.ema)
+        raw = [p.detach().clone() for p in self.params]
+        torch._foreach_copy_([p.detach() for p in self.params], self.ema)
         try:
             yield
         finally:
-            with torch.no_grad():
-                torch._foreach_copy_([p.detach() for p in self.params], raw)
+            torch._foreach_copy_([p.detach() for p in self.params], raw)
 
     def settle(self, best: dict[str, Tensor] | None, module: nn.Module) -> None:
         """Training is over: ``module`` takes ``best`` (a state) or else the average, and the
@@ -195,15 +205,13 @@ class Step:
         if best is not None:
             module.load_state_dict(best)
         elif self.ema:
-            with torch.no_grad():
-                torch._foreach_copy_([p.detach() for p in self.params], self.ema)
+            torch._foreach_copy_([p.detach() for p in self.params], self.ema)
         self.reset_average()
 
     def reset_average(self) -> None:
         """The average starts from the parameters as they are (after pre-training)."""
-        with torch.no_grad():
-            for average, p in zip(self.ema, self.params, strict=False):
-                average.copy_(p)
+        for average, p in zip(self.ema, self.params, strict=False):
+            average.copy_(p.detach())
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint keeps of the update beside the optimizer's state."""
@@ -216,11 +224,10 @@ class Step:
         for name in ("scheduler", "plateau"):
             if getattr(self, name) is not None and state.get(name) is not None:
                 getattr(self, name).load_state_dict(state[name])
-        with torch.no_grad():
-            for mine, saved in zip(self.ema, state.get("ema") or (), strict=False):
-                mine.copy_(saved)
-            self.clipped.copy_(state.get("clipped", 0))
-            self.grad_norm.copy_(state.get("grad_norm", 0.0))
+        for mine, saved in zip(self.ema, state.get("ema") or (), strict=False):
+            mine.copy_(saved.detach())
+        self.clipped.copy_(state.get("clipped", 0))
+        self.grad_norm.copy_(state.get("grad_norm", 0.0))
 
     def diagnose(self, *args: Tensor) -> str | None:
         """The first site of the objective whose log-density is not finite on ``args``."""
@@ -242,14 +249,8 @@ class LatentScale(Messenger):
 
 
 def latent_scaled(fn: Callable, weight: Callable[[], Tensor]) -> Callable:
-    """``fn`` (a model or guide) under :class:`LatentScale`."""
-
-    @functools.wraps(fn)
-    def scaled(*args: Any, **kwargs: Any) -> Any:
-        with LatentScale(weight):
-            return fn(*args, **kwargs)
-
-    return scaled
+    """``fn`` (a model or guide) under :class:`LatentScale`, named as ``fn``."""
+    return functools.wraps(fn)(LatentScale(weight)(fn))
 
 
 def hide_bar(progress: bool | None) -> bool | None:

@@ -106,10 +106,10 @@ def hook(obj: Any, name: str) -> Callable:
     where it defines one, else :class:`Model`'s default bound to it."""
     if name not in HOOKS:
         raise AttributeError(f"{name!r} is not a hook of the model contract")
+    owner = obj if isinstance(obj, type) else type(obj)
     own = getattr(obj, name, None)
     if callable(own):
-        return own if _ours(own) else _explained(own, obj, name)
-    owner = obj if isinstance(obj, type) else type(obj)
+        return own if _ours(own) else _explained(own, f"{owner.__name__}.{name}")
     return Model.__dict__[name].__get__(obj, owner)  # (from_options binds the class)
 
 
@@ -118,10 +118,9 @@ def _ours(fn: Callable) -> bool:
     return code is None or code.co_filename.startswith(PACKAGE)
 
 
-def _explained(fn: Callable, obj: Any, name: str) -> Callable:
-    """A user's hook whose own exception becomes a :class:`PluginError`: the call and the
-    user's frames, not a traceback (what the package raised below it passes unchanged)."""
-    owner = obj.__name__ if isinstance(obj, type) else type(obj).__name__
+def _explained(fn: Callable, name: str) -> Callable:
+    """A user's hook ``name`` (``Owner.hook``) whose own exception becomes a :class:`PluginError`:
+    the call and the user's frames (what the package raised below it passes unchanged)."""
 
     @functools.wraps(fn)
     def call(*args: Any, **kwargs: Any) -> Any:
@@ -130,6 +129,6 @@ def _explained(fn: Callable, obj: Any, name: str) -> Callable:
         except Exception as e:
             if isinstance(e, UsageError) or from_our_code(e):
                 raise
-            raise PluginError(explain(e, f"{owner}.{name}", args)) from None
+            raise PluginError(explain(e, name, args)) from None
 
     return call

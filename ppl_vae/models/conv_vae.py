@@ -30,14 +30,13 @@ from dataclasses import dataclass, field
 from itertools import pairwise
 from typing import TYPE_CHECKING, Any
 
-import pyro.distributions as dist
 import torch
 from torch import Tensor, nn
 
 from ..data import pixels
 from ..errors import UsageError
 from .base import RunContext
-from .likelihoods import GAUSSIAN_OFFSET, LIKELIHOODS, bits_per_dim, pixel_likelihood, pixel_mean
+from .likelihoods import GAUSSIAN_OFFSET, LIKELIHOODS, bits_per_dim
 from .nets import ACTIVATIONS
 from .options import with_changes
 from .registry import register_model
@@ -140,8 +139,7 @@ class ConvVAE(GaussianLatentVAE):
         if likelihood == "logistic":  # start broad around mid-grey (see LOGISTIC_INIT)
             last = next(m for m in reversed(self.decoder) if hasattr(m, "bias"))
             with torch.no_grad():
-                last.bias.view(2, -1)[0].fill_(LOGISTIC_INIT[0])
-                last.bias.view(2, -1)[1].fill_(LOGISTIC_INIT[1])
+                last.bias.view(2, -1).copy_(torch.tensor(LOGISTIC_INIT)[:, None])
 
     @classmethod
     def from_options(cls, options: ConvVAEOptions, data: Dataset) -> ConvVAE:
@@ -161,7 +159,7 @@ class ConvVAE(GaussianLatentVAE):
         """``(x,)`` as it is: 8-bit rows stay uint8, converted per batch in the program."""
         return (x,)
 
-    # -- pieces (the program, prior, reconstruct and sample: GaussianLatentVAE) ----------------
+    # -- pieces (the program, prior, p(x|z), decode, reconstruct, sample: GaussianLatentVAE) ---
     def decoder_out(self, z: Tensor) -> tuple[Tensor, Tensor]:
         """The decoder's output for ``z`` of shape (..., d), flattened to (..., D): the
         location (logits, means) and the log-scale (per subpixel for the logistic, else the
@@ -173,24 +171,12 @@ class ConvVAE(GaussianLatentVAE):
             return out[:, :c].reshape(*lead, -1), out[:, c:].reshape(*lead, -1)
         return out.reshape(*lead, -1), self.log_scale
 
-    def likelihood_dist(self, z: Tensor) -> dist.TorchDistribution:
-        """p(x|z) with event shape (D,); ``z`` may carry extra leading (particle) dims."""
-        loc, log_scale = self.decoder_out(z)
-        return pixel_likelihood(loc, self.likelihood, log_scale)
-
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Location and scale of q(z|x) for rows ``x`` (..., D), float pixels or uint8."""
         lead = x.shape[:-1]
         h = self.encoder(pixels(x).reshape(-1, *self.image_shape))
         return loc_scale(h.reshape(*lead, 2 * self.z_dim), self.scale_head)
 
-    def decode(self, z: Tensor) -> Tensor:
-        """E[x|z], flattened (..., D): pixel probabilities (Bernoulli), means (Gaussian), or
-        the discretized logistic's exact mean."""
-        loc, log_scale = self.decoder_out(z)
-        return pixel_mean(loc, self.likelihood, log_scale)
-
-    # -- the summary ---------------------------------------------------------------------------
     def report(self, ctx: RunContext) -> dict:
         """The default figures and, for 8-bit data, ``test_bpd_elbo`` (and ``test_bpd_iwae``)
         from ``ctx.summary``, else from the test split scored again as the run scored it."""
@@ -203,12 +189,11 @@ class ConvVAE(GaussianLatentVAE):
                     "x / 255 is a cross-entropy, not a probability of the 8-bit images (use "
                     "--likelihood logistic)")
             return {}
-        found = ctx.summary
+        found, k = ctx.summary, config.eval_iwae or config.eval_particles
         if "test_elbo" in found:
             elbo, iwae = found["test_elbo"], found.get("test_log_likelihood_iwae")
-            k = found.get("eval_particles", config.eval_iwae or config.eval_particles)
+            k = found.get("eval_particles", k)
         else:
-            k = config.eval_iwae or config.eval_particles
             scores = ctx.score(self, *self.data_args(data.test.x, data.test.y), num_samples=k,
                                iwae=config.eval_iwae > 0, progress=ctx.progress)
             elbo = scores.elbo.mean().item()

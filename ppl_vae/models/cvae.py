@@ -234,9 +234,8 @@ class CVAE(Model):
     @torch.no_grad()
     def _figures(self, ctx: RunContext) -> None:
         data, out = ctx.data, ctx.out
-        shape = data.image_shape
         name = "samples_by_label.png" if self.condition == "label" else "completions.png"
-        if shape is None:
+        if (shape := data.image_shape) is None:
             draw_or_skip(ctx, name, lambda: "the data are not images")
             return
 

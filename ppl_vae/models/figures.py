@@ -31,8 +31,7 @@ def default_figures(module: nn.Module, ctx: RunContext, data_args: Callable,
                     proposal: Callable) -> None:
     """Draw what can be drawn into ``ctx.out``; log what cannot, and why (:func:`draw_or_skip`).
     ``data_args`` is the module's hook, ``proposal`` its guide."""
-    data, out = ctx.data, ctx.out
-    test = data.test
+    data, out, test = ctx.data, ctx.out, ctx.data.test
     rows = min(len(test), 1000)
     labels = None if test.y is None else test.y[:rows]
     args = data_args(test.x[:rows], labels)

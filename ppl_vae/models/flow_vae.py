@@ -42,20 +42,17 @@ ANALYTIC_NOTE = ("--elbo analytic with --flow {flow}: the KL of a flow posterior
 
 
 def flow_layer(kind: str, z_dim: int, context_dim: int) -> nn.Module:
-    """One conditional transform of ``kind`` (``iaf`` or ``spline``) on R^z_dim, conditioned
+    """One conditional transform of ``kind`` (``iaf``, else ``spline``) on R^z_dim, conditioned
     on a context of ``context_dim`` features; the MADE orders the variables 1..d."""
     order = torch.arange(z_dim)
     if kind == "iaf":  # T.conditional_affine_autoregressive with a fixed order
         arn = ConditionalAutoRegressiveNN(z_dim, context_dim, [10 * z_dim], permutation=order)
         return T.ConditionalAffineAutoregressive(arn, stable=True)
-    if kind == "spline":  # T.conditional_spline_autoregressive with a fixed order
-        bins = 8
-        arn = ConditionalAutoRegressiveNN(z_dim, context_dim, [10 * z_dim, 10 * z_dim],
-                                          param_dims=[bins, bins, bins - 1, bins],
-                                          permutation=order)
-        return T.ConditionalSplineAutoregressive(z_dim, arn, count_bins=bins, bound=3.0,
-                                                 order="linear")
-    raise ValueError(f"flow must be one of {', '.join(FLOWS)}, got {kind!r}")
+    bins = 8  # spline: T.conditional_spline_autoregressive with a fixed order
+    arn = ConditionalAutoRegressiveNN(z_dim, context_dim, [10 * z_dim, 10 * z_dim],
+                                      param_dims=[bins, bins, bins - 1, bins], permutation=order)
+    return T.ConditionalSplineAutoregressive(z_dim, arn, count_bins=bins, bound=3.0,
+                                             order="linear")
 
 
 @dataclass
@@ -73,7 +70,8 @@ class FlowVAEOptions(VAEOptions):
 @register_model("flow-vae")
 class FlowVAE(VAE):
     """VAE whose q(z|x) is the encoder's Normal pushed through ``flow_layers`` conditional
-    transforms of ``flow``; ``vae.flows`` holds their networks."""
+    transforms of ``flow``; ``vae.flows`` holds their networks. ``encode`` (the VAE's) gives
+    the location and scale of the *base* Normal, before the flow."""
 
     Options = FlowVAEOptions
 
@@ -104,10 +102,6 @@ class FlowVAE(VAE):
         """Location and scale of the base Normal of q(z|x), and the flow's context h(x)."""
         h = self.encoder[:-1](x)
         return *loc_scale(self.encoder[-1](h), self.scale_head), h
-
-    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Location and scale of the *base* Normal of q(z|x) (before the flow)."""
-        return self.encode_context(x)[:2]
 
     def transforms(self, h: Tensor) -> list:
         """The flow's transforms conditioned on the context ``h``, reversals between."""

@@ -86,8 +86,8 @@ def make_options(cls: type, given: Any = None, keys: str | None = None) -> Any:
     if unknown:
         raise UsageError(f"{cls.__name__} has no option {', '.join(map(repr, unknown))}; its "
                          f"options are {', '.join(sorted(defaults)) or 'none'}")
-    given = {k: coerce(v, defaults[k], flag(k) if keys is None else f"key {keys + k!r}")
-             if defaults.get(k) is not None else v for k, v in given.items()}
+    given = {k: coerce(v, defaults[k], flag(k, keys)) if defaults.get(k) is not None else v
+             for k, v in given.items()}
     return opts(**given) if own else given
 
 
@@ -122,10 +122,9 @@ def build_by_signature(cls: type, options: Any, data: Any, **known: Any) -> Any:
     except Exception as e:  # the user's constructor refused these values
         if torch.get_default_device().type == "meta":
             raise  # a trial build without storage (resources.model_size): not the user's
-        first = first_line(e, 10**6)
         shown = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
-        raise UsageError(f"cannot build {cls.__name__}({shown}): {type(e).__name__}: {first}"
-                         ) from None
+        raise UsageError(f"cannot build {cls.__name__}({shown}): {type(e).__name__}: "
+                         f"{first_line(e, 10**6)}") from None
 
 
 def parse_model_opts(items: list[str] | None) -> dict[str, Any]:

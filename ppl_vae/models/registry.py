@@ -1,13 +1,11 @@
-"""``--model NAME`` -> a model class. Register your own with :func:`register_model`, name it
-by import path (``--model my_module:MyModel``), or pass the class itself from Python
-(``TrainConfig(model=MyModel)``).
-
-A model class is an ``nn.Module`` with Pyro ``model(...)`` and ``guide(...)`` methods; the
-hooks it may add are listed in :mod:`ppl_vae.models.base`.
+"""``--model NAME`` -> a model class (an ``nn.Module`` with Pyro ``model`` and ``guide``
+methods, :mod:`ppl_vae.models.base`). Register your own with :func:`register_model`, name it
+by import path (``--model my_module:MyModel``), or pass the class (``TrainConfig(model=MyModel)``).
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 from collections.abc import Callable
 from typing import TypeVar
@@ -64,19 +62,15 @@ def get_model(model: str | type) -> type:
         except Exception as e:  # ImportError, or an error while importing the user's module
             raise UsageError(f"--model {model!r}: cannot import {module_name!r} "
                              f"({type(e).__name__}: {e}); is it on the Python path?") from None
-        target = module
-        for part in attr.split("."):
-            if not hasattr(target, part):
-                raise UsageError(f"--model {model!r}: module {module_name!r} has no {attr!r}")
-            target = getattr(target, part)
+        try:
+            target = functools.reduce(getattr, attr.split("."), module)
+        except AttributeError:
+            raise UsageError(f"--model {model!r}: module {module_name!r} has no {attr!r}") from None
         return _check(target, model)
-    try:
-        return MODELS[model]
-    except KeyError:
-        raise UsageError(
-            f"unknown --model {model!r}; registered models: {', '.join(sorted(MODELS))}, "
-            "or give module:Class"
-        ) from None
+    if model not in MODELS:
+        raise UsageError(f"unknown --model {model!r}; registered models: "
+                         f"{', '.join(sorted(MODELS))}, or give module:Class")
+    return MODELS[model]
 
 
 def model_name(cls: type) -> str:

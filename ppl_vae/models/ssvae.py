@@ -220,10 +220,7 @@ class SSVAE(Model):
 
     def encode(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """Location and scale of q(z|x,y); ``y`` may carry dims left of ``x``'s rows."""
-        return self._encode(self.features(x), y)
-
-    def _encode(self, v: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        return loc_scale(self.encoder(v, y), "softplus")
+        return loc_scale(self.encoder(self.features(x), y), "softplus")
 
     def decode(self, z: Tensor, y: Tensor) -> Tensor:
         """E[x|y,z]: pixel probabilities (Bernoulli) or means (Gaussian); with M1, its
@@ -252,7 +249,7 @@ class SSVAE(Model):
 
     def _z_guide(self, v: Tensor, y: Tensor) -> None:
         """z ~ q(z|v,y) (inside the data plate)."""
-        loc, scale = self._encode(v, y)
+        loc, scale = loc_scale(self.encoder(v, y), "softplus")
         with poutine.scale(scale=self.beta):
             pyro.sample("z", dist.Normal(loc, scale).to_event(1))
 
@@ -369,7 +366,6 @@ class SSVAE(Model):
         """``labelled``, ``test_accuracy``, ``test_elbo_unlabelled`` (U(x)) and
         ``classification_weight``; ``samples_by_class.png`` and ``analogies.png``."""
         test = ctx.data.test
-        v, _ = self.data_args(test.x, None)
         out: dict = {"labelled": ctx.data.labelled or 0, "classification_weight": self.aux_weight}
         if self.m1 is not None and not bool(self.m1_shift.any()):
             ctx.log("ssvae: M1 was never fitted (pretrain did not run): M2 saw the features "
@@ -380,8 +376,8 @@ class SSVAE(Model):
                 + (f" in epoch 1, times {decay:g} each epoch after" if decay != 1 else ""))
         out.update(self.accuracy(test))
         particles = getattr(ctx.config, "eval_particles", 10)
-        out["test_elbo_unlabelled"] = unlabelled_bound(self, v, ctx.score, particles
-                                                       ).mean().item()
+        out["test_elbo_unlabelled"] = unlabelled_bound(self, self.features(test.x), ctx.score,
+                                                       particles).mean().item()
         if self.m1 is not None:  # M2's ELBOs are of v(x); M1's is of the pixels
             out["m1_test_elbo"] = ctx.score(self.m1, pixels(test.x), num_samples=particles
                                             ).elbo.mean().item()
@@ -396,8 +392,7 @@ class SSVAE(Model):
     @torch.no_grad()
     def _figures(self, ctx: RunContext) -> None:
         data, out = ctx.data, ctx.out
-        shape = data.image_shape
-        if shape is None:
+        if (shape := data.image_shape) is None:
             draw_or_skip(ctx, "samples_by_class.png and analogies.png",
                          lambda: "the data are not images")
             return
@@ -409,7 +404,7 @@ class SSVAE(Model):
         ys = torch.arange(shown, device=device)[:, None]
 
         def samples() -> None:
-            g = torch.Generator().manual_seed(0)
+            g = torch.Generator().manual_seed(0)  # the same z in every run's figure
             z = torch.randn(1, FIGURE_COLUMNS, self.z_dim, generator=g).to(device)
             rows = self.decode(z.to(self.log_scale.dtype), ys)  # (classes, columns, D)
             plots.image_grid(list(rows), shape, out / "samples_by_class.png",

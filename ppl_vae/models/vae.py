@@ -85,9 +85,9 @@ class VAEOptions(NetworkOptions, ScaleOptions):
 
 class GaussianLatentVAE(Model):
     """What every VAE family with z ~ Normal(0, I) and an amortized Normal guide shares: the
-    program p(z) p(x|z) q(z|x), the prior, reconstructions and prior samples, all in terms of
-    the family's ``encode(x) -> (loc, scale)``, ``likelihood_dist(z)`` (event shape (D,)) and
-    ``decode(z) -> E[x|z]``. Rows may be 8-bit (uint8): the observed site gets
+    program p(z) p(x|z) q(z|x), the prior, p(x|z), E[x|z], reconstructions and prior samples,
+    all in terms of the family's ``encode(x) -> (loc, scale)`` and ``decoder_out(z) -> (loc,
+    log_scale)`` of p(x|z). Rows may be 8-bit (uint8): the observed site gets
     :func:`~ppl_vae.data.pixels` of them."""
 
     def __init__(self, options: ScaleOptions, input_dim: int, likelihood: str) -> None:
@@ -129,6 +129,17 @@ class GaussianLatentVAE(Model):
         zeros = self.log_scale.new_zeros(n, self.z_dim)
         return dist.Normal(zeros, torch.ones_like(zeros))
 
+    def likelihood_dist(self, z: Tensor) -> dist.TorchDistribution:
+        """p(x|z) with event shape (D,); ``z`` may carry extra leading (particle) dims."""
+        loc, log_scale = self.decoder_out(z)
+        return pixel_likelihood(loc, self.likelihood, log_scale)
+
+    def decode(self, z: Tensor) -> Tensor:
+        """E[x|z], (..., D): pixel probabilities (Bernoulli), means (Gaussian), or the
+        discretized logistic's exact mean."""
+        loc, log_scale = self.decoder_out(z)
+        return pixel_mean(loc, self.likelihood, log_scale)
+
     @torch.no_grad()
     def reconstruct(self, x: Tensor) -> Tensor:
         """E[x|z] at the posterior mean z = mu(x)."""
@@ -155,15 +166,10 @@ class VAE(GaussianLatentVAE):
         self.encoder = mlp([input_dim, *o.hidden, 2 * o.z_dim], o.activation)
         self.decoder = mlp([o.z_dim, *reversed(o.hidden), input_dim], o.activation)
 
-    # -- pieces, and what a user calls ---------------------------------------------------------
-    def likelihood_dist(self, z: Tensor) -> dist.TorchDistribution:
-        """p(x|z) with event shape (D,); ``z`` may carry extra leading (particle) dims."""
-        return pixel_likelihood(self.decoder(z), self.likelihood, self.log_scale)
+    def decoder_out(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """The decoder's output (logits or means) and the log-scale of p(x|z)."""
+        return self.decoder(z), self.log_scale
 
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Location and scale of q(z|x)."""
         return loc_scale(self.encoder(x), self.scale_head)
-
-    def decode(self, z: Tensor) -> Tensor:
-        """E[x|z]: pixel probabilities (Bernoulli) or means (Gaussian)."""
-        return pixel_mean(self.decoder(z), self.likelihood)

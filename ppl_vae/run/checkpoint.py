@@ -28,12 +28,11 @@ def save_checkpoint(path: str | os.PathLike, module: torch.nn.Module,
     pre-trained, :meth:`~ppl_vae.run.session.Session.fit`; ``update``, the step's schedule and
     average; ``raw``, the trained weights where ``model`` holds their average), ``data`` (the data's
     :meth:`~ppl_vae.data.Dataset.signature`) loadable without the dataset."""
-    store, own = pyro.get_param_store(), {id(p) for p in module.parameters()}
+    store, values = pyro.get_param_store(), store_values(module)
     state = {
         "model": module.state_dict(),
-        "param_store": {name: store[name].detach().clone() for name in store  # constrained
-                        if id(store.get_param(name).unconstrained()) not in own},
-        "store_values": store_values(module),
+        "param_store": {name: store[name].detach().clone() for name in values},  # constrained
+        "store_values": values,
         "optimizer": None if optimizer is None else optimizer.state_dict(),
         "epoch": epoch,
         "config": config,

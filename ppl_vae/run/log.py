@@ -14,6 +14,7 @@ from typing import Any, Protocol
 from torch import Tensor
 
 from ..errors import UsageError
+from ..files import write_text
 
 
 class Logger(Protocol):
@@ -23,7 +24,8 @@ class Logger(Protocol):
 
     def scalars(self, step: int, values: dict[str, float]) -> None: ...
 
-    def image(self, step: int, name: str, image: Tensor) -> None: ...
+    def image(self, step: int, name: str, image: Tensor) -> None:  # (by default: dropped)
+        pass
 
     def flush(self) -> None: ...
 
@@ -60,7 +62,7 @@ class TensorBoard(Logger):
 
 class MLflow(Logger):
     """A local MLflow file store in ``out/mlruns``, one MLflow run per ppl_vae run (its id in
-    ``out/mlflow_run_id``); values wait for the next checkpoint."""
+    ``out/mlflow_run_id``); values wait for the next checkpoint; images are not logged."""
 
     def __init__(self, out: Path, options: dict, resumed_at: int | None) -> None:
         os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # (a local file store)
@@ -76,7 +78,7 @@ class MLflow(Logger):
             run = self.client.create_run(experiment.experiment_id if experiment else
                                          self.client.create_experiment("ppl_vae"))
             self.run_id = run.info.run_id
-            kept.write_text(self.run_id + "\n")
+            write_text(kept, self.run_id + "\n")
             self.client.log_batch(self.run_id, params=[
                 self.entities.Param(k, str(v)[:500]) for k, v in _flat(options).items()])
         self.waiting: list = []
@@ -84,9 +86,6 @@ class MLflow(Logger):
     def scalars(self, step: int, values: dict[str, float]) -> None:
         self.waiting += [self.entities.Metric(name.replace("/", "."), float(value), 0, step)
                          for name, value in values.items()]
-
-    def image(self, step: int, name: str, image: Tensor) -> None:
-        pass  # (images stay TensorBoard's and the run's PNGs)
 
     def flush(self) -> None:
         for start in range(0, len(self.waiting), 1000):  # (MLflow's batch limit)

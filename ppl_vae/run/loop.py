@@ -291,7 +291,7 @@ class Loop:
     def _take_snapshot(self) -> None:
         """What replaying from this step needs (kept in memory, not on disk)."""
         self._snapshot = {
-            "at": (self.state.epoch, self.state.step), "step": self.state.step,
+            "at": (self.state.epoch, self.state.step),
             "module": copy.deepcopy(self.module.state_dict()),
             "optimizer": copy.deepcopy(self.optimizer.state_dict()),
             "update": copy.deepcopy(self.take.state_dict()),  # (the schedule, the average)
@@ -342,14 +342,14 @@ class Loop:
         """Re-run the steps from the last snapshot up to the bad one, then ``diagnose`` its
         batch (every rank; the first rank's finding is reported)."""
         snap = self._snapshot
-        if snap is None or snap["at"][0] != self.state.epoch or snap["step"] > bad:
+        if snap is None or snap["at"][0] != self.state.epoch or snap["at"][1] > bad:
             return None
         self.module.load_state_dict(snap["module"])
         self.optimizer.load_state_dict(snap["optimizer"])
         self.take.load_state_dict(snap["update"])
         load_store_values(snap["store"])
         self._set_rng(snap)
-        for i in range(snap["step"], bad):
+        for i in range(snap["at"][1], bad):
             self._take_step(i, self._batch(i))
         found = [f for f in dist.gather(self.take.diagnose(*self._batch(bad)), self.world) if f]
         return found[0] if found else None

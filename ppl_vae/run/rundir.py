@@ -63,12 +63,9 @@ class DirLock:
                 by = f" (pid {pid})" if pid.isdigit() else ""
                 raise UsageError(f"{setting} {str(directory)!r} is in use by another run{by}; "
                                  "wait for it to finish or choose another directory") from None
-            try:  # its last holder may have unlinked the file between our open and flock
-                same = os.path.samestat(os.fstat(fd), os.stat(path))
-            except FileNotFoundError:
-                same = False
-            if same:
-                break
+            with contextlib.suppress(FileNotFoundError):  # its last holder may unlink it
+                if os.path.samestat(os.fstat(fd), os.stat(path)):
+                    break
             os.close(fd)
         with contextlib.suppress(OSError):  # the pid only makes the "in use" message better
             os.ftruncate(fd, 0)

@@ -311,8 +311,7 @@ class Session:
         (``optimizer=False``: gradients only), gradients summed over the ranks."""
         module = module or self.module
         info = self.info if module is self.module else self.probe(module)
-        e = make_elbo(elbo, particles, self.config.jit and optimizer, info.max_plate_nesting,
-                      vectorize=info.vectorized)
+        e = elbo_for(elbo, particles, info, self.config.jit and optimizer)
         adam = self.adam(collect_params(module, info)) if optimizer else None
         return Step.of_elbo(e, module, hook(module, "programs")(), info, adam, self.world)
 
@@ -339,8 +338,7 @@ class Session:
             terms = [(w, latent_scaled(m, self._kl_weight), latent_scaled(g, self._kl_weight))
                      for w, m, g in terms]
         adam = self.adam(collect_params(module, info))
-        elbo = make_elbo(config.elbo, config.particles, config.jit, info.max_plate_nesting,
-                         vectorize=info.vectorized)
+        elbo = elbo_for(config.elbo, config.particles, info, config.jit)
         step = Step.of_elbo(elbo, module, terms, info, adam, self.world,
                             clip_norm=config.clip_norm, ema=config.ema,
                             schedule=self.schedule if config.kl_warmup else None,
@@ -447,9 +445,11 @@ class Session:
                                  "number; return floats (numpy and torch scalars are taken)")
         return row
 
-    def report(self) -> dict:
-        """The model's ``report`` hook: its numbers (and, where ``ctx.figures``, its figures). A
+    def report(self, summary: dict) -> dict:
+        """The model's ``report`` hook with ``ctx.summary`` = ``summary`` (the run's test
+        evaluation: not a second one): its numbers (and, where ``ctx.figures``, its figures). A
         hook that fails is logged and gives no numbers: a finished run is never lost to it."""
+        self.ctx.summary = dict(summary)
         try:
             with torch.no_grad():
                 return dict(hook(self.module, "report")(self.ctx) or {})
@@ -468,6 +468,12 @@ def _short(value: Any) -> str:
 
 def _to(s: Scores, device: torch.device | str) -> Scores:
     return replace(s, elbo=s.elbo.to(device), iwae=None if s.iwae is None else s.iwae.to(device))
+
+
+def elbo_for(name: str, k: int, info: ProgramInfo | None, jit: bool = False) -> pyro.infer.ELBO:
+    """:func:`make_elbo` for the program ``info`` describes (None: one plate, vectorized)."""
+    return make_elbo(name, k, jit, info.max_plate_nesting if info else 1,
+                     vectorize=info is None or info.vectorized)
 
 
 def schedules(optimizer: torch.optim.Optimizer, config: TrainConfig, steps_per_epoch: int

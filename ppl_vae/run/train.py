@@ -75,9 +75,8 @@ def resume_config(run_dir: str | os.PathLike, given: dict | None = None) -> Trai
     if not has_checkpoint(path):
         raise UsageError(f"--resume {str(path)!r}: no checkpoint.pt there, so nothing to "
                          "resume; train without --resume (--out DIR) to start a run")
-    given = dict(given or {})
-    out = given.pop("out", None)
-    if out is not None and os.path.abspath(out) != os.path.abspath(path):
+    given = given or {}
+    if (out := given.get("out")) is not None and os.path.abspath(out) != os.path.abspath(path):
         raise UsageError(f"--resume continues the run in {str(path)!r} and writes there; drop "
                          f"--out {out!r} (to continue a copy, copy the directory and resume it)")
     saved = path / "config.json"
@@ -87,14 +86,13 @@ def resume_config(run_dir: str | os.PathLike, given: dict | None = None) -> Trai
     except (OSError, ValueError) as e:
         raise UsageError(f"{str(saved)!r} is not readable JSON ({type(e).__name__}); "
                          "delete it to resume from the checkpoint's own copy") from None
-    recorded = TrainConfig.from_dict(record)
-    return replace(recorded, **check_given(recorded, given), out=str(path), overwrite=False)
+    return resumed(TrainConfig.from_dict(record), given, str(path))
 
 
-def check_given(recorded: TrainConfig, given: dict, what: str = "run") -> dict:
-    """Refuse an option ``given`` (flag name -> value; model options under ``model_options``)
-    that contradicts the ``recorded`` one of a run (or table) being resumed; return those
-    that do not change the math (:data:`NOT_THE_MATH`), which the resume takes."""
+def resumed(recorded: TrainConfig, given: dict, out: str, what: str = "run") -> TrainConfig:
+    """The ``recorded`` options of a run (or table) continued in ``out``: an option ``given``
+    (flag name -> value; model options under ``model_options``) that contradicts them is
+    refused; those that do not change the math (:data:`NOT_THE_MATH`) are taken."""
     mine = recorded.to_dict()
     for key, value in given.items():
         if key in ("overwrite", "model_options", "out") or key not in mine or \
@@ -110,7 +108,8 @@ def check_given(recorded: TrainConfig, given: dict, what: str = "run") -> dict:
             raise UsageError(f"--resume: the model option {key}={value!r} contradicts the "
                              f"{what}'s {mine['model_options'][key]!r}; drop it to continue the "
                              f"{what}")
-    return {k: v for k, v in given.items() if k in NOT_THE_MATH}
+    taken = {k: v for k, v in given.items() if k in NOT_THE_MATH}
+    return replace(recorded, **taken, out=out, overwrite=False)
 
 
 def _resumable(config: TrainConfig, cls: type, path: Path, device: torch.device) -> dict:
@@ -315,9 +314,8 @@ def _train(session: Session, rundir: RunDir, state: dict | None) -> Run:
             "dataset": data.name, "n_train": len(data.train),
             "n_val": 0 if data.val is None else len(data.val), "n_test": len(data.test)}
         if world.main:
-            ctx.summary = dict(run.summary)  # the report derives from it, not a second evaluation
             plots.elbo_curves(run.history, ctx.out / "elbo_curves.png")
-            run.summary.update(session.report())
+            run.summary.update(session.report(run.summary))
             write_json(rundir.path / "summary.json", run.summary)
             if session.logger is not None:
                 session.logger.scalars(loop.global_step, {
