@@ -4,6 +4,10 @@ Inside :func:`signals`, the first signal is *deferred* while training steps run:
 finishes its step, writes a checkpoint and raises :class:`Interrupted`; elsewhere it raises
 :class:`Interrupted` at once. A second signal ends the process at once (``os._exit``) with
 status 128 + signal number: checkpoints are written by rename, so the last one is intact.
+Under torchrun, a run failing out of the training steps defers, and once out of
+:func:`signals` ignores, SIGINT/SIGTERM: the agent's SIGTERM after another process died must
+not end this one before it has said why in its one line (it exits right after; the agent's
+SIGKILL still ends a hung one).
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ import os
 import signal
 import threading
 from collections.abc import Iterator
+
+from .distributed import launched
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -44,8 +50,10 @@ class Guard:
         self.defers = True
         try:
             yield
-        finally:
-            self.defers = False
+        except BaseException:
+            self.defers = launched()  # (failing under torchrun: see the module's docstring)
+            raise
+        self.defers = False
 
     def handle(self, signum: int, frame: object) -> None:
         if self.requested:
@@ -64,6 +72,10 @@ def signals() -> Iterator[Guard]:
     old = {s: signal.signal(s, guard.handle) for s in SIGNALS} if main else {}
     try:
         yield guard
+    except BaseException:
+        if launched():
+            old = dict.fromkeys(old, signal.SIG_IGN)
+        raise
     finally:
         for s, h in old.items():
             signal.signal(s, h)

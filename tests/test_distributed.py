@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -384,6 +385,42 @@ def test_a_killed_rank_leaves_the_survivor_one_line(tmp_path):
     assert stderr.index(lines[0]) < stderr.index("ChildFailedError")
     assert "[rank0]: Traceback" not in stderr, stderr[-3000:]
     assert (out / "checkpoint.pt").is_file()
+
+
+@pytest.mark.parametrize("torchrun", [False, True])
+def test_a_failing_rank_is_not_cut_short_by_the_agent_s_sigterm(monkeypatch, torchrun):
+    """The mechanism behind the survivor's one line: under torchrun, an error leaving the
+    training steps defers SIGTERM (the agent's, sent once another process died), and out of
+    ``signals()`` SIGTERM is ignored, so the report is not cut short (it was, now and then, on
+    a loaded machine: exit -15 and no line). Without torchrun a signal there raises at once
+    and the previous handler comes back."""
+    from ppl_vae.interrupt import Interrupted, signals
+
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signal handlers are the main thread's")
+    monkeypatch.setenv("WORLD_SIZE", "2" if torchrun else "1")
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with pytest.raises(RuntimeError, match="closed by peer"), signals() as guard:
+            try:
+                with guard.deferred():
+                    raise RuntimeError("Connection closed by peer")
+            except RuntimeError:
+                if torchrun:
+                    os.kill(os.getpid(), signal.SIGTERM)
+                    assert guard.requested == signal.SIGTERM  # recorded, not raised
+                else:
+                    with pytest.raises(Interrupted):
+                        os.kill(os.getpid(), signal.SIGTERM)
+                raise
+        if torchrun:
+            assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+            os.kill(os.getpid(), signal.SIGTERM)  # ignored: this process lives on to report
+        else:
+            assert signal.getsignal(signal.SIGTERM) is before[signal.SIGTERM]
+    finally:
+        for s, h in before.items():
+            signal.signal(s, h)
 
 
 ALL_ON = ["--lr-schedule", "cosine", "--warmup-steps", "50", "--clip-norm", "10", "--ema",
