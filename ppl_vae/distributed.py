@@ -108,16 +108,17 @@ def any_max(value: int, world: World) -> int:
     """The largest ``value`` over ranks (a stop flag: one tiny CPU all-reduce over gloo,
     no device sync)."""
     if not world.parallel:
-        return value  # (every step: no tensor)
-    return int(all_sum(torch.tensor([int(value)]), world, "MAX", _control).item())
+        return value
+    t = torch.tensor([int(value)])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_control)
+    return int(t.item())
 
 
-def all_sum(t: Tensor, world: World, op: str = "SUM", group: Any = None) -> Tensor:
-    """``t`` summed (or reduced by ``op``, e.g. ``MIN``) over ranks through ``group`` (None:
-    the default group); a new tensor."""
+def all_sum(t: Tensor, world: World, op: str = "SUM") -> Tensor:
+    """``t`` summed (or reduced by ``op``, e.g. ``MIN``) over ranks (a new tensor)."""
     t = t.clone()
     if world.parallel:
-        dist.all_reduce(t, op=getattr(dist.ReduceOp, op), group=group)
+        dist.all_reduce(t, op=getattr(dist.ReduceOp, op))
     return t
 
 

@@ -154,21 +154,18 @@ class Step:
 
     def update(self) -> None:
         """After the gradient: clipping, the optimizer's step, the schedule, the average."""
-        grads = self.clip([p.grad for p in self.params], self.grad_norm, self.clipped)
-        if self.clip_norm:
-            for p, g in zip(self.params, grads, strict=True):
-                p.grad = g
+        self.clip([p.grad for p in self.params], self.grad_norm, self.clipped, in_place=True)
         self.optimizer.step()
         if self.scheduler is not None:
             self.scheduler.step()
         if self.ema:
             torch._foreach_lerp_(self.ema, [p.detach() for p in self.params], 1 - self.ema_decay)
 
-    def clip(self, grads: Sequence[Tensor | None], grad_norm: Tensor, clipped: Tensor
-             ) -> list[Tensor | None]:
-        """``grads`` clipped (see the class; as :func:`torch.nn.utils.clip_grad_norm_` does),
-        their norm added to ``grad_norm`` and a clipped step to ``clipped``: for the eager and
-        the compiled step alike."""
+    def clip(self, grads: Sequence[Tensor | None], grad_norm: Tensor, clipped: Tensor,
+             in_place: bool = False) -> list[Tensor | None]:
+        """``grads`` clipped (see the class; as :func:`torch.nn.utils.clip_grad_norm_` does;
+        ``in_place`` for the eager step, new tensors for the compiled graph), their norm added
+        to ``grad_norm`` and a clipped step to ``clipped``."""
         grads = list(grads)
         if not (self.clip_norm or self.watch_norm):
             return grads
@@ -178,6 +175,9 @@ class Step:
             return grads
         clipped.add_(norm + 1e-6 > self.clip_norm)
         coef = (self.clip_norm / (norm + 1e-6)).clamp(max=1.0)
+        if in_place:
+            torch._foreach_mul_([g for g in grads if g is not None], coef)
+            return grads
         return [None if g is None else g * coef for g in grads]
 
     def after_epoch(self, val_loss: float | None) -> None:
