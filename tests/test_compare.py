@@ -6,6 +6,7 @@ import json
 import math
 from dataclasses import replace
 
+import pyro
 import pytest
 import torch
 from helpers import assert_one_line_error
@@ -13,6 +14,7 @@ from helpers import assert_one_line_error
 from ppl_vae import VAE
 from ppl_vae.cli import compare_main
 from ppl_vae.config import TrainConfig
+from ppl_vae.errors import UsageError
 from ppl_vae.evaluation.comparison import (
     agreement,
     bound_estimates,
@@ -266,6 +268,35 @@ def test_suited_estimators_follow_the_program(digits):
     info = inspect_program(pyro_cvae.model, pyro_cvae.guide,
                            *pyro_cvae.data_args(torch.rand(4, 784).round(), None))
     assert not info.vectorized and suited(info) == ("mc", "analytic", "stl", "iwae")
+
+
+def test_a_latent_only_the_model_samples_refuses_analytic_and_tracegraph(digits):
+    """A latent site the guide does not sample (drawn from its prior in the model, or summed
+    out there) has no guide site for TraceMeanField_ELBO's or TraceGraph_ELBO's pairing:
+    refused in one line (Pyro itself raises a KeyError), the other estimators train."""
+    from plugin_models import EnumMixtureVAE
+
+    from ppl_vae.inference.estimators import unsuited
+    from ppl_vae.inference.program import inspect_program
+
+    class PriorMixture(EnumMixtureVAE):  # y ~ Categorical in the model only, not enumerated
+        def guide(self, x):
+            pyro.module("mixture_vae", self)
+            with pyro.plate("data", x.shape[0]):
+                loc, log_scale = self.encode(self._cat(x, x.new_zeros(self.k))).chunk(2, -1)
+                pyro.sample("z", pyro.distributions.Normal(loc, log_scale.exp()).to_event(1))
+
+    vae = PriorMixture(64)
+    info = inspect_program(vae.model, vae.guide, digits.test.x[:4])
+    assert info.model_only == {"y"} and not info.enumerated
+    for name in ("analytic", "tracegraph"):
+        assert unsuited(name, info) == (f"the model samples y, which the guide does not, and "
+                                        f"{name} pairs every latent site of the model with the "
+                                        "guide's")
+    assert all(unsuited(e, info) is None for e in ("mc", "stl", "iwae", "iwae-dreg", "rws"))
+    with pytest.raises(UsageError, match=r"elbo analytic: the model samples y, .*; use elbo "
+                                         r"mc, stl, iwae, iwae-dreg or rws$"):
+        Session(TrainConfig(model=PriorMixture, elbo="analytic"), digits, progress=False).step()
 
 
 def test_compare_m2_sums_out_y_with_less_gradient_noise(tmp_path, cli):

@@ -190,6 +190,9 @@ def unsuited(name: str, info: ProgramInfo, programs: int = 1) -> str | None:
     if name in ("iwae-dreg", "rws") and not info.vectorized:
         return (f"{name} weighs vectorized particles, and this model cannot take a samples "
                 f"dimension ({info.not_vectorized_because})")
+    if name in ("analytic", "tracegraph") and info.model_only:
+        return (f"the model samples {', '.join(sorted(info.model_only))}, which the guide does "
+                f"not, and {name} pairs every latent site of the model with the guide's")
     if name == "iwae" and programs > 1:
         return (f"iwae (RenyiELBO) trains one model/guide pair, and this objective sums "
                 f"{programs}")

@@ -328,9 +328,10 @@ class Session:
             self.args(self.data.train, slice(0, 2)), min(config.batch_size, len(self.data.train)),
             config.particles, self.device)
         terms = self.terms
-        if config.kl_warmup and config.elbo == "enum" and info.model_enumerated:
+        summed = sorted(info.model_only & info.enumerated)
+        if config.kl_warmup and config.elbo == "enum" and summed:
             raise UsageError(f"--kl-warmup scales the latent sites, but the model sums out "
-                             f"{sorted(info.model_enumerated)[0]!r} (enumerated in the model), "
+                             f"{summed[0]!r} (enumerated in the model), "
                              "whose sites TraceEnum_ELBO needs at one scale; drop --kl-warmup, "
                              "or sample that site in the guide")
         if config.kl_warmup:  # (a buffer: the compiled step reads it as an input)
