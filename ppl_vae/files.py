@@ -19,7 +19,7 @@ from typing import Any, BinaryIO
 
 from .errors import UsageError
 
-_TMP = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")  # what tempfile.mkstemp names for atomic_write
+STALE_TMP = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")  # tempfile.mkstemp's names in atomic_write
 _FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 _DENIED = {errno.EROFS, errno.EACCES, errno.EPERM}
 
@@ -102,14 +102,16 @@ def save_torch(path: str | os.PathLike, obj: Any) -> None:
 
 def clean_stale_tmp(directory: str | os.PathLike) -> list[str]:
     """Remove the temporary files a killed :func:`atomic_write` left in ``directory`` and its
-    subdirectories; return their paths relative to ``directory``. Only for a directory this
+    subdirectories but those holding a ``.lock`` (run directories of their own, which clean
+    themselves); return their paths relative to ``directory``. Only for a directory this
     process owns (see :class:`ppl_vae.run.rundir.RunDir`): it would delete a live writer's file."""
     root = Path(directory)
     removed = []
-    for parent, _, names in os.walk(root):
+    for parent, dirs, names in os.walk(root):
+        dirs[:] = [d for d in dirs if not (Path(parent) / d / ".lock").exists()]
         for name in names:
             p = Path(parent) / name
-            if _TMP.fullmatch(name) and p.is_file() and not p.is_symlink():
+            if STALE_TMP.fullmatch(name) and p.is_file() and not p.is_symlink():
                 p.unlink(missing_ok=True)
                 removed.append(str(p.relative_to(root)))
     return sorted(removed)

@@ -160,6 +160,39 @@ def test_a_file_or_a_directory_holding_files_is_refused(tmp_path):
     assert snapshot(tmp_path / "run") == before  # lock released, nothing touched
 
 
+def test_a_directory_that_is_not_ours_is_refused_untouched(tmp_path):
+    """Refused before anything is removed: files named like a killed run's leftovers in a
+    directory holding other files, a .lock that is not a pid (or a link), and the temporary
+    files of a run directory nested inside one that is cleaned (it cleans itself)."""
+    out = tmp_path / "victim"
+    for name in (".staging-abcdefgh/thesis.tex", "sub/deep/.notes.abcdefgh.tmp", "readme.txt",
+                 ".x.abcdefgh.tmp"):
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text("mine")
+    before = snapshot(out)
+    with pytest.raises(UsageError, match="already holds files"):
+        RunDir.open(str(out), "vae")
+    assert snapshot(out) == before
+    (out / ".lock").write_text("my notes\n")
+    before = snapshot(out)
+    for flags in ({}, {"overwrite": True}, {"resume": True}):
+        with pytest.raises(UsageError, match=r"holds a \.lock file that is not a ppl_vae lock"):
+            RunDir.open(str(out), "vae", **flags)
+        assert snapshot(out) == before
+    (out / ".lock").unlink()
+    (out / ".lock").symlink_to(out / "readme.txt")
+    with pytest.raises(UsageError, match="cannot lock"):
+        RunDir.open(str(out), "vae", resume=True)
+    assert (out / "readme.txt").read_text() == "mine"
+    (out / ".lock").unlink()
+    live = out / "sub" / "live-run"  # another run's directory, in use
+    (live / ".lock").parent.mkdir()
+    (live / ".lock").write_text("1\n")
+    (live / ".c.pt.abcdefgh.tmp").write_text("being written")
+    assert clean_stale_tmp(out) == [".x.abcdefgh.tmp", "sub/deep/.notes.abcdefgh.tmp"]
+    assert (live / ".c.pt.abcdefgh.tmp").exists()
+
+
 def test_default_names_are_unique_when_opened_at_once(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(rundir_module, "_timestamp", lambda: "20240101-000000")

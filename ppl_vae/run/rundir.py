@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from ..errors import UsageError
-from ..files import clean_stale_tmp
+from ..files import STALE_TMP, clean_stale_tmp
 
 LOCK = ".lock"
 _OURS = re.compile(r"\.(staging|trash)-[a-z0-9_]{8}")  # tempfile.mkdtemp names of ours
@@ -50,9 +50,13 @@ class DirLock:
         path = directory / LOCK
         while True:
             try:
-                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o666)
             except OSError as e:
                 raise _cannot("lock", directory, e, setting) from e
+            if not re.fullmatch(rb"(\d+\n)?", os.pread(fd, 32, 0)):  # (a pid, or nothing yet)
+                os.close(fd)
+                raise UsageError(f"{setting} {str(directory)!r} holds a {LOCK} file that is not "
+                                 "a ppl_vae lock; choose another directory")
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as e:
@@ -122,27 +126,29 @@ class RunDir:
         return run
 
     def _prepare(self, overwrite: bool, resume: bool) -> None:
+        """Refuse a directory holding files (other than what a killed run of ours left) unless
+        ``resume`` or ``overwrite``, touching nothing; then remove those leftovers."""
+        try:
+            held = [p for p in self.final.iterdir() if p.name != LOCK and not _leftover(p)]
+        except OSError as e:
+            raise _cannot("read", self.final, e, self.setting) from e
+        self._fresh = not held
+        if held and not resume:
+            if not overwrite:
+                raise UsageError(f"{self.setting} {str(self.final)!r} already holds files; "
+                                 "choose a new directory or pass --overwrite")
+            real, cwd = self.final.resolve(), Path.cwd().resolve()
+            if real in (Path.home().resolve(), Path(real.anchor)) or cwd.is_relative_to(real):
+                raise UsageError(f"{self.setting} {str(self.final)!r} is the working, home or "
+                                 "root directory, which --overwrite would empty; choose a run "
+                                 "directory")
         try:
             clean_stale_tmp(self.final)
             for p in self.final.iterdir():
                 if _OURS.fullmatch(p.name) and p.is_dir() and not p.is_symlink():
                     shutil.rmtree(p)
-            held = [p for p in self.final.iterdir() if p.name != LOCK]
-        except OSError as e:
-            raise _cannot("clean", self.final, e, self.setting) from e
-        self._fresh = not held
-        if not held or resume:
-            return
-        if not overwrite:
-            raise UsageError(f"{self.setting} {str(self.final)!r} already holds files; choose a "
-                             "new directory or pass --overwrite")
-        real = self.final.resolve()
-        cwd = Path.cwd().resolve()
-        if real in (Path.home().resolve(), Path(real.anchor)) or cwd.is_relative_to(real):
-            raise UsageError(f"{self.setting} {str(self.final)!r} is the working, home or root "
-                             "directory, which --overwrite would empty; choose a run directory")
-        try:
-            self._staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=self.final))
+            if held and not resume:
+                self._staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=self.final))
         except OSError as e:
             raise _cannot("write to", self.final, e, self.setting) from e
 
@@ -229,6 +235,12 @@ class RunDir:
 
     def __repr__(self) -> str:
         return f"RunDir({str(self.final)!r}, path={str(self.path)!r})"
+
+
+def _leftover(p: Path) -> bool:
+    """What a killed run of ours leaves: a staging or trash directory, a temporary file."""
+    ours = _OURS if p.is_dir() else STALE_TMP
+    return bool(ours.fullmatch(p.name)) and not p.is_symlink()
 
 
 def _missing(path: Path) -> list[Path]:
