@@ -325,6 +325,43 @@ def test_mlflow_continues_its_run_without_repeating_steps(tmp_path, monkeypatch)
     assert client.get_run(run_id).data.params["clip_norm"] == "10.0"
 
 
+@pytest.mark.parametrize("kind", ["tensorboard", "mlflow"])
+def test_a_logged_run_overwriting_another_logs_into_the_directory(tmp_path, monkeypatch, kind):
+    """Under --overwrite the run is staged until its first checkpoint: the logger opens in the
+    run directory then, with what was logged before; a run failing before leaves the old run
+    and its log as they were."""
+    pytest.importorskip(kind)
+    out = tmp_path / "run"
+    train_run(config(out, log=kind, epochs=1), progress=False)
+    before = {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    from ppl_vae.run.loop import Loop
+
+    take = Loop._take_step
+
+    def failing(loop, i, args):  # (before the first checkpoint, at step 7)
+        if i == 3:
+            raise KeyError("failed")
+        return take(loop, i, args)
+
+    monkeypatch.setattr(Loop, "_take_step", failing)
+    with pytest.raises(KeyError):
+        train_run(config(out, log=kind, log_every_steps=2, overwrite=True), progress=False)
+    monkeypatch.undo()
+    assert {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == before
+    train_run(config(out, log=kind, log_every_steps=5, overwrite=True), progress=False)
+    if kind == "tensorboard":
+        assert [s for s, _ in events(out)["train/loss"]] == list(range(5, 3 * 23 + 1, 5))
+    else:
+        import mlflow
+
+        client = mlflow.tracking.MlflowClient(tracking_uri=(out / "mlruns").as_uri())
+        run_id = (out / "mlflow_run_id").read_text().strip()
+        assert client.get_run(run_id).info.status == "FINISHED"
+        steps = [m.step for m in client.get_metric_history(run_id, "train.loss")]
+        assert steps == list(range(5, 3 * 23 + 1, 5))
+    assert not list(out.glob(".staging-*"))
+
+
 def test_a_missing_logging_package_is_one_line(cli, tmp_path, monkeypatch):
     import builtins
 

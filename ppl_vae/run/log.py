@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -68,7 +69,12 @@ class MLflow(Logger):
         os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # (a local file store)
         mlflow = require("mlflow")
         self.entities = mlflow.entities
-        self.client = mlflow.tracking.MlflowClient(tracking_uri=(out.resolve() / "mlruns").as_uri())
+        store = (out.resolve() / "mlruns").as_uri()
+        if not (out / "mlruns").is_dir():  # (MLflow caches a store per path: made anew here,
+            from mlflow.store.tracking.file_store import FileStore  # where --overwrite took it)
+
+            FileStore(store)
+        self.client = mlflow.tracking.MlflowClient(tracking_uri=store)
         kept = out / "mlflow_run_id"
         if resumed_at is not None and kept.is_file():
             self.run_id = kept.read_text().strip()
@@ -97,6 +103,42 @@ class MLflow(Logger):
             self.flush()
         self.waiting = []  # (a resume logs them again from the checkpoint)
         self.client.set_terminated(self.run_id, "FINISHED" if ok else "KILLED")
+
+
+class Staged(Logger):
+    """The logger of a run staged to replace another (``--overwrite``): opened by ``start``
+    in the run directory once the staged run replaced the old one (its first checkpoint);
+    until then what is logged waits in memory, and a run ending before leaves nothing."""
+
+    def __init__(self, start: Callable[[], Logger]) -> None:
+        self._start, self.logger, self.waiting = start, None, []
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        self._call("scalars", step, values)
+
+    def image(self, step: int, name: str, image: Tensor) -> None:
+        self._call("image", step, name, image)
+
+    def flush(self) -> None:
+        self._call("flush")
+
+    def start(self) -> None:
+        if self.logger is None:
+            self.logger = self._start()
+            for name, args in self.waiting:
+                getattr(self.logger, name)(*args)
+            self.waiting = []
+
+    def close(self, ok: bool = True) -> None:
+        if self.logger is not None:
+            self.logger.close(ok)
+        self.waiting = []
+
+    def _call(self, name: str, *args: Any) -> None:
+        if self.logger is None:
+            self.waiting.append((name, args))
+        else:
+            getattr(self.logger, name)(*args)
 
 
 LOGGERS = {"tensorboard": TensorBoard, "mlflow": MLflow}

@@ -29,7 +29,7 @@ from ..interrupt import Interrupted, signals
 from ..models import hook
 from ..models.figures import epoch_images
 from .checkpoint import load_checkpoint, load_store_values, save_checkpoint, store_values
-from .log import open_logger, require
+from .log import Staged, open_logger, require
 from .loop import Loop
 from .rundir import RunDir
 from .session import Session, device_for, from_record, resolve
@@ -226,6 +226,8 @@ def _train(session: Session, rundir: RunDir, state: dict | None) -> Run:
         if session.logger is not None:  # (what it holds never runs ahead of the checkpoint)
             session.logger.flush()
         rundir.commit()  # the first checkpoint: now this run replaces an overwritten one
+        if isinstance(session.logger, Staged):
+            session.logger.start()
         ctx.out = rundir.path
         if run.history:  # after the checkpoint: metrics.csv is never ahead of it
             write_csv(rundir.path / "metrics.csv", run.history)
@@ -282,8 +284,10 @@ def _train(session: Session, rundir: RunDir, state: dict | None) -> Run:
             write_csv(rundir.path / "metrics.csv", run.history)
     if world.main and config.log != "none":
         loop.steps_per_epoch = session.steps_per_epoch()
-        session.logger = open_logger(config.log, rundir.path, config.to_dict(),
-                                     None if svi is None else loop.global_step)
+        at = None if svi is None else loop.global_step
+        session.logger = open_logger(config.log, rundir.path, config.to_dict(), at) \
+            if rundir.path == rundir.final else Staged(  # (--overwrite: at the commit)
+                lambda: open_logger(config.log, rundir.final, config.to_dict(), at))
     module.eval()
     with step.averaged():  # (the weights the hook saw after that epoch: with --ema, averaged)
         session.on_epoch(loop.state.epoch - 1)  # the schedule of the epoch (re-)entered
