@@ -170,7 +170,7 @@ class TrainConfig:
         "costs seconds to compile, so it pays on long runs; falls back to the eager step with one "
         "line saying why where capture cannot be exact", group="inference")
     lr: float | None = option(None, "Adam learning rate (not given: the model's recipe)",
-                              group="inference", type=float, above=0)
+                              group="inference", type=float, above=0, most=1e38)
     beta1: float = option(0.9, "Adam's beta1, the decay of its running mean of the gradient "
                           "(beta2 stays 0.999; Pyro's ss_vae example runs 0.95)",
                           group="inference", least=0, below=1)

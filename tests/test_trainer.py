@@ -362,6 +362,25 @@ def test_a_logged_run_overwriting_another_logs_into_the_directory(tmp_path, monk
     assert not list(out.glob(".staging-*"))
 
 
+class NoParameters(torch.nn.Module):
+    """A model and guide with nothing to train."""
+
+    def model(self, x):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("x", pyro.distributions.Bernoulli(0.5 * torch.ones(64)).to_event(1),
+                        obs=x)
+
+    def guide(self, x):
+        pass
+
+
+def test_nothing_to_train_and_an_overflowing_learning_rate_are_one_line(cli, tmp_path, digits):
+    with pytest.raises(UsageError, match="^NoParameters has nothing to train: no nn.Parameter"):
+        Session(TrainConfig(model=NoParameters), digits, progress=False).step()
+    result = cli(train_main, ["--dataset", "digits", "--lr", "1e39", "--out", tmp_path / "r"])
+    assert_one_line_error(result, PROG, "--lr must be a number in (0, 1e+38], got 1e+39")
+
+
 def test_a_missing_logging_package_is_one_line(cli, tmp_path, monkeypatch):
     import builtins
 

@@ -300,8 +300,12 @@ class Session:
                    split.x.device)
 
     # -- training -----------------------------------------------------------------------------
-    def adam(self, params: list[Tensor]) -> torch.optim.Adam:
-        """Adam over ``params`` with the run's learning rate and beta1 (beta2 0.999)."""
+    def adam(self, params: list[Tensor], owner: nn.Module | None = None) -> torch.optim.Adam:
+        """Adam over ``params`` (of ``owner``, default the model) with the run's learning rate
+        and beta1 (beta2 0.999); none is refused in one line."""
+        if not params:
+            raise UsageError(f"{type(owner or self.module).__name__} has nothing to train: no "
+                             "nn.Parameter and no pyro.param site; give its model or guide one")
         return torch.optim.Adam(params, lr=self.config.lr, betas=(self.config.beta1, 0.999))
 
     def svi_step(self, elbo: str, particles: int = 1, module: nn.Module | None = None,
@@ -312,7 +316,7 @@ class Session:
         module = module or self.module
         info = self.info if module is self.module else self.probe(module)
         e = elbo_for(elbo, particles, info, self.config.jit and optimizer)
-        adam = self.adam(collect_params(module, info)) if optimizer else None
+        adam = self.adam(collect_params(module, info), module) if optimizer else None
         return Step.of_elbo(e, module, hook(module, "programs")(), info, adam, self.world)
 
     def step(self, log: Callable[[str], None] | None = None) -> Step:
@@ -399,7 +403,7 @@ class Session:
                 self.checkpoint()
 
         params = list(part.parameters())
-        step = Step(params, self.adam(params), loss, world=self.world)
+        step = Step(params, self.adam(params, part), loss, world=self.world)
         loop = Loop(self, step, module=part, inputs=lambda g: self.train_args(g, inputs),
                     validate=(lambda: per_row(self.data.val)) if self.config.early_stop else None,
                     on_epoch=on_epoch, save=save, desc=desc)
