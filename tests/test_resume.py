@@ -141,6 +141,36 @@ def test_resume_checks_the_run_s_records(tmp_path, cli):
     assert (out / "summary.json").read_bytes() == summary  # the good result is kept
 
 
+FORGED = {
+    "epoch": lambda s: s["loop"].update(epoch=-5),
+    "counts": lambda s: s["loop"].update({k: "x" for k in ("epoch", "step", "world_size")}),
+    "groups": lambda s: s.update(optimizer={"state": {}, "param_groups": []}),
+    "history": lambda s: s.update(history=[1, 2]),
+    "ranks": lambda s: s["loop"].update(ranks=[]),
+    "rng": lambda s: s["loop"]["ranks"][0].update(rng=torch.zeros(3)),
+}
+
+
+@pytest.mark.parametrize("forged", FORGED)
+def test_a_checkpoint_that_loads_but_does_not_fit_is_one_line(tmp_path, monkeypatch, cli,
+                                                              forged):
+    """A checkpoint forged or from elsewhere that torch loads (weights_only) but the run
+    cannot continue from: one line naming it, nothing written."""
+    out = tmp_path / "run"
+    interrupt_at(monkeypatch, epoch=2, step=3)
+    with pytest.raises(Interrupted):
+        train_run(config(out), progress=False)
+    monkeypatch.undo()
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    FORGED[forged](state)
+    torch.save(state, out / "checkpoint.pt")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert_one_line_error(cli(train_main, ["--resume", out]), PROG.split(":")[0],
+                          f"the checkpoint in {str(out)!r} does not fit this run (",
+                          "was it replaced? restore it, or start a new run")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
 def corrupt_a_tensor(path: Path) -> None:
     """Flip one bit inside a stored tensor: torch.load reads the file without complaint."""
     import struct

@@ -6,15 +6,17 @@ makes itself), constrained (:func:`restore_params`) and not (:func:`load_store_v
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import zipfile
+from collections.abc import Iterator
 from typing import Any
 
 import pyro
 import torch
 
-from ..errors import UsageError
+from ..errors import UsageError, first_line
 from ..files import save_torch
 
 
@@ -91,3 +93,17 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     if not isinstance(state, dict) or "model" not in state:
         raise UsageError(f"{path!r} is not a ppl_vae checkpoint (no 'model' state)")
     return state
+
+
+@contextlib.contextmanager
+def restoring(path: str | os.PathLike) -> Iterator[None]:
+    """Continuing from the checkpoint in ``path``: a state it holds that the run cannot take
+    (a file forged or from elsewhere: a bad type, count or shape) is one :class:`UsageError`."""
+    try:
+        yield
+    except UsageError:
+        raise
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError, RuntimeError) as e:
+        raise UsageError(f"the checkpoint in {os.fspath(path)!r} does not fit this run "
+                         f"({type(e).__name__}: {first_line(e)}); was it replaced? restore it, "
+                         "or start a new run") from None

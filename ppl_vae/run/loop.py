@@ -112,6 +112,9 @@ class Loop:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from :meth:`state_dict` (restores this rank's RNG: call it last)."""
+        counts = [state.get(k) for k in ("epoch", "step", "world_size")]
+        if not all(type(n) is int for n in counts) or min(counts) < 0 or 0 in counts[::2]:
+            raise ValueError(f"its loop's epoch, step and processes are {counts}")
         if state["world_size"] != self.world.size:
             raise UsageError(f"the checkpoint was written by {state['world_size']} processes "
                              f"and this run has {self.world.size}; resume with --nproc_per_node "

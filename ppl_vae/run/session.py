@@ -31,7 +31,7 @@ from ..inference.importance import Scores, score
 from ..inference.program import ProgramInfo, inspect_objective
 from ..inference.svi import Step, collect_params, latent_scaled
 from ..models import RunContext, get_model, hook, make_options, model_name, options_class
-from .checkpoint import load_checkpoint, load_store_values, restore_params
+from .checkpoint import load_checkpoint, load_store_values, restore_params, restoring
 
 COLUMNS = ("epoch", "train_elbo", "test_elbo", "val_elbo", "train_seconds")
 """The run's own columns of ``metrics.csv`` (a model's ``on_epoch`` numbers join them)."""
@@ -408,8 +408,9 @@ class Session:
                     validate=(lambda: per_row(self.data.val)) if self.config.early_stop else None,
                     on_epoch=on_epoch, save=save, desc=desc)
         if saved:
-            step.optimizer.load_state_dict(saved["optimizer"])
-            loop.load_state_dict(saved["loop"])  # last: it restores this rank's RNG
+            with restoring(self.out):
+                step.optimizer.load_state_dict(saved["optimizer"])
+                loop.load_state_dict(saved["loop"])  # last: it restores this rank's RNG
         loop.run()
         return history
 

@@ -28,7 +28,13 @@ from ..files import write_csv, write_json
 from ..interrupt import Interrupted, signals
 from ..models import hook
 from ..models.figures import epoch_images
-from .checkpoint import load_checkpoint, load_store_values, save_checkpoint, store_values
+from .checkpoint import (
+    load_checkpoint,
+    load_store_values,
+    restoring,
+    save_checkpoint,
+    store_values,
+)
 from .log import Staged, open_logger, require
 from .loop import Loop
 from .rundir import RunDir
@@ -248,12 +254,15 @@ def _train(session: Session, rundir: RunDir, state: dict | None) -> Run:
         session.checkpoint = None
         step.reset_average()  # (from the weights SVI starts from)
     else:
-        run.history = list(svi["history"] or [])
-        if svi.get("raw"):  # the trained weights (the checkpoint's "model" is their average)
-            module.load_state_dict(svi["raw"]["model"])
-            load_store_values(svi["raw"]["store"])
-        step.optimizer.load_state_dict(svi["optimizer"])
-        step.load_state_dict(svi.get("update") or {})
+        with restoring(rundir.final):
+            run.history = list(svi["history"] or [])
+            if not all(isinstance(row, dict) for row in run.history):
+                raise TypeError("its history holds rows that are not dicts")
+            if svi.get("raw"):  # the trained weights (its "model" is their average)
+                module.load_state_dict(svi["raw"]["model"])
+                load_store_values(svi["raw"]["store"])
+            step.optimizer.load_state_dict(svi["optimizer"])
+            step.load_state_dict(svi.get("update") or {})
     if svi is None and world.parallel and world.rank:  # each rank its own latent noise
         torch.manual_seed((config.seed * 1_000_003 + world.rank) % 2**63)
 
@@ -279,7 +288,8 @@ def _train(session: Session, rundir: RunDir, state: dict | None) -> Run:
     loop = Loop(session, step, validate=validate if watch else None, on_epoch=on_epoch,
                 save=save, desc=config.model)
     if svi is not None:
-        loop.load_state_dict(svi["loop"])  # last: it restores this rank's RNG
+        with restoring(rundir.final):
+            loop.load_state_dict(svi["loop"])  # last: it restores this rank's RNG
         if world.main and run.history:
             write_csv(rundir.path / "metrics.csv", run.history)
     if world.main and config.log != "none":
