@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 
+import pyro
 import pytest
 import torch
 from helpers import encoder_scale_inverse
@@ -17,6 +18,7 @@ from torch.distributions import MultivariateNormal, Normal, kl_divergence
 
 from ppl_vae import VAE, Scores, log_weights, score
 from ppl_vae.inference import importance as importance_module
+from ppl_vae.inference.program import ProgramError
 
 D, Z, SIGMA = 6, 3, 0.5
 F64 = torch.float64
@@ -217,3 +219,34 @@ def test_score_with_the_callers_program_info_skips_inspection_and_draws_the_same
     assert torch.equal(given.elbo, plain.elbo) and torch.equal(given.iwae, plain.iwae)
     score(vae, x, num_samples=4, seed=3, info=info, guide=lambda x: vae.guide(x))
     assert len(calls) == 1  # another proposal is another program: inspected
+
+
+class BernoulliOnGreyLevels(torch.nn.Module):
+    """The README's TinyVAE: a Bernoulli without ``validate_args=False``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dec = torch.nn.Linear(2, 64)
+
+    def model(self, x):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", pyro.distributions.Normal(x.new_zeros(2), 1.0).to_event(1))
+            pyro.sample("x", pyro.distributions.Bernoulli(logits=self.dec(z)).to_event(1), obs=x)
+
+    def guide(self, x):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", pyro.distributions.Normal(x.new_zeros(2), 1.0).to_event(1))
+
+
+def test_score_runs_without_pyro_validation_as_runs_do(digits):
+    """With Pyro's validation on (its default in a fresh process), grey-level targets lie
+    outside a Bernoulli's support: score checks nothing unless asked, as runs score by
+    default; ``validate=True`` (a run's --validate) and None (the caller's setting) check."""
+    x = digits.test.x[:8]
+    assert ((x > 0) & (x < 1)).any()
+    vae = BernoulliOnGreyLevels()
+    with pyro.validation_enabled(True):
+        assert torch.isfinite(score(vae, x, num_samples=3).elbo).all()
+        for validate in (True, None):
+            with pytest.raises(ProgramError, match="within the support"):
+                score(vae, x, num_samples=3, validate=validate)

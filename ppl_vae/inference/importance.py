@@ -201,15 +201,18 @@ BAR_DELAY = 2.0
 @torch.no_grad()
 def score(module, *inputs: Tensor, num_samples: int = 10, iwae: bool = False,
           seed: int = 0, guide: Callable | None = None, progress: bool | None = None,
-          info: ProgramInfo | None = None) -> Scores:
+          info: ProgramInfo | None = None, validate: bool | None = False) -> Scores:
     """Per-row ELBO (the mean of K log weights) and, if ``iwae``, the IWAE_K bound for every
     row of ``inputs`` (the program's arguments, rows first); ``guide`` replaces the proposal;
     ``info``: the caller's :func:`~ppl_vae.inference.program.inspect_program` of the module's
     own program. Memory-bounded chunks (:func:`plan_score`), seeded (the caller's RNG is left
-    as it was); a long one prints its estimate and a bar (``progress``: None on a terminal)."""
+    as it was); a long one prints its estimate and a bar (``progress``: None on a terminal).
+    Pyro's validation is off (``validate``), as runs train and score by default (grey-level
+    targets lie outside a Bernoulli's support); None: as the caller has it."""
     model, guide = module.model, guide or module.guide
     n, device = inputs[0].shape[0], inputs[0].device
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
+            contextlib.nullcontext() if validate is None else pyro.validation_enabled(validate):
         plan = plan_score(module, *inputs, num_samples=num_samples, guide=guide,
                           info=info if guide == module.guide else None)
         torch.manual_seed(seed)  # after planning: the same draws with or without ``info``

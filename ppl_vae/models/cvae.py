@@ -307,8 +307,8 @@ def conditional_scores(module: CVAE, c: Tensor, y: Tensor, score: Callable,
 
     ``score`` is :func:`ppl_vae.inference.importance.score`.
     """
-    is_ = score(module, c, y, num_samples=samples, iwae=True).iwae.mean().item()
-    elbo = score(module, c, y, num_samples=elbo_particles).elbo.mean().item()
+    is_ = score(module, c, y, num_samples=samples, iwae=True, validate=None).iwae.mean().item()
+    elbo = score(module, c, y, num_samples=elbo_particles, validate=None).elbo.mean().item()
     nn_ = sum(module.baseline_loss(cb, yb).item()
               for cb, yb in zip(c.split(4096), y.split(4096), strict=True)) / len(c)
     return {"nn_baseline": nn_, "cvae_is": -is_, "cvae_neg_elbo": -elbo, "gap": nn_ + is_}

@@ -286,7 +286,8 @@ class Session:
             bool(info.global_sites) or n < world.size  # one process scores every row
         part = None if whole and not world.main else score(
             module, *self.args(split, None if whole else dist.shard(n, world), module=module),
-            num_samples=num_samples, iwae=iwae, seed=world.rank, info=info)
+            num_samples=num_samples, iwae=iwae, seed=world.rank, info=info,
+            validate=self.config.validate)
         if not world.parallel:
             return part
         if whole:  # rank 0's, on every rank
