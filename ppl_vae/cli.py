@@ -117,6 +117,16 @@ def main_wrapper(prog: str, run: Callable[[Sequence[str] | None], int]
         except KeyboardInterrupt:
             print(f"{prog}: interrupted", file=sys.stderr)
             return 130
+        except SystemExit as e:  # argparse's own (--help, usage) pass; the user's code's: one line
+            theirs = users_frames(traceback.extract_tb(e.__traceback__))
+            if not theirs:
+                raise
+            if first_to_report():
+                at = theirs[-1]
+                print(f"{prog}: error: the model's code exited (SystemExit({e.code!r}) in "
+                      f"{at.name} at {os.path.basename(at.filename)}:{at.lineno}); raise an "
+                      "exception there instead", file=sys.stderr)
+            return 2
         except Exception as e:
             if lost_a_peer(e):  # under torchrun: another process failed first
                 if first_to_report():  # none said why (it was killed): say so, once

@@ -468,3 +468,27 @@ def test_a_program_that_raises_while_scored_is_one_line(cli, tmp_path):
     assert result.code == 2 and "Traceback" not in result.err
     assert head == f"{PROG}: error: model() raised KeyError: 'scoring is broken'"
     assert len(frames) == 1 and "test_hostile.py" in frames[0]
+
+
+def test_a_model_that_calls_sys_exit_is_one_line(cli, tmp_path, monkeypatch):
+    """SystemExit from the user's module (at import, in __init__, in model) is said in one
+    line naming where, exit status 2; argparse's own exits (--help, a bad flag) stay."""
+    (tmp_path / "exits_at_import.py").write_text("import sys\nsys.exit(7)\n")
+    (tmp_path / "exits.py").write_text(
+        "import sys\n"
+        "from ppl_vae import VAE\n\n\n"
+        "class InInit(VAE):\n"
+        "    def __init__(self, input_dim):\n"
+        "        raise SystemExit(9)\n\n\n"
+        "class InModel(VAE):\n"
+        "    def model(self, x):\n"
+        "        sys.exit('bye')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for model, said in (("exits_at_import:X", "SystemExit(7) in <module> at exits_at_import.py:2"),
+                        ("exits:InInit", "SystemExit(9) in __init__ at exits.py:7"),
+                        ("exits:InModel", "SystemExit('bye') in model at exits.py:12")):
+        result = cli(train_main, ["--dataset", "digits", "--model", model, "--epochs", "1",
+                                  "--out", tmp_path / model.replace(":", "-")])
+        assert_one_line_error(result, PROG, f"the model's code exited ({said})")
+    assert cli(train_main, ["--help"]).code == 0
+    assert cli(train_main, ["--bogus"]).code == 2
