@@ -234,6 +234,11 @@ def test_compare_any_estimators(tmp_path, cli):
         ("mc", 1), ("stl", 1), ("tracegraph", 1), ("iwae-dreg", 3), ("rws", 3), ("iwae", 3)}
     bad = cli(compare_main, [*NET, "--estimators", "exact", "--out", tmp_path / "bad"])
     assert bad.code == 2 and "invalid choice: 'exact'" in bad.err
+    for twice, said in ((["--estimators", "mc", "mc"], "['mc', 'mc']"),
+                        (["--particles", "2", "2"], "[2, 2]")):
+        bad = cli(compare_main, [*NET, *twice, "--out", tmp_path / "bad"])
+        assert_one_line_error(bad, "python -m ppl_vae compare",
+                              f"{twice[0]} lists each value once, got {said}")
 
 
 def test_suited_estimators_follow_the_program(digits):

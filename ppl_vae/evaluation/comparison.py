@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from tqdm import tqdm  # text bars everywhere (tqdm.auto wants ipywidgets in Jupyter)
 
 from .. import resources
-from ..config import MOST_SAMPLES, TrainConfig, check_fields, option
+from ..config import MOST_SAMPLES, TrainConfig, check_fields, flag, option
 from ..errors import UsageError
 from ..files import markdown_table, write_csv, write_json, write_text
 from ..inference.estimators import ELBOS, suited, unsuited
@@ -87,6 +87,10 @@ class CompareConfig:
         check_fields(self, skip=("train",))
         if not self.particles or not self.iwae_samples:
             raise UsageError("--particles and --iwae-samples take one or more counts")
+        for name in ("particles", "iwae_samples", "snr_k", "estimators"):
+            values = list(getattr(self, name))
+            if len(set(values)) < len(values):
+                raise UsageError(f"{flag(name)} lists each value once, got {values}")
         if self.snr_k and len(set(self.snr_k)) < 2:
             raise UsageError(f"--snr-k takes two or more different counts, got "
                              f"{list(self.snr_k)}")
