@@ -486,3 +486,15 @@ def test_an_average_longer_than_half_the_run_is_said(ema, digits, said):
                       f"run's {steps}: the average still holds much of the initial weights "
                       f"(0.999**{steps} = {0.999 ** steps:.0%} at the end); a smaller D "
                       "follows the training"] if said else [])
+
+
+@pytest.mark.parametrize("warmup, said", [(100, True), (30, False)])
+def test_a_warm_up_longer_than_the_run_is_said(warmup, digits, said):
+    """More warm-up steps than the run takes: the learning rate never reaches --lr, said with
+    where it ends (3 epochs of 23 steps: 69 of 100, 69%); a shorter warm-up says nothing."""
+    lines = []
+    Session(TrainConfig(model_options=SMALL, warmup_steps=warmup, epochs=3, batch_size=64),
+            digits, progress=False).step(log=lines.append)
+    notes = [line for line in lines if line.startswith("--warmup-steps")]
+    assert notes == (["--warmup-steps 100 is more than this run's 69 steps: the learning rate "
+                      "ends at 69% of --lr 0.001, never reaching it"] if said else [])

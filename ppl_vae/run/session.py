@@ -356,6 +356,10 @@ class Session:
                 f"more than half of this run's {steps:,}: the average still holds much of the "
                 f"initial weights ({config.ema:g}**{steps:,} = {config.ema ** steps:.0%} at the "
                 "end); a smaller D follows the training")
+        if config.warmup_steps > steps and log is not None:
+            log(f"--warmup-steps {config.warmup_steps:,} is more than this run's {steps:,} steps: "
+                f"the learning rate ends at {steps / config.warmup_steps:.0%} of --lr "
+                f"{config.lr:g}, never reaching it")
         if config.precision == "bf16":
             step.loss, step._backward = (bf16(f, module, self.device)
                                          for f in (step.loss, step._backward))
