@@ -20,7 +20,15 @@ from typing import Any
 
 from .config import RECIPE, TrainConfig, field_default, flag
 from .distributed import first_to_report, launched, lost_a_peer
-from .errors import UsageError, command_line, explain, first_line, from_our_code, users_frames
+from .errors import (
+    PACKAGE,
+    UsageError,
+    command_line,
+    explain,
+    first_line,
+    from_our_code,
+    users_frames,
+)
 from .interrupt import Interrupted
 from .models import MODELS, get_model, options_class, parse_model_opts
 
@@ -95,9 +103,13 @@ def main_wrapper(prog: str, run: Callable[[Sequence[str] | None], int]
                 status = guarded(argv)
         finally:
             if status in (0, None):  # success or a traceback: what was held back, after it
+                ours = {str(w.message) for w in held if w.filename.startswith(PACKAGE)}
+                for note in sorted(ours):  # (the package's own: a line, not a source line)
+                    print(f"{prog}: note: {note}", file=sys.stderr)
                 for w in held:
-                    warnings.showwarning(w.message, w.category, w.filename, w.lineno, w.file,
-                                         w.line)
+                    if not w.filename.startswith(PACKAGE):
+                        warnings.showwarning(w.message, w.category, w.filename, w.lineno,
+                                             w.file, w.line)
         return status
 
     def guarded(argv: Sequence[str] | None) -> int:

@@ -417,9 +417,26 @@ def test_warnings_of_a_good_run_are_shown_after_it(capsys, tmp_path):
     assert code == 0, err
 
 
-def test_warnings_of_a_run_that_crashes_are_still_shown():
+def test_the_package_s_own_warnings_are_a_note_line_after_a_good_run(capsys, tmp_path):
+    """A warning the package itself raises while training (analytic falling back to Monte
+    Carlo for a discrete guide site) is one ``note:`` line after the run, not a Python
+    warning with a source line of the package."""
+    code, _, err = run(capsys, train_main, ["--dataset", "digits", "--epochs", "1", "--model",
+                                            "plugin_models:EnumMixtureVAE", "--elbo",
+                                            "analytic", "--out", tmp_path / "r"])
+    assert code == 0, err
+    notes = [line for line in err.splitlines() if "not reparameterized" in line]
+    assert notes == ["python -m ppl_vae train: note: --elbo analytic: the guide's site(s) y are "
+                     "not reparameterized, so this objective uses Trace_ELBO's Monte Carlo "
+                     "estimate with score-function gradients (TraceMeanField_ELBO would drop "
+                     "them)"]
+    assert "UserWarning" not in err
+
+
+def test_warnings_of_a_run_that_crashes_are_still_shown(capsys):
     """A bug of the package (not the user's code, which would be one line) is a traceback,
-    and the warnings held back during the run are shown with it."""
+    and the warnings held back during the run are shown with it (the package's own as a
+    ``note:`` line)."""
     from ppl_vae.cli import main_wrapper
     from ppl_vae.errors import PACKAGE
 
@@ -428,8 +445,9 @@ def test_warnings_of_a_run_that_crashes_are_still_shown():
         raise RuntimeError("a bug")
 
     crashes.__code__ = crashes.__code__.replace(co_filename=PACKAGE + "run/somewhere.py")
-    with pytest.warns(UserWarning, match="a clue"), pytest.raises(RuntimeError, match="a bug"):
+    with pytest.raises(RuntimeError, match="a bug"):
         main_wrapper("prog", crashes)([])
+    assert capsys.readouterr().err == "prog: note: a clue\n"
 
 
 def test_a_loss_that_explodes_finitely_is_a_divergence(capsys, tmp_path):
