@@ -30,7 +30,7 @@ from .errors import (
     users_frames,
 )
 from .interrupt import Interrupted
-from .models import MODELS, get_model, options_class, parse_model_opts
+from .models import MODELS, get_model, make_options, options_class, parse_model_opts
 
 PROG = "python -m ppl_vae"
 
@@ -281,6 +281,11 @@ def _parse(argv: Sequence[str] | None, compare: bool = False, model: str | None 
     args = vars(parser.parse_args(argv))
     options = {name: args.pop(name) for name in parser.model_flags if name in args}
     options.update(parse_model_opts(args.pop("model_opt", None)))
+    if from_file := {k: v for k, v in record.get("model_options", {}).items() if k not in options}:
+        try:  # (a bad value of the file named by its key, not as a flag)
+            make_options(get_model(model), from_file, keys="model_options.")
+        except UsageError as e:
+            raise UsageError(f"--config {file!r}: {e}") from None
     args.pop("resume", None)
     args.pop("config", None)
     # the file's options, those given here over them

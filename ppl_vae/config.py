@@ -115,6 +115,8 @@ def _rule(v: Any, least: float | None = None, above: float | None = None,
             return f"a whole number {'>= 0' if least == 0 else f'of at least {least}'}"
         return "a positive number" if above == 0 else \
             f"a number >= {least}" if least is not None else f"a number > {above}"
+    if above == 0 and below is None and not isinstance(v, int):  # (most given)
+        return f"a positive number up to {most:g}"
     kind = "a whole number" if isinstance(v, int) else "a number"
     left = f"[{least}" if least is not None else f"({above}"
     return f"{kind} in {left}, {below})" if most is None else f"{kind} in {left}, {most}]"

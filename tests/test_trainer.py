@@ -378,7 +378,7 @@ def test_nothing_to_train_and_an_overflowing_learning_rate_are_one_line(cli, tmp
     with pytest.raises(UsageError, match="^NoParameters has nothing to train: no nn.Parameter"):
         Session(TrainConfig(model=NoParameters), digits, progress=False).step()
     result = cli(train_main, ["--dataset", "digits", "--lr", "1e39", "--out", tmp_path / "r"])
-    assert_one_line_error(result, PROG, "--lr must be a number in (0, 1e+38], got 1e+39")
+    assert_one_line_error(result, PROG, "--lr must be a positive number up to 1e+38, got 1e+39")
 
 
 def test_a_missing_logging_package_is_one_line(cli, tmp_path, monkeypatch):
@@ -456,7 +456,9 @@ def test_config_files_cannot_replace_a_run_or_slip_past_the_checks(cli, tmp_path
     assert result.code == 2 and (first / "mine.txt").read_text() == "keep"
     for text, said in [('{"dataset": null}', "key 'dataset' takes a string, got None"),
                        ('{"epochs": "1"}', "key 'epochs' takes a whole number, got '1'"),
-                       ('{"ema": null}', "key 'ema' takes a number, got None")]:
+                       ('{"ema": null}', "key 'ema' takes a number, got None"),
+                       ('{"model_options": {"z_dim": "x"}}',
+                        "key 'model_options.z_dim' takes a whole number, got 'x'")]:
         (tmp_path / "c.json").write_text(text)
         assert_one_line_error(cli(train_main, ["--config", tmp_path / "c.json"]), PROG, said)
     (tmp_path / "k.yaml").write_text("1: 2\nfoo: 3\n")

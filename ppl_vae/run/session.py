@@ -306,7 +306,9 @@ class Session:
         and beta1 (beta2 0.999); none is refused in one line."""
         if not params:
             raise UsageError(f"{type(owner or self.module).__name__} has nothing to train: no "
-                             "nn.Parameter and no pyro.param site; give its model or guide one")
+                             + ("nn.Parameter and no pyro.param site; give its model or guide "
+                                "one" if owner in (None, self.module) else
+                                "nn.Parameter for ctx.fit to train"))
         return torch.optim.Adam(params, lr=self.config.lr, betas=(self.config.beta1, 0.999))
 
     def svi_step(self, elbo: str, particles: int = 1, module: nn.Module | None = None,
