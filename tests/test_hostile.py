@@ -492,3 +492,18 @@ def test_a_model_that_calls_sys_exit_is_one_line(cli, tmp_path, monkeypatch):
         assert_one_line_error(result, PROG, f"the model's code exited ({said})")
     assert cli(train_main, ["--help"]).code == 0
     assert cli(train_main, ["--bogus"]).code == 2
+
+
+class StateDictBomb(VAE):
+    """A state_dict with an object a weights_only checkpoint cannot load."""
+
+    def state_dict(self, *args, **kwargs):
+        return {**super().state_dict(*args, **kwargs), "evil": object()}
+
+
+def test_a_state_dict_a_checkpoint_cannot_hold_is_refused_before_training(digits, tmp_path):
+    with pytest.raises(UsageError, match=r"^StateDictBomb.state_dict\(\) holds a value of type "
+                                         r"'object' at 'evil', which a checkpoint"):
+        train_run(TrainConfig(model=StateDictBomb, epochs=1, out=str(tmp_path / "r")), digits,
+                  progress=False)
+    assert not (tmp_path / "r").exists()

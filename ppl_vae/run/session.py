@@ -52,6 +52,19 @@ def _retired(obj: Any) -> None:
                              f"{new}; rename it (docs: howto/own-model.md, the contract)")
 
 
+def _savable(module: nn.Module) -> None:
+    """Refuse a ``state_dict`` that a checkpoint read with ``weights_only=True`` cannot hold
+    (an object other than tensors, numbers, strings and their containers)."""
+    plain = Tensor | int | float | str | torch.dtype | None
+    for key, value in module.state_dict().items():
+        for leaf in torch.utils._pytree.tree_leaves(value):
+            if not isinstance(leaf, plain):
+                raise UsageError(f"{type(module).__name__}.state_dict() holds a value of type "
+                                 f"{type(leaf).__name__!r} at {key!r}, which a checkpoint (read "
+                                 "with weights_only=True) cannot hold; keep tensors and numbers "
+                                 "there")
+
+
 def resolve(config: TrainConfig, model: type | None = None) -> tuple[TrainConfig, type]:
     """The config a run takes, and its model class (``model``, or the class ``config.model``
     names): the family's recipe where the user gave nothing, its options made and checked,
@@ -183,6 +196,7 @@ class Session:
         with self.validation(), resources.allocation_guard("building the model"):
             self.module = self._build().to(self.device)
             _retired(self.module)
+            _savable(self.module)
             self.terms = hook(self.module, "programs")()
             self.info = self.probe(self.module)
         if state is not None:
