@@ -200,7 +200,8 @@ class TrainConfig:
         0, "also write the checkpoint every K steps within epochs (0: at epoch ends only)",
         group="inference", least=0)
     check_every_steps: int = option(50, "read the device-side divergence flag every K steps "
-                                    "(and at every checkpoint)", group="inference", least=0)
+                                    "(and at every checkpoint and epoch end; 0: only there)",
+                                    group="inference", least=0)
     # the trainer
     lr_schedule: str = option(
         "constant", "the learning rate over the run: constant; cosine or linear decay to "
