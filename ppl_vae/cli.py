@@ -21,7 +21,7 @@ from typing import Any
 from .config import RECIPE, TrainConfig, field_default, flag
 from .distributed import first_to_report, launched, lost_a_peer
 from .errors import (
-    PACKAGE,
+    Note,
     UsageError,
     command_line,
     explain,
@@ -30,7 +30,7 @@ from .errors import (
     users_frames,
 )
 from .interrupt import Interrupted
-from .models import MODELS, get_model, make_options, options_class, parse_model_opts
+from .models import MODELS, get_model, options_class, parse_model_opts
 
 PROG = "python -m ppl_vae"
 
@@ -103,11 +103,11 @@ def main_wrapper(prog: str, run: Callable[[Sequence[str] | None], int]
                 status = guarded(argv)
         finally:
             if status in (0, None):  # success or a traceback: what was held back, after it
-                ours = {str(w.message) for w in held if w.filename.startswith(PACKAGE)}
-                for note in sorted(ours):  # (the package's own: a line, not a source line)
+                notes = {str(w.message) for w in held if issubclass(w.category, Note)}
+                for note in sorted(notes):  # (the package's own: a line, not a source line)
                     print(f"{prog}: note: {note}", file=sys.stderr)
                 for w in held:
-                    if not w.filename.startswith(PACKAGE):
+                    if not issubclass(w.category, Note):
                         warnings.showwarning(w.message, w.category, w.filename, w.lineno,
                                              w.file, w.line)
         return status
@@ -281,11 +281,6 @@ def _parse(argv: Sequence[str] | None, compare: bool = False, model: str | None 
     args = vars(parser.parse_args(argv))
     options = {name: args.pop(name) for name in parser.model_flags if name in args}
     options.update(parse_model_opts(args.pop("model_opt", None)))
-    if from_file := {k: v for k, v in record.get("model_options", {}).items() if k not in options}:
-        try:  # (a bad value of the file named by its key, not as a flag)
-            make_options(get_model(model), from_file, keys="model_options.")
-        except UsageError as e:
-            raise UsageError(f"--config {file!r}: {e}") from None
     args.pop("resume", None)
     args.pop("config", None)
     # the file's options, those given here over them

@@ -45,6 +45,11 @@ def _python_name(match: re.Match) -> str:
     return f"{name}=True" if flag in FLAGS else name
 
 
+class Note(UserWarning):
+    """What the package says of a run through :mod:`warnings`: a command prints it as one
+    ``note:`` line after the run."""
+
+
 class UsageError(ValueError):
     """Bad input from the user (an option, a file, a missing dataset): a one-line message."""
 

@@ -277,8 +277,9 @@ def test_suited_estimators_follow_the_program(digits):
 
 def test_a_latent_only_the_model_samples_refuses_analytic_and_tracegraph(digits):
     """A latent site the guide does not sample (drawn from its prior in the model, or summed
-    out there) has no guide site for TraceMeanField_ELBO's or TraceGraph_ELBO's pairing:
-    refused in one line (Pyro itself raises a KeyError), the other estimators train."""
+    out there) has no guide site for TraceMeanField_ELBO's pairing, nor, without rsample,
+    for TraceGraph_ELBO's score-function term: refused in one line (Pyro raises a KeyError);
+    a reparameterized one trains with tracegraph, and the other estimators train."""
     from plugin_models import EnumMixtureVAE
 
     from ppl_vae.inference.estimators import unsuited
@@ -291,17 +292,34 @@ def test_a_latent_only_the_model_samples_refuses_analytic_and_tracegraph(digits)
                 loc, log_scale = self.encode(self._cat(x, x.new_zeros(self.k))).chunk(2, -1)
                 pyro.sample("z", pyro.distributions.Normal(loc, log_scale.exp()).to_event(1))
 
-    vae = PriorMixture(64)
-    info = inspect_program(vae.model, vae.guide, digits.test.x[:4])
-    assert info.model_only == {"y"} and not info.enumerated
-    for name in ("analytic", "tracegraph"):
-        assert unsuited(name, info) == (f"the model samples y, which the guide does not, and "
-                                        f"{name} pairs every latent site of the model with the "
-                                        "guide's")
+    class PriorOffset(VAE):  # a Normal offset drawn in the model only
+        def model(self, x):
+            pyro.sample("offset", pyro.distributions.Normal(0.0, 1.0))
+            super().model(x)
+
+    x = digits.test.x[:4]
+    info = inspect_program(PriorMixture(64).model, PriorMixture(64).guide, x)
+    assert info.model_only == info.model_only_score == {"y"} and not info.enumerated
+    assert unsuited("analytic", info) == ("the model samples y, which the guide does not, and "
+                                          "analytic pairs every latent site of the model with "
+                                          "the guide's")
+    assert unsuited("tracegraph", info) == ("the model samples y (not reparameterized), which "
+                                            "the guide does not, and tracegraph needs the "
+                                            "guide's site for a score-function term")
     assert all(unsuited(e, info) is None for e in ("mc", "stl", "iwae", "iwae-dreg", "rws"))
     with pytest.raises(UsageError, match=r"elbo analytic: the model samples y, .*; use elbo "
                                          r"mc, stl, iwae, iwae-dreg or rws$"):
         Session(TrainConfig(model=PriorMixture, elbo="analytic"), digits, progress=False).step()
+    vae = PriorOffset(64, z_dim=2, hidden=(16,))
+    info = inspect_program(vae.model, vae.guide, x)
+    assert info.model_only == {"offset"} and not info.model_only_score
+    assert unsuited("analytic", info) is not None and unsuited("tracegraph", info) is None
+    session = Session(TrainConfig(model=PriorOffset, elbo="tracegraph",
+                                  model_options={"z_dim": 2, "hidden": (16,)}), digits,
+                      progress=False)
+    step = session.step()
+    step(0, session.args(session.data.train, slice(0, 8)), torch.zeros(()), torch.zeros(()))
+    assert all(torch.isfinite(p).all() for p in session.module.parameters())
 
 
 def test_compare_m2_sums_out_y_with_less_gradient_noise(tmp_path, cli):

@@ -438,16 +438,17 @@ def test_warnings_of_a_run_that_crashes_are_still_shown(capsys):
     and the warnings held back during the run are shown with it (the package's own as a
     ``note:`` line)."""
     from ppl_vae.cli import main_wrapper
-    from ppl_vae.errors import PACKAGE
+    from ppl_vae.errors import PACKAGE, Note
 
     def crashes(argv):
         warnings.warn("a clue", UserWarning, stacklevel=1)
+        warnings.warn("a note", Note, stacklevel=1)
         raise RuntimeError("a bug")
 
     crashes.__code__ = crashes.__code__.replace(co_filename=PACKAGE + "run/somewhere.py")
-    with pytest.raises(RuntimeError, match="a bug"):
+    with pytest.warns(UserWarning, match="a clue"), pytest.raises(RuntimeError, match="a bug"):
         main_wrapper("prog", crashes)([])
-    assert capsys.readouterr().err == "prog: note: a clue\n"
+    assert capsys.readouterr().err == "prog: note: a note\n"
 
 
 def test_a_loss_that_explodes_finitely_is_a_divergence(capsys, tmp_path):

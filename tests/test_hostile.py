@@ -501,9 +501,26 @@ class StateDictBomb(VAE):
         return {**super().state_dict(*args, **kwargs), "evil": object()}
 
 
+class ExtraState(VAE):
+    """Extra state a weights_only checkpoint loads: numbers, names, devices, dtypes, sizes."""
+
+    def get_extra_state(self):
+        return {"device": torch.device("cpu"), "dtype": torch.float64, "size": torch.Size([2]),
+                "flags": [True, None, 1.5, b"x", 2j], "name": "a"}
+
+    def set_extra_state(self, state):
+        self.extra = state
+
+
 def test_a_state_dict_a_checkpoint_cannot_hold_is_refused_before_training(digits, tmp_path):
-    with pytest.raises(UsageError, match=r"^StateDictBomb.state_dict\(\) holds a value of type "
-                                         r"'object' at 'evil', which a checkpoint"):
+    with pytest.raises(UsageError, match=r"^StateDictBomb.state_dict\(\) holds at 'evil' what "
+                                         r"a checkpoint \(read with weights_only=True\) cannot "
+                                         r"hold \(UnpicklingError\)"):
         train_run(TrainConfig(model=StateDictBomb, epochs=1, out=str(tmp_path / "r")), digits,
                   progress=False)
     assert not (tmp_path / "r").exists()
+    options = {"z_dim": 2, "hidden": (16,)}
+    run = train_run(TrainConfig(model=ExtraState, model_options=options, epochs=1,
+                                out=str(tmp_path / "ok")), digits, progress=False)
+    _, module, _ = load_run(run.out, model=ExtraState)
+    assert module.extra["dtype"] is torch.float64 and module.extra["flags"][3] == b"x"

@@ -264,11 +264,12 @@ def test_the_same_directory_twice_in_one_process_is_refused(tmp_path):
     assert not lock.held and not (tmp_path / "run" / ".lock").exists()
 
 
-def test_open_removes_what_a_killed_run_left(tmp_path):
+@pytest.mark.parametrize("left", [".staging-abcd1234/summary.json",  # killed before commit
+                                  ".trash-0000abcd/old.csv"])  # killed as commit cleaned up
+def test_open_removes_what_a_killed_run_left(tmp_path, left):
     out = tmp_path / "run"
     write_text(out / "metrics.csv", "epoch")
-    for junk in (".metrics.csv.a1b2c3d4.tmp", "q1/.checkpoint.pt.zz_zz_zz.tmp",
-                 ".staging-abcd1234/summary.json", ".trash-0000abcd/old.csv"):
+    for junk in (".metrics.csv.a1b2c3d4.tmp", "q1/.checkpoint.pt.zz_zz_zz.tmp", left):
         (out / junk).parent.mkdir(parents=True, exist_ok=True)
         (out / junk).write_text("junk")
     (out / ".lock").write_text("12345\n")  # its holder died
@@ -364,3 +365,23 @@ def test_overwrite_never_empties_the_working_directory(tmp_path, monkeypatch):
                                          "which overwrite=True would empty"):
         RunDir.open(".", "vae", overwrite=True)
     assert (tmp_path / "cll_table.csv").exists() and not (tmp_path / ".lock").exists()
+
+
+def test_a_replacement_killed_midway_is_refused_not_deleted(tmp_path):
+    """Killed inside commit(), after some old files went to .trash-* and before the staged
+    ones all moved out: both hold what the user may want; refused, nothing removed. Killed
+    before the first move (an empty .trash-*) or after the last (no .staging-*): cleaned."""
+    out = tmp_path / "run"
+    for name in (".trash-abcd1234/summary.json", ".staging-efgh5678/checkpoint.pt",
+                 "metrics.csv"):
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text("x")
+    before = snapshot(out)
+    for flags in ({"resume": True}, {"overwrite": True}):
+        with pytest.raises(UsageError, match=r"was being replaced when its run was killed "
+                                             r"\(\.staging-efgh5678, \.trash-abcd1234 hold"):
+            RunDir.open(str(out), "vae", **flags)
+        assert snapshot(out) == before
+    (out / ".trash-abcd1234" / "summary.json").unlink()
+    with RunDir.open(str(out), "vae", resume=True):
+        assert sorted(p.name for p in out.iterdir()) == [".lock", "metrics.csv"]

@@ -338,7 +338,7 @@ def test_a_logged_run_overwriting_another_logs_into_the_directory(tmp_path, monk
 
     take = Loop._take_step
 
-    def failing(loop, i, args):  # (before the first checkpoint, at step 7)
+    def failing(loop, i, args):  # (at step 4, before the first checkpoint at step 7)
         if i == 3:
             raise KeyError("failed")
         return take(loop, i, args)
@@ -456,9 +456,7 @@ def test_config_files_cannot_replace_a_run_or_slip_past_the_checks(cli, tmp_path
     assert result.code == 2 and (first / "mine.txt").read_text() == "keep"
     for text, said in [('{"dataset": null}', "key 'dataset' takes a string, got None"),
                        ('{"epochs": "1"}', "key 'epochs' takes a whole number, got '1'"),
-                       ('{"ema": null}', "key 'ema' takes a number, got None"),
-                       ('{"model_options": {"z_dim": "x"}}',
-                        "key 'model_options.z_dim' takes a whole number, got 'x'")]:
+                       ('{"ema": null}', "key 'ema' takes a number, got None")]:
         (tmp_path / "c.json").write_text(text)
         assert_one_line_error(cli(train_main, ["--config", tmp_path / "c.json"]), PROG, said)
     (tmp_path / "k.yaml").write_text("1: 2\nfoo: 3\n")

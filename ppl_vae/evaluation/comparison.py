@@ -91,7 +91,7 @@ class CompareConfig:
             values = list(getattr(self, name))
             if len(set(values)) < len(values):
                 raise UsageError(f"{flag(name)} lists each value once, got {values}")
-        if self.snr_k and len(set(self.snr_k)) < 2:
+        if len(self.snr_k) == 1:
             raise UsageError(f"--snr-k takes two or more different counts, got "
                              f"{list(self.snr_k)}")
         if self.target is not None and not math.isfinite(self.target):

@@ -48,7 +48,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..distributed import sum_grads
-from ..errors import first_line, users_frames
+from ..errors import Note, first_line, users_frames
 from .svi import LossFn, Step
 
 TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4}
@@ -719,7 +719,7 @@ def _relative_error(new: Tensor, expected: Tensor, scale: Tensor) -> float:
     return float(diff) / max(float(torch.where(scale.isfinite(), scale, 0.0).norm()), floor)
 
 
-class CompileNote(UserWarning):
+class CompileNote(Note):
     """What :class:`CompiledStep` says (a refusal, a recompile) when given no ``log``."""
 
 

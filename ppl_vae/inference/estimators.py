@@ -59,7 +59,7 @@ from pyro.ops.rings import MarginalRing
 from torch import Tensor
 from torch.distributions import kl_divergence
 
-from ..errors import UsageError
+from ..errors import Note, UsageError
 from .dreg import IWAE_DReG
 from .program import ProgramInfo
 from .rws import ReweightedWakeSleep
@@ -86,7 +86,7 @@ class TraceMeanField_ELBO(pyro.infer.TraceMeanField_ELBO):
                 warnings.warn(f"--elbo analytic: the guide's site(s) {', '.join(discrete)} are "
                               "not reparameterized, so this objective uses Trace_ELBO's Monte "
                               "Carlo estimate with score-function gradients (TraceMeanField_ELBO "
-                              "would drop them)", UserWarning, stacklevel=2)
+                              "would drop them)", Note, stacklevel=2)
                 return Trace_ELBO(num_particles=self.num_particles,
                                   max_plate_nesting=self.max_plate_nesting,
                                   vectorize_particles=self.vectorize_particles
@@ -190,9 +190,13 @@ def unsuited(name: str, info: ProgramInfo, programs: int = 1) -> str | None:
     if name in ("iwae-dreg", "rws") and not info.vectorized:
         return (f"{name} weighs vectorized particles, and this model cannot take a samples "
                 f"dimension ({info.not_vectorized_because})")
-    if name in ("analytic", "tracegraph") and info.model_only:
+    if name == "analytic" and info.model_only:
         return (f"the model samples {', '.join(sorted(info.model_only))}, which the guide does "
-                f"not, and {name} pairs every latent site of the model with the guide's")
+                "not, and analytic pairs every latent site of the model with the guide's")
+    if name == "tracegraph" and info.model_only_score:
+        return (f"the model samples {', '.join(sorted(info.model_only_score))} (not "
+                "reparameterized), which the guide does not, and tracegraph needs the guide's "
+                "site for a score-function term")
     if name == "iwae" and programs > 1:
         return (f"iwae (RenyiELBO) trains one model/guide pair, and this objective sums "
                 f"{programs}")

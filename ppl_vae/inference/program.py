@@ -39,6 +39,8 @@ class ProgramInfo:
     model_only: frozenset[str] = frozenset()
     """latent sites the model samples and the guide does not (drawn from their prior, or
     summed out where marked for enumeration)"""
+    model_only_score: frozenset[str] = frozenset()
+    """those of ``model_only`` without ``rsample``"""
 
     def describe(self, num_samples: int, passes: int = 1) -> str:
         """One line: how ``num_samples`` samples per data point are drawn and scored (in
@@ -136,12 +138,13 @@ def inspect_program(model: Callable, guide: Callable, *args: Tensor) -> ProgramI
     enumerated = {s["name"] for s in sites if s["infer"].get("enumerate")}
     closed = {s["name"] for s in guided if s["name"] in model_trace.nodes
               and _has_closed_kl(s["fn"], model_trace.nodes[s["name"]]["fn"])}
-    in_model = {s["name"] for s in _sample_sites(model_trace) if not s["is_observed"]
-                and s["name"] not in guide_trace.nodes}
+    in_model = [s for s in _sample_sites(model_trace) if not s["is_observed"]
+                and s["name"] not in guide_trace.nodes]
     return ProgramInfo(nesting, data_plate, frozenset(latent - local), vectorized, why,
                        frozenset(id(t) for t in unconstrained), unconstrained,
                        frozenset(auxiliary), frozenset(score), frozenset(enumerated),
-                       frozenset(closed), frozenset(in_model))
+                       frozenset(closed), frozenset(s["name"] for s in in_model),
+                       frozenset(s["name"] for s in in_model if not s["fn"].has_rsample))
 
 
 def inspect_objective(terms: Sequence[tuple[float, Callable, Callable]], *args: Tensor
@@ -154,7 +157,8 @@ def inspect_objective(terms: Sequence[tuple[float, Callable, Callable]], *args: 
                    vectorized=all(i.vectorized for i in infos),
                    params=tuple({id(p): p for i in infos for p in i.params}.values()),
                    **{f: frozenset().union(*(getattr(i, f) for i in infos)) for f in (
-                       "registered", "score_sites", "enumerated", "closed_kl", "model_only")})
+                       "registered", "score_sites", "enumerated", "closed_kl", "model_only",
+                       "model_only_score")})
 
 
 def _has_closed_kl(q, p) -> bool:

@@ -37,9 +37,10 @@ class RunContext:
     """What a hook sees of a run: its settings, the model's options, data and directory.
     ``fit(loss, part, name, desc, inputs)`` trains ``part`` on ``loss(*data_args)`` (or on
     ``loss(*inputs(x, y))``: M1 of M1+M2 on the pixels) with the run's settings and returns
-    one row per epoch; ``score`` is :func:`ppl_vae.inference.importance.score`; ``log(text)``
-    adds a line to the run's report; ``summary`` holds the run's test evaluation when
-    ``report`` is called; ``figures``: whether ``report`` draws (not under ``evaluate``)."""
+    one row per epoch; ``score`` is :func:`ppl_vae.inference.importance.score` (with Pyro's
+    validation as the run has it); ``log(text)`` adds a line to the run's report; ``summary``
+    holds the run's test evaluation when ``report`` is called; ``figures``: whether
+    ``report`` draws (not under ``evaluate``)."""
 
     config: Any
     options: Any

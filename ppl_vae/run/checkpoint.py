@@ -101,7 +101,7 @@ def restoring(path: str | os.PathLike) -> Iterator[None]:
     (a file forged or from elsewhere: a bad type, count or shape) is one :class:`UsageError`."""
     try:
         yield
-    except UsageError:
+    except (UsageError, torch.OutOfMemoryError):  # (memory: the device's, not the file's)
         raise
     except (KeyError, IndexError, TypeError, ValueError, AttributeError, RuntimeError) as e:
         raise UsageError(f"the checkpoint in {os.fspath(path)!r} does not fit this run "

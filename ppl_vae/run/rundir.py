@@ -129,9 +129,18 @@ class RunDir:
         """Refuse a directory holding files (other than what a killed run of ours left) unless
         ``resume`` or ``overwrite``, touching nothing; then remove those leftovers."""
         try:
-            held = [p for p in self.final.iterdir() if p.name != LOCK and not _leftover(p)]
+            entries = list(self.final.iterdir())
+            held = [p for p in entries if p.name != LOCK and not _leftover(p)]
+            ours = [p for p in entries if _leftover(p) and p.is_dir()]
+            staged = [p for p in ours if p.name.startswith(".staging-")]
+            trashed = [p for p in ours if p.name.startswith(".trash-") and any(p.iterdir())]
         except OSError as e:
             raise _cannot("read", self.final, e, self.setting) from e
+        if staged and trashed:  # a commit killed midway: old files in .trash-*, new in both
+            raise UsageError(f"{self.setting} {str(self.final)!r} was being replaced when its "
+                             f"run was killed ({', '.join(sorted(p.name for p in ours))} hold "
+                             "the old run and the rest of the new one); move out what to keep, "
+                             "delete them, and run again")
         self._fresh = not held
         if held and not resume:
             if not overwrite:
@@ -144,9 +153,8 @@ class RunDir:
                                  "directory")
         try:
             clean_stale_tmp(self.final)
-            for p in self.final.iterdir():
-                if _OURS.fullmatch(p.name) and p.is_dir() and not p.is_symlink():
-                    shutil.rmtree(p)
+            for p in ours:
+                shutil.rmtree(p)
             if held and not resume:
                 self._staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=self.final))
         except OSError as e:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import io
 import json
 import math
 import os
@@ -54,15 +55,18 @@ def _retired(obj: Any) -> None:
 
 def _savable(module: nn.Module) -> None:
     """Refuse a ``state_dict`` that a checkpoint read with ``weights_only=True`` cannot hold
-    (an object other than tensors, numbers, strings and their containers)."""
-    plain = Tensor | int | float | str | torch.dtype | None
+    (its entries saved and read back, tensors emptied)."""
     for key, value in module.state_dict().items():
-        for leaf in torch.utils._pytree.tree_leaves(value):
-            if not isinstance(leaf, plain):
-                raise UsageError(f"{type(module).__name__}.state_dict() holds a value of type "
-                                 f"{type(leaf).__name__!r} at {key!r}, which a checkpoint (read "
-                                 "with weights_only=True) cannot hold; keep tensors and numbers "
-                                 "there")
+        buffer = io.BytesIO()
+        torch.save(torch.utils._pytree.tree_map_only(Tensor, lambda t: torch.empty(0), value),
+                   buffer)
+        buffer.seek(0)
+        try:
+            torch.load(buffer, weights_only=True)
+        except Exception as e:  # (torch's UnpicklingError names the type)
+            raise UsageError(f"{type(module).__name__}.state_dict() holds at {key!r} what a "
+                             "checkpoint (read with weights_only=True) cannot hold "
+                             f"({type(e).__name__}); keep tensors and numbers there") from None
 
 
 def resolve(config: TrainConfig, model: type | None = None) -> tuple[TrainConfig, type]:
@@ -202,7 +206,8 @@ class Session:
         if state is not None:
             self.load(state)
         self.ctx = RunContext(config, config.model_options, self.data, self.out,
-                              fit=self.fit, score=score, progress=self.progress)
+                              fit=self.fit, score=functools.partial(score, validate=None),
+                              progress=self.progress)  # (scores validated as the run is)
 
     @classmethod
     def from_dir(cls, run_dir: str | os.PathLike, *, cuda: bool = False,
@@ -429,7 +434,7 @@ class Session:
                     validate=(lambda: per_row(self.data.val)) if self.config.early_stop else None,
                     on_epoch=on_epoch, save=save, desc=desc)
         if saved:
-            with restoring(self.out):
+            with restoring(self.config.out or self.out):  # (rank 0's directory)
                 step.optimizer.load_state_dict(saved["optimizer"])
                 loop.load_state_dict(saved["loop"])  # last: it restores this rank's RNG
         loop.run()
