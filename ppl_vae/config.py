@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import operator
 import os
 from collections.abc import Mapping
@@ -41,8 +42,8 @@ def flag(name: str, keys: str | None = None) -> str:
     return "--" + name.replace("_", "-") if keys is None else f"key {keys + name!r}"
 
 
-_KINDS = ((bool, bool, "True or False"), (int, int, "a whole number"),
-          (float, int | float, "a number"), (str, str, "a string"))
+_KINDS = ((bool, bool, "True or False"), (int, numbers.Integral, "a whole number"),
+          (float, numbers.Real, "a number"), (str, str, "a string"))
 """An option's type, the values it accepts and its name in a message."""
 _BOUNDS = {"least": operator.ge, "above": operator.gt, "below": operator.lt, "most": operator.le}
 """The bounds an option's metadata may set, each a test of a value."""
@@ -59,7 +60,7 @@ def coerce(value: Any, default: Any, what: str) -> Any:
         if isinstance(default, kind):
             if not isinstance(value, accepted) or (kind is not bool and isinstance(value, bool)):
                 raise UsageError(f"{what} takes {said}, got {value!r}")
-            return float(value) if kind is float else value
+            return kind(value)  # (numpy's scalars as Python's)
     return value
 
 

@@ -33,6 +33,11 @@ def command_line() -> Iterator[None]:
         _CLI.reset(token)
 
 
+def on_command_line() -> bool:
+    """Whether a command (not a Python caller) runs: within :func:`command_line`."""
+    return _CLI.get()
+
+
 _MODEL_OPT = re.compile(r"--model-opt (\w+)=(\S+)")
 _VALUE = re.compile(r"(?<![\w-])--([a-z][a-z0-9-]*) ('[^']*')")  # a flag and a quoted value
 

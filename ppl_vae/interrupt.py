@@ -2,8 +2,9 @@
 
 Inside :func:`signals`, the first signal is *deferred* while training steps run: the loop
 finishes its step, writes a checkpoint and raises :class:`Interrupted`; elsewhere it raises
-:class:`Interrupted` at once. A second signal ends the process at once (``os._exit``) with
-status 128 + signal number: checkpoints are written by rename, so the last one is intact.
+:class:`Interrupted` at once. A second signal ends a command at once (``os._exit``) with
+status 128 + signal number: checkpoints are written by rename, so the last one is intact; from
+Python (a notebook) it raises ``KeyboardInterrupt`` instead, and the process lives on.
 Under torchrun, a run failing out of the training steps defers, and once out of
 :func:`signals` ignores, SIGINT/SIGTERM: the agent's SIGTERM after another process died must
 not end this one before it has said why in its one line (it exits right after; the agent's
@@ -19,6 +20,7 @@ import threading
 from collections.abc import Iterator
 
 from .distributed import launched
+from .errors import on_command_line
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -56,8 +58,10 @@ class Guard:
         self.defers = False
 
     def handle(self, signum: int, frame: object) -> None:
-        if self.requested:
-            os._exit(128 + signum)  # the second signal: at once
+        if self.requested:  # the second signal: at once (from Python: the caller's to catch)
+            if on_command_line():
+                os._exit(128 + signum)
+            raise KeyboardInterrupt
         self.requested = signum
         if not self.defers:
             raise Interrupted(signum)

@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import signal
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -524,3 +525,71 @@ def test_a_state_dict_a_checkpoint_cannot_hold_is_refused_before_training(digits
                                 out=str(tmp_path / "ok")), digits, progress=False)
     _, module, _ = load_run(run.out, model=ExtraState)
     assert module.extra["dtype"] is torch.float64 and module.extra["flags"][3] == b"x"
+
+
+def test_a_second_thread_s_run_is_refused_while_one_trains(digits, tmp_path, monkeypatch):
+    """Pyro's param store and effect handlers are the process's: a run started in another
+    thread while one trains is one line (both failed, each blaming the model)."""
+    import threading
+
+    take, inside, go_on, done = Loop._take_step, threading.Event(), threading.Event(), []
+
+    def waits(self, i, args):
+        inside.set()
+        go_on.wait(60)
+        return take(self, i, args)
+
+    monkeypatch.setattr(Loop, "_take_step", waits)
+    cfg = TrainConfig(model_options=SMALL_MODEL, dataset="digits", epochs=1)
+    first = threading.Thread(target=lambda: done.append(train_run(
+        replace(cfg, out=str(tmp_path / "a")), digits, progress=False)))
+    first.start()
+    try:
+        assert inside.wait(60)
+        with pytest.raises(UsageError, match="another thread of this process is training"):
+            train_run(replace(cfg, out=str(tmp_path / "b")), digits, progress=False)
+    finally:
+        go_on.set()
+        first.join(120)
+    assert done and not (tmp_path / "b").exists()
+    monkeypatch.undo()
+    train_run(replace(cfg, out=str(tmp_path / "b")), digits, progress=False)  # free again
+
+
+def test_a_changed_default_dtype_is_one_line(digits):
+    """torch.set_default_dtype(float64) with float32 data: one line, not a dtype clash deep in
+    the guide."""
+    from ppl_vae.run.session import Session
+
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        with pytest.raises(UsageError, match=r"default dtype is torch.float64 .* the data are "
+                                             r"torch.float32"):
+            Session(TrainConfig(model_options=SMALL_MODEL), digits, progress=False)
+    finally:
+        torch.set_default_dtype(default)
+
+
+def test_training_inside_no_grad_or_inference_mode_trains_the_same(digits, tmp_path):
+    cfg = TrainConfig(model_options=SMALL_MODEL, dataset="digits", epochs=1)
+    plain = train_run(replace(cfg, out=str(tmp_path / "plain")), progress=False)
+    for name, mode in (("no-grad", torch.no_grad), ("inference", torch.inference_mode)):
+        with mode():
+            run = train_run(replace(cfg, out=str(tmp_path / name)), progress=False)
+        assert run.summary["test_elbo"] == plain.summary["test_elbo"]
+
+
+def test_numpy_scalars_are_taken_as_python_numbers():
+    """A notebook's numpy integers and floats are whole numbers and numbers (made Python's,
+    so config.json is written); a numpy float for a whole number is still refused."""
+    from ppl_vae.run.session import resolve
+
+    config, _ = resolve(TrainConfig(epochs=np.int64(2), lr=np.float32(0.5), seed=np.int32(3),
+                                    model_options={"z_dim": np.int64(2),
+                                                   "hidden": [np.int64(16)]}))
+    assert (config.epochs, config.seed, config.model_options.z_dim) == (2, 3, 2)
+    assert config.lr == 0.5 and type(config.epochs) is int and type(config.lr) is float
+    assert json.loads(json.dumps(config.to_dict()))["model_options"]["hidden"] == [16]
+    with pytest.raises(UsageError, match="epochs takes a whole number, got np.float64"):
+        TrainConfig(epochs=np.float64(2.0))

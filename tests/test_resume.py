@@ -220,6 +220,24 @@ def test_signal_checkpoints_and_exits_128_plus_signal(tmp_path, signum):
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp") or p.name == ".lock"]
 
 
+def test_a_second_signal_from_python_is_a_keyboard_interrupt(tmp_path, monkeypatch):
+    """In a Python process (a notebook) the second signal raises KeyboardInterrupt where a
+    command exits at once: the kernel lives on, its handlers restored."""
+    take = Loop._take_step
+
+    def twice(self, i, args):
+        if (self.state.epoch, i) == (1, 3):
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+        return take(self, i, args)
+
+    monkeypatch.setattr(Loop, "_take_step", twice)
+    handler = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        train_run(config(tmp_path / "run"), progress=False)
+    assert signal.getsignal(signal.SIGINT) is handler
+
+
 @pytest.mark.slow
 def test_second_signal_exits_at_once_with_the_last_checkpoint_intact(tmp_path):
     out = tmp_path / "run"

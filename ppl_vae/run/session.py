@@ -193,6 +193,11 @@ class Session:
                 data.val is None:  # (a caller's own validation split is kept)
             data = data.with_validation(config.val_fraction)
         self.data = data.to(self.device)
+        x, default = self.data.train.x, torch.get_default_dtype()
+        if default != torch.float32 and x.is_floating_point() and x.dtype != default:
+            raise UsageError(f"torch's default dtype is {default} (torch.set_default_dtype) and "
+                             f"the data are {x.dtype}: the model would mix them; make them the "
+                             "same")
         pyro.set_rng_seed(config.seed)
         pyro.clear_param_store()
         resources.check_model_fits(self._build, self.device, training=training,

@@ -8,12 +8,16 @@ writes files (hooks on other ranks see a scratch directory)."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import signal
 import tempfile
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -171,6 +175,29 @@ def open_run_dir(config: TrainConfig, world: World, resume: bool) -> RunDir:
     return rundir if world.main else RunDir.follow(final)
 
 
+_TRAINING = threading.RLock()  # Pyro's param store and effect handlers are the process's
+
+
+def _one_at_a_time(fn: Callable[..., Run]) -> Callable[..., Run]:
+    """``fn`` refusing, in one line, to start while another thread's run trains, and run
+    with gradients on (a caller's ``no_grad`` or ``inference_mode`` would stop them)."""
+
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> Run:
+        if not _TRAINING.acquire(blocking=False):
+            raise UsageError("another thread of this process is training a run, and Pyro's "
+                             "param store is the process's: train one after the other, or in "
+                             "separate processes")
+        try:
+            with torch.inference_mode(False), torch.enable_grad():
+                return fn(*args, **kwargs)
+        finally:
+            _TRAINING.release()
+
+    return run
+
+
+@_one_at_a_time
 def train_run(config: TrainConfig, data: Dataset | None = None, progress: bool | None = None,
               *, resume: bool = False) -> Run:
     """Train one model by SVI and write its run directory (clears Pyro's param store).
