@@ -45,7 +45,9 @@ def cvae_quadrants(config: TrainConfig, quadrants: Sequence[int] | None = None,
     world = dist.setup(config.cuda)
     if resume:
         config, quadrants = _recorded(config, quadrants, given)
-    quadrants = tuple(quadrants or (1, 2, 3))
+    quadrants = (1, 2, 3) if quadrants is None else tuple(int(k) for k in quadrants)
+    if not quadrants:
+        raise UsageError("--quadrants takes one or more counts of observed quadrants")
     config, _ = resolve(config)
     if getattr(config.model_options, "condition", None) != "quadrants":
         raise UsageError("the cvae-quadrants table trains a CVAE with --condition 'quadrants'")

@@ -593,3 +593,17 @@ def test_numpy_scalars_are_taken_as_python_numbers():
     assert json.loads(json.dumps(config.to_dict()))["model_options"]["hidden"] == [16]
     with pytest.raises(UsageError, match="epochs takes a whole number, got np.float64"):
         TrainConfig(epochs=np.float64(2.0))
+
+
+def test_a_split_by_name_and_an_empty_table_from_python(digits, tmp_path):
+    from ppl_vae.experiments import cvae_quadrants
+    from ppl_vae.run.session import Session
+
+    s = Session(TrainConfig(model_options=SMALL_MODEL), digits, progress=False)
+    assert torch.equal(s.score("test", 2).elbo, s.score(s.data.test, 2).elbo)
+    with pytest.raises(UsageError, match=r"the name of one the data has \(train, test\), got "
+                                         r"'val'"):
+        s.score("val", 2)
+    with pytest.raises(UsageError, match="quadrants takes one or more counts"):
+        cvae_quadrants(TrainConfig(model="cvae", dataset="digits", out=str(tmp_path / "t")),
+                       (), digits)

@@ -299,11 +299,18 @@ class Session:
         epoch = Split(self.data.train_epoch(generator), self.data.train.y)
         return self.args(epoch, inputs=inputs, module=module)
 
-    def score(self, split: Split, num_samples: int, iwae: bool = False,
+    def score(self, split: Split | str, num_samples: int, iwae: bool = False,
               module: nn.Module | None = None) -> Scores:
-        """Per-row ELBO (and IWAE bound) of ``module`` (the session's) on ``split``. Under
-        torchrun the rows are sharded over the ranks and gathered (every rank gets all rows),
-        unless the program shares global latents across rows (then rank 0 scores them all)."""
+        """Per-row ELBO (and IWAE bound) of ``module`` (the session's) on ``split`` (or its
+        name: "train", "val", "test"). Under torchrun the rows are sharded over the ranks and
+        gathered (every rank gets all rows), unless the program shares global latents across
+        rows (then rank 0 scores them all)."""
+        if isinstance(split, str):
+            if getattr(self.data, split, None) is None or split not in ("train", "val", "test"):
+                raise UsageError(f"Session.score takes a split or the name of one the data "
+                                 f"has (train, test{', val' * (self.data.val is not None)}), "
+                                 f"got {split!r}")
+            split = getattr(self.data, split)
         module, world, n = module or self.module, self.world, len(split)
         info = self.info if module is self.module else None
         whole = not world.parallel or info is None or info.data_plate is None or \
