@@ -107,6 +107,13 @@ def test_register_by_call_and_decorator(digits, tmp_path):
             register_model("broken", type("Broken", (), {}))
         # by the class alone: its name in lower case
         assert register_model(Copy) is Copy and MODELS["copy"] is Copy
+        # a shipped family is not replaced, and a name --model could not read is refused
+        with pytest.raises(TypeError, match="'vae' is a shipped family"):
+            register_model("vae", Copy)
+        for name in ("my:copy", "", 5):
+            with pytest.raises(TypeError, match="register_model takes a name without ':'"):
+                register_model(name, Copy)
+        assert MODELS["vae"] is VAE
     finally:
         for name in ("copy-vae", "copy-vae-2", "copy", "broken"):
             MODELS.pop(name, None)

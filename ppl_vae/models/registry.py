@@ -38,6 +38,14 @@ def register_model(name: str | type, cls: T | None = None) -> Callable[[T], T] |
         name, cls = name.__name__.lower(), name
 
     def add(cls: T) -> T:
+        if not isinstance(name, str) or not name or ":" in name:
+            raise TypeError(f"register_model takes a name without ':' (which --model reads as "
+                            f"module:Class), got {name!r}")
+        shipped = MODELS.get(name)
+        if shipped is not None and shipped is not cls and \
+                shipped.__module__.startswith(f"{__package__}."):
+            raise TypeError(f"{name!r} is a shipped family ({shipped.__name__}); register "
+                            f"{getattr(cls, '__name__', cls)!r} under another name")
         try:
             MODELS[name] = _check(cls, name)
         except UsageError as e:
