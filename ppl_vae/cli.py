@@ -69,7 +69,7 @@ class Parser(argparse.ArgumentParser):
                                    **kwargs})
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n" if _main_rank() else None)
 
 
 def closed_pipe_is_fine(main: Callable[..., int]) -> Callable[..., int]:
@@ -110,6 +110,10 @@ def main_wrapper(prog: str, run: Callable[[Sequence[str] | None], int]
                     if not issubclass(w.category, Note):
                         warnings.showwarning(w.message, w.category, w.filename, w.lineno,
                                              w.file, w.line)
+        if launched() and status == 0:  # a finished torchrun worker leaves without gloo's
+            sys.stdout.flush()  # teardown, which now and then aborts at exit (SIGABRT: the
+            sys.stderr.flush()  # job would fail)
+            os._exit(0)
         return status
 
     def guarded(argv: Sequence[str] | None) -> int:
@@ -122,7 +126,7 @@ def main_wrapper(prog: str, run: Callable[[Sequence[str] | None], int]
                     print(f"{prog}: error: {e}", file=sys.stderr)
             return getattr(e, "exit_status", 2)
         except Interrupted as e:  # a run that checkpointed on SIGINT/SIGTERM: 130/143
-            if _main_rank():
+            if _main_rank() and first_to_report():  # (not where another rank failed first)
                 text = e.message or "interrupted before the first checkpoint; nothing to resume"
                 print(f"{prog}: {text}", file=sys.stderr)
             return e.status

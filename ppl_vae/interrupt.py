@@ -4,7 +4,9 @@ Inside :func:`signals`, the first signal is *deferred* while training steps run:
 finishes its step, writes a checkpoint and raises :class:`Interrupted`; elsewhere it raises
 :class:`Interrupted` at once. A second signal ends a command at once (``os._exit``) with
 status 128 + signal number: checkpoints are written by rename, so the last one is intact; from
-Python (a notebook) it raises ``KeyboardInterrupt`` instead, and the process lives on.
+Python (a notebook) it raises ``KeyboardInterrupt`` instead, and the process lives on. A
+torchrun worker takes only the first (Ctrl-C reaches it from the terminal and again from the
+agent; the agent's SIGKILL ends a hung one).
 Under torchrun, a run failing out of the training steps defers, and once out of
 :func:`signals` ignores, SIGINT/SIGTERM: the agent's SIGTERM after another process died must
 not end this one before it has said why in its one line (it exits right after; the agent's
@@ -59,6 +61,8 @@ class Guard:
 
     def handle(self, signum: int, frame: object) -> None:
         if self.requested:  # the second signal: at once (from Python: the caller's to catch)
+            if launched():  # (torchrun forwards a terminal's Ctrl-C, which the worker had too)
+                return
             if on_command_line():
                 os._exit(128 + signum)
             raise KeyboardInterrupt

@@ -607,3 +607,23 @@ def test_a_split_by_name_and_an_empty_table_from_python(digits, tmp_path):
     with pytest.raises(UsageError, match="quadrants takes one or more counts"):
         cvae_quadrants(TrainConfig(model="cvae", dataset="digits", out=str(tmp_path / "t")),
                        (), digits)
+
+
+def test_under_torchrun_a_usage_line_comes_from_rank_0_and_a_repeated_signal_is_taken_once(
+        cli, monkeypatch):
+    """Every rank parses the command line: argparse's own error is printed by rank 0 only
+    (each rank exits 2). A worker's second SIGINT/SIGTERM (a terminal's Ctrl-C, then the
+    agent's) does not end it before its checkpoint and line."""
+    import ppl_vae.interrupt as interrupt
+
+    monkeypatch.setenv("RANK", "1")
+    result = cli(train_main, ["--bogus"])
+    assert result.code == 2 and result.err == ""
+    monkeypatch.setenv("RANK", "0")
+    assert_one_line_error(cli(train_main, ["--bogus"]), PROG, "unrecognized arguments: --bogus")
+    monkeypatch.setattr(interrupt, "launched", lambda: True)
+    guard = interrupt.Guard()
+    guard.defers = True
+    guard.handle(signal.SIGINT, None)
+    guard.handle(signal.SIGTERM, None)  # (without torchrun: os._exit here)
+    assert guard.requested == signal.SIGINT

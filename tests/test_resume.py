@@ -171,6 +171,28 @@ def test_a_checkpoint_that_loads_but_does_not_fit_is_one_line(tmp_path, monkeypa
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
+def test_a_resume_with_another_process_count_is_refused_before_writing(tmp_path, monkeypatch,
+                                                                       cli):
+    """A copy of a run resumed by another number of processes: refused in one line before
+    config.json (whose out names the copy) is rewritten."""
+    import shutil
+
+    interrupt_at(monkeypatch, epoch=2, step=3)
+    with pytest.raises(Interrupted):
+        train_run(config(tmp_path / "run"), progress=False)
+    monkeypatch.undo()
+    copy = tmp_path / "copy"
+    shutil.copytree(tmp_path / "run", copy)
+    state = torch.load(copy / "checkpoint.pt", weights_only=True)
+    state["loop"]["world_size"] = 2
+    torch.save(state, copy / "checkpoint.pt")
+    before = {p.name: p.read_bytes() for p in copy.iterdir()}
+    assert_one_line_error(cli(train_main, ["--resume", copy]), PROG.split(":")[0],
+                          "the checkpoint was written by 2 processes and this run has 1; "
+                          "resume with --nproc_per_node 2")
+    assert {p.name: p.read_bytes() for p in copy.iterdir()} == before
+
+
 def corrupt_a_tensor(path: Path) -> None:
     """Flip one bit inside a stored tensor: torch.load reads the file without complaint."""
     import struct

@@ -62,6 +62,14 @@ class LoopState:
     logged: tuple | None = None  # the last log's (loss, rows, seconds) in this epoch
 
 
+def same_world(size: int, world: Any) -> None:
+    """Refuse to continue a checkpoint written by ``size`` processes in another ``world``."""
+    if size != world.size:
+        raise UsageError(f"the checkpoint was written by {size} processes and this run has "
+                         f"{world.size}; resume with --nproc_per_node {size} (the ranks' "
+                         "random streams are saved)")
+
+
 class Loop:
     """Train ``module`` (default: the session's model) by ``step`` (a
     :class:`~ppl_vae.inference.svi.Step`) over ``inputs(generator)`` (default: the session's
@@ -115,10 +123,7 @@ class Loop:
         counts = [state.get(k) for k in ("epoch", "step", "world_size")]
         if not all(type(n) is int for n in counts) or min(counts) < 0 or 0 in counts[::2]:
             raise ValueError(f"its loop's epoch, step and processes are {counts}")
-        if state["world_size"] != self.world.size:
-            raise UsageError(f"the checkpoint was written by {state['world_size']} processes "
-                             f"and this run has {self.world.size}; resume with --nproc_per_node "
-                             f"{state['world_size']} (the ranks' random streams are saved)")
+        same_world(state["world_size"], self.world)
         names = {f for f in LoopState.__dataclass_fields__}
         self.state = LoopState(**{k: v for k, v in state.items() if k in names})
         mine = state["ranks"][self.world.rank]

@@ -40,7 +40,7 @@ from .checkpoint import (
     store_values,
 )
 from .log import Staged, open_logger, require
-from .loop import Loop
+from .loop import Loop, same_world
 from .rundir import RunDir
 from .session import Session, device_for, from_record, resolve
 
@@ -122,10 +122,14 @@ def resumed(recorded: TrainConfig, given: dict, out: str, what: str = "run") -> 
     return replace(recorded, **taken, out=out, overwrite=False)
 
 
-def _resumable(config: TrainConfig, cls: type, path: Path, device: torch.device) -> dict:
+def _resumable(config: TrainConfig, cls: type, path: Path, world: World) -> dict:
     """The checkpoint of the run being resumed (read once), which must agree with ``config``
-    (but for :data:`NOT_THE_MATH`) and with the directory's ``config.json``."""
-    state = load_checkpoint(path / "checkpoint.pt", map_location=device)
+    (but for :data:`NOT_THE_MATH`), with the directory's ``config.json`` and with the number
+    of processes."""
+    state = load_checkpoint(path / "checkpoint.pt", map_location=device_for(config.cuda, world))
+    size = (state.get("loop") or {}).get("world_size")
+    if type(size) is int:  # (before anything is written; another value: see restoring)
+        same_world(size, world)
     if state.get("loop") is None and not state.get("fits"):
         raise UsageError(f"{str(path)!r} holds a checkpoint from a version that cannot "
                          "resume; start a new run")
@@ -216,8 +220,7 @@ def train_run(config: TrainConfig, data: Dataset | None = None, progress: bool |
     rundir = open_run_dir(config, world, resume)
     config = replace(config, out=str(rundir.final))
     with rundir:  # (closed: committed where the run ends well, else as it was)
-        state = _resumable(config, cls, rundir.final, device_for(config.cuda, world)) \
-            if resume else None
+        state = _resumable(config, cls, rundir.final, world) if resume else None
         with signals() as guard, contextlib.ExitStack() as stack:
             out = rundir.path if world.main else Path(  # hooks on ranks > 0: a scratch dir
                 stack.enter_context(tempfile.TemporaryDirectory(prefix="ppl_vae-rank")))
