@@ -147,6 +147,7 @@ FORGED = {
     "groups": lambda s: s.update(optimizer={"state": {}, "param_groups": []}),
     "history": lambda s: s.update(history=[1, 2]),
     "ranks": lambda s: s["loop"].update(ranks=[]),
+    "loop": lambda s: s.update(loop="garbage"),
     "rng": lambda s: s["loop"]["ranks"][0].update(rng=torch.zeros(3)),
 }
 

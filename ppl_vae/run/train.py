@@ -127,7 +127,8 @@ def _resumable(config: TrainConfig, cls: type, path: Path, world: World) -> dict
     (but for :data:`NOT_THE_MATH`), with the directory's ``config.json`` and with the number
     of processes."""
     state = load_checkpoint(path / "checkpoint.pt", map_location=device_for(config.cuda, world))
-    size = (state.get("loop") or {}).get("world_size")
+    loop = state.get("loop")
+    size = loop.get("world_size") if isinstance(loop, dict) else None
     if type(size) is int:  # (before anything is written; another value: see restoring)
         same_world(size, world)
     if state.get("loop") is None and not state.get("fits"):
