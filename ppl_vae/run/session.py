@@ -55,8 +55,10 @@ def _retired(obj: Any) -> None:
 
 def _savable(module: nn.Module) -> None:
     """Refuse a ``state_dict`` that a checkpoint read with ``weights_only=True`` cannot hold
-    (its entries saved and read back, tensors emptied)."""
+    (its entries other than tensors saved and read back, tensors emptied)."""
     for key, value in module.state_dict().items():
+        if isinstance(value, Tensor):
+            continue
         buffer = io.BytesIO()
         torch.save(torch.utils._pytree.tree_map_only(Tensor, lambda t: torch.empty(0), value),
                    buffer)
