@@ -113,7 +113,7 @@ def train_epochs(a, data, runs: dict, speed: dict) -> None:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
     p.add_argument("--dataset", default="mnist")
     p.add_argument("--data-dir", default=str(SHARED))
     p.add_argument("--methods", nargs="+", default=["plain", "mc", "analytic"],

@@ -29,7 +29,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not argv or argv[0] not in COMMANDS:
         if argv and argv[0] in ("-h", "--help"):
             print(f"usage: {PROG} {{{','.join(COMMANDS)}}} [options]\n", *(
-                f"{name:<8}  {text}" for name, (_, text) in COMMANDS.items()),
+                f"{name:<10}  {text}" for name, (_, text) in COMMANDS.items()),
                 f"\n{PROG} COMMAND --help lists a command's options", sep="\n")
             return 0
         got = f"unknown command {argv[0]!r}" if argv else "no command given"

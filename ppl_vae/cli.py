@@ -31,6 +31,7 @@ from .errors import (
 )
 from .interrupt import Interrupted
 from .models import MODELS, get_model, options_class, parse_model_opts
+from .models.options import check_keys
 
 PROG = "python -m ppl_vae"
 
@@ -245,6 +246,8 @@ def train_parser(model: str | type = "vae", compare: bool = False) -> Parser:
     if compare:
         add_options(p, CompareConfig, skip=("train",), default_group="comparison",
                     groups=groups)
+        p._option_string_actions["--out"].help = "run directory (default: " \
+            "runs/compare-<model>-<time>)"
     else:
         groups["evaluation and output"].add_argument(
             "--resume", metavar="RUN_DIR", default=None,
@@ -280,6 +283,10 @@ def _parse(argv: Sequence[str] | None, compare: bool = False, model: str | None 
         record = {k: v for k, v in record.items() if k not in (*TRAIN_ONLY, "out")}
     model = model or _peek(argv, "--model") or record.get("model") or "vae"
     parser = train_parser(model, compare)
+    try:  # (a bad value named by its key in the file, not as a flag)
+        check_keys(get_model(model), record.get("model_options", {}), "model_options.")
+    except UsageError as e:
+        raise UsageError(f"--config {file!r}: {e}") from None
     for action in parser._actions if given_only or record else ():
         action.default = argparse.SUPPRESS
     args = vars(parser.parse_args(argv))

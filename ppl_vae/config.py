@@ -236,7 +236,8 @@ class TrainConfig:
     log_every_steps: int = option(50, "with --log: training scalars every K steps",
                                   group="trainer", least=1)
     # evaluation
-    eval_particles: int = option(10, "samples per test image for the test ELBO",
+    eval_particles: int = option(10, "samples per test image for the test ELBO of each "
+                                 "epoch (the final one: --eval-iwae's K where given)",
                                  group="evaluation and output", least=1, most=MOST_SAMPLES)
     eval_iwae: int = option(0, "also estimate log p(x) by the IWAE bound with K samples "
                             "(0: off)", group="evaluation and output", least=0, most=MOST_SAMPLES)

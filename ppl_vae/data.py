@@ -184,7 +184,7 @@ class Dataset:
 
 
 def load_dataset(name: str, data_dir: str = "data", download: bool = True, binarize: str = "none",
-                 likelihood: str | None = None, labelled: int = 0, seed: int = 0) -> Dataset:
+                 *, likelihood: str | None = None, labelled: int = 0, seed: int = 0) -> Dataset:
     """Load ``name`` (see module docstring) on the CPU; raise :class:`UsageError` on bad input.
     ``likelihood="bernoulli"`` also checks that an npz lies in [0, 1] (the models check the
     data they are built for in any case). ``labelled > 0`` keeps that many training labels

@@ -50,6 +50,12 @@ def test_digits_split_ignores_the_global_seed(digits):
     assert torch.equal(again.train.x, digits.train.x) and torch.equal(again.test.y, digits.test.y)
 
 
+def test_load_dataset_takes_its_last_settings_by_keyword_only():
+    # (a fifth value given by position was taken as the likelihood, silently)
+    with pytest.raises(TypeError):
+        load_dataset("digits", "data", False, "none", 50)
+
+
 def test_unknown_dataset():
     # raised to a Python caller, the message names the Python setting, not the flag
     with pytest.raises(UsageError, match="unknown dataset='cifar'.*digits"):

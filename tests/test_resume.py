@@ -370,7 +370,7 @@ def _signal_in(monkeypatch, module, name: str, calls: int = 1) -> None:
 @pytest.mark.parametrize("where, calls, fragments, kept", [
     # the second epoch's evaluation: epoch 1's checkpoint is there
     ("score", 2, ["interrupted by SIGTERM in epoch 2, outside its steps",
-                        "the checkpoint at epoch 2, step 0 is kept", "continue with --resume"],
+                        "the checkpoint at the start of epoch 2 is kept", "continue with --resume"],
      True),
     # the first epoch's evaluation: nothing was saved yet, and the message says so
     ("score", 1, ["in epoch 1, outside its steps (evaluation or saving), before the "
@@ -395,3 +395,23 @@ def test_a_signal_outside_the_steps_says_what_is_kept(tmp_path, monkeypatch, whe
         monkeypatch.undo()
         resumed = train_run(resume_config(out), progress=False, resume=True)
         assert (out / "summary.json").is_file() and len(resumed.history) == 2
+
+
+def test_a_resumed_run_stopped_before_its_first_checkpoint_keeps_the_one_it_resumed(
+        tmp_path, monkeypatch):
+    from ppl_vae.run.session import Session
+
+    out = tmp_path / "run"
+    _signal_in(monkeypatch, Session, "score", 2)  # epoch 2's evaluation: epoch 1 is kept
+    with pytest.raises(Interrupted):
+        train_run(config(out, epochs=2, checkpoint_every_steps=0), progress=False)
+    monkeypatch.undo()
+    _signal_in(monkeypatch, Session, "on_epoch", 1)  # the resume's first call, before a step
+    with pytest.raises(Interrupted) as stopped:
+        train_run(resume_config(out), progress=False, resume=True)
+    message = stopped.value.message
+    assert "nothing to resume" not in message and "before the resumed run's first " \
+        "checkpoint; the one it resumed from is kept" in message, message
+    assert f"--resume {out}" in message
+    monkeypatch.undo()
+    assert len(train_run(resume_config(out), progress=False, resume=True).history) == 2

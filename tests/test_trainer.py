@@ -456,7 +456,9 @@ def test_config_files_cannot_replace_a_run_or_slip_past_the_checks(cli, tmp_path
     assert result.code == 2 and (first / "mine.txt").read_text() == "keep"
     for text, said in [('{"dataset": null}', "key 'dataset' takes a string, got None"),
                        ('{"epochs": "1"}', "key 'epochs' takes a whole number, got '1'"),
-                       ('{"ema": null}', "key 'ema' takes a number, got None")]:
+                       ('{"ema": null}', "key 'ema' takes a number, got None"),
+                       ('{"model_options": {"z_dim": 0}}',  # (the model's own, by key too)
+                        "key 'model_options.z_dim' must be a whole number of at least 1")]:
         (tmp_path / "c.json").write_text(text)
         assert_one_line_error(cli(train_main, ["--config", tmp_path / "c.json"]), PROG, said)
     (tmp_path / "k.yaml").write_text("1: 2\nfoo: 3\n")

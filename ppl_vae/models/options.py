@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from ..config import coerce, field_default, flag, options_dict
+from ..config import check_fields, coerce, field_default, flag, options_dict
 from ..errors import UsageError, first_line
 
 DATA_OPTIONS = ("input_dim", "image_shape", "num_classes")
@@ -88,7 +88,21 @@ def make_options(cls: type, given: Any = None, keys: str | None = None) -> Any:
                          f"options are {', '.join(sorted(defaults)) or 'none'}")
     given = {k: coerce(v, defaults[k], flag(k, keys)) if defaults.get(k) is not None else v
              for k, v in given.items()}
+    if own and keys is not None:
+        check_keys(cls, given, keys)
     return opts(**given) if own else given
+
+
+def check_keys(cls: type, given: Mapping, keys: str) -> None:
+    """Check the values of ``cls``'s own ``Options`` in ``given`` as ``__post_init__`` does,
+    naming a bad one by its key ``keys + name`` in a file (not as a flag)."""
+    opts = declared(cls)
+    if opts is not None:
+        draft = object.__new__(opts)
+        fields = dataclasses.fields(opts)
+        draft.__dict__.update({f.name: field_default(f) for f in fields})
+        draft.__dict__.update({k: v for k, v in given.items() if k in draft.__dict__})
+        check_fields(draft, keys)
 
 
 def build_by_signature(cls: type, options: Any, data: Any, **known: Any) -> Any:

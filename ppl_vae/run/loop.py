@@ -128,7 +128,7 @@ class Loop:
         self.state = LoopState(**{k: v for k, v in state.items() if k in names})
         mine = state["ranks"][self.world.rank]
         self.total.copy_(mine["total"])
-        self.saved = f"epoch {self.state.epoch}, step {self.state.step}"
+        self.saved = self._at()
         self._set_rng(mine)
 
     def _rng(self) -> dict[str, Tensor]:
@@ -292,8 +292,13 @@ class Loop:
         self._check()
         if self.save is not None:
             self.save(self.state_dict())
-            self.saved = f"epoch {self.state.epoch}, step {self.state.step}"
+            self.saved = self._at()
         self._take_snapshot()
+
+    def _at(self) -> str:
+        """Where the loop stands, in words (step 0: no step of the epoch taken yet)."""
+        s = self.state
+        return f"epoch {s.epoch}, step {s.step}" if s.step else f"the start of epoch {s.epoch}"
 
     # -- divergence -----------------------------------------------------------------------
     def _take_snapshot(self) -> None:

@@ -225,15 +225,22 @@ def train_run(config: TrainConfig, data: Dataset | None = None, progress: bool |
         with signals() as guard, contextlib.ExitStack() as stack:
             out = rundir.path if world.main else Path(  # hooks on ranks > 0: a scratch dir
                 stack.enter_context(tempfile.TemporaryDirectory(prefix="ppl_vae-rank")))
-            session = Session(config, data, model_class=cls, world=world, out=out,
-                              progress=progress, state=state)
-            session.guard = guard
-            run = None
+            run = session = None
             try:
+                session = Session(config, data, model_class=cls, world=world, out=out,
+                                  progress=progress, state=state)
+                session.guard = guard
                 with session.validation():
                     run = _train(session, rundir, state)
+            except Interrupted as e:  # a resumed run stopped before its first checkpoint
+                if e.message or not resume:
+                    raise
+                raise Interrupted(e.signum, f"interrupted by {signal.Signals(e.signum).name} "
+                                  "before the resumed run's first checkpoint; the one it "
+                                  f"resumed from is kept; continue with --resume {rundir.final}"
+                                  ) from None
             finally:
-                if session.logger is not None:
+                if session is not None and session.logger is not None:
                     session.logger.close(ok=run is not None)
         return run
 
