@@ -244,7 +244,8 @@ class TrainConfig:
     # output
     out: str | None = option(None, "run directory (default: runs/<model>-<time>)",
                              group="evaluation and output", type=str)
-    overwrite: bool = option(False, "allow the run directory to hold files already",
+    overwrite: bool = option(False, "replace what the run directory holds: every file in it is "
+                             "deleted when the new run writes its first checkpoint",
                              group="evaluation and output")
 
     def validate_options(self, keys: str | None = None) -> None:

@@ -20,8 +20,8 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import time
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -221,11 +221,11 @@ def _torchvision(name: str, root: str, download: bool) -> Dataset:
 
     cls_name, shape, eight_bit, label_name = TORCHVISION[name]
     cls = getattr(datasets, cls_name)
-    started = time.time()
+    before = _dirs(root)
     try:
         splits = [_tv_split(cls, name, root, train, download) for train in (True, False)]
     except Exception as e:  # torchvision raises RuntimeError / URLError / OSError here
-        _remove_empty_dirs(root, since=started)  # a failed download leaves no empty folders
+        _remove_empty_dirs(root, keep=before)  # a failed download leaves no empty folders
         how = "and could not be downloaded" if download else "and --no-download was given"
         said = first_line(e)
         raise UsageError(f"{name} is not in {os.path.abspath(root)!r} {how} ({type(e).__name__}"
@@ -237,11 +237,20 @@ def _torchvision(name: str, root: str, download: bool) -> Dataset:
     return Dataset(name, train, test, image_shape=shape, label_name=label_name)
 
 
-def _remove_empty_dirs(root: str, since: float) -> None:
-    """Remove the empty directories under (and including) ``root`` made after ``since``."""
-    for path, _, _ in os.walk(root, topdown=False):  # deepest first; nothing if no root
+def _dirs(root: str) -> set[str]:
+    """The directories under (and including) ``root``, and the parents it would need."""
+    parents = {str(p) for p in Path(os.path.abspath(root)).parents if p.is_dir()}
+    return parents | {os.path.abspath(path) for path, _, _ in os.walk(root)}
+
+
+def _remove_empty_dirs(root: str, keep: set[str]) -> None:
+    """Remove the empty directories under (and including) ``root`` not in ``keep``."""
+    made = Path(os.path.abspath(root))
+    while str(made.parent) not in keep and made.parent != made:  # (a root made with parents)
+        made = made.parent
+    for path, _, _ in os.walk(made, topdown=False):  # deepest first; nothing if no root
         with contextlib.suppress(OSError):
-            if os.stat(path).st_ctime >= since - 1 and not os.listdir(path):
+            if os.path.abspath(path) not in keep and not os.listdir(path):
                 os.rmdir(path)
 
 
@@ -308,12 +317,19 @@ def _sample_patches() -> Dataset:
 
 
 def _npz(path: str, likelihood: str | None) -> Dataset:
-    where = f"npz:{path}"
-    if not os.path.isfile(path):
-        raise UsageError(f"{where}: no such file; give the path of an .npz with an array 'x'")
+    where, path = f"npz:{path}", os.path.expanduser(path)
+    if not path or not os.path.isfile(path):
+        what = "a directory" if path and os.path.isdir(path) else "no such file"
+        raise UsageError(f"{where}: {what}; give the path of an .npz with an array 'x'")
     try:
-        with np.load(path, allow_pickle=False) as f:
+        loaded = np.load(path, allow_pickle=False)
+        if isinstance(loaded, np.ndarray):  # (np.save's .npy: one array, no names)
+            raise UsageError(f"{where}: one array (numpy.save's .npy), not an .npz of named "
+                             "arrays; save it as numpy.savez(path, x=x[, y=labels])")
+        with loaded as f:
             arrays = {k: f[k] for k in f.files}
+    except UsageError:
+        raise
     except Exception as e:
         raise UsageError(f"{where}: not a readable .npz file ({e}); save one with "
                          "numpy.savez(path, x=x, y=y)") from None
@@ -324,8 +340,14 @@ def _npz(path: str, likelihood: str | None) -> Dataset:
     if x.ndim not in (2, 3, 4) or x.shape[0] < 2 or x.size == 0:
         raise UsageError(f"{where}: 'x' has shape {x.shape}; expected N x D, N x H x W, "
                          "N x C x H x W or N x H x W x C, N >= 2")
+    if x.dtype == np.bool_:
+        x = x.astype(np.float32)  # (0/1 data)
     if not np.issubdtype(x.dtype, np.number) or np.iscomplexobj(x):
         raise UsageError(f"{where}: 'x' has dtype {x.dtype}; expected real numbers")
+    if x.dtype == np.uint8 and x.max() <= 1:  # 8-bit levels would read 1 as 1/255
+        raise UsageError(f"{where}: 'x' is uint8 holding only 0 and 1, but uint8 is read as "
+                         "8-bit levels (0-255, divided by 255); save 0/1 data as bool or "
+                         "float32 (x.astype(bool))")
     if x.ndim == 4:
         x = _channels_first(x, where)
     side = math.isqrt(x.shape[1]) if x.ndim == 2 else 0  # rows of s*s values: (1, s, s) images
@@ -340,8 +362,8 @@ def _npz(path: str, likelihood: str | None) -> Dataset:
                              "standardize the data ((x - mean) / std) before saving")
         check_magnitude(x, where)
         if likelihood == "bernoulli" and (x.min() < 0 or x.max() > 1):
-            raise UsageError(f"{where}: 'x' lies in [{x.min():g}, {x.max():g}] but the Bernoulli "
-                             "likelihood needs [0, 1]; rescale it (e.g. x / 255) or use "
+            raise UsageError(f"{where}: 'x' lies in [{x.min():.9g}, {x.max():.9g}] but the "
+                             "Bernoulli likelihood needs [0, 1]; rescale it (e.g. x / 255) or use "
                              "--likelihood 'gaussian'")
     rows = torch.as_tensor(np.ascontiguousarray(x.reshape(len(x), -1)))
     return Dataset(where, *_split(rows, y), image_shape=shape)

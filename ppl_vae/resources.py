@@ -146,6 +146,12 @@ def isolated(devices: Sequence[torch.device] = ()) -> Iterator[None]:
 def size_of(module: nn.Module) -> ModelSize:
     """Parameter count and bytes of ``module`` (meta or real), its largest tensor named."""
     params = dict(module.named_parameters())
+    lazy = next((k for k, p in params.items()
+                 if isinstance(p, nn.parameter.UninitializedParameter)), None)
+    if lazy is not None:
+        raise UsageError(f"{type(module).__name__}'s {lazy!r} is a lazy module's uninitialized "
+                         "parameter (nn.LazyLinear and the like); give its size in __init__, "
+                         "or initialize it there with a forward on a dummy batch")
     count = sum(p.numel() for p in params.values())
     p_bytes = sum(p.numel() * p.element_size() for p in params.values())
     b_bytes = sum(b.numel() * b.element_size() for b in module.buffers())

@@ -471,3 +471,40 @@ def test_every_trainer_feature_at_once_under_torchrun_restarts_exactly(tmp_path)
     logged = events(tmp_path / "A")
     assert any(tag.startswith("train/") for tag in logged) and "epoch/test_elbo" in logged
     assert events(out) == logged
+
+
+def test_global_sites_count_once_in_the_ranks_sum():
+    """Under torchrun each rank scales the sites outside the data plate by 1/R
+    (:class:`OutsideScale`): the ranks' losses then sum to one process's loss on the combined
+    batch, global terms counted once (a deterministic guide: the loss is exact)."""
+    from pyro.infer import Trace_ELBO
+
+    from ppl_vae.inference.svi import OutsideScale
+
+    torch.manual_seed(0)
+    x = torch.randn(6, 3, dtype=torch.float64)
+    b_loc, z_loc = torch.randn(3, dtype=torch.float64), torch.randn(6, 2, dtype=torch.float64)
+
+    def model(x, rows):
+        b = pyro.sample("b", pdist.Normal(torch.zeros(3, dtype=x.dtype), 1.0).to_event(1))
+        pyro.factor("prior_penalty", -(b ** 2).sum())  # an observed site outside the plate
+        with pyro.plate("data", len(x)):
+            z = pyro.sample("z", pdist.Normal(torch.zeros(len(x), 2, dtype=x.dtype), 1.0)
+                            .to_event(1))
+            pyro.sample("x", pdist.Normal(b + z.sum(-1, keepdim=True), 1.0).to_event(1), obs=x)
+
+    def guide(x, rows):
+        pyro.sample("b", pdist.Delta(b_loc).to_event(1))
+        with pyro.plate("data", len(x)):
+            pyro.sample("z", pdist.Delta(z_loc[rows]).to_event(1))
+
+    def loss(m, g, rows):
+        return Trace_ELBO().differentiable_loss(m, g, x[rows], rows).item()
+
+    whole = loss(model, guide, slice(0, 6))
+    shards = (slice(0, 3), slice(3, 6))
+    share = OutsideScale("data", 1 / len(shards))
+    scaled = sum(loss(share(model), share(guide), rows) for rows in shards)
+    unscaled = sum(loss(model, guide, rows) for rows in shards)
+    assert abs(scaled - whole) <= 1e-10 * abs(whole)
+    assert abs(unscaled - whole) > 1e-3  # (the global terms twice without it)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import re
 import shutil
 import signal
 from dataclasses import replace
@@ -443,9 +442,10 @@ def test_a_program_that_raises_in_training_is_one_line_and_keeps_the_checkpoint(
     assert "FailsLater.guide((64, 64)): in epoch " in head
     assert "raised ValueError: the guide's own bug; the last good checkpoint" in head
     assert frames and "test_hostile.py" in frames[-1] and "the guide's own bug" in frames[-1]
-    said = re.search(r"the last good checkpoint \(epoch (\d+), step (\d+)\) is kept", head)
     kept = load_checkpoint(tmp_path / "r" / "checkpoint.pt")["loop"]
-    assert said and (kept["epoch"], kept["step"]) == tuple(map(int, said.groups()))
+    at = (f"epoch {kept['epoch']}, step {kept['step']}" if kept["step"] else
+          f"the start of epoch {kept['epoch']}")
+    assert f"the last good checkpoint ({at}) is kept" in head, head
 
 
 class ScoringFails(VAE):

@@ -155,8 +155,9 @@ def test_a_file_or_a_directory_holding_files_is_refused(tmp_path):
         RunDir.open(str(tmp_path / "run"), "vae")
     with command_line():
         assert str(e.value) == (f"--out {str(tmp_path / 'run')!r} already holds files; choose "
-                                "a new directory or pass --overwrite")
-    assert str(e.value).endswith("pass overwrite=True")
+                                "a new directory, or pass --overwrite to delete them all (at "
+                                "the new run's first checkpoint)")
+    assert "pass overwrite=True to delete them all" in str(e.value)
     assert snapshot(tmp_path / "run") == before  # lock released, nothing touched
 
 

@@ -121,8 +121,13 @@ def inspect_program(model: Callable, guide: Callable, *args: Tensor) -> ProgramI
     with poutine.trace(param_only=True) as params:
         guide_trace, model_trace = _run_first(model, guide, args)
     sites = _sample_sites(guide_trace) + _sample_sites(model_trace)
-    nesting = max([-f.dim for s in sites for f in plate_frames(s)], default=0)
     rows = args[0].shape[0] if args and torch.is_tensor(args[0]) and args[0].dim() else 1
+    for s in [*guide_trace.nodes.values(), *model_trace.nodes.values()]:
+        if site_is_subsample(s) and s["fn"].subsample_size is not None and s["fn"].size == rows:
+            raise UsageError(f"the program's plate {s['name']!r} over the data points "
+                             f"subsamples them (subsample_size); ppl_vae batches the data "
+                             "itself (--batch-size) and scores every row: drop subsample_size")
+    nesting = max([-f.dim for s in sites for f in plate_frames(s)], default=0)
     data_plate = next((f.name for s in _sample_sites(model_trace) if s["is_observed"]
                        for f in plate_frames(s) if len(s["fn"].batch_shape) >= -f.dim
                        and s["fn"].batch_shape[f.dim] == rows), None)

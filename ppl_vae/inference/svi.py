@@ -248,6 +248,20 @@ class LatentScale(Messenger):
             msg["scale"] = self.weight() * msg["scale"]
 
 
+class OutsideScale(Messenger):
+    """Scale the log-densities of the sample sites outside plate ``plate`` by ``scale``:
+    under torchrun each rank's loss takes its rows' terms and 1/R of the global ones, so the
+    ranks' sum is one process's loss on the global batch (global terms counted once)."""
+
+    def __init__(self, plate: str, scale: float) -> None:
+        super().__init__()
+        self.plate, self.scale = plate, scale
+
+    def _process_message(self, msg: dict) -> None:
+        if msg["type"] == "sample" and all(f.name != self.plate for f in msg["cond_indep_stack"]):
+            msg["scale"] = self.scale * msg["scale"]
+
+
 def latent_scaled(fn: Callable, weight: Callable[[], Tensor]) -> Callable:
     """``fn`` (a model or guide) under :class:`LatentScale`, named as ``fn``."""
     return functools.wraps(fn)(LatentScale(weight)(fn))

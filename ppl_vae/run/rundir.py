@@ -145,7 +145,8 @@ class RunDir:
         if held and not resume:
             if not overwrite:
                 raise UsageError(f"{self.setting} {str(self.final)!r} already holds files; "
-                                 "choose a new directory or pass --overwrite")
+                                 "choose a new directory, or pass --overwrite to delete them "
+                                 "all (at the new run's first checkpoint)")
             real, cwd = self.final.resolve(), Path.cwd().resolve()
             if real in (Path.home().resolve(), Path(real.anchor)) or cwd.is_relative_to(real):
                 raise UsageError(f"{self.setting} {str(self.final)!r} is the working, home or "

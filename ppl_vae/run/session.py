@@ -30,7 +30,7 @@ from ..inference.compiled import CompiledStep
 from ..inference.estimators import ELBOS, make_elbo, suited, unsuited
 from ..inference.importance import Scores, score
 from ..inference.program import ProgramInfo, inspect_objective
-from ..inference.svi import Step, collect_params, latent_scaled
+from ..inference.svi import OutsideScale, Step, collect_params, latent_scaled
 from ..models import RunContext, get_model, hook, make_options, model_name, options_class
 from .checkpoint import load_checkpoint, load_store_values, restore_params, restoring
 
@@ -71,6 +71,17 @@ def _savable(module: nn.Module) -> None:
                              f"({type(e).__name__}); keep tensors and numbers there") from None
 
 
+def _same_data(trained: dict, now: dict, name: str) -> None:
+    """Refuse data whose shapes, classes or counts differ from the run's checkpoint's
+    (:meth:`~ppl_vae.data.Dataset.signature`): a dataset file replaced since it trained."""
+    keys = ("input_dim", "image_shape", "eight_bit", "num_classes", "n_train", "labelled")
+    changed = [f"{k} {now[k]} (trained on {trained[k]})" for k in keys
+               if k in trained and trained[k] != now.get(k)]
+    if changed:
+        raise UsageError(f"--dataset {name!r} is not the data the run trained on: "
+                         f"{', '.join(changed[:3])}; restore that data, or train a new run")
+
+
 def resolve(config: TrainConfig, model: type | None = None) -> tuple[TrainConfig, type]:
     """The config a run takes, and its model class (``model``, or the class ``config.model``
     names): the family's recipe where the user gave nothing, its options made and checked,
@@ -81,7 +92,8 @@ def resolve(config: TrainConfig, model: type | None = None) -> tuple[TrainConfig
                      model_options=make_options(cls, config.model_options),
                      data_dir=os.path.abspath(config.data_dir))
     if config.dataset.startswith("npz:"):
-        config = replace(config, dataset="npz:" + os.path.abspath(config.dataset[4:]))
+        config = replace(config, dataset="npz:" + os.path.abspath(os.path.expanduser(
+            config.dataset[4:])))
     recipe = getattr(cls, "recipe", {})
     unknown = sorted(set(recipe) - set(RECIPE))
     if unknown:
@@ -98,6 +110,10 @@ def from_record(record: Any, model: type | None = None) -> tuple[TrainConfig, ty
     value is named by its key; an option added since the record was written takes what its
     absence meant (its field's ``metadata["absent"]``: M2's ``m1`` 0); a flat record, as older
     versions wrote, has its model's options picked out by name."""
+    missing = [k for k in ("model", "dataset") if isinstance(record, dict) and k not in record]
+    if missing:  # (else the default would stand in for what the run trained)
+        raise UsageError(f"it has no {missing[0]!r} key, which every run's record holds; "
+                         "restore it")
     config = TrainConfig.from_dict(record)
     cls = model or get_model(config.model)
     given, keys = config.model_options, "model_options."
@@ -194,6 +210,8 @@ class Session:
         if (training or read) and (config.early_stop or config.lr_schedule == "plateau") and \
                 data.val is None:  # (a caller's own validation split is kept)
             data = data.with_validation(config.val_fraction)
+        if read and state is not None:  # (as it was split when the checkpoint was written)
+            _same_data(state.get("data") or {}, data.signature(), config.dataset)
         self.data = data.to(self.device)
         x, default = self.data.train.x, torch.get_default_dtype()
         if default != torch.float32 and x.is_floating_point() and x.dtype != default:
@@ -374,6 +392,10 @@ class Session:
                              f"{summed[0]!r} (enumerated in the model), "
                              "whose sites TraceEnum_ELBO needs at one scale; drop --kl-warmup, "
                              "or sample that site in the guide")
+        if self.world.parallel and info.data_plate is not None:  # global terms once in all
+            share = functools.partial(OutsideScale, info.data_plate, 1 / self.world.size)
+            terms = [(w, functools.wraps(m)(share()(m)), functools.wraps(g)(share()(g)))
+                     for w, m, g in terms]
         if config.kl_warmup:  # (a buffer: the compiled step reads it as an input)
             self.schedule.register_buffer("kl_weight", torch.zeros((), device=self.device))
             terms = [(w, latent_scaled(m, self._kl_weight), latent_scaled(g, self._kl_weight))

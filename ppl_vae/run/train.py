@@ -25,7 +25,7 @@ from torch import nn
 from .. import distributed as dist
 from .. import plots
 from ..config import TrainConfig
-from ..data import Dataset
+from ..data import TORCHVISION, Dataset
 from ..distributed import World
 from ..errors import UsageError
 from ..files import write_csv, write_json
@@ -218,6 +218,14 @@ def train_run(config: TrainConfig, data: Dataset | None = None, progress: bool |
     if resume and not has_checkpoint(config.out):
         raise UsageError(f"--resume: {str(config.out)!r} holds no checkpoint to continue; start "
                          "a new run")
+    if config.overwrite and not resume:  # (the run's own input would go with the rest)
+        out = Path(config.out).resolve()
+        inputs = [config.dataset[4:]] if config.dataset.startswith("npz:") else \
+            [config.data_dir] if config.dataset in TORCHVISION else []
+        inside = next((p for p in inputs if Path(p).resolve().is_relative_to(out)), None)
+        if inside is not None and out.is_dir():
+            raise UsageError(f"--overwrite would delete the run's own data {inside!r}, inside "
+                             f"--out {config.out!r}; move the data out, or choose a new directory")
     rundir = open_run_dir(config, world, resume)
     config = replace(config, out=str(rundir.final))
     with rundir:  # (closed: committed where the run ends well, else as it was)
@@ -281,6 +289,11 @@ def _train(session: Session, rundir: RunDir, state: dict | None) -> Run:
         note = session.estimators("note").get(config.elbo)
         if note and state is None:
             ctx.log(note)
+        summed = sorted(session.info.model_only & session.info.enumerated)
+        if summed and config.elbo == "enum" and state is None:
+            ctx.log(f"the model sums out {', '.join(summed)} in training (--elbo enum); the test "
+                    "ELBO draws it from its prior instead, a looser bound than the training "
+                    "ELBO (the IWAE bound, --eval-iwae, stays a bound on log p(x))")
         session.checkpoint = lambda: save(None)
         try:
             hook(module, "pretrain")(ctx)

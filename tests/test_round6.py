@@ -1,0 +1,166 @@
+"""The sixth round of hostile use: data replaced under a run, 0/1 masks saved as uint8, a
+run's own data inside the directory --overwrite empties, a hand-edited config.json, models
+that subsample their data plate or hold lazy modules, a model that sums out a discrete
+latent. Each is one line (exit 2 from the command line) or a note; nothing is lost."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from conftest import SMALL_MODEL
+from helpers import assert_one_line_error
+from pyro.infer import config_enumerate
+from torch import nn
+
+from ppl_vae import TrainConfig, UsageError, evaluate_run, load_dataset, train_run
+from ppl_vae.cli import evaluate_main, train_main
+
+PROG = "python -m ppl_vae train"
+
+
+def small(out: Path, dataset: str = "digits", **kw) -> TrainConfig:
+    settings = dict(model_options=SMALL_MODEL, epochs=1, batch_size=64, eval_particles=2)
+    return TrainConfig(dataset=dataset, out=str(out), **{**settings, **kw})
+
+
+def test_a_replaced_dataset_is_refused_on_resume_and_evaluate(tmp_path, cli):
+    data = tmp_path / "d.npz"
+    np.savez(data, x=np.random.default_rng(0).random((200, 16)).astype("f4"))
+    out = tmp_path / "run"
+    train_run(small(out, f"npz:{data}"), progress=False)
+    np.savez(data, x=np.random.default_rng(1).random((80, 16)).astype("f4"))  # fewer rows
+    for result in (cli(train_main, ["--resume", out]), cli(evaluate_main, ["--run", out])):
+        assert_one_line_error(result, "", "is not the data the run trained on",
+                              "n_train 64 (trained on 160)", "restore that data")
+    np.savez(data, x=np.random.default_rng(1).random((200, 25)).astype("f4"))  # wider rows
+    with pytest.raises(UsageError, match="input_dim 25 .trained on 16."):
+        evaluate_run(out)
+
+
+def test_zero_one_data_saved_as_uint8_is_refused_and_bool_is_read_as_0_1(tmp_path):
+    masks = np.random.default_rng(0).random((50, 16)) < 0.3
+    np.savez(tmp_path / "u8.npz", x=masks.astype(np.uint8))
+    with pytest.raises(UsageError, match="uint8 holding only 0 and 1.*save 0/1 data as bool"):
+        load_dataset(f"npz:{tmp_path / 'u8.npz'}")
+    np.savez(tmp_path / "b.npz", x=masks)
+    data = load_dataset(f"npz:{tmp_path / 'b.npz'}")
+    rows = torch.cat([data.train.x, data.test.x])
+    assert rows.dtype == torch.float32 and set(rows.unique().tolist()) == {0.0, 1.0}
+    assert rows.sum() == masks.sum()
+
+
+def test_npz_paths_and_files_that_are_not_npz(tmp_path, monkeypatch):
+    np.save(tmp_path / "one.npy", np.zeros((4, 4)))
+    with pytest.raises(UsageError, match=r"one array \(numpy.save's .npy\)"):
+        load_dataset(f"npz:{tmp_path / 'one.npy'}")
+    (tmp_path / "dir.npz").mkdir()
+    with pytest.raises(UsageError, match="a directory; give the path of an .npz"):
+        load_dataset(f"npz:{tmp_path / 'dir.npz'}")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    np.savez(tmp_path / "home.npz", x=np.random.default_rng(0).random((20, 4)))
+    assert load_dataset("npz:~/home.npz").input_dim == 4
+
+
+def test_a_failed_download_keeps_a_data_dir_the_user_made(tmp_path, monkeypatch):
+    kept = tmp_path / "mine"
+    kept.mkdir()
+    with pytest.raises(UsageError, match="mnist is not in"):
+        load_dataset("mnist", str(kept), download=False)
+    assert kept.is_dir()
+    with pytest.raises(UsageError, match="mnist is not in"):  # one it made itself: removed
+        load_dataset("mnist", str(tmp_path / "new" / "sub"), download=False)
+    assert not (tmp_path / "new").exists()
+
+
+def test_overwrite_refuses_to_delete_the_runs_own_data(tmp_path, cli, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "proj").mkdir()
+    np.savez(tmp_path / "proj" / "mine.npz", x=np.random.default_rng(0).random((40, 4)))
+    result = cli(train_main, ["--dataset", "npz:proj/mine.npz", "--epochs", "1", "--out", "proj",
+                              "--overwrite"])
+    assert_one_line_error(result, PROG, "--overwrite would delete the run's own data",
+                          "mine.npz")
+    assert sorted(p.name for p in (tmp_path / "proj").iterdir()) == ["mine.npz"]
+
+
+@pytest.mark.parametrize("key", ["dataset", "model"])
+def test_a_config_json_without_its_dataset_or_model_is_refused(tmp_path, key):
+    out = tmp_path / "run"
+    train_run(small(out), progress=False)
+    record = json.loads((out / "config.json").read_text())
+    del record[key]
+    (out / "config.json").write_text(json.dumps(record))
+    with pytest.raises(UsageError, match=f"has no '{key}' key"):
+        evaluate_run(out)
+    assert "test_elbo" in json.loads((out / "summary.json").read_text())
+
+
+class Subsampled(nn.Module):
+    def __init__(self, input_dim: int, z_dim: int = 2) -> None:
+        super().__init__()
+        self.z_dim, self.dec = z_dim, nn.Linear(z_dim, input_dim)
+        self.enc = nn.Linear(input_dim, 2 * z_dim)
+
+    def model(self, x):
+        with pyro.plate("data", x.shape[0], subsample_size=min(32, x.shape[0])) as idx:
+            z = pyro.sample("z", dist.Normal(x.new_zeros(self.z_dim), 1.0).to_event(1))
+            pyro.sample("x", dist.Bernoulli(logits=self.dec(z)).to_event(1), obs=x[idx])
+
+    def guide(self, x):
+        with pyro.plate("data", x.shape[0], subsample_size=min(32, x.shape[0])) as idx:
+            loc, log_scale = self.enc(x[idx]).chunk(2, -1)
+            pyro.sample("z", dist.Normal(loc, log_scale.exp()).to_event(1))
+
+
+class Lazy(Subsampled):
+    def __init__(self, input_dim: int, z_dim: int = 2) -> None:
+        super().__init__(input_dim, z_dim)
+        self.enc = nn.LazyLinear(2 * z_dim)
+
+
+def test_a_subsampling_plate_and_a_lazy_module_are_one_line_before_training(tmp_path):
+    with pytest.raises(UsageError, match="plate 'data' over the data points subsamples them"):
+        train_run(TrainConfig(model=Subsampled, epochs=1, out=str(tmp_path / "a")),
+                  progress=False)
+    with pytest.raises(UsageError, match="'enc.weight' is a lazy module's uninitialized"):
+        train_run(TrainConfig(model=Lazy, epochs=1, out=str(tmp_path / "b")), progress=False)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+class SummedOut(nn.Module):
+    """A mixture prior whose component the model sums out (TraceEnum_ELBO)."""
+
+    def __init__(self, input_dim: int, z_dim: int = 2, k: int = 3) -> None:
+        super().__init__()
+        self.k, self.z_dim = k, z_dim
+        self.mu = nn.Parameter(torch.randn(k, z_dim))
+        self.enc, self.dec = nn.Linear(input_dim, 2 * z_dim), nn.Linear(z_dim, input_dim)
+
+    @config_enumerate
+    def model(self, x):
+        with pyro.plate("data", x.shape[0]):
+            y = pyro.sample("y", dist.Categorical(logits=x.new_zeros(self.k)))
+            z = pyro.sample("z", dist.Normal(self.mu[y], 1.0).to_event(1))
+            pyro.sample("x", dist.Bernoulli(logits=self.dec(z)).to_event(1), obs=x)
+
+    def guide(self, x):
+        with pyro.plate("data", x.shape[0]):
+            loc, log_scale = self.enc(x).chunk(2, -1)
+            pyro.sample("z", dist.Normal(loc, log_scale.exp()).to_event(1))
+
+
+def test_a_model_summing_out_a_latent_is_told_the_test_elbo_draws_it(tmp_path):
+    run = train_run(TrainConfig(model=SummedOut, elbo="enum", epochs=1, batch_size=256,
+                                eval_particles=2, out=str(tmp_path / "run")), progress=False)
+    assert any("sums out y in training" in note and "looser bound" in note
+               for note in run.notes), run.notes
+    mc = train_run(TrainConfig(model=SummedOut, elbo="mc", epochs=1, batch_size=256,
+                               eval_particles=2, out=str(tmp_path / "mc")), progress=False)
+    assert not any("sums out" in note for note in mc.notes)
+
