@@ -164,3 +164,31 @@ def test_a_model_summing_out_a_latent_is_told_the_test_elbo_draws_it(tmp_path):
                                eval_particles=2, out=str(tmp_path / "mc")), progress=False)
     assert not any("sums out" in note for note in mc.notes)
 
+
+
+def test_a_kl_warmup_the_run_never_finishes_is_said(tmp_path):
+    run = train_run(small(tmp_path / "run", epochs=2, kl_warmup=4), progress=False)
+    assert any("--kl-warmup 4 is not less than this run's 2 epochs" in n and "ends at 25%" in n
+               for n in run.notes), run.notes
+    run = train_run(small(tmp_path / "ok", epochs=2, kl_warmup=1), progress=False)
+    assert not any("--kl-warmup" in n for n in run.notes)
+
+
+def test_a_run_directory_removed_while_training_is_not_written_again(tmp_path, monkeypatch):
+    import shutil
+
+    from ppl_vae.run.session import Session
+
+    out, real = tmp_path / "run", Session.score
+    calls = []
+
+    def remove_then_score(self, *args, **kwargs):  # the first epoch's evaluation
+        calls.append(1)
+        if len(calls) == 1:
+            shutil.rmtree(out)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Session, "score", remove_then_score)
+    with pytest.raises(UsageError, match="was removed or replaced while the run trained"):
+        train_run(small(out, epochs=2), progress=False)
+    assert not out.exists()

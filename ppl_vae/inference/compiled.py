@@ -52,7 +52,8 @@ from ..errors import Note, first_line, users_frames
 from .svi import LossFn, Step
 
 TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4}
-"""The capture check's relative tolerance by dtype (float16/bfloat16: 1e-2)."""
+"""The capture check's relative tolerance by dtype (float16/bfloat16, and networks under
+bfloat16 autocast: 1e-2)."""
 
 
 class Refused(Exception):
@@ -273,14 +274,15 @@ class CompiledStep(Step):
     the eager step's, then ``optimizer.step()`` runs eagerly; a refusal on one rank is on all."""
 
     def __init__(self, eager: Step, module: nn.Module, *,
-                 log: Callable[[str], None] | None = None, estimator: str = "the estimator"
-                 ) -> None:
+                 log: Callable[[str], None] | None = None, estimator: str = "the estimator",
+                 rtol: float | None = None) -> None:
         self.__dict__.update(eager.__dict__)  # (its parameters, update and statistics)
         self.module, optimizer = module, eager.optimizer
         self.log = log or (lambda text: warnings.warn(text, CompileNote, stacklevel=3))
         trained = (p for g in optimizer.param_groups for p in g["params"])
         self.device = next(trained, next(module.parameters(), torch.zeros(()))).device
         self.graphs: dict[tuple, _Graph] = {}
+        self.rtol = rtol  # the capture check's tolerance (None: TOLERANCE by the loss's dtype)
         self.refused: str | None = None
         self._bound, self._moments, self._graph = False, None, None
         self._cudagraphs = self.device.type == "cuda"
@@ -678,7 +680,7 @@ class CompiledStep(Step):
                                ("Adam's v (the gradient)", self._moments[n_tr + k], v, v0 + v)]
         worst, what = max((_relative_error(c, e, scale), what) for what, c, e, scale in checks)
         self._restore(saved)
-        rtol = TOLERANCE.get(loss_e.dtype, 1e-2)
+        rtol = self.rtol or TOLERANCE.get(loss_e.dtype, 1e-2)
         if not worst <= rtol:
             raise Refused(f"the compiled step disagrees with the eager step with the same noise "
                           f"({what}: relative error {worst:.2g} > {rtol:g})")

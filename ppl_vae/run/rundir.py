@@ -80,13 +80,22 @@ class DirLock:
     def held(self) -> bool:
         return self._fd is not None
 
+    def intact(self) -> bool:
+        """Whether the lock file is still ours at its path (not deleted with its directory)."""
+        try:
+            return self._fd is not None and os.path.samestat(os.fstat(self._fd),
+                                                             os.stat(self.path))
+        except OSError:
+            return False
+
     def release(self) -> None:
         """Delete the lock file and unlock; idempotent. (Deleting is safe: a process that
         opened the old file sees it is gone once it gets the lock, and tries again.)"""
         if self._fd is None:
             return
-        with contextlib.suppress(OSError):
-            self.path.unlink(missing_ok=True)
+        if self.intact():  # (not another run's, where the directory was replaced)
+            with contextlib.suppress(OSError):
+                self.path.unlink(missing_ok=True)
         os.close(self._fd)
         self._fd = None
 
@@ -185,6 +194,14 @@ class RunDir:
     def __exit__(self, exc_type, exc, tb) -> None:
         self.close(ok=exc_type is None)
 
+    def check(self) -> None:
+        """:class:`UsageError` if the directory (its ``.lock``) was removed or replaced while
+        the run held it: writing on would make a run directory without its record."""
+        if self._lock is not None and not self._lock.intact():
+            raise UsageError(f"{self.setting} {str(self.final)!r} was removed or replaced while "
+                             "the run trained (its .lock is gone); nothing more is written "
+                             "there: run again")
+
     def commit(self) -> None:
         """Make this run's files the directory's (staged: the old entries but ``.lock`` go,
         the staged move in); idempotent, the lock stays held. Call at the first checkpoint."""
@@ -221,9 +238,10 @@ class RunDir:
         the staging goes, and in a new or empty directory all this run wrote (and made)."""
         if self._closed:
             return
-        discard = not ok and not self.committed
+        gone = self._lock is not None and not self._lock.intact()  # (then touch nothing)
+        discard = not ok and not self.committed and not gone
         try:
-            if ok:
+            if ok and not gone:
                 self.commit()
             elif discard:
                 if self._staging is not None:

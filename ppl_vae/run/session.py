@@ -409,19 +409,24 @@ class Session:
         step.watch_norm = config.log != "none"  # (the norm before clipping, logged)
         steps = config.epochs * self.steps_per_epoch()
         if config.ema and 2 / (1 - config.ema) > steps and log is not None:
-            log(f"--ema {config.ema:g} averages over about {1 / (1 - config.ema):,.0f} steps, "
+            log(f"--ema {config.ema} averages over about {1 / (1 - config.ema):,.0f} steps, "
                 f"more than half of this run's {steps:,}: the average still holds much of the "
-                f"initial weights ({config.ema:g}**{steps:,} = {config.ema ** steps:.0%} at the "
+                f"initial weights ({config.ema}**{steps:,} = {config.ema ** steps:.0%} at the "
                 "end); a smaller D follows the training")
         if config.warmup_steps > steps and log is not None:
             log(f"--warmup-steps {config.warmup_steps:,} is more than this run's {steps:,} steps: "
                 f"the learning rate ends at {steps / config.warmup_steps:.0%} of --lr "
                 f"{config.lr:g}, never reaching it")
+        if config.kl_warmup >= config.epochs and log is not None:
+            log(f"--kl-warmup {config.kl_warmup:,} is not less than this run's {config.epochs:,} "
+                "epochs: the latent sites' weight ends at "
+                f"{(config.epochs - 1) / config.kl_warmup:.0%} in the last, never reaching 1")
         if config.precision == "bf16":
             step.loss, step._backward = (bf16(f, module, self.device)
                                          for f in (step.loss, step._backward))
         if config.compile:
-            step = CompiledStep(step, module, log=log, estimator=f"--elbo {config.elbo}")
+            step = CompiledStep(step, module, log=log, estimator=f"--elbo {config.elbo}",
+                                rtol=1e-2 if config.precision == "bf16" else None)
         return step
 
     def _kl_weight(self) -> Tensor:

@@ -169,7 +169,7 @@ def open_run_dir(config: TrainConfig, world: World, resume: bool) -> RunDir:
     if world.main:
         try:
             rundir = RunDir.open(config.out, config.model, overwrite=config.overwrite,
-                                 resume=resume)
+                                 resume=resume, setting="--resume" if resume else "--out")
         except UsageError as e:
             if not world.parallel:
                 raise
@@ -265,6 +265,7 @@ def _train(session: Session, rundir: RunDir, state: dict | None) -> Run:
     def save(loop_state: dict | None) -> None:  # (None: pre-training, before the SVI loop)
         if not world.main:
             return
+        rundir.check()
         average = step.ema and loop_state is not None  # (pre-training: no average yet)
         raw = {"model": {k: v.clone() for k, v in module.state_dict().items()},
                "store": store_values(module)} if average else None
@@ -379,6 +380,7 @@ def _train(session: Session, rundir: RunDir, state: dict | None) -> Run:
             "dataset": data.name, "n_train": len(data.train),
             "n_val": 0 if data.val is None else len(data.val), "n_test": len(data.test)}
         if world.main:
+            rundir.check()
             plots.elbo_curves(run.history, ctx.out / "elbo_curves.png")
             run.summary.update(session.report(run.summary))
             write_json(rundir.path / "summary.json", run.summary)
