@@ -399,6 +399,42 @@ def _npz_labels(arrays: dict, n: int, where: str) -> Tensor | None:
     return torch.as_tensor(y, dtype=torch.long)
 
 
+def check_dataset(data: Dataset) -> None:
+    """Refuse, in one line, a caller's :class:`Dataset` the models cannot read: splits of
+    torch tensors, rows (N, D) of one width D (``image_shape``'s size), at least one row in
+    training and test, uint8 or the default float dtype, finite; labels integers (N,),
+    ``UNLABELLED`` or more."""
+    splits = [(k, s) for k, s in (("train", data.train), ("test", data.test), ("val", data.val))
+              if s is not None]
+    width, default = None, torch.get_default_dtype()
+    for key, split in splits:
+        for name, t in (("x", split.x), ("y", split.y)):
+            if t is not None and not isinstance(t, Tensor):
+                raise UsageError(f"the Dataset's {key}.{name} is a {type(t).__name__}; give a "
+                                 "torch tensor (torch.as_tensor)")
+        x, y, where = split.x, split.y, f"the Dataset's {key}.x"
+        if x.dim() != 2 or not len(x):
+            raise UsageError(f"{where} has shape {tuple(x.shape)}; give rows (N, D), N >= 1 "
+                             "(images flattened, as load_dataset gives them)")
+        width = x.shape[1] if width is None else width
+        if x.shape[1] != width:
+            raise UsageError(f"{where} has rows of {x.shape[1]} values, the train split "
+                             f"{width}; give every split the same width")
+        if x.dtype != torch.uint8 and x.dtype != default:
+            raise UsageError(f"{where} is {x.dtype}; give uint8 (8-bit levels) or "
+                             f"{default} (x.to(torch.get_default_dtype()))")
+        if x.is_floating_point() and not bool(x.isfinite().all()):
+            raise UsageError(f"{where} contains NaN or infinite values; clean or drop those rows")
+        if y is not None and (y.dtype != torch.long or y.shape != (len(x),)
+                              or bool((y < UNLABELLED).any())):
+            raise UsageError(f"the Dataset's {key}.y must be {len(x)} integer labels (torch.long; "
+                             f"{UNLABELLED}: unlabelled), got {y.dtype} of shape {tuple(y.shape)}")
+    shape = data.image_shape
+    if shape is not None and math.prod(shape) != width:
+        raise UsageError(f"the Dataset's image_shape {tuple(shape)} holds {math.prod(shape)} "
+                         f"values, its rows {width}; give the shape of one row's image")
+
+
 def hide_labels(data: Dataset, labelled: int, seed: int = 0) -> Dataset:
     """``data`` with ``labelled`` training labels kept and the rest set to -1: a
     class-balanced draw (``labelled // K`` per class, the remainder to classes drawn at

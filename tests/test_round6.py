@@ -6,6 +6,8 @@ latent. Each is one line (exit 2 from the command line) or a note; nothing is lo
 from __future__ import annotations
 
 import json
+import re
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +22,7 @@ from torch import nn
 
 from ppl_vae import TrainConfig, UsageError, evaluate_run, load_dataset, train_run
 from ppl_vae.cli import evaluate_main, train_main
+from ppl_vae.data import Split
 
 PROG = "python -m ppl_vae train"
 
@@ -192,3 +195,21 @@ def test_a_run_directory_removed_while_training_is_not_written_again(tmp_path, m
     with pytest.raises(UsageError, match="was removed or replaced while the run trained"):
         train_run(small(out, epochs=2), progress=False)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("change, said", [
+    (dict(test=lambda s: Split(torch.rand(10, 20))), "test.x has rows of 20 values, the train"),
+    (dict(test=lambda s: Split(s.x[:0])), "test.x has shape (0, 64)"),
+    (dict(train=lambda s: Split(s.x.double(), s.y)), "train.x is torch.float64"),
+    (dict(train=lambda s: Split(s.x.numpy(), s.y)), "train.x is a ndarray; give a torch tensor"),
+    (dict(train=lambda s: Split(s.x, s.y.float())), "train.y must be"),
+    (dict(train=lambda s: Split(s.x, s.y - 5)), "train.y must be"),
+    (dict(train=lambda s: Split(s.x.clone().fill_(float("nan")), s.y)), "NaN or infinite"),
+    (dict(image_shape=(1, 4, 4)), "image_shape (1, 4, 4) holds 16 values, its rows 64"),
+])
+def test_a_callers_dataset_is_checked_before_training(tmp_path, digits, change, said):
+    fields = {k: (f(getattr(digits, k)) if callable(f) else f) for k, f in change.items()}
+    data = replace(digits, **fields)
+    with pytest.raises(UsageError, match=re.escape(said)):
+        train_run(small(tmp_path / "run"), data=data, progress=False)
+    assert not (tmp_path / "run").exists()

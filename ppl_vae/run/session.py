@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from .. import distributed as dist
 from .. import resources
 from ..config import RECIPE, TrainConfig
-from ..data import Dataset, Split, load_dataset
+from ..data import Dataset, Split, check_dataset, load_dataset
 from ..distributed import SINGLE, World
 from ..errors import UsageError, either, first_line
 from ..inference.compiled import CompiledStep
@@ -161,6 +161,8 @@ def load_data(config: TrainConfig, data: Dataset | None = None) -> Dataset:
     if data is None:
         data = load_dataset(config.dataset, config.data_dir, config.download, config.binarize,
                             labelled=config.labelled, seed=config.seed)
+    else:
+        check_dataset(data)
     share, b = config.labelled_share, config.batch_size
     if share and b < 2:
         raise UsageError("--labelled-share puts labelled and unlabelled rows in every batch, "
