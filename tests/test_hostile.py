@@ -566,6 +566,9 @@ def test_a_changed_default_dtype_is_one_line(digits):
     try:
         with pytest.raises(UsageError, match=r"default dtype is torch.float64 .* the data are "
                                              r"torch.float32"):
+            Session(TrainConfig(model_options=SMALL_MODEL), progress=False)
+        with pytest.raises(UsageError, match=r"train.x is torch.float32; give uint8 .* or "
+                                             r"torch.float64"):  # (a caller's own data)
             Session(TrainConfig(model_options=SMALL_MODEL), digits, progress=False)
     finally:
         torch.set_default_dtype(default)

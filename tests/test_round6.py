@@ -213,3 +213,10 @@ def test_a_callers_dataset_is_checked_before_training(tmp_path, digits, change, 
     with pytest.raises(UsageError, match=re.escape(said)):
         train_run(small(tmp_path / "run"), data=data, progress=False)
     assert not (tmp_path / "run").exists()
+
+
+def test_resume_refuses_a_model_option_the_model_does_not_have(tmp_path, cli):
+    out = tmp_path / "run"
+    train_run(small(out), progress=False)
+    assert_one_line_error(cli(train_main, ["--resume", out, "--model-opt", "bogus=1"]), PROG,
+                          "the run's model has no option 'bogus'", "z_dim")

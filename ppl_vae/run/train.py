@@ -113,7 +113,11 @@ def resumed(recorded: TrainConfig, given: dict, out: str, what: str = "run") -> 
                          f"drop {flag} to continue the {what}, or start a new one")
     options = given.get("model_options") or {}
     for key, value in (options.items() if isinstance(options, dict) else ()):
-        if key in mine["model_options"] and json.loads(json.dumps(value)) != \
+        if key not in mine["model_options"]:
+            raise UsageError(f"--resume: the {what}'s model has no option {key!r} (its "
+                             f"options: {', '.join(sorted(mine['model_options'])) or 'none'}); "
+                             "drop it to continue the run")
+        if json.loads(json.dumps(value)) != \
                 json.loads(json.dumps(mine["model_options"][key])):
             raise UsageError(f"--resume: the model option {key}={value!r} contradicts the "
                              f"{what}'s {mine['model_options'][key]!r}; drop it to continue the "
