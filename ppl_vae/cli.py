@@ -174,7 +174,8 @@ def add_options(parser: argparse.ArgumentParser, options: type, *, skip: Sequenc
                 suppress: bool = False) -> dict:
     """The fields of dataclass ``options`` as flags ``--name``, typed by their default (else
     their metadata's ``type``: int, float or str; other fields are left out; a bool on by
-    default is ``--no-name``, with ``off_help``; a tuple takes one or more values), with the
+    default is ``--no-name``, with ``off_help``, and the other way is taken unlisted; a tuple
+    takes one or more values), with the
     metadata's ``help``, ``choices``, ``aliases``, ``metavar``, ``required``, ``action`` and
     ``nargs``, in argument groups by ``group`` (else ``default_group``, else the parser's own).
     With ``suppress`` only the options given are parsed. Returns the groups, by name."""
@@ -202,6 +203,10 @@ def add_options(parser: argparse.ArgumentParser, options: type, *, skip: Sequenc
             kw.update({"nargs": meta.get("nargs", "+")} if many else {})
         g.add_argument(*flags, dest=name, default=argparse.SUPPRESS if suppress else default,
                        **kw).shown_default = default
+        if isinstance(default, bool):  # the other way, unlisted: to undo a --config file's
+            g.add_argument(flag(name) if default else "--no-" + name.replace("_", "-"),
+                           dest=name, action="store_true" if default else "store_false",
+                           default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return groups
 
 
@@ -320,14 +325,14 @@ def options_file(path: str) -> dict[str, Any]:
 
     try:
         text = Path(path).read_text(encoding="utf-8")
-        record = yaml.load(text, _yaml_loader()) if path.endswith((".yaml", ".yml")) else \
-            json.loads(text)
+        record = yaml.load(text, _yaml_loader()) if path.lower().endswith((".yaml", ".yml")) \
+            else json.loads(text)
     except (OSError, ValueError, yaml.YAMLError) as e:
         raise UsageError(f"--config {path!r} is not a readable JSON or YAML file of options "
                          f"({type(e).__name__}: {first_line(e, 120)})") from None
     if not isinstance(record, dict):
-        raise UsageError(f"--config {path!r} holds a {type(record).__name__}, not a mapping "
-                         "of options")
+        what = "nothing" if record is None else f"a {type(record).__name__}"
+        raise UsageError(f"--config {path!r} holds {what}, not a mapping of options")
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     if unknown := sorted(set(record) - known, key=str):
         raise UsageError(f"--config {path!r}: {unknown[0]!r} is not an option of a run; the "

@@ -220,3 +220,22 @@ def test_resume_refuses_a_model_option_the_model_does_not_have(tmp_path, cli):
     train_run(small(out), progress=False)
     assert_one_line_error(cli(train_main, ["--resume", out, "--model-opt", "bogus=1"]), PROG,
                           "the run's model has no option 'bogus'", "z_dim")
+
+
+def test_labelled_share_without_hidden_labels_is_refused(cli, tmp_path):
+    result = cli(train_main, ["--model", "ssvae", "--labelled-share", "0.5", "--epochs", "1",
+                              "--out", tmp_path / "run"])
+    assert_one_line_error(result, PROG, "--labelled-share", "every training row of 'digits' is "
+                          "labelled", "--labelled N")
+
+
+def test_a_switch_a_config_file_sets_is_turned_off_on_the_command_line(tmp_path):
+    from ppl_vae.cli import _parse
+
+    (tmp_path / "c.YAML").write_text("epochs: 1\ncompile: true\nvalidate: true\n")
+    args = _parse(["--config", str(tmp_path / "c.YAML"), "--no-compile"])
+    assert args["compile"] is False and args["validate"] is True
+    assert _parse(["--no-compile", "--compile"])["compile"] is True  # (the last one given)
+    (tmp_path / "empty.yaml").write_text("")
+    with pytest.raises(UsageError, match="holds nothing, not a mapping of options"):
+        _parse(["--config", str(tmp_path / "empty.yaml")])

@@ -164,6 +164,11 @@ def load_data(config: TrainConfig, data: Dataset | None = None) -> Dataset:
     else:
         check_dataset(data)
     share, b = config.labelled_share, config.batch_size
+    if share and not 0 < (data.labelled or 0) < len(data.train):
+        raise UsageError("--labelled-share mixes labelled and unlabelled rows in every batch, "
+                         f"but {'every' if data.labelled else 'no'} training row of "
+                         f"{data.name!r} is labelled; hide labels with --labelled N, or drop "
+                         "--labelled-share")
     if share and b < 2:
         raise UsageError("--labelled-share puts labelled and unlabelled rows in every batch, "
                          f"which needs --batch-size 2 or more, got {b}")
