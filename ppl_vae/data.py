@@ -227,7 +227,13 @@ def _torchvision(name: str, root: str, download: bool) -> Dataset:
     except Exception as e:  # torchvision raises RuntimeError / URLError / OSError here
         _remove_empty_dirs(root, keep=before)  # a failed download leaves no empty folders
         how = "and could not be downloaded" if download else "and --no-download was given"
-        said = first_line(e)
+        said, folder = first_line(e), Path(root, cls.__name__)
+        if folder.is_dir() and any(p.is_file() for p in folder.rglob("*")):
+            raise UsageError(f"{name}'s files in {os.path.abspath(folder)!r} cannot be read "
+                             f"({type(e).__name__}: {said}): incomplete or corrupt? replace "
+                             f"them with torchvision's {cls.__name__} files") from None
+        if Path(root).name == cls.__name__:
+            how += f"; --data-dir takes the folder that holds {cls.__name__}/, its parent"
         raise UsageError(f"{name} is not in {os.path.abspath(root)!r} {how} ({type(e).__name__}"
                          f"{': ' + said if said else ''}); put torchvision's {cls.__name__} files "
                          "there (--data-dir), or run offline with --dataset 'digits', --dataset "

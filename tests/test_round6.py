@@ -239,3 +239,16 @@ def test_a_switch_a_config_file_sets_is_turned_off_on_the_command_line(tmp_path)
     (tmp_path / "empty.yaml").write_text("")
     with pytest.raises(UsageError, match="holds nothing, not a mapping of options"):
         _parse(["--config", str(tmp_path / "empty.yaml")])
+
+
+def test_corrupt_dataset_files_are_not_called_missing(tmp_path):
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+                 "t10k-labels-idx1-ubyte"):
+        (raw / name).write_bytes(b"\x00\x00\x08\x03" + b"\x00" * 12)
+    with pytest.raises(UsageError, match="mnist's files in .* cannot be read"):
+        load_dataset("mnist", str(tmp_path), download=False)
+    assert (raw / "t10k-labels-idx1-ubyte").is_file()  # (kept: the user's)
+    with pytest.raises(UsageError, match="takes the folder that holds MNIST/, its parent"):
+        load_dataset("mnist", str(tmp_path / "elsewhere" / "MNIST"), download=False)
