@@ -252,3 +252,22 @@ def test_corrupt_dataset_files_are_not_called_missing(tmp_path):
     assert (raw / "t10k-labels-idx1-ubyte").is_file()  # (kept: the user's)
     with pytest.raises(UsageError, match="takes the folder that holds MNIST/, its parent"):
         load_dataset("mnist", str(tmp_path / "elsewhere" / "MNIST"), download=False)
+
+
+def test_resuming_from_python_with_other_options_names_them_not_config_json(tmp_path):
+    from test_resume import _signal_in
+
+    from ppl_vae.interrupt import Interrupted
+
+    out = tmp_path / "run"
+    config = small(out, epochs=2)
+    mp = pytest.MonkeyPatch()
+    from ppl_vae.run.session import Session
+    _signal_in(mp, Session, "score", 1)  # epoch 1's evaluation: its checkpoint is there
+    with pytest.raises(Interrupted):
+        train_run(replace(config, checkpoint_every_steps=5), progress=False)
+    mp.undo()
+    with pytest.raises(UsageError, match=r"with other options than its run's \(ema=0.9, the "
+                                         r"run's 0.0\); take the run's with resume_config"):
+        train_run(replace(config, checkpoint_every_steps=5, ema=0.9), progress=False,
+                  resume=True)

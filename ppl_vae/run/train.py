@@ -144,6 +144,14 @@ def _resumable(config: TrainConfig, cls: type, path: Path, world: World) -> dict
                     if k not in (*NOT_THE_MATH, "out") and stored.get(k) != mine.get(k))
     if differ:
         saved = path / "config.json"
+        record = {}
+        with contextlib.suppress(OSError, ValueError):
+            record = as_recorded(from_record(json.loads(saved.read_text()), cls)[0].to_dict())
+        if record and all(record.get(k) == stored.get(k) for k in differ):  # the caller's differ
+            raise UsageError(f"resuming {str(path)!r} with other options than its run's (" +
+                             ", ".join(f"{k}={mine.get(k)!r}, the run's {stored.get(k)!r}"
+                                       for k in differ[:3]) +
+                             "); take the run's with resume_config(run_dir), or start a new run")
         where = f"{str(saved)!r}" if saved.is_file() else "the options given"
         raise UsageError(f"{where} differs from the checkpoint's options ("
                          f"{', '.join(differ[:3])}); restore it, or delete it to resume with "
