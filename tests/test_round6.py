@@ -271,3 +271,11 @@ def test_resuming_from_python_with_other_options_names_them_not_config_json(tmp_
                                          r"run's 0.0\); take the run's with resume_config"):
         train_run(replace(config, checkpoint_every_steps=5, ema=0.9), progress=False,
                   resume=True)
+
+
+def test_overwrite_without_out_makes_a_new_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run = train_run(TrainConfig(model_options=SMALL_MODEL, epochs=1, overwrite=True),
+                    progress=False)
+    out = Path(run.out).resolve()
+    assert out.parent == (tmp_path / "runs").resolve() and (out / "summary.json").is_file()

@@ -230,7 +230,7 @@ def train_run(config: TrainConfig, data: Dataset | None = None, progress: bool |
     if resume and not has_checkpoint(config.out):
         raise UsageError(f"--resume: {str(config.out)!r} holds no checkpoint to continue; start "
                          "a new run")
-    if config.overwrite and not resume:  # (the run's own input would go with the rest)
+    if config.overwrite and not resume and config.out is not None:  # (its own input too)
         out = Path(config.out).resolve()
         inputs = [config.dataset[4:]] if config.dataset.startswith("npz:") else \
             [config.data_dir] if config.dataset in TORCHVISION else []
