@@ -243,10 +243,16 @@ def _torchvision(name: str, root: str, download: bool) -> Dataset:
     return Dataset(name, train, test, image_shape=shape, label_name=label_name)
 
 
-def _dirs(root: str) -> set[str]:
-    """The directories under (and including) ``root``, and the parents it would need."""
-    parents = {str(p) for p in Path(os.path.abspath(root)).parents if p.is_dir()}
-    return parents | {os.path.abspath(path) for path, _, _ in os.walk(root)}
+def _dirs(root: str, depth: int = 3) -> set[str]:
+    """The directories under (and including) ``root``, ``depth`` levels down (torchvision's
+    ``<root>/<Name>/raw``), and those of the parents it would need."""
+    top = Path(os.path.abspath(root))
+    found = {str(p) for p in top.parents if p.is_dir()}
+    level = [top] if top.is_dir() else []
+    for _ in range(depth + 1):
+        found.update(map(str, level))
+        level = [c for d in level for c in d.iterdir() if c.is_dir() and not c.is_symlink()]
+    return found
 
 
 def _remove_empty_dirs(root: str, keep: set[str]) -> None:
