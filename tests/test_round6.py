@@ -279,3 +279,29 @@ def test_overwrite_without_out_makes_a_new_directory(tmp_path, monkeypatch):
                     progress=False)
     out = Path(run.out).resolve()
     assert out.parent == (tmp_path / "runs").resolve() and (out / "summary.json").is_file()
+
+
+def test_analytic_with_an_autoguide_equals_pyros_trace_mean_field_at_the_same_seed():
+    """(auxiliary guide sites: it drew a particle, then Pyro's estimator drew another)"""
+    from pyro.infer import TraceMeanField_ELBO as PyroMeanField
+    from pyro.infer.autoguide import AutoDiagonalNormal
+
+    from ppl_vae.inference.estimators import make_elbo
+
+    x = torch.randn(20, 3)
+
+    def model(x):
+        theta = pyro.sample("theta", dist.Normal(torch.zeros(3), 1.0).to_event(1))
+        with pyro.plate("data", len(x)):
+            pyro.sample("x", dist.Normal(theta, 1.0).to_event(1), obs=x)
+
+    pyro.clear_param_store()
+    guide = AutoDiagonalNormal(model)
+    guide(x)  # (its parameters)
+    for k in (1, 3):
+        pyro.set_rng_seed(7)
+        ours = make_elbo("analytic", k).differentiable_loss(model, guide, x)
+        pyro.set_rng_seed(7)
+        theirs = PyroMeanField(num_particles=k, vectorize_particles=k > 1, max_plate_nesting=1
+                               ).differentiable_loss(model, guide, x)
+        assert torch.allclose(ours, theirs, rtol=1e-6), (k, ours, theirs)

@@ -76,7 +76,7 @@ class TraceMeanField_ELBO(pyro.infer.TraceMeanField_ELBO):
         -ELBO = -sum_observed log p(x|z) + sum_latent KL(q || p)
 
     each KL in closed form where ``kl_divergence`` knows it, else ``log q(z) - log p(z)`` at
-    the sampled z, as in Pyro."""
+    the sampled z, as in Pyro; a guide's auxiliary site u (an autoguide's) adds ``log q(u)``."""
 
     def differentiable_loss(self, model, guide, *args, **kwargs):
         loss = 0.0
@@ -91,10 +91,10 @@ class TraceMeanField_ELBO(pyro.infer.TraceMeanField_ELBO):
                                   max_plate_nesting=self.max_plate_nesting,
                                   vectorize_particles=self.vectorize_particles
                                   ).differentiable_loss(model, guide, *args, **kwargs)
-            if any(site["type"] == "sample" and name not in model_trace.nodes
-                   for name, site in guide_trace.nodes.items()):  # auxiliary guide sites
-                return super().differentiable_loss(model, guide, *args, **kwargs)
             elbo = 0.0
+            for name, q in guide_trace.nodes.items():  # auxiliary guide sites (autoguides'):
+                if q["type"] == "sample" and name not in model_trace.nodes:  # - log q, as Pyro
+                    elbo = elbo - q["log_prob_sum"]
             for name, site in model_trace.nodes.items():
                 if site["type"] == "sample" and site["is_observed"]:
                     elbo = elbo + site["log_prob_sum"]
