@@ -303,13 +303,30 @@ def _parse(argv: Sequence[str] | None, compare: bool = False, model: str | None 
     return {**record, **args, "model_options": {**record.get("model_options", {}), **options}}
 
 
+def _unique(pairs: list[tuple[Any, Any]]) -> dict:
+    """A mapping from ``pairs``, refusing a key given twice (the last would silently win)."""
+    seen = {}
+    for key, value in pairs:
+        if key in seen:
+            raise ValueError(f"the key {key!r} is given twice")
+        seen[key] = value
+    return seen
+
+
 def _yaml_loader() -> type:
     """PyYAML's safe loader reading floats as YAML 1.2 does: ``1e-3`` is a number (YAML 1.1,
-    PyYAML's default, wants ``1.0e-3`` and reads ``1e-3`` as a string)."""
+    PyYAML's default, wants ``1.0e-3`` and reads ``1e-3`` as a string), and refusing a key
+    given twice."""
     import yaml
 
     class Loader(yaml.SafeLoader):
-        pass
+        def construct_mapping(self, node, deep=False):
+            if isinstance(node, yaml.MappingNode):
+                self.flatten_mapping(node)  # (merge keys, <<: *anchor, first)
+            pairs = [(self.construct_object(k, deep=deep), self.construct_object(v, deep=deep))
+                     for k, v in node.value]
+            _unique(pairs)
+            return super().construct_mapping(node, deep=deep)
 
     number = r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)[eE][-+]?[0-9]+$"
     Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(number),
@@ -326,7 +343,7 @@ def options_file(path: str) -> dict[str, Any]:
     try:
         text = Path(path).read_text(encoding="utf-8")
         record = yaml.load(text, _yaml_loader()) if path.lower().endswith((".yaml", ".yml")) \
-            else json.loads(text)
+            else json.loads(text, object_pairs_hook=_unique)
     except (OSError, ValueError, yaml.YAMLError) as e:
         raise UsageError(f"--config {path!r} is not a readable JSON or YAML file of options "
                          f"({type(e).__name__}: {first_line(e, 120)})") from None

@@ -305,3 +305,13 @@ def test_analytic_with_an_autoguide_equals_pyros_trace_mean_field_at_the_same_se
         theirs = PyroMeanField(num_particles=k, vectorize_particles=k > 1, max_plate_nesting=1
                                ).differentiable_loss(model, guide, x)
         assert torch.allclose(ours, theirs, rtol=1e-6), (k, ours, theirs)
+
+
+@pytest.mark.parametrize("name, text", [("d.yaml", "epochs: 1\nepochs: 2\n"),
+                                        ("d.json", '{"model_options": {"z_dim": 2, "z_dim": 3}}')])
+def test_a_key_given_twice_in_a_config_file_is_refused(tmp_path, name, text):
+    from ppl_vae.cli import options_file
+
+    (tmp_path / name).write_text(text)
+    with pytest.raises(UsageError, match="is given twice"):
+        options_file(str(tmp_path / name))
