@@ -315,3 +315,15 @@ def test_a_key_given_twice_in_a_config_file_is_refused(tmp_path, name, text):
     (tmp_path / name).write_text(text)
     with pytest.raises(UsageError, match="is given twice"):
         options_file(str(tmp_path / name))
+
+
+def test_m2_without_test_labels_says_it_has_no_accuracy(tmp_path, digits):
+    from ppl_vae.data import hide_labels
+
+    data = replace(hide_labels(digits, 50, seed=0), test=Split(digits.test.x))
+    run = train_run(TrainConfig(model="ssvae", model_options={"hidden": (16,), "z_dim": 2,
+                                                              "m1": 0},
+                                epochs=1, eval_particles=2, out=str(tmp_path / "run")),
+                    data=data, progress=False)
+    assert "test_accuracy" not in run.summary
+    assert any("no test accuracy (the test split has unlabelled rows)" in n for n in run.notes)

@@ -384,8 +384,9 @@ class SSVAE(Model):
             ctx.log(f"M1: test ELBO {out['m1_test_elbo']:.2f} nats per image ({particles} "
                     f"samples); M2 models its {self.m1.z_dim} standardized encoder means, so "
                     "M2's ELBOs are of those, not of pixels")
-        ctx.log(f"ssvae: test accuracy {out.get('test_accuracy', float('nan')):.4f}, test "
-                f"ELBO with labels hidden {out['test_elbo_unlabelled']:.2f}")
+        said = (f"test accuracy {out['test_accuracy']:.4f}" if "test_accuracy" in out else
+                "no test accuracy (the test split has unlabelled rows)")
+        ctx.log(f"ssvae: {said}, test ELBO with labels hidden {out['test_elbo_unlabelled']:.2f}")
         self._figures(ctx)
         return out
 
