@@ -71,13 +71,21 @@ def test_npz_paths_and_files_that_are_not_npz(tmp_path, monkeypatch):
 
 
 def test_a_failed_download_keeps_a_data_dir_the_user_made(tmp_path, monkeypatch):
+    """A download that makes its folders, then fails (offline): they go, the user's stay."""
+    import ppl_vae.data as data_module
+
+    def download_fails(cls, name, root, train, download):
+        Path(root, "MNIST", "raw").mkdir(parents=True, exist_ok=True)
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz")
+
+    monkeypatch.setattr(data_module, "_tv_split", download_fails)
     kept = tmp_path / "mine"
-    kept.mkdir()
-    with pytest.raises(UsageError, match="mnist is not in"):
-        load_dataset("mnist", str(kept), download=False)
-    assert kept.is_dir()
-    with pytest.raises(UsageError, match="mnist is not in"):  # one it made itself: removed
-        load_dataset("mnist", str(tmp_path / "new" / "sub"), download=False)
+    (kept / "other").mkdir(parents=True)  # the user's, empty
+    with pytest.raises(UsageError, match="mnist is not in .* could not be downloaded"):
+        load_dataset("mnist", str(kept))
+    assert sorted(p.name for p in kept.iterdir()) == ["other"]  # MNIST/raw removed
+    with pytest.raises(UsageError, match="could not be downloaded"):
+        load_dataset("mnist", str(tmp_path / "new" / "sub"))  # made with its parents
     assert not (tmp_path / "new").exists()
 
 
