@@ -67,14 +67,14 @@ class DirLock:
                 by = f" (pid {pid})" if pid.isdigit() else ""
                 raise UsageError(f"{setting} {str(directory)!r} is in use by another run{by}; "
                                  "wait for it to finish or choose another directory") from None
-            with contextlib.suppress(FileNotFoundError):  # its last holder may unlink it
-                if os.path.samestat(os.fstat(fd), os.stat(path)):
-                    break
+            lock = cls(fd, path)
+            if lock.intact():  # (its last holder may have unlinked it: try again)
+                break
             os.close(fd)
         with contextlib.suppress(OSError):  # the pid only makes the "in use" message better
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        return cls(fd, path)
+        return lock
 
     @property
     def held(self) -> bool:
