@@ -80,7 +80,7 @@ def test_model_by_import_path_trains_and_evaluates(plugin_dir, run_module):
 
 
 @pytest.mark.parametrize("name, fragment", [
-    ("my_models:NotAModel", "lacks model and guide"),
+    ("my_models:NotAModel", "without model and guide"),
     ("my_models:NOT_A_CLASS", "is not a class"),
     ("my_models:Missing", "has no 'Missing'"),
     ("no_such_module:Thing", "cannot import 'no_such_module'"),

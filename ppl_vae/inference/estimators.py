@@ -46,6 +46,7 @@ import warnings
 from collections.abc import Iterable
 from unittest.mock import patch
 
+import pyro.distributions as dist
 import pyro.infer
 import pyro.infer.traceenum_elbo
 import torch
@@ -76,7 +77,8 @@ class TraceMeanField_ELBO(pyro.infer.TraceMeanField_ELBO):
         -ELBO = -sum_observed log p(x|z) + sum_latent KL(q || p)
 
     each KL in closed form where ``kl_divergence`` knows it, else ``log q(z) - log p(z)`` at
-    the sampled z, as in Pyro; a guide's auxiliary site u (an autoguide's) adds ``log q(u)``."""
+    the sampled z, as in Pyro, and for a ``Delta`` (whose ``log_density`` Pyro's KL drops); a
+    guide's auxiliary site u (an autoguide's) adds ``log q(u)``."""
 
     def differentiable_loss(self, model, guide, *args, **kwargs):
         loss = 0.0
@@ -100,7 +102,9 @@ class TraceMeanField_ELBO(pyro.infer.TraceMeanField_ELBO):
                     elbo = elbo + site["log_prob_sum"]
                 elif site["type"] == "sample":
                     q = guide_trace.nodes[name]
-                    try:
+                    try:  # (not for a Delta, an autoguide's site: Pyro's KL drops its Jacobian)
+                        if isinstance(q["fn"], dist.Delta):
+                            raise NotImplementedError
                         kl = kl_divergence(q["fn"], site["fn"])
                         elbo = elbo - scale_and_mask(kl, q["scale"], q["mask"]).sum()
                     except NotImplementedError:

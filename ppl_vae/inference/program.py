@@ -14,7 +14,9 @@ from dataclasses import dataclass, replace
 import pyro
 import torch
 from pyro import poutine
+from pyro.distributions.util import scale_and_mask
 from pyro.poutine.util import site_is_subsample
+from pyro.util import check_site_shape
 from torch import Tensor
 
 from ..errors import PluginError, UsageError, explain, first_line
@@ -91,13 +93,41 @@ def _run_first(model: Callable, guide: Callable, args: tuple) -> tuple:
         raise ProgramError(_explain(e, fn, args, (guide_tracer, model_tracer))) from None
     for fn, tracer in ((guide, guide_tracer), (model, model_tracer)):
         for site in _sample_sites(tracer.trace):
-            try:
-                site["fn"].log_prob(site["value"])
+            try:  # (its shape: see _check_pair)
+                site["log_prob"] = scale_and_mask(site["fn"].log_prob(site["value"]),
+                                                  site["scale"], site["mask"])
             except Exception as e:
                 raise ProgramError(_explain(e, fn, args, (guide_tracer, model_tracer),
                                             f"the log-density of site {site['name']!r}")
                                    ) from None
     return guide_tracer.trace, model_tracer.trace
+
+
+def _check_pair(guide_trace, model_trace, nesting: int) -> None:
+    """Refuse what Pyro's validation would (a run trains with it off): a guide site that is
+    observed, or latent and neither the model's nor marked auxiliary, and a log-density
+    whose shape its plates do not explain (a plate missing, or sized other than the rows)."""
+    for s in _sample_sites(guide_trace):
+        if s["infer"].get("is_auxiliary"):
+            continue
+        if s["is_observed"]:
+            raise UsageError(f"the guide observes site {s['name']!r} (obs=...), which would "
+                             "count as a latent's density; a guide draws latents: drop it there")
+        if s["name"] not in model_trace.nodes:
+            unmatched = [m["name"] for m in _sample_sites(model_trace)
+                         if not m["is_observed"] and m["name"] not in guide_trace.nodes]
+            raise UsageError(f"the guide samples {s['name']!r}, which the model does not" + (
+                f" (the model's {unmatched[0]!r} has no guide site)" if unmatched else "") +
+                "; name it as the model's site, or mark it infer={'is_auxiliary': True}")
+    for who, trace in (("guide", guide_trace), ("model", model_trace)):
+        for s in _sample_sites(trace):
+            try:
+                check_site_shape(s, nesting)
+            except ValueError as e:
+                what = ", ".join(line.strip() for line in str(e).splitlines()[:2])
+                raise UsageError(f"the {who} {what}: its plates do not explain the shape of its "
+                                 "log-density; put it in the plate over the rows (of size "
+                                 "x.shape[0]), or .to_event(...) its event dims") from None
 
 
 def _explain(e: Exception, fn: Callable, args: tuple, tracers: tuple, what: str = "") -> str:
@@ -127,7 +157,12 @@ def inspect_program(model: Callable, guide: Callable, *args: Tensor) -> ProgramI
             raise UsageError(f"the program's plate {s['name']!r} over the data points "
                              f"subsamples them (subsample_size); ppl_vae batches the data "
                              "itself (--batch-size) and scores every row: drop subsample_size")
+        if site_is_subsample(s) and len(s["value"]) == rows != s["fn"].size:  # (replayed)
+            raise UsageError(f"the program's plate {s['name']!r} has size {s['fn'].size} but "
+                             f"holds the batch's {rows} rows, which Pyro would scale by "
+                             f"{s['fn'].size}/{rows}: give it size x.shape[0]")
     nesting = max([-f.dim for s in sites for f in plate_frames(s)], default=0)
+    _check_pair(guide_trace, model_trace, nesting)
     data_plate = next((f.name for s in _sample_sites(model_trace) if s["is_observed"]
                        for f in plate_frames(s) if len(s["fn"].batch_shape) >= -f.dim
                        and s["fn"].batch_shape[f.dim] == rows), None)
@@ -167,6 +202,10 @@ def inspect_objective(terms: Sequence[tuple[float, Callable, Callable]], *args: 
 
 
 def _has_closed_kl(q, p) -> bool:
+    """Whether torch has KL(q || p) in closed form; not for a ``Delta`` (an autoguide's
+    constrained site), whose KL Pyro takes as ``-log p(v)``, dropping its ``log_density``."""
+    if isinstance(q, pyro.distributions.Delta):
+        return False
     try:
         torch.distributions.kl_divergence(q, p)
     except Exception:  # no closed form (NotImplementedError), or shapes that do not pair
@@ -186,6 +225,10 @@ def _try_vectorized(model: Callable, guide: Callable, nesting: int, args: tuple
         with pyro.plate("_probe_particles", k, dim=-(nesting + 1)):
             guide_trace = poutine.trace(guide).get_trace(*args)
             model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args)
+        baselined = [s["name"] for s in _sample_sites(guide_trace)
+                     if s["infer"].get("baseline", {}).get("nn_baseline") is not None]
+        if baselined:  # (Pyro's TraceGraph_ELBO calls it on the rows, without the samples)
+            return False, f"site {baselined[0]!r} has an nn_baseline"
         seen = False
         for trace in (guide_trace, model_trace):
             trace.compute_log_prob()

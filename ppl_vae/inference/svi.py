@@ -104,6 +104,7 @@ class Step:
         self._backward, self.terms = backward, list(terms)
         self.clip_norm, self.ema_decay, self.watch_norm = clip_norm, ema, False
         self.scheduler, self.plateau, self.schedule = scheduler, plateau, schedule
+        self.last_lr: float | None = None
         device = self.params[0].device if self.params else torch.device("cpu")
         self.ema = [p.detach().clone() for p in self.params] if ema else []
         self.grad_norm = torch.zeros((), device=device)
@@ -156,10 +157,15 @@ class Step:
         """After the gradient: clipping, the optimizer's step, the schedule, the average."""
         self.clip([p.grad for p in self.params], self.grad_norm, self.clipped, in_place=True)
         self.optimizer.step()
-        if self.scheduler is not None:
-            self.scheduler.step()
+        self.schedule_step()
         if self.ema:
             torch._foreach_lerp_(self.ema, [p.detach() for p in self.params], 1 - self.ema_decay)
+
+    def schedule_step(self) -> None:
+        """The scheduler's step, after keeping ``last_lr``, the rate the step took (logged)."""
+        self.last_lr = self.optimizer.param_groups[0]["lr"]
+        if self.scheduler is not None:
+            self.scheduler.step()
 
     def clip(self, grads: Sequence[Tensor | None], grad_norm: Tensor, clipped: Tensor,
              in_place: bool = False) -> list[Tensor | None]:
@@ -249,9 +255,7 @@ class LatentScale(Messenger):
 
 
 class OutsideScale(Messenger):
-    """Scale the log-densities of the sample sites outside plate ``plate`` by ``scale``:
-    under torchrun each rank's loss takes its rows' terms and 1/R of the global ones, so the
-    ranks' sum is one process's loss on the global batch (global terms counted once)."""
+    """Scale the log-densities of the sample sites outside plate ``plate`` by ``scale``."""
 
     def __init__(self, plate: str, scale: float) -> None:
         super().__init__()
@@ -260,6 +264,21 @@ class OutsideScale(Messenger):
     def _process_message(self, msg: dict) -> None:
         if msg["type"] == "sample" and all(f.name != self.plate for f in msg["cond_indep_stack"]):
             msg["scale"] = self.scale * msg["scale"]
+
+
+def batch_share(fn: Callable, plate: str, n: int) -> Callable:
+    """``fn`` (a model or guide) with its sites outside plate ``plate`` (global) scaled by
+    B / n, B the rows it is given of the n training rows: a batch's loss is then an unbiased
+    estimate of B / n times the whole set's negative ELBO, and over an epoch (and the ranks
+    of torchrun) the global terms count once, as Pyro's subsampled plate would count them."""
+
+    @functools.wraps(fn)
+    def scaled(*args: Any, **kwargs: Any) -> Any:
+        rows = next((a.shape[0] for a in args if torch.is_tensor(a) and a.dim()), n)
+        with OutsideScale(plate, rows / n):
+            return fn(*args, **kwargs)
+
+    return scaled
 
 
 def latent_scaled(fn: Callable, weight: Callable[[], Tensor]) -> Callable:

@@ -20,14 +20,27 @@ def _check(cls: object, name: str) -> type:
     if not isinstance(cls, type):
         raise UsageError(f"--model {name!r} is not a class; a model class needs Pyro model() "
                          "and guide() methods")
+    from torch import nn
+
     from .base import Model  # the contract's placeholders raise NotImplementedError
 
-    missing = [m for m in ("model", "guide") if not callable(getattr(cls, m, None))
-               or getattr(cls, m) is getattr(Model, m)]
+    # (an nn.Module may assign them in __init__, e.g. ``self.guide = AutoNormal(self.model)``:
+    # its instance is checked when built, by check_programs)
+    missing = [m for m in ("model", "guide") if getattr(cls, m, None) is getattr(Model, m)
+               or not (callable(getattr(cls, m, None)) or issubclass(cls, nn.Module))]
     if missing:
         raise UsageError(f"--model {name!r} lacks {' and '.join(missing)}; a model class needs "
                          "Pyro model() and guide() methods")
     return cls
+
+
+def check_programs(module: object, name: str) -> None:
+    """Refuse a built model without callable ``model`` and ``guide`` (one line)."""
+    missing = [m for m in ("model", "guide") if not callable(getattr(module, m, None))]
+    if missing:
+        raise UsageError(f"--model {name!r} built a {type(module).__name__} without "
+                         f"{' and '.join(missing)}; give it Pyro model() and guide() methods, "
+                         "or assign them in __init__")
 
 
 def register_model(name: str | type, cls: T | None = None) -> Callable[[T], T] | T:

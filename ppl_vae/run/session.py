@@ -30,8 +30,9 @@ from ..inference.compiled import CompiledStep
 from ..inference.estimators import ELBOS, make_elbo, suited, unsuited
 from ..inference.importance import Scores, score
 from ..inference.program import ProgramInfo, inspect_objective
-from ..inference.svi import OutsideScale, Step, collect_params, latent_scaled
+from ..inference.svi import Step, batch_share, collect_params, latent_scaled
 from ..models import RunContext, get_model, hook, make_options, model_name, options_class
+from ..models.registry import check_programs
 from .checkpoint import load_checkpoint, load_store_values, restore_params, restoring
 
 COLUMNS = ("epoch", "train_elbo", "test_elbo", "val_elbo", "train_seconds")
@@ -273,6 +274,7 @@ class Session:
         if not isinstance(module, nn.Module):
             raise UsageError(f"--model {self.config.model!r} built a {type(module).__name__}, "
                              "not a torch.nn.Module; keep the networks in an nn.Module")
+        check_programs(module, self.config.model)
         return module
 
     def probe(self, module: nn.Module) -> ProgramInfo:
@@ -399,9 +401,9 @@ class Session:
                              f"{summed[0]!r} (enumerated in the model), "
                              "whose sites TraceEnum_ELBO needs at one scale; drop --kl-warmup, "
                              "or sample that site in the guide")
-        if self.world.parallel and info.data_plate is not None:  # global terms once in all
-            share = functools.partial(OutsideScale, info.data_plate, 1 / self.world.size)
-            terms = [(w, functools.wraps(m)(share()(m)), functools.wraps(g)(share()(g)))
+        if info.data_plate is not None and (info.global_sites or self.world.parallel):
+            n, plate = len(self.data.train), info.data_plate  # (global terms once an epoch)
+            terms = [(w, batch_share(m, plate, n), batch_share(g, plate, n))
                      for w, m, g in terms]
         if config.kl_warmup:  # (a buffer: the compiled step reads it as an input)
             self.schedule.register_buffer("kl_weight", torch.zeros((), device=self.device))
