@@ -430,17 +430,21 @@ ALL_ON = ["--lr-schedule", "cosine", "--warmup-steps", "50", "--clip-norm", "10"
 
 @pytest.mark.slow
 @needs_torchrun
-def test_every_trainer_feature_at_once_under_torchrun_restarts_exactly(tmp_path):
+@pytest.mark.parametrize("compiled", [(), ("--compile", "--precision", "fp32")],
+                         ids=["eager", "compiled"])
+def test_every_trainer_feature_at_once_under_torchrun_restarts_exactly(tmp_path, compiled):
     """Schedule, clipping after the sum over ranks, the average, KL warm-up, bf16 and the
     event stream: a worker killed mid-run and restarted ends where an uninterrupted
-    2-process run ends (metrics.csv, summary and the TensorBoard scalars)."""
+    2-process run ends (metrics.csv, summary and the TensorBoard scalars); with --compile
+    (in float32) the restarted group's first step is compiled, as the uninterrupted run's
+    was there."""
     from test_trainer import events
 
-    whole = _run(*RUN, *ALL_ON, "--out", tmp_path / "A", cwd=tmp_path)
+    whole = _run(*RUN, *ALL_ON, *compiled, "--out", tmp_path / "A", cwd=tmp_path)
     assert whole.returncode == 0, whole.stderr[-3000:]
     out = tmp_path / "B"
-    agent = _start(*RUN, *ALL_ON, "--checkpoint-every-steps", 40, "--out", out, cwd=tmp_path,
-                   extra=("--max-restarts", "1"))
+    agent = _start(*RUN, *ALL_ON, *compiled, "--checkpoint-every-steps", 40, "--out", out,
+                   cwd=tmp_path, extra=("--max-restarts", "1"))
     try:
         deadline = time.monotonic() + 120
         while not (out / "checkpoint.pt").is_file():
@@ -468,6 +472,10 @@ def test_every_trainer_feature_at_once_under_torchrun_restarts_exactly(tmp_path)
     assert {k: v for k, v in got.items() if "seconds" not in k} == \
         {k: v for k, v in want.items() if "seconds" not in k}
     assert got["clipped_steps"] > 0 and got["processes"] == 2
+    assert got.get("step", "compiled").startswith("compiled"), got.get("step")
+    weights = [torch.load(d / "checkpoint.pt", weights_only=True)["model"]
+               for d in (out, tmp_path / "A")]
+    assert all(torch.equal(weights[0][k], v) for k, v in weights[1].items())  # bit for bit
     logged = events(tmp_path / "A")
     assert any(tag.startswith("train/") for tag in logged) and "epoch/test_elbo" in logged
     assert events(out) == logged

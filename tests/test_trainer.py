@@ -145,36 +145,44 @@ def test_the_average_after_k_steps_is_the_formula(digits):
     assert torch.equal(p, thetas[-1])  # (its own values after)
 
 
-def test_the_logged_gradient_norm_is_the_mean_over_the_steps_it_covers(digits, monkeypatch):
+def test_the_logged_scalars_cover_the_steps_since_the_last_log(digits, monkeypatch):
     """Each log's train/grad_norm is the mean of the steps' pre-clip norms since the last log
-    (or the epoch's start), the epoch's partial last batch counted as one step."""
+    (a window may span an epoch's end; the partial last batch counts as one step),
+    train/loss the loss per row over those steps, and train/lr the rate the last step took."""
     from ppl_vae.inference.svi import Step
     from ppl_vae.run.loop import Loop
 
     cfg = TrainConfig(model_options=SMALL, clip_norm=1e6, log="tensorboard", log_every_steps=5,
-                      batch_size=64, epochs=5)
+                      batch_size=64, epochs=5, lr_schedule="cosine")
     s = Session(cfg, digits, progress=False)
-    step, norms, logged = s.step(), [], {}
+    step, norms, losses, rows, rates, logged = s.step(), [], [], [], [], {}
     real = Step.__call__
 
-    def recorded(self, *args):
-        before = float(self.grad_norm)
-        real(self, *args)
-        norms.append(float(self.grad_norm) - before)
+    def recorded(self, i, args, total, first_bad):
+        before, lr = (float(self.grad_norm), float(total)), self.optimizer.param_groups[0]["lr"]
+        real(self, i, args, total, first_bad)
+        norms.append(float(self.grad_norm) - before[0])
+        losses.append(float(total) - before[1])
+        rows.append(args[0].shape[0])
+        rates.append(lr)
 
     class Logger:
         def scalars(self, at, values):
-            logged[at] = values["train/grad_norm"]
+            logged[at] = values
 
     monkeypatch.setattr(Step, "__call__", recorded)
     s.logger = Logger()
     loop = Loop(s, step)
     loop.run()
     per_epoch = math.ceil(len(s.data.train) / 64)
-    assert len(s.data.train) % 64 and per_epoch * 5 == len(norms)
-    for at, value in logged.items():
-        first = max(at - 5, (at - 1) // per_epoch * per_epoch)
-        assert value == pytest.approx(sum(norms[first:at]) / (at - first), rel=1e-5), at
+    assert len(s.data.train) % 64 and per_epoch * 5 == len(norms) and per_epoch % 5
+    for at, values in logged.items():
+        first = max(at - 5, 0)
+        assert values["train/grad_norm"] == pytest.approx(
+            sum(norms[first:at]) / (at - first), rel=1e-5), at
+        assert values["train/loss"] == pytest.approx(
+            sum(losses[first:at]) / sum(rows[first:at]), rel=1e-4), at
+        assert values["train/lr"] == rates[at - 1] != rates[at - 2], at
     assert 5 * per_epoch in logged  # (a log at the partial last batch: 5 epochs of 23 steps)
 
 

@@ -336,8 +336,7 @@ class CompiledStep(Step):
             with torch.no_grad():
                 self.graphs[key].compiled(*self._inputs, *args)
             self._next_i = i + 1
-            if self.scheduler is not None:
-                self.scheduler.step()
+            self.schedule_step()
             return
         super().__call__(i, args, total, first_bad)
 
@@ -363,11 +362,13 @@ class CompiledStep(Step):
 
     # -- state the graph reads and writes --------------------------------------------------
     def _ready(self) -> bool:
-        """After the first eager step (which makes lazy parameters and Adam's state)."""
+        """After the first eager step (which makes lazy parameters and Adam's state), or with
+        the optimizer's state a resumed run restored (its first step was compiled too)."""
+        state = [self.optimizer.state.get(p, {}) for g in self.optimizer.param_groups
+                 for p in g["params"]]
         if self._grads_only:
-            return self._calls > 1
-        return any("exp_avg" in self.optimizer.state.get(p, {})
-                   for g in self.optimizer.param_groups for p in g["params"])
+            return self._calls > 1 or any(state)
+        return any("exp_avg" in s for s in state)
 
     def _bind(self, total: Tensor, first_bad: Tensor) -> str | None:
         """Fix the graph's inputs (module tensors, trained store values, Adam's state, the

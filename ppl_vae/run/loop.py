@@ -59,7 +59,8 @@ class LoopState:
     best_state: dict[str, Tensor] | None = None
     done: bool = False
     first_loss: float | None = None  # the run's first step, per data point (divergence)
-    logged: tuple | None = None  # the last log's (loss, rows, seconds) in this epoch
+    logged: tuple | None = None  # the last log's (loss, rows, seconds, steps) in this epoch
+    # (after the epoch it was in: less that epoch's totals, so a window spans epochs)
 
 
 def same_world(size: int, world: Any) -> None:
@@ -182,6 +183,10 @@ class Loop:
         if s.done:  # the weights the run ends with: the best epoch's, else the last (averaged)
             self.take.settle(s.best_state, self.module)
         else:
+            if self.logs and s.logged is not None and len(s.logged) == 4:  # (carried over)
+                took = (float(dist.all_sum(self.total, self.world)), self._rows, s.seconds,
+                        self.steps_per_epoch)
+                s.logged = tuple(a - b for a, b in zip(s.logged, took, strict=True))
             s.epoch, s.step, s.seconds = s.epoch + 1, 0, 0.0
             s.streams = self._streams()
             self.total.zero_()
@@ -205,8 +210,8 @@ class Loop:
         bar = tqdm(total=steps, initial=s.step, desc=f"epoch {s.epoch}", unit="step",
                    leave=False, disable=hide_bar(self.progress))
         shown = start = time.perf_counter()
-        if self.logs and (s.step == 0 or s.logged is None):  # (logged: since the epoch's start)
-            s.logged = (0.0, 0, 0.0)
+        if self.logs and (s.logged is None or len(s.logged) == 3 and s.step == 0):
+            s.logged = (0.0, 0, 0.0, 0)  # (a 3-tuple: an older checkpoint's, per epoch)
             self.take.grad_norm.zero_()
         seconds = s.seconds
 
@@ -251,23 +256,25 @@ class Loop:
         return (self.state.epoch - 1) * self.steps_per_epoch + self.state.step
 
     def _log(self, step: int, seconds: float) -> None:
-        """Training scalars since the last log: the loss per row, the learning rate, the
-        gradient's norm before clipping (mean per step), the steps clipped, images per second
-        (host reads here only, on every rank; rank 0's logger writes)."""
+        """Training scalars since the last log (in this epoch or before): the loss per row,
+        the learning rate of the last step, the gradient's norm before clipping (mean per
+        step), the steps clipped, images per second (host reads here only, on every rank;
+        rank 0's logger writes)."""
         loss = float(dist.all_sum(self.total, self.world))
         rows = min(self.state.step * self.per_step, self._rows)
         last = self.state.logged
         took = rows - last[1]
         values = {"train/loss": (loss - last[0]) / max(1, took),
-                  "train/lr": self.optimizer.param_groups[0]["lr"],
+                  "train/lr": self.take.last_lr,
                   "train/images_per_s": took / max(1e-9, seconds - last[2])}
         if self.take.clip_norm or self.take.watch_norm:
-            steps = self.state.step - math.ceil(last[1] / self.per_step)  # (all whole but the last)
+            steps = self.state.step - (last[3] if len(last) == 4 else  # (an older checkpoint's)
+                                       math.ceil(last[1] / self.per_step))
             values["train/grad_norm"] = float(self.take.grad_norm) / max(1, steps)
             self.take.grad_norm.zero_()
         if self.take.clip_norm:
             values["train/clipped_steps"] = int(self.take.clipped)
-        self.state.logged = (loss, rows, seconds)
+        self.state.logged = (loss, rows, seconds, self.state.step)
         if self.session.logger is not None:
             self.session.logger.scalars(step, values)
 
