@@ -11,6 +11,7 @@ import functools
 import json
 import os
 import re
+import signal
 import sys
 import traceback
 import warnings
@@ -29,7 +30,7 @@ from .errors import (
     from_our_code,
     users_frames,
 )
-from .interrupt import Interrupted
+from .interrupt import Interrupted, signals
 from .models import MODELS, get_model, options_class, parse_model_opts
 from .models.options import check_keys
 
@@ -118,8 +119,8 @@ def main_wrapper(prog: str, run: Callable[[Sequence[str] | None], int]
         return status
 
     def guarded(argv: Sequence[str] | None) -> int:
-        try:
-            with command_line():
+        try:  # (SIGTERM too ends any command through its clean-ups, as SIGINT does)
+            with command_line(), signals():
                 return run(argv)
         except UsageError as e:  # exit 2; a diverged run 3
             if first_to_report():
@@ -128,7 +129,7 @@ def main_wrapper(prog: str, run: Callable[[Sequence[str] | None], int]
             return getattr(e, "exit_status", 2)
         except Interrupted as e:  # a run that checkpointed on SIGINT/SIGTERM: 130/143
             if _main_rank() and first_to_report():  # (not where another rank failed first)
-                text = e.message or "interrupted before the first checkpoint; nothing to resume"
+                text = e.message or f"interrupted by {signal.Signals(e.signum).name}"
                 print(f"{prog}: {text}", file=sys.stderr)
             return e.status
         except KeyboardInterrupt:
@@ -253,6 +254,8 @@ def train_parser(model: str | type = "vae", compare: bool = False) -> Parser:
                     groups=groups)
         p._option_string_actions["--out"].help = "run directory (default: " \
             "runs/compare-<model>-<time>)"
+        p._option_string_actions["--overwrite"].help = "replace what the directory holds: " \
+            "its files are deleted when the comparison has finished"
     else:
         groups["evaluation and output"].add_argument(
             "--resume", metavar="RUN_DIR", default=None,
@@ -260,9 +263,9 @@ def train_parser(model: str | type = "vae", compare: bool = False) -> Parser:
                  "options; any option given must agree with them)")
     groups["evaluation and output"].add_argument(
         "--config", metavar="FILE", default=None,
-        help="read the run's options from a JSON or YAML file of TrainConfig's fields (a "
-             "run's config.json repeats that run: give it a new --out); options given on the "
-             "command line win")
+        help="read the options from a JSON or YAML file of TrainConfig's fields (" + (
+             "the model, data and race; " if compare else "a run's config.json repeats that "
+             "run: give it a new --out; ") + "options given on the command line win)")
     return p
 
 

@@ -51,13 +51,13 @@ class Guard:
     @contextlib.contextmanager
     def deferred(self) -> Iterator[None]:
         """Signals arriving within only set :attr:`requested` (the loop checks it)."""
-        self.defers = True
+        outer, self.defers = self.defers, True
         try:
             yield
         except BaseException:
             self.defers = launched()  # (failing under torchrun: see the module's docstring)
             raise
-        self.defers = False
+        self.defers = outer
 
     def handle(self, signum: int, frame: object) -> None:
         if self.requested:  # the second signal: at once (from Python: the caller's to catch)

@@ -526,13 +526,13 @@ def fake_runner(part):
     return run
 
 
-def test_cli_merges_results_and_mends_an_unreadable_results_file(cli, tmp_path, monkeypatch):
-    """results.json keeps other parts' entries; a corrupt one is replaced (runners faked)."""
+def test_cli_merges_results_into_its_own_directory_only(cli, tmp_path, monkeypatch):
+    """results.json keeps other parts' entries (runners faked); a directory that is not an
+    appendix's (other files, a results.json not of its parts, one unreadable) is refused in
+    one line and left as it was, unless --overwrite; its other programs' files stay."""
     monkeypatch.setitem(appendix_cli.RUNNERS, "coin", fake_runner("coin"))
     monkeypatch.setitem(appendix_cli.RUNNERS, "regression", fake_runner("regression"))
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "results.json").write_text("{not json")
     assert cli(main, ["coin", "--out", out]).code == 0
     assert json.loads((out / "results.json").read_text())["coin"]["part"] == "coin"
     assert cli(main, ["regression", "--out", out]).code == 0
@@ -542,16 +542,20 @@ def test_cli_merges_results_and_mends_an_unreadable_results_file(cli, tmp_path, 
     assert results["coin"]["alpha"] == 3.0  # the newer run replaced the older
     assert (out / "appendix-coin.md").read_text() == "## coin\n"
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
-
-
-def test_cli_replaces_a_results_file_that_is_not_an_object(cli, tmp_path, monkeypatch):
-    monkeypatch.setitem(appendix_cli.RUNNERS, "coin", fake_runner("coin"))
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "results.json").write_text("[1, 2]")
-    r = cli(main, ["coin", "--out", out])
+    for name, text in (("results.json", "{not json"), ("results.json", "[1, 2]"),
+                       ("results.json", '{"test_elbo": -90}'), ("notes.txt", "mine")):
+        theirs = tmp_path / f"theirs-{len(text)}"
+        theirs.mkdir()
+        (theirs / name).write_text(text)
+        (theirs / "build").mkdir()
+        (theirs / "build" / ".model.bin.k3j9x0ab.tmp").write_text("a live writer's")
+        before = {p: p.read_bytes() for p in theirs.rglob("*") if p.is_file()}
+        r = cli(main, ["coin", "--out", theirs])
+        assert_one_line_error(r, PROG, "already holds files", "--overwrite")
+        assert {p: p.read_bytes() for p in theirs.rglob("*") if p.is_file()} == before
+    r = cli(main, ["coin", "--out", theirs, "--overwrite"])
     assert r.code == 0, r.err
-    assert json.loads((out / "results.json").read_text())["coin"]["part"] == "coin"
+    assert sorted(p.name for p in theirs.iterdir()) == ["appendix-coin.md", "results.json"]
 
 
 def test_cli_posterior_on_a_trained_run(cli, tmp_path, trained_run):

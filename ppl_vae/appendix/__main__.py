@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 import sys
 import time
@@ -42,6 +43,8 @@ class AppendixOptions:
                                least=1)
     nuts_samples: int = option(1000, "NUTS draws per chain (coin, regression, posterior)", least=10)
     seed: int = option(0, "seed of the data and the samplers", least=0, below=2**32)
+    overwrite: bool = option(False, "replace what --out holds when it is not an appendix's "
+                             "directory (the parts of one add to it without this)")
 
     def __post_init__(self) -> None:
         if not 0 <= self.heads <= self.tosses or self.tosses < 1:
@@ -69,10 +72,11 @@ def _run(argv: Sequence[str] | None) -> int:
     if "posterior" in parts:  # check the runs before minutes of other work
         a.loaded = [(run_dir, *load_run(run_dir)) for run_dir in a.run]
         for run_dir, _, vae, _ in a.loaded:
-            if not hasattr(vae, "encode") or getattr(vae, "beta", 1.0) != 1.0:
+            if not _encodes_x(vae) or getattr(vae, "beta", 1.0) != 1.0:
                 raise UsageError(f"--run {run_dir!r} is not a plain VAE (beta = 1, with an "
-                                 "encoder); the posterior part needs one")
-    with RunDir.open(a.out, "appendix", resume=True) as rundir:  # parts add to one directory
+                                 "encoder of x alone); the posterior part needs one")
+    ours = _appendix_dir(Path(a.out))  # (its parts add to it; any other is refused)
+    with RunDir.open(a.out, "appendix", resume=ours, overwrite=a.overwrite) as rundir:
         out = rundir.path
         results, md = {}, []
         for part in parts:
@@ -86,6 +90,22 @@ def _run(argv: Sequence[str] | None) -> int:
         write_text(out / f"appendix-{chosen}.md", "\n".join(md))
     print(f"written to {out}")
     return 0
+
+
+def _encodes_x(vae: object) -> bool:
+    """Whether the model has ``encode(x)`` (M2's ``encode(x, y)`` is not one)."""
+    try:
+        params = inspect.signature(vae.encode).parameters.values()
+    except (AttributeError, TypeError, ValueError):
+        return False
+    return sum(p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+               for p in params) == 1
+
+
+def _appendix_dir(out: Path) -> bool:
+    """Whether ``out`` holds an appendix's results (a results.json of its parts only)."""
+    saved, _ = read_summary(out / "results.json")
+    return bool(saved) and set(saved) <= set(PARTS)
 
 
 def _coin(a, out: Path) -> tuple[dict, str]:

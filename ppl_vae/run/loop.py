@@ -125,12 +125,18 @@ class Loop:
         if not all(type(n) is int for n in counts) or min(counts) < 0 or 0 in counts[::2]:
             raise ValueError(f"its loop's epoch, step and processes are {counts}")
         same_world(state["world_size"], self.world)
+        if state["epoch"] > self.epochs + 1 or not all(
+                torch.is_tensor(state.get("streams", {}).get(k)) for k in self._streams()):
+            raise ValueError(f"its loop is at epoch {state['epoch']} of {self.epochs}, with "
+                             f"the random streams {sorted(state.get('streams') or {})}")
         names = {f for f in LoopState.__dataclass_fields__}
         self.state = LoopState(**{k: v for k, v in state.items() if k in names})
         mine = state["ranks"][self.world.rank]
         self.total.copy_(mine["total"])
         self.saved = self._at()
         self._set_rng(mine)
+        self.shuffle.set_state(self.state.streams["shuffle"])  # (a bad one fails here)
+        self.data_rng.set_state(self.state.streams["data"])
 
     def _rng(self) -> dict[str, Tensor]:
         """This process's random state: torch's, and CUDA's on a GPU."""
@@ -298,8 +304,9 @@ class Loop:
     def _save(self) -> None:
         self._check()
         if self.save is not None:
-            self.save(self.state_dict())
-            self.saved = self._at()
+            with self.guard.deferred():  # (what the checkpoint holds is then what is said)
+                self.save(self.state_dict())
+                self.saved = self._at()
         self._take_snapshot()
 
     def _at(self) -> str:

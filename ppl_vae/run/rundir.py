@@ -100,6 +100,27 @@ class DirLock:
         self._fd = None
 
 
+def _in_use(paths: list[Path]) -> Path | None:
+    """The first directory in or below ``paths`` whose ``.lock`` another process holds."""
+    for top in paths:
+        for parent, _, names in os.walk(top) if top.is_dir() and not top.is_symlink() else ():
+            if LOCK not in names:
+                continue
+            try:
+                fd = os.open(Path(parent) / LOCK, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+            except OSError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # (free: released at close)
+            except BlockingIOError:
+                return Path(parent)
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+    return None
+
+
 class RunDir:
     """One run's directory, locked for the run's lifetime (:meth:`open`). ``final`` is the
     directory; ``path`` where files go now (the staging directory until :meth:`commit`)."""
@@ -161,6 +182,10 @@ class RunDir:
                 raise UsageError(f"{self.setting} {str(self.final)!r} is the working, home or "
                                  "root directory, which --overwrite would empty; choose a run "
                                  "directory")
+            if (busy := _in_use(held)) is not None:
+                raise UsageError(f"{self.setting} {str(self.final)!r} holds a run in progress "
+                                 f"in {str(busy)!r}, which --overwrite would delete; wait for "
+                                 "it to finish or stop it")
         try:
             clean_stale_tmp(self.final)
             for p in ours:

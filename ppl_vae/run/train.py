@@ -356,6 +356,13 @@ def _train(session: Session, rundir: RunDir, state: dict | None) -> Run:
             loop.load_state_dict(svi["loop"])  # last: it restores this rank's RNG
         if world.main and run.history:
             write_csv(rundir.path / "metrics.csv", run.history)
+        with contextlib.suppress(OSError, ValueError):  # a finished run: as it is (evaluated)
+            if loop.state.done and isinstance(kept := json.loads(
+                    (rundir.final / "summary.json").read_text()), dict) and kept:
+                run.summary, run.notes = kept, ctx.notes
+                ctx.log(f"the run in {str(rundir.final)!r} had finished; its summary.json is "
+                        "kept (to score it again: python -m ppl_vae evaluate --run DIR)")
+                return run
     if world.main and config.log != "none":
         loop.steps_per_epoch = session.steps_per_epoch()
         at = None if svi is None else loop.global_step
