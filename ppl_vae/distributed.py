@@ -16,6 +16,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .errors import UsageError
+
 
 @dataclass(frozen=True)
 class World:
@@ -46,7 +48,8 @@ _store: Any = None  # the group's key-value store: who reports a failure (first_
 
 def launched() -> bool:
     """Whether this process was started by ``torchrun`` with more than one process."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    size = os.environ.get("WORLD_SIZE", "1").strip()
+    return size.isdigit() and int(size) > 1
 
 
 def restart_count() -> int:
@@ -60,6 +63,14 @@ def setup(cuda: bool) -> World:
     global _control, _store
     if not launched():
         return SINGLE
+    env = {k: os.environ.get(k) for k in ("RANK", "MASTER_ADDR", "MASTER_PORT")}
+    bad = next((k for k, v in env.items() if not v or k != "MASTER_ADDR" and not v.isdigit()
+                or k == "RANK" and int(v) >= int(os.environ["WORLD_SIZE"])), None)
+    if bad is not None:  # (a stray WORLD_SIZE in the environment, say)
+        raise UsageError(f"WORLD_SIZE={os.environ['WORLD_SIZE']} makes this process one of a "
+                         f"torchrun group, but {bad} is "
+                         f"{repr(env[bad]) if env[bad] else 'not set'}; launch it "
+                         "with torchrun, or unset WORLD_SIZE to run one process")
     world = World(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]),
                   int(os.environ.get("LOCAL_RANK", "0")))
     if not dist.is_initialized():
@@ -89,7 +100,8 @@ def first_to_report() -> bool:
     if not launched():
         return True
     if _store is None:
-        return os.environ.get("RANK", "0") == "0"
+        rank = os.environ.get("RANK", "0")  # (a bad RANK: its error is this one's)
+        return rank == "0" or not rank.isdigit() or int(rank) >= int(os.environ["WORLD_SIZE"])
     with contextlib.suppress(Exception):  # failing: the store's host is gone, this one speaks
         return _store.add("ppl_vae/failed", 1) == 1
     return True

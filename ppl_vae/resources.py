@@ -190,11 +190,14 @@ def check_model_fits(build: Callable[[], nn.Module], device: torch.device | str 
         name, shape = size.largest
         largest = f" (the largest, {name}, is {' x '.join(map(str, shape)) or 'a scalar'})"
     what = f"the model's {size.parameters:,} parameters{largest} need"
-    checks = [(torch.device("cpu"), size.bytes, "")] if device.type != "cpu" else []
-    checks.append((device, need, f" ({format_bytes(need)} to train: weights, gradients, "
-                                 "Adam's moments and the loop's copies)" if training else ""))
-    for place, n, extra in checks:
-        refuse_unless_fits(n, place, what, MODEL_HINT, format_bytes(size.bytes) + extra)
+    checks = [(torch.device("cpu"), size.bytes, format_bytes(size.bytes))] \
+        if device.type != "cpu" else []
+    checks.append((device, need, f"{format_bytes(need)} to train (the weights' "
+                                 f"{format_bytes(size.bytes)}, their gradients, Adam's moments "
+                                 "and the loop's copies)" if training else
+                   format_bytes(size.bytes)))
+    for place, n, amount in checks:
+        refuse_unless_fits(n, place, what, MODEL_HINT, amount)
     return size
 
 

@@ -7,6 +7,7 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from helpers import assert_one_line_error
 from pyro.infer.autoguide import AutoNormal
 from torch import nn
 
@@ -187,3 +188,135 @@ def test_a_batch_counts_its_share_of_the_global_terms(digits):
         prior = dist.Normal(0.0, 1.0).log_prob(m.loc).sum()
         expected = -(local + len(x) / n * prior)
         assert torch.allclose(s.step().loss(x), expected, rtol=1e-6), rows
+
+
+# -- the command line (round 7) -------------------------------------------------------------------
+def test_overwrite_refuses_a_directory_holding_a_run_in_progress(tmp_path):
+    """--overwrite on a parent of a training run's directory deleted that run's files
+    under it (its .lock held); now refused in one line, nothing touched."""
+    from ppl_vae.run.rundir import DirLock, RunDir
+
+    child = tmp_path / "parent" / "child"
+    child.mkdir(parents=True)
+    (child / "checkpoint.pt").write_bytes(b"a run's")
+    lock = DirLock.acquire(child)
+    try:
+        with pytest.raises(UsageError, match="holds a run in progress in .*child"):
+            RunDir.open(tmp_path / "parent", "x", overwrite=True)
+        assert (child / "checkpoint.pt").read_bytes() == b"a run's"
+    finally:
+        lock.release()
+    with RunDir.open(tmp_path / "parent", "x", overwrite=True):  # (its run ended: as before)
+        pass
+
+
+def test_resuming_a_finished_run_keeps_its_summary(tmp_path, digits, cli):
+    """--resume of a finished run re-evaluated it and rewrote summary.json, dropping what
+    evaluate had added (an IWAE bound that took hours, say); now it is kept, and said so."""
+    from conftest import SMALL_MODEL
+
+    from ppl_vae import evaluate_run, train_run
+    from ppl_vae.cli import train_main
+
+    out = tmp_path / "run"
+    train_run(TrainConfig(model_options=SMALL_MODEL, epochs=1, eval_particles=2,
+                          out=str(out)), data=digits, progress=False)
+    evaluate_run(str(out), eval_iwae=3)
+    before = (out / "summary.json").read_bytes()
+    r = cli(train_main, ["--resume", out])
+    assert r.code == 0, r.err
+    assert (out / "summary.json").read_bytes() == before
+    assert "had finished; its summary.json is kept" in r.err + r.out
+
+
+def test_sigterm_ends_evaluate_through_its_clean_ups(tmp_path, digits, cli, monkeypatch):
+    """SIGTERM killed evaluate and compare at once (exit 143, silent, their .lock and
+    temporary files left); now it ends them as SIGINT does: one line, 143, nothing left."""
+    import os
+    import signal
+
+    from conftest import SMALL_MODEL
+
+    from ppl_vae import train_run
+    from ppl_vae.cli import evaluate_main
+    from ppl_vae.run import session
+
+    out = tmp_path / "run"
+    train_run(TrainConfig(model_options=SMALL_MODEL, epochs=1, eval_particles=2,
+                          out=str(out)), data=digits, progress=False)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+
+    def killed(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("SIGTERM did not interrupt")
+
+    monkeypatch.setattr(session.Session, "score", killed)
+    r = cli(evaluate_main, ["--run", out])
+    assert r.code == 143 and "interrupted by SIGTERM" in r.err and "\n" not in r.err.strip()
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+
+
+@pytest.mark.parametrize("env, fragment", [
+    ({"WORLD_SIZE": "2"}, "RANK is not set"),
+    ({"WORLD_SIZE": "2", "RANK": "abc", "MASTER_ADDR": "x", "MASTER_PORT": "1"},
+     "RANK is 'abc'"),
+    ({"WORLD_SIZE": "2", "RANK": "0"}, "MASTER_ADDR is not set"),
+])
+def test_a_stray_torchrun_variable_is_one_line(cli, monkeypatch, tmp_path, env, fragment):
+    from ppl_vae.cli import train_main
+
+    for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    r = cli(train_main, ["--dataset", "digits", "--epochs", 1, "--out", tmp_path / "r"])
+    assert_one_line_error(r, "python -m ppl_vae train: error: ", fragment, "unset WORLD_SIZE")
+
+
+def test_the_posterior_appendix_refuses_an_m2_run_in_one_line(cli, tmp_path):
+    from ppl_vae import train_run
+    from ppl_vae.appendix.__main__ import main
+
+    out = tmp_path / "m2"
+    train_run(TrainConfig(model="ssvae", model_options={"hidden": (16,), "z_dim": 2},
+                          labelled=100, epochs=1, eval_particles=2, out=str(out)),
+              progress=False)
+    r = cli(main, ["posterior", "--run", out, "--out", tmp_path / "post"])
+    assert_one_line_error(r, "python -m ppl_vae appendix: error: ", "is not a plain VAE")
+
+
+def test_compare_refuses_options_that_contradict_its_run(cli, tmp_path, digits):
+    """compare --run measured the run's own model silently whatever --model, --dataset or
+    model options were given; a contradiction is now one line."""
+    from conftest import SMALL_MODEL
+
+    from ppl_vae import train_run
+    from ppl_vae.cli import compare_main
+
+    out = tmp_path / "run"
+    train_run(TrainConfig(model_options=SMALL_MODEL, epochs=1, eval_particles=2,
+                          out=str(out)), data=digits, progress=False)
+    for given, fragment in ((["--model", "cvae"], "--model 'cvae' contradicts its 'vae'"),
+                            (["--z-dim", 5], "--z-dim 5 contradicts its 4")):
+        r = cli(compare_main, ["--run", out, *given, "--out", tmp_path / "cmp"])
+        assert_one_line_error(r, "python -m ppl_vae compare: error: ", fragment)
+    assert not (tmp_path / "cmp").exists()
+
+
+@pytest.mark.parametrize("forge", [lambda loop: loop.update(streams={}),
+                                   lambda loop: loop.update(epoch=1000)],
+                         ids=["no random streams", "past the last epoch"])
+def test_a_forged_loop_state_is_one_line_on_resume(tmp_path, digits, cli, forge):
+    from conftest import SMALL_MODEL
+
+    from ppl_vae import train_run
+    from ppl_vae.cli import train_main
+
+    out = tmp_path / "run"
+    train_run(TrainConfig(model_options=SMALL_MODEL, epochs=2, eval_particles=2,
+                          out=str(out)), data=digits, progress=False)
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    forge(state["loop"])
+    torch.save(state, out / "checkpoint.pt")
+    r = cli(train_main, ["--resume", out])
+    assert_one_line_error(r, "python -m ppl_vae train: error: ", "does not fit this run")

@@ -308,6 +308,23 @@ RACE_SETTINGS = ("lr", "beta1", "epochs", "batch_size", "seed", "eval_particles"
 learning rate and epochs default to the run's)."""
 
 
+def _same_as_run(run: str, given: TrainConfig, recorded: TrainConfig) -> None:
+    """Refuse an option given with ``--run`` (other than the race's, not its default) that
+    contradicts the run's own: the comparison measures the run's model on its data."""
+    mine, theirs, default = given.to_dict(), recorded.to_dict(), TrainConfig().to_dict()
+    free = (*RACE_SETTINGS, "data_dir", "cuda", "threads", "out", "download", "model_options")
+    clash = [(k, v, theirs.get(k)) for k, v in mine.items()
+             if k not in free and v != default.get(k) and v != theirs.get(k)]
+    clash += [(k, v, theirs["model_options"].get(k)) for k, v in mine["model_options"].items()
+              if v != theirs["model_options"].get(k)]
+    if clash:
+        key, value, own = clash[0]
+        flag = "--" + key.replace("_", "-")
+        raise UsageError(f"--run {run!r} compares that run's model, and {flag} {value!r} "
+                         f"contradicts its {own!r}; drop {flag}, or compare a fresh model "
+                         "without --run")
+
+
 def compare(cc: CompareConfig, out: str | None = None, progress: bool | None = None
             ) -> Comparison:
     """Run the whole comparison and write ``results.json``, CSV tables, ``summary.md`` and
@@ -319,6 +336,7 @@ def compare(cc: CompareConfig, out: str | None = None, progress: bool | None = N
             raise UsageError("--warmup-epochs trains a fresh model; a --run is trained already")
         session = Session.from_dir(cc.run, cuda=config.cuda, data_dir=config.data_dir
                                    if config.data_dir != TrainConfig().data_dir else None)
+        _same_as_run(cc.run, config, session.config)
         session.config = replace(session.config, **{
             k: getattr(config, k) for k in RACE_SETTINGS if getattr(config, k) is not None})
     else:
