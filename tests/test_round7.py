@@ -320,3 +320,79 @@ def test_a_forged_loop_state_is_one_line_on_resume(tmp_path, digits, cli, forge)
     torch.save(state, out / "checkpoint.pt")
     r = cli(train_main, ["--resume", out])
     assert_one_line_error(r, "python -m ppl_vae train: error: ", "does not fit this run")
+
+
+class LabelsFirst(nn.Module):
+    """A labels plate over the rows before the data plate (both one entry per row), and a
+    pyro.factor on the parameters outside both: only the factor is a global term."""
+
+    def __init__(self, input_dim: int) -> None:
+        super().__init__()
+        self.logits = nn.Parameter(torch.zeros(10))
+        self.enc, self.dec = nn.Linear(input_dim, 2), nn.Linear(12, input_dim)
+
+    def data_args(self, x, y):
+        return x, y
+
+    def model(self, x, y):
+        pyro.factor("l2", -(self.dec.weight ** 2).sum())
+        with pyro.plate("labels", x.shape[0]):
+            pyro.sample("y", dist.Categorical(logits=self.logits), obs=y)
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(x.new_zeros(len(x), 2), 1.0).to_event(1))
+            h = torch.cat([z, nn.functional.one_hot(y, 10).to(z)], -1)
+            pyro.sample("x", dist.Normal(self.dec(h), 1.0).to_event(1), obs=x)
+
+    def guide(self, x, y):
+        with pyro.plate("data", x.shape[0]):
+            pyro.deterministic("code", self.enc(x), event_dim=1)  # (accepted: Pyro masks it)
+            pyro.sample("z", dist.Delta(self.enc(x)).to_event(1))
+
+
+def test_every_plate_over_the_rows_is_local_and_only_global_terms_take_b_over_n(digits):
+    """The first observed plate over the rows was taken for the only one: the data plate's
+    likelihood and latents were scaled by B/N as if global. Every plate of an observed site
+    with one entry per row is local; the factor outside them (observed, not a latent) takes
+    B/N on one process as under torchrun."""
+    from pyro.infer import Trace_ELBO
+
+    from ppl_vae import Session
+
+    s = Session(TrainConfig(model=LabelsFirst, elbo="mc", batch_size=16), digits,
+                progress=False)
+    assert s.info.row_plates == {"labels", "data"} and s.info.outside == {"l2"}
+    x, y = s.args(s.data.train, slice(0, 16))
+    with pyro.validation_enabled(False):  # (it warns of the guide's deterministic site)
+        whole = Trace_ELBO().differentiable_loss(s.module.model, s.module.guide, x, y)
+    factor = (s.module.dec.weight ** 2).sum()
+    expected = whole - factor + 16 / len(s.data.train) * factor
+    with s.validation():  # (off, as a run trains)
+        assert torch.allclose(s.step().loss(x, y), expected, rtol=1e-6)
+
+
+class GlobalDiscrete(nn.Module):
+    """A global discrete latent enumerated in the model (the scale of the observation
+    noise) and a local one: TraceEnum_ELBO needs them at one scale."""
+
+    def __init__(self, input_dim: int) -> None:
+        super().__init__()
+        self.logits, self.locs = nn.Parameter(torch.zeros(3)), nn.Parameter(
+            torch.rand(3, input_dim))
+
+    def model(self, x):
+        c = pyro.sample("c", dist.Categorical(logits=x.new_zeros(2)),
+                        infer={"enumerate": "parallel"})
+        scale = x.new_tensor([0.2, 0.5])[c]
+        with pyro.plate("data", x.shape[0]):
+            a = pyro.sample("a", dist.Categorical(logits=self.logits),
+                            infer={"enumerate": "parallel"})
+            pyro.sample("x", dist.Normal(self.locs[a], scale.unsqueeze(-1)).to_event(1), obs=x)
+
+    def guide(self, x):
+        pass
+
+
+def test_a_global_enumerated_latent_trains_with_enum(digits, tmp_path):
+    run = train(TrainConfig(model=GlobalDiscrete, elbo="enum", epochs=1, eval_particles=2,
+                            out=str(tmp_path / "r")), data=digits, progress=False)
+    assert torch.isfinite(torch.tensor(run.summary["train_elbo"]))

@@ -95,7 +95,7 @@ def _pass(model: Callable, guide: Callable, args: tuple, info: ProgramInfo, k: i
             if sign > 0 and not site["is_observed"] and name not in guide_trace.nodes:
                 continue  # proposed from the prior: p/q cancels
             lp = scale_and_mask(site["unscaled_log_prob"], mask=site["mask"])
-            dim = next((f.dim for f in plate_frames(site) if f.name == info.data_plate), None)
+            dim = next((f.dim for f in plate_frames(site) if f.name in info.row_plates), None)
             term = sign * _reduce(lp, info.max_plate_nesting, vectorized, dim)
             if dim is None:
                 glob = glob + term.sum(-1, keepdim=True)

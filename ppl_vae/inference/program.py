@@ -43,6 +43,10 @@ class ProgramInfo:
     summed out where marked for enumeration)"""
     model_only_score: frozenset[str] = frozenset()
     """those of ``model_only`` without ``rsample``"""
+    row_plates: frozenset[str] = frozenset()
+    """every plate of an observed site with one entry per row (``data_plate`` the first)"""
+    outside: frozenset[str] = frozenset()
+    """the sample sites, observed ones too, in none of ``row_plates`` (global terms)"""
 
     def describe(self, num_samples: int, passes: int = 1) -> str:
         """One line: how ``num_samples`` samples per data point are drawn and scored (in
@@ -108,7 +112,7 @@ def _check_pair(guide_trace, model_trace, nesting: int) -> None:
     observed, or latent and neither the model's nor marked auxiliary, and a log-density
     whose shape its plates do not explain (a plate missing, or sized other than the rows)."""
     for s in _sample_sites(guide_trace):
-        if s["infer"].get("is_auxiliary"):
+        if s["infer"].get("is_auxiliary") or s["infer"].get("_deterministic"):
             continue
         if s["is_observed"]:
             raise UsageError(f"the guide observes site {s['name']!r} (obs=...), which would "
@@ -163,11 +167,12 @@ def inspect_program(model: Callable, guide: Callable, *args: Tensor) -> ProgramI
                              f"{s['fn'].size}/{rows}: give it size x.shape[0]")
     nesting = max([-f.dim for s in sites for f in plate_frames(s)], default=0)
     _check_pair(guide_trace, model_trace, nesting)
-    data_plate = next((f.name for s in _sample_sites(model_trace) if s["is_observed"]
-                       for f in plate_frames(s) if len(s["fn"].batch_shape) >= -f.dim
-                       and s["fn"].batch_shape[f.dim] == rows), None)
-    local = {s["name"] for s in sites
-             if data_plate is not None and any(f.name == data_plate for f in plate_frames(s))}
+    row_plates = [f.name for s in _sample_sites(model_trace) if s["is_observed"]
+                  for f in plate_frames(s) if len(s["fn"].batch_shape) >= -f.dim
+                  and s["fn"].batch_shape[f.dim] == rows]
+    data_plate = next(iter(row_plates), None)
+    local = {s["name"] for s in sites if any(f.name in row_plates for f in plate_frames(s))}
+    outside = {s["name"] for s in sites} - local if data_plate is not None else set()
     latent = {s["name"] for s in sites if not s["is_observed"]}
     values = [s["value"] for s in params.trace.nodes.values()]
     unconstrained = tuple(getattr(v, "unconstrained", lambda v=v: v)() for v in values)
@@ -184,7 +189,8 @@ def inspect_program(model: Callable, guide: Callable, *args: Tensor) -> ProgramI
                        frozenset(id(t) for t in unconstrained), unconstrained,
                        frozenset(auxiliary), frozenset(score), frozenset(enumerated),
                        frozenset(closed), frozenset(s["name"] for s in in_model),
-                       frozenset(s["name"] for s in in_model if not s["fn"].has_rsample))
+                       frozenset(s["name"] for s in in_model if not s["fn"].has_rsample),
+                       frozenset(row_plates), frozenset(outside))
 
 
 def inspect_objective(terms: Sequence[tuple[float, Callable, Callable]], *args: Tensor
@@ -198,6 +204,7 @@ def inspect_objective(terms: Sequence[tuple[float, Callable, Callable]], *args: 
                    params=tuple({id(p): p for i in infos for p in i.params}.values()),
                    **{f: frozenset().union(*(getattr(i, f) for i in infos)) for f in (
                        "registered", "score_sites", "enumerated", "closed_kl", "model_only",
+                       "row_plates", "outside",
                        "model_only_score")})
 
 

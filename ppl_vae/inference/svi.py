@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import pyro
@@ -255,22 +255,26 @@ class LatentScale(Messenger):
 
 
 class OutsideScale(Messenger):
-    """Scale the log-densities of the sample sites outside plate ``plate`` by ``scale``."""
+    """Scale the log-densities of the sample sites in none of the plates ``plates`` by
+    ``scale``, but those marked for enumeration (TraceEnum_ELBO needs them at one scale)."""
 
-    def __init__(self, plate: str, scale: float) -> None:
+    def __init__(self, plates: str | Iterable[str], scale: float) -> None:
         super().__init__()
-        self.plate, self.scale = plate, scale
+        self.plates = {plates} if isinstance(plates, str) else set(plates)
+        self.scale = scale
 
     def _process_message(self, msg: dict) -> None:
-        if msg["type"] == "sample" and all(f.name != self.plate for f in msg["cond_indep_stack"]):
+        if msg["type"] == "sample" and not msg["infer"].get("enumerate") and \
+                all(f.name not in self.plates for f in msg["cond_indep_stack"]):
             msg["scale"] = self.scale * msg["scale"]
 
 
-def batch_share(fn: Callable, plate: str, n: int) -> Callable:
-    """``fn`` (a model or guide) with its sites outside plate ``plate`` (global) scaled by
+def batch_share(fn: Callable, plate: Iterable[str], n: int) -> Callable:
+    """``fn`` (a model or guide) with its sites outside the plates ``plate`` (global) scaled by
     B / n, B the rows it is given of the n training rows: a batch's loss is then an unbiased
     estimate of B / n times the whole set's negative ELBO, and over an epoch (and the ranks
-    of torchrun) the global terms count once, as Pyro's subsampled plate would count them."""
+    of torchrun) the global terms count once, as Pyro's subsampled plate would count them
+    (an enumerated one, whose scale TraceEnum_ELBO needs to be its plates', stays whole)."""
 
     @functools.wraps(fn)
     def scaled(*args: Any, **kwargs: Any) -> Any:

@@ -401,8 +401,8 @@ class Session:
                              f"{summed[0]!r} (enumerated in the model), "
                              "whose sites TraceEnum_ELBO needs at one scale; drop --kl-warmup, "
                              "or sample that site in the guide")
-        if info.data_plate is not None and (info.global_sites or self.world.parallel):
-            n, plate = len(self.data.train), info.data_plate  # (global terms once an epoch)
+        if info.outside:  # (sites outside the plates over the rows: once an epoch)
+            n, plate = len(self.data.train), info.row_plates
             terms = [(w, batch_share(m, plate, n), batch_share(g, plate, n))
                      for w, m, g in terms]
         if config.kl_warmup:  # (a buffer: the compiled step reads it as an input)
