@@ -435,9 +435,9 @@ ALL_ON = ["--lr-schedule", "cosine", "--warmup-steps", "50", "--clip-norm", "10"
 def test_every_trainer_feature_at_once_under_torchrun_restarts_exactly(tmp_path, compiled):
     """Schedule, clipping after the sum over ranks, the average, KL warm-up, bf16 and the
     event stream: a worker killed mid-run and restarted ends where an uninterrupted
-    2-process run ends (metrics.csv, summary and the TensorBoard scalars); with --compile
-    (in float32) the restarted group's first step is compiled, as the uninterrupted run's
-    was there."""
+    2-process run ends (metrics.csv, summary, the TensorBoard scalars and the weights, bit
+    for bit), also with --compile in float32 (at this small size this does not tell an eager
+    first step of the restarted group from a compiled one: test_round7 checks that)."""
     from test_trainer import events
 
     whole = _run(*RUN, *ALL_ON, *compiled, "--out", tmp_path / "A", cwd=tmp_path)

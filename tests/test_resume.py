@@ -397,6 +397,22 @@ def test_a_signal_outside_the_steps_says_what_is_kept(tmp_path, monkeypatch, whe
         assert (out / "summary.json").is_file() and len(resumed.history) == 2
 
 
+def test_a_signal_while_a_checkpoint_is_written_waits_for_it(tmp_path, monkeypatch):
+    """SIGTERM inside the epoch-end save: the checkpoint is finished, then the run stops and
+    names that checkpoint (it named the one before, and the file held the new one)."""
+    from ppl_vae.run import train as train_module
+
+    out = tmp_path / "run"
+    _signal_in(monkeypatch, train_module, "save_checkpoint", 1)
+    with pytest.raises(Interrupted) as stopped:
+        train_run(config(out, epochs=2, checkpoint_every_steps=0), progress=False)
+    assert "the checkpoint at the start of epoch 2 is kept" in stopped.value.message, \
+        stopped.value.message
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["loop"]["epoch"] == 2
+    monkeypatch.undo()
+    assert len(train_run(resume_config(out), progress=False, resume=True).history) == 2
+
+
 def test_a_resumed_run_stopped_before_its_first_checkpoint_keeps_the_one_it_resumed(
         tmp_path, monkeypatch):
     from ppl_vae.run.session import Session

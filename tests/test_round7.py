@@ -396,3 +396,28 @@ def test_a_global_enumerated_latent_trains_with_enum(digits, tmp_path):
     run = train(TrainConfig(model=GlobalDiscrete, elbo="enum", epochs=1, eval_particles=2,
                             out=str(tmp_path / "r")), data=digits, progress=False)
     assert torch.isfinite(torch.tensor(run.summary["train_elbo"]))
+
+
+def test_a_resumed_torchrun_process_compiles_its_first_step(monkeypatch):
+    """Under torchrun (the graph gives the gradients only) the first call of a process was
+    always eager, a resumed one's too, whose uninterrupted run had compiled that step: 3e-8
+    off in the weights. With the optimizer's state restored the first call is compiled."""
+    from ppl_vae import VAE
+    from ppl_vae.distributed import World
+    from ppl_vae.inference.compiled import CompiledStep
+    from ppl_vae.inference.svi import Step
+
+    monkeypatch.setattr(CompiledStep, "_agree", lambda self, reason: reason)  # (no group)
+    module = VAE(4, z_dim=2, hidden=(3,))
+    optimizer = torch.optim.Adam(module.parameters(), lr=1e-3)
+    with pyro.validation_enabled(False):  # (as a run trains)
+        step = CompiledStep(Step.of_elbo(make_elbo("mc"), module, module.programs(),
+                                         optimizer=optimizer, world=World(0, 2)), module)
+    step._calls = 1  # (the process's first call, of a new run: eager)
+    assert step.refused is None and step._grads_only and not step._ready()
+    trained = torch.optim.Adam(module.parameters(), lr=1e-3)
+    for p in module.parameters():
+        p.grad = torch.ones_like(p)
+    trained.step()
+    optimizer.load_state_dict(trained.state_dict())  # what --resume restores
+    assert step._ready()

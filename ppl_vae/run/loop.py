@@ -171,7 +171,8 @@ class Loop:
         s = self.state
         self.module.train()
         self._epoch()
-        loss = (dist.all_sum(self.total, self.world) / self._rows).item()
+        summed = dist.all_sum(self.total, self.world)
+        loss = (summed / self._rows).item()
         seconds = s.seconds
         self.module.eval()
         with self.take.averaged():  # (the weights a run evaluates: with --ema, the average)
@@ -190,8 +191,7 @@ class Loop:
             self.take.settle(s.best_state, self.module)
         else:
             if self.logs and s.logged is not None and len(s.logged) == 4:  # (carried over)
-                took = (float(dist.all_sum(self.total, self.world)), self._rows, s.seconds,
-                        self.steps_per_epoch)
+                took = (float(summed), self._rows, s.seconds, self.steps_per_epoch)
                 s.logged = tuple(a - b for a, b in zip(s.logged, took, strict=True))
             s.epoch, s.step, s.seconds = s.epoch + 1, 0, 0.0
             s.streams = self._streams()
@@ -307,6 +307,8 @@ class Loop:
             with self.guard.deferred():  # (what the checkpoint holds is then what is said)
                 self.save(self.state_dict())
                 self.saved = self._at()
+            if self.guard.requested and not (self.guard.defers or self.world.parallel):
+                raise Interrupted(self.guard.requested)  # (else at the next step, all ranks)
         self._take_snapshot()
 
     def _at(self) -> str:
